@@ -1,0 +1,198 @@
+// grape: position encodings for attention, as LibTorch modules with autograd.
+//
+// Every encoding is described by at most three hooks around ordinary causal attention
+//     logits(i, j) = q~_i . k~_j / sqrt(D) + bias(i, j),   j <= i
+//   embed     adds a vector to the token embeddings (sinusoidal, learned);
+//   encode    maps q and k of a chunk of tokens per token (rotations, xPos scaling) and computes the
+//             per-token quantities the bias needs (cumulative log-gates, gate values, probe vectors);
+//   bias      forms bias(i, j) from those per-query and per-key quantities.
+// A KV cache keeps, per key, exactly what `encode` returned for it (the transformed key and its
+// per-key quantities); a chunk-by-chunk pass with a carried PeState equals one full pass.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace grape {
+
+using TensorMap = std::map<std::string, torch::Tensor>;
+
+// The attention geometry an encoding is built for.
+struct HeadShape {
+  int64_t heads = 8;       // H
+  int64_t head_dim = 64;   // D
+  int64_t model_dim = 512; // C, width of the layer input x (contextual encodings project from it)
+};
+
+// What a chunk of T tokens looks like after `encode`.
+struct PeTokens {
+  torch::Tensor q;    // [B,T,H,D] transformed queries
+  torch::Tensor k;    // [B,T,H,D] transformed keys (what a KV cache stores)
+  TensorMap query;    // per-query inputs of the bias hook, e.g. "c": [B,T,H]
+  TensorMap key;      // per-key inputs of the bias hook, cached beside the keys
+  int64_t offset = 0; // absolute position of the first token of the chunk
+  int64_t length = 0; // T
+};
+
+// Running state of one batch of sequences across chunks (positions, running phases, cumulative sums).
+struct PeState {
+  int64_t next_pos = 0; // absolute position of the next token
+  TensorMap values;     // encoding-specific running quantities, e.g. "phi": [B,G], "c": [B,H]
+};
+
+// Keys seen so far: the concatenation along T of every chunk's `k` and `key` map.
+struct KeyCache {
+  torch::Tensor k;      // [B,Tk,H,D]
+  torch::Tensor v;      // [B,Tk,H,D] (optional for logits)
+  TensorMap key;        // per-key bias inputs, concatenated along dim 1
+  int64_t offset = 0;   // absolute position of the first cached key
+  int64_t length = 0;
+
+  void append(const PeTokens& chunk, const torch::Tensor& v_chunk = {});
+  static KeyCache from(const PeTokens& chunk, const torch::Tensor& v_chunk = {});
+};
+
+// Which hooks and laws apply; `grape check` and the tests read this.
+struct Properties {
+  bool embeds = false;          // (c) adds to token embeddings
+  bool rotates = false;         // q, k are rotated: norms are preserved
+  bool scales = false;          // q, k are rescaled per token (xPos)
+  bool has_bias = false;        // (b) adds a bias to the logits
+  bool contextual = false;      // (d) needs the layer input x
+  bool relative = false;        // logits depend on positions only through i - j
+  bool phase_relative = false;  // relative in a data-dependent phase (the state "phi")
+};
+
+// Base class of every encoding. Subclasses register their learnable parameters as usual.
+class Encoding : public torch::nn::Module {
+ public:
+  Encoding(std::string name, HeadShape shape);
+  ~Encoding() override = default;
+
+  const std::string& name() const { return name_; }
+  const HeadShape& shape() const { return shape_; }
+  virtual Properties properties() const = 0;
+
+  // A fresh state for a batch whose first token sits at absolute position `offset`.
+  virtual PeState initial_state(int64_t batch, int64_t offset = 0) const;
+
+  // (c) h: [B,T,C] token embeddings of tokens offset..offset+T-1; returns h + PE. Default: identity.
+  virtual torch::Tensor embed(const torch::Tensor& h, int64_t offset) const;
+
+  // (a)+(d) Encode one chunk. q, k: [B,T,H,D] (after QK-norm); x: [B,T,C] layer input, required when
+  // properties().contextual. Positions are state.next_pos.., and the state advances by T.
+  // Checks shapes, dtypes and finiteness and throws std::invalid_argument naming the problem.
+  PeTokens encode(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& x,
+                  PeState& state);
+
+  // (b) bias [B,H,Tq,Tk] of a chunk of queries against cached keys, before the causal mask. Undefined
+  // tensor when the encoding has no bias. Entries above the diagonal are unspecified (masked later).
+  virtual torch::Tensor bias(const PeTokens& queries, const KeyCache& keys) const;
+
+  // One line per learnable parameter and its init, for `grape encodings NAME`.
+  virtual std::vector<std::string> describe_parameters() const;
+
+ protected:
+  // Subclasses implement the per-chunk math on validated inputs.
+  virtual PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k,
+                                const torch::Tensor& x, PeState& state) = 0;
+
+  std::string name_;
+  HeadShape shape_;
+};
+
+using EncodingPtr = std::shared_ptr<Encoding>;
+
+// key=value settings of an encoding (from `--set key=value`); parsing errors name the key.
+class PeOptions {
+ public:
+  PeOptions() = default;
+  explicit PeOptions(std::map<std::string, std::string> values) : values_(std::move(values)) {}
+  static PeOptions parse(const std::vector<std::string>& assignments);  // "key=value" each
+
+  bool has(const std::string& key) const { return values_.count(key) != 0; }
+  void set(const std::string& key, const std::string& value) { values_[key] = value; }
+  double get_double(const std::string& key, double def) const;
+  int64_t get_int(const std::string& key, int64_t def) const;
+  bool get_bool(const std::string& key, bool def) const;
+  std::string get_choice(const std::string& key, const std::string& def,
+                         const std::vector<std::string>& allowed) const;
+  const std::map<std::string, std::string>& values() const { return values_; }
+
+ private:
+  std::map<std::string, std::string> values_;
+};
+
+// One `--set` option of an encoding.
+struct OptionSpec {
+  std::string key;
+  std::string default_value;
+  std::string help;
+};
+
+// A registry entry: the CLI name, a one-line summary, options and a factory.
+struct EncodingInfo {
+  std::string name;
+  std::string family;   // "absolute", "multiplicative", "additive"
+  std::string summary;
+  std::vector<OptionSpec> options;
+  std::function<EncodingPtr(const HeadShape&, const PeOptions&)> make;
+};
+
+const std::vector<EncodingInfo>& encodings();          // every registered encoding, in display order
+const EncodingInfo& encoding_info(const std::string& name);  // throws, listing the known names
+// Builds an encoding; unknown names and unknown or malformed options throw std::invalid_argument.
+EncodingPtr make_encoding(const std::string& name, const HeadShape& shape,
+                          const PeOptions& options = {});
+
+// ---- reference attention (LibTorch-composed: the oracle for fused kernels) -------------------------
+
+// Causal pre-softmax logits [B,H,Tq,Tk]: q~.k~/sqrt(D) + bias, -inf where key position > query position.
+torch::Tensor attention_logits(const Encoding& enc, const PeTokens& queries, const KeyCache& keys);
+
+// Full causal attention over one chunk starting at `state`: returns y [B,T,H,D].
+torch::Tensor reference_attention(Encoding& enc, const torch::Tensor& q, const torch::Tensor& k,
+                                  const torch::Tensor& v, const torch::Tensor& x, PeState& state);
+
+// ---- KV-shift: a data-dependent 2-tap mix of the raw key/value projections, usable with any encoding --
+struct KVShiftState {
+  torch::Tensor k_prev, v_prev;  // [B,H,D] raw projections of the last token seen (undefined: zeros)
+};
+
+class KVShiftImpl : public torch::nn::Module {
+ public:
+  explicit KVShiftImpl(HeadShape shape);
+  // k_raw, v_raw: [B,T,H,D]; x: [B,T,C]. Returns the shifted (k, v); updates state for streaming.
+  std::pair<torch::Tensor, torch::Tensor> forward(const torch::Tensor& k_raw,
+                                                  const torch::Tensor& v_raw,
+                                                  const torch::Tensor& x, KVShiftState& state);
+  HeadShape shape;
+  torch::Tensor w_k, w_v;  // [H,C] gate weights, alpha = sigmoid(w . x)
+};
+TORCH_MODULE(KVShift);
+
+// ---- shared math, exposed for tests and for the fused kernels' oracles -----------------------------
+
+// ALiBi slopes m_h for H heads (also for H not a power of two).
+std::vector<double> alibi_slopes(int64_t heads);
+
+// Rotate the pairs of the first 2*P coordinates of x [..., D] by angles [..., P] (broadcast over the
+// leading dims). pairing "half": (i, i+P); "interleaved": (2i, 2i+1). sign +1 is the standard
+// orientation a' = a cos - b sin, b' = a sin + b cos; sign -1 the GRAPE authors' (clockwise).
+torch::Tensor rotate_pairs(const torch::Tensor& x, const torch::Tensor& angles,
+                           const std::string& pairing, double sign = 1.0);
+
+// exp(eta * (a b^T - b a^T)) x by the closed (Rodrigues) form, O(d). x, a, b: [..., d]; eta: [...] .
+torch::Tensor rank2_rotate(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& b,
+                           const torch::Tensor& eta);
+
+// Path-integral bias b(t, j) = sum_{l=j+1..t} psi(t, l) over key positions l, for psi [B,H,Tq,Tk] of
+// queries at q_offset.. against keys at k_offset..; entries with l > t contribute nothing.
+torch::Tensor path_sum_bias(const torch::Tensor& psi, int64_t q_offset, int64_t k_offset);
+
+}  // namespace grape
