@@ -94,8 +94,8 @@ class Encoding : public torch::nn::Module {
   // tensor when the encoding has no bias. Entries above the diagonal are unspecified (masked later).
   virtual torch::Tensor bias(const PeTokens& queries, const KeyCache& keys) const;
 
-  // One line per learnable parameter and its init, for `grape encodings NAME`.
-  virtual std::vector<std::string> describe_parameters() const;
+  // One line per learnable parameter with its actual shape, for `grape encodings NAME`.
+  std::vector<std::string> describe_parameters() const;
 
  protected:
   // Subclasses implement the per-chunk math on validated inputs.
@@ -113,6 +113,7 @@ class PeOptions {
  public:
   PeOptions() = default;
   explicit PeOptions(std::map<std::string, std::string> values) : values_(std::move(values)) {}
+  PeOptions(std::initializer_list<std::pair<const std::string, std::string>> values) : values_(values) {}
   static PeOptions parse(const std::vector<std::string>& assignments);  // "key=value" each
 
   bool has(const std::string& key) const { return values_.count(key) != 0; }
@@ -141,6 +142,7 @@ struct EncodingInfo {
   std::string family;   // "absolute", "multiplicative", "additive"
   std::string summary;
   std::vector<OptionSpec> options;
+  std::vector<std::string> parameters;  // learnable parameters: "name  shape  init"
   std::function<EncodingPtr(const HeadShape&, const PeOptions&)> make;
 };
 

@@ -1,0 +1,22 @@
+// The laws every encoding must obey, checked on random inputs: `grape check` prints them, the tests assert them.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace grape::check {
+
+struct LawResult {
+  std::string encoding;
+  std::string law;
+  double error = 0.0;      // the measured deviation (max abs, or relative where the law says so)
+  double tolerance = 0.0;
+  bool passed = false;
+};
+
+// Runs every law that applies to `encoding` (see docs/encodings.md, "How it is tested"). Learnable
+// parameters are perturbed away from their init first, so laws are not checked only at a special point.
+std::vector<LawResult> run_laws(const std::string& encoding, uint64_t seed = 1234);
+
+}  // namespace grape::check

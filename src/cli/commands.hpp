@@ -1,0 +1,12 @@
+// The `grape` subcommands: each adds itself to the CLI11 app; the callbacks do the work.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+namespace grape::cli {
+
+void add_encodings_command(CLI::App& app);
+void add_check_command(CLI::App& app);
+void add_pe_command(CLI::App& app);
+
+}  // namespace grape::cli

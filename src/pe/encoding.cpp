@@ -1,0 +1,122 @@
+// The encoding base class: input validation, the default hooks, and the key cache.
+#include "grape/pe.hpp"
+
+#include <fmt/format.h>
+
+#include <stdexcept>
+
+namespace grape {
+
+namespace {
+
+std::string shape_str(const torch::Tensor& t) {
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? "," : "") + std::to_string(t.size(i));
+  return s + "]";
+}
+
+void require_finite(const torch::Tensor& t, const char* what, const std::string& enc) {
+  if (!torch::isfinite(t).all().item<bool>())
+    throw std::invalid_argument(
+        fmt::format("{}: {} contains NaN or Inf values", enc, what));
+}
+
+}  // namespace
+
+Encoding::Encoding(std::string name, HeadShape shape) : name_(std::move(name)), shape_(shape) {
+  if (shape_.heads < 1 || shape_.head_dim < 1 || shape_.model_dim < 1)
+    throw std::invalid_argument(fmt::format(
+        "{}: heads, head_dim and model_dim must be positive (got H={}, D={}, C={})", name_,
+        shape_.heads, shape_.head_dim, shape_.model_dim));
+}
+
+PeState Encoding::initial_state(int64_t batch, int64_t offset) const {
+  if (offset < 0)
+    throw std::invalid_argument(fmt::format("{}: position offset must be >= 0, got {}", name_, offset));
+  PeState s;
+  s.next_pos = offset;
+  return s;
+}
+
+torch::Tensor Encoding::embed(const torch::Tensor& h, int64_t offset) const { return h; }
+
+torch::Tensor Encoding::bias(const PeTokens&, const KeyCache&) const { return {}; }
+
+std::vector<std::string> Encoding::describe_parameters() const {
+  std::vector<std::string> lines;
+  for (const auto& p : named_parameters(true))
+    lines.push_back(fmt::format("{} {}", p.key(), shape_str(p.value())));
+  return lines;
+}
+
+PeTokens Encoding::encode(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& x,
+                          PeState& state) {
+  const auto& s = shape_;
+  if (!q.defined() || !k.defined())
+    throw std::invalid_argument(name_ + ": q and k are required");
+  if (q.dim() != 4 || q.size(2) != s.heads || q.size(3) != s.head_dim)
+    throw std::invalid_argument(fmt::format("{}: q must be [B,T,H={},D={}], got {}", name_, s.heads,
+                                            s.head_dim, shape_str(q)));
+  if (!q.sizes().equals(k.sizes()))
+    throw std::invalid_argument(
+        fmt::format("{}: q and k shapes differ: {} vs {}", name_, shape_str(q), shape_str(k)));
+  if (q.scalar_type() != k.scalar_type())
+    throw std::invalid_argument(fmt::format("{}: q and k dtypes differ: {} vs {}", name_,
+                                            c10::toString(q.scalar_type()),
+                                            c10::toString(k.scalar_type())));
+  if (!at::isFloatingType(q.scalar_type()))
+    throw std::invalid_argument(fmt::format("{}: q and k must be floating point, got {}", name_,
+                                            c10::toString(q.scalar_type())));
+  for (const auto& p : parameters(true)) {
+    if (p.scalar_type() != q.scalar_type())
+      throw std::invalid_argument(fmt::format(
+          "{}: inputs are {} but the encoding's parameters are {}; convert one with .to()", name_,
+          c10::toString(q.scalar_type()), c10::toString(p.scalar_type())));
+    break;
+  }
+  require_finite(q, "q", name_);
+  require_finite(k, "k", name_);
+  if (properties().contextual) {
+    if (!x.defined())
+      throw std::invalid_argument(name_ + ": this encoding is contextual and needs the layer input x");
+    if (x.dim() != 3 || x.size(0) != q.size(0) || x.size(1) != q.size(1) || x.size(2) != s.model_dim)
+      throw std::invalid_argument(fmt::format("{}: x must be [B={},T={},C={}], got {}", name_,
+                                              q.size(0), q.size(1), s.model_dim, shape_str(x)));
+    if (x.scalar_type() != q.scalar_type())
+      throw std::invalid_argument(fmt::format("{}: x dtype {} differs from q dtype {}", name_,
+                                              c10::toString(x.scalar_type()),
+                                              c10::toString(q.scalar_type())));
+    require_finite(x, "x", name_);
+  }
+  PeTokens out = encode_chunk(q, k, x, state);
+  out.offset = state.next_pos;
+  out.length = q.size(1);
+  state.next_pos += q.size(1);
+  return out;
+}
+
+void KeyCache::append(const PeTokens& chunk, const torch::Tensor& v_chunk) {
+  if (length == 0) {
+    *this = from(chunk, v_chunk);
+    return;
+  }
+  if (chunk.offset != offset + length)
+    throw std::invalid_argument(fmt::format(
+        "key cache: chunk starts at position {} but the cache ends at {}", chunk.offset, offset + length));
+  k = torch::cat({k, chunk.k}, 1);
+  if (v_chunk.defined()) v = v.defined() ? torch::cat({v, v_chunk}, 1) : v_chunk;
+  for (auto& [name, t] : key) t = torch::cat({t, chunk.key.at(name)}, 1);
+  length += chunk.length;
+}
+
+KeyCache KeyCache::from(const PeTokens& chunk, const torch::Tensor& v_chunk) {
+  KeyCache c;
+  c.k = chunk.k;
+  c.v = v_chunk;
+  c.key = chunk.key;
+  c.offset = chunk.offset;
+  c.length = chunk.length;
+  return c;
+}
+
+}  // namespace grape

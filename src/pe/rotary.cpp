@@ -1,0 +1,301 @@
+// Rotations on canonical planes: RoPE (with partial rotary and p-RoPE), xPos, GRAPE-M with learned
+// frequencies, and GRAPE-M with a learned commuting basis. All share rotate_pairs and one spectrum.
+#include <fmt/format.h>
+
+#include <cmath>
+#include <numbers>
+#include <stdexcept>
+
+#include "pe/families.hpp"
+
+namespace grape {
+
+torch::Tensor rotate_pairs(const torch::Tensor& x, const torch::Tensor& angles,
+                           const std::string& pairing, double sign) {
+  const int64_t P = angles.size(-1), D = x.size(-1);
+  if (2 * P > D)
+    throw std::invalid_argument(fmt::format("rotate_pairs: {} pairs do not fit in {} dims", P, D));
+  // Reduce the angle first (in its own, usually float64, precision) so cos/sin see a small argument.
+  auto ang = torch::fmod(angles, 2.0 * std::numbers::pi);
+  auto c = torch::cos(ang).to(x.scalar_type());
+  auto s = (torch::sin(ang) * sign).to(x.scalar_type());
+  torch::Tensor a, b;
+  if (pairing == "half") {
+    a = x.narrow(-1, 0, P);
+    b = x.narrow(-1, P, P);
+  } else if (pairing == "interleaved") {
+    auto sizes = x.sizes().vec();
+    sizes.back() = P;
+    sizes.push_back(2);
+    auto xr = x.narrow(-1, 0, 2 * P).reshape(sizes);
+    a = xr.select(-1, 0);
+    b = xr.select(-1, 1);
+  } else {
+    throw std::invalid_argument("rotate_pairs: pairing must be half or interleaved, got " + pairing);
+  }
+  auto a2 = a * c - b * s;  // standard orientation (sign = +1): a counter-clockwise turn of (a, b)
+  auto b2 = a * s + b * c;
+  auto rot = pairing == "half" ? torch::cat({a2, b2}, -1) : torch::stack({a2, b2}, -1).flatten(-2);
+  return 2 * P == D ? rot : torch::cat({rot, x.narrow(-1, 2 * P, D - 2 * P)}, -1);
+}
+
+namespace detail {
+
+RotaryLayout rotary_layout(const PeOptions& o) {
+  RotaryLayout l;
+  l.pairing = o.get_choice("pairing", "half", {"half", "interleaved"});
+  l.sign = o.get_choice("orientation", "standard", {"standard", "grape"}) == "standard" ? 1.0 : -1.0;
+  return l;
+}
+
+std::vector<OptionSpec> rotary_layout_options() {
+  return {{"pairing", "half", "half: planes (i, i+D/2) as GPT-NeoX/HF; interleaved: (2i, 2i+1) as RoFormer"},
+          {"orientation", "standard",
+           "standard: a'=a cos-b sin (HF/Meta); grape: the GRAPE authors' clockwise turn"}};
+}
+
+torch::Tensor rope_log_theta(int64_t rotated_dims, double base) {
+  const int64_t P = rotated_dims / 2;
+  auto i = torch::arange(P, torch::kFloat64);
+  return -(2.0 * i / double(rotated_dims)) * std::log(base);
+}
+
+torch::Tensor positions_f64(int64_t offset, int64_t length) {
+  return torch::arange(offset, offset + length, torch::kFloat64);
+}
+
+void require_even_head_dim(const std::string& enc, int64_t head_dim) {
+  if (head_dim % 2 != 0)
+    throw std::invalid_argument(fmt::format(
+        "{}: head_dim must be even for a rotation (coordinates are rotated in pairs), got {}", enc,
+        head_dim));
+}
+
+torch::Tensor linear_init(std::vector<int64_t> shape, int64_t fan_in) {
+  return torch::randn(shape) * (0.5 / std::sqrt(double(fan_in)));
+}
+
+torch::Tensor distance(const PeTokens& queries, const KeyCache& keys, torch::ScalarType dtype) {
+  auto qi = torch::arange(queries.offset, queries.offset + queries.length, torch::kFloat64);
+  auto kj = torch::arange(keys.offset, keys.offset + keys.length, torch::kFloat64);
+  return (qi.unsqueeze(1) - kj.unsqueeze(0)).to(dtype);
+}
+
+}  // namespace detail
+
+namespace {
+
+using namespace detail;
+
+// Angles [1,T,G,P] = position * theta for theta [G,P], formed in float64.
+torch::Tensor position_angles(int64_t offset, int64_t T, const torch::Tensor& theta) {
+  auto pos = positions_f64(offset, T).view({1, T, 1, 1});
+  return pos * theta.to(torch::kFloat64).unsqueeze(0).unsqueeze(0);
+}
+
+// ---- rope -------------------------------------------------------------------------------------------
+class RoPE : public Encoding {
+ public:
+  RoPE(const HeadShape& s, const PeOptions& o) : Encoding("rope", s), layout_(rotary_layout(o)) {
+    require_even_head_dim(name_, s.head_dim);
+    const double base = o.get_double("base", 10000.0);
+    const double fraction = o.get_double("fraction", 1.0);
+    const double p = o.get_double("p", 1.0);
+    if (base <= 1.0) throw std::invalid_argument(fmt::format("rope: base must be > 1, got {}", base));
+    if (!(fraction > 0.0 && fraction <= 1.0))
+      throw std::invalid_argument(fmt::format("rope: fraction must be in (0, 1], got {}", fraction));
+    if (!(p >= 0.0 && p <= 1.0))
+      throw std::invalid_argument(fmt::format("rope: p must be in [0, 1], got {}", p));
+    const double rd = fraction * double(s.head_dim);
+    rotated_ = int64_t(std::llround(rd));
+    if (std::abs(rd - double(rotated_)) > 1e-9 || rotated_ % 2 != 0 || rotated_ == 0)
+      throw std::invalid_argument(fmt::format(
+          "rope: fraction*head_dim = {} must be a positive even integer (head_dim {})", rd, s.head_dim));
+    const int64_t P = rotated_ / 2;
+    const int64_t keep = int64_t(std::llround(p * double(P)));  // highest frequencies come first
+    log_theta_ = register_buffer("log_theta", rope_log_theta(rotated_, base).unsqueeze(0));
+    keep_ = register_buffer("keep", (torch::arange(P) < keep).to(torch::kFloat32).unsqueeze(0));
+  }
+  Properties properties() const override {
+    Properties p;
+    p.rotates = p.relative = true;
+    return p;
+  }
+  // Frequencies [1,P]; dropped p-RoPE frequencies are exactly 0 (those pairs are never turned).
+  torch::Tensor theta(torch::ScalarType dtype) const { return torch::exp(log_theta_.to(dtype)) * keep_.to(dtype); }
+
+ protected:
+  PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor&,
+                        PeState& st) override {
+    auto ang = position_angles(st.next_pos, q.size(1), theta(q.scalar_type()));
+    return {rotate_pairs(q, ang, layout_.pairing, layout_.sign),
+            rotate_pairs(k, ang, layout_.pairing, layout_.sign)};
+  }
+
+ private:
+  RotaryLayout layout_;
+  int64_t rotated_ = 0;
+  torch::Tensor log_theta_, keep_;
+};
+
+// ---- xpos -------------------------------------------------------------------------------------------
+// RoPE times a per-pair decay: q scaled by zeta^((n-c)/S), k by zeta^(-(n-c)/S), so the logit carries
+// zeta^((i-j)/S). The centre c is fixed, so cached keys keep consistent scales while decoding.
+class XPos : public Encoding {
+ public:
+  XPos(const HeadShape& s, const PeOptions& o) : Encoding("xpos", s), layout_(rotary_layout(o)) {
+    require_even_head_dim(name_, s.head_dim);
+    const double base = o.get_double("base", 10000.0);
+    gamma_ = o.get_double("gamma", 0.4);
+    scale_base_ = o.get_double("scale_base", 512.0);
+    center_ = o.get_double("center", 0.0);
+    if (base <= 1.0) throw std::invalid_argument(fmt::format("xpos: base must be > 1, got {}", base));
+    if (gamma_ < 0.0) throw std::invalid_argument(fmt::format("xpos: gamma must be >= 0, got {}", gamma_));
+    if (scale_base_ <= 0.0)
+      throw std::invalid_argument(fmt::format("xpos: scale_base must be > 0, got {}", scale_base_));
+    const int64_t D = s.head_dim, P = D / 2;
+    log_theta_ = register_buffer("log_theta", rope_log_theta(D, base).unsqueeze(0));
+    auto b = torch::arange(P, torch::kFloat64);
+    log_zeta_ = register_buffer("log_zeta",
+                                torch::log((2.0 * b + gamma_ * D) / ((1.0 + gamma_) * D)));
+  }
+  Properties properties() const override {
+    Properties p;
+    p.rotates = false;  // the decay changes norms
+    p.scales = p.relative = true;
+    return p;
+  }
+
+ protected:
+  PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor&,
+                        PeState& st) override {
+    const int64_t T = q.size(1);
+    auto ang = position_angles(st.next_pos, T, torch::exp(log_theta_.to(q.scalar_type())));
+    auto expo = ((positions_f64(st.next_pos, T) - center_) / scale_base_).view({1, T, 1, 1});
+    auto per_pair = torch::exp(expo * log_zeta_.to(torch::kFloat64));  // [1,T,1,P]
+    auto per_dim = layout_.pairing == "half" ? torch::cat({per_pair, per_pair}, -1)
+                                             : per_pair.repeat_interleave(2, -1);
+    auto sq = per_dim.to(q.scalar_type()), sk = per_dim.reciprocal().to(q.scalar_type());
+    return {rotate_pairs(q, ang, layout_.pairing, layout_.sign) * sq,
+            rotate_pairs(k, ang, layout_.pairing, layout_.sign) * sk};
+  }
+
+ private:
+  RotaryLayout layout_;
+  double gamma_, scale_base_, center_;
+  torch::Tensor log_theta_, log_zeta_;
+};
+
+// ---- grape-m: learned log-frequencies -----------------------------------------------------------
+// theta = exp(lambda / s) with lambda initialised to s * log(theta_RoPE); the scale s = 16 slows the
+// effective Adam step on log(theta). Since s is a power of two, lambda / s is exactly log(theta_RoPE)
+// at init, so grape-m at init equals rope bit for bit.
+class GrapeM : public Encoding {
+ public:
+  GrapeM(const HeadShape& s, const PeOptions& o, std::string name = "grape-m")
+      : Encoding(std::move(name), s), layout_(rotary_layout(o)) {
+    require_even_head_dim(name_, s.head_dim);
+    const double base = o.get_double("base", 10000.0);
+    scale_ = o.get_double("log_freq_scale", 16.0);
+    if (base <= 1.0) throw std::invalid_argument(fmt::format("{}: base must be > 1, got {}", name_, base));
+    if (scale_ <= 0.0)
+      throw std::invalid_argument(fmt::format("{}: log_freq_scale must be > 0, got {}", name_, scale_));
+    const int64_t G = o.get_bool("per_head", false) ? s.heads : 1;
+    lambda_ = register_parameter("lambda",
+                                 (rope_log_theta(s.head_dim, base) * scale_).to(torch::kFloat32).unsqueeze(0).repeat({G, 1}));
+  }
+  Properties properties() const override {
+    Properties p;
+    p.rotates = p.relative = true;
+    return p;
+  }
+  torch::Tensor theta() const { return torch::exp(lambda_ / scale_); }  // [G,P]
+
+ protected:
+  torch::Tensor rotate(const torch::Tensor& x, int64_t offset) const {
+    return rotate_pairs(x, position_angles(offset, x.size(1), theta()), layout_.pairing, layout_.sign);
+  }
+  PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor&,
+                        PeState& st) override {
+    return {rotate(q, st.next_pos), rotate(k, st.next_pos)};
+  }
+
+  RotaryLayout layout_;
+  double scale_;
+  torch::Tensor lambda_;
+};
+
+// ---- grape-m-planes: learned commuting planes ---------------------------------------------------
+// G(n) = B R(n) B^T with B = exp(S - S^T) in SO(D): the exponential of a skew matrix is orthogonal by
+// construction, so no re-orthogonalisation is needed, and S = 0 at init gives B = I (= grape-m).
+class GrapeMPlanes : public GrapeM {
+ public:
+  GrapeMPlanes(const HeadShape& s, const PeOptions& o) : GrapeM(s, o, "grape-m-planes") {
+    const int64_t G = o.get_bool("per_head_basis", false) ? s.heads : 1;
+    basis_logits_ = register_parameter("basis_logits", torch::zeros({G, s.head_dim, s.head_dim}));
+  }
+  torch::Tensor basis() const {  // [H,D,D] (shared bases are expanded)
+    auto b = torch::linalg_matrix_exp(basis_logits_ - basis_logits_.transpose(1, 2));
+    return b.expand({shape_.heads, shape_.head_dim, shape_.head_dim});
+  }
+
+ protected:
+  PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor&,
+                        PeState& st) override {
+    auto B = basis();
+    auto apply = [&](const torch::Tensor& x) {
+      auto local = torch::einsum("bthd,hde->bthe", {x, B});          // B^T x per head
+      return torch::einsum("bthe,hde->bthd", {rotate(local, st.next_pos), B});  // B (R(n) B^T x)
+    };
+    return {apply(q), apply(k)};
+  }
+
+ private:
+  torch::Tensor basis_logits_;
+};
+
+}  // namespace
+
+namespace detail {
+
+void add_rotary(std::vector<EncodingInfo>& out) {
+  auto layout = rotary_layout_options();
+  auto with = [&](std::vector<OptionSpec> extra) {
+    extra.insert(extra.end(), layout.begin(), layout.end());
+    return extra;
+  };
+  out.push_back({"rope", "multiplicative",
+                 "RoPE: rotate planes of q,k by n*theta_i, theta_i = base^(-2i/r); partial rotary and p-RoPE",
+                 with({{"base", "10000", "frequency base"},
+                       {"fraction", "1", "partial rotary: rotate only the first fraction*D dims (GPT-NeoX)"},
+                       {"p", "1", "p-RoPE: keep the highest-frequency fraction p of frequencies, zero the rest"}}),
+                 {},
+                 [](const HeadShape& s, const PeOptions& o) { return std::make_shared<RoPE>(s, o); }});
+  out.push_back({"xpos", "multiplicative",
+                 "xPos: RoPE with a per-frequency decay zeta^((i-j)/S) (fixed centre, exact when decoding)",
+                 with({{"base", "10000", "frequency base"},
+                       {"gamma", "0.4", "zeta_b = (2b + gamma*D) / ((1+gamma)*D)"},
+                       {"scale_base", "512", "S: decay length scale"},
+                       {"center", "0", "c: fixed centre of the q/k scales (numerical range only)"}}),
+                 {},
+                 [](const HeadShape& s, const PeOptions& o) { return std::make_shared<XPos>(s, o); }});
+  out.push_back({"grape-m", "multiplicative",
+                 "GRAPE-M: RoPE planes with learned log-frequencies theta = exp(lambda/16), RoPE init",
+                 with({{"base", "10000", "base of the RoPE spectrum used at init"},
+                       {"per_head", "false", "one frequency vector per head instead of shared"},
+                       {"log_freq_scale", "16", "s in theta = exp(lambda/s)"}}),
+                 {"lambda  [1 or H, D/2]  init s*log(base^(-2i/D))"},
+                 [](const HeadShape& s, const PeOptions& o) { return std::make_shared<GrapeM>(s, o); }});
+  out.push_back({"grape-m-planes", "multiplicative",
+                 "GRAPE-M with learned commuting planes: B R(n) B^T, B = exp(S - S^T) in SO(D)",
+                 with({{"base", "10000", "base of the RoPE spectrum used at init"},
+                       {"per_head", "false", "one frequency vector per head instead of shared"},
+                       {"per_head_basis", "false", "one basis per head instead of shared"},
+                       {"log_freq_scale", "16", "s in theta = exp(lambda/s)"}}),
+                 {"lambda  [1 or H, D/2]  init s*log(base^(-2i/D))",
+                  "basis_logits  [1 or H, D, D]  init 0 (B = I)"},
+                 [](const HeadShape& s, const PeOptions& o) { return std::make_shared<GrapeMPlanes>(s, o); }});
+}
+
+}  // namespace detail
+}  // namespace grape
