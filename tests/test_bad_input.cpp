@@ -46,6 +46,7 @@ TEST(BadInput, OptionValuesOutOfRange) {
                  "'maybe' is not a boolean");
   expect_message([] { grape::make_encoding("grape-ap", kShape, PeOptions{{"probe_dim", "5"}}); },
                  "probe_dim must be even");
+  expect_message([] { grape::make_encoding("xpos", kShape, PeOptions{{"gamma", "0"}}); }, "gamma must be > 0");
   expect_message([] { grape::make_encoding("learned", kShape, PeOptions{{"max_len", "1.5"}}); },
                  "'1.5' is not an integer");
 }

@@ -258,6 +258,8 @@ void reductions(Table& t, uint64_t seed) {
           logits_gap(fresh32("grape-m-mix", PeOptions{{"rank", "4"}}), fresh32("rope"), in32, 6), 1e-5);
     t.add("rank=D at init == rope (fp32)",
           logits_gap(fresh32("grape-m-mix", PeOptions{{"rank", "12"}}), fresh32("rope"), in32, 6), 1e-5);
+    t.add("per_head at init == rope (fp32)",
+          logits_gap(fresh32("grape-m-mix", PeOptions{{"per_head", "true"}}), fresh32("rope"), in32, 6), 1e-5);
     // Non-commuting: the perturbed generators do not commute, yet the law tests above hold.
     auto mix = build("grape-m-mix", f64, seed);
     auto a = param(mix, "gen_a").detach(), b = param(mix, "gen_b").detach();

@@ -113,11 +113,12 @@ class GrapeMMix : public Encoding {
     auto L = generator().to(torch::kFloat64);                                // [G,r,r]
     auto n = positions_f64(st.next_pos, T).view({T, 1, 1, 1});
     auto Gn = torch::linalg_matrix_exp(n * L.unsqueeze(0)).to(q.scalar_type());  // [T,G,r,r]
+    Gn = Gn.expand({T, shape_.heads, r, r});  // a shared mixture (G = 1) serves every head
     auto rest_ang = positions_f64(st.next_pos, T).view({1, T, 1, 1}) *
                     torch::exp(rest_log_theta_.to(q.scalar_type())).to(torch::kFloat64);
     auto apply = [&](const torch::Tensor& x) {
       auto xp = x.index_select(-1, perm_);
-      auto mixed = torch::einsum("tgij,bthj->bthi", {Gn, xp.narrow(-1, 0, r)});
+      auto mixed = torch::einsum("thij,bthj->bthi", {Gn, xp.narrow(-1, 0, r)});
       auto parts = std::vector<torch::Tensor>{mixed};
       if (D > r) parts.push_back(rotate_pairs(xp.narrow(-1, r, D - r), rest_ang, layout_.pairing, layout_.sign));
       return torch::cat(parts, -1).index_select(-1, inv_perm_);

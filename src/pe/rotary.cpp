@@ -150,7 +150,7 @@ class XPos : public Encoding {
     scale_base_ = o.get_double("scale_base", 512.0);
     center_ = o.get_double("center", 0.0);
     if (base <= 1.0) throw std::invalid_argument(fmt::format("xpos: base must be > 1, got {}", base));
-    if (gamma_ < 0.0) throw std::invalid_argument(fmt::format("xpos: gamma must be >= 0, got {}", gamma_));
+    if (gamma_ <= 0.0) throw std::invalid_argument(fmt::format("xpos: gamma must be > 0, got {}", gamma_));
     if (scale_base_ <= 0.0)
       throw std::invalid_argument(fmt::format("xpos: scale_base must be > 0, got {}", scale_base_));
     const int64_t D = s.head_dim, P = D / 2;
