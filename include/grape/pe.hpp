@@ -178,6 +178,9 @@ class KVShiftImpl : public torch::nn::Module {
 };
 TORCH_MODULE(KVShift);
 
+// "[2,16,4,32]": the shape of a tensor as error messages print it.
+std::string shape_string(const torch::Tensor& t);
+
 // ---- shared math, exposed for tests and for the fused kernels' oracles -----------------------------
 
 // ALiBi slopes m_h for H heads (also for H not a power of two).

@@ -19,10 +19,6 @@ struct LogitsArgs {
   uint64_t seed = 0;
 };
 
-std::string dims(const torch::Tensor& t) {
-  return fmt::format("[{}]", fmt::join(t.sizes(), ","));
-}
-
 void load_weights(Encoding& enc, const std::string& path) {
   auto params = enc.named_parameters();
   std::vector<std::string> known;
@@ -36,22 +32,22 @@ void load_weights(Encoding& enc, const std::string& path) {
                                               known.empty() ? "none" : fmt::format("{}", fmt::join(known, ", "))));
     if (!p->sizes().equals(value.sizes()))
       throw std::invalid_argument(fmt::format("{}: tensor '{}' has shape {}, {} expects {}", path, name,
-                                              dims(value), enc.name(), dims(*p)));
+                                              shape_string(value), enc.name(), shape_string(*p)));
     p->copy_(value);
   }
 }
 
 void run_logits(const LogitsArgs& a) {
   auto q = io::read_npy(a.q), k = io::read_npy(a.k);
-  if (q.dim() != 3) throw std::invalid_argument(fmt::format("{}: q must be [T,H,D], got {}", a.q, dims(q)));
+  if (q.dim() != 3) throw std::invalid_argument(fmt::format("{}: q must be [T,H,D], got {}", a.q, shape_string(q)));
   if (!q.sizes().equals(k.sizes()))
-    throw std::invalid_argument(fmt::format("q {} and k {} must have the same shape [T,H,D]", dims(q), dims(k)));
+    throw std::invalid_argument(fmt::format("q {} and k {} must have the same shape [T,H,D]", shape_string(q), shape_string(k)));
   if (q.size(0) < 1) throw std::invalid_argument("q and k hold no tokens (T = 0)");
   torch::Tensor x;
   if (!a.x.empty()) {
     x = io::read_npy(a.x);
     if (x.dim() != 2 || x.size(0) != q.size(0))
-      throw std::invalid_argument(fmt::format("{}: x must be [T={},C], got {}", a.x, q.size(0), dims(x)));
+      throw std::invalid_argument(fmt::format("{}: x must be [T={},C], got {}", a.x, q.size(0), shape_string(x)));
   }
   HeadShape shape{q.size(1), q.size(2), x.defined() ? x.size(1) : q.size(1) * q.size(2)};
   torch::manual_seed(a.seed);
@@ -64,7 +60,7 @@ void run_logits(const LogitsArgs& a) {
   auto tok = enc->encode(q.unsqueeze(0), k.unsqueeze(0), x.defined() ? x.unsqueeze(0) : x, st);
   auto logits = attention_logits(*enc, tok, KeyCache::from(tok)).squeeze(0).contiguous();
   io::write_npy(a.out, logits.to(torch::kFloat32));
-  fmt::print("wrote {} logits {} ({} at positions {}..{})\n", a.out, dims(logits), a.encoding, a.offset,
+  fmt::print("wrote {} logits {} ({} at positions {}..{})\n", a.out, shape_string(logits), a.encoding, a.offset,
              a.offset + q.size(0) - 1);
 }
 

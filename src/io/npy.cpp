@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "grape/io.hpp"
+#include "io/byte_order.hpp"
 
 namespace grape::io {
 
@@ -173,18 +174,6 @@ std::optional<std::uint64_t> checked_numel(const std::vector<std::int64_t>& shap
   return n;
 }
 
-// The file holds little-endian floats; on a big-endian host each 4-byte group is reversed.
-void to_or_from_little_endian(char* data, std::size_t nbytes) {
-  if constexpr (std::endian::native == std::endian::big) {
-    for (std::size_t i = 0; i + 4 <= nbytes; i += 4) {
-      std::swap(data[i], data[i + 3]);
-      std::swap(data[i + 1], data[i + 2]);
-    }
-  } else {
-    (void)data;
-    (void)nbytes;
-  }
-}
 
 std::string shape_literal(const torch::IntArrayRef sizes) {
   std::string out = "(";
@@ -243,7 +232,7 @@ torch::Tensor read_npy(const std::string& path) {
   if (expected > 0) {
     auto* dst = static_cast<char*>(out.data_ptr());
     std::memcpy(dst, file.data() + header_start + header_len, expected);
-    to_or_from_little_endian(dst, expected);
+    detail::to_or_from_little_endian(dst, expected);
   }
   return out;
 }
@@ -278,7 +267,7 @@ void write_npy(const std::string& path, const torch::Tensor& tensor) {
   const std::size_t data_start = bytes.size();
   if (nbytes > 0) {
     bytes.append(static_cast<const char*>(t.data_ptr()), nbytes);
-    to_or_from_little_endian(bytes.data() + data_start, nbytes);
+    detail::to_or_from_little_endian(bytes.data() + data_start, nbytes);
   }
   write_file_atomic(path, bytes);
 }

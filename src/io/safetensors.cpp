@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "grape/io.hpp"
+#include "io/byte_order.hpp"
 
 namespace grape::io {
 
@@ -30,18 +31,6 @@ constexpr const char* kMetadataKey = "__metadata__";
   throw std::runtime_error(path + ": " + what);
 }
 
-// The file holds little-endian floats; on a big-endian host each 4-byte group is reversed.
-void to_or_from_little_endian(char* data, std::size_t nbytes) {
-  if constexpr (std::endian::native == std::endian::big) {
-    for (std::size_t i = 0; i + 4 <= nbytes; i += 4) {
-      std::swap(data[i], data[i + 3]);
-      std::swap(data[i + 1], data[i + 2]);
-    }
-  } else {
-    (void)data;
-    (void)nbytes;
-  }
-}
 
 // One validated header entry.
 struct Entry {
@@ -187,7 +176,7 @@ std::map<std::string, torch::Tensor> read_safetensors(const std::string& path,
     if (n > 0) {
       auto* dst = static_cast<char*>(t.data_ptr());
       std::memcpy(dst, data + e.begin, n);
-      to_or_from_little_endian(dst, n);
+      detail::to_or_from_little_endian(dst, n);
     }
     out.emplace(e.name, std::move(t));
   }
@@ -238,7 +227,7 @@ void write_safetensors(const std::string& path, const std::map<std::string, torc
     const std::size_t n = static_cast<std::size_t>(t.numel()) * 4;
     if (n == 0) continue;
     bytes.append(static_cast<const char*>(t.data_ptr()), n);
-    to_or_from_little_endian(bytes.data() + start, n);
+    detail::to_or_from_little_endian(bytes.data() + start, n);
   }
   write_file_atomic(path, bytes);
 }

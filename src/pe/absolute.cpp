@@ -11,12 +11,6 @@
 namespace grape {
 namespace {
 
-std::string shape_of(const torch::Tensor& t) {
-  std::string s = "[";
-  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? "," : "") + std::to_string(t.size(i));
-  return s + "]";
-}
-
 class Absolute : public Encoding {
  public:
   using Encoding::Encoding;
@@ -35,7 +29,7 @@ class Absolute : public Encoding {
   void check_embedding_input(const torch::Tensor& h, int64_t offset) const {
     if (!h.defined() || h.dim() != 3 || h.size(2) != shape_.model_dim)
       throw std::invalid_argument(fmt::format("{}: embeddings must be [B,T,C={}], got {}", name_,
-                                              shape_.model_dim, h.defined() ? shape_of(h) : "none"));
+                                              shape_.model_dim, h.defined() ? shape_string(h) : "none"));
     if (offset < 0) throw std::invalid_argument(fmt::format("{}: offset must be >= 0, got {}", name_, offset));
   }
 };

@@ -9,12 +9,6 @@ namespace grape {
 
 namespace {
 
-std::string shape_str(const torch::Tensor& t) {
-  std::string s = "[";
-  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? "," : "") + std::to_string(t.size(i));
-  return s + "]";
-}
-
 void require_finite(const torch::Tensor& t, const char* what, const std::string& enc) {
   if (!torch::isfinite(t).all().item<bool>())
     throw std::invalid_argument(
@@ -22,6 +16,12 @@ void require_finite(const torch::Tensor& t, const char* what, const std::string&
 }
 
 }  // namespace
+
+std::string shape_string(const torch::Tensor& t) {
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? "," : "") + std::to_string(t.size(i));
+  return s + "]";
+}
 
 Encoding::Encoding(std::string name, HeadShape shape) : name_(std::move(name)), shape_(shape) {
   if (shape_.heads < 1 || shape_.head_dim < 1 || shape_.model_dim < 1)
@@ -45,7 +45,7 @@ torch::Tensor Encoding::bias(const PeTokens&, const KeyCache&) const { return {}
 std::vector<std::string> Encoding::describe_parameters() const {
   std::vector<std::string> lines;
   for (const auto& p : named_parameters(true))
-    lines.push_back(fmt::format("{} {}", p.key(), shape_str(p.value())));
+    lines.push_back(fmt::format("{} {}", p.key(), shape_string(p.value())));
   return lines;
 }
 
@@ -56,10 +56,10 @@ PeTokens Encoding::encode(const torch::Tensor& q, const torch::Tensor& k, const 
     throw std::invalid_argument(name_ + ": q and k are required");
   if (q.dim() != 4 || q.size(2) != s.heads || q.size(3) != s.head_dim)
     throw std::invalid_argument(fmt::format("{}: q must be [B,T,H={},D={}], got {}", name_, s.heads,
-                                            s.head_dim, shape_str(q)));
+                                            s.head_dim, shape_string(q)));
   if (!q.sizes().equals(k.sizes()))
     throw std::invalid_argument(
-        fmt::format("{}: q and k shapes differ: {} vs {}", name_, shape_str(q), shape_str(k)));
+        fmt::format("{}: q and k shapes differ: {} vs {}", name_, shape_string(q), shape_string(k)));
   if (q.scalar_type() != k.scalar_type())
     throw std::invalid_argument(fmt::format("{}: q and k dtypes differ: {} vs {}", name_,
                                             c10::toString(q.scalar_type()),
@@ -81,7 +81,7 @@ PeTokens Encoding::encode(const torch::Tensor& q, const torch::Tensor& k, const 
       throw std::invalid_argument(name_ + ": this encoding is contextual and needs the layer input x");
     if (x.dim() != 3 || x.size(0) != q.size(0) || x.size(1) != q.size(1) || x.size(2) != s.model_dim)
       throw std::invalid_argument(fmt::format("{}: x must be [B={},T={},C={}], got {}", name_,
-                                              q.size(0), q.size(1), s.model_dim, shape_str(x)));
+                                              q.size(0), q.size(1), s.model_dim, shape_string(x)));
     if (x.scalar_type() != q.scalar_type())
       throw std::invalid_argument(fmt::format("{}: x dtype {} differs from q dtype {}", name_,
                                               c10::toString(x.scalar_type()),
