@@ -67,13 +67,11 @@ PeTokens Encoding::encode(const torch::Tensor& q, const torch::Tensor& k, const 
   if (!at::isFloatingType(q.scalar_type()))
     throw std::invalid_argument(fmt::format("{}: q and k must be floating point, got {}", name_,
                                             c10::toString(q.scalar_type())));
-  for (const auto& p : parameters(true)) {
-    if (p.scalar_type() != q.scalar_type())
-      throw std::invalid_argument(fmt::format(
-          "{}: inputs are {} but the encoding's parameters are {}; convert one with .to()", name_,
-          c10::toString(q.scalar_type()), c10::toString(p.scalar_type())));
-    break;
-  }
+  const auto params = parameters(true);
+  if (!params.empty() && params.front().scalar_type() != q.scalar_type())
+    throw std::invalid_argument(fmt::format(
+        "{}: inputs are {} but the encoding's parameters are {}; convert one with .to()", name_,
+        c10::toString(q.scalar_type()), c10::toString(params.front().scalar_type())));
   require_finite(q, "q", name_);
   require_finite(k, "k", name_);
   if (properties().contextual) {
