@@ -35,7 +35,7 @@ class GrapeMCtx : public Encoding {
   }
   PeState initial_state(int64_t batch, int64_t offset) const override {
     auto st = Encoding::initial_state(batch, offset);
-    st.values["phi"] = torch::zeros({batch, groups_}, torch::kFloat64);
+    running_sum(st, "phi", batch, groups_, name_);
     return st;
   }
 
@@ -43,11 +43,7 @@ class GrapeMCtx : public Encoding {
   PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& x,
                         PeState& st) override {
     const int64_t B = q.size(0), T = q.size(1);
-    auto& phi0 = st.values["phi"];
-    if (!phi0.defined()) phi0 = torch::zeros({B, groups_}, torch::kFloat64);
-    if (phi0.size(0) != B)
-      throw std::invalid_argument(fmt::format("grape-m-ctx: state is for batch {}, input has batch {}",
-                                              phi0.size(0), B));
+    auto& phi0 = running_sum(st, "phi", B, groups_, name_);
     auto omega = torch::sigmoid((torch::einsum("btc,gc->btg", {x, w_}) + b_) / gate_scale_);  // [B,T,G]
     auto cum = torch::cumsum(omega.to(torch::kFloat64), 1);  // float64 sum: the phase grows ~0.4 per token
     auto phi = phi0.unsqueeze(1) + (cum - omega.to(torch::kFloat64));  // exclusive: Phi_t excludes omega_t

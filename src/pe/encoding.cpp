@@ -1,5 +1,5 @@
 // The encoding base class: input validation, the default hooks, and the key cache.
-#include "grape/pe.hpp"
+#include "pe/families.hpp"
 
 #include <fmt/format.h>
 
@@ -92,6 +92,20 @@ PeTokens Encoding::encode(const torch::Tensor& q, const torch::Tensor& k, const 
   state.next_pos += q.size(1);
   return out;
 }
+
+namespace detail {
+
+torch::Tensor& running_sum(PeState& st, const std::string& key, int64_t batch, int64_t width,
+                           const std::string& enc) {
+  auto& t = st.values[key];
+  if (!t.defined()) t = torch::zeros({batch, width}, torch::kFloat64);
+  if (t.size(0) != batch)
+    throw std::invalid_argument(
+        fmt::format("{}: state is for batch {}, input has batch {}", enc, t.size(0), batch));
+  return t;
+}
+
+}  // namespace detail
 
 void KeyCache::append(const PeTokens& chunk, const torch::Tensor& v_chunk) {
   if (length == 0) {

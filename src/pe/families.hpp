@@ -40,6 +40,11 @@ void require_even_head_dim(const std::string& enc, int64_t head_dim);
 // The normal init of every linear weight in the paper's model: N(0, (0.5/sqrt(C))^2).
 torch::Tensor linear_init(std::vector<int64_t> shape, int64_t fan_in);
 
+// The float64 running quantity `key` of a state, [B, width] (zeros when absent); refuses a state that was
+// made for another batch size. Contextual encodings carry their cumulative sums across chunks in it.
+torch::Tensor& running_sum(PeState& st, const std::string& key, int64_t batch, int64_t width,
+                           const std::string& enc);
+
 // Position differences i - j [Tq,Tk] of queries and keys, in `dtype`.
 torch::Tensor distance(const PeTokens& queries, const KeyCache& keys, torch::ScalarType dtype);
 

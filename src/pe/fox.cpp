@@ -24,7 +24,7 @@ class FoX : public Encoding {
   }
   PeState initial_state(int64_t batch, int64_t offset) const override {
     auto st = Encoding::initial_state(batch, offset);
-    st.values["c"] = torch::zeros({batch, shape_.heads}, torch::kFloat64);
+    running_sum(st, "c", batch, shape_.heads, name_);
     return st;
   }
   torch::Tensor log_forget(const torch::Tensor& x) const {  // [B,T,H]
@@ -39,10 +39,7 @@ class FoX : public Encoding {
  protected:
   PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& x,
                         PeState& st) override {
-    auto& c0 = st.values["c"];
-    if (!c0.defined()) c0 = torch::zeros({q.size(0), shape_.heads}, torch::kFloat64);
-    if (c0.size(0) != q.size(0))
-      throw std::invalid_argument(fmt::format("fox: state is for batch {}, input has batch {}", c0.size(0), q.size(0)));
+    auto& c0 = running_sum(st, "c", q.size(0), shape_.heads, name_);
     // The cumulative sum grows like -0.7 t; keep it in float64 so c_i - c_j stays exact for long streams.
     auto c = c0.unsqueeze(1) + torch::cumsum(log_forget(x).to(torch::kFloat64), 1);  // [B,T,H]
     c0 = c.select(1, q.size(1) - 1);
