@@ -71,6 +71,8 @@ TEST(BadInput, ShapesDtypesAndNonFiniteValues) {
   expect_message([&] { e->encode(q, q, inf, st); }, "x contains NaN or Inf");
   expect_message([&] { e->encode(q.to(torch::kInt64), q.to(torch::kInt64), x, st); }, "must be floating point");
   EXPECT_EQ(st.next_pos, 0) << "a refused chunk does not advance the state";
+  auto st2 = e->initial_state(2);
+  expect_message([&] { e->encode(q, q, x, st2); }, "fox: state is for batch 2, input has batch 1");
 }
 
 TEST(BadInput, LearnedTableAndOffsets) {
