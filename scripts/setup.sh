@@ -9,6 +9,8 @@ PACKAGES=(
   libbenchmark-dev                    # benchmarks
   libcli11-dev nlohmann-json3-dev     # CLI parsing, JSON (safetensors headers, reports)
   libfmt-dev                          # formatting
+  libsentencepiece-dev                # subword tokenizers
+  gnuplot-nox                         # plots in reports
   bible-kjv                           # the default training text
 )
 

@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "cli_runner.hpp"
 #include "grape/io.hpp"
 #include "grape/pe.hpp"
 
@@ -15,21 +16,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-struct Run {
-  int code;
-  std::string output;
-};
-
-Run grape_cli(const std::string& args) {
-  std::string cmd = std::string(GRAPE_CLI_PATH) + " --threads 1 " + args + " 2>&1";
-  FILE* pipe = popen(cmd.c_str(), "r");
-  std::string out;
-  char buf[4096];
-  while (size_t n = fread(buf, 1, sizeof buf, pipe)) out.append(buf, n);
-  int status = pclose(pipe);
-  EXPECT_TRUE(WIFEXITED(status)) << "killed by a signal: " << cmd;
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
-}
+grape::testing::CliRun grape_cli(const std::string& args) { return grape::testing::run_cli(args); }
 
 class Cli : public ::testing::Test {
  protected:
@@ -90,7 +77,7 @@ TEST_F(Cli, LogitsEqualTheLibraryForEveryEncodingAndLoadWeights) {
   }
 }
 
-void expect_error(const Run& r, const std::string& needle) {
+void expect_error(const grape::testing::CliRun& r, const std::string& needle) {
   EXPECT_EQ(r.code, 1) << r.output;
   EXPECT_NE(r.output.find(needle), std::string::npos) << "expected '" << needle << "' in: " << r.output;
   EXPECT_EQ(r.output.find("frame #"), std::string::npos) << "no backtraces for users: " << r.output;

@@ -8,5 +8,11 @@ namespace grape::cli {
 void add_encodings_command(CLI::App& app);
 void add_check_command(CLI::App& app);
 void add_pe_command(CLI::App& app);
+void add_tokenizer_command(CLI::App& app);
+void add_train_command(CLI::App& app);
+void add_eval_command(CLI::App& app);
+void add_generate_command(CLI::App& app);
+void add_compare_command(CLI::App& app);
+void add_bench_command(CLI::App& app);
 
 }  // namespace grape::cli

@@ -18,6 +18,12 @@ int main(int argc, char** argv) {
   grape::cli::add_encodings_command(app);
   grape::cli::add_check_command(app);
   grape::cli::add_pe_command(app);
+  grape::cli::add_tokenizer_command(app);
+  grape::cli::add_train_command(app);
+  grape::cli::add_eval_command(app);
+  grape::cli::add_generate_command(app);
+  grape::cli::add_compare_command(app);
+  grape::cli::add_bench_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

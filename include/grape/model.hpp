@@ -1,0 +1,112 @@
+// The LLaMA-style decoder language model whose position encoding is one option (grape-spec.md §1):
+// tied token embedding, pre-RMSNorm blocks  x += Attn(RMSNorm(x)); x += SwiGLU(RMSNorm(x)),  RMSNorm on
+// each head's q and k (gain shared across heads), no biases, final RMSNorm, optional KV-shift.
+// Full forward passes and streaming decoding with a per-sequence KV cache run the same math, so they
+// give the same logits.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "grape/pe.hpp"
+
+namespace grape {
+
+struct ModelConfig {
+  std::string preset = "tiny";
+  int64_t vocab_size = 257;    // from the tokenizer
+  int64_t n_layer = 4;
+  int64_t n_head = 4;
+  int64_t n_embd = 128;        // C; head_dim = C / n_head
+  int64_t mlp_hidden = 0;      // SwiGLU hidden width; 0: floor(8C/3)
+  int64_t context = 128;       // training context length T
+  std::string pe = "rope";     // any name from grape::encodings()
+  std::map<std::string, std::string> pe_options;  // its --pe-set key=value options
+  bool kv_shift = false;
+  bool qk_norm = true;
+  double norm_eps = 1e-5;
+  double embed_std = 0.02;     // tied embedding init N(0, embed_std^2)
+
+  int64_t head_dim() const { return n_embd / n_head; }
+  int64_t hidden() const { return mlp_hidden > 0 ? mlp_hidden : (8 * n_embd) / 3; }
+  HeadShape head_shape() const { return {n_head, head_dim(), n_embd}; }
+
+  // Throws std::invalid_argument naming the field: non-positive sizes, C not divisible by n_head, an
+  // unknown encoding or encoding option (checked by building it), ...
+  void validate() const;
+  // Sets one field from text, as `--set n_layer=6` or `--pe-set base=500000` give it; unknown keys throw
+  // listing the known ones. Keys "pe.NAME" set encoding options. "preset" loads that preset (every
+  // field), so set it before the others.
+  void set(const std::string& key, const std::string& value);
+  std::string to_json() const;                         // every field, pretty-printed
+  static ModelConfig from_json(const std::string& text);  // unknown or mistyped fields throw
+};
+
+// "tiny" (CPU demo and tests), "small", "medium" (353M, paper), "large" (770M, paper).
+ModelConfig model_preset(const std::string& name);
+std::vector<std::string> model_preset_names();
+
+// The KV cache of one sequence: per layer the encoding's running state, the encoded keys and values
+// seen so far, and the KV-shift state. Sequences of one batch may have different lengths.
+struct SequenceCache {
+  struct Layer {
+    PeState pe;
+    KeyCache keys;
+    KVShiftState shift;
+  };
+  std::vector<Layer> layers;
+  int64_t length = 0;  // tokens consumed
+};
+
+class RMSNormImpl : public torch::nn::Module {
+ public:
+  RMSNormImpl(int64_t dim, double eps);
+  torch::Tensor forward(const torch::Tensor& x);  // over the last dim, computed in fp32
+  torch::Tensor weight;
+  double eps;
+};
+TORCH_MODULE(RMSNorm);
+
+class BlockImpl;  // one transformer block (defined in src/nn/model.cpp)
+
+class TransformerImpl : public torch::nn::Module {
+ public:
+  explicit TransformerImpl(const ModelConfig& config);  // validates; initialises as grape-spec.md §1.1
+
+  const ModelConfig& config() const { return config_; }
+  int64_t num_parameters() const;  // tied embedding counted once
+
+  // tokens [B,T] int64 (ids < vocab, checked), positions 0..T-1 → logits [B,T,V] float32.
+  torch::Tensor forward(const torch::Tensor& tokens);
+  // Mean cross-entropy of logits(tokens) against targets [B,T]; mask [B,T] (optional) weights each target.
+  torch::Tensor loss(const torch::Tensor& tokens, const torch::Tensor& targets,
+                     const torch::Tensor& mask = {});
+
+  SequenceCache new_cache() const;
+  // Streaming: feeds tokens [B,T] where row b continues caches[b] (caches.size() == B; their lengths may
+  // differ). Dense layers run batched; attention runs per sequence against its own cache. Returns
+  // logits [B,T,V]. Prefill is a call with the whole prompt, decoding a call with T = 1.
+  // Run it under torch::NoGradGuard when decoding (the caches would otherwise keep the autograd graph).
+  // Inputs are checked before any cache changes.
+  torch::Tensor forward_cached(const torch::Tensor& tokens, std::vector<SequenceCache*>& caches);
+
+  // The encodings of the layers (for `grape encodings`-style descriptions and tests), one per layer.
+  // For an encoding that embeds (sinusoidal, learned) the layers hold "nope" and the real one, applied
+  // once to the token embeddings, is embedding_encoding().
+  std::vector<EncodingPtr> encodings() const;
+  // The model-level encoding added to the token embeddings, or nullptr when the encoding does not embed.
+  EncodingPtr embedding_encoding() const { return embed_pe_; }
+
+ private:
+  ModelConfig config_;
+  torch::nn::Embedding wte_{nullptr};
+  std::vector<std::shared_ptr<BlockImpl>> blocks_;
+  RMSNorm norm_f_{nullptr};
+  EncodingPtr embed_pe_;  // the encoding when it embeds (sinusoidal, learned), applied once after wte
+};
+TORCH_MODULE(Transformer);
+
+}  // namespace grape

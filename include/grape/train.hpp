@@ -1,0 +1,177 @@
+// Training, evaluation, generation and comparison runs of the decoder LM (grape train|eval|generate|compare).
+//
+// A run directory holds everything needed to continue or use a run:
+//   run.json          resolved model config, training config and tokenizer spec
+//   tokenizer.model   the SentencePiece model (only for sentencepiece tokenizers)
+//   metrics.jsonl     one JSON object per logged step / validation
+//   checkpoints/step_NNNNNNNN/{model.safetensors, optimizer.pt, state.json}
+//   checkpoints/latest   the name of the newest complete checkpoint
+// Checkpoints are written into a temporary directory and renamed into place, then `latest` is replaced
+// atomically: an interrupted write leaves the previous checkpoint as it was.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "grape/data.hpp"
+#include "grape/model.hpp"
+
+namespace grape::train {
+
+struct TrainConfig {
+  int64_t steps = 1000;
+  int64_t batch = 16;          // sequences per micro-batch
+  int64_t accum = 1;           // micro-batches per optimizer step
+  double lr = 1e-3;            // peak learning rate
+  double min_lr = 1e-4;        // end of the cosine decay
+  int64_t warmup = 100;        // linear warmup steps
+  double weight_decay = 0.1;   // on matrices (>= 2-D parameters) only
+  double beta1 = 0.9, beta2 = 0.95, adam_eps = 1e-8;
+  double grad_clip = 1.0;      // global norm; 0 turns clipping off
+  int64_t eval_every = 100;    // validation every N steps (and at the end); 0: only at the end
+  int64_t eval_batches = 8;
+  int64_t ckpt_every = 100;    // checkpoint every N steps (and at the end); 0: only at the end
+  int64_t keep_last = 2;       // checkpoints kept
+  int64_t log_every = 10;
+  uint64_t seed = 42;
+  std::string data = "bible";
+  std::string tokenizer = "byte";
+  double val_fraction = 0.1;
+
+  void validate() const;
+  void set(const std::string& key, const std::string& value);  // unknown keys throw listing the known ones
+  std::string to_json() const;
+  static TrainConfig from_json(const std::string& text);
+};
+
+// Learning rate at `step` (0-based): linear warmup to lr over `warmup` steps, cosine to min_lr at `steps`.
+double lr_at(const TrainConfig& cfg, int64_t step);
+
+// The data of a training batch for `step`, micro-batch `micro`: a pure function of (seed, step, micro).
+std::mt19937_64 batch_rng(uint64_t seed, int64_t step, int64_t micro);
+
+// AdamW with the decay on matrices only, one forward/backward per micro-batch, clipping, the schedule.
+class Trainer {
+ public:
+  Trainer(Transformer model, const TrainConfig& cfg);
+  struct StepStats {
+    double loss = 0;       // mean over the micro-batches
+    double grad_norm = 0;  // before clipping
+    double lr = 0;
+  };
+  // One optimizer step. Throws std::runtime_error (and leaves the weights untouched) on a non-finite
+  // loss or gradient.
+  StepStats step(const std::vector<data::Batch>& micro_batches, int64_t step);
+  Transformer& model() { return model_; }
+  torch::optim::AdamW& optimizer() { return *optimizer_; }
+
+ private:
+  Transformer model_;
+  TrainConfig cfg_;
+  std::unique_ptr<torch::optim::AdamW> optimizer_;
+};
+
+// ---- run directories and checkpoints -------------------------------------------------------------
+
+struct RunInfo {
+  std::string dir;
+  ModelConfig model;
+  TrainConfig train;
+};
+
+// Reads <dir>/run.json; clear errors for a missing or corrupt file.
+RunInfo read_run(const std::string& dir);
+// The tokenizer of a run (byte, or the run's own tokenizer.model).
+std::unique_ptr<data::Tokenizer> run_tokenizer(const RunInfo& run);
+// The newest complete checkpoint directory of a run; throws when there is none.
+std::string latest_checkpoint(const std::string& run_dir);
+// Loads weights into `model`; a missing, unexpected or differently shaped tensor, or a checkpoint made
+// for another encoding, is refused with an error naming the mismatch.
+void load_weights(Transformer& model, const std::string& checkpoint_dir);
+// A model built from a run's config with the weights of `checkpoint_dir` (default: the latest).
+Transformer load_model(const RunInfo& run, const std::string& checkpoint_dir = "");
+
+// ---- the commands' work ---------------------------------------------------------------------------
+
+struct TrainOptions {
+  bool resume = false;    // continue the run in `dir` from its latest checkpoint
+  bool quiet = false;     // no progress output
+  int64_t stop_after = 0; // stop as Ctrl-C would (checkpoint, `interrupted`) after this step; 0: never
+  int64_t resume_steps = 0; // with resume: a new step budget (changes the lr schedule); 0: the run's own
+  std::string run_dir;
+};
+struct TrainSummary {
+  int64_t steps = 0;
+  double final_loss = 0, val_loss = 0;
+  double tokens_per_s = 0;       // training throughput over the run (this process)
+  int64_t parameters = 0;
+  double seconds = 0;
+  std::string checkpoint;        // the final checkpoint directory
+  bool interrupted = false;      // stopped by Ctrl-C (a checkpoint was written)
+};
+// Trains (or resumes) the run in opts.run_dir. Stops cleanly on Ctrl-C with a checkpoint.
+TrainSummary run_training(const ModelConfig& model_cfg, const TrainConfig& cfg, const TrainOptions& opts);
+
+// Mean validation loss over up to max_batches windows of `context` tokens (no gradients).
+double validation_loss(Transformer& model, const data::DataSource& data, int64_t context, int64_t batch,
+                       int64_t max_batches);
+
+struct LengthResult {
+  int64_t factor = 1, context = 0, tokens = 0;
+  double loss = 0, perplexity = 0;
+  std::string error;  // set when this length cannot be evaluated (e.g. a learned table too short)
+};
+struct TaskResult {
+  std::string label;
+  int64_t correct = 0, total = 0;
+};
+struct EvalReport {
+  std::vector<LengthResult> lengths;
+  std::vector<TaskResult> tasks;  // synthetic data only
+};
+// Validation loss at context x each factor, with about `tokens` validation tokens per length.
+EvalReport evaluate(Transformer& model, const data::DataSource& data, const std::vector<int64_t>& factors,
+                    int64_t tokens, int64_t task_examples = 200);
+std::string eval_table(const EvalReport& report);  // the table `grape eval` prints
+std::string eval_json(const EvalReport& report);
+
+struct SamplingOptions {
+  double temperature = 0.8;  // 0: greedy
+  int64_t top_k = 0;         // 0: off
+  double top_p = 1.0;        // 1: off
+  int64_t max_tokens = 256;
+  uint64_t seed = 0;
+  int64_t eot = -1;          // stop when this token is drawn (the tokenizer's end-of-text); -1: never
+};
+// Samples continuations of each prompt (batched, each with its own KV cache). on_token(row, id) is called
+// for every generated token as it comes. Returns the generated ids per prompt (eot not included).
+std::vector<std::vector<int32_t>> generate(Transformer& model, const std::vector<std::vector<int32_t>>& prompts,
+                                           const SamplingOptions& opts,
+                                           const std::function<void(size_t, int32_t)>& on_token = {});
+// Picks the next token from logits [V] with the options (deterministic in rng).
+int32_t sample_token(const torch::Tensor& logits, const SamplingOptions& opts, std::mt19937_64& rng);
+
+// Decode throughput with the KV cache: tokens/s generating `tokens` greedy tokens for `batch` sequences.
+double decode_tokens_per_s(Transformer& model, int64_t batch, int64_t prompt_len, int64_t tokens);
+
+struct CompareOptions {
+  std::vector<std::string> pes;            // encodings, each with its default options
+  ModelConfig model;                       // pe is replaced per run
+  TrainConfig train;
+  std::string out_dir = "grape-compare";
+  std::vector<int64_t> factors = {1, 2, 4, 8};
+  int64_t eval_tokens = 16384;
+  int64_t decode_tokens = 64;
+  bool quiet = false;
+};
+// Trains and evaluates each encoding on the same data, seed and budget; writes results.json, report.md,
+// loss.png and perplexity.png into out_dir. Returns the report's markdown.
+std::string run_comparison(const CompareOptions& opts);
+
+}  // namespace grape::train

@@ -1,0 +1,118 @@
+// Resolution of the model/training flags: preset, then config file, then flags.
+#include "cli/run_flags.hpp"
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <stdexcept>
+
+#include "grape/io.hpp"
+
+namespace grape::cli {
+
+void add_run_flags(CLI::App* cmd, RunFlags& f, bool with_pe) {
+  cmd->add_option("--preset", f.preset, "model preset: tiny, small, medium, large")->capture_default_str();
+  cmd->add_option("--config", f.config_file, "JSON file {\"model\": {...}, \"train\": {...}} applied after the preset");
+  cmd->add_option("--set", f.sets, "override a model or training field: key=value (e.g. n_layer=6, lr=3e-4)");
+  if (with_pe) {
+    cmd->add_option("--pe", f.pe, "position encoding (see `grape encodings`)");
+    cmd->add_option("--pe-set", f.pe_sets, "encoding option key=value (see `grape encodings NAME`)");
+  }
+  cmd->add_flag("--kv-shift", f.kv_shift, "add KV-shift to every layer");
+  cmd->add_option("--context", f.context, "training context length");
+  cmd->add_option("--steps", f.steps, "optimizer steps");
+  cmd->add_option("--batch", f.batch, "sequences per micro-batch");
+  cmd->add_option("--accum", f.accum, "micro-batches per step (gradient accumulation)");
+  cmd->add_option("--lr", f.lr, "peak learning rate");
+  cmd->add_option("--min-lr", f.min_lr, "final learning rate of the cosine decay");
+  cmd->add_option("--warmup", f.warmup, "linear warmup steps");
+  cmd->add_option("--eval-every", f.eval_every, "validate every N steps (0: at the end only)");
+  cmd->add_option("--ckpt-every", f.ckpt_every, "checkpoint every N steps (0: at the end only)");
+  cmd->add_option("--seed", f.seed, "seed of initialisation and data order");
+  cmd->add_option("--data", f.data, "bible | FILE.txt | DIR | FILE.bin | synthetic:NAME[:k=v,...]");
+  cmd->add_option("--tokenizer", f.tokenizer, "byte | PATH.model (SentencePiece)");
+}
+
+namespace {
+
+// "key=value" → (key, value), or a clear error naming the flag.
+std::pair<std::string, std::string> split_assignment(const std::string& flag, const std::string& s) {
+  const auto eq = s.find('=');
+  if (eq == std::string::npos || eq == 0)
+    throw std::invalid_argument(fmt::format("{} expects key=value, got '{}'", flag, s));
+  return {s.substr(0, eq), s.substr(eq + 1)};
+}
+
+bool is_train_field(const std::string& key) {
+  train::TrainConfig probe;
+  try {
+    probe.set(key, "1");
+  } catch (const std::invalid_argument& e) {
+    return std::string(e.what()).rfind("unknown train setting", 0) != 0;
+  }
+  return true;
+}
+
+}  // namespace
+
+std::pair<ModelConfig, train::TrainConfig> resolve_run_flags(const RunFlags& f) {
+  ModelConfig model = model_preset(f.preset);
+  train::TrainConfig tr;
+  if (!f.config_file.empty()) {
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(io::read_file(f.config_file));
+    } catch (const nlohmann::json::exception& e) {
+      throw std::invalid_argument(fmt::format("{}: not valid JSON ({})", f.config_file, e.what()));
+    }
+    for (const auto& [key, value] : j.items()) {
+      if (key != "model" && key != "train")
+        throw std::invalid_argument(fmt::format("{}: unknown section '{}' (expected model, train)", f.config_file, key));
+      if (!value.is_object())
+        throw std::invalid_argument(fmt::format("{}: section '{}' must be an object", f.config_file, key));
+      for (const auto& [k, v] : value.items()) {
+        const std::string text = v.is_string() ? v.get<std::string>() : v.dump();
+        if (key == "model") {
+          if (k == "pe_options" && v.is_object()) {
+            for (const auto& [ok, ov] : v.items()) model.set("pe." + ok, ov.is_string() ? ov.get<std::string>() : ov.dump());
+          } else {
+            model.set(k, text);
+          }
+        } else {
+          tr.set(k, text);
+        }
+      }
+    }
+  }
+  for (const auto& s : f.sets) {
+    auto [key, value] = split_assignment("--set", s);
+    if (is_train_field(key)) tr.set(key, value);
+    else model.set(key, value);
+  }
+  if (!f.pe.empty() && f.pe != model.pe) {
+    model.pe = f.pe;
+    model.pe_options.clear();  // options of the preset's encoding do not carry over
+  }
+  for (const auto& s : f.pe_sets) {
+    auto [key, value] = split_assignment("--pe-set", s);
+    model.pe_options[key] = value;
+  }
+  if (f.kv_shift) model.kv_shift = true;
+  if (f.context > 0) model.context = f.context;
+  if (f.steps > 0) tr.steps = f.steps;
+  if (f.batch > 0) tr.batch = f.batch;
+  if (f.accum > 0) tr.accum = f.accum;
+  if (f.lr > 0) tr.lr = f.lr;
+  if (f.min_lr >= 0) tr.min_lr = f.min_lr;
+  if (f.warmup >= 0) tr.warmup = f.warmup;
+  if (f.eval_every >= 0) tr.eval_every = f.eval_every;
+  if (f.ckpt_every >= 0) tr.ckpt_every = f.ckpt_every;
+  if (f.seed >= 0) tr.seed = uint64_t(f.seed);
+  if (!f.data.empty()) tr.data = f.data;
+  if (!f.tokenizer.empty()) tr.tokenizer = f.tokenizer;
+  model.validate();
+  tr.validate();
+  return {model, tr};
+}
+
+}  // namespace grape::cli

@@ -1,0 +1,252 @@
+// The decoder language model (grape-spec.md §1.1, §1.5, §8): tied embedding, pre-RMSNorm blocks with
+// QK-normalised multi-head attention and a SwiGLU MLP, final RMSNorm, LM head = embedding^T.
+// forward() and forward_cached() share one block implementation; they differ only in which rows share a
+// position-encoding state and a key cache (all rows at once vs one row per sequence).
+#include "grape/model.hpp"
+
+#include <fmt/format.h>
+
+#include <cmath>
+#include <stdexcept>
+#include <unordered_set>
+
+namespace grape {
+namespace {
+
+// Reduced-precision inputs are normalised in fp32; fp32 and fp64 stay as they are.
+torch::ScalarType compute_dtype(torch::ScalarType t) {
+  return (t == torch::kHalf || t == torch::kBFloat16) ? torch::kFloat32 : t;
+}
+
+// tokens (or targets) as [B,T] int64 with every id in [0, vocab).
+torch::Tensor check_ids(const torch::Tensor& ids, int64_t vocab, const char* what) {
+  if (!ids.defined() || ids.dim() != 2 || ids.size(0) < 1 || ids.size(1) < 1)
+    throw std::invalid_argument(fmt::format("model: {} must be a non-empty [B,T] tensor, got {}", what,
+                                            ids.defined() ? shape_string(ids) : "none"));
+  if (ids.scalar_type() != torch::kInt64 && ids.scalar_type() != torch::kInt32)
+    throw std::invalid_argument(
+        fmt::format("model: {} must be int64 (or int32), got {}", what, c10::toString(ids.scalar_type())));
+  auto t = ids.to(torch::kInt64);
+  auto bad = (t < 0) | (t >= vocab);
+  if (bad.any().item<bool>())
+    throw std::invalid_argument(fmt::format("model: {} contain id {} outside the vocabulary [0, {})", what,
+                                            t.masked_select(bad)[0].item<int64_t>(), vocab));
+  return t;
+}
+
+}  // namespace
+
+RMSNormImpl::RMSNormImpl(int64_t dim, double eps_) : eps(eps_) {
+  weight = register_parameter("weight", torch::ones({dim}));
+}
+
+torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
+  const auto dt = compute_dtype(x.scalar_type());
+  auto xf = x.to(dt);
+  auto y = xf * torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps) * weight.to(dt);
+  return y.to(x.scalar_type());
+}
+
+// The per-sequence state one attention call reads and advances: rows [row, row+rows) of the batch share
+// it. forward() uses one group for the whole batch, forward_cached() one group per sequence.
+struct RowGroup {
+  int64_t row, rows;
+  PeState* pe;
+  KeyCache* keys;
+  KVShiftState* shift;
+};
+
+class BlockImpl : public torch::nn::Module {
+ public:
+  BlockImpl(const ModelConfig& c, EncodingPtr pe) : H_(c.n_head), D_(c.head_dim()), pe_(std::move(pe)) {
+    const int64_t C = c.n_embd, hidden = c.hidden();
+    auto linear = [&](const char* name, int64_t in, int64_t out) {
+      return register_module(name, torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(false)));
+    };
+    norm1_ = register_module("norm1", RMSNorm(C, c.norm_eps));
+    wq_ = linear("wq", C, H_ * D_);
+    wk_ = linear("wk", C, H_ * D_);
+    wv_ = linear("wv", C, H_ * D_);
+    wo_ = linear("wo", H_ * D_, C);
+    if (c.qk_norm) {
+      q_norm_ = register_module("q_norm", RMSNorm(D_, c.norm_eps));  // one gain over D, shared by the heads
+      k_norm_ = register_module("k_norm", RMSNorm(D_, c.norm_eps));
+    }
+    if (c.kv_shift) kv_shift_ = register_module("kv_shift", KVShift(c.head_shape()));
+    register_module("pe", pe_);
+    norm2_ = register_module("norm2", RMSNorm(C, c.norm_eps));
+    w1_ = linear("w1", C, hidden);
+    w2_ = linear("w2", C, hidden);
+    w_out_ = linear("w_out", hidden, C);
+  }
+
+  // x [B,T,C] → x + Attn(RMSNorm(x)) + MLP(...); `groups` partition the rows and carry their state.
+  torch::Tensor forward(const torch::Tensor& x, const std::vector<RowGroup>& groups) {
+    const int64_t B = x.size(0), T = x.size(1);
+    auto xh = norm1_(x);  // x̂: the projections, the gates and contextual encodings all read it
+    auto q = wq_(xh).view({B, T, H_, D_});
+    auto k = wk_(xh).view({B, T, H_, D_});
+    auto v = wv_(xh).view({B, T, H_, D_});
+    std::vector<torch::Tensor> ys;
+    for (const auto& g : groups) {
+      auto xg = xh.narrow(0, g.row, g.rows);
+      auto qg = q.narrow(0, g.row, g.rows), kg = k.narrow(0, g.row, g.rows), vg = v.narrow(0, g.row, g.rows);
+      if (kv_shift_) std::tie(kg, vg) = kv_shift_(kg, vg, xg, *g.shift);  // on the raw projections, first
+      if (q_norm_) {  // normalise, then encode: the relative law stays exact whatever the gains
+        qg = q_norm_(qg);
+        kg = k_norm_(kg);
+      }
+      auto tokens = pe_->encode(qg, kg, xg, *g.pe);
+      g.keys->append(tokens, vg);  // the cache keeps exactly what encode returned, plus v
+      ys.push_back(attend(tokens, *g.keys));
+    }
+    auto y = ys.size() == 1 ? ys[0] : torch::cat(ys, 0);
+    auto h = x + wo_(y.reshape({B, T, H_ * D_}));
+    auto hn = norm2_(h);
+    return h + w_out_(torch::silu(w1_(hn)) * w2_(hn));  // SwiGLU
+  }
+
+  const EncodingPtr& pe() const { return pe_; }
+  torch::nn::Linear& wo() { return wo_; }
+  torch::nn::Linear& w_out() { return w_out_; }
+
+ private:
+  // softmax(q~.k~/sqrt(D) + bias, causal) v of a chunk of queries against the cache: y [b,T,H,D].
+  // The reference (materialised) path; a fused kernel will replace it behind the same signature.
+  torch::Tensor attend(const PeTokens& queries, const KeyCache& keys) const {
+    auto logits = attention_logits(*pe_, queries, keys);  // [b,H,Tq,Tk]
+    auto p = torch::softmax(logits, -1, compute_dtype(keys.v.scalar_type())).to(keys.v.scalar_type());
+    return torch::einsum("bhij,bjhd->bihd", {p, keys.v});
+  }
+
+  int64_t H_, D_;
+  EncodingPtr pe_;
+  RMSNorm norm1_{nullptr}, norm2_{nullptr}, q_norm_{nullptr}, k_norm_{nullptr};
+  torch::nn::Linear wq_{nullptr}, wk_{nullptr}, wv_{nullptr}, wo_{nullptr};
+  torch::nn::Linear w1_{nullptr}, w2_{nullptr}, w_out_{nullptr};
+  KVShift kv_shift_{nullptr};
+};
+
+TransformerImpl::TransformerImpl(const ModelConfig& config) : config_(config) {
+  config_.validate();
+  const auto& c = config_;
+  const auto shape = c.head_shape();
+  wte_ = register_module("wte", torch::nn::Embedding(c.vocab_size, c.n_embd));
+  // Absolute encodings act once, on the embeddings; the layers then carry no position signal.
+  auto probe = make_encoding(c.pe, shape, PeOptions(c.pe_options));
+  const bool embeds = probe->properties().embeds;
+  if (embeds) embed_pe_ = register_module("pe", probe);
+  auto list = register_module("blocks", torch::nn::ModuleList());
+  for (int64_t l = 0; l < c.n_layer; ++l) {
+    auto pe = embeds ? make_encoding("nope", shape)
+                     : (l == 0 ? probe : make_encoding(c.pe, shape, PeOptions(c.pe_options)));
+    blocks_.push_back(std::make_shared<BlockImpl>(c, pe));
+    list->push_back(blocks_.back());
+  }
+  norm_f_ = register_module("norm_f", RMSNorm(c.n_embd, c.norm_eps));
+
+  // grape-spec.md §1.1: every linear weight N(0, (0.5/sqrt(C))^2), the two residual outputs scaled down
+  // by sqrt(n_layer), the tied embedding N(0, embed_std^2). Encodings and KV-shift keep their own init.
+  torch::NoGradGuard no_grad;
+  const double sd = 0.5 / std::sqrt(double(c.n_embd)), sd_out = sd / std::sqrt(double(c.n_layer));
+  wte_->weight.normal_(0.0, c.embed_std);
+  for (auto& b : blocks_) {
+    for (auto& item : b->named_parameters(/*recurse=*/true)) {
+      const auto& name = item.key();
+      const bool own = name.rfind("pe.", 0) != 0 && name.rfind("kv_shift.", 0) != 0;
+      if (own && item.value().dim() >= 2) item.value().normal_(0.0, sd);
+    }
+    b->wo()->weight.normal_(0.0, sd_out);
+    b->w_out()->weight.normal_(0.0, sd_out);
+  }
+}
+
+int64_t TransformerImpl::num_parameters() const {
+  std::unordered_set<const void*> seen;  // a tensor reachable twice (tied weights) counts once
+  int64_t n = 0;
+  for (const auto& p : parameters(true))
+    if (seen.insert(p.unsafeGetTensorImpl()).second) n += p.numel();
+  return n;
+}
+
+std::vector<EncodingPtr> TransformerImpl::encodings() const {
+  std::vector<EncodingPtr> out;
+  for (const auto& b : blocks_) out.push_back(b->pe());
+  return out;
+}
+
+torch::Tensor TransformerImpl::forward(const torch::Tensor& tokens) {
+  auto ids = check_ids(tokens, config_.vocab_size, "tokens");
+  const int64_t B = ids.size(0);
+  auto h = wte_(ids);
+  if (embed_pe_) h = embed_pe_->embed(h, 0);
+  for (auto& b : blocks_) {
+    // A fresh state and cache per layer: the whole batch starts at position 0 with nothing cached.
+    PeState st = b->pe()->initial_state(B, 0);
+    KeyCache keys;
+    KVShiftState shift;
+    h = b->forward(h, {RowGroup{0, B, &st, &keys, &shift}});
+  }
+  h = norm_f_(h);
+  return torch::matmul(h, wte_->weight.t()).to(torch::kFloat32);  // tied LM head
+}
+
+torch::Tensor TransformerImpl::loss(const torch::Tensor& tokens, const torch::Tensor& targets,
+                                    const torch::Tensor& mask) {
+  auto y = check_ids(targets, config_.vocab_size, "targets");
+  if (!y.sizes().equals(tokens.sizes()))
+    throw std::invalid_argument(fmt::format("model: targets {} must have the shape of tokens {}",
+                                            shape_string(y), shape_string(tokens)));
+  auto logits = forward(tokens);
+  const int64_t V = logits.size(-1);
+  auto ce = torch::nn::functional::cross_entropy(
+      logits.reshape({-1, V}), y.reshape({-1}),
+      torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));
+  if (!mask.defined()) return ce.mean();
+  if (!mask.sizes().equals(tokens.sizes()))
+    throw std::invalid_argument(fmt::format("model: mask {} must have the shape of tokens {}",
+                                            shape_string(mask), shape_string(tokens)));
+  auto m = mask.to(torch::kFloat32).reshape({-1});
+  auto total = m.sum();
+  if (!(total.item<double>() > 0)) throw std::invalid_argument("model: the loss mask selects no targets");
+  return (m * ce).sum() / total;
+}
+
+SequenceCache TransformerImpl::new_cache() const {
+  SequenceCache cache;
+  for (const auto& b : blocks_)
+    cache.layers.push_back({b->pe()->initial_state(1, 0), KeyCache{}, KVShiftState{}});
+  return cache;
+}
+
+torch::Tensor TransformerImpl::forward_cached(const torch::Tensor& tokens,
+                                              std::vector<SequenceCache*>& caches) {
+  auto ids = check_ids(tokens, config_.vocab_size, "tokens");
+  const int64_t B = ids.size(0), T = ids.size(1);
+  if (int64_t(caches.size()) != B)
+    throw std::invalid_argument(
+        fmt::format("model: forward_cached got {} caches for a batch of {} rows", caches.size(), B));
+  for (auto* c : caches)
+    if (!c || c->layers.size() != blocks_.size())
+      throw std::invalid_argument(
+          fmt::format("model: every cache must come from new_cache() ({} layers)", blocks_.size()));
+  auto h = wte_(ids);
+  if (embed_pe_) {  // each row embeds at its own position
+    std::vector<torch::Tensor> rows;
+    for (int64_t b = 0; b < B; ++b) rows.push_back(embed_pe_->embed(h.narrow(0, b, 1), caches[b]->length));
+    h = torch::cat(rows, 0);
+  }
+  for (size_t l = 0; l < blocks_.size(); ++l) {
+    std::vector<RowGroup> groups;
+    for (int64_t b = 0; b < B; ++b) {
+      auto& layer = caches[b]->layers[l];
+      groups.push_back({b, 1, &layer.pe, &layer.keys, &layer.shift});
+    }
+    h = blocks_[l]->forward(h, groups);
+  }
+  for (auto* c : caches) c->length += T;
+  h = norm_f_(h);
+  return torch::matmul(h, wte_->weight.t()).to(torch::kFloat32);
+}
+
+}  // namespace grape

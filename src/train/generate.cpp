@@ -1,0 +1,109 @@
+// Generation with the KV cache: every prompt gets its own cache, so prompts of different lengths decode
+// together exactly as they would alone. Sampling uses our own rng so a seed gives the same text everywhere.
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <numeric>
+#include <stdexcept>
+
+#include "grape/train.hpp"
+
+namespace grape::train {
+
+int32_t sample_token(const torch::Tensor& logits, const SamplingOptions& opts, std::mt19937_64& rng) {
+  auto l = logits.to(torch::kFloat64).contiguous();
+  if (l.dim() != 1) throw std::invalid_argument("sample_token: logits must be [V], got " + shape_string(logits));
+  const int64_t V = l.size(0);
+  const double* z = l.data_ptr<double>();
+  if (opts.temperature <= 0) return int32_t(std::max_element(z, z + V) - z);  // greedy
+  // Candidates sorted by logit (ties by id, so the order is deterministic), then top-k, top-p.
+  std::vector<int32_t> ids(V);
+  std::iota(ids.begin(), ids.end(), 0);
+  std::stable_sort(ids.begin(), ids.end(), [&](int32_t a, int32_t b) { return z[a] > z[b]; });
+  if (opts.top_k > 0 && opts.top_k < V) ids.resize(size_t(opts.top_k));
+  std::vector<double> p(ids.size());
+  double total = 0;
+  for (size_t i = 0; i < ids.size(); ++i) total += p[i] = std::exp((z[ids[i]] - z[ids[0]]) / opts.temperature);
+  if (opts.top_p < 1.0) {  // the smallest prefix whose mass reaches top_p
+    double mass = 0;
+    size_t keep = 0;
+    while (keep < p.size() && mass < opts.top_p * total) mass += p[keep++];
+    p.resize(std::max<size_t>(keep, 1));
+    total = std::accumulate(p.begin(), p.end(), 0.0);
+  }
+  const double u = double(rng() >> 11) * 0x1.0p-53 * total;  // uniform in [0, total)
+  double acc = 0;
+  for (size_t i = 0; i < p.size(); ++i) {
+    acc += p[i];
+    if (u < acc) return ids[i];
+  }
+  return ids[p.size() - 1];
+}
+
+std::vector<std::vector<int32_t>> generate(Transformer& model, const std::vector<std::vector<int32_t>>& prompts,
+                                           const SamplingOptions& opts,
+                                           const std::function<void(size_t, int32_t)>& on_token) {
+  if (opts.max_tokens < 0) throw std::invalid_argument("generate: max_tokens must be >= 0");
+  if (!(opts.top_p > 0 && opts.top_p <= 1)) throw std::invalid_argument("generate: top_p must be in (0, 1]");
+  if (!std::isfinite(opts.temperature) || opts.temperature < 0)
+    throw std::invalid_argument("generate: temperature must be a finite number >= 0");
+  torch::NoGradGuard no_grad;
+  model->eval();
+  const size_t n = prompts.size();
+  std::vector<SequenceCache> caches(n);
+  std::vector<std::vector<int32_t>> out(n);
+  std::vector<bool> done(n, false);
+  std::mt19937_64 rng(opts.seed);
+  std::vector<int32_t> next(n);
+  // Prefill each prompt into its own cache.
+  for (size_t i = 0; i < n; ++i) {
+    if (prompts[i].empty()) throw std::invalid_argument("generate: an empty prompt (start it with end-of-text)");
+    caches[i] = model->new_cache();
+    std::vector<int64_t> ids(prompts[i].begin(), prompts[i].end());
+    std::vector<SequenceCache*> one = {&caches[i]};
+    auto logits = model->forward_cached(torch::tensor(ids, torch::kInt64).unsqueeze(0), one);
+    next[i] = sample_token(logits[0][int64_t(ids.size()) - 1], opts, rng);
+  }
+  for (int64_t t = 0; t < opts.max_tokens; ++t) {
+    std::vector<SequenceCache*> active;
+    std::vector<int64_t> rows, tokens;
+    for (size_t i = 0; i < n; ++i) {
+      if (done[i]) continue;
+      if (opts.eot >= 0 && next[i] == opts.eot) {
+        done[i] = true;
+        continue;
+      }
+      out[i].push_back(next[i]);
+      if (on_token) on_token(i, next[i]);
+      if (t + 1 == opts.max_tokens) continue;
+      active.push_back(&caches[i]);
+      rows.push_back(int64_t(i));
+      tokens.push_back(next[i]);
+    }
+    if (active.empty()) break;
+    auto logits = model->forward_cached(torch::tensor(tokens, torch::kInt64).unsqueeze(1), active);
+    for (size_t r = 0; r < rows.size(); ++r) next[size_t(rows[r])] = sample_token(logits[int64_t(r)][0], opts, rng);
+  }
+  return out;
+}
+
+double decode_tokens_per_s(Transformer& model, int64_t batch, int64_t prompt_len, int64_t tokens) {
+  torch::NoGradGuard no_grad;
+  model->eval();
+  std::vector<SequenceCache> caches;
+  for (int64_t b = 0; b < batch; ++b) caches.push_back(model->new_cache());
+  std::vector<SequenceCache*> ptrs;
+  for (auto& c : caches) ptrs.push_back(&c);
+  const int64_t V = model->config().vocab_size;
+  auto prompt = torch::arange(prompt_len, torch::kInt64).remainder(V).unsqueeze(0).expand({batch, prompt_len});
+  auto logits = model->forward_cached(prompt.contiguous(), ptrs);
+  auto next = logits.select(1, prompt_len - 1).argmax(-1, true);
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int64_t t = 0; t < tokens; ++t) next = model->forward_cached(next, ptrs).select(1, 0).argmax(-1, true);
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return double(batch * tokens) / std::max(s, 1e-9);
+}
+
+}  // namespace grape::train

@@ -1,0 +1,387 @@
+// Training: the config, the schedule, one AdamW step, and the loop that logs, validates, checkpoints and
+// resumes. A run is a pure function of its configs: batches depend only on (seed, step, micro-batch), so a
+// resumed run repeats the uninterrupted one step for step.
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <limits>
+#include <numbers>
+#include <stdexcept>
+#include <variant>
+
+#include "grape/io.hpp"
+#include "train/run_files.hpp"
+
+namespace grape::train {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+// ---- config ------------------------------------------------------------------------------------------
+
+namespace {
+
+using FieldPtr = std::variant<int64_t TrainConfig::*, double TrainConfig::*, uint64_t TrainConfig::*,
+                              std::string TrainConfig::*>;
+const std::vector<std::pair<std::string, FieldPtr>>& train_fields() {
+  static const std::vector<std::pair<std::string, FieldPtr>> fields = {
+      {"steps", &TrainConfig::steps},         {"batch", &TrainConfig::batch},
+      {"accum", &TrainConfig::accum},         {"lr", &TrainConfig::lr},
+      {"min_lr", &TrainConfig::min_lr},       {"warmup", &TrainConfig::warmup},
+      {"weight_decay", &TrainConfig::weight_decay}, {"beta1", &TrainConfig::beta1},
+      {"beta2", &TrainConfig::beta2},         {"adam_eps", &TrainConfig::adam_eps},
+      {"grad_clip", &TrainConfig::grad_clip}, {"eval_every", &TrainConfig::eval_every},
+      {"eval_batches", &TrainConfig::eval_batches}, {"ckpt_every", &TrainConfig::ckpt_every},
+      {"keep_last", &TrainConfig::keep_last}, {"log_every", &TrainConfig::log_every},
+      {"seed", &TrainConfig::seed},           {"data", &TrainConfig::data},
+      {"tokenizer", &TrainConfig::tokenizer}, {"val_fraction", &TrainConfig::val_fraction},
+  };
+  return fields;
+}
+
+template <typename T>
+T parse_number(const std::string& key, const std::string& value) {
+  try {
+    size_t used = 0;
+    T v;
+    if constexpr (std::is_same_v<T, double>) v = std::stod(value, &used);
+    else if constexpr (std::is_same_v<T, uint64_t>) v = std::stoull(value, &used);
+    else v = std::stoll(value, &used);
+    if (used != value.size()) throw std::invalid_argument(value);
+    if constexpr (std::is_same_v<T, uint64_t>)
+      if (!value.empty() && value[0] == '-') throw std::invalid_argument(value);
+    return v;
+  } catch (const std::logic_error&) {
+    throw std::invalid_argument(fmt::format("train setting {}: '{}' is not a valid {}", key, value,
+                                            std::is_same_v<T, double> ? "number" : "integer"));
+  }
+}
+
+}  // namespace
+
+void TrainConfig::set(const std::string& key, const std::string& value) {
+  for (const auto& [name, field] : train_fields()) {
+    if (name != key) continue;
+    std::visit(
+        [&](auto ptr) {
+          using V = std::remove_reference_t<decltype(this->*ptr)>;
+          if constexpr (std::is_same_v<V, std::string>) this->*ptr = value;
+          else this->*ptr = parse_number<V>(key, value);
+        },
+        field);
+    return;
+  }
+  std::string known;
+  for (const auto& f : train_fields()) known += (known.empty() ? "" : ", ") + f.first;
+  throw std::invalid_argument(fmt::format("unknown train setting '{}' (known: {})", key, known));
+}
+
+void TrainConfig::validate() const {
+  auto positive = [](const char* name, double v) {
+    if (!(v > 0)) throw std::invalid_argument(fmt::format("train setting {} must be > 0, got {}", name, v));
+  };
+  auto non_negative = [](const char* name, double v) {
+    if (!(v >= 0)) throw std::invalid_argument(fmt::format("train setting {} must be >= 0, got {}", name, v));
+  };
+  positive("steps", double(steps));
+  positive("batch", double(batch));
+  positive("accum", double(accum));
+  positive("lr", lr);
+  non_negative("min_lr", min_lr);
+  non_negative("warmup", double(warmup));
+  non_negative("weight_decay", weight_decay);
+  non_negative("grad_clip", grad_clip);
+  non_negative("eval_every", double(eval_every));
+  positive("eval_batches", double(eval_batches));
+  non_negative("ckpt_every", double(ckpt_every));
+  positive("keep_last", double(keep_last));
+  positive("log_every", double(log_every));
+  positive("adam_eps", adam_eps);
+  if (!(beta1 >= 0 && beta1 < 1) || !(beta2 >= 0 && beta2 < 1))
+    throw std::invalid_argument(fmt::format("train settings beta1, beta2 must be in [0, 1), got {}, {}", beta1, beta2));
+  if (!(val_fraction > 0 && val_fraction < 1))
+    throw std::invalid_argument(fmt::format("train setting val_fraction must be in (0, 1), got {}", val_fraction));
+}
+
+std::string TrainConfig::to_json() const {
+  json j = json::object();
+  for (const auto& [name, field] : train_fields())
+    std::visit([&](auto ptr) { j[name] = this->*ptr; }, field);
+  return j.dump(2);
+}
+
+TrainConfig TrainConfig::from_json(const std::string& text) {
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const json::exception& e) {
+    throw std::invalid_argument(fmt::format("train config is not valid JSON: {}", e.what()));
+  }
+  if (!j.is_object()) throw std::invalid_argument("train config must be a JSON object");
+  TrainConfig cfg;
+  for (const auto& [key, value] : j.items()) {
+    if (value.is_string()) cfg.set(key, value.get<std::string>());
+    else if (value.is_number()) cfg.set(key, value.dump());
+    else throw std::invalid_argument(fmt::format("train setting {}: expected a number or string, got {}", key, value.dump()));
+  }
+  return cfg;
+}
+
+// ---- schedule and data order -----------------------------------------------------------------------
+
+double lr_at(const TrainConfig& cfg, int64_t step) {
+  if (step < cfg.warmup) return cfg.lr * double(step + 1) / double(cfg.warmup);
+  const int64_t decay = std::max<int64_t>(cfg.steps - cfg.warmup, 1);
+  const double t = std::min(1.0, double(step - cfg.warmup) / double(decay));
+  return cfg.min_lr + 0.5 * (1.0 + std::cos(std::numbers::pi * t)) * (cfg.lr - cfg.min_lr);
+}
+
+std::mt19937_64 batch_rng(uint64_t seed, int64_t step, int64_t micro) {
+  // splitmix64 of the triple: nearby steps get unrelated streams.
+  uint64_t z = seed * 0x9E3779B97F4A7C15ull + uint64_t(step) * 0xBF58476D1CE4E5B9ull + uint64_t(micro) + 1;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return std::mt19937_64(z ^ (z >> 31));
+}
+
+// ---- one optimizer step ------------------------------------------------------------------------------
+
+namespace {
+// Test hook: GRAPE_FAULT=nan-at-step:N makes the loss of step N NaN, as a diverging run would.
+int64_t fault_nan_at_step() {
+  static const int64_t at = [] {
+    const char* f = std::getenv("GRAPE_FAULT");
+    const std::string prefix = "nan-at-step:";
+    if (f == nullptr || std::string(f).rfind(prefix, 0) != 0) return int64_t(-1);
+    return int64_t(std::atoll(f + prefix.size()));
+  }();
+  return at;
+}
+}  // namespace
+
+Trainer::Trainer(Transformer model, const TrainConfig& cfg) : model_(std::move(model)), cfg_(cfg) {
+  cfg_.validate();
+  // Decay matrices only (embeddings, projections, PE weight matrices); not gains, frequencies or slopes.
+  std::vector<torch::Tensor> decay, no_decay;
+  for (auto& p : model_->parameters()) (p.dim() >= 2 ? decay : no_decay).push_back(p);
+  auto options = [&](double wd) {
+    return std::make_unique<torch::optim::AdamWOptions>(
+        torch::optim::AdamWOptions(cfg_.lr).betas({cfg_.beta1, cfg_.beta2}).eps(cfg_.adam_eps).weight_decay(wd));
+  };
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  groups.emplace_back(decay, options(cfg_.weight_decay));
+  groups.emplace_back(no_decay, options(0.0));
+  optimizer_ = std::make_unique<torch::optim::AdamW>(std::move(groups), *options(cfg_.weight_decay));
+}
+
+Trainer::StepStats Trainer::step(const std::vector<data::Batch>& micro_batches, int64_t step) {
+  if (micro_batches.empty()) throw std::invalid_argument("train step: no micro-batches");
+  model_->train();
+  optimizer_->zero_grad();
+  StepStats stats;
+  const double n = double(micro_batches.size());
+  for (const auto& mb : micro_batches) {
+    auto loss = model_->loss(mb.x, mb.y, mb.mask);
+    if (fault_nan_at_step() == step + 1) loss = loss * std::numeric_limits<double>::quiet_NaN();
+    const double value = loss.item<double>();
+    if (!std::isfinite(value)) {
+      optimizer_->zero_grad();
+      throw std::runtime_error(fmt::format("step {}: the loss is {} (diverged)", step + 1, value));
+    }
+    (loss / n).backward();
+    stats.loss += value / n;
+  }
+  const double clip = cfg_.grad_clip > 0 ? cfg_.grad_clip : std::numeric_limits<double>::infinity();
+  stats.grad_norm = torch::nn::utils::clip_grad_norm_(model_->parameters(), clip);
+  if (!std::isfinite(stats.grad_norm)) {
+    optimizer_->zero_grad();
+    throw std::runtime_error(fmt::format("step {}: the gradient norm is {} (diverged)", step + 1, stats.grad_norm));
+  }
+  stats.lr = lr_at(cfg_, step);
+  for (auto& group : optimizer_->param_groups())
+    static_cast<torch::optim::AdamWOptions&>(group.options()).lr(stats.lr);
+  optimizer_->step();
+  return stats;
+}
+
+// ---- the training loop -------------------------------------------------------------------------------
+
+namespace {
+
+volatile std::sig_atomic_t g_interrupted = 0;
+extern "C" void on_sigint(int) {
+  g_interrupted = 1;
+  std::signal(SIGINT, SIG_DFL);  // a second Ctrl-C stops at once
+}
+
+std::string duration_text(double s) {
+  if (!std::isfinite(s) || s < 0) return "?";
+  const int64_t t = int64_t(s + 0.5);
+  if (t >= 3600) return fmt::format("{}h{:02d}m", t / 3600, (t / 60) % 60);
+  if (t >= 60) return fmt::format("{}m{:02d}s", t / 60, t % 60);
+  return fmt::format("{}s", t);
+}
+
+// Progress: a bar redrawn in place on a terminal, plain lines every log_every steps otherwise.
+class Progress {
+ public:
+  Progress(int64_t total, int64_t log_every, bool quiet)
+      : total_(total), log_every_(log_every), quiet_(quiet), tty_(::isatty(::fileno(stderr)) != 0) {}
+  void update(int64_t step, double loss, double tok_s, double eta_s) {
+    if (quiet_) return;
+    if (tty_) {
+      const int width = 24;
+      const int filled = int(width * double(step) / double(total_));
+      std::fprintf(stderr, "\r[%s%s] step %lld/%lld | loss %.4f | %.0f tok/s | ETA %s   ",
+                   std::string(filled, '#').c_str(), std::string(width - filled, '.').c_str(),
+                   (long long)step, (long long)total_, loss, tok_s, duration_text(eta_s).c_str());
+      std::fflush(stderr);
+    } else if (step % log_every_ == 0 || step == total_) {
+      std::printf("step %lld/%lld loss %.4f %.0f tok/s ETA %s\n", (long long)step, (long long)total_, loss, tok_s,
+                  duration_text(eta_s).c_str());
+      std::fflush(stdout);
+    }
+  }
+  void message(const std::string& text) {
+    if (quiet_) return;
+    if (tty_) std::fprintf(stderr, "\r%-100s\n", text.c_str());
+    else std::printf("%s\n", text.c_str());
+    std::fflush(tty_ ? stderr : stdout);
+  }
+  void finish() {
+    if (!quiet_ && tty_) std::fprintf(stderr, "\n");
+  }
+
+ private:
+  int64_t total_, log_every_;
+  bool quiet_, tty_;
+};
+
+}  // namespace
+
+TrainSummary run_training(const ModelConfig& model_cfg_in, const TrainConfig& cfg_in, const TrainOptions& opts) {
+  if (opts.run_dir.empty()) throw std::invalid_argument("train: no run directory (--out)");
+  ModelConfig model_cfg = model_cfg_in;
+  TrainConfig cfg = cfg_in;
+  std::unique_ptr<data::Tokenizer> tok;
+  std::string resume_from;
+  if (opts.resume) {
+    const RunInfo run = read_run(opts.run_dir);
+    model_cfg = run.model;
+    cfg = run.train;  // the run's own settings, except an explicitly changed step budget
+    if (opts.resume_steps > 0) cfg.steps = opts.resume_steps;
+    tok = run_tokenizer(run);
+    resume_from = latest_checkpoint(opts.run_dir);
+  } else {
+    if (fs::exists(fs::path(opts.run_dir) / "run.json"))
+      throw std::runtime_error(fmt::format("{} already holds a run; continue it with --resume or choose another --out",
+                                           opts.run_dir));
+    tok = data::make_tokenizer(cfg.tokenizer);
+    model_cfg.vocab_size = tok->vocab_size();
+  }
+  cfg.validate();
+  model_cfg.validate();
+  data::DataOptions dopt;
+  dopt.val_fraction = cfg.val_fraction;
+  auto data = data::open_data(cfg.data, *tok, dopt);
+
+  torch::manual_seed(cfg.seed);
+  Transformer model(model_cfg);
+  Trainer trainer(model, cfg);
+  int64_t start = 0;
+  double tokens_before = 0;
+  if (opts.resume) {
+    auto state = detail::read_checkpoint_state(resume_from);
+    load_weights(model, resume_from);
+    detail::load_optimizer(trainer.optimizer(), resume_from);
+    start = state.at("step").get<int64_t>();
+    if (start > cfg.steps)
+      throw std::invalid_argument(fmt::format("{}: the run is at step {}, beyond the requested --steps {}",
+                                              opts.run_dir, start, cfg.steps));
+    tokens_before = state.value("tokens", 0.0);
+    detail::truncate_metrics(opts.run_dir, start);
+  } else {
+    detail::write_run(opts.run_dir, model_cfg, cfg, *tok);
+  }
+  if (opts.resume) detail::write_run(opts.run_dir, model_cfg, cfg, *tok);  // records an extended budget
+
+  Progress progress(cfg.steps, cfg.log_every, opts.quiet);
+  progress.message(fmt::format("grape train: {} | {} parameters | {} | steps {}..{} of {}", model_cfg.pe,
+                               model->num_parameters(), data->describe(), start + 1, cfg.steps, cfg.steps));
+  g_interrupted = 0;
+  auto previous = std::signal(SIGINT, on_sigint);
+
+  TrainSummary summary;
+  summary.parameters = model->num_parameters();
+  const double tokens_per_step = double(cfg.batch * cfg.accum * model_cfg.context);
+  const auto t0 = std::chrono::steady_clock::now();
+  auto seconds = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
+  std::string last_checkpoint = opts.resume ? resume_from : "";
+  try {
+    for (int64_t step = start; step < cfg.steps; ++step) {
+      std::vector<data::Batch> micro;
+      for (int64_t m = 0; m < cfg.accum; ++m) {
+        auto rng = batch_rng(cfg.seed, step, m);
+        micro.push_back(data->train_batch(cfg.batch, model_cfg.context, rng));
+      }
+      Trainer::StepStats stats;
+      try {
+        stats = trainer.step(micro, step);
+      } catch (const std::runtime_error& e) {
+        throw std::runtime_error(fmt::format(
+            "{}; stopped. {}", e.what(),
+            last_checkpoint.empty() ? "No checkpoint was written yet."
+                                    : "The last good checkpoint is " + last_checkpoint +
+                                          " (continue with --resume, perhaps with a lower --lr)."));
+      }
+      const int64_t done = step + 1;
+      const double elapsed = seconds();
+      const double tok_s = tokens_per_step * double(done - start) / std::max(elapsed, 1e-9);
+      detail::append_metrics(opts.run_dir, {{"step", done}, {"loss", stats.loss}, {"lr", stats.lr},
+                                            {"grad_norm", stats.grad_norm}, {"tokens_per_s", tok_s},
+                                            {"time_s", elapsed}});
+      summary.final_loss = stats.loss;
+      progress.update(done, stats.loss, tok_s, elapsed / double(done - start) * double(cfg.steps - done));
+
+      const bool last = done == cfg.steps;
+      const bool stop = g_interrupted != 0 || (opts.stop_after > 0 && done >= opts.stop_after);
+      if ((cfg.eval_every > 0 && done % cfg.eval_every == 0) || last) {
+        summary.val_loss = validation_loss(model, *data, model_cfg.context, cfg.batch, cfg.eval_batches);
+        detail::append_metrics(opts.run_dir, {{"step", done}, {"val_loss", summary.val_loss}});
+        progress.message(fmt::format("step {}: val loss {:.4f} (perplexity {:.2f})", done, summary.val_loss,
+                                     std::exp(summary.val_loss)));
+      }
+      if ((cfg.ckpt_every > 0 && done % cfg.ckpt_every == 0) || last || stop) {
+        json state = {{"tokens", tokens_before + tokens_per_step * double(done - start)},
+                      {"loss", stats.loss}};
+        last_checkpoint = detail::write_checkpoint(opts.run_dir, done, model, trainer.optimizer(), state,
+                                                   cfg.keep_last);
+      }
+      summary.steps = done;
+      if (stop && !last) {
+        summary.interrupted = true;
+        progress.message(fmt::format("interrupted at step {}: checkpoint {} written; continue with --resume",
+                                     done, last_checkpoint));
+        break;
+      }
+    }
+  } catch (...) {
+    std::signal(SIGINT, previous);
+    progress.finish();
+    throw;
+  }
+  std::signal(SIGINT, previous);
+  progress.finish();
+  summary.seconds = seconds();
+  summary.tokens_per_s = tokens_per_step * double(summary.steps - start) / std::max(summary.seconds, 1e-9);
+  summary.checkpoint = last_checkpoint;
+  return summary;
+}
+
+}  // namespace grape::train

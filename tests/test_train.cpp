@@ -1,0 +1,414 @@
+// Training, checkpoints, resume, evaluation, generation and compare: the library functions and the CLI,
+// on a very small model and a small generated text so the whole file runs in well under a minute.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <thread>
+
+#include "cli_runner.hpp"
+#include "grape/io.hpp"
+#include "grape/train.hpp"
+
+namespace {
+
+namespace fs = std::filesystem;
+using grape::ModelConfig;
+using grape::testing::run_cli;
+using grape::train::TrainConfig;
+
+// A small deterministic "language": sentences of words from a 40-word vocabulary.
+std::string make_text(size_t bytes) {
+  static const char* words[] = {"the", "lord", "said", "unto", "moses", "and", "aaron", "in", "land", "of",
+                                "egypt", "saying", "this", "month", "shall", "be", "you", "beginning", "months",
+                                "it", "first", "year", "speak", "ye", "all", "congregation", "israel", "tenth",
+                                "day", "they", "take", "every", "man", "lamb", "according", "house", "fathers",
+                                "for", "an", "light"};
+  std::string s;
+  uint64_t z = 7;
+  while (s.size() < bytes) {
+    z = z * 6364136223846793005ull + 1442695040888963407ull;
+    s += words[(z >> 33) % 40];
+    s += ((z >> 20) % 9 == 0) ? ".\n" : " ";
+  }
+  return s;
+}
+
+class Train : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir = fs::temp_directory_path() / ("grape_train_test_" + std::to_string(::getpid()) + "_" +
+                                       ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(dir);
+    fs::create_directories(dir);
+    grape::io::write_file_atomic(path("text.txt"), make_text(40000));
+    model = grape::model_preset("tiny");
+    model.n_layer = 1;
+    model.n_embd = 32;
+    model.n_head = 2;
+    model.context = 16;
+    cfg.steps = 12;
+    cfg.batch = 4;
+    cfg.warmup = 2;
+    cfg.lr = 3e-3;
+    cfg.eval_every = 4;
+    cfg.eval_batches = 2;
+    cfg.ckpt_every = 4;
+    cfg.keep_last = 2;
+    cfg.data = path("text.txt");
+  }
+  void TearDown() override { fs::remove_all(dir); }
+  std::string path(const std::string& name) const { return (dir / name).string(); }
+
+  grape::train::TrainSummary train(const std::string& run, bool resume = false, int64_t stop_after = 0) {
+    grape::train::TrainOptions o;
+    o.run_dir = path(run);
+    o.quiet = true;
+    o.resume = resume;
+    o.stop_after = stop_after;
+    return grape::train::run_training(model, cfg, o);
+  }
+  // The CLI flags that give the same tiny model.
+  std::string tiny_flags() const {
+    return " --set n_layer=1 --set n_embd=32 --set n_head=2 --context 16 --batch 4 --warmup 2 --lr 3e-3"
+           " --data " + path("text.txt") + " --set eval_batches=2";
+  }
+
+  std::vector<nlohmann::json> metrics(const std::string& run) const {
+    std::vector<nlohmann::json> out;
+    std::ifstream in(path(run) + "/metrics.jsonl");
+    std::string line;
+    while (std::getline(in, line)) out.push_back(nlohmann::json::parse(line));
+    return out;
+  }
+
+  fs::path dir;
+  ModelConfig model;
+  TrainConfig cfg;
+};
+
+TEST(TrainSchedule, WarmupThenCosineToTheMinimum) {
+  TrainConfig c;
+  c.lr = 1e-3;
+  c.min_lr = 1e-4;
+  c.warmup = 10;
+  c.steps = 110;
+  EXPECT_NEAR(grape::train::lr_at(c, 0), 1e-4, 1e-15);   // 1/10 of the peak
+  EXPECT_NEAR(grape::train::lr_at(c, 9), 1e-3, 1e-15);   // peak at the end of warmup
+  EXPECT_NEAR(grape::train::lr_at(c, 10), 1e-3, 1e-15);  // cosine starts at the peak
+  EXPECT_NEAR(grape::train::lr_at(c, 60), 0.5 * (1e-3 + 1e-4), 1e-12);  // half way
+  EXPECT_NEAR(grape::train::lr_at(c, 110), 1e-4, 1e-15);
+}
+
+TEST(TrainConfigTest, JsonRoundTripAndClearErrors) {
+  TrainConfig c;
+  c.set("lr", "3e-4");
+  c.set("steps", "77");
+  c.set("data", "synthetic:copy");
+  auto back = TrainConfig::from_json(c.to_json());
+  EXPECT_EQ(back.to_json(), c.to_json());
+  EXPECT_DOUBLE_EQ(back.lr, 3e-4);
+  EXPECT_EQ(back.steps, 77);
+  try {
+    c.set("learning_rate", "1");
+    FAIL() << "unknown key accepted";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("known: steps"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(c.set("steps", "12x"), std::invalid_argument);
+  EXPECT_THROW(c.set("seed", "-1"), std::invalid_argument);
+  c.steps = 0;
+  EXPECT_THROW(c.validate(), std::invalid_argument);
+  EXPECT_THROW(TrainConfig::from_json("{\"lr\": [1]}"), std::invalid_argument);
+}
+
+TEST(TrainSampling, GreedyTopKTopPAndTheDistribution) {
+  auto logits = torch::tensor({1.0, 3.0, 2.0, 0.5}, torch::kFloat32);
+  std::mt19937_64 rng(1);
+  grape::train::SamplingOptions o;
+  o.temperature = 0;
+  EXPECT_EQ(grape::train::sample_token(logits, o, rng), 1);
+  o.temperature = 1.0;
+  o.top_k = 1;
+  for (int i = 0; i < 20; ++i) EXPECT_EQ(grape::train::sample_token(logits, o, rng), 1);
+  o.top_k = 0;
+  o.top_p = 0.5;  // token 1 alone holds 0.64 of the mass
+  for (int i = 0; i < 20; ++i) EXPECT_EQ(grape::train::sample_token(logits, o, rng), 1);
+  // Plain sampling: frequencies within 4 standard errors of softmax over 20000 draws.
+  o.top_p = 1.0;
+  auto p = torch::softmax(logits.to(torch::kFloat64), 0);
+  std::vector<int> count(4, 0);
+  const int n = 20000;
+  for (int i = 0; i < n; ++i) ++count[size_t(grape::train::sample_token(logits, o, rng))];
+  for (int v = 0; v < 4; ++v) {
+    const double pv = p[v].item<double>();
+    EXPECT_NEAR(double(count[size_t(v)]) / n, pv, 4 * std::sqrt(pv * (1 - pv) / n)) << "token " << v;
+  }
+  // Same seed, same draws.
+  std::mt19937_64 a(5), b(5);
+  for (int i = 0; i < 50; ++i)
+    EXPECT_EQ(grape::train::sample_token(logits, o, a), grape::train::sample_token(logits, o, b));
+}
+
+TEST_F(Train, LossFallsAndCheckpointsAreKeptLastK) {
+  cfg.steps = 40;
+  cfg.eval_every = 20;
+  cfg.ckpt_every = 10;
+  auto s = train("run");
+  EXPECT_EQ(s.steps, 40);
+  auto m = metrics("run");
+  double first = -1, last = -1;
+  for (const auto& r : m)
+    if (r.contains("loss")) {
+      if (first < 0) first = r["loss"];
+      last = r["loss"];
+    }
+  EXPECT_NEAR(first, std::log(257.0), 0.3);  // starts near uniform over the byte vocabulary
+  EXPECT_LT(last, first - 1.5) << "40 steps should learn the byte statistics";
+  EXPECT_TRUE(std::isfinite(s.val_loss));
+  EXPECT_LT(s.val_loss, first - 1.0);
+  // keep_last = 2: steps 30 and 40 remain, latest points at 40.
+  std::vector<std::string> kept;
+  for (const auto& e : fs::directory_iterator(path("run/checkpoints")))
+    if (e.is_directory()) kept.push_back(e.path().filename().string());
+  std::sort(kept.begin(), kept.end());
+  EXPECT_EQ(kept, (std::vector<std::string>{"step_00000030", "step_00000040"}));
+  EXPECT_EQ(grape::train::latest_checkpoint(path("run")), path("run/checkpoints/step_00000040"));
+}
+
+TEST_F(Train, ResumedRunRepeatsTheUninterruptedOneExactly) {
+  train("full");
+  auto stopped = train("split", false, /*stop_after=*/6);
+  EXPECT_TRUE(stopped.interrupted);
+  EXPECT_EQ(stopped.steps, 6);
+  auto resumed = train("split", /*resume=*/true);
+  EXPECT_FALSE(resumed.interrupted);
+  auto a = metrics("full"), b = metrics("split");
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    ASSERT_EQ(a[i]["step"], b[i]["step"]);
+    for (const char* key : {"loss", "val_loss", "grad_norm", "lr"})
+      if (a[i].contains(key)) EXPECT_EQ(a[i][key].get<double>(), b[i][key].get<double>()) << key << " at " << a[i]["step"];
+  }
+  auto wa = grape::io::read_safetensors(path("full/checkpoints/step_00000012/model.safetensors"));
+  auto wb = grape::io::read_safetensors(path("split/checkpoints/step_00000012/model.safetensors"));
+  ASSERT_EQ(wa.size(), wb.size());
+  for (const auto& [name, t] : wa) EXPECT_TRUE(torch::equal(t, wb.at(name))) << name;
+}
+
+TEST_F(Train, CorruptOrMismatchedCheckpointsAreRefusedByName) {
+  train("run");
+  const std::string ck = path("run/checkpoints/step_00000012");
+  auto run = grape::train::read_run(path("run"));
+  // Another encoding: the error names both.
+  ModelConfig other = run.model;
+  other.pe = "alibi";
+  grape::Transformer m_alibi(other);
+  try {
+    grape::train::load_weights(m_alibi, ck);
+    FAIL() << "accepted a rope checkpoint for alibi";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("'rope'"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("'alibi'"), std::string::npos) << e.what();
+  }
+  // Another shape: the error names the tensor and both shapes.
+  ModelConfig wider = run.model;
+  wider.n_embd = 64;
+  grape::Transformer m_wide(wider);
+  try {
+    grape::train::load_weights(m_wide, ck);
+    FAIL() << "accepted a checkpoint of another width";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("has shape"), std::string::npos) << e.what();
+  }
+  // One flipped byte, then a truncation: checksum mismatch.
+  std::string bytes = grape::io::read_file(ck + "/model.safetensors");
+  bytes[bytes.size() - 3] ^= 0x40;
+  grape::io::write_file_atomic(ck + "/model.safetensors", bytes);
+  grape::Transformer m(run.model);
+  EXPECT_THROW(grape::train::load_weights(m, ck), std::runtime_error);
+  grape::io::write_file_atomic(ck + "/model.safetensors", bytes.substr(0, bytes.size() / 2));
+  try {
+    grape::train::load_weights(m, ck);
+    FAIL() << "accepted a truncated checkpoint";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("checksum mismatch"), std::string::npos) << e.what();
+  }
+}
+
+TEST_F(Train, NonFiniteLossStopsAndKeepsTheLastGoodCheckpoint) {
+  auto r = run_cli("train" + tiny_flags() + " --steps 12 --ckpt-every 2 --out " + path("run") + " --quiet",
+                   "GRAPE_FAULT=nan-at-step:7");
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("step 7: the loss is nan"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("step_00000006"), std::string::npos) << r.output;
+  EXPECT_EQ(grape::train::latest_checkpoint(path("run")), path("run/checkpoints/step_00000006"));
+  auto run = grape::train::read_run(path("run"));
+  EXPECT_NO_THROW(grape::train::load_model(run));
+}
+
+TEST_F(Train, CrashWhileWritingACheckpointLeavesThePreviousOne) {
+  auto first = run_cli("train" + tiny_flags() + " --steps 4 --ckpt-every 2 --out " + path("run") + " --quiet");
+  ASSERT_EQ(first.code, 0) << first.output;
+  auto crash = run_cli("train --resume --steps 6 --out " + path("run") + " --quiet", "GRAPE_FAULT=checkpoint");
+  EXPECT_EQ(crash.code, 3) << crash.output;  // the fault hook's exit, half-way through writing step 6
+  EXPECT_EQ(grape::train::latest_checkpoint(path("run")), path("run/checkpoints/step_00000004"));
+  auto run = grape::train::read_run(path("run"));
+  EXPECT_NO_THROW(grape::train::load_model(run));
+  auto again = run_cli("train --resume --steps 6 --out " + path("run") + " --quiet");
+  ASSERT_EQ(again.code, 0) << again.output;
+  EXPECT_EQ(grape::train::latest_checkpoint(path("run")), path("run/checkpoints/step_00000006"));
+  EXPECT_FALSE(fs::exists(path("run/checkpoints/.tmp.step_00000006")));
+}
+
+TEST_F(Train, CtrlCStopsWithACheckpointAndResumeFinishes) {
+  const std::string log = path("train.log");
+  const std::string cmd = std::string(GRAPE_CLI_PATH) + " --threads 1 train" + tiny_flags() +
+                          " --steps 100000 --ckpt-every 1000 --eval-every 0 --out " + path("run") + " --quiet > " +
+                          log + " 2>&1";
+  pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    execl("/bin/sh", "sh", "-c", ("exec " + cmd).c_str(), (char*)nullptr);
+    _exit(127);
+  }
+  // Wait until training has taken a few steps, then Ctrl-C.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (metrics("run").size() < 3 && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  ASSERT_GE(metrics("run").size(), 3u) << grape::io::read_file(log);
+  kill(pid, SIGINT);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  ASSERT_TRUE(WIFEXITED(status)) << grape::io::read_file(log);
+  EXPECT_EQ(WEXITSTATUS(status), 130) << grape::io::read_file(log);
+  const auto ck = grape::train::latest_checkpoint(path("run"));
+  const int64_t step = std::stoll(fs::path(ck).filename().string().substr(5));
+  EXPECT_GE(step, 3);
+  auto state = nlohmann::json::parse(grape::io::read_file(ck + "/state.json"));
+  EXPECT_EQ(state["step"].get<int64_t>(), step);
+  auto r = run_cli("train --resume --steps " + std::to_string(step + 2) + " --out " + path("run") + " --quiet");
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_EQ(grape::train::latest_checkpoint(path("run")), path("run/checkpoints/step_" +
+                                                               std::string(8 - std::to_string(step + 2).size(), '0') +
+                                                               std::to_string(step + 2)));
+}
+
+TEST_F(Train, EvalAtLongerContextsAndGenerateFromTheRun) {
+  train("run");
+  auto r = run_cli("eval --run " + path("run") + " --factors 1,2,4 --tokens 512");
+  ASSERT_EQ(r.code, 0) << r.output;
+  auto j = nlohmann::json::parse(grape::io::read_file(path("run/eval.json")));
+  ASSERT_EQ(j["lengths"].size(), 3u);
+  for (const auto& l : j["lengths"]) {
+    EXPECT_TRUE(l.contains("loss")) << l.dump();
+    EXPECT_GT(l["loss"].get<double>(), 0.5);
+    EXPECT_LT(l["loss"].get<double>(), std::log(257.0) + 0.5);
+  }
+  EXPECT_EQ(j["lengths"][2]["context"], 64);
+  auto g = run_cli("generate --run " + path("run") + " --prompt 'the lord' --max-tokens 20 --seed 3");
+  ASSERT_EQ(g.code, 0) << g.output;
+  EXPECT_EQ(g.output.rfind("the lord", 0), 0u) << g.output;
+  EXPECT_GT(g.output.size(), std::string("the lord").size() + 1) << g.output;
+  // Same seed, same text.
+  auto g2 = run_cli("generate --run " + path("run") + " --prompt 'the lord' --max-tokens 20 --seed 3");
+  EXPECT_EQ(g.output, g2.output);
+}
+
+TEST_F(Train, BatchedGenerationWithDifferentPromptLengthsEqualsEachAlone) {
+  train("run");
+  auto run = grape::train::read_run(path("run"));
+  auto model = grape::train::load_model(run);
+  grape::train::SamplingOptions o;
+  o.temperature = 0;  // greedy: the same tokens must come out
+  o.max_tokens = 24;
+  std::vector<std::vector<int32_t>> prompts = {{256, 't', 'h', 'e'}, {256, 'm', 'o', 's', 'e', 's', ' ', 'a', 'n', 'd'},
+                                               {256}};
+  auto together = grape::train::generate(model, prompts, o);
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    auto alone = grape::train::generate(model, {prompts[i]}, o);
+    EXPECT_EQ(together[i], alone[0]) << "prompt " << i;
+    EXPECT_EQ(together[i].size(), 24u);
+  }
+}
+
+TEST_F(Train, LearnedEncodingBeyondItsTableIsReportedNotFatal) {
+  model.pe = "learned";
+  model.pe_options = {{"max_len", "32"}};
+  train("run");
+  auto run = grape::train::read_run(path("run"));
+  auto m = grape::train::load_model(run);
+  auto tok = grape::train::run_tokenizer(run);
+  auto data = grape::data::open_data(cfg.data, *tok);
+  auto report = grape::train::evaluate(m, *data, {1, 2, 4}, 256);
+  ASSERT_EQ(report.lengths.size(), 3u);
+  EXPECT_TRUE(report.lengths[0].error.empty());
+  EXPECT_TRUE(report.lengths[1].error.empty());
+  EXPECT_NE(report.lengths[2].error.find("max_len"), std::string::npos) << report.lengths[2].error;
+  EXPECT_NE(grape::train::eval_table(report).find("n/a"), std::string::npos);
+}
+
+TEST_F(Train, CompareWritesResultsReportAndPlots) {
+  auto r = run_cli("compare --pe rope,alibi --steps 4" + tiny_flags() + " --factors 1,2 --eval-tokens 256 --out " +
+                   path("cmp") + " --quiet");
+  ASSERT_EQ(r.code, 0) << r.output;
+  auto j = nlohmann::json::parse(grape::io::read_file(path("cmp/results.json")));
+  ASSERT_EQ(j["runs"].size(), 2u);
+  EXPECT_EQ(j["runs"][0]["pe"], "rope");
+  EXPECT_EQ(j["runs"][1]["pe"], "alibi");
+  for (const auto& run : j["runs"]) {
+    EXPECT_GT(run["train_tokens_per_s"].get<double>(), 0);
+    EXPECT_GT(run["decode_tokens_per_s"].get<double>(), 0);
+    EXPECT_EQ(run["eval"]["lengths"].size(), 2u);
+  }
+  auto md = grape::io::read_file(path("cmp/report.md"));
+  EXPECT_NE(md.find("| rope |"), std::string::npos) << md;
+  EXPECT_NE(md.find("| alibi |"), std::string::npos) << md;
+  EXPECT_NE(md.find("![training loss](loss.png)"), std::string::npos) << md;
+  for (const char* png : {"cmp/loss.png", "cmp/perplexity.png"}) {
+    auto bytes = grape::io::read_file(path(png));
+    ASSERT_GT(bytes.size(), 1000u) << png;
+    EXPECT_EQ(bytes.substr(1, 3), "PNG") << png;
+  }
+  // Running it again continues (here: finds every run finished) instead of starting over.
+  auto again = run_cli("compare --pe rope,alibi --steps 4" + tiny_flags() + " --factors 1,2 --eval-tokens 256 --out " +
+                       path("cmp") + " --quiet");
+  ASSERT_EQ(again.code, 0) << again.output;
+}
+
+TEST_F(Train, BadInputGetsOneClearLine) {
+  struct Case {
+    std::string args, expect;
+  };
+  const std::vector<Case> cases = {
+      {"train --preset huge --out " + path("a"), "huge"},
+      {"train --pe spiral --out " + path("a"), "spiral"},
+      {"train --set n_layers=3 --out " + path("a"), "n_layers"},
+      {"train --data " + path("missing.txt") + " --out " + path("a"), "missing.txt"},
+      {"train --resume --out " + path("nothing"), "not a grape run directory"},
+      {"eval --run " + path("nothing"), "not a grape run directory"},
+      {"generate --run " + path("nothing"), "not a grape run directory"},
+      {"compare --pe rope,spiral --out " + path("c"), "spiral"},
+      {"train --config " + path("text.txt") + " --out " + path("a"), "not valid JSON"},
+  };
+  for (const auto& c : cases) {
+    auto r = run_cli(c.args);
+    EXPECT_EQ(r.code, 1) << c.args << "\n" << r.output;
+    EXPECT_NE(r.output.find(c.expect), std::string::npos) << c.args << "\n" << r.output;
+    EXPECT_NE(r.output.find("error"), std::string::npos) << c.args << "\n" << r.output;
+  }
+  // An existing run is never overwritten by a new one.
+  train("run");
+  auto r = run_cli("train" + tiny_flags() + " --steps 2 --out " + path("run"));
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.output.find("already holds a run"), std::string::npos) << r.output;
+}
+
+}  // namespace
