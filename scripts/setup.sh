@@ -7,7 +7,8 @@ PACKAGES=(
   libtorch-dev libopenblas0-pthread   # tensors/autograd; a threaded BLAS for matmuls
   libgtest-dev libgmock-dev           # tests
   libbenchmark-dev                    # benchmarks
-  libcli11-dev nlohmann-json3-dev     # CLI parsing, JSON (safetensors headers, reports)
+  libcli11-dev nlohmann-json3-dev     # CLI parsing, JSON (safetensors headers, reports, configs)
+  libtomlplusplus-dev                 # TOML config files
   libfmt-dev                          # formatting
   libsentencepiece-dev                # subword tokenizers
   gnuplot-nox                         # plots in reports

@@ -383,6 +383,35 @@ TEST_F(Train, CompareWritesResultsReportAndPlots) {
   ASSERT_EQ(again.code, 0) << again.output;
 }
 
+TEST_F(Train, ConfigFilesTomlAndJsonThenFlagsOverride) {
+  grape::io::write_file_atomic(path("c.toml"),
+                               "[model]\nn_layer = 1\nn_embd = 32\nn_head = 2\ncontext = 16\npe = \"alibi\"\n"
+                               "[train]\nsteps = 3\nbatch = 2\nlr = 2e-3\ndata = \"" + path("text.txt") + "\"\n");
+  auto r = run_cli("train --config " + path("c.toml") + " --batch 3 --out " + path("t") + " --quiet");
+  ASSERT_EQ(r.code, 0) << r.output;
+  auto run = grape::train::read_run(path("t"));
+  EXPECT_EQ(run.model.pe, "alibi");
+  EXPECT_EQ(run.model.n_layer, 1);
+  EXPECT_EQ(run.model.context, 16);
+  EXPECT_EQ(run.train.steps, 3);
+  EXPECT_EQ(run.train.batch, 3);  // the flag wins over the file
+  EXPECT_DOUBLE_EQ(run.train.lr, 2e-3);
+  grape::io::write_file_atomic(path("c.json"), "{\"model\": {\"n_layer\": 1, \"n_embd\": 32, \"n_head\": 2, "
+                                               "\"context\": 16, \"pe\": \"fox\"}, \"train\": {\"steps\": 2, "
+                                               "\"data\": \"" + path("text.txt") + "\"}}");
+  r = run_cli("train --config " + path("c.json") + " --out " + path("j") + " --quiet");
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_EQ(grape::train::read_run(path("j")).model.pe, "fox");
+  grape::io::write_file_atomic(path("bad.toml"), "[model]\nn_layer = = 3\n");
+  r = run_cli("train --config " + path("bad.toml") + " --out " + path("b"));
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.output.find("not valid TOML"), std::string::npos) << r.output;
+  grape::io::write_file_atomic(path("bad2.toml"), "[model]\nlayers = 3\n");
+  r = run_cli("train --config " + path("bad2.toml") + " --out " + path("b"));
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.output.find("layers"), std::string::npos) << r.output;
+}
+
 TEST_F(Train, BadInputGetsOneClearLine) {
   struct Case {
     std::string args, expect;

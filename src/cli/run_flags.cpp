@@ -3,7 +3,9 @@
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
+#include <toml++/toml.h>
 
+#include <sstream>
 #include <stdexcept>
 
 #include "grape/io.hpp"
@@ -12,7 +14,7 @@ namespace grape::cli {
 
 void add_run_flags(CLI::App* cmd, RunFlags& f, bool with_pe) {
   cmd->add_option("--preset", f.preset, "model preset: tiny, small, medium, large")->capture_default_str();
-  cmd->add_option("--config", f.config_file, "JSON file {\"model\": {...}, \"train\": {...}} applied after the preset");
+  cmd->add_option("--config", f.config_file, "config file applied after the preset: .json {\"model\": {...}, \"train\": {...}} or .toml with [model] and [train] tables");
   cmd->add_option("--set", f.sets, "override a model or training field: key=value (e.g. n_layer=6, lr=3e-4)");
   if (with_pe) {
     cmd->add_option("--pe", f.pe, "position encoding (see `grape encodings`)");
@@ -43,6 +45,40 @@ std::pair<std::string, std::string> split_assignment(const std::string& flag, co
   return {s.substr(0, eq), s.substr(eq + 1)};
 }
 
+// A TOML table as the equivalent JSON object (configs hold tables, strings, numbers and booleans only).
+nlohmann::json toml_to_json(const toml::table& table, const std::string& file) {
+  nlohmann::json out = nlohmann::json::object();
+  for (const auto& [key, node] : table) {
+    const std::string k(key.str());
+    if (const auto* t = node.as_table()) out[k] = toml_to_json(*t, file);
+    else if (const auto* v = node.as_string()) out[k] = v->get();
+    else if (const auto* v = node.as_integer()) out[k] = v->get();
+    else if (const auto* v = node.as_floating_point()) out[k] = v->get();
+    else if (const auto* v = node.as_boolean()) out[k] = v->get();
+    else throw std::invalid_argument(fmt::format("{}: '{}' must be a table, string, number or boolean", file, k));
+  }
+  return out;
+}
+
+// {"model": {...}, "train": {...}} from a .json or .toml file.
+nlohmann::json read_config_file(const std::string& path) {
+  const std::string text = io::read_file(path);
+  if (path.size() > 5 && path.substr(path.size() - 5) == ".toml") {
+    try {
+      return toml_to_json(toml::parse(text, path), path);
+    } catch (const toml::parse_error& e) {
+      std::ostringstream where;
+      where << e.source().begin;
+      throw std::invalid_argument(fmt::format("{}: not valid TOML ({} at {})", path, e.description(), where.str()));
+    }
+  }
+  try {
+    return nlohmann::json::parse(text);
+  } catch (const nlohmann::json::exception& e) {
+    throw std::invalid_argument(fmt::format("{}: not valid JSON ({})", path, e.what()));
+  }
+}
+
 bool is_train_field(const std::string& key) {
   train::TrainConfig probe;
   try {
@@ -59,12 +95,8 @@ std::pair<ModelConfig, train::TrainConfig> resolve_run_flags(const RunFlags& f) 
   ModelConfig model = model_preset(f.preset);
   train::TrainConfig tr;
   if (!f.config_file.empty()) {
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(io::read_file(f.config_file));
-    } catch (const nlohmann::json::exception& e) {
-      throw std::invalid_argument(fmt::format("{}: not valid JSON ({})", f.config_file, e.what()));
-    }
+    const nlohmann::json j = read_config_file(f.config_file);
+    if (!j.is_object()) throw std::invalid_argument(fmt::format("{}: expected an object with model/train", f.config_file));
     for (const auto& [key, value] : j.items()) {
       if (key != "model" && key != "train")
         throw std::invalid_argument(fmt::format("{}: unknown section '{}' (expected model, train)", f.config_file, key));

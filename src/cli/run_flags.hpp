@@ -15,7 +15,7 @@ namespace grape::cli {
 
 struct RunFlags {
   std::string preset = "tiny";
-  std::string config_file;               // {"model": {...}, "train": {...}}
+  std::string config_file;               // .json {"model": {...}, "train": {...}} or .toml [model] [train]
   std::vector<std::string> sets;         // model or train fields: key=value
   std::vector<std::string> pe_sets;      // encoding options: key=value
   std::string pe;

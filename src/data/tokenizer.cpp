@@ -88,10 +88,8 @@ const SentencePieceApi& spm() {
     const char* name = "libsentencepiece_train.so.0";  // loads libsentencepiece.so.0 with it
     void* lib = ::dlopen(name, RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
     if (lib == nullptr)
-      throw std::runtime_error(
-          fmt::format("cannot load SentencePiece ({}); install the Debian package "
-                      "libsentencepiece0",
-                      ::dlerror()));
+      throw std::runtime_error(fmt::format(
+          "cannot load SentencePiece ({}); install the Debian package libsentencepiece0", ::dlerror()));
     auto find = [lib](auto& fn, const char* symbol) {
       void* p = ::dlsym(lib, symbol);
       if (p == nullptr) throw std::runtime_error(fmt::format("SentencePiece library lacks {}", symbol));
@@ -100,18 +98,15 @@ const SentencePieceApi& spm() {
     SentencePieceApi a{};
     find(a.construct, "_ZN13sentencepiece22SentencePieceProcessorC1Ev");
     find(a.destroy, "_ZN13sentencepiece22SentencePieceProcessorD1Ev");
-    find(
-        a.load,
-        "_ZN13sentencepiece22SentencePieceProcessor23LoadFromSerializedProtoESt17basic_string_viewIcSt11char_"
-        "traitsIcEE");
+    find(a.load,
+         "_ZN13sentencepiece22SentencePieceProcessor23LoadFromSerializedProto"
+         "ESt17basic_string_viewIcSt11char_traitsIcEE");
     find(a.encode,
-         "_ZNK13sentencepiece22SentencePieceProcessor6EncodeESt17basic_string_viewIcSt11char_"
-         "traitsIcEEPSt6vectorIi"
-         "SaIiEE");
+         "_ZNK13sentencepiece22SentencePieceProcessor6Encode"
+         "ESt17basic_string_viewIcSt11char_traitsIcEEPSt6vectorIiSaIiEE");
     find(a.decode,
-         "_ZNK13sentencepiece22SentencePieceProcessor6DecodeERKSt6vectorIiSaIiEEPNSt7__cxx1112basic_"
-         "stringIcSt11"
-         "char_traitsIcESaIcEEE");
+         "_ZNK13sentencepiece22SentencePieceProcessor6Decode"
+         "ERKSt6vectorIiSaIiEEPNSt7__cxx1112basic_stringIcSt11char_traitsIcESaIcEEE");
     find(a.piece_size, "_ZNK13sentencepiece22SentencePieceProcessor12GetPieceSizeEv");
     find(a.id_to_piece, "_ZNK13sentencepiece22SentencePieceProcessor9IdToPieceB5cxx11Ei");
     find(a.is_control, "_ZNK13sentencepiece22SentencePieceProcessor9IsControlEi");
@@ -120,9 +115,9 @@ const SentencePieceApi& spm() {
     find(a.eos_id, "_ZNK13sentencepiece22SentencePieceProcessor6eos_idEv");
     find(a.serialized, "_ZNK13sentencepiece22SentencePieceProcessor22serialized_model_protoB5cxx11Ev");
     find(a.train,
-         "_ZN13sentencepiece20SentencePieceTrainer5TrainERKSt13unordered_mapINSt7__cxx1112basic_"
-         "stringIcSt11char_"
-         "traitsIcESaIcEEES7_St4hashIS7_ESt8equal_toIS7_ESaISt4pairIKS7_S7_EEEPNS_16SentenceIteratorEPS7_");
+         "_ZN13sentencepiece20SentencePieceTrainer5Train"
+         "ERKSt13unordered_mapINSt7__cxx1112basic_stringIcSt11char_traitsIcESaIcEEES7_St4hashIS7_E"
+         "St8equal_toIS7_ESaISt4pairIKS7_S7_EEEPNS_16SentenceIteratorEPS7_");
     find(a.status_destroy, "_ZN13sentencepiece4util6StatusD1Ev");
     find(a.status_message, "_ZNK13sentencepiece4util6Status13error_messageEv");
     return a;  // the library stays open for the life of the process
@@ -298,9 +293,15 @@ void train_sentencepiece(const SentencePieceTraining& s) {
   // The model comes back serialized (no model_prefix files) and is written atomically.
   std::string model;
   RawStatus status = spm().train(args, nullptr, &model);
-  if (!status.ok())
+  if (!status.ok()) {
+    std::string why = status.text();
+    // Its advice names a flag grape does not have; say what the minimum is made of instead.
+    if (auto cut = why.find(" Increase vocab_size"); cut != std::string::npos)
+      why =
+          why.substr(0, cut) + " (256 byte pieces, <unk>, </s> and every distinct character each take an id)";
     throw std::runtime_error(
-        fmt::format("tokenizer training on {} failed: {}", fmt::join(s.inputs, ", "), status.text()));
+        fmt::format("tokenizer training on {} failed: {}", fmt::join(s.inputs, ", "), why));
+  }
   io::write_file_atomic(s.out_path, model);
 }
 
