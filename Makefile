@@ -4,17 +4,20 @@
 BUILD ?= build
 JOBS  ?= $(shell nproc)
 
-.PHONY: demo test setup build clean
+.PHONY: demo test setup configure build clean
 
 setup:
 	@bash scripts/setup.sh
 
-build: setup
-	@cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release >/dev/null
+build: configure
 	@cmake --build $(BUILD) -j $(JOBS)
 
-demo: build
-	$(BUILD)/grape check
+configure: setup
+	@cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release >/dev/null
+
+demo: configure
+	@cmake --build $(BUILD) -j $(JOBS) --target grape_cli
+	$(BUILD)/grape compare --out grape-compare
 
 test: build
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)

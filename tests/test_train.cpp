@@ -412,6 +412,41 @@ TEST_F(Train, ConfigFilesTomlAndJsonThenFlagsOverride) {
   EXPECT_NE(r.output.find("layers"), std::string::npos) << r.output;
 }
 
+TEST_F(Train, SyntheticTaskRunReportsExactMatchAccuracy) {
+  cfg.data = "synthetic:addition:digits=2";
+  cfg.steps = 6;
+  train("run");
+  auto run = grape::train::read_run(path("run"));
+  auto m = grape::train::load_model(run);
+  auto tok = grape::train::run_tokenizer(run);
+  auto data = grape::data::open_data(cfg.data, *tok);
+  auto report = grape::train::evaluate(m, *data, {1}, 256, /*task_examples=*/20);
+  ASSERT_EQ(report.tasks.size(), 1u);
+  EXPECT_EQ(report.tasks[0].label, "digits=2");
+  EXPECT_EQ(report.tasks[0].total, 20);
+  EXPECT_GE(report.tasks[0].correct, 0);
+  EXPECT_LE(report.tasks[0].correct, 20);
+  EXPECT_TRUE(std::isfinite(report.lengths[0].loss));  // val loss on the answer tokens only
+  auto r = run_cli("eval --run " + path("run") + " --factors 1 --tokens 256 --examples 10");
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("digits=2"), std::string::npos) << r.output;
+}
+
+TEST_F(Train, SentencePieceRunKeepsItsTokenizer) {
+  auto t = run_cli("tokenizer train --input " + path("text.txt") + " --vocab 320 --out " + path("tok.model"));
+  ASSERT_EQ(t.code, 0) << t.output;
+  auto r = run_cli("train" + tiny_flags() + " --steps 3 --tokenizer " + path("tok.model") + " --out " + path("run") +
+                   " --quiet");
+  ASSERT_EQ(r.code, 0) << r.output;
+  auto run = grape::train::read_run(path("run"));
+  EXPECT_EQ(run.model.vocab_size, 320);
+  EXPECT_TRUE(fs::exists(path("run/tokenizer.model")));
+  fs::remove(path("tok.model"));  // the run must not depend on the original file
+  auto g = run_cli("generate --run " + path("run") + " --prompt 'the lord' --max-tokens 8 --seed 1");
+  ASSERT_EQ(g.code, 0) << g.output;
+  EXPECT_EQ(g.output.rfind("the lord", 0), 0u) << g.output;
+}
+
 TEST_F(Train, BadInputGetsOneClearLine) {
   struct Case {
     std::string args, expect;

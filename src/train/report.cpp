@@ -60,16 +60,29 @@ bool can_continue(const std::string& run_dir, const ModelConfig& model, const Tr
 
 std::string fmt_or_na(const LengthResult& l) { return l.error.empty() ? fmt::format("{:.2f}", l.perplexity) : "n/a"; }
 
-std::string gnuplot_quote(const std::string& s) { return "'" + s + "'"; }
+// A gnuplot single-quoted string ('' stands for ').
+std::string gnuplot_quote(const std::string& s) {
+  std::string out = "'";
+  for (char c : s) out += c == '\'' ? std::string("''") : std::string(1, c);
+  return out + "'";
+}
+
+// A POSIX shell single-quoted word.
+std::string shell_quote(const std::string& s) {
+  std::string out = "'";
+  for (char c : s) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return out + "'";
+}
 
 // Runs gnuplot on a script; the PNG is written to a temporary name and renamed, so a failure leaves nothing.
 bool plot(const fs::path& dir, const std::string& name, const std::string& body) {
   const fs::path png = dir / name, tmp = dir / ("." + name + ".tmp");
+  // Paths in the script are relative to the report directory, so `gnuplot loss.gp` there redraws it.
   const std::string script = "set terminal pngcairo size 900,560 font 'sans,11'\nset output " +
-                             gnuplot_quote(tmp.string()) + "\nset grid\nset key outside right top\n" + body;
-  const fs::path script_path = dir / (fs::path(name).stem().string() + ".gp");
-  io::write_file_atomic(script_path.string(), script);
-  const std::string cmd = "gnuplot " + gnuplot_quote(script_path.string()) + " 2>/dev/null";
+                             gnuplot_quote(tmp.filename().string()) + "\nset grid\nset key outside right top\n" + body;
+  const std::string script_name = fs::path(name).stem().string() + ".gp";
+  io::write_file_atomic((dir / script_name).string(), script);
+  const std::string cmd = "cd " + shell_quote(dir.string()) + " && gnuplot " + shell_quote(script_name) + " 2>/dev/null";
   if (std::system(cmd.c_str()) != 0 || !fs::exists(tmp)) {
     fs::remove(tmp);
     return false;
@@ -146,13 +159,12 @@ std::string run_comparison(const CompareOptions& opts) {
     }
     for (const auto& l : r.eval.lengths)
       if (l.error.empty()) ppl_dat += fmt::format("{} {:.6f}\n", l.context, l.perplexity);
-    const auto loss_file = out / ("loss_" + r.pe + ".dat"), ppl_file = out / ("ppl_" + r.pe + ".dat");
-    io::write_file_atomic(loss_file.string(), loss_dat);
-    io::write_file_atomic(ppl_file.string(), ppl_dat);
+    const std::string loss_file = "loss_" + r.pe + ".dat", ppl_file = "ppl_" + r.pe + ".dat";
+    io::write_file_atomic((out / loss_file).string(), loss_dat);
+    io::write_file_atomic((out / ppl_file).string(), ppl_dat);
     const std::string sep = i + 1 < results.size() ? ", \\\n     " : "\n";
-    loss_plot += gnuplot_quote(loss_file.string()) + " using 1:2 with lines lw 2 title " + gnuplot_quote(r.pe) + sep;
-    ppl_plot += gnuplot_quote(ppl_file.string()) + " using 1:2 with linespoints lw 2 pt 7 title " +
-                gnuplot_quote(r.pe) + sep;
+    loss_plot += gnuplot_quote(loss_file) + " using 1:2 with lines lw 2 title " + gnuplot_quote(r.pe) + sep;
+    ppl_plot += gnuplot_quote(ppl_file) + " using 1:2 with linespoints lw 2 pt 7 title " + gnuplot_quote(r.pe) + sep;
   }
   const bool have_loss_png = plot(out, "loss.png", loss_plot);
   const bool have_ppl_png = plot(out, "perplexity.png", ppl_plot);
