@@ -29,6 +29,7 @@ struct ModelConfig {
   bool qk_norm = true;
   double norm_eps = 1e-5;
   double embed_std = 0.02;     // tied embedding init N(0, embed_std^2)
+  std::string attention = "fused";  // "fused": CPU kernels where the encoding allows; "reference": composed
 
   int64_t head_dim() const { return n_embd / n_head; }
   int64_t hidden() const { return mlp_hidden > 0 ? mlp_hidden : (8 * n_embd) / 3; }

@@ -57,6 +57,13 @@ struct KeyCache {
   static KeyCache from(const PeTokens& chunk, const torch::Tensor& v_chunk = {});
 };
 
+// A bias of the linear family, bias(i, j) = a_i + b_j + (c_i + d_j) (pos_i - pos_j), as per-token terms:
+// a, c [B,H,Tq] per query, b, d [B,H,Tk] per key; an undefined tensor is a zero term. ALiBi is c = -m_h,
+// GRAPE-A c = -omega gq and/or d = -omega gk, FoX a = C_i, b = -C_j (C re-based to stay small).
+struct LinearBiasTerms {
+  torch::Tensor a, b, c, d;
+};
+
 // Which hooks and laws apply; `grape check` and the tests read this.
 struct Properties {
   bool embeds = false;          // (c) adds to token embeddings
@@ -93,6 +100,11 @@ class Encoding : public torch::nn::Module {
   // (b) bias [B,H,Tq,Tk] of a chunk of queries against cached keys, before the causal mask. Undefined
   // tensor when the encoding has no bias. Entries above the diagonal are unspecified (masked later).
   virtual torch::Tensor bias(const PeTokens& queries, const KeyCache& keys) const;
+
+  // The bias in the linear family the fused kernels compute per tile (see LinearBiasTerms). Returns false
+  // when the encoding's bias is not of that form (grape-ap's path sum); encodings without a bias return
+  // true with no terms.
+  virtual bool linear_bias(const PeTokens& queries, const KeyCache& keys, LinearBiasTerms& out) const;
 
   // One line per learnable parameter with its actual shape, for `grape encodings NAME`.
   std::vector<std::string> describe_parameters() const;
@@ -160,6 +172,18 @@ torch::Tensor attention_logits(const Encoding& enc, const PeTokens& queries, con
 // Full causal attention over one chunk starting at `state`: returns y [B,T,H,D].
 torch::Tensor reference_attention(Encoding& enc, const torch::Tensor& q, const torch::Tensor& k,
                                   const torch::Tensor& v, const torch::Tensor& x, PeState& state);
+
+// ---- fused attention (src/kernels/cpu, bound in src/nn/fused_attention.cpp) --------------------------
+
+// Whether the fused kernel computes this encoding's attention (its bias is in the linear family).
+bool fused_supported(const Encoding& enc);
+// softmax(q~.k~/sqrt(D) + bias, causal) v of encoded queries against a cache, y [B,Tq,H,D], by the fused
+// CPU kernel (float32; O(T) extra memory; differentiable w.r.t. q~, k~, v and the bias terms). Throws
+// std::invalid_argument when the encoding is not supported or the tensors are not float32.
+torch::Tensor fused_attend(const Encoding& enc, const PeTokens& queries, const KeyCache& keys);
+// Same contract as reference_attention, with fused_attend in place of the composed softmax.
+torch::Tensor fused_attention(Encoding& enc, const torch::Tensor& q, const torch::Tensor& k,
+                              const torch::Tensor& v, const torch::Tensor& x, PeState& state);
 
 // ---- KV-shift: a data-dependent 2-tap mix of the raw key/value projections, usable with any encoding --
 struct KVShiftState {

@@ -14,6 +14,7 @@ namespace {
 struct BenchArgs {
   std::vector<std::string> presets = {"tiny", "small"};
   std::string pe = "rope";
+  std::string attention = "fused";
   std::vector<std::string> pe_sets;
   int64_t steps = 5, batch = 8, tokens = 64, context = 0;
   std::string json;
@@ -28,6 +29,7 @@ ModelConfig bench_model(const BenchArgs& a, const std::string& preset) {
     m.pe_options[s.substr(0, eq)] = s.substr(eq + 1);
   }
   if (a.context > 0) m.context = a.context;
+  m.attention = a.attention;
   m.validate();
   return m;
 }
@@ -36,6 +38,8 @@ void add_common(CLI::App* cmd, BenchArgs& a) {
   cmd->add_option("--preset", a.presets, "presets to measure (comma-separated)")->delimiter(',')->capture_default_str();
   cmd->add_option("--pe", a.pe, "position encoding")->capture_default_str();
   cmd->add_option("--pe-set", a.pe_sets, "encoding option key=value");
+  cmd->add_option("--attention", a.attention, "fused or reference")
+      ->check(CLI::IsMember({"fused", "reference"}))->capture_default_str();
   cmd->add_option("--batch", a.batch, "sequences")->capture_default_str();
   cmd->add_option("--context", a.context, "context length (default: the preset's)");
   cmd->add_option("--json", a.json, "also write the results as JSON here");
@@ -59,6 +63,7 @@ void add_bench_command(CLI::App& app) {
   tr->callback([ta] {
     std::string table = fmt::format("{:<8} {:<12} {:>12} {:>8} {:>8} {:>12}\n", "preset", "pe", "parameters",
                                     "batch", "context", "tokens/s");
+    table = "attention: " + ta->attention + "\n" + table;
     nlohmann::json rows = nlohmann::json::array();
     for (const auto& preset : ta->presets) {
       auto m = bench_model(*ta, preset);
@@ -78,7 +83,7 @@ void add_bench_command(CLI::App& app) {
                            ta->batch, m.context, tps);
       rows.push_back({{"preset", preset}, {"pe", m.pe}, {"parameters", model->num_parameters()},
                       {"batch", ta->batch}, {"context", m.context}, {"tokens_per_s", tps},
-                      {"threads", torch::get_num_threads()}});
+                      {"attention", ta->attention}, {"threads", torch::get_num_threads()}});
     }
     finish(*ta, table, rows);
   });
@@ -91,6 +96,7 @@ void add_bench_command(CLI::App& app) {
   de->callback([da] {
     std::string table = fmt::format("{:<8} {:<12} {:>12} {:>8} {:>8} {:>12}\n", "preset", "pe", "parameters",
                                     "batch", "tokens", "tokens/s");
+    table = "attention: " + da->attention + "\n" + table;
     nlohmann::json rows = nlohmann::json::array();
     for (const auto& preset : da->presets) {
       auto m = bench_model(*da, preset);
@@ -101,7 +107,7 @@ void add_bench_command(CLI::App& app) {
                            da->batch, da->tokens, tps);
       rows.push_back({{"preset", preset}, {"pe", m.pe}, {"parameters", model->num_parameters()},
                       {"batch", da->batch}, {"tokens", da->tokens}, {"tokens_per_s", tps},
-                      {"threads", torch::get_num_threads()}});
+                      {"attention", da->attention}, {"threads", torch::get_num_threads()}});
     }
     finish(*da, table, rows);
   });

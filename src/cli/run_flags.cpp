@@ -21,6 +21,8 @@ void add_run_flags(CLI::App* cmd, RunFlags& f, bool with_pe) {
     cmd->add_option("--pe-set", f.pe_sets, "encoding option key=value (see `grape encodings NAME`)");
   }
   cmd->add_flag("--kv-shift", f.kv_shift, "add KV-shift to every layer");
+  cmd->add_option("--attention", f.attention, "fused (CPU kernels, default) or reference (LibTorch-composed)")
+      ->check(CLI::IsMember({"fused", "reference"}));
   cmd->add_option("--context", f.context, "training context length");
   cmd->add_option("--steps", f.steps, "optimizer steps");
   cmd->add_option("--batch", f.batch, "sequences per micro-batch");
@@ -130,6 +132,7 @@ std::pair<ModelConfig, train::TrainConfig> resolve_run_flags(const RunFlags& f) 
     model.pe_options[key] = value;
   }
   if (f.kv_shift) model.kv_shift = true;
+  if (!f.attention.empty()) model.attention = f.attention;
   if (f.context > 0) model.context = f.context;
   if (f.steps > 0) tr.steps = f.steps;
   if (f.batch > 0) tr.batch = f.batch;

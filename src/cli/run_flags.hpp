@@ -23,7 +23,7 @@ struct RunFlags {
   int64_t context = 0, steps = 0, batch = 0, accum = 0, warmup = -1, eval_every = -1, ckpt_every = -1;
   double lr = 0, min_lr = -1;
   int64_t seed = -1;
-  std::string data, tokenizer;
+  std::string data, tokenizer, attention;
 };
 
 // Adds the flags to a subcommand; `with_pe` adds --pe/--pe-set (compare has its own --pe list).

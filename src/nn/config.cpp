@@ -18,7 +18,7 @@ using json = nlohmann::json;
 const std::vector<std::string>& field_names() {
   static const std::vector<std::string> names = {
       "preset", "vocab_size", "n_layer",  "n_head",  "n_embd",   "mlp_hidden", "context",
-      "pe",     "pe_options", "kv_shift", "qk_norm", "norm_eps", "embed_std"};
+      "pe",     "pe_options", "kv_shift", "qk_norm", "norm_eps", "embed_std", "attention"};
   return names;
 }
 
@@ -139,6 +139,10 @@ void ModelConfig::set(const std::string& key, const std::string& value) {
     norm_eps = parse_double(key, value);
   } else if (key == "embed_std") {
     embed_std = parse_double(key, value);
+  } else if (key == "attention") {
+    if (value != "fused" && value != "reference")
+      throw std::invalid_argument(fmt::format("model config: attention='{}' must be fused or reference", value));
+    attention = value;
   } else {
     throw std::invalid_argument(fmt::format("unknown model setting '{}' (known: {})", key, known_set_keys()));
   }
@@ -160,6 +164,7 @@ std::string ModelConfig::to_json() const {
   j["qk_norm"] = qk_norm;
   j["norm_eps"] = norm_eps;
   j["embed_std"] = embed_std;
+  j["attention"] = attention;
   return j.dump(2);
 }
 
@@ -198,6 +203,8 @@ ModelConfig ModelConfig::from_json(const std::string& text) {
       c.norm_eps = json_double(key, v);
     else if (key == "embed_std")
       c.embed_std = json_double(key, v);
+    else if (key == "attention")
+      c.set(key, json_string(key, v));
     else if (key == "pe_options") {
       if (!v.is_object()) wrong_type(key, "an object of strings", v);
       c.pe_options.clear();

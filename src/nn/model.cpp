@@ -74,6 +74,7 @@ class BlockImpl : public torch::nn::Module {
     }
     if (c.kv_shift) kv_shift_ = register_module("kv_shift", KVShift(c.head_shape()));
     register_module("pe", pe_);
+    fused_ = c.attention == "fused" && fused_supported(*pe_);
     norm2_ = register_module("norm2", RMSNorm(C, c.norm_eps));
     w1_ = linear("w1", C, hidden);
     w2_ = linear("w2", C, hidden);
@@ -112,8 +113,9 @@ class BlockImpl : public torch::nn::Module {
 
  private:
   // softmax(q~.k~/sqrt(D) + bias, causal) v of a chunk of queries against the cache: y [b,T,H,D].
-  // The reference (materialised) path; a fused kernel will replace it behind the same signature.
+  // Fused kernel (O(T) memory) when configured and supported, else the reference (materialised) path.
   torch::Tensor attend(const PeTokens& queries, const KeyCache& keys) const {
+    if (fused_ && queries.q.scalar_type() == torch::kFloat32) return fused_attend(*pe_, queries, keys);
     auto logits = attention_logits(*pe_, queries, keys);  // [b,H,Tq,Tk]
     auto p = torch::softmax(logits, -1, compute_dtype(keys.v.scalar_type())).to(keys.v.scalar_type());
     return torch::einsum("bhij,bjhd->bihd", {p, keys.v});
@@ -121,6 +123,7 @@ class BlockImpl : public torch::nn::Module {
 
   int64_t H_, D_;
   EncodingPtr pe_;
+  bool fused_ = false;  // config.attention == "fused" and the kernel computes this encoding's bias
   RMSNorm norm1_{nullptr}, norm2_{nullptr}, q_norm_{nullptr}, k_norm_{nullptr};
   torch::nn::Linear wq_{nullptr}, wk_{nullptr}, wv_{nullptr}, wo_{nullptr};
   torch::nn::Linear w1_{nullptr}, w2_{nullptr}, w_out_{nullptr};

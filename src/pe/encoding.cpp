@@ -42,6 +42,11 @@ torch::Tensor Encoding::embed(const torch::Tensor& h, int64_t offset) const { re
 
 torch::Tensor Encoding::bias(const PeTokens&, const KeyCache&) const { return {}; }
 
+bool Encoding::linear_bias(const PeTokens&, const KeyCache&, LinearBiasTerms& out) const {
+  out = {};
+  return !properties().has_bias;  // a bias without a linear-family form must say so by overriding
+}
+
 std::vector<std::string> Encoding::describe_parameters() const {
   std::vector<std::string> lines;
   for (const auto& p : named_parameters(true))

@@ -35,6 +35,14 @@ class FoX : public Encoding {
     auto cj = keys.key.at("c").permute({0, 2, 1}).unsqueeze(-2);       // [B,H,1,Tk]
     return (ci - cj).to(w_.scalar_type());
   }
+  bool linear_bias(const PeTokens& queries, const KeyCache& keys, LinearBiasTerms& out) const override {
+    // Re-based on the first cached key (in float64) so the float32 terms stay near the window's scale.
+    auto base = keys.key.at("c").select(1, 0).unsqueeze(1);                                  // [B,1,H]
+    out = {};
+    out.a = (queries.query.at("c") - base).permute({0, 2, 1}).to(w_.scalar_type());         // [B,H,Tq]
+    out.b = (base - keys.key.at("c")).permute({0, 2, 1}).to(w_.scalar_type());              // [B,H,Tk]
+    return true;
+  }
 
  protected:
   PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& x,

@@ -49,6 +49,11 @@ class ALiBi : public Encoding {
     auto dist = distance(queries, keys, slopes_.scalar_type());
     return -(slopes_.view({1, -1, 1, 1}) * dist.unsqueeze(0).unsqueeze(0));
   }
+  bool linear_bias(const PeTokens& queries, const KeyCache&, LinearBiasTerms& out) const override {
+    out = {};
+    out.c = (-slopes_).view({1, -1, 1}).expand({queries.q.size(0), -1, queries.length});
+    return true;
+  }
 
  protected:
   PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor&,
@@ -87,6 +92,13 @@ class GrapeA : public Encoding {
       gate = gate.defined() ? gate + gk : gk;
     }
     return -(omega().view({1, -1, 1, 1}) * dist * gate);
+  }
+  bool linear_bias(const PeTokens& queries, const KeyCache& keys, LinearBiasTerms& out) const override {
+    out = {};
+    auto w = omega().view({1, -1, 1});
+    if (query_gate_) out.c = -(w * queries.query.at("gq").permute({0, 2, 1}));  // [B,H,Tq]
+    if (key_gate_) out.d = -(w * keys.key.at("gk").permute({0, 2, 1}));         // [B,H,Tk]
+    return true;
   }
 
  protected:

@@ -1,0 +1,684 @@
+// Fused causal attention on the CPU, FlashAttention-2 order (the contract is in attention.hpp).
+//
+// Work split: one OpenMP task is a tile of kBQ query rows of one (batch, head) (forward, backward pass 2),
+// a tile of kBK keys (backward pass 1), or a block of kDecodeBlock keys (decode). A task packs the rows it
+// reads into contiguous, zero-padded, thread-local buffers (the head's rows are strided by H*D in memory):
+//   Q, dO:  [kBQ][Dp]  row-major          K^T, V^T: [Dp][kBK]  (so q.k runs over contiguous keys)
+//   K, V:   [kBK][Dp]  row-major          S, P, dS: [kBQ][kBK]
+// with Dp = D rounded up to kNR. Every matrix product is one call of gemm_tile, a kMR x kNR register-blocked
+// micro-kernel written as plain loops the compiler vectorises (see GRAPE_SIMD for the instruction sets).
+// exp is exp_inline, a branch-free polynomial that vectorises (std::exp does not without -ffast-math).
+//
+// Masking: within a key tile the keys a query row sees form a prefix (keys j <= i + q_offset - k_offset), so
+// every softmax loop simply runs over that prefix; key tiles beyond a query tile's causal frontier are
+// never visited.
+#include "kernels/cpu/attention.hpp"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <new>
+#include <stdexcept>
+#include <string>
+
+// GRAPE_SIMD marks the hot tile functions. Built for a machine with AVX-512 (-march=native): use full 512-bit
+// vectors (GCC prefers 256 on most such CPUs; the kMR x kNR accumulators fit 8 zmm registers but not 16 ymm
+// ones). Built for baseline x86-64: compile them for AVX-512, AVX2 and baseline, picked at load time.
+#ifndef GRAPE_SIMD
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__AVX512F__)
+#define GRAPE_SIMD __attribute__((target("prefer-vector-width=512")))
+#elif defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && \
+    defined(__linux__) && !defined(__AVX2__)
+#define GRAPE_SIMD __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define GRAPE_SIMD
+#endif
+#endif
+
+namespace grape::kernels::cpu {
+namespace {
+
+constexpr int64_t kBQ = 64;            // query rows per tile
+constexpr int64_t kBK = 64;            // keys per tile (one online-softmax step)
+constexpr int64_t kMR = 8;             // micro-kernel rows
+constexpr int64_t kNR = 16;            // micro-kernel columns: one AVX-512 or two AVX2 registers
+constexpr int64_t kDecodeBlock = 256;  // keys per decode task
+constexpr int64_t kAlign = 64;         // bytes: one cache line
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
+
+// Threads for a parallel region of n_tasks tasks: no idle team members (they would only spin at the barrier).
+int team_size(int64_t n_tasks) { return int(std::clamp<int64_t>(n_tasks, 1, omp_get_max_threads())); }
+
+// ---------------------------------------------------------------------------------------------------------
+// exp
+// ---------------------------------------------------------------------------------------------------------
+
+// exp(x) = 2^n e^r with n = round(x / ln2), |r| <= ln2 / 2; e^r by its degree-7 Taylor polynomial (truncation
+// < 1e-8 relative). 2^n is applied as two halves so that n = 128 (x just below the overflow) stays finite.
+// Results below FLT_MIN are flushed to 0 (no subnormal slow paths; softmax cannot see them); overflow gives
+// inf; NaN gives NaN.
+inline float exp_inline(float x) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2Hi = 0.693145751953125f;  // ln2's leading 15 bits: n * kLn2Hi is exact
+  constexpr float kLn2Lo = 1.42860682030941723212e-6f;
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
+  const float xc = std::min(std::max(x, -88.0f), 89.0f);  // keeps n in [-127, 128]
+  const float n = (xc * kLog2e + kRound) - kRound;
+  const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t ni = static_cast<int32_t>(n);
+  const int32_t n1 = ni / 2, n2 = ni - n1;
+  const float s1 = std::bit_cast<float>((n1 + 127) << 23), s2 = std::bit_cast<float>((n2 + 127) << 23);
+  const float y = p * s1 * s2;
+  const float flushed = x < -87.33654475f ? 0.0f : y;  // ln(FLT_MIN)
+  return x != x ? x : flushed;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Shapes, validation, workspaces
+// ---------------------------------------------------------------------------------------------------------
+
+struct Geometry {
+  int64_t B, H, Tq, Tk, D, Dp;
+  int64_t q_offset, k_offset;
+  int64_t delta;  // q_offset - k_offset: query i sees key j iff j <= i + delta
+  float scale;
+
+  explicit Geometry(const AttentionShape& s)
+      : B(s.B),
+        H(s.H),
+        Tq(s.Tq),
+        Tk(s.Tk),
+        D(s.D),
+        Dp(round_up(s.D, kNR)),
+        q_offset(s.q_offset),
+        k_offset(s.k_offset),
+        delta(s.q_offset - s.k_offset),
+        scale(s.scale) {}
+
+  const float* q_row(const float* x, int64_t b, int64_t h, int64_t i) const {
+    return x + ((b * Tq + i) * H + h) * D;
+  }
+  int64_t q_stat(int64_t b, int64_t h) const { return (b * H + h) * Tq; }  // [B,H,Tq] base of (b,h)
+  int64_t k_stat(int64_t b, int64_t h) const { return (b * H + h) * Tk; }  // [B,H,Tk] base of (b,h)
+  // Keys [0, key_end(i)) are visible to some query row < i (the causal frontier of rows [.., i)).
+  int64_t key_end(int64_t i) const { return std::clamp<int64_t>(i + delta, 0, Tk); }
+  // How many keys of the tile starting at key j0 (with nk keys) query row i sees: a prefix of the tile.
+  int64_t visible(int64_t i, int64_t j0, int64_t nk) const {
+    return std::clamp<int64_t>(i + delta - j0 + 1, 0, nk);
+  }
+};
+
+void check(bool ok, const char* fn, const std::string& what) {
+  if (!ok) throw std::invalid_argument(std::string("grape::kernels::cpu::") + fn + ": " + what);
+}
+
+void validate(const char* fn, const AttentionShape& s, const float* q, const float* k, const float* v) {
+  check(s.B >= 1 && s.H >= 1 && s.Tq >= 1 && s.Tk >= 1, fn,
+        "B, H, Tq and Tk must be >= 1 (got B=" + std::to_string(s.B) + " H=" + std::to_string(s.H) +
+            " Tq=" + std::to_string(s.Tq) + " Tk=" + std::to_string(s.Tk) + ")");
+  check(s.D >= 1, fn, "head dim D must be >= 1 (got " + std::to_string(s.D) + ")");
+  check(s.q_offset >= s.k_offset, fn,
+        "every query must see a key: need q_offset >= k_offset (got q_offset=" + std::to_string(s.q_offset) +
+            ", k_offset=" + std::to_string(s.k_offset) + ")");
+  check(std::isfinite(s.scale), fn, "scale must be finite");
+  check(q && k && v, fn, "q, k and v must not be null");
+}
+
+// One cache-line-aligned float buffer, carved into per-thread workspaces before the parallel region (so that
+// nothing allocates, or throws, inside it).
+struct Arena {
+  struct Free {
+    void operator()(float* p) const { std::free(p); }
+  };
+  std::unique_ptr<float[], Free> mem;
+  int64_t per_thread = 0;
+
+  Arena(int64_t threads, int64_t floats) : per_thread(round_up(floats, kAlign / 4)) {
+    const size_t bytes = size_t(threads * per_thread) * sizeof(float);
+    mem.reset(static_cast<float*>(std::aligned_alloc(kAlign, std::max<size_t>(bytes, kAlign))));
+    if (!mem) throw std::bad_alloc();
+  }
+  float* thread(int t) const { return mem.get() + t * per_thread; }
+};
+
+// Hands out aligned sub-buffers of one thread's workspace.
+struct Carver {
+  float* p;
+  float* take(int64_t n) {
+    float* r = p;
+    p += round_up(n, kAlign / 4);
+    return r;
+  }
+  static int64_t size(std::initializer_list<int64_t> ns) {
+    int64_t total = 0;
+    for (int64_t n : ns) total += round_up(n, kAlign / 4);
+    return total;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// Packing: strided head rows -> contiguous zero-padded tiles
+// ---------------------------------------------------------------------------------------------------------
+
+// n token rows (D floats each) -> dst[rows][Dp] (row-major), zero past n rows and past D columns.
+void pack_rows(const float* const* src_rows, int64_t n, int64_t rows, int64_t D, int64_t Dp, float* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* d = dst + r * Dp;
+    if (r < n) {
+      std::memcpy(d, src_rows[r], size_t(D) * sizeof(float));
+      std::fill(d + D, d + Dp, 0.0f);
+    } else {
+      std::fill(d, d + Dp, 0.0f);
+    }
+  }
+}
+
+// n token rows transposed -> dst[Dp][cols], zero past n columns and past D rows.
+void pack_cols(const float* const* src_rows, int64_t n, int64_t cols, int64_t D, int64_t Dp, float* dst) {
+  std::fill(dst, dst + Dp * cols, 0.0f);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t d = 0; d < D; ++d) dst[d * cols + j] = src_rows[j][d];
+}
+
+// Pointers to the n token rows starting at t0 of head (b, h) of a [B,T,H,D] tensor.
+void row_pointers(const float* x, int64_t T, int64_t H, int64_t D, int64_t b, int64_t h, int64_t t0,
+                  int64_t n, const float** out) {
+  for (int64_t r = 0; r < n; ++r) out[r] = x + ((b * T + t0 + r) * H + h) * D;
+}
+
+// Per-key bias quantities of one key tile (zero where the term is absent or past the tile's end).
+void pack_key_bias(const float* src, int64_t n, float* dst) {
+  for (int64_t j = 0; j < kBK; ++j) dst[j] = (src && j < n) ? src[j] : 0.0f;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The one matrix-product micro-kernel
+// ---------------------------------------------------------------------------------------------------------
+
+// C[M x N] (+)= A B for tiles: A(r, k) = A[r * ars + k * aks] (so A may be read transposed), B row-major with
+// leading dimension ldb. M % kMR == 0 and N % kNR == 0 (the tiles are padded); K is any length.
+// Each kMR x kNR block of C lives in registers across the whole K loop: per k, kMR broadcasts of A and one
+// contiguous kNR-wide load of B feed kMR * kNR fused multiply-adds.
+GRAPE_SIMD
+void gemm_tile(int64_t M, int64_t N, int64_t K, const float* A, int64_t ars, int64_t aks, const float* B,
+               int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  for (int64_t r0 = 0; r0 < M; r0 += kMR) {
+    for (int64_t n0 = 0; n0 < N; n0 += kNR) {
+      float acc[kMR][kNR];
+      for (int64_t r = 0; r < kMR; ++r)
+        for (int64_t c = 0; c < kNR; ++c) acc[r][c] = accumulate ? C[(r0 + r) * ldc + n0 + c] : 0.0f;
+      const float* a = A + r0 * ars;
+      const float* b = B + n0;
+      for (int64_t k = 0; k < K; ++k) {
+        for (int64_t r = 0; r < kMR; ++r) {
+          const float ar = a[r * ars + k * aks];
+#pragma omp simd
+          for (int64_t c = 0; c < kNR; ++c) acc[r][c] += ar * b[k * ldb + c];
+        }
+      }
+      for (int64_t r = 0; r < kMR; ++r)
+        for (int64_t c = 0; c < kNR; ++c) C[(r0 + r) * ldc + n0 + c] = acc[r][c];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Per-tile logits, softmax and its backward
+// ---------------------------------------------------------------------------------------------------------
+
+// Everything one tile needs to turn raw q.k dots into logits: logit = scale * dot + a_i + b_j +
+// (c_i + d_j) * (pos_i - pos_j). Query quantities point at the tile's first row, key ones are packed.
+struct TileLogits {
+  const Geometry* g;
+  int64_t i0, j0, nk;  // first query row, first key, keys in the tile
+  const float* a;      // [rows] or null
+  const float* c;      // [rows] or null
+  const float* kb;     // [kBK], zero-padded (all zero if b is absent)
+  const float* kd;     // [kBK], zero-padded
+  bool has_bias;
+  float dist0(int64_t r) const {  // pos_i - pos_j0 for row r: distances are small integers, exact in fp32
+    return float((g->q_offset + i0 + r) - (g->k_offset + j0));
+  }
+};
+
+// The logits of the tile of query rows from i0 and keys [j0, j0 + nk) of head (b, h); kb, kd are the packed
+// key quantities.
+TileLogits tile_logits(const Geometry& g, const LinearBias& bias, int64_t b, int64_t h, int64_t i0,
+                       int64_t j0, int64_t nk, const float* kb, const float* kd) {
+  const int64_t qs = g.q_stat(b, h) + i0;
+  return {.g = &g,
+          .i0 = i0,
+          .j0 = j0,
+          .nk = nk,
+          .a = bias.a ? bias.a + qs : nullptr,
+          .c = bias.c ? bias.c + qs : nullptr,
+          .kb = kb,
+          .kd = kd,
+          .has_bias = bias.any()};
+}
+
+// Row r of S: the raw dots of its nv visible keys -> logits, in place.
+inline void logits_row(const TileLogits& t, int64_t r, int64_t nv, float* s) {
+  const float scale = t.g->scale;
+  if (!t.has_bias) {
+#pragma omp simd
+    for (int64_t j = 0; j < nv; ++j) s[j] *= scale;
+    return;
+  }
+  const float ai = t.a ? t.a[r] : 0.0f, ci = t.c ? t.c[r] : 0.0f, d0 = t.dist0(r);
+  const float* kb = t.kb;
+  const float* kd = t.kd;
+#pragma omp simd
+  for (int64_t j = 0; j < nv; ++j) s[j] = scale * s[j] + ai + kb[j] + (ci + kd[j]) * (d0 - float(j));
+}
+
+// Forward, one online-softmax step over a key tile: S [kBQ][kBK] holds the raw dots of the first `rows` query
+// rows; on return it holds p = exp(logit - m_new) (0 where masked and in padding rows up to Mp), the running
+// max m and sum l are updated and the accumulator O [kBQ][Dp] is rescaled by exp(m_old - m_new).
+GRAPE_SIMD
+void softmax_step(const TileLogits& t, int64_t rows, int64_t Mp, int64_t Dp, float* S, float* m, float* l,
+                  float* O) {
+  for (int64_t r = 0; r < Mp; ++r) {
+    float* s = S + r * kBK;
+    const int64_t nv = r < rows ? t.g->visible(t.i0 + r, t.j0, t.nk) : 0;
+    if (nv > 0) logits_row(t, r, nv, s);
+    float mx = m[r];
+#pragma omp simd reduction(max : mx)
+    for (int64_t j = 0; j < nv; ++j) mx = s[j] > mx ? s[j] : mx;
+    if (nv == 0 || mx == kNegInf) {  // every logit is -inf or NaN (the max skips NaN): nothing to add here
+      if (std::any_of(s, s + nv, [](float x) { return std::isnan(x); })) {  // but NaN must poison the row
+        m[r] = l[r] = std::numeric_limits<float>::quiet_NaN();
+        std::fill(O + r * Dp, O + (r + 1) * Dp, m[r]);
+      }
+      std::fill(s, s + kBK, 0.0f);
+      continue;
+    }
+    const float alpha = exp_inline(m[r] - mx);  // 0 on the row's first tile (m = -inf)
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < nv; ++j) {
+      s[j] = exp_inline(s[j] - mx);
+      sum += s[j];
+    }
+    std::fill(s + nv, s + kBK, 0.0f);
+    m[r] = mx;
+    l[r] = l[r] * alpha + sum;
+    if (alpha != 1.0f) {
+      float* o = O + r * Dp;
+#pragma omp simd
+      for (int64_t d = 0; d < Dp; ++d) o[d] *= alpha;
+    }
+  }
+}
+
+// Backward, one tile: S holds the raw dots and dP = dO V^T. On return S holds P = exp(logit - lse) and dP
+// holds dS = P * (dP - Delta) (both 0 where masked and in padding rows up to Mp). Optionally reduces dS for
+// the bias gradients: per key (col_b += dS, col_d += dS * dist) or per query (row_a, row_c likewise), in
+// double.
+GRAPE_SIMD
+void dsoftmax_step(const TileLogits& t, int64_t rows, int64_t Mp, const float* lse, const float* delta,
+                   float* S, float* dP, double* col_b, double* col_d, double* row_a, double* row_c) {
+  for (int64_t r = 0; r < Mp; ++r) {
+    float* s = S + r * kBK;
+    float* ds = dP + r * kBK;
+    const int64_t nv = r < rows ? t.g->visible(t.i0 + r, t.j0, t.nk) : 0;
+    if (nv > 0) logits_row(t, r, nv, s);
+    const float li = nv > 0 ? lse[r] : 0.0f, di = nv > 0 ? delta[r] : 0.0f;
+#pragma omp simd
+    for (int64_t j = 0; j < nv; ++j) {
+      s[j] = exp_inline(s[j] - li);
+      ds[j] = s[j] * (ds[j] - di);
+    }
+    std::fill(s + nv, s + kBK, 0.0f);
+    std::fill(ds + nv, ds + kBK, 0.0f);
+    if (nv == 0) continue;
+    const double d0 = t.dist0(r);
+    if (col_b) {
+#pragma omp simd
+      for (int64_t j = 0; j < nv; ++j) col_b[j] += ds[j];
+    }
+    if (col_d) {
+#pragma omp simd
+      for (int64_t j = 0; j < nv; ++j) col_d[j] += double(ds[j]) * (d0 - double(j));
+    }
+    if (row_a || row_c) {
+      double sa = 0.0, sc = 0.0;
+#pragma omp simd reduction(+ : sa, sc)
+      for (int64_t j = 0; j < nv; ++j) {
+        sa += ds[j];
+        sc += double(ds[j]) * (d0 - double(j));
+      }
+      if (row_a) row_a[r] += sa;
+      if (row_c) row_c[r] += sc;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Forward core, shared by attention_forward and attention_decode
+// ---------------------------------------------------------------------------------------------------------
+
+struct ForwardWork {
+  float *Q, *Kt, *V, *S, *O, *m, *l, *kb, *kd;
+  const float** rows;  // scratch row pointers (kBQ or kBK of them)
+
+  static int64_t floats(int64_t Dp) {
+    return Carver::size({kBQ * Dp, Dp * kBK, kBK * Dp, kBQ * kBK, kBQ * Dp, kBQ, kBQ, kBK, kBK,
+                         int64_t(kBK * sizeof(void*) / sizeof(float))});
+  }
+  ForwardWork(float* mem, int64_t Dp) {
+    Carver c{mem};
+    Q = c.take(kBQ * Dp), Kt = c.take(Dp * kBK), V = c.take(kBK * Dp), S = c.take(kBQ * kBK);
+    O = c.take(kBQ * Dp), m = c.take(kBQ), l = c.take(kBQ), kb = c.take(kBK), kd = c.take(kBK);
+    rows = reinterpret_cast<const float**>(c.take(int64_t(kBK * sizeof(void*) / sizeof(float))));
+  }
+};
+
+// Online softmax of query rows [i0, i0 + rows) of head (b, h) over keys [kbeg, kend): leaves the running max
+// m, sum l and the unnormalised accumulator O (rows x Dp) in w. rows <= kBQ; kbeg is a multiple of kBK.
+void flash_rows(const Geometry& g, const float* q, const float* k, const float* v, const LinearBias& bias,
+                int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t kbeg, int64_t kend, ForwardWork& w) {
+  const int64_t Dp = g.Dp, Mp = round_up(rows, kMR);
+  row_pointers(q, g.Tq, g.H, g.D, b, h, i0, rows, w.rows);
+  pack_rows(w.rows, rows, Mp, g.D, Dp, w.Q);
+  std::fill(w.m, w.m + kBQ, kNegInf);
+  std::fill(w.l, w.l + kBQ, 0.0f);
+  std::fill(w.O, w.O + kBQ * Dp, 0.0f);
+  const int64_t ks = g.k_stat(b, h);
+  TileLogits t = tile_logits(g, bias, b, h, i0, 0, 0, w.kb, w.kd);
+  for (int64_t j0 = kbeg; j0 < kend; j0 += kBK) {
+    const int64_t nk = std::min(kBK, kend - j0);
+    t.j0 = j0, t.nk = nk;
+    row_pointers(k, g.Tk, g.H, g.D, b, h, j0, nk, w.rows);
+    pack_cols(w.rows, nk, kBK, g.D, Dp, w.Kt);
+    row_pointers(v, g.Tk, g.H, g.D, b, h, j0, nk, w.rows);
+    pack_rows(w.rows, nk, nk, g.D, Dp, w.V);
+    pack_key_bias(bias.b ? bias.b + ks + j0 : nullptr, nk, w.kb);
+    pack_key_bias(bias.d ? bias.d + ks + j0 : nullptr, nk, w.kd);
+    gemm_tile(Mp, kBK, Dp, w.Q, Dp, 1, w.Kt, kBK, w.S, kBK, false);  // S = Q K^T (raw dots)
+    softmax_step(t, rows, Mp, Dp, w.S, w.m, w.l, w.O);               // S -> P, rescale O
+    gemm_tile(Mp, Dp, nk, w.S, kBK, 1, w.V, Dp, w.O, Dp, true);      // O += P V
+  }
+}
+
+}  // namespace
+
+float exp_f32(float x) { return exp_inline(x); }
+
+// ---------------------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------------------
+
+void attention_forward(const AttentionShape& s, const float* q, const float* k, const float* v,
+                       const LinearBias& bias, float* out, float* lse) {
+  validate("attention_forward", s, q, k, v);
+  check(out && lse, "attention_forward", "out and lse must not be null");
+  const Geometry g(s);
+  const int64_t n_qt = ceil_div(g.Tq, kBQ);
+  const int threads = team_size(g.B * g.H * n_qt);
+  const Arena arena(threads, ForwardWork::floats(g.Dp));
+#pragma omp parallel num_threads(threads)
+  {
+    ForwardWork w(arena.thread(omp_get_thread_num()), g.Dp);
+#pragma omp for collapse(3) schedule(dynamic, 1)
+    for (int64_t b = 0; b < g.B; ++b)
+      for (int64_t h = 0; h < g.H; ++h)
+        for (int64_t qt = 0; qt < n_qt; ++qt) {
+          const int64_t i0 = qt * kBQ, rows = std::min(kBQ, g.Tq - i0);
+          flash_rows(g, q, k, v, bias, b, h, i0, rows, 0, g.key_end(i0 + rows), w);
+          for (int64_t r = 0; r < rows; ++r) {  // out = O / l, lse = m + log l
+            const float inv = 1.0f / w.l[r];
+            float* o = out + ((b * g.Tq + i0 + r) * g.H + h) * g.D;
+            for (int64_t d = 0; d < g.D; ++d) o[d] = w.O[r * g.Dp + d] * inv;
+            lse[g.q_stat(b, h) + i0 + r] = w.m[r] + std::log(w.l[r]);
+          }
+        }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Decode: split the keys of each (b, h) into blocks, then merge the blocks' softmax states
+// ---------------------------------------------------------------------------------------------------------
+
+void attention_decode(const AttentionShape& s, const float* q, const float* k, const float* v,
+                      const LinearBias& bias, float* out, float* lse) {
+  validate("attention_decode", s, q, k, v);
+  check(out && lse, "attention_decode", "out and lse must not be null");
+  const Geometry g(s);
+  const int64_t n_qt = ceil_div(g.Tq, kBQ), n_blk = ceil_div(g.Tk, kDecodeBlock), D = g.D;
+  // Partial states per (b, h, query row, block): m, l and the unnormalised output row.
+  const int64_t part = D + 2, n_rows = g.B * g.H * g.Tq;
+  const Arena partial(1, n_rows * n_blk * part);
+  float* P = partial.thread(0);
+  auto state = [&](int64_t b, int64_t h, int64_t i, int64_t blk) {
+    return P + ((g.q_stat(b, h) + i) * n_blk + blk) * part;  // [m, l, o_0 .. o_{D-1}]
+  };
+  const int threads = team_size(g.B * g.H * n_qt * n_blk);
+  const Arena arena(threads, ForwardWork::floats(g.Dp));
+#pragma omp parallel num_threads(threads)
+  {
+    ForwardWork w(arena.thread(omp_get_thread_num()), g.Dp);
+#pragma omp for collapse(4) schedule(dynamic, 1)
+    for (int64_t b = 0; b < g.B; ++b)
+      for (int64_t h = 0; h < g.H; ++h)
+        for (int64_t qt = 0; qt < n_qt; ++qt)
+          for (int64_t blk = 0; blk < n_blk; ++blk) {
+            const int64_t i0 = qt * kBQ, rows = std::min(kBQ, g.Tq - i0);
+            const int64_t kbeg = blk * kDecodeBlock;
+            const int64_t kend = std::min(kbeg + kDecodeBlock, g.key_end(i0 + rows));
+            if (kbeg < kend) {
+              flash_rows(g, q, k, v, bias, b, h, i0, rows, kbeg, kend, w);
+            } else {  // the whole block is in these queries' future
+              std::fill(w.m, w.m + rows, kNegInf);
+              std::fill(w.l, w.l + rows, 0.0f);
+            }
+            for (int64_t r = 0; r < rows; ++r) {
+              float* st = state(b, h, i0 + r, blk);
+              st[0] = w.m[r], st[1] = w.l[r];
+              if (w.l[r] != 0.0f) std::memcpy(st + 2, w.O + r * g.Dp, size_t(D) * sizeof(float));
+            }
+          }
+#pragma omp for collapse(3)
+    for (int64_t b = 0; b < g.B; ++b)
+      for (int64_t h = 0; h < g.H; ++h)
+        for (int64_t i = 0; i < g.Tq; ++i) {  // merge: rescale every block to the common max
+          float M = kNegInf;
+          for (int64_t blk = 0; blk < n_blk; ++blk) {
+            const float* st = state(b, h, i, blk);
+            if (st[1] != 0.0f) M = std::max(M, st[0]);  // blocks with l = 0 saw no key
+          }
+          float L = 0.0f;
+          float* o = out + ((b * g.Tq + i) * g.H + h) * D;
+          std::fill(o, o + D, 0.0f);
+          for (int64_t blk = 0; blk < n_blk; ++blk) {
+            const float* st = state(b, h, i, blk);
+            if (st[1] == 0.0f) continue;  // (a NaN l goes through, and poisons the row)
+            const float wgt = exp_inline(st[0] - M);
+            L += st[1] * wgt;
+            for (int64_t d = 0; d < D; ++d) o[d] += st[2 + d] * wgt;
+          }
+          const float inv = 1.0f / L;
+          for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+          lse[g.q_stat(b, h) + i] = M + std::log(L);
+        }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Backward: pass 1 over key tiles (dk, dv, db, dd), pass 2 over query tiles (dq, da, dc)
+// ---------------------------------------------------------------------------------------------------------
+
+namespace {
+
+struct BackwardWork {
+  float *Q, *dO, *K, *Kt, *Vt, *S, *dS, *acc1, *acc2, *lse, *delta, *kb, *kd;
+  double *sum1, *sum2;  // bias-gradient reductions
+  const float** rows;
+
+  static int64_t floats(int64_t Dp) {
+    const int64_t n = std::max(kBQ, kBK);
+    return Carver::size({kBQ * Dp, kBQ * Dp, kBK * Dp, Dp * kBK, Dp * kBK, kBQ * kBK, kBQ * kBK, n * Dp,
+                         n * Dp, kBQ, kBQ, kBK, kBK, 2 * n, 2 * n,
+                         int64_t(n * sizeof(void*) / sizeof(float))});
+  }
+  BackwardWork(float* mem, int64_t Dp) {
+    const int64_t n = std::max(kBQ, kBK);
+    Carver c{mem};
+    Q = c.take(kBQ * Dp), dO = c.take(kBQ * Dp), K = c.take(kBK * Dp), Kt = c.take(Dp * kBK);
+    Vt = c.take(Dp * kBK), S = c.take(kBQ * kBK), dS = c.take(kBQ * kBK), acc1 = c.take(n * Dp);
+    acc2 = c.take(n * Dp), lse = c.take(kBQ), delta = c.take(kBQ), kb = c.take(kBK), kd = c.take(kBK);
+    sum1 = reinterpret_cast<double*>(c.take(2 * n)), sum2 = reinterpret_cast<double*>(c.take(2 * n));
+    rows = reinterpret_cast<const float**>(c.take(int64_t(n * sizeof(void*) / sizeof(float))));
+  }
+};
+
+// Packs the query side of one query tile: Q, dO (rows padded to Mp), lse and Delta.
+void pack_query_tile(const Geometry& g, const float* q, const float* dout, const float* lse,
+                     const float* delta, int64_t b, int64_t h, int64_t i0, int64_t rows, BackwardWork& w) {
+  const int64_t Mp = round_up(rows, kMR), qs = g.q_stat(b, h) + i0;
+  row_pointers(q, g.Tq, g.H, g.D, b, h, i0, rows, w.rows);
+  pack_rows(w.rows, rows, Mp, g.D, g.Dp, w.Q);
+  row_pointers(dout, g.Tq, g.H, g.D, b, h, i0, rows, w.rows);
+  pack_rows(w.rows, rows, Mp, g.D, g.Dp, w.dO);
+  std::copy(lse + qs, lse + qs + rows, w.lse);
+  std::copy(delta + qs, delta + qs + rows, w.delta);
+}
+
+// Packs the key side of one key tile: K^T, V^T (and K row-major when want_k), and the key bias quantities.
+void pack_key_tile(const Geometry& g, const float* k, const float* v, const LinearBias& bias, int64_t b,
+                   int64_t h, int64_t j0, int64_t nk, bool want_k, BackwardWork& w) {
+  const int64_t ks = g.k_stat(b, h) + j0;
+  row_pointers(k, g.Tk, g.H, g.D, b, h, j0, nk, w.rows);
+  pack_cols(w.rows, nk, kBK, g.D, g.Dp, w.Kt);
+  if (want_k) pack_rows(w.rows, nk, kBK, g.D, g.Dp, w.K);
+  row_pointers(v, g.Tk, g.H, g.D, b, h, j0, nk, w.rows);
+  pack_cols(w.rows, nk, kBK, g.D, g.Dp, w.Vt);
+  pack_key_bias(bias.b ? bias.b + ks : nullptr, nk, w.kb);
+  pack_key_bias(bias.d ? bias.d + ks : nullptr, nk, w.kd);
+}
+
+// scale * acc rows [0, n) (leading dim Dp) -> n token rows of head (b, h) of a [B,T,H,D] tensor.
+void store_rows(const Geometry& g, const float* acc, float scale, int64_t T, int64_t b, int64_t h, int64_t t0,
+                int64_t n, float* dst) {
+  for (int64_t r = 0; r < n; ++r) {
+    float* o = dst + ((b * T + t0 + r) * g.H + h) * g.D;
+    for (int64_t d = 0; d < g.D; ++d) o[d] = scale * acc[r * g.Dp + d];
+  }
+}
+
+}  // namespace
+
+void attention_backward(const AttentionShape& s, const float* q, const float* k, const float* v,
+                        const LinearBias& bias, const float* out, const float* dout, const float* lse,
+                        float* dq, float* dk, float* dv, float* da, float* db, float* dc, float* dd) {
+  validate("attention_backward", s, q, k, v);
+  check(out && dout && lse, "attention_backward", "out, dout and lse must not be null");
+  check(dq && dk && dv, "attention_backward", "dq, dk and dv must not be null");
+  const Geometry g(s);
+  const int64_t Dp = g.Dp, n_qt = ceil_div(g.Tq, kBQ), n_kt = ceil_div(g.Tk, kBK);
+  // Bias gradients wanted (an absent term's gradient is written as 0 when asked for).
+  const bool want_a = da && bias.a, want_b = db && bias.b, want_c = dc && bias.c, want_d = dd && bias.d;
+  if (da && !bias.a) std::fill(da, da + g.B * g.H * g.Tq, 0.0f);
+  if (dc && !bias.c) std::fill(dc, dc + g.B * g.H * g.Tq, 0.0f);
+  if (db && !bias.b) std::fill(db, db + g.B * g.H * g.Tk, 0.0f);
+  if (dd && !bias.d) std::fill(dd, dd + g.B * g.H * g.Tk, 0.0f);
+
+  // Delta_i = sum_d dout_id out_id (= sum_j P_ij dP_ij), in double.
+  const Arena delta_buf(1, g.B * g.H * g.Tq);
+  float* delta = delta_buf.thread(0);
+  const int threads = team_size(g.B * g.H * std::max(n_qt, n_kt));
+#pragma omp parallel for collapse(3) num_threads(threads)
+  for (int64_t b = 0; b < g.B; ++b)
+    for (int64_t h = 0; h < g.H; ++h)
+      for (int64_t i = 0; i < g.Tq; ++i) {
+        const float* o = g.q_row(out, b, h, i);
+        const float* go = g.q_row(dout, b, h, i);
+        double acc = 0.0;
+        for (int64_t d = 0; d < g.D; ++d) acc += double(o[d]) * go[d];
+        delta[g.q_stat(b, h) + i] = float(acc);
+      }
+
+  const Arena arena(threads, BackwardWork::floats(Dp));
+#pragma omp parallel num_threads(threads)
+  {
+    // Both passes recompute P. Pass 1: each key tile gathers dk = scale dS^T Q, dv = P^T dO, db and dd
+    // from the query tiles that see it. Pass 2: each query tile gathers dq = scale dS K, da and dc.
+    BackwardWork w(arena.thread(omp_get_thread_num()), Dp);
+#pragma omp for collapse(3) schedule(dynamic, 1)
+    for (int64_t b = 0; b < g.B; ++b)
+      for (int64_t h = 0; h < g.H; ++h)
+        for (int64_t kt = 0; kt < n_kt; ++kt) {
+          const int64_t j0 = kt * kBK, nk = std::min(kBK, g.Tk - j0), Np = round_up(nk, kMR);
+          std::fill(w.acc1, w.acc1 + kBK * Dp, 0.0f);  // dK
+          std::fill(w.acc2, w.acc2 + kBK * Dp, 0.0f);  // dV
+          std::fill(w.sum1, w.sum1 + kBK, 0.0);        // db
+          std::fill(w.sum2, w.sum2 + kBK, 0.0);        // dd
+          pack_key_tile(g, k, v, bias, b, h, j0, nk, false, w);
+          const int64_t first_row = std::max<int64_t>(0, j0 - g.delta);  // first query that sees key j0
+          for (int64_t qt = first_row / kBQ; qt < n_qt; ++qt) {
+            const int64_t i0 = qt * kBQ, rows = std::min(kBQ, g.Tq - i0), Mp = round_up(rows, kMR);
+            pack_query_tile(g, q, dout, lse, delta, b, h, i0, rows, w);
+            const TileLogits t = tile_logits(g, bias, b, h, i0, j0, nk, w.kb, w.kd);
+            gemm_tile(Mp, kBK, Dp, w.Q, Dp, 1, w.Kt, kBK, w.S, kBK, false);    // S = Q K^T
+            gemm_tile(Mp, kBK, Dp, w.dO, Dp, 1, w.Vt, kBK, w.dS, kBK, false);  // dP = dO V^T
+            dsoftmax_step(t, rows, Mp, w.lse, w.delta, w.S, w.dS, want_b ? w.sum1 : nullptr,
+                          want_d ? w.sum2 : nullptr, nullptr, nullptr);
+            gemm_tile(Np, Dp, rows, w.S, 1, kBK, w.dO, Dp, w.acc2, Dp, true);  // dV += P^T dO
+            gemm_tile(Np, Dp, rows, w.dS, 1, kBK, w.Q, Dp, w.acc1, Dp, true);  // dK += dS^T Q
+          }
+          store_rows(g, w.acc1, g.scale, g.Tk, b, h, j0, nk, dk);
+          store_rows(g, w.acc2, 1.0f, g.Tk, b, h, j0, nk, dv);
+          const int64_t ks = g.k_stat(b, h) + j0;
+          for (int64_t j = 0; j < nk; ++j) {
+            if (want_b) db[ks + j] = float(w.sum1[j]);
+            if (want_d) dd[ks + j] = float(w.sum2[j]);
+          }
+        }
+
+#pragma omp for collapse(3) schedule(dynamic, 1)
+    for (int64_t b = 0; b < g.B; ++b)
+      for (int64_t h = 0; h < g.H; ++h)
+        for (int64_t qt = 0; qt < n_qt; ++qt) {
+          const int64_t i0 = qt * kBQ, rows = std::min(kBQ, g.Tq - i0), Mp = round_up(rows, kMR);
+          std::fill(w.acc1, w.acc1 + kBQ * Dp, 0.0f);  // dQ
+          std::fill(w.sum1, w.sum1 + kBQ, 0.0);        // da
+          std::fill(w.sum2, w.sum2 + kBQ, 0.0);        // dc
+          pack_query_tile(g, q, dout, lse, delta, b, h, i0, rows, w);
+          const int64_t qs = g.q_stat(b, h) + i0, kend = g.key_end(i0 + rows);
+          for (int64_t j0 = 0; j0 < kend; j0 += kBK) {
+            const int64_t nk = std::min(kBK, kend - j0);
+            pack_key_tile(g, k, v, bias, b, h, j0, nk, true, w);
+            const TileLogits t = tile_logits(g, bias, b, h, i0, j0, nk, w.kb, w.kd);
+            gemm_tile(Mp, kBK, Dp, w.Q, Dp, 1, w.Kt, kBK, w.S, kBK, false);    // S = Q K^T
+            gemm_tile(Mp, kBK, Dp, w.dO, Dp, 1, w.Vt, kBK, w.dS, kBK, false);  // dP = dO V^T
+            dsoftmax_step(t, rows, Mp, w.lse, w.delta, w.S, w.dS, nullptr, nullptr, want_a ? w.sum1 : nullptr,
+                          want_c ? w.sum2 : nullptr);
+            gemm_tile(Mp, Dp, nk, w.dS, kBK, 1, w.K, Dp, w.acc1, Dp, true);  // dQ += dS K
+          }
+          store_rows(g, w.acc1, g.scale, g.Tq, b, h, i0, rows, dq);
+          for (int64_t r = 0; r < rows; ++r) {
+            if (want_a) da[qs + r] = float(w.sum1[r]);
+            if (want_c) dc[qs + r] = float(w.sum2[r]);
+          }
+        }
+  }
+}
+
+}  // namespace grape::kernels::cpu

@@ -1,0 +1,59 @@
+// Fused causal attention on the CPU: FlashAttention-2 order (online softmax over key tiles, O(T) extra
+// memory), fp32 with fp32 accumulation, OpenMP over (batch, head, tile). Plain C++: no LibTorch here; the
+// LibTorch binding is src/nn/fused_attention.cpp.
+//
+// The position encoding reaches the kernel in two ways:
+//   - rotations (RoPE, GRAPE-M, xPos, contextual phases) are applied to q and k before the call (an O(T D)
+//     pre-pass), so the kernel sees the encoded q~ and k~;
+//   - additive biases of the linear family are computed per tile from per-token quantities, never as a
+//     T x T array:   bias(i, j) = a_i + b_j + (c_i + d_j) * (pos_i - pos_j)
+//     ALiBi: c_i = -m_h. GRAPE-A: c_i = -omega_h gq_i (query gate), d_j = -omega_h gk_j (key gate).
+//     FoX: a_i = C_i, b_j = -C_j with C the cumulative log forget gate.
+//
+// Layouts (all contiguous, row-major): q, out, dq: [B, Tq, H, D]; k, v, dk, dv: [B, Tk, H, D];
+// bias quantities a, c, da, dc: [B, H, Tq]; b, d, db, dd: [B, H, Tk]; lse, delta: [B, H, Tq].
+// Positions: query i sits at q_offset + i, key j at k_offset + j; key j is visible to query i iff
+// k_offset + j <= q_offset + i. Every query must see at least one key (q_offset >= k_offset).
+#pragma once
+
+#include <cstdint>
+
+namespace grape::kernels::cpu {
+
+struct LinearBias {
+  const float* a = nullptr;  // per query [B,H,Tq] or null (= 0)
+  const float* b = nullptr;  // per key   [B,H,Tk] or null
+  const float* c = nullptr;  // per query [B,H,Tq] or null: slope on the distance
+  const float* d = nullptr;  // per key   [B,H,Tk] or null: slope on the distance
+  bool any() const { return a || b || c || d; }
+};
+
+struct AttentionShape {
+  int64_t B = 1, H = 1, Tq = 1, Tk = 1, D = 64;
+  int64_t q_offset = 0, k_offset = 0;
+  float scale = 0.125f;  // usually 1/sqrt(D)
+};
+
+// out = softmax(scale q k^T + bias, causal) v; lse[b,h,i] = log sum_j exp(logit_ij) (natural log).
+void attention_forward(const AttentionShape& s, const float* q, const float* k, const float* v,
+                       const LinearBias& bias, float* out, float* lse);
+
+// Gradients from dout, recomputing the probabilities from lse. dq, dk, dv are overwritten; da/db/dc/dd are
+// written when non-null (and the matching bias term is present: a null bias term has gradient 0).
+void attention_backward(const AttentionShape& s, const float* q, const float* k, const float* v,
+                        const LinearBias& bias, const float* out, const float* dout, const float* lse,
+                        float* dq, float* dk, float* dv, float* da, float* db, float* dc, float* dd);
+
+// Forward for a few queries (Tq small) against a long cache: the keys are split into blocks processed by
+// different threads, then the partial softmax states are merged. Same results as attention_forward.
+void attention_decode(const AttentionShape& s, const float* q, const float* k, const float* v,
+                      const LinearBias& bias, float* out, float* lse);
+
+// Invalid shapes (a size < 1, q_offset < k_offset, non-finite scale) and null required pointers throw
+// std::invalid_argument. attention_backward fills a non-null da/db/dc/dd whose bias term is null with 0.
+
+// The kernels' vectorisable exp (fp32, relative error < 2e-7; results below FLT_MIN flushed to 0, exp(+inf) =
+// inf, NaN -> NaN). Exposed for tests.
+float exp_f32(float x);
+
+}  // namespace grape::kernels::cpu

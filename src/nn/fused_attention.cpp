@@ -1,0 +1,126 @@
+// The LibTorch binding of the fused CPU attention kernels (src/kernels/cpu/attention.hpp): checks tensors,
+// makes them contiguous float32, and wraps forward/backward in an autograd Function. Thin on purpose: the
+// math lives in the kernels, the encoding's per-token terms come from Encoding::linear_bias.
+#include <fmt/format.h>
+
+#include <cmath>
+#include <stdexcept>
+
+#include "grape/pe.hpp"
+#include "kernels/cpu/attention.hpp"
+
+namespace grape {
+namespace {
+
+namespace kc = kernels::cpu;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+constexpr int64_t kDecodeMaxQueries = 16;  // few queries against a long cache: split the keys over threads
+constexpr int64_t kDecodeMinKeys = 256;
+
+// An absent bias term travels through the autograd Function as an empty tensor (LibTorch 1.13's custom
+// functions cannot take undefined inputs) and reaches the kernel as a null pointer.
+bool present(const torch::Tensor& t) { return t.defined() && t.numel() > 0; }
+const float* ptr(const torch::Tensor& t) { return present(t) ? t.data_ptr<float>() : nullptr; }
+float* mut(torch::Tensor& t) { return present(t) ? t.data_ptr<float>() : nullptr; }
+
+// [B,H,T] float32 contiguous, or empty.
+torch::Tensor term(const torch::Tensor& t) {
+  return t.defined() ? t.to(torch::kFloat32).contiguous() : torch::empty({0}, torch::kFloat32);
+}
+
+class FusedAttentionFn : public torch::autograd::Function<FusedAttentionFn> {
+ public:
+  static variable_list forward(AutogradContext* ctx, torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                               torch::Tensor a, torch::Tensor b, torch::Tensor c, torch::Tensor d,
+                               int64_t q_offset, int64_t k_offset) {
+    kc::AttentionShape s{q.size(0), q.size(2), q.size(1), k.size(1), q.size(3), q_offset, k_offset,
+                         float(1.0 / std::sqrt(double(q.size(3))))};
+    q = q.contiguous(), k = k.contiguous(), v = v.contiguous();
+    const kc::LinearBias bias{ptr(a), ptr(b), ptr(c), ptr(d)};
+    auto out = torch::empty_like(q);
+    auto lse = torch::empty({s.B, s.H, s.Tq}, q.options());
+    torch::NoGradGuard no_grad;
+    if (s.Tq <= kDecodeMaxQueries && s.Tk >= kDecodeMinKeys)
+      kc::attention_decode(s, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), bias,
+                           out.data_ptr<float>(), lse.data_ptr<float>());
+    else
+      kc::attention_forward(s, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), bias,
+                            out.data_ptr<float>(), lse.data_ptr<float>());
+    ctx->save_for_backward({q, k, v, a, b, c, d, out, lse});
+    ctx->saved_data["q_offset"] = q_offset;
+    ctx->saved_data["k_offset"] = k_offset;
+    return {out};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    auto &q = saved[0], &k = saved[1], &v = saved[2], &a = saved[3], &b = saved[4], &c = saved[5],
+         &d = saved[6], &out = saved[7], &lse = saved[8];
+    kc::AttentionShape s{q.size(0), q.size(2), q.size(1), k.size(1), q.size(3),
+                         ctx->saved_data["q_offset"].toInt(), ctx->saved_data["k_offset"].toInt(),
+                         float(1.0 / std::sqrt(double(q.size(3))))};
+    auto dout = grads[0].to(torch::kFloat32).contiguous();
+    auto dq = torch::empty_like(q), dk = torch::empty_like(k), dv = torch::empty_like(v);
+    // A bias term gets a gradient only when it was given (an absent term is a constant zero).
+    auto like = [](const torch::Tensor& t) { return present(t) ? torch::empty_like(t) : torch::Tensor(); };
+    auto da = like(a), db = like(b), dc = like(c), dd = like(d);
+    kc::attention_backward(s, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
+                           {ptr(a), ptr(b), ptr(c), ptr(d)}, out.data_ptr<float>(), dout.data_ptr<float>(),
+                           lse.data_ptr<float>(), dq.data_ptr<float>(), dk.data_ptr<float>(),
+                           dv.data_ptr<float>(), mut(da), mut(db), mut(dc), mut(dd));
+    return {dq, dk, dv, da, db, dc, dd, torch::Tensor(), torch::Tensor()};
+  }
+};
+
+void check_float32(const torch::Tensor& t, const char* what) {
+  if (!t.defined())
+    throw std::invalid_argument(fmt::format("fused attention: {} is missing", what));
+  if (t.scalar_type() != torch::kFloat32)
+    throw std::invalid_argument(fmt::format("fused attention: {} must be float32, got {} (use the reference "
+                                            "attention for other dtypes)", what, c10::toString(t.scalar_type())));
+}
+
+}  // namespace
+
+bool fused_supported(const Encoding& enc) {
+  // Probe the hook on a one-token chunk: only the form of the bias matters, not its values.
+  if (!enc.properties().has_bias) return true;
+  const auto& s = enc.shape();
+  torch::NoGradGuard no_grad;
+  auto probe = torch::zeros({1, 1, s.heads, s.head_dim});
+  auto x = torch::zeros({1, 1, s.model_dim});
+  auto state = enc.initial_state(1, 0);
+  auto tokens = const_cast<Encoding&>(enc).encode(probe, probe, x, state);
+  LinearBiasTerms terms;
+  return enc.linear_bias(tokens, KeyCache::from(tokens), terms);
+}
+
+torch::Tensor fused_attend(const Encoding& enc, const PeTokens& queries, const KeyCache& keys) {
+  check_float32(queries.q, "q");
+  check_float32(keys.k, "k");
+  check_float32(keys.v, "v (the cache holds no values)");
+  const auto& q = queries.q;
+  if (q.dim() != 4 || keys.k.dim() != 4 || !keys.k.sizes().equals(keys.v.sizes()) || q.size(0) != keys.k.size(0) ||
+      q.size(2) != keys.k.size(2) || q.size(3) != keys.k.size(3))
+    throw std::invalid_argument(fmt::format("fused attention: q {} and k, v {} must be [B,T,H,D] with equal B, H, D",
+                                            shape_string(q), shape_string(keys.k)));
+  if (queries.offset < keys.offset)
+    throw std::invalid_argument(fmt::format("fused attention: the first query (position {}) precedes every cached "
+                                            "key (from position {})", queries.offset, keys.offset));
+  LinearBiasTerms t;
+  if (!enc.linear_bias(queries, keys, t))
+    throw std::invalid_argument(fmt::format("fused attention: the bias of '{}' is not in the linear family the "
+                                            "fused kernel computes; use the reference attention", enc.name()));
+  return FusedAttentionFn::apply(q, keys.k, keys.v, term(t.a), term(t.b), term(t.c), term(t.d), queries.offset,
+                                 keys.offset)[0];
+}
+
+torch::Tensor fused_attention(Encoding& enc, const torch::Tensor& q, const torch::Tensor& k,
+                              const torch::Tensor& v, const torch::Tensor& x, PeState& state) {
+  auto tokens = enc.encode(q, k, x, state);
+  return fused_attend(enc, tokens, KeyCache::from(tokens, v));
+}
+
+}  // namespace grape

@@ -1,0 +1,417 @@
+// Fused CPU attention kernels (src/kernels/cpu/attention.hpp) against a plain double-precision loop reference
+// that materialises the logits of each (batch, head). The reference's own gradients are checked by finite
+// differences, so the oracle is trusted. No LibTorch here.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kernels/cpu/attention.hpp"
+
+namespace {
+
+namespace kc = grape::kernels::cpu;
+using Vec = std::vector<double>;
+using FVec = std::vector<float>;
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// Which bias terms are present.
+struct BiasMask {
+  bool a = false, b = false, c = false, d = false;
+  bool any() const { return a || b || c || d; }
+};
+
+// One problem in double: q [B,Tq,H,D], k, v [B,Tk,H,D], a, c [B,H,Tq], b, d [B,H,Tk] (empty when absent).
+struct Problem {
+  kc::AttentionShape s;
+  Vec q, k, v, a, b, c, d, dout;
+};
+
+struct Grads {
+  Vec dq, dk, dv, da, db, dc, dd;
+};
+
+// ---- the reference --------------------------------------------------------------------------------------
+
+struct RefForward {
+  Vec out, lse;
+  std::vector<Vec> P;  // per (b, h): [Tq][Tk] probabilities
+};
+
+RefForward ref_forward(const Problem& p) {
+  const auto& s = p.s;
+  const int64_t B = s.B, H = s.H, Tq = s.Tq, Tk = s.Tk, D = s.D;
+  RefForward r{Vec(B * Tq * H * D, 0.0), Vec(B * H * Tq, 0.0), {}};
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      Vec P(Tq * Tk, 0.0);
+      for (int64_t i = 0; i < Tq; ++i) {
+        const int64_t pi = s.q_offset + i;
+        Vec logit(Tk, -kInf);
+        double mx = -kInf;
+        for (int64_t j = 0; j < Tk; ++j) {
+          const int64_t pj = s.k_offset + j;
+          if (pj > pi) continue;
+          double dot = 0.0;
+          for (int64_t e = 0; e < D; ++e)
+            dot += p.q[((b * Tq + i) * H + h) * D + e] * p.k[((b * Tk + j) * H + h) * D + e];
+          double x = double(s.scale) * dot;
+          const int64_t qi = (b * H + h) * Tq + i, kj = (b * H + h) * Tk + j;
+          if (!p.a.empty()) x += p.a[qi];
+          if (!p.b.empty()) x += p.b[kj];
+          const double slope = (p.c.empty() ? 0.0 : p.c[qi]) + (p.d.empty() ? 0.0 : p.d[kj]);
+          x += slope * double(pi - pj);
+          logit[j] = x;
+          mx = std::max(mx, x);
+        }
+        double sum = 0.0;
+        for (int64_t j = 0; j < Tk; ++j) sum += std::exp(logit[j] - mx);
+        for (int64_t j = 0; j < Tk; ++j) P[i * Tk + j] = std::exp(logit[j] - mx) / sum;
+        r.lse[(b * H + h) * Tq + i] = mx + std::log(sum);
+        for (int64_t j = 0; j < Tk; ++j)
+          for (int64_t e = 0; e < D; ++e)
+            r.out[((b * Tq + i) * H + h) * D + e] += P[i * Tk + j] * p.v[((b * Tk + j) * H + h) * D + e];
+      }
+      r.P.push_back(std::move(P));
+    }
+  return r;
+}
+
+// Gradients of sum(dout * out) by the textbook formulas: dP = dout v^T, dS = P (dP - sum_j P dP).
+Grads ref_backward(const Problem& p, const RefForward& f) {
+  const auto& s = p.s;
+  const int64_t B = s.B, H = s.H, Tq = s.Tq, Tk = s.Tk, D = s.D;
+  Grads g{Vec(p.q.size(), 0.0), Vec(p.k.size(), 0.0), Vec(p.v.size(), 0.0), Vec(B * H * Tq, 0.0),
+          Vec(B * H * Tk, 0.0), Vec(B * H * Tq, 0.0), Vec(B * H * Tk, 0.0)};
+  auto qx = [&](int64_t b, int64_t i, int64_t h) { return ((b * Tq + i) * H + h) * D; };
+  auto kx = [&](int64_t b, int64_t j, int64_t h) { return ((b * Tk + j) * H + h) * D; };
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      const Vec& P = f.P[b * H + h];
+      for (int64_t i = 0; i < Tq; ++i) {
+        Vec dP(Tk, 0.0);
+        double delta = 0.0;
+        for (int64_t j = 0; j < Tk; ++j) {
+          for (int64_t e = 0; e < D; ++e) dP[j] += p.dout[qx(b, i, h) + e] * p.v[kx(b, j, h) + e];
+          delta += P[i * Tk + j] * dP[j];
+        }
+        for (int64_t j = 0; j < Tk; ++j) {
+          const double pij = P[i * Tk + j];
+          if (pij == 0.0) continue;
+          const double ds = pij * (dP[j] - delta);
+          const double dist = double((s.q_offset + i) - (s.k_offset + j));
+          for (int64_t e = 0; e < D; ++e) {
+            g.dv[kx(b, j, h) + e] += pij * p.dout[qx(b, i, h) + e];
+            g.dk[kx(b, j, h) + e] += double(s.scale) * ds * p.q[qx(b, i, h) + e];
+            g.dq[qx(b, i, h) + e] += double(s.scale) * ds * p.k[kx(b, j, h) + e];
+          }
+          const int64_t qi = (b * H + h) * Tq + i, kj = (b * H + h) * Tk + j;
+          g.da[qi] += ds, g.db[kj] += ds, g.dc[qi] += ds * dist, g.dd[kj] += ds * dist;
+        }
+      }
+    }
+  if (p.a.empty()) std::fill(g.da.begin(), g.da.end(), 0.0);  // an absent term has gradient 0
+  if (p.b.empty()) std::fill(g.db.begin(), g.db.end(), 0.0);
+  if (p.c.empty()) std::fill(g.dc.begin(), g.dc.end(), 0.0);
+  if (p.d.empty()) std::fill(g.dd.begin(), g.dd.end(), 0.0);
+  return g;
+}
+
+// ---- problems and kernel calls ----------------------------------------------------------------------------
+
+Problem make_problem(kc::AttentionShape s, BiasMask m, uint32_t seed) {
+  std::mt19937 rng(seed);
+  auto fill = [&](int64_t n, double sd) {
+    std::normal_distribution<double> nd(0.0, sd);
+    Vec x(n);
+    for (auto& e : x) e = double(float(nd(rng)));  // exactly representable in fp32
+    return x;
+  };
+  Problem p;
+  p.s = s;
+  const int64_t nq = s.B * s.Tq * s.H * s.D, nk = s.B * s.Tk * s.H * s.D;
+  p.q = fill(nq, 1.0), p.k = fill(nk, 1.0), p.v = fill(nk, 1.0), p.dout = fill(nq, 1.0);
+  if (m.a) p.a = fill(s.B * s.H * s.Tq, 2.0);
+  if (m.b) p.b = fill(s.B * s.H * s.Tk, 2.0);
+  if (m.c) p.c = fill(s.B * s.H * s.Tq, 0.05);
+  if (m.d) p.d = fill(s.B * s.H * s.Tk, 0.05);
+  return p;
+}
+
+FVec to_f(const Vec& x) { return FVec(x.begin(), x.end()); }
+
+// fp32 copies of a problem's inputs, and the bias view the kernels take.
+struct FProblem {
+  FVec q, k, v, a, b, c, d, dout;
+  explicit FProblem(const Problem& p)
+      : q(to_f(p.q)),
+        k(to_f(p.k)),
+        v(to_f(p.v)),
+        a(to_f(p.a)),
+        b(to_f(p.b)),
+        c(to_f(p.c)),
+        d(to_f(p.d)),
+        dout(to_f(p.dout)) {}
+  kc::LinearBias bias() const {
+    auto ptr = [](const FVec& x) { return x.empty() ? nullptr : x.data(); };
+    return {ptr(a), ptr(b), ptr(c), ptr(d)};
+  }
+};
+
+double max_abs(const Vec& x) {
+  double m = 0.0;
+  for (double e : x) m = std::max(m, std::abs(e));
+  return m;
+}
+
+double max_err(const FVec& got, const Vec& want) {
+  EXPECT_EQ(got.size(), want.size());
+  double m = 0.0;
+  for (size_t i = 0; i < got.size() && i < want.size(); ++i) {
+    const double e = std::abs(double(got[i]) - want[i]);
+    m = std::isnan(e) ? kInf : std::max(m, e);
+  }
+  return m;
+}
+
+std::string describe(const kc::AttentionShape& s, BiasMask m) {
+  return "B=" + std::to_string(s.B) + " H=" + std::to_string(s.H) + " Tq=" + std::to_string(s.Tq) +
+         " Tk=" + std::to_string(s.Tk) + " D=" + std::to_string(s.D) +
+         " q_offset=" + std::to_string(s.q_offset) + " k_offset=" + std::to_string(s.k_offset) +
+         " bias=" + (m.a ? "a" : "") + (m.b ? "b" : "") + (m.c ? "c" : "") + (m.d ? "d" : "");
+}
+
+// Runs forward (and backward when asked) on one problem and compares every output with the reference.
+void check_problem(kc::AttentionShape s, BiasMask m, bool backward, uint32_t seed) {
+  SCOPED_TRACE(describe(s, m));
+  const Problem p = make_problem(s, m, seed);
+  const FProblem f(p);
+  const RefForward ref = ref_forward(p);
+  FVec out(p.q.size()), lse(s.B * s.H * s.Tq);
+  kc::attention_forward(s, f.q.data(), f.k.data(), f.v.data(), f.bias(), out.data(), lse.data());
+  EXPECT_LE(max_err(out, ref.out) / std::max(1.0, max_abs(ref.out)), 1e-4);
+  EXPECT_LE(max_err(lse, ref.lse), 1e-4);
+  if (!backward) return;
+  const Grads want = ref_backward(p, ref);
+  FVec dq(p.q.size()), dk(p.k.size()), dv(p.v.size());
+  FVec da(s.B * s.H * s.Tq, -1.f), dc(da), db(s.B * s.H * s.Tk, -1.f), dd(db);  // -1: must be overwritten
+  kc::attention_backward(s, f.q.data(), f.k.data(), f.v.data(), f.bias(), out.data(), f.dout.data(),
+                         lse.data(), dq.data(), dk.data(), dv.data(), da.data(), db.data(), dc.data(),
+                         dd.data());
+  auto expect_close = [](const char* name, const FVec& got, const Vec& ref) {
+    EXPECT_LE(max_err(got, ref), 1e-3 * std::max(1.0, max_abs(ref))) << name;
+  };
+  expect_close("dq", dq, want.dq);
+  expect_close("dk", dk, want.dk);
+  expect_close("dv", dv, want.dv);
+  expect_close("da", da, want.da);
+  expect_close("db", db, want.db);
+  expect_close("dc", dc, want.dc);
+  expect_close("dd", dd, want.dd);
+}
+
+const BiasMask kBiasVariants[] = {
+    {},                           // none
+    {true, true, false, false},   // a + b (FoX-like)
+    {false, false, true, false},  // c only (ALiBi, GRAPE-A query gate)
+    {false, false, false, true},  // d only (GRAPE-A key gate)
+    {true, true, true, true},     // all four
+};
+
+// The three position layouts for a sequence of T keys.
+kc::AttentionShape layout(int64_t B, int64_t H, int64_t T, int64_t D, int which) {
+  kc::AttentionShape s;
+  s.B = B, s.H = H, s.D = D, s.Tk = T, s.scale = float(1.0 / std::sqrt(double(D)));
+  if (which == 0) {  // full sequence: Tq == Tk, equal offsets
+    s.Tq = T, s.q_offset = s.k_offset = 0;
+  } else if (which == 1) {  // a chunk of queries at the end of the keys (prefill with a cache)
+    s.Tq = std::max<int64_t>(1, T / 3), s.k_offset = 0, s.q_offset = T - s.Tq;
+  } else {  // k_offset > 0, and queries shifted further: the last keys are seen by no query
+    s.Tq = T, s.k_offset = 11, s.q_offset = 14;
+  }
+  return s;
+}
+
+// ---- tests ---------------------------------------------------------------------------------------------
+
+TEST(KernelExp, MatchesStdExp) {
+  double worst = 0.0;
+  for (float x = -87.0f; x < 88.7f; x += 0.001237f) {
+    const double want = std::exp(double(x));
+    worst = std::max(worst, std::abs(double(kc::exp_f32(x)) - want) / want);
+  }
+  EXPECT_LE(worst, 2.5e-7);  // about 2 ulp
+  EXPECT_EQ(kc::exp_f32(0.0f), 1.0f);
+  EXPECT_EQ(kc::exp_f32(-std::numeric_limits<float>::infinity()), 0.0f);
+  EXPECT_EQ(kc::exp_f32(-1000.0f), 0.0f);
+  EXPECT_EQ(kc::exp_f32(std::numeric_limits<float>::infinity()), std::numeric_limits<float>::infinity());
+  EXPECT_EQ(kc::exp_f32(89.0f), std::numeric_limits<float>::infinity());
+  EXPECT_TRUE(std::isfinite(kc::exp_f32(88.72f)));
+  EXPECT_TRUE(std::isnan(kc::exp_f32(std::numeric_limits<float>::quiet_NaN())));
+}
+
+TEST(KernelReference, BackwardMatchesFiniteDifferences) {
+  // Tiny case with every bias term and a chunked layout; loss = sum(dout * out).
+  kc::AttentionShape s;
+  s.B = 1, s.H = 2, s.Tq = 3, s.Tk = 5, s.D = 4, s.q_offset = 2, s.k_offset = 0, s.scale = 0.5f;
+  Problem p = make_problem(s, {true, true, true, true}, 7);
+  for (auto& e : p.c) e *= 10.0;  // make the distance slopes matter
+  for (auto& e : p.d) e *= 10.0;
+  const Grads g = ref_backward(p, ref_forward(p));
+  auto loss = [&](const Problem& x) {
+    const Vec out = ref_forward(x).out;
+    double l = 0.0;
+    for (size_t i = 0; i < out.size(); ++i) l += out[i] * x.dout[i];
+    return l;
+  };
+  auto check = [&](const char* name, Vec Problem::*field, const Vec& grad) {
+    for (size_t i = 0; i < (p.*field).size(); ++i) {
+      Problem hi = p, lo = p;
+      const double h = 1e-6;
+      (hi.*field)[i] += h, (lo.*field)[i] -= h;
+      const double fd = (loss(hi) - loss(lo)) / (2 * h);
+      EXPECT_NEAR(grad[i], fd, 1e-7 * std::max(1.0, std::abs(fd))) << name << "[" << i << "]";
+    }
+  };
+  check("q", &Problem::q, g.dq);
+  check("k", &Problem::k, g.dk);
+  check("v", &Problem::v, g.dv);
+  check("a", &Problem::a, g.da);
+  check("b", &Problem::b, g.db);
+  check("c", &Problem::c, g.dc);
+  check("d", &Problem::d, g.dd);
+}
+
+TEST(KernelForwardBackward, MatchReferenceOnGrid) {
+  uint32_t seed = 100;
+  for (int64_t T : {1, 7, 64, 257})
+    for (int64_t D : {32, 64, 128, 48, 20})
+      for (auto [B, H] : {std::pair<int64_t, int64_t>{1, 1}, {2, 3}})
+        for (int which = 0; which < 3; ++which)
+          for (const BiasMask& m : kBiasVariants) {
+            check_problem(layout(B, H, T, D, which), m, /*backward=*/true, seed++);
+          }
+}
+
+TEST(KernelForwardBackward, LongSequence) {
+  check_problem(layout(1, 1, 1024, 64, 0), {true, true, true, true}, /*backward=*/false, 1);
+  check_problem(layout(1, 1, 1024, 64, 1), {false, false, true, false}, /*backward=*/true, 2);
+}
+
+TEST(KernelForwardBackward, PartialBiasGradientsAndNullOutputs) {
+  // Only c present; asking for da/db/dd gives zeros, null outputs are skipped.
+  const kc::AttentionShape s = layout(2, 3, 70, 32, 0);
+  const Problem p = make_problem(s, {false, false, true, false}, 3);
+  const FProblem f(p);
+  const RefForward ref = ref_forward(p);
+  const Grads want = ref_backward(p, ref);
+  FVec out(p.q.size()), lse(s.B * s.H * s.Tq), dq(out.size()), dk(p.k.size()), dv(p.v.size());
+  FVec da(s.B * s.H * s.Tq, 5.f), dc(da), dd(s.B * s.H * s.Tk, 5.f);
+  kc::attention_forward(s, f.q.data(), f.k.data(), f.v.data(), f.bias(), out.data(), lse.data());
+  kc::attention_backward(s, f.q.data(), f.k.data(), f.v.data(), f.bias(), out.data(), f.dout.data(),
+                         lse.data(), dq.data(), dk.data(), dv.data(), da.data(), nullptr, dc.data(),
+                         dd.data());
+  EXPECT_EQ(max_abs(Vec(da.begin(), da.end())), 0.0);
+  EXPECT_EQ(max_abs(Vec(dd.begin(), dd.end())), 0.0);
+  EXPECT_LE(max_err(dc, want.dc), 1e-3 * std::max(1.0, max_abs(want.dc)));
+  EXPECT_LE(max_err(dq, want.dq), 1e-3 * std::max(1.0, max_abs(want.dq)));
+}
+
+TEST(KernelForward, NanPropagatesAlongCausalOrder) {
+  // A NaN in query 5 spoils only row 5; a NaN in key 9's value spoils every query that sees key 9.
+  // (Like the materialised reference, a masked key shares its tile's product with 0 weight, so a NaN or inf
+  // in a future key's value is not guaranteed to stay out of earlier rows: 0 * NaN = NaN.)
+  kc::AttentionShape s = layout(1, 1, 100, 32, 0);
+  const Problem p = make_problem(s, {}, 4);
+  FProblem f(p);
+  f.q[5 * 32 + 1] = std::numeric_limits<float>::quiet_NaN();
+  f.v[9 * 32 + 3] = std::numeric_limits<float>::quiet_NaN();
+  FVec out(p.q.size()), lse(s.Tq);
+  kc::attention_forward(s, f.q.data(), f.k.data(), f.v.data(), f.bias(), out.data(), lse.data());
+  FVec out2(out), lse2(lse);  // decode propagates the same way
+  kc::attention_decode(s, f.q.data(), f.k.data(), f.v.data(), f.bias(), out2.data(), lse2.data());
+  for (int64_t i = 0; i < s.Tq; ++i) {
+    EXPECT_EQ(std::isnan(lse2[i]), i == 5) << i;
+    EXPECT_EQ(std::isnan(lse[i]), i == 5) << i;
+    EXPECT_EQ(std::isnan(out[i * 32]), i == 5) << i;  // column 0: only the NaN query
+    if (i >= 9) {
+      EXPECT_TRUE(std::isnan(out[i * 32 + 3])) << i;  // column 3: every query that sees key 9
+    }
+  }
+}
+
+TEST(KernelDecode, MatchesForward) {
+  for (int64_t Tq : {1, 4})
+    for (int64_t Tk : {1, 5, 300, 2000})
+      for (const BiasMask& m : {BiasMask{}, BiasMask{true, true, true, true}}) {
+        kc::AttentionShape s;
+        s.B = 2, s.H = 3, s.D = 64, s.Tq = Tq, s.Tk = Tk, s.scale = 0.125f;
+        s.k_offset = 3,
+        s.q_offset = 3 + std::max<int64_t>(0, Tk - Tq);  // the queries' own keys end the cache
+        SCOPED_TRACE(describe(s, m));
+        const Problem p = make_problem(s, m, uint32_t(Tq * 10000 + Tk));
+        const FProblem f(p);
+        FVec out(p.q.size()), lse(s.B * s.H * s.Tq), out2(out), lse2(lse);
+        kc::attention_forward(s, f.q.data(), f.k.data(), f.v.data(), f.bias(), out.data(), lse.data());
+        kc::attention_decode(s, f.q.data(), f.k.data(), f.v.data(), f.bias(), out2.data(), lse2.data());
+        double scale_out = 1.0, err_out = 0.0, err_lse = 0.0;
+        for (size_t i = 0; i < out.size(); ++i) {
+          scale_out = std::max(scale_out, double(std::abs(out[i])));
+          err_out = std::max(err_out, double(std::abs(out[i] - out2[i])));
+        }
+        for (size_t i = 0; i < lse.size(); ++i)
+          err_lse = std::max(err_lse, double(std::abs(lse[i] - lse2[i])));
+        EXPECT_LE(err_out / scale_out, 1e-5);
+        EXPECT_LE(err_lse, 1e-5);
+        if (Tk <= 300) {  // and against the reference, for good measure
+          const RefForward ref = ref_forward(p);
+          EXPECT_LE(max_err(out2, ref.out) / std::max(1.0, max_abs(ref.out)), 1e-4);
+        }
+      }
+}
+
+TEST(KernelValidation, BadInvariantsThrow) {
+  const kc::AttentionShape good = layout(1, 2, 8, 16, 0);
+  const Problem p = make_problem(good, {}, 5);
+  const FProblem f(p);
+  FVec out(p.q.size()), lse(16), dq(out), dk(out), dv(out);
+  auto all_throw = [&](kc::AttentionShape s, const float* q, const char* what) {
+    SCOPED_TRACE(what);
+    EXPECT_THROW(kc::attention_forward(s, q, f.k.data(), f.v.data(), {}, out.data(), lse.data()),
+                 std::invalid_argument);
+    EXPECT_THROW(kc::attention_decode(s, q, f.k.data(), f.v.data(), {}, out.data(), lse.data()),
+                 std::invalid_argument);
+    EXPECT_THROW(
+        kc::attention_backward(s, q, f.k.data(), f.v.data(), {}, out.data(), f.dout.data(), lse.data(),
+                               dq.data(), dk.data(), dv.data(), nullptr, nullptr, nullptr, nullptr),
+        std::invalid_argument);
+  };
+  auto with = [&](auto change) {
+    kc::AttentionShape s = good;
+    change(s);
+    return s;
+  };
+  all_throw(with([](auto& s) { s.B = 0; }), f.q.data(), "B = 0");
+  all_throw(with([](auto& s) { s.H = -1; }), f.q.data(), "H < 0");
+  all_throw(with([](auto& s) { s.Tq = 0; }), f.q.data(), "Tq = 0");
+  all_throw(with([](auto& s) { s.Tk = 0; }), f.q.data(), "Tk = 0");
+  all_throw(with([](auto& s) { s.D = 0; }), f.q.data(), "D = 0");
+  all_throw(with([](auto& s) { s.k_offset = 1; }), f.q.data(), "q_offset < k_offset");
+  all_throw(with([](auto& s) { s.scale = std::numeric_limits<float>::quiet_NaN(); }), f.q.data(),
+            "scale NaN");
+  all_throw(good, nullptr, "null q");
+  EXPECT_THROW(kc::attention_forward(good, f.q.data(), f.k.data(), f.v.data(), {}, nullptr, lse.data()),
+               std::invalid_argument);
+  // The valid shape itself is accepted.
+  EXPECT_NO_THROW(
+      kc::attention_forward(good, f.q.data(), f.k.data(), f.v.data(), {}, out.data(), lse.data()));
+}
+
+}  // namespace
