@@ -4,6 +4,7 @@
 
 #include <chrono>
 
+#include "cli/bench_attention.hpp"
 #include "cli/commands.hpp"
 #include "cli/run_flags.hpp"
 #include "grape/io.hpp"
@@ -55,6 +56,7 @@ void finish(const BenchArgs& a, const std::string& table, const nlohmann::json& 
 void add_bench_command(CLI::App& app) {
   auto* bench = app.add_subcommand("bench", "measure throughput on this machine");
   bench->require_subcommand(1);
+  add_bench_attention(bench);
 
   auto ta = std::make_shared<BenchArgs>();
   auto* tr = bench->add_subcommand("train", "training tokens/s (forward + backward + AdamW) per preset");
