@@ -2,6 +2,7 @@
 // that materialises the logits of each (batch, head). The reference's own gradients are checked by finite
 // differences, so the oracle is trusted. No LibTorch here.
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -322,6 +323,52 @@ TEST(KernelForwardBackward, PartialBiasGradientsAndNullOutputs) {
   EXPECT_EQ(max_abs(Vec(dd.begin(), dd.end())), 0.0);
   EXPECT_LE(max_err(dc, want.dc), 1e-3 * std::max(1.0, max_abs(want.dc)));
   EXPECT_LE(max_err(dq, want.dq), 1e-3 * std::max(1.0, max_abs(want.dq)));
+}
+
+TEST(KernelBackward, OnePassAndTwoPassPathsMatchReference) {
+  // attention_backward does one pass per (b, h) when there are enough heads for the threads and two passes
+  // (key tiles, then query tiles) otherwise: with 2 threads (1,1) takes two passes and (2,3), (1,2) one; with
+  // 1 thread every shape takes one pass. Likewise attention_forward runs one task per (b, h) (keys packed
+  // once per head) or one per query tile. Both paths must match the reference and each other.
+  const int saved = omp_get_max_threads();
+  uint32_t seed = 900;
+  for (auto [B, H] : {std::pair<int64_t, int64_t>{1, 1}, {2, 3}, {1, 2}})
+    for (auto [T, D] : {std::pair<int64_t, int64_t>{257, 48}, {130, 64}})
+      for (int which = 0; which < 3; ++which)
+        for (const BiasMask& m : {BiasMask{}, BiasMask{true, true, true, true}}) {
+          const kc::AttentionShape s = layout(B, H, T, D, which);
+          const Problem p = make_problem(s, m, seed++);
+          const FProblem f(p);
+          const RefForward ref_fwd = ref_forward(p);
+          const Grads want = ref_backward(p, ref_fwd);
+          std::vector<FVec> first;  // dq, dk, dv, da, db, dc, dd of the 1-thread run
+          for (int threads : {1, 2}) {
+            SCOPED_TRACE(describe(s, m) + " threads=" + std::to_string(threads));
+            omp_set_num_threads(threads);
+            FVec out(p.q.size()), lse(s.B * s.H * s.Tq);
+            kc::attention_forward(s, f.q.data(), f.k.data(), f.v.data(), f.bias(), out.data(), lse.data());
+            EXPECT_LE(max_err(out, ref_fwd.out) / std::max(1.0, max_abs(ref_fwd.out)), 1e-4);
+            EXPECT_LE(max_err(lse, ref_fwd.lse), 1e-4);
+            FVec dq(p.q.size()), dk(p.k.size()), dv(p.v.size());
+            FVec da(s.B * s.H * s.Tq, -1.f), dc(da), db(s.B * s.H * s.Tk, -1.f), dd(db);
+            kc::attention_backward(s, f.q.data(), f.k.data(), f.v.data(), f.bias(), out.data(), f.dout.data(),
+                                   lse.data(), dq.data(), dk.data(), dv.data(), da.data(), db.data(),
+                                   dc.data(), dd.data());
+            omp_set_num_threads(saved);
+            const std::vector<FVec> got{dq, dk, dv, da, db, dc, dd};
+            const std::vector<const Vec*> ref{&want.dq, &want.dk, &want.dv, &want.da,
+                                              &want.db, &want.dc, &want.dd};
+            const char* names[] = {"dq", "dk", "dv", "da", "db", "dc", "dd"};
+            for (size_t n = 0; n < got.size(); ++n) {
+              const double tol = 1e-3 * std::max(1.0, max_abs(*ref[n]));
+              EXPECT_LE(max_err(got[n], *ref[n]), tol) << names[n];
+              if (!first.empty())  // the two thread counts (paths) agree
+                EXPECT_LE(max_err(got[n], Vec(first[n].begin(), first[n].end())), tol) << names[n];
+            }
+            if (first.empty()) first = got;
+          }
+        }
+  EXPECT_EQ(omp_get_max_threads(), saved);
 }
 
 TEST(KernelForward, NanPropagatesAlongCausalOrder) {

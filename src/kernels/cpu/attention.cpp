@@ -1,12 +1,16 @@
 // Fused causal attention on the CPU, FlashAttention-2 order (the contract is in attention.hpp).
 //
-// Work split: one OpenMP task is a tile of kBQ query rows of one (batch, head) (forward, backward pass 2),
-// a tile of kBK keys (backward pass 1), or a block of kDecodeBlock keys (decode). A task packs the rows it
-// reads into contiguous, zero-padded, thread-local buffers (the head's rows are strided by H*D in memory):
+// Work split: when there are at least as many (batch, head) pairs as threads, one OpenMP task is a whole
+// (batch, head): the forward packs the head's keys once for all its query tiles, and the backward runs one
+// pass over the head's key tiles (5 tile products per tile pair). Otherwise one task is a tile of kBQ query
+// rows of one (batch, head) (forward, backward pass 2), a tile of kBK keys (backward pass 1), or a block of
+// kDecodeBlock keys (decode). A task packs the rows it reads into contiguous, zero-padded, thread-local
+// buffers (the head's rows are strided by H*D in memory):
 //   Q, dO:  [kBQ][Dp]  row-major          K^T, V^T: [Dp][kBK]  (so q.k runs over contiguous keys)
 //   K, V:   [kBK][Dp]  row-major          S, P, dS: [kBQ][kBK]
-// with Dp = D rounded up to kNR. Every matrix product is one call of gemm_tile, a kMR x kNR register-blocked
-// micro-kernel written as plain loops the compiler vectorises (see GRAPE_SIMD for the instruction sets).
+// with Dp = D rounded up to kNR. Every matrix product is one call of gemm_tile, a register-blocked
+// micro-kernel (kMR x 2 kNR with AVX-512, kMR x kNR otherwise) written as plain loops the compiler
+// vectorises (see GRAPE_SIMD for the instruction sets).
 // exp is exp_inline, a branch-free polynomial that vectorises (std::exp does not without -ffast-math).
 //
 // Masking: within a key tile the keys a query row sees form a prefix (keys j <= i + q_offset - k_offset), so
@@ -39,6 +43,12 @@
 #else
 #define GRAPE_SIMD
 #endif
+#endif
+
+#if defined(__GNUC__)
+#define GRAPE_INLINE inline __attribute__((always_inline))
+#else
+#define GRAPE_INLINE inline
 #endif
 
 namespace grape::kernels::cpu {
@@ -212,30 +222,44 @@ void pack_key_bias(const float* src, int64_t n, float* dst) {
 // The one matrix-product micro-kernel
 // ---------------------------------------------------------------------------------------------------------
 
+// One kMR x (NB kNR) block of C (+)= A B, held in registers across the whole K loop: per k, kMR broadcasts of
+// A and NB contiguous kNR-wide loads of B feed kMR * NB * kNR fused multiply-adds. Always inlined, so that it
+// is vectorised with gemm_tile's target options (GRAPE_SIMD).
+template <int NB>
+GRAPE_INLINE void gemm_block(int64_t K, const float* a, int64_t ars, int64_t aks, const float* b, int64_t ldb,
+                             float* C, int64_t ldc, bool accumulate) {
+  constexpr int64_t W = NB * kNR;
+  float acc[kMR][W];
+  for (int64_t r = 0; r < kMR; ++r)
+    for (int64_t c = 0; c < W; ++c) acc[r][c] = accumulate ? C[r * ldc + c] : 0.0f;
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t r = 0; r < kMR; ++r) {
+      const float ar = a[r * ars + k * aks];
+#pragma omp simd
+      for (int64_t c = 0; c < W; ++c) acc[r][c] += ar * b[k * ldb + c];
+    }
+  }
+  for (int64_t r = 0; r < kMR; ++r)
+    for (int64_t c = 0; c < W; ++c) C[r * ldc + c] = acc[r][c];
+}
+
 // C[M x N] (+)= A B for tiles: A(r, k) = A[r * ars + k * aks] (so A may be read transposed), B row-major with
 // leading dimension ldb. M % kMR == 0 and N % kNR == 0 (the tiles are padded); K is any length.
-// Each kMR x kNR block of C lives in registers across the whole K loop: per k, kMR broadcasts of A and one
-// contiguous kNR-wide load of B feed kMR * kNR fused multiply-adds.
+// With AVX-512 the columns go in blocks of 2 kNR (16 zmm accumulators: 10 loads per 16 FMAs, so the FMA
+// units rather than the load ports set the pace), with a kNR-wide tail; otherwise in blocks of kNR (the 8
+// x 16 accumulators fill 16 ymm registers).
 GRAPE_SIMD
 void gemm_tile(int64_t M, int64_t N, int64_t K, const float* A, int64_t ars, int64_t aks, const float* B,
                int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   for (int64_t r0 = 0; r0 < M; r0 += kMR) {
-    for (int64_t n0 = 0; n0 < N; n0 += kNR) {
-      float acc[kMR][kNR];
-      for (int64_t r = 0; r < kMR; ++r)
-        for (int64_t c = 0; c < kNR; ++c) acc[r][c] = accumulate ? C[(r0 + r) * ldc + n0 + c] : 0.0f;
-      const float* a = A + r0 * ars;
-      const float* b = B + n0;
-      for (int64_t k = 0; k < K; ++k) {
-        for (int64_t r = 0; r < kMR; ++r) {
-          const float ar = a[r * ars + k * aks];
-#pragma omp simd
-          for (int64_t c = 0; c < kNR; ++c) acc[r][c] += ar * b[k * ldb + c];
-        }
-      }
-      for (int64_t r = 0; r < kMR; ++r)
-        for (int64_t c = 0; c < kNR; ++c) C[(r0 + r) * ldc + n0 + c] = acc[r][c];
-    }
+    const float* a = A + r0 * ars;
+    float* c = C + r0 * ldc;
+    int64_t n0 = 0;
+#if defined(__AVX512F__)
+    for (; n0 + 2 * kNR <= N; n0 += 2 * kNR)
+      gemm_block<2>(K, a, ars, aks, B + n0, ldb, c + n0, ldc, accumulate);
+#endif
+    for (; n0 < N; n0 += kNR) gemm_block<1>(K, a, ars, aks, B + n0, ldb, c + n0, ldc, accumulate);
   }
 }
 
@@ -393,8 +417,11 @@ struct ForwardWork {
 
 // Online softmax of query rows [i0, i0 + rows) of head (b, h) over keys [kbeg, kend): leaves the running max
 // m, sum l and the unnormalised accumulator O (rows x Dp) in w. rows <= kBQ; kbeg is a multiple of kBK.
+// Kt_all / V_all, when given, hold the head's keys already packed (pack_head_keys); otherwise each key tile
+// is packed here.
 void flash_rows(const Geometry& g, const float* q, const float* k, const float* v, const LinearBias& bias,
-                int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t kbeg, int64_t kend, ForwardWork& w) {
+                int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t kbeg, int64_t kend, ForwardWork& w,
+                const float* Kt_all = nullptr, const float* V_all = nullptr) {
   const int64_t Dp = g.Dp, Mp = round_up(rows, kMR);
   row_pointers(q, g.Tq, g.H, g.D, b, h, i0, rows, w.rows);
   pack_rows(w.rows, rows, Mp, g.D, Dp, w.Q);
@@ -406,15 +433,34 @@ void flash_rows(const Geometry& g, const float* q, const float* k, const float* 
   for (int64_t j0 = kbeg; j0 < kend; j0 += kBK) {
     const int64_t nk = std::min(kBK, kend - j0);
     t.j0 = j0, t.nk = nk;
-    row_pointers(k, g.Tk, g.H, g.D, b, h, j0, nk, w.rows);
-    pack_cols(w.rows, nk, kBK, g.D, Dp, w.Kt);
-    row_pointers(v, g.Tk, g.H, g.D, b, h, j0, nk, w.rows);
-    pack_rows(w.rows, nk, nk, g.D, Dp, w.V);
+    const float* Kt = w.Kt;
+    const float* V = w.V;
+    if (Kt_all) {
+      Kt = Kt_all + (j0 / kBK) * Dp * kBK, V = V_all + j0 * Dp;
+    } else {
+      row_pointers(k, g.Tk, g.H, g.D, b, h, j0, nk, w.rows);
+      pack_cols(w.rows, nk, kBK, g.D, Dp, w.Kt);
+      row_pointers(v, g.Tk, g.H, g.D, b, h, j0, nk, w.rows);
+      pack_rows(w.rows, nk, nk, g.D, Dp, w.V);
+    }
     pack_key_bias(bias.b ? bias.b + ks + j0 : nullptr, nk, w.kb);
     pack_key_bias(bias.d ? bias.d + ks + j0 : nullptr, nk, w.kd);
-    gemm_tile(Mp, kBK, Dp, w.Q, Dp, 1, w.Kt, kBK, w.S, kBK, false);  // S = Q K^T (raw dots)
-    softmax_step(t, rows, Mp, Dp, w.S, w.m, w.l, w.O);               // S -> P, rescale O
-    gemm_tile(Mp, Dp, nk, w.S, kBK, 1, w.V, Dp, w.O, Dp, true);      // O += P V
+    gemm_tile(Mp, kBK, Dp, w.Q, Dp, 1, Kt, kBK, w.S, kBK, false);  // S = Q K^T (raw dots)
+    softmax_step(t, rows, Mp, Dp, w.S, w.m, w.l, w.O);             // S -> P, rescale O
+    gemm_tile(Mp, Dp, nk, w.S, kBK, 1, V, Dp, w.O, Dp, true);      // O += P V
+  }
+}
+
+// Packs the first nkt key tiles of head (b, h): Kt_all [nkt][Dp][kBK] (each tile transposed, as flash_rows
+// packs it) and V_all [nkt kBK][Dp], zero-padded.
+void pack_head_keys(const Geometry& g, const float* k, const float* v, int64_t b, int64_t h, int64_t nkt,
+                    const float** rows, float* Kt_all, float* V_all) {
+  for (int64_t kt = 0; kt < nkt; ++kt) {
+    const int64_t j0 = kt * kBK, nk = std::clamp<int64_t>(g.Tk - j0, 0, kBK);
+    row_pointers(k, g.Tk, g.H, g.D, b, h, j0, nk, rows);
+    pack_cols(rows, nk, kBK, g.D, g.Dp, Kt_all + kt * g.Dp * kBK);
+    row_pointers(v, g.Tk, g.H, g.D, b, h, j0, nk, rows);
+    pack_rows(rows, nk, kBK, g.D, g.Dp, V_all + j0 * g.Dp);
   }
 }
 
@@ -432,7 +478,43 @@ void attention_forward(const AttentionShape& s, const float* q, const float* k, 
   check(out && lse, "attention_forward", "out and lse must not be null");
   const Geometry g(s);
   const int64_t n_qt = ceil_div(g.Tq, kBQ);
-  const int threads = team_size(g.B * g.H * n_qt);
+  auto finish_rows = [&](int64_t b, int64_t h, int64_t i0, int64_t rows, const ForwardWork& w) {
+    for (int64_t r = 0; r < rows; ++r) {  // out = O / l, lse = m + log l
+      const float inv = 1.0f / w.l[r];
+      float* o = out + ((b * g.Tq + i0 + r) * g.H + h) * g.D;
+      for (int64_t d = 0; d < g.D; ++d) o[d] = w.O[r * g.Dp + d] * inv;
+      lse[g.q_stat(b, h) + i0 + r] = w.m[r] + std::log(w.l[r]);
+    }
+  };
+  // With enough heads for the threads (at most 25% of the time idle on the last round), one task per (b, h)
+  // packs the head's keys once (K^T tiles, V) and reuses them for every query tile; otherwise one task per
+  // query tile packs the key tiles it visits.
+  const int64_t heads = g.B * g.H, max_threads = omp_get_max_threads();
+  const int64_t nkt = ceil_div(g.key_end(g.Tq), kBK), head_floats = 2 * nkt * kBK * g.Dp;
+  const int head_threads = team_size(heads);
+  if (4 * max_threads * ceil_div(heads, max_threads) <= 5 * heads &&
+      (ForwardWork::floats(g.Dp) + head_floats) * head_threads <= (int64_t(1) << 28)) {  // <= 1 GiB
+    const Arena arena(head_threads, ForwardWork::floats(g.Dp) + head_floats);
+#pragma omp parallel num_threads(head_threads)
+    {
+      float* mem = arena.thread(omp_get_thread_num());
+      ForwardWork w(mem, g.Dp);
+      float* Kt_all = mem + ForwardWork::floats(g.Dp);
+      float* V_all = Kt_all + nkt * kBK * g.Dp;
+#pragma omp for collapse(2) schedule(dynamic, 1)
+      for (int64_t b = 0; b < g.B; ++b)
+        for (int64_t h = 0; h < g.H; ++h) {
+          pack_head_keys(g, k, v, b, h, nkt, w.rows, Kt_all, V_all);
+          for (int64_t qt = 0; qt < n_qt; ++qt) {
+            const int64_t i0 = qt * kBQ, rows = std::min(kBQ, g.Tq - i0);
+            flash_rows(g, q, k, v, bias, b, h, i0, rows, 0, g.key_end(i0 + rows), w, Kt_all, V_all);
+            finish_rows(b, h, i0, rows, w);
+          }
+        }
+    }
+    return;
+  }
+  const int threads = team_size(heads * n_qt);
   const Arena arena(threads, ForwardWork::floats(g.Dp));
 #pragma omp parallel num_threads(threads)
   {
@@ -443,12 +525,7 @@ void attention_forward(const AttentionShape& s, const float* q, const float* k, 
         for (int64_t qt = 0; qt < n_qt; ++qt) {
           const int64_t i0 = qt * kBQ, rows = std::min(kBQ, g.Tq - i0);
           flash_rows(g, q, k, v, bias, b, h, i0, rows, 0, g.key_end(i0 + rows), w);
-          for (int64_t r = 0; r < rows; ++r) {  // out = O / l, lse = m + log l
-            const float inv = 1.0f / w.l[r];
-            float* o = out + ((b * g.Tq + i0 + r) * g.H + h) * g.D;
-            for (int64_t d = 0; d < g.D; ++d) o[d] = w.O[r * g.Dp + d] * inv;
-            lse[g.q_stat(b, h) + i0 + r] = w.m[r] + std::log(w.l[r]);
-          }
+          finish_rows(b, h, i0, rows, w);
         }
   }
 }
@@ -522,7 +599,8 @@ void attention_decode(const AttentionShape& s, const float* q, const float* k, c
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Backward: pass 1 over key tiles (dk, dv, db, dd), pass 2 over query tiles (dq, da, dc)
+// Backward: one pass per (b, h) over its key tiles (all gradients), or, with fewer heads than threads,
+// pass 1 over key tiles (dk, dv, db, dd) and pass 2 over query tiles (dq, da, dc)
 // ---------------------------------------------------------------------------------------------------------
 
 namespace {
@@ -583,6 +661,97 @@ void store_rows(const Geometry& g, const float* acc, float scale, int64_t T, int
   }
 }
 
+// One-pass backward workspace: the whole query side of one (b, h) (Q, dO packed, lse, Delta, and the dQ, da,
+// dc accumulators) plus one key tile (K, K^T, V^T, bias terms, the dK, dV, db, dd accumulators) and S, dS.
+struct OnePassWork {
+  float *Q, *dO, *dQ, *lse, *delta, *K, *Kt, *Vt, *S, *dS, *dK, *dV, *kb, *kd;
+  double *row_a, *row_c, *col_b, *col_d;
+  const float** rows;
+
+  static int64_t floats(int64_t Tqp, int64_t Dp) {
+    return Carver::size({Tqp * Dp, Tqp * Dp, Tqp * Dp, Tqp, Tqp, kBK * Dp, Dp * kBK, Dp * kBK, kBQ * kBK,
+                         kBQ * kBK, kBK * Dp, kBK * Dp, kBK, kBK, 2 * Tqp, 2 * Tqp, 2 * kBK, 2 * kBK,
+                         int64_t(std::max(Tqp, kBK) * sizeof(void*) / sizeof(float))});
+  }
+  OnePassWork(float* mem, int64_t Tqp, int64_t Dp) {
+    Carver c{mem};
+    Q = c.take(Tqp * Dp), dO = c.take(Tqp * Dp), dQ = c.take(Tqp * Dp), lse = c.take(Tqp);
+    delta = c.take(Tqp), K = c.take(kBK * Dp), Kt = c.take(Dp * kBK), Vt = c.take(Dp * kBK);
+    S = c.take(kBQ * kBK), dS = c.take(kBQ * kBK), dK = c.take(kBK * Dp), dV = c.take(kBK * Dp);
+    kb = c.take(kBK), kd = c.take(kBK);
+    row_a = reinterpret_cast<double*>(c.take(2 * Tqp)), row_c = reinterpret_cast<double*>(c.take(2 * Tqp));
+    col_b = reinterpret_cast<double*>(c.take(2 * kBK)), col_d = reinterpret_cast<double*>(c.take(2 * kBK));
+    rows =
+        reinterpret_cast<const float**>(c.take(int64_t(std::max(Tqp, kBK) * sizeof(void*) / sizeof(float))));
+  }
+};
+
+struct BiasGrads {
+  float *da, *db, *dc, *dd;  // null where not wanted
+};
+
+// The whole backward of head (b, h) in one pass over its key tiles: for each (query tile, key tile) pair
+// S = Q K^T, P, dP = dO V^T and dS are computed once and feed dV += P^T dO, dK += dS^T Q (this key tile's
+// accumulators) and dQ += dS K (the head's query accumulator): 5 tile products per pair.
+void backward_head(const Geometry& g, const float* q, const float* k, const float* v, const LinearBias& bias,
+                   const float* dout, const float* lse, const float* delta, int64_t b, int64_t h, float* dq,
+                   float* dk, float* dv, const BiasGrads& bg, OnePassWork& w) {
+  const int64_t Dp = g.Dp, n_qt = ceil_div(g.Tq, kBQ), n_kt = ceil_div(g.Tk, kBK), Tqp = n_qt * kBQ;
+  const int64_t qs = g.q_stat(b, h), ks0 = g.k_stat(b, h);
+  row_pointers(q, g.Tq, g.H, g.D, b, h, 0, g.Tq, w.rows);
+  pack_rows(w.rows, g.Tq, Tqp, g.D, Dp, w.Q);
+  row_pointers(dout, g.Tq, g.H, g.D, b, h, 0, g.Tq, w.rows);
+  pack_rows(w.rows, g.Tq, Tqp, g.D, Dp, w.dO);
+  std::copy(lse + qs, lse + qs + g.Tq, w.lse);
+  std::copy(delta + qs, delta + qs + g.Tq, w.delta);
+  std::fill(w.dQ, w.dQ + Tqp * Dp, 0.0f);
+  std::fill(w.row_a, w.row_a + Tqp, 0.0);
+  std::fill(w.row_c, w.row_c + Tqp, 0.0);
+  for (int64_t kt = 0; kt < n_kt; ++kt) {
+    const int64_t j0 = kt * kBK, nk = std::min(kBK, g.Tk - j0), Np = round_up(nk, kMR);
+    std::fill(w.dK, w.dK + kBK * Dp, 0.0f);
+    std::fill(w.dV, w.dV + kBK * Dp, 0.0f);
+    std::fill(w.col_b, w.col_b + kBK, 0.0);
+    std::fill(w.col_d, w.col_d + kBK, 0.0);
+    const int64_t first_row = std::max<int64_t>(0, j0 - g.delta);  // first query that sees key j0
+    if (first_row < g.Tq) {
+      const int64_t ks = ks0 + j0;
+      row_pointers(k, g.Tk, g.H, g.D, b, h, j0, nk, w.rows);
+      pack_cols(w.rows, nk, kBK, g.D, Dp, w.Kt);
+      pack_rows(w.rows, nk, kBK, g.D, Dp, w.K);
+      row_pointers(v, g.Tk, g.H, g.D, b, h, j0, nk, w.rows);
+      pack_cols(w.rows, nk, kBK, g.D, Dp, w.Vt);
+      pack_key_bias(bias.b ? bias.b + ks : nullptr, nk, w.kb);
+      pack_key_bias(bias.d ? bias.d + ks : nullptr, nk, w.kd);
+      for (int64_t qt = first_row / kBQ; qt < n_qt; ++qt) {
+        const int64_t i0 = qt * kBQ, rows = std::min(kBQ, g.Tq - i0), Mp = round_up(rows, kMR);
+        const float* Qt = w.Q + i0 * Dp;
+        const float* dOt = w.dO + i0 * Dp;
+        const TileLogits t = tile_logits(g, bias, b, h, i0, j0, nk, w.kb, w.kd);
+        gemm_tile(Mp, kBK, Dp, Qt, Dp, 1, w.Kt, kBK, w.S, kBK, false);    // S = Q K^T
+        gemm_tile(Mp, kBK, Dp, dOt, Dp, 1, w.Vt, kBK, w.dS, kBK, false);  // dP = dO V^T
+        dsoftmax_step(t, rows, Mp, w.lse + i0, w.delta + i0, w.S, w.dS, bg.db ? w.col_b : nullptr,
+                      bg.dd ? w.col_d : nullptr, bg.da ? w.row_a + i0 : nullptr,
+                      bg.dc ? w.row_c + i0 : nullptr);
+        gemm_tile(Np, Dp, rows, w.S, 1, kBK, dOt, Dp, w.dV, Dp, true);           // dV += P^T dO
+        gemm_tile(Np, Dp, rows, w.dS, 1, kBK, Qt, Dp, w.dK, Dp, true);           // dK += dS^T Q
+        gemm_tile(Mp, Dp, nk, w.dS, kBK, 1, w.K, Dp, w.dQ + i0 * Dp, Dp, true);  // dQ += dS K
+      }
+    }
+    store_rows(g, w.dK, g.scale, g.Tk, b, h, j0, nk, dk);
+    store_rows(g, w.dV, 1.0f, g.Tk, b, h, j0, nk, dv);
+    for (int64_t j = 0; j < nk; ++j) {
+      if (bg.db) bg.db[ks0 + j0 + j] = float(w.col_b[j]);
+      if (bg.dd) bg.dd[ks0 + j0 + j] = float(w.col_d[j]);
+    }
+  }
+  store_rows(g, w.dQ, g.scale, g.Tq, b, h, 0, g.Tq, dq);
+  for (int64_t i = 0; i < g.Tq; ++i) {
+    if (bg.da) bg.da[qs + i] = float(w.row_a[i]);
+    if (bg.dc) bg.dc[qs + i] = float(w.row_c[i]);
+  }
+}
+
 }  // namespace
 
 void attention_backward(const AttentionShape& s, const float* q, const float* k, const float* v,
@@ -614,6 +783,29 @@ void attention_backward(const AttentionShape& s, const float* q, const float* k,
         for (int64_t d = 0; d < g.D; ++d) acc += double(o[d]) * go[d];
         delta[g.q_stat(b, h) + i] = float(acc);
       }
+
+  // One pass per (b, h) (5 tile products per tile pair) when there are enough heads to keep every thread
+  // busy; otherwise two passes that split each head's work by key tile and by query tile (7 products per
+  // pair, but every thread has work). Cost model: the busiest thread's share of the work.
+  const int64_t heads = g.B * g.H, max_threads = omp_get_max_threads();
+  const int64_t Tqp = n_qt * kBQ;
+  const int head_threads = team_size(heads);
+  const bool one_pass = 5 * max_threads * ceil_div(heads, max_threads) <= 7 * heads &&
+                        OnePassWork::floats(Tqp, Dp) * head_threads <= (int64_t(1) << 28);  // <= 1 GiB
+  if (one_pass) {
+    const Arena arena(head_threads, OnePassWork::floats(Tqp, Dp));
+    const BiasGrads bg{want_a ? da : nullptr, want_b ? db : nullptr, want_c ? dc : nullptr,
+                       want_d ? dd : nullptr};
+#pragma omp parallel num_threads(head_threads)
+    {
+      OnePassWork w(arena.thread(omp_get_thread_num()), Tqp, Dp);
+#pragma omp for collapse(2) schedule(dynamic, 1)
+      for (int64_t b = 0; b < g.B; ++b)
+        for (int64_t h = 0; h < g.H; ++h)
+          backward_head(g, q, k, v, bias, dout, lse, delta, b, h, dq, dk, dv, bg, w);
+    }
+    return;
+  }
 
   const Arena arena(threads, BackwardWork::floats(Dp));
 #pragma omp parallel num_threads(threads)
