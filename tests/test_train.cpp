@@ -462,6 +462,12 @@ TEST_F(Train, BadInputGetsOneClearLine) {
       {"compare --pe rope,spiral --out " + path("c"), "spiral"},
       {"train --config " + path("text.txt") + " --out " + path("a"), "not valid JSON"},
   };
+  // Out-of-range numbers are refused by the flag parser (its own exit code), never silently ignored.
+  for (const char* flag : {"--steps -5", "--batch 0", "--lr -1", "--warmup -2"}) {
+    auto r = run_cli(std::string("train ") + flag + " --out " + path("a"));
+    EXPECT_NE(r.code, 0) << flag << "\n" << r.output;
+    EXPECT_NE(r.output.find(std::string(flag).substr(0, std::string(flag).find(' '))), std::string::npos) << r.output;
+  }
   for (const auto& c : cases) {
     auto r = run_cli(c.args);
     EXPECT_EQ(r.code, 1) << c.args << "\n" << r.output;

@@ -15,7 +15,7 @@ void add_train_command(CLI::App& app) {
   add_run_flags(cmd, *flags, /*with_pe=*/true);
   cmd->add_option("--out", *out, "run directory (default: runs/<pe>-<preset>)");
   cmd->add_flag("--resume", *resume, "continue the run in --out from its latest checkpoint (its own settings; "
-                                     "--steps may extend it)");
+                                     "--steps sets a new step budget)");
   cmd->add_flag("--quiet", *quiet, "no progress output");
   cmd->callback([flags, out, resume, quiet] {
     train::TrainOptions opts;

@@ -23,16 +23,18 @@ void add_run_flags(CLI::App* cmd, RunFlags& f, bool with_pe) {
   cmd->add_flag("--kv-shift", f.kv_shift, "add KV-shift to every layer");
   cmd->add_option("--attention", f.attention, "fused (CPU kernels, default) or reference (LibTorch-composed)")
       ->check(CLI::IsMember({"fused", "reference"}));
-  cmd->add_option("--context", f.context, "training context length");
-  cmd->add_option("--steps", f.steps, "optimizer steps");
-  cmd->add_option("--batch", f.batch, "sequences per micro-batch");
-  cmd->add_option("--accum", f.accum, "micro-batches per step (gradient accumulation)");
-  cmd->add_option("--lr", f.lr, "peak learning rate");
-  cmd->add_option("--min-lr", f.min_lr, "final learning rate of the cosine decay");
-  cmd->add_option("--warmup", f.warmup, "linear warmup steps");
-  cmd->add_option("--eval-every", f.eval_every, "validate every N steps (0: at the end only)");
-  cmd->add_option("--ckpt-every", f.ckpt_every, "checkpoint every N steps (0: at the end only)");
-  cmd->add_option("--seed", f.seed, "seed of initialisation and data order");
+  cmd->add_option("--context", f.context, "training context length")->check(CLI::PositiveNumber);
+  cmd->add_option("--steps", f.steps, "optimizer steps")->check(CLI::PositiveNumber);
+  cmd->add_option("--batch", f.batch, "sequences per micro-batch")->check(CLI::PositiveNumber);
+  cmd->add_option("--accum", f.accum, "micro-batches per step (gradient accumulation)")->check(CLI::PositiveNumber);
+  cmd->add_option("--lr", f.lr, "peak learning rate")->check(CLI::PositiveNumber);
+  cmd->add_option("--min-lr", f.min_lr, "final learning rate of the cosine decay")->check(CLI::NonNegativeNumber);
+  cmd->add_option("--warmup", f.warmup, "linear warmup steps")->check(CLI::NonNegativeNumber);
+  cmd->add_option("--eval-every", f.eval_every, "validate every N steps (0: at the end only)")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--ckpt-every", f.ckpt_every, "checkpoint every N steps (0: at the end only)")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--seed", f.seed, "seed of initialisation and data order")->check(CLI::NonNegativeNumber);
   cmd->add_option("--data", f.data, "bible | FILE.txt | DIR | FILE.bin | synthetic:NAME[:k=v,...]");
   cmd->add_option("--tokenizer", f.tokenizer, "byte | PATH.model (SentencePiece)");
 }
