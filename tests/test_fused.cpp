@@ -72,11 +72,10 @@ std::vector<std::string> supported_encodings() {
   return out;
 }
 
-TEST(FusedAttention, EveryEncodingButThePathSumIsSupported) {
+TEST(FusedAttention, EveryEncodingIsSupported) {
   auto names = supported_encodings();
-  EXPECT_EQ(names.size(), grape::encodings().size() - 1);
-  EXPECT_EQ(std::find(names.begin(), names.end(), "grape-ap"), names.end());
-  for (const char* n : {"rope", "alibi", "fox", "grape-a-qk", "grape-m-ctx", "learned"})
+  EXPECT_EQ(names.size(), grape::encodings().size());
+  for (const char* n : {"rope", "alibi", "fox", "grape-a-qk", "grape-m-ctx", "learned", "grape-ap"})
     EXPECT_NE(std::find(names.begin(), names.end(), n), names.end()) << n;
 }
 
@@ -87,14 +86,15 @@ TEST(FusedAttention, MatchesReferenceForEveryEncodingOverTheGrid) {
 }
 
 TEST(FusedAttention, MatchesReferenceAtLongContextAndOtherBatchShapes) {
-  for (const char* pe : {"rope", "alibi", "fox", "grape-a-qk", "grape-m-ctx"}) check_against_reference({pe, 1024, 64, 1, 2});
-  for (const char* pe : {"grape-m", "grape-a-k", "xpos"}) check_against_reference({pe, 33, 64, 3, 1});
+  for (const char* pe : {"rope", "alibi", "fox", "grape-a-qk", "grape-m-ctx", "grape-ap"})
+    check_against_reference({pe, 1024, 64, 1, 2});
+  for (const char* pe : {"grape-m", "grape-a-k", "xpos", "grape-ap"}) check_against_reference({pe, 33, 64, 3, 1});
 }
 
 // Queries of a later chunk against the whole cache (prefill, then chunked prefill and one-token decode),
 // starting at a non-zero position; decode with a long cache takes the split-key kernel.
 TEST(FusedAttention, ChunksAndDecodeAgainstACacheEqualTheReference) {
-  for (const char* pe : {"rope", "alibi", "fox", "grape-a-q", "grape-m-ctx", "nope"}) {
+  for (const char* pe : {"rope", "alibi", "fox", "grape-a-q", "grape-m-ctx", "nope", "grape-ap"}) {
     for (int64_t prefix : {5, 300}) {
       for (int64_t chunk : {1, 4, 37}) {
         SCOPED_TRACE(::testing::Message() << pe << " prefix=" << prefix << " chunk=" << chunk);
@@ -129,9 +129,34 @@ TEST(FusedAttention, NonContiguousInputsAreHandled) {
             1e-4);
 }
 
-// The per-token terms of the linear family reproduce the encoding's own bias below the diagonal.
+// The path bias sum_{l=j+1..i} m_h logsigmoid(p_i . r_l / P) from the terms p, r, m, by a plain double loop
+// (queries and keys at the same positions): [B,H,T,T].
+torch::Tensor path_bias_from_terms(const grape::LinearBiasTerms& t) {
+  auto p = t.p.to(torch::kFloat64).contiguous(), r = t.r.to(torch::kFloat64).contiguous();
+  auto m = t.m.to(torch::kFloat64).contiguous();
+  const int64_t B = p.size(0), T = p.size(1), H = p.size(2), P = p.size(3);
+  auto out = torch::zeros({B, H, T, T}, torch::kFloat64);
+  auto pa = p.accessor<double, 4>(), ra = r.accessor<double, 4>();
+  auto ma = m.accessor<double, 1>();
+  auto oa = out.accessor<double, 4>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t i = 0; i < T; ++i) {
+        double suffix = 0.0;  // sum of psi(i, l) over l > j, l <= i
+        for (int64_t j = i; j >= 0; --j) {
+          oa[b][h][i][j] = suffix;
+          double x = 0.0;
+          for (int64_t e = 0; e < P; ++e) x += pa[b][i][h][e] * ra[b][j][h][e];
+          x /= double(P);
+          suffix += ma[h] * (std::min(x, 0.0) - std::log1p(std::exp(-std::abs(x))));
+        }
+      }
+  return out;
+}
+
+// The per-token terms (linear family, path bias) reproduce the encoding's own bias below the diagonal.
 TEST(FusedAttention, LinearBiasTermsReproduceTheBias) {
-  for (const char* pe : {"alibi", "grape-a-q", "grape-a-k", "grape-a-qk", "fox"}) {
+  for (const char* pe : {"alibi", "grape-a-q", "grape-a-k", "grape-a-qk", "fox", "grape-ap"}) {
     SCOPED_TRACE(pe);
     torch::manual_seed(9);
     auto enc = grape::make_encoding(pe, {4, 16, kModelDim});
@@ -147,6 +172,8 @@ TEST(FusedAttention, LinearBiasTermsReproduceTheBias) {
     auto zero = torch::zeros({2, 4, 40}, torch::kFloat64);
     auto f = [&](const torch::Tensor& t) { return t.defined() ? t.to(torch::kFloat64) : zero; };
     auto bias = f(t.a).unsqueeze(-1) + f(t.b).unsqueeze(-2) + (f(t.c).unsqueeze(-1) + f(t.d).unsqueeze(-2)) * dist;
+    if (t.p.defined()) bias = bias + path_bias_from_terms(t);
+    EXPECT_EQ(t.p.defined(), std::string(pe) == "grape-ap");
     auto want = enc->bias(tok, cache).to(torch::kFloat64);
     auto causal = torch::ones({40, 40}, torch::kBool).tril();
     EXPECT_LE((bias - want).masked_fill(~causal, 0).abs().max().item<double>(), 1e-5);
@@ -164,16 +191,40 @@ TEST(FusedAttention, BadInputIsAClearError) {
   EXPECT_THROW(grape::fused_attend(*enc, tok, cache), std::invalid_argument);
   cache.v = torch::randn({1, 5, 2, 16}, torch::kFloat64);
   EXPECT_THROW(grape::fused_attend(*enc, tok, cache), std::invalid_argument);
-  auto ap = grape::make_encoding("grape-ap", {2, 16, kModelDim});
-  auto st2 = ap->initial_state(1);
-  auto x = torch::randn({1, 5, kModelDim});
-  auto t2 = ap->encode(q, q, x, st2);
+  // Every registered encoding is supported now; a bias without per-token terms is still refused, by name.
+  struct Opaque : grape::Encoding {
+    Opaque() : grape::Encoding("opaque-bias", {2, 16, kModelDim}) {}
+    grape::Properties properties() const override {
+      grape::Properties p;
+      p.has_bias = true;
+      return p;
+    }
+    torch::Tensor bias(const grape::PeTokens& qs, const grape::KeyCache& ks) const override {
+      return torch::zeros({qs.q.size(0), qs.q.size(2), qs.length, ks.length});
+    }
+
+   protected:
+    grape::PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor&,
+                                 grape::PeState&) override {
+      return {q, k};
+    }
+  } opaque;
+  EXPECT_FALSE(grape::fused_supported(opaque));
+  auto st2 = opaque.initial_state(1);
+  auto t2 = opaque.encode(q, q, {}, st2);
   try {
-    grape::fused_attend(*ap, t2, grape::KeyCache::from(t2, q));
-    FAIL() << "grape-ap accepted";
+    grape::fused_attend(opaque, t2, grape::KeyCache::from(t2, q));
+    FAIL() << "an opaque bias was accepted";
   } catch (const std::invalid_argument& e) {
-    EXPECT_NE(std::string(e.what()).find("grape-ap"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("opaque-bias"), std::string::npos) << e.what();
   }
+  // Path-bias terms of the wrong shape are a clear error too.
+  auto ap = grape::make_encoding("grape-ap", {2, 16, kModelDim});
+  auto st3 = ap->initial_state(1);
+  auto t3 = ap->encode(q, q, torch::randn({1, 5, kModelDim}), st3);
+  auto cache3 = grape::KeyCache::from(t3, q);
+  cache3.key["r"] = cache3.key["r"].narrow(1, 0, 3);
+  EXPECT_THROW(grape::fused_attend(*ap, t3, cache3), std::invalid_argument);
 }
 
 // The model with fused attention gives the reference model's logits and gradients.

@@ -26,18 +26,49 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 // Which bias terms are present.
 struct BiasMask {
   bool a = false, b = false, c = false, d = false;
-  bool any() const { return a || b || c || d; }
+  bool path = false;  // GRAPE-AP's path bias sum_{l=j+1..t} m_h logsigmoid(p_t . r_l / P)
+  bool any() const { return a || b || c || d || path; }
 };
 
-// One problem in double: q [B,Tq,H,D], k, v [B,Tk,H,D], a, c [B,H,Tq], b, d [B,H,Tk] (empty when absent).
+// One problem in double: q [B,Tq,H,D], k, v [B,Tk,H,D], a, c [B,H,Tq], b, d [B,H,Tk] (empty when absent);
+// the path bias's probes pp [B,Tq,H,P], pr [B,Tk,H,P] and slopes pm [H] (empty when absent).
 struct Problem {
   kc::AttentionShape s;
   Vec q, k, v, a, b, c, d, dout;
+  Vec pp, pr, pm;
+  int64_t P = 0;
 };
 
 struct Grads {
-  Vec dq, dk, dv, da, db, dc, dd;
+  Vec dq, dk, dv, da, db, dc, dd, dp, dr;
 };
+
+// The path bias's edge potential psi(t, l) = m_h logsigmoid(x), x = p_t . r_l / P, and dpsi/dx.
+struct Edge {
+  double x, psi, dpsi_dx;
+};
+Edge edge(const Problem& p, int64_t b, int64_t h, int64_t i, int64_t l) {
+  const auto& s = p.s;
+  double dot = 0.0;
+  for (int64_t e = 0; e < p.P; ++e)
+    dot += p.pp[((b * s.Tq + i) * s.H + h) * p.P + e] * p.pr[((b * s.Tk + l) * s.H + h) * p.P + e];
+  const double x = dot / double(p.P), m = p.pm[h];
+  const double ls = std::min(x, 0.0) - std::log1p(std::exp(-std::abs(x)));
+  return {x, m * ls, m / (1.0 + std::exp(x))};  // dlogsigmoid/dx = sigmoid(-x)
+}
+
+// The path bias of row i of head (b, h) against every key: bias[j] = sum_{l > j, l visible} psi(i, l).
+Vec path_row(const Problem& p, int64_t b, int64_t h, int64_t i) {
+  const auto& s = p.s;
+  Vec bias(s.Tk, 0.0);
+  if (p.pp.empty()) return bias;
+  double suffix = 0.0;
+  for (int64_t l = s.Tk - 1; l >= 0; --l) {
+    bias[l] = suffix;
+    if (s.k_offset + l <= s.q_offset + i) suffix += edge(p, b, h, i, l).psi;
+  }
+  return bias;
+}
 
 // ---- the reference --------------------------------------------------------------------------------------
 
@@ -55,6 +86,7 @@ RefForward ref_forward(const Problem& p) {
       Vec P(Tq * Tk, 0.0);
       for (int64_t i = 0; i < Tq; ++i) {
         const int64_t pi = s.q_offset + i;
+        const Vec path = path_row(p, b, h, i);
         Vec logit(Tk, -kInf);
         double mx = -kInf;
         for (int64_t j = 0; j < Tk; ++j) {
@@ -69,6 +101,7 @@ RefForward ref_forward(const Problem& p) {
           if (!p.b.empty()) x += p.b[kj];
           const double slope = (p.c.empty() ? 0.0 : p.c[qi]) + (p.d.empty() ? 0.0 : p.d[kj]);
           x += slope * double(pi - pj);
+          x += path[j];
           logit[j] = x;
           mx = std::max(mx, x);
         }
@@ -90,7 +123,8 @@ Grads ref_backward(const Problem& p, const RefForward& f) {
   const auto& s = p.s;
   const int64_t B = s.B, H = s.H, Tq = s.Tq, Tk = s.Tk, D = s.D;
   Grads g{Vec(p.q.size(), 0.0), Vec(p.k.size(), 0.0), Vec(p.v.size(), 0.0), Vec(B * H * Tq, 0.0),
-          Vec(B * H * Tk, 0.0), Vec(B * H * Tq, 0.0), Vec(B * H * Tk, 0.0)};
+          Vec(B * H * Tk, 0.0), Vec(B * H * Tq, 0.0), Vec(B * H * Tk, 0.0), Vec(p.pp.size(), 0.0),
+          Vec(p.pr.size(), 0.0)};
   auto qx = [&](int64_t b, int64_t i, int64_t h) { return ((b * Tq + i) * H + h) * D; };
   auto kx = [&](int64_t b, int64_t j, int64_t h) { return ((b * Tk + j) * H + h) * D; };
   for (int64_t b = 0; b < B; ++b)
@@ -115,6 +149,20 @@ Grads ref_backward(const Problem& p, const RefForward& f) {
           }
           const int64_t qi = (b * H + h) * Tq + i, kj = (b * H + h) * Tk + j;
           g.da[qi] += ds, g.db[kj] += ds, g.dc[qi] += ds * dist, g.dd[kj] += ds * dist;
+        }
+        if (p.pp.empty()) continue;
+        // Path bias: the bias of key j holds psi(i, l) for every visible l > j, so dpsi(i, l) = sum_{j<l} dS.
+        double prefix = 0.0;  // sum of dS(i, j) over j < l
+        for (int64_t l = 0; l < Tk; ++l) {
+          const double pij = P[i * Tk + l];
+          if (s.k_offset + l > s.q_offset + i) break;
+          const Edge e = edge(p, b, h, i, l);
+          const double gx = prefix * e.dpsi_dx / double(p.P);
+          for (int64_t c = 0; c < p.P; ++c) {
+            g.dp[((b * Tq + i) * H + h) * p.P + c] += gx * p.pr[((b * Tk + l) * H + h) * p.P + c];
+            g.dr[((b * Tk + l) * H + h) * p.P + c] += gx * p.pp[((b * Tq + i) * H + h) * p.P + c];
+          }
+          prefix += pij * (dP[l] - delta);
         }
       }
     }
@@ -143,6 +191,12 @@ Problem make_problem(kc::AttentionShape s, BiasMask m, uint32_t seed) {
   if (m.b) p.b = fill(s.B * s.H * s.Tk, 2.0);
   if (m.c) p.c = fill(s.B * s.H * s.Tq, 0.05);
   if (m.d) p.d = fill(s.B * s.H * s.Tk, 0.05);
+  if (m.path) {
+    p.P = 8;
+    p.pp = fill(s.B * s.Tq * s.H * p.P, 1.5), p.pr = fill(s.B * s.Tk * s.H * p.P, 1.5);
+    p.pm = fill(s.H, 0.3);
+    for (auto& e : p.pm) e = std::abs(e) + 0.05;  // ALiBi-like positive slopes
+  }
   return p;
 }
 
@@ -150,7 +204,8 @@ FVec to_f(const Vec& x) { return FVec(x.begin(), x.end()); }
 
 // fp32 copies of a problem's inputs, and the bias view the kernels take.
 struct FProblem {
-  FVec q, k, v, a, b, c, d, dout;
+  FVec q, k, v, a, b, c, d, dout, pp, pr, pm;
+  int64_t P;
   explicit FProblem(const Problem& p)
       : q(to_f(p.q)),
         k(to_f(p.k)),
@@ -159,10 +214,16 @@ struct FProblem {
         b(to_f(p.b)),
         c(to_f(p.c)),
         d(to_f(p.d)),
-        dout(to_f(p.dout)) {}
+        dout(to_f(p.dout)),
+        pp(to_f(p.pp)),
+        pr(to_f(p.pr)),
+        pm(to_f(p.pm)),
+        P(p.P) {}
   kc::LinearBias bias() const {
     auto ptr = [](const FVec& x) { return x.empty() ? nullptr : x.data(); };
-    return {ptr(a), ptr(b), ptr(c), ptr(d)};
+    kc::LinearBias bias{ptr(a), ptr(b), ptr(c), ptr(d)};
+    bias.p = ptr(pp), bias.r = ptr(pr), bias.m = ptr(pm), bias.P = P;
+    return bias;
   }
 };
 
@@ -186,7 +247,8 @@ std::string describe(const kc::AttentionShape& s, BiasMask m) {
   return "B=" + std::to_string(s.B) + " H=" + std::to_string(s.H) + " Tq=" + std::to_string(s.Tq) +
          " Tk=" + std::to_string(s.Tk) + " D=" + std::to_string(s.D) +
          " q_offset=" + std::to_string(s.q_offset) + " k_offset=" + std::to_string(s.k_offset) +
-         " bias=" + (m.a ? "a" : "") + (m.b ? "b" : "") + (m.c ? "c" : "") + (m.d ? "d" : "");
+         " bias=" + (m.a ? "a" : "") + (m.b ? "b" : "") + (m.c ? "c" : "") + (m.d ? "d" : "") +
+         (m.path ? "+path" : "");
 }
 
 // Runs forward (and backward when asked) on one problem and compares every output with the reference.
@@ -203,9 +265,10 @@ void check_problem(kc::AttentionShape s, BiasMask m, bool backward, uint32_t see
   const Grads want = ref_backward(p, ref);
   FVec dq(p.q.size()), dk(p.k.size()), dv(p.v.size());
   FVec da(s.B * s.H * s.Tq, -1.f), dc(da), db(s.B * s.H * s.Tk, -1.f), dd(db);  // -1: must be overwritten
+  FVec dp(p.pp.size(), -1.f), dr(p.pr.size(), -1.f);
   kc::attention_backward(s, f.q.data(), f.k.data(), f.v.data(), f.bias(), out.data(), f.dout.data(),
                          lse.data(), dq.data(), dk.data(), dv.data(), da.data(), db.data(), dc.data(),
-                         dd.data());
+                         dd.data(), m.path ? dp.data() : nullptr, m.path ? dr.data() : nullptr);
   auto expect_close = [](const char* name, const FVec& got, const Vec& ref) {
     EXPECT_LE(max_err(got, ref), 1e-3 * std::max(1.0, max_abs(ref))) << name;
   };
@@ -216,6 +279,8 @@ void check_problem(kc::AttentionShape s, BiasMask m, bool backward, uint32_t see
   expect_close("db", db, want.db);
   expect_close("dc", dc, want.dc);
   expect_close("dd", dd, want.dd);
+  expect_close("dp", dp, want.dp);
+  expect_close("dr", dr, want.dr);
 }
 
 const BiasMask kBiasVariants[] = {
@@ -224,6 +289,8 @@ const BiasMask kBiasVariants[] = {
     {false, false, true, false},  // c only (ALiBi, GRAPE-A query gate)
     {false, false, false, true},  // d only (GRAPE-A key gate)
     {true, true, true, true},     // all four
+    {false, false, false, false, true},  // the path bias alone (GRAPE-AP)
+    {true, true, true, true, true},      // all four and the path bias
 };
 
 // The three position layouts for a sequence of T keys.
@@ -262,9 +329,10 @@ TEST(KernelReference, BackwardMatchesFiniteDifferences) {
   // Tiny case with every bias term and a chunked layout; loss = sum(dout * out).
   kc::AttentionShape s;
   s.B = 1, s.H = 2, s.Tq = 3, s.Tk = 5, s.D = 4, s.q_offset = 2, s.k_offset = 0, s.scale = 0.5f;
-  Problem p = make_problem(s, {true, true, true, true}, 7);
+  Problem p = make_problem(s, {true, true, true, true, true}, 7);
   for (auto& e : p.c) e *= 10.0;  // make the distance slopes matter
   for (auto& e : p.d) e *= 10.0;
+  for (auto& e : p.pm) e *= 5.0;  // and the path bias
   const Grads g = ref_backward(p, ref_forward(p));
   auto loss = [&](const Problem& x) {
     const Vec out = ref_forward(x).out;
@@ -288,6 +356,8 @@ TEST(KernelReference, BackwardMatchesFiniteDifferences) {
   check("b", &Problem::b, g.db);
   check("c", &Problem::c, g.dc);
   check("d", &Problem::d, g.dd);
+  check("p", &Problem::pp, g.dp);
+  check("r", &Problem::pr, g.dr);
 }
 
 TEST(KernelForwardBackward, MatchReferenceOnGrid) {
@@ -304,6 +374,7 @@ TEST(KernelForwardBackward, MatchReferenceOnGrid) {
 TEST(KernelForwardBackward, LongSequence) {
   check_problem(layout(1, 1, 1024, 64, 0), {true, true, true, true}, /*backward=*/false, 1);
   check_problem(layout(1, 1, 1024, 64, 1), {false, false, true, false}, /*backward=*/true, 2);
+  check_problem(layout(1, 2, 1024, 64, 2), {false, false, true, false, true}, /*backward=*/true, 3);
 }
 
 TEST(KernelForwardBackward, PartialBiasGradientsAndNullOutputs) {
@@ -335,7 +406,7 @@ TEST(KernelBackward, OnePassAndTwoPassPathsMatchReference) {
   for (auto [B, H] : {std::pair<int64_t, int64_t>{1, 1}, {2, 3}, {1, 2}})
     for (auto [T, D] : {std::pair<int64_t, int64_t>{257, 48}, {130, 64}})
       for (int which = 0; which < 3; ++which)
-        for (const BiasMask& m : {BiasMask{}, BiasMask{true, true, true, true}}) {
+        for (const BiasMask& m : {BiasMask{}, BiasMask{true, true, true, true}, BiasMask{true, true, true, true, true}}) {
           const kc::AttentionShape s = layout(B, H, T, D, which);
           const Problem p = make_problem(s, m, seed++);
           const FProblem f(p);
@@ -351,14 +422,15 @@ TEST(KernelBackward, OnePassAndTwoPassPathsMatchReference) {
             EXPECT_LE(max_err(lse, ref_fwd.lse), 1e-4);
             FVec dq(p.q.size()), dk(p.k.size()), dv(p.v.size());
             FVec da(s.B * s.H * s.Tq, -1.f), dc(da), db(s.B * s.H * s.Tk, -1.f), dd(db);
+            FVec dp(p.pp.size(), -1.f), dr(p.pr.size(), -1.f);
             kc::attention_backward(s, f.q.data(), f.k.data(), f.v.data(), f.bias(), out.data(), f.dout.data(),
                                    lse.data(), dq.data(), dk.data(), dv.data(), da.data(), db.data(),
-                                   dc.data(), dd.data());
+                                   dc.data(), dd.data(), dp.data(), dr.data());
             omp_set_num_threads(saved);
-            const std::vector<FVec> got{dq, dk, dv, da, db, dc, dd};
-            const std::vector<const Vec*> ref{&want.dq, &want.dk, &want.dv, &want.da,
-                                              &want.db, &want.dc, &want.dd};
-            const char* names[] = {"dq", "dk", "dv", "da", "db", "dc", "dd"};
+            const std::vector<FVec> got{dq, dk, dv, da, db, dc, dd, dp, dr};
+            const std::vector<const Vec*> ref{&want.dq, &want.dk, &want.dv, &want.da, &want.db,
+                                              &want.dc, &want.dd, &want.dp, &want.dr};
+            const char* names[] = {"dq", "dk", "dv", "da", "db", "dc", "dd", "dp", "dr"};
             for (size_t n = 0; n < got.size(); ++n) {
               const double tol = 1e-3 * std::max(1.0, max_abs(*ref[n]));
               EXPECT_LE(max_err(got[n], *ref[n]), tol) << names[n];
@@ -397,7 +469,8 @@ TEST(KernelForward, NanPropagatesAlongCausalOrder) {
 TEST(KernelDecode, MatchesForward) {
   for (int64_t Tq : {1, 4})
     for (int64_t Tk : {1, 5, 300, 2000})
-      for (const BiasMask& m : {BiasMask{}, BiasMask{true, true, true, true}}) {
+      for (const BiasMask& m : {BiasMask{}, BiasMask{true, true, true, true}, BiasMask{false, false, false, false, true},
+                                BiasMask{true, true, true, true, true}}) {
         kc::AttentionShape s;
         s.B = 2, s.H = 3, s.D = 64, s.Tq = Tq, s.Tk = Tk, s.scale = 0.125f;
         s.k_offset = 3,
@@ -408,15 +481,17 @@ TEST(KernelDecode, MatchesForward) {
         FVec out(p.q.size()), lse(s.B * s.H * s.Tq), out2(out), lse2(lse);
         kc::attention_forward(s, f.q.data(), f.k.data(), f.v.data(), f.bias(), out.data(), lse.data());
         kc::attention_decode(s, f.q.data(), f.k.data(), f.v.data(), f.bias(), out2.data(), lse2.data());
-        double scale_out = 1.0, err_out = 0.0, err_lse = 0.0;
+        double scale_out = 1.0, err_out = 0.0, scale_lse = 1.0, err_lse = 0.0;
         for (size_t i = 0; i < out.size(); ++i) {
           scale_out = std::max(scale_out, double(std::abs(out[i])));
           err_out = std::max(err_out, double(std::abs(out[i] - out2[i])));
         }
-        for (size_t i = 0; i < lse.size(); ++i)
+        for (size_t i = 0; i < lse.size(); ++i) {
+          scale_lse = std::max(scale_lse, double(std::abs(lse[i])));  // |lse| > 128: one fp32 ulp > 1e-5
           err_lse = std::max(err_lse, double(std::abs(lse[i] - lse2[i])));
+        }
         EXPECT_LE(err_out / scale_out, 1e-5);
-        EXPECT_LE(err_lse, 1e-5);
+        EXPECT_LE(err_lse / scale_lse, 1e-5);
         if (Tk <= 300) {  // and against the reference, for good measure
           const RefForward ref = ref_forward(p);
           EXPECT_LE(max_err(out2, ref.out) / std::max(1.0, max_abs(ref.out)), 1e-4);
@@ -456,6 +531,24 @@ TEST(KernelValidation, BadInvariantsThrow) {
   all_throw(good, nullptr, "null q");
   EXPECT_THROW(kc::attention_forward(good, f.q.data(), f.k.data(), f.v.data(), {}, nullptr, lse.data()),
                std::invalid_argument);
+  // A path bias needs r, m and P >= 1.
+  kc::LinearBias path;
+  path.p = f.q.data(), path.r = f.k.data(), path.m = f.v.data(), path.P = 4;
+  EXPECT_NO_THROW(kc::attention_forward(good, f.q.data(), f.k.data(), f.v.data(), path, out.data(), lse.data()));
+  for (int which = 0; which < 3; ++which) {
+    kc::LinearBias bad = path;
+    if (which == 0) bad.r = nullptr;
+    if (which == 1) bad.m = nullptr;
+    if (which == 2) bad.P = 0;
+    EXPECT_THROW(kc::attention_forward(good, f.q.data(), f.k.data(), f.v.data(), bad, out.data(), lse.data()),
+                 std::invalid_argument);
+    EXPECT_THROW(kc::attention_decode(good, f.q.data(), f.k.data(), f.v.data(), bad, out.data(), lse.data()),
+                 std::invalid_argument);
+    EXPECT_THROW(kc::attention_backward(good, f.q.data(), f.k.data(), f.v.data(), bad, out.data(), f.dout.data(),
+                                        lse.data(), dq.data(), dk.data(), dv.data(), nullptr, nullptr, nullptr,
+                                        nullptr),
+                 std::invalid_argument);
+  }
   // The valid shape itself is accepted.
   EXPECT_NO_THROW(
       kc::attention_forward(good, f.q.data(), f.k.data(), f.v.data(), {}, out.data(), lse.data()));

@@ -57,11 +57,16 @@ struct KeyCache {
   static KeyCache from(const PeTokens& chunk, const torch::Tensor& v_chunk = {});
 };
 
-// A bias of the linear family, bias(i, j) = a_i + b_j + (c_i + d_j) (pos_i - pos_j), as per-token terms:
-// a, c [B,H,Tq] per query, b, d [B,H,Tk] per key; an undefined tensor is a zero term. ALiBi is c = -m_h,
-// GRAPE-A c = -omega gq and/or d = -omega gk, FoX a = C_i, b = -C_j (C re-based to stay small).
+// A bias the fused kernels compute per tile from per-token terms: the linear family
+//     a_i + b_j + (c_i + d_j) (pos_i - pos_j)
+// with a, c [B,H,Tq] per query, b, d [B,H,Tk] per key, plus GRAPE-AP's path-integral bias
+//     sum_{l=j+1..i} m_h logsigmoid(p_i . r_l / P)   (key positions l <= pos_i only)
+// with p [B,Tq,H,P] per query, r [B,Tk,H,P] per key, m [H] per head (no gradient reaches m). An undefined
+// tensor is a zero term (p undefined: no path bias). ALiBi is c = -m_h, GRAPE-A c = -omega gq and/or
+// d = -omega gk, FoX a = C_i, b = -C_j (C re-based to stay small), GRAPE-AP p, r, m.
 struct LinearBiasTerms {
   torch::Tensor a, b, c, d;
+  torch::Tensor p, r, m;
 };
 
 // Which hooks and laws apply; `grape check` and the tests read this.
@@ -101,9 +106,8 @@ class Encoding : public torch::nn::Module {
   // tensor when the encoding has no bias. Entries above the diagonal are unspecified (masked later).
   virtual torch::Tensor bias(const PeTokens& queries, const KeyCache& keys) const;
 
-  // The bias in the linear family the fused kernels compute per tile (see LinearBiasTerms). Returns false
-  // when the encoding's bias is not of that form (grape-ap's path sum); encodings without a bias return
-  // true with no terms.
+  // The bias as the per-token terms the fused kernels compute per tile (see LinearBiasTerms). Returns false
+  // when the encoding's bias is not of that form; encodings without a bias return true with no terms.
   virtual bool linear_bias(const PeTokens& queries, const KeyCache& keys, LinearBiasTerms& out) const;
 
   // One line per learnable parameter with its actual shape, for `grape encodings NAME`.
@@ -175,7 +179,8 @@ torch::Tensor reference_attention(Encoding& enc, const torch::Tensor& q, const t
 
 // ---- fused attention (src/kernels/cpu, bound in src/nn/fused_attention.cpp) --------------------------
 
-// Whether the fused kernel computes this encoding's attention (its bias is in the linear family).
+// Whether the fused kernel computes this encoding's attention (its bias has LinearBiasTerms: the linear
+// family or GRAPE-AP's path sum).
 bool fused_supported(const Encoding& enc);
 // softmax(q~.k~/sqrt(D) + bias, causal) v of encoded queries against a cache, y [B,Tq,H,D], by the fused
 // CPU kernel (float32; O(T) extra memory; differentiable w.r.t. q~, k~, v and the bias terms). Throws

@@ -25,20 +25,29 @@ bool present(const torch::Tensor& t) { return t.defined() && t.numel() > 0; }
 const float* ptr(const torch::Tensor& t) { return present(t) ? t.data_ptr<float>() : nullptr; }
 float* mut(torch::Tensor& t) { return present(t) ? t.data_ptr<float>() : nullptr; }
 
-// [B,H,T] float32 contiguous, or empty.
+// [B,H,T] (or the path bias's [B,T,H,P], [H]) float32 contiguous, or empty.
 torch::Tensor term(const torch::Tensor& t) {
   return t.defined() ? t.to(torch::kFloat32).contiguous() : torch::empty({0}, torch::kFloat32);
+}
+
+kc::LinearBias make_bias(const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& c,
+                         const torch::Tensor& d, const torch::Tensor& p, const torch::Tensor& r,
+                         const torch::Tensor& m) {
+  kc::LinearBias bias{ptr(a), ptr(b), ptr(c), ptr(d)};
+  if (present(p)) bias.p = ptr(p), bias.r = ptr(r), bias.m = ptr(m), bias.P = p.size(3);
+  return bias;
 }
 
 class FusedAttentionFn : public torch::autograd::Function<FusedAttentionFn> {
  public:
   static variable_list forward(AutogradContext* ctx, torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                torch::Tensor a, torch::Tensor b, torch::Tensor c, torch::Tensor d,
-                               int64_t q_offset, int64_t k_offset) {
+                               torch::Tensor p, torch::Tensor r, torch::Tensor m, int64_t q_offset,
+                               int64_t k_offset) {
     kc::AttentionShape s{q.size(0), q.size(2), q.size(1), k.size(1), q.size(3), q_offset, k_offset,
                          float(1.0 / std::sqrt(double(q.size(3))))};
     q = q.contiguous(), k = k.contiguous(), v = v.contiguous();
-    const kc::LinearBias bias{ptr(a), ptr(b), ptr(c), ptr(d)};
+    const kc::LinearBias bias = make_bias(a, b, c, d, p, r, m);
     auto out = torch::empty_like(q);
     auto lse = torch::empty({s.B, s.H, s.Tq}, q.options());
     torch::NoGradGuard no_grad;
@@ -48,7 +57,7 @@ class FusedAttentionFn : public torch::autograd::Function<FusedAttentionFn> {
     else
       kc::attention_forward(s, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), bias,
                             out.data_ptr<float>(), lse.data_ptr<float>());
-    ctx->save_for_backward({q, k, v, a, b, c, d, out, lse});
+    ctx->save_for_backward({q, k, v, a, b, c, d, p, r, m, out, lse});
     ctx->saved_data["q_offset"] = q_offset;
     ctx->saved_data["k_offset"] = k_offset;
     return {out};
@@ -57,7 +66,7 @@ class FusedAttentionFn : public torch::autograd::Function<FusedAttentionFn> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
     auto &q = saved[0], &k = saved[1], &v = saved[2], &a = saved[3], &b = saved[4], &c = saved[5],
-         &d = saved[6], &out = saved[7], &lse = saved[8];
+         &d = saved[6], &p = saved[7], &r = saved[8], &m = saved[9], &out = saved[10], &lse = saved[11];
     kc::AttentionShape s{q.size(0), q.size(2), q.size(1), k.size(1), q.size(3),
                          ctx->saved_data["q_offset"].toInt(), ctx->saved_data["k_offset"].toInt(),
                          float(1.0 / std::sqrt(double(q.size(3))))};
@@ -65,12 +74,13 @@ class FusedAttentionFn : public torch::autograd::Function<FusedAttentionFn> {
     auto dq = torch::empty_like(q), dk = torch::empty_like(k), dv = torch::empty_like(v);
     // A bias term gets a gradient only when it was given (an absent term is a constant zero).
     auto like = [](const torch::Tensor& t) { return present(t) ? torch::empty_like(t) : torch::Tensor(); };
-    auto da = like(a), db = like(b), dc = like(c), dd = like(d);
+    auto da = like(a), db = like(b), dc = like(c), dd = like(d), dp = like(p), dr = like(r);
     kc::attention_backward(s, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
-                           {ptr(a), ptr(b), ptr(c), ptr(d)}, out.data_ptr<float>(), dout.data_ptr<float>(),
+                           make_bias(a, b, c, d, p, r, m), out.data_ptr<float>(), dout.data_ptr<float>(),
                            lse.data_ptr<float>(), dq.data_ptr<float>(), dk.data_ptr<float>(),
-                           dv.data_ptr<float>(), mut(da), mut(db), mut(dc), mut(dd));
-    return {dq, dk, dv, da, db, dc, dd, torch::Tensor(), torch::Tensor()};
+                           dv.data_ptr<float>(), mut(da), mut(db), mut(dc), mut(dd), mut(dp), mut(dr));
+    // The slopes m are a fixed buffer: no gradient.
+    return {dq, dk, dv, da, db, dc, dd, dp, dr, torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -113,8 +123,20 @@ torch::Tensor fused_attend(const Encoding& enc, const PeTokens& queries, const K
   if (!enc.linear_bias(queries, keys, t))
     throw std::invalid_argument(fmt::format("fused attention: the bias of '{}' is not in the linear family the "
                                             "fused kernel computes; use the reference attention", enc.name()));
-  return FusedAttentionFn::apply(q, keys.k, keys.v, term(t.a), term(t.b), term(t.c), term(t.d), queries.offset,
-                                 keys.offset)[0];
+  if (t.p.defined()) {  // the path bias: p [B,Tq,H,P], r [B,Tk,H,P], m [H]
+    const auto& k = keys.k;
+    const bool ok = t.r.defined() && t.m.defined() && t.p.dim() == 4 && t.r.dim() == 4 && t.m.dim() == 1 &&
+                    t.p.size(0) == q.size(0) && t.p.size(1) == q.size(1) && t.p.size(2) == q.size(2) &&
+                    t.r.size(0) == k.size(0) && t.r.size(1) == k.size(1) && t.r.size(2) == k.size(2) &&
+                    t.r.size(3) == t.p.size(3) && t.p.size(3) >= 1 && t.m.size(0) == q.size(2);
+    auto sh = [](const torch::Tensor& x) { return x.defined() ? shape_string(x) : std::string("undefined"); };
+    if (!ok)
+      throw std::invalid_argument(fmt::format("fused attention: path-bias terms of '{}' must be p [B,Tq,H,P], r "
+                                              "[B,Tk,H,P] and m [H] (got p {}, r {}, m {})", enc.name(),
+                                              sh(t.p), sh(t.r), sh(t.m)));
+  }
+  return FusedAttentionFn::apply(q, keys.k, keys.v, term(t.a), term(t.b), term(t.c), term(t.d), term(t.p),
+                                 term(t.r), term(t.m), queries.offset, keys.offset)[0];
 }
 
 torch::Tensor fused_attention(Encoding& enc, const torch::Tensor& q, const torch::Tensor& k,

@@ -47,6 +47,14 @@ class GrapeAP : public Encoding {
     auto psi = slopes_.view({1, -1, 1, 1}) * torch::log_sigmoid(s);
     return path_sum_bias(psi, queries.offset, keys.offset);
   }
+  // The fused kernels compute the same path sum per tile from the probes and slopes.
+  bool linear_bias(const PeTokens& queries, const KeyCache& keys, LinearBiasTerms& out) const override {
+    out = {};
+    out.p = queries.query.at("p");
+    out.r = keys.key.at("r");
+    out.m = slopes_;
+    return true;
+  }
 
  protected:
   PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& x,

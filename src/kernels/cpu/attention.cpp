@@ -100,6 +100,32 @@ inline float exp_inline(float x) {
   return x != x ? x : flushed;
 }
 
+// log(1 + e) for e in [0, 1] (NaN passes): 2 atanh(f) with f = e / (2 + e) in [0, 1/3], by its odd series up to
+// f^13 (truncation < 1e-8 absolute). Exact-relative for small e (no 1 + e rounding), branch-free, vectorises.
+inline float log1p_unit(float e) {
+  const float f = e / (2.0f + e), f2 = f * f;
+  float p = 1.0f / 13.0f;
+  p = p * f2 + 1.0f / 11.0f;
+  p = p * f2 + 1.0f / 9.0f;
+  p = p * f2 + 1.0f / 7.0f;
+  p = p * f2 + 1.0f / 5.0f;
+  p = p * f2 + 1.0f / 3.0f;
+  p = p * f2 + 1.0f;
+  return 2.0f * f * p;
+}
+
+// The path bias's edge potential, psi = m logsigmoid(x) = m (min(x, 0) - log1p(exp(-|x|))), and, when wanted,
+// m dlogsigmoid/dx = m sigmoid(-x) (= m e / (1 + e) for x >= 0, m / (1 + e) otherwise, e = exp(-|x|)).
+inline float psi_inline(float x, float m) {
+  const float e = exp_inline(-std::abs(x));
+  return m * (std::min(x, 0.0f) - log1p_unit(e));
+}
+inline void psi_grad_inline(float x, float m, float& psi, float& dpsi_dx) {
+  const float e = exp_inline(-std::abs(x));
+  psi = m * (std::min(x, 0.0f) - log1p_unit(e));
+  dpsi_dx = m * ((x >= 0.0f ? e : 1.0f) / (1.0f + e));
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Shapes, validation, workspaces
 // ---------------------------------------------------------------------------------------------------------
@@ -149,6 +175,12 @@ void validate(const char* fn, const AttentionShape& s, const float* q, const flo
             ", k_offset=" + std::to_string(s.k_offset) + ")");
   check(std::isfinite(s.scale), fn, "scale must be finite");
   check(q && k && v, fn, "q, k and v must not be null");
+}
+
+void validate_path(const char* fn, const LinearBias& bias) {
+  if (!bias.path()) return;
+  check(bias.r && bias.m, fn, "a path bias (p given) needs r and m");
+  check(bias.P >= 1, fn, "path-bias probe dim P must be >= 1 (got " + std::to_string(bias.P) + ")");
 }
 
 // One cache-line-aligned float buffer, carved into per-thread workspaces before the parallel region (so that
@@ -276,6 +308,7 @@ struct TileLogits {
   const float* c;      // [rows] or null
   const float* kb;     // [kBK], zero-padded (all zero if b is absent)
   const float* kd;     // [kBK], zero-padded
+  const float* pb;     // [kBQ][kBK] path bias of the tile (path_tile), or null
   bool has_bias;
   float dist0(int64_t r) const {  // pos_i - pos_j0 for row r: distances are small integers, exact in fp32
     return float((g->q_offset + i0 + r) - (g->k_offset + j0));
@@ -295,6 +328,7 @@ TileLogits tile_logits(const Geometry& g, const LinearBias& bias, int64_t b, int
           .c = bias.c ? bias.c + qs : nullptr,
           .kb = kb,
           .kd = kd,
+          .pb = nullptr,
           .has_bias = bias.any()};
 }
 
@@ -311,6 +345,133 @@ inline void logits_row(const TileLogits& t, int64_t r, int64_t nv, float* s) {
   const float* kd = t.kd;
 #pragma omp simd
   for (int64_t j = 0; j < nv; ++j) s[j] = scale * s[j] + ai + kb[j] + (ci + kd[j]) * (d0 - float(j));
+  if (t.pb) {
+    const float* pb = t.pb + r * kBK;
+#pragma omp simd
+    for (int64_t j = 0; j < nv; ++j) s[j] += pb[j];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// GRAPE-AP path bias: bias(t, j) = sum_{l=j+1..t} psi(t, l), psi(t, l) = m_h logsigmoid(p_t . r_l / P)
+// ---------------------------------------------------------------------------------------------------------
+
+// The probes r of keys [j0, j0 + nk) of head (b, h), transposed: Rt [P][kBK], zero-padded.
+void pack_probe_keys(const Geometry& g, const LinearBias& bias, int64_t b, int64_t h, int64_t j0, int64_t nk,
+                     float* Rt) {
+  const int64_t P = bias.P;
+  std::fill(Rt, Rt + P * kBK, 0.0f);
+  for (int64_t j = 0; j < nk; ++j) {
+    const float* r = bias.r + ((b * g.Tk + j0 + j) * g.H + h) * P;
+    for (int64_t e = 0; e < P; ++e) Rt[e * kBK + j] = r[e];
+  }
+}
+
+// psi(t, l) of one query row against a packed key tile: its nv visible keys -> out[0, nv) (out[nv, kBK) = 0),
+// and m_h sigmoid(-x) / P (dpsi / d(p.r)) into dout when non-null.
+GRAPE_INLINE void psi_row(const float* pt, const float* Rt, int64_t P, float mh, int64_t nv, float* out,
+                          float* dout) {
+  float x[kBK];
+#pragma omp simd
+  for (int64_t j = 0; j < kBK; ++j) x[j] = 0.0f;
+  for (int64_t e = 0; e < P; ++e) {
+    const float pe = pt[e];
+    const float* re = Rt + e * kBK;
+#pragma omp simd
+    for (int64_t j = 0; j < kBK; ++j) x[j] += pe * re[j];
+  }
+  const float invP = 1.0f / float(P);
+  if (dout) {
+#pragma omp simd
+    for (int64_t j = 0; j < kBK; ++j) {
+      float psi, dx;
+      psi_grad_inline(x[j] * invP, mh, psi, dx);
+      out[j] = j < nv ? psi : 0.0f;
+      dout[j] = j < nv ? dx * invP : 0.0f;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < kBK; ++j) out[j] = j < nv ? psi_inline(x[j] * invP, mh) : 0.0f;
+  }
+}
+
+// The path bias of a tile of query rows [i0, i0 + rows) (padded to Mp) against keys [j0, j0 + nk) of head
+// (b, h), whose probes are packed in Rt: PB[r][j] = carry[r] + sum_{j < l < nv(r)} psi(i0 + r, j0 + l), where
+// carry[r] holds the row's psi summed over the later key tiles; then carry[r] += the tile's psi. With SG,
+// also m_h sigmoid(-x) / P per entry (0 where masked), for the backward. acc: kBQ floats of scratch.
+GRAPE_SIMD
+void path_tile(const Geometry& g, const LinearBias& bias, int64_t b, int64_t h, int64_t i0, int64_t rows,
+               int64_t Mp, int64_t j0, int64_t nk, const float* Rt, double* carry, float* PB, float* SG,
+               float* acc) {
+  const float mh = bias.m[h];
+  for (int64_t r = 0; r < Mp; ++r) {
+    const int64_t nv = r < rows ? g.visible(i0 + r, j0, nk) : 0;
+    float* pb = PB + r * kBK;
+    if (nv == 0) {
+      std::fill(pb, pb + kBK, 0.0f);
+      if (SG) std::fill(SG + r * kBK, SG + (r + 1) * kBK, 0.0f);
+      continue;
+    }
+    psi_row(bias.p + ((b * g.Tq + i0 + r) * g.H + h) * bias.P, Rt, bias.P, mh, nv, pb, SG ? SG + r * kBK : nullptr);
+  }
+  // Exclusive suffix sums along each row, the rows side by side (independent chains).
+  std::fill(acc, acc + Mp, 0.0f);
+  for (int64_t j = nk - 1; j >= 0; --j) {
+#pragma omp simd
+    for (int64_t r = 0; r < Mp; ++r) {
+      const float x = PB[r * kBK + j];
+      PB[r * kBK + j] = acc[r];
+      acc[r] += x;
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const double c = carry[r];
+    float* pb = PB + r * kBK;
+#pragma omp simd
+    for (int64_t j = 0; j < nk; ++j) pb[j] = float(c + double(pb[j]));
+    carry[r] = c + double(acc[r]);
+  }
+}
+
+// Backward of the path bias for one tile, after dsoftmax_step left dS in dS: dpsi(t, l) = sum_{j<l} dS(t, j)
+// = -(carry_ds[r] + sum_{j >= l in the tile} dS(t, j)) (rows of dS sum to 0; carry_ds holds the row's dS
+// summed over later key tiles, and is advanced here). G = dpsi * SG (in place of SG) feeds
+// dp_t += sum_l G r_l (dPq rows [rows][P]) and dr_l += sum_t G p_t (drT [P][kBK]). acc: 2 kBQ floats.
+GRAPE_SIMD
+void path_grad(const Geometry& g, const LinearBias& bias, int64_t b, int64_t h, int64_t i0, int64_t rows,
+               int64_t Mp, int64_t nk, const float* dS, float* SG, double* carry_ds, float* acc,
+               const float* Rt, float* dPq, float* drT) {
+  const int64_t P = bias.P;
+  float* cf = acc + kBQ;
+  for (int64_t r = 0; r < Mp; ++r) {
+    acc[r] = 0.0f;
+    cf[r] = r < rows ? float(carry_ds[r]) : 0.0f;
+  }
+  for (int64_t j = nk - 1; j >= 0; --j) {
+#pragma omp simd
+    for (int64_t r = 0; r < Mp; ++r) {
+      acc[r] += dS[r * kBK + j];
+      SG[r * kBK + j] *= -(cf[r] + acc[r]);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    carry_ds[r] += double(acc[r]);
+    const float* gr = SG + r * kBK;
+    const float* pt = bias.p + ((b * g.Tq + i0 + r) * g.H + h) * P;
+    float* dp = dPq + r * P;
+    for (int64_t e = 0; e < P; ++e) {
+      const float* re = Rt + e * kBK;
+      float* dre = drT + e * kBK;
+      const float pe = pt[e];
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < kBK; ++j) {
+        sum += gr[j] * re[j];
+        dre[j] += gr[j] * pe;
+      }
+      dp[e] += sum;
+    }
+  }
 }
 
 // Forward, one online-softmax step over a key tile: S [kBQ][kBK] holds the raw dots of the first `rows` query
@@ -401,16 +562,21 @@ void dsoftmax_step(const TileLogits& t, int64_t rows, int64_t Mp, const float* l
 
 struct ForwardWork {
   float *Q, *Kt, *V, *S, *O, *m, *l, *kb, *kd;
-  const float** rows;  // scratch row pointers (kBQ or kBK of them)
+  float *Rt, *PB, *pacc;  // path bias: key probes [P][kBK], the tile's bias [kBQ][kBK], scratch [kBQ]
+  double* carry;          // path bias: per query row, psi summed over the key tiles already visited
+  const float** rows;     // scratch row pointers (kBQ or kBK of them)
 
-  static int64_t floats(int64_t Dp) {
-    return Carver::size({kBQ * Dp, Dp * kBK, kBK * Dp, kBQ * kBK, kBQ * Dp, kBQ, kBQ, kBK, kBK,
-                         int64_t(kBK * sizeof(void*) / sizeof(float))});
+  static int64_t floats(int64_t Dp, int64_t P) {
+    const int64_t pb = P > 0 ? kBQ * kBK : 0;
+    return Carver::size({kBQ * Dp, Dp * kBK, kBK * Dp, kBQ * kBK, kBQ * Dp, kBQ, kBQ, kBK, kBK, P * kBK, pb,
+                         kBQ, 2 * kBQ, int64_t(kBK * sizeof(void*) / sizeof(float))});
   }
-  ForwardWork(float* mem, int64_t Dp) {
+  ForwardWork(float* mem, int64_t Dp, int64_t P) {
     Carver c{mem};
     Q = c.take(kBQ * Dp), Kt = c.take(Dp * kBK), V = c.take(kBK * Dp), S = c.take(kBQ * kBK);
     O = c.take(kBQ * Dp), m = c.take(kBQ), l = c.take(kBQ), kb = c.take(kBK), kd = c.take(kBK);
+    Rt = c.take(P * kBK), PB = c.take(P > 0 ? kBQ * kBK : 0), pacc = c.take(kBQ);
+    carry = reinterpret_cast<double*>(c.take(2 * kBQ));
     rows = reinterpret_cast<const float**>(c.take(int64_t(kBK * sizeof(void*) / sizeof(float))));
   }
 };
@@ -418,10 +584,13 @@ struct ForwardWork {
 // Online softmax of query rows [i0, i0 + rows) of head (b, h) over keys [kbeg, kend): leaves the running max
 // m, sum l and the unnormalised accumulator O (rows x Dp) in w. rows <= kBQ; kbeg is a multiple of kBK.
 // Kt_all / V_all, when given, hold the head's keys already packed (pack_head_keys); otherwise each key tile
-// is packed here.
+// is packed here. The key tiles are visited from the last one down (the softmax does not mind the order), so
+// that the path bias's per-row carry (psi summed over the keys after the tile) grows as it goes; it starts
+// from carry0[r * carry_stride] (psi summed over keys from kend on; decode), or 0.
 void flash_rows(const Geometry& g, const float* q, const float* k, const float* v, const LinearBias& bias,
                 int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t kbeg, int64_t kend, ForwardWork& w,
-                const float* Kt_all = nullptr, const float* V_all = nullptr) {
+                const float* Kt_all = nullptr, const float* V_all = nullptr, const double* carry0 = nullptr,
+                int64_t carry_stride = 0) {
   const int64_t Dp = g.Dp, Mp = round_up(rows, kMR);
   row_pointers(q, g.Tq, g.H, g.D, b, h, i0, rows, w.rows);
   pack_rows(w.rows, rows, Mp, g.D, Dp, w.Q);
@@ -430,7 +599,12 @@ void flash_rows(const Geometry& g, const float* q, const float* k, const float* 
   std::fill(w.O, w.O + kBQ * Dp, 0.0f);
   const int64_t ks = g.k_stat(b, h);
   TileLogits t = tile_logits(g, bias, b, h, i0, 0, 0, w.kb, w.kd);
-  for (int64_t j0 = kbeg; j0 < kend; j0 += kBK) {
+  if (bias.path()) {
+    t.pb = w.PB;
+    for (int64_t r = 0; r < rows; ++r) w.carry[r] = carry0 ? carry0[r * carry_stride] : 0.0;
+  }
+  if (kend <= kbeg) return;
+  for (int64_t j0 = kbeg + (kend - 1 - kbeg) / kBK * kBK; j0 >= kbeg; j0 -= kBK) {
     const int64_t nk = std::min(kBK, kend - j0);
     t.j0 = j0, t.nk = nk;
     const float* Kt = w.Kt;
@@ -445,6 +619,10 @@ void flash_rows(const Geometry& g, const float* q, const float* k, const float* 
     }
     pack_key_bias(bias.b ? bias.b + ks + j0 : nullptr, nk, w.kb);
     pack_key_bias(bias.d ? bias.d + ks + j0 : nullptr, nk, w.kd);
+    if (bias.path()) {
+      pack_probe_keys(g, bias, b, h, j0, nk, w.Rt);
+      path_tile(g, bias, b, h, i0, rows, Mp, j0, nk, w.Rt, w.carry, w.PB, nullptr, w.pacc);
+    }
     gemm_tile(Mp, kBK, Dp, w.Q, Dp, 1, Kt, kBK, w.S, kBK, false);  // S = Q K^T (raw dots)
     softmax_step(t, rows, Mp, Dp, w.S, w.m, w.l, w.O);             // S -> P, rescale O
     gemm_tile(Mp, Dp, nk, w.S, kBK, 1, V, Dp, w.O, Dp, true);      // O += P V
@@ -475,6 +653,7 @@ float exp_f32(float x) { return exp_inline(x); }
 void attention_forward(const AttentionShape& s, const float* q, const float* k, const float* v,
                        const LinearBias& bias, float* out, float* lse) {
   validate("attention_forward", s, q, k, v);
+  validate_path("attention_forward", bias);
   check(out && lse, "attention_forward", "out and lse must not be null");
   const Geometry g(s);
   const int64_t n_qt = ceil_div(g.Tq, kBQ);
@@ -492,14 +671,15 @@ void attention_forward(const AttentionShape& s, const float* q, const float* k, 
   const int64_t heads = g.B * g.H, max_threads = omp_get_max_threads();
   const int64_t nkt = ceil_div(g.key_end(g.Tq), kBK), head_floats = 2 * nkt * kBK * g.Dp;
   const int head_threads = team_size(heads);
+  const int64_t P = bias.path() ? bias.P : 0, fw_floats = ForwardWork::floats(g.Dp, P);
   if (4 * max_threads * ceil_div(heads, max_threads) <= 5 * heads &&
-      (ForwardWork::floats(g.Dp) + head_floats) * head_threads <= (int64_t(1) << 28)) {  // <= 1 GiB
-    const Arena arena(head_threads, ForwardWork::floats(g.Dp) + head_floats);
+      (fw_floats + head_floats) * head_threads <= (int64_t(1) << 28)) {  // <= 1 GiB
+    const Arena arena(head_threads, fw_floats + head_floats);
 #pragma omp parallel num_threads(head_threads)
     {
       float* mem = arena.thread(omp_get_thread_num());
-      ForwardWork w(mem, g.Dp);
-      float* Kt_all = mem + ForwardWork::floats(g.Dp);
+      ForwardWork w(mem, g.Dp, P);
+      float* Kt_all = mem + fw_floats;
       float* V_all = Kt_all + nkt * kBK * g.Dp;
 #pragma omp for collapse(2) schedule(dynamic, 1)
       for (int64_t b = 0; b < g.B; ++b)
@@ -515,10 +695,10 @@ void attention_forward(const AttentionShape& s, const float* q, const float* k, 
     return;
   }
   const int threads = team_size(heads * n_qt);
-  const Arena arena(threads, ForwardWork::floats(g.Dp));
+  const Arena arena(threads, fw_floats);
 #pragma omp parallel num_threads(threads)
   {
-    ForwardWork w(arena.thread(omp_get_thread_num()), g.Dp);
+    ForwardWork w(arena.thread(omp_get_thread_num()), g.Dp, P);
 #pragma omp for collapse(3) schedule(dynamic, 1)
     for (int64_t b = 0; b < g.B; ++b)
       for (int64_t h = 0; h < g.H; ++h)
@@ -537,6 +717,7 @@ void attention_forward(const AttentionShape& s, const float* q, const float* k, 
 void attention_decode(const AttentionShape& s, const float* q, const float* k, const float* v,
                       const LinearBias& bias, float* out, float* lse) {
   validate("attention_decode", s, q, k, v);
+  validate_path("attention_decode", bias);
   check(out && lse, "attention_decode", "out and lse must not be null");
   const Geometry g(s);
   const int64_t n_qt = ceil_div(g.Tq, kBQ), n_blk = ceil_div(g.Tk, kDecodeBlock), D = g.D;
@@ -548,10 +729,43 @@ void attention_decode(const AttentionShape& s, const float* q, const float* k, c
     return P + ((g.q_stat(b, h) + i) * n_blk + blk) * part;  // [m, l, o_0 .. o_{D-1}]
   };
   const int threads = team_size(g.B * g.H * n_qt * n_blk);
-  const Arena arena(threads, ForwardWork::floats(g.Dp));
+  const int64_t Pp = bias.path() ? bias.P : 0;
+  // Path bias: the blocks run independently, so each starts from its carry, psi summed over the later blocks
+  // (per query row): first every block's psi total (an O(Tq Tk P) pre-pass), then exclusive suffix sums.
+  const Arena carries(1, bias.path() ? 2 * n_rows * n_blk : 0);
+  double* carry = reinterpret_cast<double*>(carries.thread(0));
+  if (bias.path()) {
+#pragma omp parallel for collapse(3) num_threads(team_size(n_rows))
+    for (int64_t b = 0; b < g.B; ++b)
+      for (int64_t h = 0; h < g.H; ++h)
+        for (int64_t i = 0; i < g.Tq; ++i) {
+          double* c = carry + (g.q_stat(b, h) + i) * n_blk;
+          const float* pt = bias.p + ((b * g.Tq + i) * g.H + h) * Pp;
+          const float mh = bias.m[h], invP = 1.0f / float(Pp);
+          std::fill(c, c + n_blk, 0.0);
+          const int64_t kend = g.key_end(i + 1);  // the keys row i sees
+          for (int64_t blk = 0; blk * kDecodeBlock < kend; ++blk) {
+            double sum = 0.0;
+            for (int64_t l = blk * kDecodeBlock; l < std::min(kend, (blk + 1) * kDecodeBlock); ++l) {
+              const float* rl = bias.r + ((b * g.Tk + l) * g.H + h) * Pp;
+              float x = 0.0f;
+              for (int64_t e = 0; e < Pp; ++e) x += pt[e] * rl[e];
+              sum += psi_inline(x * invP, mh);
+            }
+            c[blk] = sum;
+          }
+          double later = 0.0;
+          for (int64_t blk = n_blk - 1; blk >= 0; --blk) {
+            const double own = c[blk];
+            c[blk] = later;
+            later += own;
+          }
+        }
+  }
+  const Arena arena(threads, ForwardWork::floats(g.Dp, Pp));
 #pragma omp parallel num_threads(threads)
   {
-    ForwardWork w(arena.thread(omp_get_thread_num()), g.Dp);
+    ForwardWork w(arena.thread(omp_get_thread_num()), g.Dp, Pp);
 #pragma omp for collapse(4) schedule(dynamic, 1)
     for (int64_t b = 0; b < g.B; ++b)
       for (int64_t h = 0; h < g.H; ++h)
@@ -561,7 +775,8 @@ void attention_decode(const AttentionShape& s, const float* q, const float* k, c
             const int64_t kbeg = blk * kDecodeBlock;
             const int64_t kend = std::min(kbeg + kDecodeBlock, g.key_end(i0 + rows));
             if (kbeg < kend) {
-              flash_rows(g, q, k, v, bias, b, h, i0, rows, kbeg, kend, w);
+              flash_rows(g, q, k, v, bias, b, h, i0, rows, kbeg, kend, w, nullptr, nullptr,
+                         bias.path() ? carry + (g.q_stat(b, h) + i0) * n_blk + blk : nullptr, n_blk);
             } else {  // the whole block is in these queries' future
               std::fill(w.m, w.m + rows, kNegInf);
               std::fill(w.l, w.l + rows, 0.0f);
@@ -666,14 +881,22 @@ void store_rows(const Geometry& g, const float* acc, float scale, int64_t T, int
 struct OnePassWork {
   float *Q, *dO, *dQ, *lse, *delta, *K, *Kt, *Vt, *S, *dS, *dK, *dV, *kb, *kd;
   double *row_a, *row_c, *col_b, *col_d;
+  // Path bias: key probes Rt [P][kBK], the tile's bias PB and m sigmoid(-x)/P -> G (SG) [kBQ][kBK], scratch,
+  // per query row of the head the carries of psi and dS over later key tiles, and the dp [Tqp][P], dr^T
+  // [P][kBK] accumulators.
+  float *Rt, *PB, *SG, *pacc, *dPq, *drT;
+  double *carry_b, *carry_ds;
   const float** rows;
 
-  static int64_t floats(int64_t Tqp, int64_t Dp) {
+  static int64_t floats(int64_t Tqp, int64_t Dp, int64_t P) {
+    const int64_t pb = P > 0 ? kBQ * kBK : 0, pr = P > 0 ? 2 * Tqp : 0;
     return Carver::size({Tqp * Dp, Tqp * Dp, Tqp * Dp, Tqp, Tqp, kBK * Dp, Dp * kBK, Dp * kBK, kBQ * kBK,
-                         kBQ * kBK, kBK * Dp, kBK * Dp, kBK, kBK, 2 * Tqp, 2 * Tqp, 2 * kBK, 2 * kBK,
+                         kBQ * kBK, kBK * Dp, kBK * Dp, kBK, kBK, 2 * Tqp, 2 * Tqp, 2 * kBK, 2 * kBK, P * kBK, pb,
+                         pb, 2 * kBQ, Tqp * P, P * kBK, pr, pr,
                          int64_t(std::max(Tqp, kBK) * sizeof(void*) / sizeof(float))});
   }
-  OnePassWork(float* mem, int64_t Tqp, int64_t Dp) {
+  OnePassWork(float* mem, int64_t Tqp, int64_t Dp, int64_t P) {
+    const int64_t pb = P > 0 ? kBQ * kBK : 0, pr = P > 0 ? 2 * Tqp : 0;
     Carver c{mem};
     Q = c.take(Tqp * Dp), dO = c.take(Tqp * Dp), dQ = c.take(Tqp * Dp), lse = c.take(Tqp);
     delta = c.take(Tqp), K = c.take(kBK * Dp), Kt = c.take(Dp * kBK), Vt = c.take(Dp * kBK);
@@ -681,6 +904,9 @@ struct OnePassWork {
     kb = c.take(kBK), kd = c.take(kBK);
     row_a = reinterpret_cast<double*>(c.take(2 * Tqp)), row_c = reinterpret_cast<double*>(c.take(2 * Tqp));
     col_b = reinterpret_cast<double*>(c.take(2 * kBK)), col_d = reinterpret_cast<double*>(c.take(2 * kBK));
+    Rt = c.take(P * kBK), PB = c.take(pb), SG = c.take(pb), pacc = c.take(2 * kBQ), dPq = c.take(Tqp * P);
+    drT = c.take(P * kBK);
+    carry_b = reinterpret_cast<double*>(c.take(pr)), carry_ds = reinterpret_cast<double*>(c.take(pr));
     rows =
         reinterpret_cast<const float**>(c.take(int64_t(std::max(Tqp, kBK) * sizeof(void*) / sizeof(float))));
   }
@@ -688,11 +914,13 @@ struct OnePassWork {
 
 struct BiasGrads {
   float *da, *db, *dc, *dd;  // null where not wanted
+  float *dp, *dr;            // path-bias probes; null where not wanted
 };
 
 // The whole backward of head (b, h) in one pass over its key tiles: for each (query tile, key tile) pair
 // S = Q K^T, P, dP = dO V^T and dS are computed once and feed dV += P^T dO, dK += dS^T Q (this key tile's
-// accumulators) and dQ += dS K (the head's query accumulator): 5 tile products per pair.
+// accumulators) and dQ += dS K (the head's query accumulator): 5 tile products per pair. The key tiles go from
+// the last down, so that the path bias's per-row carries (psi and dS summed over later keys) accumulate.
 void backward_head(const Geometry& g, const float* q, const float* k, const float* v, const LinearBias& bias,
                    const float* dout, const float* lse, const float* delta, int64_t b, int64_t h, float* dq,
                    float* dk, float* dv, const BiasGrads& bg, OnePassWork& w) {
@@ -707,14 +935,23 @@ void backward_head(const Geometry& g, const float* q, const float* k, const floa
   std::fill(w.dQ, w.dQ + Tqp * Dp, 0.0f);
   std::fill(w.row_a, w.row_a + Tqp, 0.0);
   std::fill(w.row_c, w.row_c + Tqp, 0.0);
-  for (int64_t kt = 0; kt < n_kt; ++kt) {
+  const bool path = bias.path();
+  const int64_t P = path ? bias.P : 0;
+  if (path) {
+    std::fill(w.carry_b, w.carry_b + Tqp, 0.0);
+    std::fill(w.carry_ds, w.carry_ds + Tqp, 0.0);
+    std::fill(w.dPq, w.dPq + Tqp * P, 0.0f);
+  }
+  for (int64_t kt = n_kt - 1; kt >= 0; --kt) {
     const int64_t j0 = kt * kBK, nk = std::min(kBK, g.Tk - j0), Np = round_up(nk, kMR);
     std::fill(w.dK, w.dK + kBK * Dp, 0.0f);
     std::fill(w.dV, w.dV + kBK * Dp, 0.0f);
     std::fill(w.col_b, w.col_b + kBK, 0.0);
     std::fill(w.col_d, w.col_d + kBK, 0.0);
+    if (path) std::fill(w.drT, w.drT + P * kBK, 0.0f);
     const int64_t first_row = std::max<int64_t>(0, j0 - g.delta);  // first query that sees key j0
     if (first_row < g.Tq) {
+      if (path) pack_probe_keys(g, bias, b, h, j0, nk, w.Rt);
       const int64_t ks = ks0 + j0;
       row_pointers(k, g.Tk, g.H, g.D, b, h, j0, nk, w.rows);
       pack_cols(w.rows, nk, kBK, g.D, Dp, w.Kt);
@@ -727,12 +964,19 @@ void backward_head(const Geometry& g, const float* q, const float* k, const floa
         const int64_t i0 = qt * kBQ, rows = std::min(kBQ, g.Tq - i0), Mp = round_up(rows, kMR);
         const float* Qt = w.Q + i0 * Dp;
         const float* dOt = w.dO + i0 * Dp;
-        const TileLogits t = tile_logits(g, bias, b, h, i0, j0, nk, w.kb, w.kd);
+        TileLogits t = tile_logits(g, bias, b, h, i0, j0, nk, w.kb, w.kd);
+        if (path) {
+          path_tile(g, bias, b, h, i0, rows, Mp, j0, nk, w.Rt, w.carry_b + i0, w.PB, w.SG, w.pacc);
+          t.pb = w.PB;
+        }
         gemm_tile(Mp, kBK, Dp, Qt, Dp, 1, w.Kt, kBK, w.S, kBK, false);    // S = Q K^T
         gemm_tile(Mp, kBK, Dp, dOt, Dp, 1, w.Vt, kBK, w.dS, kBK, false);  // dP = dO V^T
         dsoftmax_step(t, rows, Mp, w.lse + i0, w.delta + i0, w.S, w.dS, bg.db ? w.col_b : nullptr,
                       bg.dd ? w.col_d : nullptr, bg.da ? w.row_a + i0 : nullptr,
                       bg.dc ? w.row_c + i0 : nullptr);
+        if (path)
+          path_grad(g, bias, b, h, i0, rows, Mp, nk, w.dS, w.SG, w.carry_ds + i0, w.pacc, w.Rt, w.dPq + i0 * P,
+                    w.drT);
         gemm_tile(Np, Dp, rows, w.S, 1, kBK, dOt, Dp, w.dV, Dp, true);           // dV += P^T dO
         gemm_tile(Np, Dp, rows, w.dS, 1, kBK, Qt, Dp, w.dK, Dp, true);           // dK += dS^T Q
         gemm_tile(Mp, Dp, nk, w.dS, kBK, 1, w.K, Dp, w.dQ + i0 * Dp, Dp, true);  // dQ += dS K
@@ -744,20 +988,28 @@ void backward_head(const Geometry& g, const float* q, const float* k, const floa
       if (bg.db) bg.db[ks0 + j0 + j] = float(w.col_b[j]);
       if (bg.dd) bg.dd[ks0 + j0 + j] = float(w.col_d[j]);
     }
+    if (bg.dr)
+      for (int64_t j = 0; j < nk; ++j)
+        for (int64_t e = 0; e < P; ++e) bg.dr[((b * g.Tk + j0 + j) * g.H + h) * P + e] = w.drT[e * kBK + j];
   }
   store_rows(g, w.dQ, g.scale, g.Tq, b, h, 0, g.Tq, dq);
   for (int64_t i = 0; i < g.Tq; ++i) {
     if (bg.da) bg.da[qs + i] = float(w.row_a[i]);
     if (bg.dc) bg.dc[qs + i] = float(w.row_c[i]);
   }
+  if (bg.dp)
+    for (int64_t i = 0; i < g.Tq; ++i)
+      std::copy(w.dPq + i * P, w.dPq + (i + 1) * P, bg.dp + ((b * g.Tq + i) * g.H + h) * P);
 }
 
 }  // namespace
 
 void attention_backward(const AttentionShape& s, const float* q, const float* k, const float* v,
                         const LinearBias& bias, const float* out, const float* dout, const float* lse,
-                        float* dq, float* dk, float* dv, float* da, float* db, float* dc, float* dd) {
+                        float* dq, float* dk, float* dv, float* da, float* db, float* dc, float* dd,
+                        float* dp, float* dr) {
   validate("attention_backward", s, q, k, v);
+  validate_path("attention_backward", bias);
   check(out && dout && lse, "attention_backward", "out, dout and lse must not be null");
   check(dq && dk && dv, "attention_backward", "dq, dk and dv must not be null");
   const Geometry g(s);
@@ -768,6 +1020,9 @@ void attention_backward(const AttentionShape& s, const float* q, const float* k,
   if (dc && !bias.c) std::fill(dc, dc + g.B * g.H * g.Tq, 0.0f);
   if (db && !bias.b) std::fill(db, db + g.B * g.H * g.Tk, 0.0f);
   if (dd && !bias.d) std::fill(dd, dd + g.B * g.H * g.Tk, 0.0f);
+  const bool want_p = dp && bias.path(), want_r = dr && bias.path();
+  if (dp && !bias.path()) std::fill(dp, dp + g.B * g.Tq * g.H * (bias.P > 0 ? bias.P : 0), 0.0f);
+  if (dr && !bias.path()) std::fill(dr, dr + g.B * g.Tk * g.H * (bias.P > 0 ? bias.P : 0), 0.0f);
 
   // Delta_i = sum_d dout_id out_id (= sum_j P_ij dP_ij), in double.
   const Arena delta_buf(1, g.B * g.H * g.Tq);
@@ -786,19 +1041,20 @@ void attention_backward(const AttentionShape& s, const float* q, const float* k,
 
   // One pass per (b, h) (5 tile products per tile pair) when there are enough heads to keep every thread
   // busy; otherwise two passes that split each head's work by key tile and by query tile (7 products per
-  // pair, but every thread has work). Cost model: the busiest thread's share of the work.
+  // pair, but every thread has work). Cost model: the busiest thread's share of the work. The path bias
+  // always takes the one pass (its carries run along each query row over all key tiles).
   const int64_t heads = g.B * g.H, max_threads = omp_get_max_threads();
-  const int64_t Tqp = n_qt * kBQ;
+  const int64_t Tqp = n_qt * kBQ, P = bias.path() ? bias.P : 0;
   const int head_threads = team_size(heads);
-  const bool one_pass = 5 * max_threads * ceil_div(heads, max_threads) <= 7 * heads &&
-                        OnePassWork::floats(Tqp, Dp) * head_threads <= (int64_t(1) << 28);  // <= 1 GiB
+  const bool one_pass = bias.path() || (5 * max_threads * ceil_div(heads, max_threads) <= 7 * heads &&
+                                        OnePassWork::floats(Tqp, Dp, P) * head_threads <= (int64_t(1) << 28));
   if (one_pass) {
-    const Arena arena(head_threads, OnePassWork::floats(Tqp, Dp));
+    const Arena arena(head_threads, OnePassWork::floats(Tqp, Dp, P));
     const BiasGrads bg{want_a ? da : nullptr, want_b ? db : nullptr, want_c ? dc : nullptr,
-                       want_d ? dd : nullptr};
+                       want_d ? dd : nullptr, want_p ? dp : nullptr, want_r ? dr : nullptr};
 #pragma omp parallel num_threads(head_threads)
     {
-      OnePassWork w(arena.thread(omp_get_thread_num()), Tqp, Dp);
+      OnePassWork w(arena.thread(omp_get_thread_num()), Tqp, Dp, P);
 #pragma omp for collapse(2) schedule(dynamic, 1)
       for (int64_t b = 0; b < g.B; ++b)
         for (int64_t h = 0; h < g.H; ++h)

@@ -9,9 +9,16 @@
 //     T x T array:   bias(i, j) = a_i + b_j + (c_i + d_j) * (pos_i - pos_j)
 //     ALiBi: c_i = -m_h. GRAPE-A: c_i = -omega_h gq_i (query gate), d_j = -omega_h gk_j (key gate).
 //     FoX: a_i = C_i, b_j = -C_j with C the cumulative log forget gate.
+//   - GRAPE-AP's path-integral bias, also per tile, from per-token probes:
+//       bias(t, j) += sum_{l = j+1 .. t} psi(t, l),   psi(t, l) = m_h logsigmoid(p_t . r_l / P)
+//     (positions as below; only keys l the query sees count). The forward visits each query tile's key tiles
+//     from the diagonal down, keeping per query row the sum of psi over the tiles already visited; the
+//     backward (one pass per head, key tiles descending) keeps per row the same carry and the suffix sum of
+//     dS, since dpsi(t, l) = sum_{j<l} dS(t, j) = -sum_{j>=l} dS(t, j) (each row of dS sums to 0).
 //
 // Layouts (all contiguous, row-major): q, out, dq: [B, Tq, H, D]; k, v, dk, dv: [B, Tk, H, D];
-// bias quantities a, c, da, dc: [B, H, Tq]; b, d, db, dd: [B, H, Tk]; lse, delta: [B, H, Tq].
+// bias quantities a, c, da, dc: [B, H, Tq]; b, d, db, dd: [B, H, Tk]; lse, delta: [B, H, Tq];
+// path-bias probes p, dp: [B, Tq, H, P]; r, dr: [B, Tk, H, P]; slopes m: [H].
 // Positions: query i sits at q_offset + i, key j at k_offset + j; key j is visible to query i iff
 // k_offset + j <= q_offset + i. Every query must see at least one key (q_offset >= k_offset).
 #pragma once
@@ -25,7 +32,14 @@ struct LinearBias {
   const float* b = nullptr;  // per key   [B,H,Tk] or null
   const float* c = nullptr;  // per query [B,H,Tq] or null: slope on the distance
   const float* d = nullptr;  // per key   [B,H,Tk] or null: slope on the distance
-  bool any() const { return a || b || c || d; }
+  // GRAPE-AP path bias sum_{l=j+1..t} m_h logsigmoid(p_t . r_l / P); absent when p is null (then r, m are
+  // ignored), otherwise r and m must be given and P >= 1.
+  const float* p = nullptr;  // per query probe [B,Tq,H,P]
+  const float* r = nullptr;  // per key rotated probe [B,Tk,H,P]
+  const float* m = nullptr;  // per head slope [H]
+  int64_t P = 0;             // probe dim
+  bool path() const { return p != nullptr; }
+  bool any() const { return a || b || c || d || p; }
 };
 
 struct AttentionShape {
@@ -39,18 +53,21 @@ void attention_forward(const AttentionShape& s, const float* q, const float* k, 
                        const LinearBias& bias, float* out, float* lse);
 
 // Gradients from dout, recomputing the probabilities from lse. dq, dk, dv are overwritten; da/db/dc/dd are
-// written when non-null (and the matching bias term is present: a null bias term has gradient 0).
+// written when non-null (and the matching bias term is present: a null bias term has gradient 0); likewise
+// dp [B,Tq,H,P] and dr [B,Tk,H,P], the gradients of the path-bias probes (0 without a path bias). With a
+// path bias the backward always takes the one-pass-per-head path. (No gradient for the slopes m.)
 void attention_backward(const AttentionShape& s, const float* q, const float* k, const float* v,
                         const LinearBias& bias, const float* out, const float* dout, const float* lse,
-                        float* dq, float* dk, float* dv, float* da, float* db, float* dc, float* dd);
+                        float* dq, float* dk, float* dv, float* da, float* db, float* dc, float* dd,
+                        float* dp = nullptr, float* dr = nullptr);
 
 // Forward for a few queries (Tq small) against a long cache: the keys are split into blocks processed by
 // different threads, then the partial softmax states are merged. Same results as attention_forward.
 void attention_decode(const AttentionShape& s, const float* q, const float* k, const float* v,
                       const LinearBias& bias, float* out, float* lse);
 
-// Invalid shapes (a size < 1, q_offset < k_offset, non-finite scale) and null required pointers throw
-// std::invalid_argument. attention_backward fills a non-null da/db/dc/dd whose bias term is null with 0.
+// Invalid shapes (a size < 1, q_offset < k_offset, non-finite scale), null required pointers and a path bias
+// without r, m or with P < 1 throw std::invalid_argument. attention_backward fills a non-null da/db/dc/dd whose bias term is null with 0.
 
 // The kernels' vectorisable exp (fp32, relative error < 2e-7; results below FLT_MIN flushed to 0, exp(+inf) =
 // inf, NaN -> NaN). Exposed for tests.
