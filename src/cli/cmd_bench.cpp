@@ -3,6 +3,7 @@
 #include <nlohmann/json.hpp>
 
 #include <chrono>
+#include <functional>
 
 #include "cli/bench_attention.hpp"
 #include "cli/commands.hpp"
@@ -51,6 +52,29 @@ void finish(const BenchArgs& a, const std::string& table, const nlohmann::json& 
   if (!a.json.empty()) io::write_file_atomic(a.json, rows.dump(2) + "\n");
 }
 
+// One row per preset: builds the model (seed 0), measures tokens/s, prints the table and writes the JSON.
+// `column` names the fourth column (context for training, generated tokens for decoding); measure sets it.
+void measure_presets(const BenchArgs& a, const std::string& column,
+                     const std::function<double(Transformer&, int64_t&)>& measure) {
+  std::string table = "attention: " + a.attention + "\n" +
+                      fmt::format("{:<8} {:<12} {:>12} {:>8} {:>8} {:>12}\n", "preset", "pe", "parameters", "batch",
+                                  column, "tokens/s");
+  nlohmann::json rows = nlohmann::json::array();
+  for (const auto& preset : a.presets) {
+    auto m = bench_model(a, preset);
+    torch::manual_seed(0);
+    Transformer model(m);
+    int64_t value = 0;
+    const double tps = measure(model, value);
+    table += fmt::format("{:<8} {:<12} {:>12} {:>8} {:>8} {:>12.1f}\n", preset, m.pe, model->num_parameters(),
+                         a.batch, value, tps);
+    rows.push_back({{"preset", preset}, {"pe", m.pe}, {"parameters", model->num_parameters()}, {"batch", a.batch},
+                    {column, value}, {"tokens_per_s", tps}, {"attention", a.attention},
+                    {"threads", torch::get_num_threads()}});
+  }
+  finish(a, table, rows);
+}
+
 }  // namespace
 
 void add_bench_command(CLI::App& app) {
@@ -63,14 +87,9 @@ void add_bench_command(CLI::App& app) {
   add_common(tr, *ta);
   tr->add_option("--steps", ta->steps, "timed steps (after one warm-up step)")->capture_default_str();
   tr->callback([ta] {
-    std::string table = fmt::format("{:<8} {:<12} {:>12} {:>8} {:>8} {:>12}\n", "preset", "pe", "parameters",
-                                    "batch", "context", "tokens/s");
-    table = "attention: " + ta->attention + "\n" + table;
-    nlohmann::json rows = nlohmann::json::array();
-    for (const auto& preset : ta->presets) {
-      auto m = bench_model(*ta, preset);
-      torch::manual_seed(0);
-      Transformer model(m);
+    measure_presets(*ta, "context", [&](Transformer& model, int64_t& column) {
+      const auto& m = model->config();
+      column = m.context;
       train::TrainConfig cfg;
       cfg.batch = ta->batch;
       train::Trainer trainer(model, cfg);
@@ -80,14 +99,8 @@ void add_bench_command(CLI::App& app) {
       const auto t0 = std::chrono::steady_clock::now();
       for (int64_t s = 0; s < ta->steps; ++s) trainer.step(mb, s + 1);
       const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      const double tps = double(ta->steps * ta->batch * m.context) / sec;
-      table += fmt::format("{:<8} {:<12} {:>12} {:>8} {:>8} {:>12.0f}\n", preset, m.pe, model->num_parameters(),
-                           ta->batch, m.context, tps);
-      rows.push_back({{"preset", preset}, {"pe", m.pe}, {"parameters", model->num_parameters()},
-                      {"batch", ta->batch}, {"context", m.context}, {"tokens_per_s", tps},
-                      {"attention", ta->attention}, {"threads", torch::get_num_threads()}});
-    }
-    finish(*ta, table, rows);
+      return double(ta->steps * ta->batch * m.context) / sec;
+    });
   });
 
   auto da = std::make_shared<BenchArgs>();
@@ -96,22 +109,10 @@ void add_bench_command(CLI::App& app) {
   add_common(de, *da);
   de->add_option("--tokens", da->tokens, "tokens generated per sequence")->capture_default_str();
   de->callback([da] {
-    std::string table = fmt::format("{:<8} {:<12} {:>12} {:>8} {:>8} {:>12}\n", "preset", "pe", "parameters",
-                                    "batch", "tokens", "tokens/s");
-    table = "attention: " + da->attention + "\n" + table;
-    nlohmann::json rows = nlohmann::json::array();
-    for (const auto& preset : da->presets) {
-      auto m = bench_model(*da, preset);
-      torch::manual_seed(0);
-      Transformer model(m);
-      const double tps = train::decode_tokens_per_s(model, da->batch, 16, da->tokens);
-      table += fmt::format("{:<8} {:<12} {:>12} {:>8} {:>8} {:>12.1f}\n", preset, m.pe, model->num_parameters(),
-                           da->batch, da->tokens, tps);
-      rows.push_back({{"preset", preset}, {"pe", m.pe}, {"parameters", model->num_parameters()},
-                      {"batch", da->batch}, {"tokens", da->tokens}, {"tokens_per_s", tps},
-                      {"attention", da->attention}, {"threads", torch::get_num_threads()}});
-    }
-    finish(*da, table, rows);
+    measure_presets(*da, "tokens", [&](Transformer& model, int64_t& column) {
+      column = da->tokens;
+      return train::decode_tokens_per_s(model, da->batch, 16, da->tokens);
+    });
   });
 }
 
