@@ -13,6 +13,7 @@ PACKAGES=(
   libsentencepiece-dev                # subword tokenizers
   gnuplot-nox                         # plots in reports
   bible-kjv                           # the default training text
+  libgloo-dev                         # headers of the Gloo collectives under c10d (grape train --nproc)
 )
 
 missing=()

@@ -26,13 +26,15 @@ double rel_err(const torch::Tensor& got, const torch::Tensor& want) {
 struct Case {
   std::string pe;
   int64_t T, D, B, H;
+  grape::PeOptions options = {};
 };
 
 // Forward and every gradient of the fused path equal the reference path's.
 void check_against_reference(const Case& c) {
-  SCOPED_TRACE(::testing::Message() << c.pe << " T=" << c.T << " D=" << c.D << " B=" << c.B << " H=" << c.H);
+  SCOPED_TRACE(::testing::Message() << c.pe << " T=" << c.T << " D=" << c.D << " B=" << c.B << " H=" << c.H
+                                    << (c.options.values().empty() ? "" : " (with options)"));
   torch::manual_seed(c.T * 1000 + c.D + c.B * 7 + c.H);
-  auto enc = grape::make_encoding(c.pe, {c.H, c.D, kModelDim});
+  auto enc = grape::make_encoding(c.pe, {c.H, c.D, kModelDim}, c.options);
   perturb(*enc);
   ASSERT_TRUE(grape::fused_supported(*enc));
   auto q = torch::randn({c.B, c.T, c.H, c.D}).requires_grad_();
@@ -72,11 +74,21 @@ std::vector<std::string> supported_encodings() {
   return out;
 }
 
-TEST(FusedAttention, EveryEncodingIsSupported) {
+// Exactly the relative biases outside the kernel's bias family are unsupported: fire depends on the query
+// position as well as the distance, cope needs a query's whole row of gates before its softmax. The model
+// runs them on the reference attention; every other registered encoding runs fused (t5 and kerple through
+// the per-head table by distance).
+TEST(FusedAttention, EveryEncodingIsSupportedExceptFireAndCope) {
+  const std::vector<std::string> unsupported = {"fire", "cope"};
+  for (const char* n : {"t5", "kerple"}) EXPECT_TRUE(grape::fused_supported(*grape::make_encoding(n, {2, 16, kModelDim}))) << n;
+  for (const auto& n : unsupported) EXPECT_NO_THROW(grape::encoding_info(n)) << n << " is registered";
   auto names = supported_encodings();
-  EXPECT_EQ(names.size(), grape::encodings().size());
-  for (const char* n : {"rope", "alibi", "fox", "grape-a-qk", "grape-m-ctx", "learned", "grape-ap"})
-    EXPECT_NE(std::find(names.begin(), names.end(), n), names.end()) << n;
+  for (const auto& info : grape::encodings()) {
+    const bool fused = std::find(names.begin(), names.end(), info.name) != names.end();
+    const bool listed = std::find(unsupported.begin(), unsupported.end(), info.name) != unsupported.end();
+    EXPECT_EQ(fused, !listed) << info.name;
+  }
+  EXPECT_EQ(names.size() + unsupported.size(), grape::encodings().size());
 }
 
 TEST(FusedAttention, MatchesReferenceForEveryEncodingOverTheGrid) {
@@ -86,15 +98,18 @@ TEST(FusedAttention, MatchesReferenceForEveryEncodingOverTheGrid) {
 }
 
 TEST(FusedAttention, MatchesReferenceAtLongContextAndOtherBatchShapes) {
-  for (const char* pe : {"rope", "alibi", "fox", "grape-a-qk", "grape-m-ctx", "grape-ap"})
+  for (const char* pe : {"rope", "alibi", "fox", "grape-a-qk", "grape-m-ctx", "grape-ap", "t5", "kerple"})
     check_against_reference({pe, 1024, 64, 1, 2});
-  for (const char* pe : {"grape-m", "grape-a-k", "xpos", "grape-ap"}) check_against_reference({pe, 33, 64, 3, 1});
+  for (const char* pe : {"grape-m", "grape-a-k", "xpos", "grape-ap", "t5"}) check_against_reference({pe, 33, 64, 3, 1});
+  // KERPLE's power form, and T5 with few buckets (most distances share the last one).
+  check_against_reference({"kerple", 257, 64, 2, 3, grape::PeOptions{{"variant", "power"}}});
+  check_against_reference({"t5", 257, 32, 2, 3, grape::PeOptions{{"num_buckets", "8"}, {"max_distance", "20"}}});
 }
 
 // Queries of a later chunk against the whole cache (prefill, then chunked prefill and one-token decode),
 // starting at a non-zero position; decode with a long cache takes the split-key kernel.
 TEST(FusedAttention, ChunksAndDecodeAgainstACacheEqualTheReference) {
-  for (const char* pe : {"rope", "alibi", "fox", "grape-a-q", "grape-m-ctx", "nope", "grape-ap"}) {
+  for (const char* pe : {"rope", "alibi", "fox", "grape-a-q", "grape-m-ctx", "nope", "grape-ap", "t5", "kerple"}) {
     for (int64_t prefix : {5, 300}) {
       for (int64_t chunk : {1, 4, 37}) {
         SCOPED_TRACE(::testing::Message() << pe << " prefix=" << prefix << " chunk=" << chunk);
@@ -154,9 +169,10 @@ torch::Tensor path_bias_from_terms(const grape::LinearBiasTerms& t) {
   return out;
 }
 
-// The per-token terms (linear family, path bias) reproduce the encoding's own bias below the diagonal.
+// The per-token terms (linear family, path bias, distance table) reproduce the encoding's own bias below the
+// diagonal.
 TEST(FusedAttention, LinearBiasTermsReproduceTheBias) {
-  for (const char* pe : {"alibi", "grape-a-q", "grape-a-k", "grape-a-qk", "fox", "grape-ap"}) {
+  for (const char* pe : {"alibi", "grape-a-q", "grape-a-k", "grape-a-qk", "fox", "grape-ap", "t5", "kerple"}) {
     SCOPED_TRACE(pe);
     torch::manual_seed(9);
     auto enc = grape::make_encoding(pe, {4, 16, kModelDim});
@@ -174,6 +190,13 @@ TEST(FusedAttention, LinearBiasTermsReproduceTheBias) {
     auto bias = f(t.a).unsqueeze(-1) + f(t.b).unsqueeze(-2) + (f(t.c).unsqueeze(-1) + f(t.d).unsqueeze(-2)) * dist;
     if (t.p.defined()) bias = bias + path_bias_from_terms(t);
     EXPECT_EQ(t.p.defined(), std::string(pe) == "grape-ap");
+    const bool table = std::string(pe) == "t5" || std::string(pe) == "kerple";
+    EXPECT_EQ(t.dist.defined(), table);
+    if (t.dist.defined()) {  // dist[h][min(i - j, W - 1)], W = 40 distances here
+      ASSERT_EQ(t.dist.sizes(), (std::vector<int64_t>{4, 40}));
+      auto idx = (pos.unsqueeze(1) - pos.unsqueeze(0)).clamp(0, 39).to(torch::kLong).flatten();
+      bias = bias + t.dist.to(torch::kFloat64).index_select(1, idx).view({1, 4, 40, 40});
+    }
     auto want = enc->bias(tok, cache).to(torch::kFloat64);
     auto causal = torch::ones({40, 40}, torch::kBool).tril();
     EXPECT_LE((bias - want).masked_fill(~causal, 0).abs().max().item<double>(), 1e-5);
@@ -225,11 +248,46 @@ TEST(FusedAttention, BadInputIsAClearError) {
   auto cache3 = grape::KeyCache::from(t3, q);
   cache3.key["r"] = cache3.key["r"].narrow(1, 0, 3);
   EXPECT_THROW(grape::fused_attend(*ap, t3, cache3), std::invalid_argument);
+  // So is a distance table that is not [H, W >= 1].
+  struct BadTable : grape::Encoding {
+    std::vector<int64_t> shape;
+    explicit BadTable(std::vector<int64_t> s) : grape::Encoding("bad-table", {2, 16, kModelDim}), shape(std::move(s)) {}
+    grape::Properties properties() const override {
+      grape::Properties p;
+      p.has_bias = true;
+      return p;
+    }
+    bool linear_bias(const grape::PeTokens&, const grape::KeyCache&, grape::LinearBiasTerms& out) const override {
+      out.dist = torch::zeros(shape);
+      return true;
+    }
+
+   protected:
+    grape::PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor&,
+                                 grape::PeState&) override {
+      return {q, k};
+    }
+  };
+  for (auto shape : {std::vector<int64_t>{3, 5}, {2, 0}, {2, 5, 1}}) {
+    BadTable bad(shape);
+    auto st4 = bad.initial_state(1);
+    auto t4 = bad.encode(q, q, {}, st4);
+    try {
+      grape::fused_attend(bad, t4, grape::KeyCache::from(t4, q));
+      FAIL() << "a distance table of shape " << shape.size() << "-d was accepted";
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find("distance table of 'bad-table'"), std::string::npos) << e.what();
+    }
+  }
+  BadTable good({2, 3});  // W = 3 < 5 distances: allowed, the far pairs share the last entry
+  auto st5 = good.initial_state(1);
+  auto t5 = good.encode(q, q, {}, st5);
+  EXPECT_NO_THROW(grape::fused_attend(good, t5, grape::KeyCache::from(t5, q)));
 }
 
 // The model with fused attention gives the reference model's logits and gradients.
 TEST(FusedAttention, ModelWithFusedAttentionEqualsReferenceModel) {
-  for (const char* pe : {"rope", "fox", "grape-ap"}) {
+  for (const char* pe : {"rope", "fox", "grape-ap", "t5", "kerple"}) {
     SCOPED_TRACE(pe);
     grape::ModelConfig c = grape::model_preset("tiny");
     c.n_layer = 2;

@@ -27,20 +27,30 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 struct BiasMask {
   bool a = false, b = false, c = false, d = false;
   bool path = false;  // GRAPE-AP's path bias sum_{l=j+1..t} m_h logsigmoid(p_t . r_l / P)
-  bool any() const { return a || b || c || d || path; }
+  // The per-head table by distance, dist[h][min(pos_i - pos_j, W - 1)]: 0 absent, 1 W covers every distance
+  // of the problem, 2 W is about half the distance range (the far pairs share the last entry).
+  int dist = 0;
+  bool any() const { return a || b || c || d || path || dist; }
 };
 
 // One problem in double: q [B,Tq,H,D], k, v [B,Tk,H,D], a, c [B,H,Tq], b, d [B,H,Tk] (empty when absent);
-// the path bias's probes pp [B,Tq,H,P], pr [B,Tk,H,P] and slopes pm [H] (empty when absent).
+// the path bias's probes pp [B,Tq,H,P], pr [B,Tk,H,P] and slopes pm [H] (empty when absent); the distance
+// table dist [H,W] (empty when absent).
 struct Problem {
   kc::AttentionShape s;
   Vec q, k, v, a, b, c, d, dout;
   Vec pp, pr, pm;
   int64_t P = 0;
+  Vec dist;
+  int64_t W = 0;
+  // The table entry of the pair (query i, key j) of head h (pos_j <= pos_i).
+  int64_t dist_index(int64_t h, int64_t i, int64_t j) const {
+    return h * W + std::min((s.q_offset + i) - (s.k_offset + j), W - 1);
+  }
 };
 
 struct Grads {
-  Vec dq, dk, dv, da, db, dc, dd, dp, dr;
+  Vec dq, dk, dv, da, db, dc, dd, dp, dr, ddist;
 };
 
 // The path bias's edge potential psi(t, l) = m_h logsigmoid(x), x = p_t . r_l / P, and dpsi/dx.
@@ -102,6 +112,7 @@ RefForward ref_forward(const Problem& p) {
           const double slope = (p.c.empty() ? 0.0 : p.c[qi]) + (p.d.empty() ? 0.0 : p.d[kj]);
           x += slope * double(pi - pj);
           x += path[j];
+          if (!p.dist.empty()) x += p.dist[p.dist_index(h, i, j)];
           logit[j] = x;
           mx = std::max(mx, x);
         }
@@ -124,7 +135,7 @@ Grads ref_backward(const Problem& p, const RefForward& f) {
   const int64_t B = s.B, H = s.H, Tq = s.Tq, Tk = s.Tk, D = s.D;
   Grads g{Vec(p.q.size(), 0.0), Vec(p.k.size(), 0.0), Vec(p.v.size(), 0.0), Vec(B * H * Tq, 0.0),
           Vec(B * H * Tk, 0.0), Vec(B * H * Tq, 0.0), Vec(B * H * Tk, 0.0), Vec(p.pp.size(), 0.0),
-          Vec(p.pr.size(), 0.0)};
+          Vec(p.pr.size(), 0.0), Vec(p.dist.size(), 0.0)};
   auto qx = [&](int64_t b, int64_t i, int64_t h) { return ((b * Tq + i) * H + h) * D; };
   auto kx = [&](int64_t b, int64_t j, int64_t h) { return ((b * Tk + j) * H + h) * D; };
   for (int64_t b = 0; b < B; ++b)
@@ -149,6 +160,7 @@ Grads ref_backward(const Problem& p, const RefForward& f) {
           }
           const int64_t qi = (b * H + h) * Tq + i, kj = (b * H + h) * Tk + j;
           g.da[qi] += ds, g.db[kj] += ds, g.dc[qi] += ds * dist, g.dd[kj] += ds * dist;
+          if (!p.dist.empty()) g.ddist[p.dist_index(h, i, j)] += ds;
         }
         if (p.pp.empty()) continue;
         // Path bias: the bias of key j holds psi(i, l) for every visible l > j, so dpsi(i, l) = sum_{j<l} dS.
@@ -197,6 +209,11 @@ Problem make_problem(kc::AttentionShape s, BiasMask m, uint32_t seed) {
     p.pm = fill(s.H, 0.3);
     for (auto& e : p.pm) e = std::abs(e) + 0.05;  // ALiBi-like positive slopes
   }
+  if (m.dist) {
+    const int64_t range = s.q_offset + s.Tq - s.k_offset;  // distances 0 .. range - 1 occur
+    p.W = m.dist == 1 ? range : std::max<int64_t>(1, range / 2 + 1);
+    p.dist = fill(s.H * p.W, 1.0);
+  }
   return p;
 }
 
@@ -204,8 +221,8 @@ FVec to_f(const Vec& x) { return FVec(x.begin(), x.end()); }
 
 // fp32 copies of a problem's inputs, and the bias view the kernels take.
 struct FProblem {
-  FVec q, k, v, a, b, c, d, dout, pp, pr, pm;
-  int64_t P;
+  FVec q, k, v, a, b, c, d, dout, pp, pr, pm, dist;
+  int64_t P, W;
   explicit FProblem(const Problem& p)
       : q(to_f(p.q)),
         k(to_f(p.k)),
@@ -218,11 +235,14 @@ struct FProblem {
         pp(to_f(p.pp)),
         pr(to_f(p.pr)),
         pm(to_f(p.pm)),
-        P(p.P) {}
+        dist(to_f(p.dist)),
+        P(p.P),
+        W(p.W) {}
   kc::LinearBias bias() const {
     auto ptr = [](const FVec& x) { return x.empty() ? nullptr : x.data(); };
     kc::LinearBias bias{ptr(a), ptr(b), ptr(c), ptr(d)};
     bias.p = ptr(pp), bias.r = ptr(pr), bias.m = ptr(pm), bias.P = P;
+    bias.dist = ptr(dist), bias.W = W;
     return bias;
   }
 };
@@ -248,7 +268,7 @@ std::string describe(const kc::AttentionShape& s, BiasMask m) {
          " Tk=" + std::to_string(s.Tk) + " D=" + std::to_string(s.D) +
          " q_offset=" + std::to_string(s.q_offset) + " k_offset=" + std::to_string(s.k_offset) +
          " bias=" + (m.a ? "a" : "") + (m.b ? "b" : "") + (m.c ? "c" : "") + (m.d ? "d" : "") +
-         (m.path ? "+path" : "");
+         (m.path ? "+path" : "") + (m.dist ? "+dist(W=" + std::to_string(m.dist) + ")" : "");
 }
 
 // Runs forward (and backward when asked) on one problem and compares every output with the reference.
@@ -265,10 +285,11 @@ void check_problem(kc::AttentionShape s, BiasMask m, bool backward, uint32_t see
   const Grads want = ref_backward(p, ref);
   FVec dq(p.q.size()), dk(p.k.size()), dv(p.v.size());
   FVec da(s.B * s.H * s.Tq, -1.f), dc(da), db(s.B * s.H * s.Tk, -1.f), dd(db);  // -1: must be overwritten
-  FVec dp(p.pp.size(), -1.f), dr(p.pr.size(), -1.f);
+  FVec dp(p.pp.size(), -1.f), dr(p.pr.size(), -1.f), ddist(p.dist.size(), -1.f);
   kc::attention_backward(s, f.q.data(), f.k.data(), f.v.data(), f.bias(), out.data(), f.dout.data(),
                          lse.data(), dq.data(), dk.data(), dv.data(), da.data(), db.data(), dc.data(),
-                         dd.data(), m.path ? dp.data() : nullptr, m.path ? dr.data() : nullptr);
+                         dd.data(), m.path ? dp.data() : nullptr, m.path ? dr.data() : nullptr,
+                         m.dist ? ddist.data() : nullptr);
   auto expect_close = [](const char* name, const FVec& got, const Vec& ref) {
     EXPECT_LE(max_err(got, ref), 1e-3 * std::max(1.0, max_abs(ref))) << name;
   };
@@ -281,6 +302,7 @@ void check_problem(kc::AttentionShape s, BiasMask m, bool backward, uint32_t see
   expect_close("dd", dd, want.dd);
   expect_close("dp", dp, want.dp);
   expect_close("dr", dr, want.dr);
+  expect_close("ddist", ddist, want.ddist);
 }
 
 const BiasMask kBiasVariants[] = {
@@ -291,6 +313,14 @@ const BiasMask kBiasVariants[] = {
     {true, true, true, true},     // all four
     {false, false, false, false, true},  // the path bias alone (GRAPE-AP)
     {true, true, true, true, true},      // all four and the path bias
+};
+
+// With the per-head table by distance (kept apart so that the problems above keep their seeds).
+const BiasMask kTableVariants[] = {
+    {false, false, false, false, false, 1},  // a distance table alone (T5, KERPLE)
+    {false, false, false, false, false, 2},  // a table shorter than the distance range (clamped)
+    {true, true, true, true, false, 2},      // all four and a clamped table
+    {true, true, true, true, true, 1},       // everything
 };
 
 // The three position layouts for a sequence of T keys.
@@ -329,7 +359,8 @@ TEST(KernelReference, BackwardMatchesFiniteDifferences) {
   // Tiny case with every bias term and a chunked layout; loss = sum(dout * out).
   kc::AttentionShape s;
   s.B = 1, s.H = 2, s.Tq = 3, s.Tk = 5, s.D = 4, s.q_offset = 2, s.k_offset = 0, s.scale = 0.5f;
-  Problem p = make_problem(s, {true, true, true, true, true}, 7);
+  Problem p = make_problem(s, {true, true, true, true, true, 2}, 7);
+  ASSERT_LT(p.W, s.q_offset + s.Tq - s.k_offset);  // the table's last entry is shared
   for (auto& e : p.c) e *= 10.0;  // make the distance slopes matter
   for (auto& e : p.d) e *= 10.0;
   for (auto& e : p.pm) e *= 5.0;  // and the path bias
@@ -358,23 +389,28 @@ TEST(KernelReference, BackwardMatchesFiniteDifferences) {
   check("d", &Problem::d, g.dd);
   check("p", &Problem::pp, g.dp);
   check("r", &Problem::pr, g.dr);
+  check("dist", &Problem::dist, g.ddist);
 }
 
 TEST(KernelForwardBackward, MatchReferenceOnGrid) {
-  uint32_t seed = 100;
+  uint32_t seed = 100, table_seed = 50000;
   for (int64_t T : {1, 7, 64, 257})
     for (int64_t D : {32, 64, 128, 48, 20})
       for (auto [B, H] : {std::pair<int64_t, int64_t>{1, 1}, {2, 3}})
-        for (int which = 0; which < 3; ++which)
+        for (int which = 0; which < 3; ++which) {
           for (const BiasMask& m : kBiasVariants) {
             check_problem(layout(B, H, T, D, which), m, /*backward=*/true, seed++);
           }
+          for (const BiasMask& m : kTableVariants)
+            check_problem(layout(B, H, T, D, which), m, /*backward=*/true, table_seed++);
+        }
 }
 
 TEST(KernelForwardBackward, LongSequence) {
   check_problem(layout(1, 1, 1024, 64, 0), {true, true, true, true}, /*backward=*/false, 1);
   check_problem(layout(1, 1, 1024, 64, 1), {false, false, true, false}, /*backward=*/true, 2);
   check_problem(layout(1, 2, 1024, 64, 2), {false, false, true, false, true}, /*backward=*/true, 3);
+  check_problem(layout(2, 2, 1024, 64, 1), {false, false, false, false, false, 2}, /*backward=*/true, 4);
 }
 
 TEST(KernelForwardBackward, PartialBiasGradientsAndNullOutputs) {
@@ -406,13 +442,14 @@ TEST(KernelBackward, OnePassAndTwoPassPathsMatchReference) {
   for (auto [B, H] : {std::pair<int64_t, int64_t>{1, 1}, {2, 3}, {1, 2}})
     for (auto [T, D] : {std::pair<int64_t, int64_t>{257, 48}, {130, 64}})
       for (int which = 0; which < 3; ++which)
-        for (const BiasMask& m : {BiasMask{}, BiasMask{true, true, true, true}, BiasMask{true, true, true, true, true}}) {
+        for (const BiasMask& m : {BiasMask{}, BiasMask{true, true, true, true}, BiasMask{true, true, true, true, true},
+                                  BiasMask{true, true, true, true, false, 2}}) {
           const kc::AttentionShape s = layout(B, H, T, D, which);
           const Problem p = make_problem(s, m, seed++);
           const FProblem f(p);
           const RefForward ref_fwd = ref_forward(p);
           const Grads want = ref_backward(p, ref_fwd);
-          std::vector<FVec> first;  // dq, dk, dv, da, db, dc, dd of the 1-thread run
+          std::vector<FVec> first;  // dq, dk, dv, da, db, dc, dd, dp, dr, ddist of the 1-thread run
           for (int threads : {1, 2}) {
             SCOPED_TRACE(describe(s, m) + " threads=" + std::to_string(threads));
             omp_set_num_threads(threads);
@@ -422,15 +459,15 @@ TEST(KernelBackward, OnePassAndTwoPassPathsMatchReference) {
             EXPECT_LE(max_err(lse, ref_fwd.lse), 1e-4);
             FVec dq(p.q.size()), dk(p.k.size()), dv(p.v.size());
             FVec da(s.B * s.H * s.Tq, -1.f), dc(da), db(s.B * s.H * s.Tk, -1.f), dd(db);
-            FVec dp(p.pp.size(), -1.f), dr(p.pr.size(), -1.f);
+            FVec dp(p.pp.size(), -1.f), dr(p.pr.size(), -1.f), ddist(p.dist.size(), -1.f);
             kc::attention_backward(s, f.q.data(), f.k.data(), f.v.data(), f.bias(), out.data(), f.dout.data(),
                                    lse.data(), dq.data(), dk.data(), dv.data(), da.data(), db.data(),
-                                   dc.data(), dd.data(), dp.data(), dr.data());
+                                   dc.data(), dd.data(), dp.data(), dr.data(), ddist.data());
             omp_set_num_threads(saved);
-            const std::vector<FVec> got{dq, dk, dv, da, db, dc, dd, dp, dr};
+            const std::vector<FVec> got{dq, dk, dv, da, db, dc, dd, dp, dr, ddist};
             const std::vector<const Vec*> ref{&want.dq, &want.dk, &want.dv, &want.da, &want.db,
-                                              &want.dc, &want.dd, &want.dp, &want.dr};
-            const char* names[] = {"dq", "dk", "dv", "da", "db", "dc", "dd", "dp", "dr"};
+                                              &want.dc, &want.dd, &want.dp, &want.dr, &want.ddist};
+            const char* names[] = {"dq", "dk", "dv", "da", "db", "dc", "dd", "dp", "dr", "ddist"};
             for (size_t n = 0; n < got.size(); ++n) {
               const double tol = 1e-3 * std::max(1.0, max_abs(*ref[n]));
               EXPECT_LE(max_err(got[n], *ref[n]), tol) << names[n];
@@ -470,7 +507,8 @@ TEST(KernelDecode, MatchesForward) {
   for (int64_t Tq : {1, 4})
     for (int64_t Tk : {1, 5, 300, 2000})
       for (const BiasMask& m : {BiasMask{}, BiasMask{true, true, true, true}, BiasMask{false, false, false, false, true},
-                                BiasMask{true, true, true, true, true}}) {
+                                BiasMask{true, true, true, true, true}, BiasMask{false, false, false, false, false, 2},
+                                BiasMask{true, true, true, true, true, 1}}) {
         kc::AttentionShape s;
         s.B = 2, s.H = 3, s.D = 64, s.Tq = Tq, s.Tk = Tk, s.scale = 0.125f;
         s.k_offset = 3,
@@ -549,6 +587,18 @@ TEST(KernelValidation, BadInvariantsThrow) {
                                         nullptr),
                  std::invalid_argument);
   }
+  // A distance table needs W >= 1.
+  kc::LinearBias table;
+  table.dist = f.q.data(), table.W = 0;
+  EXPECT_THROW(kc::attention_forward(good, f.q.data(), f.k.data(), f.v.data(), table, out.data(), lse.data()),
+               std::invalid_argument);
+  EXPECT_THROW(kc::attention_decode(good, f.q.data(), f.k.data(), f.v.data(), table, out.data(), lse.data()),
+               std::invalid_argument);
+  EXPECT_THROW(kc::attention_backward(good, f.q.data(), f.k.data(), f.v.data(), table, out.data(), f.dout.data(),
+                                      lse.data(), dq.data(), dk.data(), dv.data(), nullptr, nullptr, nullptr, nullptr),
+               std::invalid_argument);
+  table.W = 3;
+  EXPECT_NO_THROW(kc::attention_forward(good, f.q.data(), f.k.data(), f.v.data(), table, out.data(), lse.data()));
   // The valid shape itself is accepted.
   EXPECT_NO_THROW(
       kc::attention_forward(good, f.q.data(), f.k.data(), f.v.data(), {}, out.data(), lse.data()));

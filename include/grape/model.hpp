@@ -106,7 +106,9 @@ class TransformerImpl : public torch::nn::Module {
   torch::nn::Embedding wte_{nullptr};
   std::vector<std::shared_ptr<BlockImpl>> blocks_;
   RMSNorm norm_f_{nullptr};
-  EncodingPtr embed_pe_;  // the encoding when it embeds (sinusoidal, learned), applied once after wte
+  EncodingPtr embed_pe_;
+  // TAPE's layer-0 position state of rows starting at `offsets`, [B,T,H,D]; undefined for other encodings.
+  torch::Tensor initial_stream(const std::vector<int64_t>& offsets, int64_t T, torch::ScalarType dtype) const;  // the encoding when it embeds (sinusoidal, learned), applied once after wte
 };
 TORCH_MODULE(Transformer);
 

@@ -63,10 +63,13 @@ struct KeyCache {
 //     sum_{l=j+1..i} m_h logsigmoid(p_i . r_l / P)   (key positions l <= pos_i only)
 // with p [B,Tq,H,P] per query, r [B,Tk,H,P] per key, m [H] per head (no gradient reaches m). An undefined
 // tensor is a zero term (p undefined: no path bias). ALiBi is c = -m_h, GRAPE-A c = -omega gq and/or
-// d = -omega gk, FoX a = C_i, b = -C_j (C re-based to stay small), GRAPE-AP p, r, m.
+// d = -omega gk, FoX a = C_i, b = -C_j (C re-based to stay small), GRAPE-AP p, r, m. Plus a per-head
+// function of the distance given as a table: + dist[h][min(pos_i - pos_j, W - 1)] (T5: its buckets gathered,
+// KERPLE: its kernel, for distances 0..W-1 with W = last query position - first key position + 1).
 struct LinearBiasTerms {
   torch::Tensor a, b, c, d;
   torch::Tensor p, r, m;
+  torch::Tensor dist;  // [H, W] per-head bias by distance (gradient flows to whatever built it)
 };
 
 // Which hooks and laws apply; `grape check` and the tests read this.
@@ -78,6 +81,7 @@ struct Properties {
   bool contextual = false;      // (d) needs the layer input x
   bool relative = false;        // logits depend on positions only through i - j
   bool phase_relative = false;  // relative in a data-dependent phase (the state "phi")
+  bool signed_bias = false;     // the bias is learned freely (t5, fire, cope): no "0 on the diagonal, <= 0" law
 };
 
 // Base class of every encoding. Subclasses register their learnable parameters as usual.
@@ -109,6 +113,12 @@ class Encoding : public torch::nn::Module {
   // The bias as the per-token terms the fused kernels compute per tile (see LinearBiasTerms). Returns false
   // when the encoding's bias is not of that form; encodings without a bias return true with no terms.
   virtual bool linear_bias(const PeTokens& queries, const KeyCache& keys, LinearBiasTerms& out) const;
+
+  // The queries and keys the attention dot product uses, [B,Tq,H,D] and [B,Tk,H,D]. Default: exactly what
+  // encode returned and the cache holds. Dynamic NTK caches pre-rotation keys and rotates queries and keys
+  // here with the spectrum of the current length, so decoding stays exact when that spectrum changes.
+  virtual std::pair<torch::Tensor, torch::Tensor> attention_qk(const PeTokens& queries,
+                                                                const KeyCache& keys) const;
 
   // One line per learnable parameter with its actual shape, for `grape encodings NAME`.
   std::vector<std::string> describe_parameters() const;
@@ -180,7 +190,7 @@ torch::Tensor reference_attention(Encoding& enc, const torch::Tensor& q, const t
 // ---- fused attention (src/kernels/cpu, bound in src/nn/fused_attention.cpp) --------------------------
 
 // Whether the fused kernel computes this encoding's attention (its bias has LinearBiasTerms: the linear
-// family or GRAPE-AP's path sum).
+// family, GRAPE-AP's path sum or a table by distance).
 bool fused_supported(const Encoding& enc);
 // softmax(q~.k~/sqrt(D) + bias, causal) v of encoded queries against a cache, y [B,Tq,H,D], by the fused
 // CPU kernel (float32; O(T) extra memory; differentiable w.r.t. q~, k~, v and the bias terms). Throws
@@ -206,6 +216,49 @@ class KVShiftImpl : public torch::nn::Module {
   torch::Tensor w_k, w_v;  // [H,C] gate weights, alpha = sigmoid(w . x)
 };
 TORCH_MODULE(KVShift);
+
+// ---- TAPE: a position state carried through the layers beside the hidden state (src/pe/tape.cpp) ------
+// Each token has a position state E [B,T,H,D] per layer: D/2 complex numbers z_b = E[b] + i E[b+D/2] per head
+// (the 2x2 blocks [[c,-s],[s,c]] of the TAPE paper stored once, so the rotate_half duplicate never drifts).
+// q, k are multiplied by z (a rotation at layer 0, where E is RoPE's cos/sin table at the token's position);
+// attention averages E with the same weights as v (E~), and E += A(E~); after the MLP, with its output y,
+// E += W2 (SiLU(y Wx) * (W1 E)). Every update is linear in E with coefficients from x only, so a global
+// rotation of every z_b (a position shift) leaves token outputs unchanged. With W1 = 0 and A = 0 (the init)
+// E never changes and the model equals its RoPE backbone. The model drives the stream through this class.
+class TapeEncoding : public Encoding {
+ public:
+  TapeEncoding(const HeadShape& shape, const PeOptions& options);
+  Properties properties() const override;
+
+  // E^(0) of tokens offset..offset+T-1 (positions shifted by the `shift` option): [B,T,H,D].
+  torch::Tensor initial_stream(int64_t batch, int64_t offset, int64_t length, torch::ScalarType dtype) const;
+  // encode() with this layer's position state of the chunk, stream [B,T,H,D]. The key map keeps it as "E"
+  // (cached beside the keys: attention averages it). Plain encode() uses initial_stream (layer 0, = RoPE).
+  PeTokens encode_with_stream(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& stream,
+                              PeState& state);
+  // E + A(E~): mode paper mixes heads with A [H,H]; mode code_compat scales head m by sum_e A[m,e].
+  torch::Tensor attention_update(const torch::Tensor& E, const torch::Tensor& E_tilde) const;
+  // E + W2 (SiLU(y Wx^T) * (W1 E)), y [B,T,C] the MLP output (before the residual).
+  torch::Tensor mlp_update(const torch::Tensor& E, const torch::Tensor& y) const;
+
+  // Whether this layer updates E (option `updates`; the model's last layer does not: nothing reads it).
+  bool has_updates() const { return updates_; }
+
+  torch::Tensor W1, Wx, W2, A;  // [I,H] zero, [I,C] N(0,0.02^2), [H,I] N(0,0.02^2), [H,H] zero
+
+ protected:
+  PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& x,
+                        PeState& state) override;
+
+ private:
+  torch::Tensor check_stream(const torch::Tensor& E, int64_t B, int64_t T, const char* what) const;
+  void require_updates() const;
+  bool updates_ = true;
+  torch::Tensor log_theta_;  // [D/2] RoPE log-frequencies (float64 buffer)
+  double shift_ = 0;
+  bool code_compat_ = false;
+  torch::Tensor pending_;    // the stream handed to encode_with_stream for the current call
+};
 
 // "[2,16,4,32]": the shape of a tensor as error messages print it.
 std::string shape_string(const torch::Tensor& t);

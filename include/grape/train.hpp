@@ -22,6 +22,11 @@
 #include "grape/data.hpp"
 #include "grape/model.hpp"
 
+namespace grape::dist {
+class Group;
+class GradientSync;
+}  // namespace grape::dist
+
 namespace grape::train {
 
 struct TrainConfig {
@@ -70,11 +75,17 @@ class Trainer {
   StepStats step(const std::vector<data::Batch>& micro_batches, int64_t step);
   Transformer& model() { return model_; }
   torch::optim::AdamW& optimizer() { return *optimizer_; }
+  // Data-parallel (include grape/distributed.hpp): copies rank 0's weights to every rank, then each step
+  // averages the gradients (bucketed all-reduce overlapping backward) and the loss over the group. Each
+  // rank passes its own share of the step's batch.
+  void set_group(std::shared_ptr<dist::Group> group);
 
  private:
   Transformer model_;
   TrainConfig cfg_;
   std::unique_ptr<torch::optim::AdamW> optimizer_;
+  std::shared_ptr<dist::Group> group_;
+  std::shared_ptr<dist::GradientSync> sync_;
 };
 
 // ---- run directories and checkpoints -------------------------------------------------------------
@@ -105,6 +116,9 @@ struct TrainOptions {
   int64_t stop_after = 0; // stop as Ctrl-C would (checkpoint, `interrupted`) after this step; 0: never
   int64_t resume_steps = 0; // with resume: a new step budget (changes the lr schedule); 0: the run's own
   std::string run_dir;
+  // Data-parallel group (null: one process). Each rank trains on its share of a batch of batch x ranks;
+  // rank 0 writes run.json, metrics and checkpoints, every rank resumes from them.
+  std::shared_ptr<dist::Group> group;
 };
 struct TrainSummary {
   int64_t steps = 0;
@@ -173,5 +187,29 @@ struct CompareOptions {
 // Trains and evaluates each encoding on the same data, seed and budget; writes results.json, report.md,
 // loss.png and perplexity.png into out_dir. Returns the report's markdown.
 std::string run_comparison(const CompareOptions& opts);
+
+// `grape compare --study extrapolation`: how each encoding behaves beyond its training length.
+// Per encoding, two runs with the same model, seed and budget: a language model on `train.data`
+// (perplexity at context x factors, plus every context-extension method an encoding offers through its
+// `extend` option, applied at evaluation with factor = the length factor), and a model trained on the
+// needle task at the training context (exact-match retrieval over depths x length factors).
+struct StudyOptions {
+  std::vector<std::string> pes;            // encodings (unknown names throw, listing the known ones)
+  ModelConfig model;                       // pe is replaced per run; context = the short training context
+  TrainConfig train;                       // the language-model runs (data, steps, batch, lr, seed, ...)
+  int64_t needle_steps = 0;                // steps of the needle runs; 0: train.steps
+  std::vector<int64_t> factors = {1, 2, 4, 8, 16};
+  std::vector<std::string> extend = {"pi", "ntk", "dynamic-ntk", "yarn"};  // for encodings with `extend`
+  bool needle_extend = true;               // also measure the needle grid with each extension method
+  std::vector<double> depths = {0, 0.25, 0.5, 0.75, 1};
+  int64_t eval_tokens = 8192;              // validation tokens per length
+  int64_t needle_examples = 20;            // per (depth, length) cell
+  std::string out_dir = "grape-study";
+  std::string command;                     // the command line, recorded in report.md
+  bool quiet = false;
+};
+// Runs (or continues) the study into out_dir: runs/lm/PE, runs/needle/PE, results.json, report.md,
+// perplexity.png, perplexity_extension.png (when an encoding has extensions), needle.png. Returns report.md.
+std::string run_extrapolation_study(const StudyOptions& opts);
 
 }  // namespace grape::train

@@ -2,12 +2,17 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include <unistd.h>
+
 #include <chrono>
+#include <cstdlib>
+#include <filesystem>
 #include <functional>
 
 #include "cli/bench_attention.hpp"
 #include "cli/commands.hpp"
 #include "cli/run_flags.hpp"
+#include "grape/distributed.hpp"
 #include "grape/io.hpp"
 
 namespace grape::cli {
@@ -19,6 +24,7 @@ struct BenchArgs {
   std::string attention = "fused";
   std::vector<std::string> pe_sets;
   int64_t steps = 5, batch = 8, tokens = 64, context = 0;
+  int nproc = 1;  // bench train: also N data-parallel processes x 1 thread
   std::string json;
 };
 
@@ -75,6 +81,83 @@ void measure_presets(const BenchArgs& a, const std::string& column,
   finish(a, table, rows);
 }
 
+// Training tokens/s of `model`: one warm-up step, then a.steps timed AdamW steps on a fixed random batch.
+// With a group, each rank steps on its own batch of a.batch sequences and the gradients are averaged
+// (the real data-parallel step); the figure is then for all ranks together.
+double train_tokens_per_s(const BenchArgs& a, Transformer& model, const std::shared_ptr<dist::Group>& group) {
+  const auto& m = model->config();
+  train::TrainConfig cfg;
+  cfg.batch = a.batch;
+  train::Trainer trainer(model, cfg);
+  trainer.set_group(group);
+  const int world = group ? group->size() : 1;
+  torch::manual_seed(group ? 100 + group->rank() : 100);
+  auto x = torch::randint(m.vocab_size, {a.batch, m.context}, torch::kInt64);
+  std::vector<data::Batch> mb = {{x, x.roll(-1, 1), {}}};
+  trainer.step(mb, 0);  // warm-up: allocations, thread pool, Gloo buffers
+  if (group) group->barrier();
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int64_t s = 0; s < a.steps; ++s) trainer.step(mb, s + 1);
+  if (group) group->barrier();
+  const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return double(world * a.steps * a.batch * m.context) / sec;
+}
+
+// A worker of `bench train --nproc N`: measures every preset data-parallel; rank 0 writes the figures to
+// the file the launcher named in GRAPE_BENCH_RESULT.
+void bench_train_worker(const BenchArgs& a, const dist::Env& env) {
+  torch::set_num_threads(1);
+  auto group = dist::Group::join(env);
+  nlohmann::json rows = nlohmann::json::array();
+  for (const auto& preset : a.presets) {
+    auto m = bench_model(a, preset);
+    torch::manual_seed(0);
+    Transformer model(m);
+    rows.push_back({{"preset", preset}, {"tokens_per_s", train_tokens_per_s(a, model, group)}});
+  }
+  const char* out = std::getenv("GRAPE_BENCH_RESULT");
+  if (group->rank() == 0 && out != nullptr) io::write_file_atomic(out, rows.dump() + "\n");
+}
+
+// `bench train --nproc N`: 1 process x 1 thread, measured here, then N processes x 1 thread, side by side.
+// Efficiency = tokens/s of N processes / (N x tokens/s of one): 1 is perfect scaling.
+void bench_train_scaling(const BenchArgs& a) {
+  torch::set_num_threads(1);
+  std::vector<double> single;
+  std::vector<int64_t> params, contexts;
+  for (const auto& preset : a.presets) {
+    auto m = bench_model(a, preset);
+    torch::manual_seed(0);
+    Transformer model(m);
+    params.push_back(model->num_parameters());
+    contexts.push_back(m.context);
+    single.push_back(train_tokens_per_s(a, model, nullptr));
+  }
+  const auto result = (std::filesystem::temp_directory_path() /
+                       ("grape-bench-" + std::to_string(::getpid()) + ".json")).string();
+  const int code = dist::launch_local(a.nproc, dist::own_arguments_without("--nproc"), {{"GRAPE_BENCH_RESULT", result}});
+  if (code != 0) throw std::runtime_error(fmt::format("bench train --nproc {}: a worker failed (see above)", a.nproc));
+  const auto multi = nlohmann::json::parse(io::read_file(result));
+  std::filesystem::remove(result);
+  std::string table = fmt::format("attention: {}; data-parallel on c10d/Gloo over 127.0.0.1, every process 1 thread, "
+                                  "batch {} per process\n", a.attention, a.batch) +
+                      fmt::format("{:<8} {:<12} {:>12} {:>8} {:>16} {:>16} {:>9} {:>11}\n", "preset", "pe",
+                                  "parameters", "context", "1 proc tok/s", fmt::format("{} procs tok/s", a.nproc),
+                                  "speed-up", "efficiency");
+  nlohmann::json rows = nlohmann::json::array();
+  for (size_t i = 0; i < a.presets.size(); ++i) {
+    const double n = multi.at(i).at("tokens_per_s").get<double>();
+    const double speedup = n / single[i];
+    table += fmt::format("{:<8} {:<12} {:>12} {:>8} {:>16.1f} {:>16.1f} {:>8.2f}x {:>10.1f}%\n", a.presets[i], a.pe,
+                         params[i], contexts[i], single[i], n, speedup, 100.0 * speedup / a.nproc);
+    rows.push_back({{"preset", a.presets[i]}, {"pe", a.pe}, {"parameters", params[i]}, {"context", contexts[i]},
+                    {"batch_per_process", a.batch}, {"nproc", a.nproc}, {"threads_per_process", 1},
+                    {"tokens_per_s_1proc", single[i]}, {"tokens_per_s_nproc", n}, {"speedup", speedup},
+                    {"efficiency", speedup / a.nproc}, {"attention", a.attention}});
+  }
+  finish(a, table, rows);
+}
+
 }  // namespace
 
 void add_bench_command(CLI::App& app) {
@@ -86,20 +169,15 @@ void add_bench_command(CLI::App& app) {
   auto* tr = bench->add_subcommand("train", "training tokens/s (forward + backward + AdamW) per preset");
   add_common(tr, *ta);
   tr->add_option("--steps", ta->steps, "timed steps (after one warm-up step)")->capture_default_str();
+  tr->add_option("--nproc", ta->nproc, "also measure N data-parallel processes x 1 thread against 1 process x "
+                                      "1 thread (scaling efficiency)")
+      ->check(CLI::Range(1, 64));
   tr->callback([ta] {
+    if (auto env = dist::env_from_environment(); env && env->world_size > 1) return bench_train_worker(*ta, *env);
+    if (ta->nproc > 1) return bench_train_scaling(*ta);
     measure_presets(*ta, "context", [&](Transformer& model, int64_t& column) {
-      const auto& m = model->config();
-      column = m.context;
-      train::TrainConfig cfg;
-      cfg.batch = ta->batch;
-      train::Trainer trainer(model, cfg);
-      auto x = torch::randint(m.vocab_size, {ta->batch, m.context}, torch::kInt64);
-      std::vector<data::Batch> mb = {{x, x.roll(-1, 1), {}}};
-      trainer.step(mb, 0);  // warm-up: allocations, thread pool
-      const auto t0 = std::chrono::steady_clock::now();
-      for (int64_t s = 0; s < ta->steps; ++s) trainer.step(mb, s + 1);
-      const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      return double(ta->steps * ta->batch * m.context) / sec;
+      column = model->config().context;
+      return train_tokens_per_s(*ta, model, nullptr);
     });
   });
 

@@ -17,7 +17,9 @@
 //
 // Batches pack examples, each after an end-of-text, into rows of T+1 tokens (the last one cut off).
 // Training batches have no mask: every token is trained (prompts are random, so their loss only teaches
-// the format). Validation batches mask the answer tokens only (all of MQAR's answers), so validation loss
+// the format); with `loss=answer` (any task) they are masked like validation batches, so training sees only
+// the answers: the random prompt tokens' gradient is pure noise, and without it retrieval is learned in far
+// fewer steps (the extrapolation study trains its needle models this way). Validation batches mask the answer tokens only (all of MQAR's answers), so validation loss
 // measures the task itself.
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -51,6 +53,7 @@ struct Task {
   int64_t digits = 3;              // addition
   int64_t pairs = 8, queries = 4;  // mqar
   double depth = -1;               // needle: fixed depth in [0,1]; < 0: uniform per example
+  bool answer_loss = false;        // loss=answer: training batches score the answer tokens only
 };
 
 constexpr uint64_t kValSeed = 0x76616c5f73656564ULL;      // "val_seed": validation rows
@@ -124,10 +127,10 @@ Sample make_sample(const Task& t, std::mt19937_64& rng) {
 // ---- the spec -------------------------------------------------------------------------------------------
 
 const std::map<std::string, std::vector<std::string>>& task_keys() {
-  static const std::map<std::string, std::vector<std::string>> keys = {{"copy", {"length"}},
-                                                                       {"mqar", {"pairs", "queries"}},
-                                                                       {"needle", {"depth", "length"}},
-                                                                       {"addition", {"digits"}}};
+  static const std::map<std::string, std::vector<std::string>> keys = {{"copy", {"length", "loss"}},
+                                                                       {"mqar", {"pairs", "queries", "loss"}},
+                                                                       {"needle", {"depth", "length", "loss"}},
+                                                                       {"addition", {"digits", "loss"}}};
   return keys;
 }
 
@@ -190,6 +193,9 @@ Task parse_task(const std::string& spec) {
     if (key == "digits") t.digits = parse_int(name, key, v, 1, 18);
     if (key == "pairs") t.pairs = parse_int(name, key, v, 1, 26);
     if (key == "depth") t.depth = parse_unit(name, key, v);
+    if (key == "loss" && v != "all" && v != "answer")
+      throw std::invalid_argument(fmt::format("synthetic:{}: loss='{}' must be all or answer", name, v));
+    if (key == "loss") t.answer_loss = v == "answer";
   }
   t.queries = std::min<int64_t>(4, t.pairs);
   if (given.count("queries")) t.queries = parse_int(name, "queries", given["queries"], 1, t.pairs);
@@ -218,8 +224,11 @@ class SyntheticSource final : public DataSource {
   Batch train_batch(int64_t batch, int64_t T, std::mt19937_64& rng) const override {
     check_shape(batch, T);
     auto w = torch::empty({batch, T + 1}, torch::kInt64);
-    for (int64_t b = 0; b < batch; ++b) fill_row(rng, T + 1, w.data_ptr<int64_t>() + b * (T + 1), nullptr);
-    return {w.narrow(1, 0, T).contiguous(), w.narrow(1, 1, T).contiguous(), {}};
+    torch::Tensor m = task_.answer_loss ? torch::empty({batch, T + 1}, torch::kFloat32) : torch::Tensor();
+    for (int64_t b = 0; b < batch; ++b)
+      fill_row(rng, T + 1, w.data_ptr<int64_t>() + b * (T + 1), m.defined() ? m.data_ptr<float>() + b * (T + 1) : nullptr);
+    return {w.narrow(1, 0, T).contiguous(), w.narrow(1, 1, T).contiguous(),
+            m.defined() ? m.narrow(1, 1, T).contiguous() : torch::Tensor()};
   }
 
   // Rows from a fixed seed, so every call (and every run) sees the same validation examples.

@@ -9,7 +9,8 @@ namespace grape {
 
 torch::Tensor attention_logits(const Encoding& enc, const PeTokens& queries, const KeyCache& keys) {
   const double scale = 1.0 / std::sqrt(double(queries.q.size(-1)));
-  auto logits = torch::einsum("bihd,bjhd->bhij", {queries.q, keys.k}) * scale;
+  auto [q, k] = enc.attention_qk(queries, keys);
+  auto logits = torch::einsum("bihd,bjhd->bhij", {q, k}) * scale;
   auto b = enc.bias(queries, keys);
   if (b.defined()) logits = logits + b;
   auto qi = torch::arange(queries.offset, queries.offset + queries.length).unsqueeze(1);

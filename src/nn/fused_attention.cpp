@@ -25,16 +25,17 @@ bool present(const torch::Tensor& t) { return t.defined() && t.numel() > 0; }
 const float* ptr(const torch::Tensor& t) { return present(t) ? t.data_ptr<float>() : nullptr; }
 float* mut(torch::Tensor& t) { return present(t) ? t.data_ptr<float>() : nullptr; }
 
-// [B,H,T] (or the path bias's [B,T,H,P], [H]) float32 contiguous, or empty.
+// [B,H,T] (or the path bias's [B,T,H,P], [H], the distance table's [H,W]) float32 contiguous, or empty.
 torch::Tensor term(const torch::Tensor& t) {
   return t.defined() ? t.to(torch::kFloat32).contiguous() : torch::empty({0}, torch::kFloat32);
 }
 
 kc::LinearBias make_bias(const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& c,
                          const torch::Tensor& d, const torch::Tensor& p, const torch::Tensor& r,
-                         const torch::Tensor& m) {
+                         const torch::Tensor& m, const torch::Tensor& dist) {
   kc::LinearBias bias{ptr(a), ptr(b), ptr(c), ptr(d)};
   if (present(p)) bias.p = ptr(p), bias.r = ptr(r), bias.m = ptr(m), bias.P = p.size(3);
+  if (present(dist)) bias.dist = ptr(dist), bias.W = dist.size(1);
   return bias;
 }
 
@@ -42,12 +43,12 @@ class FusedAttentionFn : public torch::autograd::Function<FusedAttentionFn> {
  public:
   static variable_list forward(AutogradContext* ctx, torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                torch::Tensor a, torch::Tensor b, torch::Tensor c, torch::Tensor d,
-                               torch::Tensor p, torch::Tensor r, torch::Tensor m, int64_t q_offset,
-                               int64_t k_offset) {
+                               torch::Tensor p, torch::Tensor r, torch::Tensor m, torch::Tensor dist,
+                               int64_t q_offset, int64_t k_offset) {
     kc::AttentionShape s{q.size(0), q.size(2), q.size(1), k.size(1), q.size(3), q_offset, k_offset,
                          float(1.0 / std::sqrt(double(q.size(3))))};
     q = q.contiguous(), k = k.contiguous(), v = v.contiguous();
-    const kc::LinearBias bias = make_bias(a, b, c, d, p, r, m);
+    const kc::LinearBias bias = make_bias(a, b, c, d, p, r, m, dist);
     auto out = torch::empty_like(q);
     auto lse = torch::empty({s.B, s.H, s.Tq}, q.options());
     torch::NoGradGuard no_grad;
@@ -57,7 +58,7 @@ class FusedAttentionFn : public torch::autograd::Function<FusedAttentionFn> {
     else
       kc::attention_forward(s, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), bias,
                             out.data_ptr<float>(), lse.data_ptr<float>());
-    ctx->save_for_backward({q, k, v, a, b, c, d, p, r, m, out, lse});
+    ctx->save_for_backward({q, k, v, a, b, c, d, p, r, m, dist, out, lse});
     ctx->saved_data["q_offset"] = q_offset;
     ctx->saved_data["k_offset"] = k_offset;
     return {out};
@@ -66,7 +67,8 @@ class FusedAttentionFn : public torch::autograd::Function<FusedAttentionFn> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
     auto &q = saved[0], &k = saved[1], &v = saved[2], &a = saved[3], &b = saved[4], &c = saved[5],
-         &d = saved[6], &p = saved[7], &r = saved[8], &m = saved[9], &out = saved[10], &lse = saved[11];
+         &d = saved[6], &p = saved[7], &r = saved[8], &m = saved[9], &dist = saved[10], &out = saved[11],
+         &lse = saved[12];
     kc::AttentionShape s{q.size(0), q.size(2), q.size(1), k.size(1), q.size(3),
                          ctx->saved_data["q_offset"].toInt(), ctx->saved_data["k_offset"].toInt(),
                          float(1.0 / std::sqrt(double(q.size(3))))};
@@ -75,12 +77,14 @@ class FusedAttentionFn : public torch::autograd::Function<FusedAttentionFn> {
     // A bias term gets a gradient only when it was given (an absent term is a constant zero).
     auto like = [](const torch::Tensor& t) { return present(t) ? torch::empty_like(t) : torch::Tensor(); };
     auto da = like(a), db = like(b), dc = like(c), dd = like(d), dp = like(p), dr = like(r);
+    auto ddist = like(dist);
     kc::attention_backward(s, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
-                           make_bias(a, b, c, d, p, r, m), out.data_ptr<float>(), dout.data_ptr<float>(),
+                           make_bias(a, b, c, d, p, r, m, dist), out.data_ptr<float>(), dout.data_ptr<float>(),
                            lse.data_ptr<float>(), dq.data_ptr<float>(), dk.data_ptr<float>(),
-                           dv.data_ptr<float>(), mut(da), mut(db), mut(dc), mut(dd), mut(dp), mut(dr));
+                           dv.data_ptr<float>(), mut(da), mut(db), mut(dc), mut(dd), mut(dp), mut(dr),
+                           mut(ddist));
     // The slopes m are a fixed buffer: no gradient.
-    return {dq, dk, dv, da, db, dc, dd, dp, dr, torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    return {dq, dk, dv, da, db, dc, dd, dp, dr, torch::Tensor(), ddist, torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -108,14 +112,14 @@ bool fused_supported(const Encoding& enc) {
 }
 
 torch::Tensor fused_attend(const Encoding& enc, const PeTokens& queries, const KeyCache& keys) {
-  check_float32(queries.q, "q");
-  check_float32(keys.k, "k");
+  const auto [q, k] = enc.attention_qk(queries, keys);
+  check_float32(q, "q");
+  check_float32(k, "k");
   check_float32(keys.v, "v (the cache holds no values)");
-  const auto& q = queries.q;
-  if (q.dim() != 4 || keys.k.dim() != 4 || !keys.k.sizes().equals(keys.v.sizes()) || q.size(0) != keys.k.size(0) ||
-      q.size(2) != keys.k.size(2) || q.size(3) != keys.k.size(3))
+  if (q.dim() != 4 || k.dim() != 4 || !k.sizes().equals(keys.v.sizes()) || q.size(0) != k.size(0) ||
+      q.size(2) != k.size(2) || q.size(3) != k.size(3))
     throw std::invalid_argument(fmt::format("fused attention: q {} and k, v {} must be [B,T,H,D] with equal B, H, D",
-                                            shape_string(q), shape_string(keys.k)));
+                                            shape_string(q), shape_string(k)));
   if (queries.offset < keys.offset)
     throw std::invalid_argument(fmt::format("fused attention: the first query (position {}) precedes every cached "
                                             "key (from position {})", queries.offset, keys.offset));
@@ -124,7 +128,6 @@ torch::Tensor fused_attend(const Encoding& enc, const PeTokens& queries, const K
     throw std::invalid_argument(fmt::format("fused attention: the bias of '{}' is not in the linear family the "
                                             "fused kernel computes; use the reference attention", enc.name()));
   if (t.p.defined()) {  // the path bias: p [B,Tq,H,P], r [B,Tk,H,P], m [H]
-    const auto& k = keys.k;
     const bool ok = t.r.defined() && t.m.defined() && t.p.dim() == 4 && t.r.dim() == 4 && t.m.dim() == 1 &&
                     t.p.size(0) == q.size(0) && t.p.size(1) == q.size(1) && t.p.size(2) == q.size(2) &&
                     t.r.size(0) == k.size(0) && t.r.size(1) == k.size(1) && t.r.size(2) == k.size(2) &&
@@ -135,8 +138,11 @@ torch::Tensor fused_attend(const Encoding& enc, const PeTokens& queries, const K
                                               "[B,Tk,H,P] and m [H] (got p {}, r {}, m {})", enc.name(),
                                               sh(t.p), sh(t.r), sh(t.m)));
   }
-  return FusedAttentionFn::apply(q, keys.k, keys.v, term(t.a), term(t.b), term(t.c), term(t.d), term(t.p),
-                                 term(t.r), term(t.m), queries.offset, keys.offset)[0];
+  if (t.dist.defined() && !(t.dist.dim() == 2 && t.dist.size(0) == q.size(2) && t.dist.size(1) >= 1))
+    throw std::invalid_argument(fmt::format("fused attention: the distance table of '{}' must be [H,W] with H = {} "
+                                            "and W >= 1 (got {})", enc.name(), q.size(2), shape_string(t.dist)));
+  return FusedAttentionFn::apply(q, k, keys.v, term(t.a), term(t.b), term(t.c), term(t.d), term(t.p),
+                                 term(t.r), term(t.m), term(t.dist), queries.offset, keys.offset)[0];
 }
 
 torch::Tensor fused_attention(Encoding& enc, const torch::Tensor& q, const torch::Tensor& k,

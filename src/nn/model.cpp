@@ -74,6 +74,7 @@ class BlockImpl : public torch::nn::Module {
     }
     if (c.kv_shift) kv_shift_ = register_module("kv_shift", KVShift(c.head_shape()));
     register_module("pe", pe_);
+    tape_ = std::dynamic_pointer_cast<TapeEncoding>(pe_);
     fused_ = c.attention == "fused" && fused_supported(*pe_);
     norm2_ = register_module("norm2", RMSNorm(C, c.norm_eps));
     w1_ = linear("w1", C, hidden);
@@ -82,13 +83,14 @@ class BlockImpl : public torch::nn::Module {
   }
 
   // x [B,T,C] → x + Attn(RMSNorm(x)) + MLP(...); `groups` partition the rows and carry their state.
-  torch::Tensor forward(const torch::Tensor& x, const std::vector<RowGroup>& groups) {
+  // stream: TAPE's position state E [B,T,H,D] of these tokens, read and updated in place (else null).
+  torch::Tensor forward(const torch::Tensor& x, const std::vector<RowGroup>& groups, torch::Tensor* stream) {
     const int64_t B = x.size(0), T = x.size(1);
     auto xh = norm1_(x);  // x̂: the projections, the gates and contextual encodings all read it
     auto q = wq_(xh).view({B, T, H_, D_});
     auto k = wk_(xh).view({B, T, H_, D_});
     auto v = wv_(xh).view({B, T, H_, D_});
-    std::vector<torch::Tensor> ys;
+    std::vector<torch::Tensor> ys, streams;
     for (const auto& g : groups) {
       auto xg = xh.narrow(0, g.row, g.rows);
       auto qg = q.narrow(0, g.row, g.rows), kg = k.narrow(0, g.row, g.rows), vg = v.narrow(0, g.row, g.rows);
@@ -97,6 +99,19 @@ class BlockImpl : public torch::nn::Module {
         qg = q_norm_(qg);
         kg = k_norm_(kg);
       }
+      if (tape_) {
+        auto Eg = stream->narrow(0, g.row, g.rows);
+        auto tokens = tape_->encode_with_stream(qg, kg, Eg, *g.pe);
+        g.keys->append(tokens, vg);
+        if (!tape_->has_updates()) {  // the last layer: E is read, never updated
+          ys.push_back(attend(tokens, *g.keys));
+          continue;
+        }
+        auto [y, E_tilde] = attend_with_stream(tokens, *g.keys);  // E~ = sum_j alpha_ij E_j
+        ys.push_back(y);
+        streams.push_back(tape_->attention_update(Eg, E_tilde));
+        continue;
+      }
       auto tokens = pe_->encode(qg, kg, xg, *g.pe);
       g.keys->append(tokens, vg);  // the cache keeps exactly what encode returned, plus v
       ys.push_back(attend(tokens, *g.keys));
@@ -104,7 +119,9 @@ class BlockImpl : public torch::nn::Module {
     auto y = ys.size() == 1 ? ys[0] : torch::cat(ys, 0);
     auto h = x + wo_(y.reshape({B, T, H_ * D_}));
     auto hn = norm2_(h);
-    return h + w_out_(torch::silu(w1_(hn)) * w2_(hn));  // SwiGLU
+    auto mlp = w_out_(torch::silu(w1_(hn)) * w2_(hn));  // SwiGLU
+    if (tape_ && tape_->has_updates()) *stream = tape_->mlp_update(streams.size() == 1 ? streams[0] : torch::cat(streams, 0), mlp);
+    return h + mlp;
   }
 
   const EncodingPtr& pe() const { return pe_; }
@@ -121,8 +138,21 @@ class BlockImpl : public torch::nn::Module {
     return torch::einsum("bhij,bjhd->bihd", {p, keys.v});
   }
 
+  // TAPE: y and E~ with one set of attention weights. The fused kernel runs twice (values v, then E: both
+  // [B,T,H,D]); the reference path forms the probabilities once.
+  std::pair<torch::Tensor, torch::Tensor> attend_with_stream(const PeTokens& queries, const KeyCache& keys) const {
+    KeyCache stream_keys = keys;
+    stream_keys.v = keys.key.at("E");
+    if (fused_ && queries.q.scalar_type() == torch::kFloat32)
+      return {fused_attend(*pe_, queries, keys), fused_attend(*pe_, queries, stream_keys)};
+    auto logits = attention_logits(*pe_, queries, keys);
+    auto p = torch::softmax(logits, -1, compute_dtype(keys.v.scalar_type())).to(keys.v.scalar_type());
+    return {torch::einsum("bhij,bjhd->bihd", {p, keys.v}), torch::einsum("bhij,bjhd->bihd", {p, stream_keys.v})};
+  }
+
   int64_t H_, D_;
   EncodingPtr pe_;
+  std::shared_ptr<TapeEncoding> tape_;  // set when the encoding carries a position stream
   bool fused_ = false;  // config.attention == "fused" and the kernel computes this encoding's bias
   RMSNorm norm1_{nullptr}, norm2_{nullptr}, q_norm_{nullptr}, k_norm_{nullptr};
   torch::nn::Linear wq_{nullptr}, wk_{nullptr}, wv_{nullptr}, wo_{nullptr};
@@ -140,9 +170,13 @@ TransformerImpl::TransformerImpl(const ModelConfig& config) : config_(config) {
   const bool embeds = probe->properties().embeds;
   if (embeds) embed_pe_ = register_module("pe", probe);
   auto list = register_module("blocks", torch::nn::ModuleList());
+  // TAPE's last layer would update a position state nobody reads: it is built without those parameters.
+  const bool tape = std::dynamic_pointer_cast<TapeEncoding>(probe) != nullptr;
   for (int64_t l = 0; l < c.n_layer; ++l) {
+    PeOptions opts(c.pe_options);
+    if (tape && l == c.n_layer - 1) opts.set("updates", "false");
     auto pe = embeds ? make_encoding("nope", shape)
-                     : (l == 0 ? probe : make_encoding(c.pe, shape, PeOptions(c.pe_options)));
+                     : (l == 0 && !opts.has("updates") ? probe : make_encoding(c.pe, shape, opts));
     blocks_.push_back(std::make_shared<BlockImpl>(c, pe));
     list->push_back(blocks_.back());
   }
@@ -172,6 +206,15 @@ int64_t TransformerImpl::num_parameters() const {
   return n;
 }
 
+torch::Tensor TransformerImpl::initial_stream(const std::vector<int64_t>& offsets, int64_t T,
+                                             torch::ScalarType dtype) const {
+  auto tape = std::dynamic_pointer_cast<TapeEncoding>(blocks_.front()->pe());
+  if (!tape) return {};
+  std::vector<torch::Tensor> rows;  // each row starts at its own position
+  for (int64_t off : offsets) rows.push_back(tape->initial_stream(1, off, T, dtype));
+  return rows.size() == 1 ? rows[0] : torch::cat(rows, 0);
+}
+
 std::vector<EncodingPtr> TransformerImpl::encodings() const {
   std::vector<EncodingPtr> out;
   for (const auto& b : blocks_) out.push_back(b->pe());
@@ -183,12 +226,13 @@ torch::Tensor TransformerImpl::forward(const torch::Tensor& tokens) {
   const int64_t B = ids.size(0);
   auto h = wte_(ids);
   if (embed_pe_) h = embed_pe_->embed(h, 0);
+  auto stream = initial_stream(std::vector<int64_t>(B, 0), ids.size(1), h.scalar_type());
   for (auto& b : blocks_) {
     // A fresh state and cache per layer: the whole batch starts at position 0 with nothing cached.
     PeState st = b->pe()->initial_state(B, 0);
     KeyCache keys;
     KVShiftState shift;
-    h = b->forward(h, {RowGroup{0, B, &st, &keys, &shift}});
+    h = b->forward(h, {RowGroup{0, B, &st, &keys, &shift}}, stream.defined() ? &stream : nullptr);
   }
   h = norm_f_(h);
   return torch::matmul(h, wte_->weight.t()).to(torch::kFloat32);  // tied LM head
@@ -239,13 +283,16 @@ torch::Tensor TransformerImpl::forward_cached(const torch::Tensor& tokens,
     for (int64_t b = 0; b < B; ++b) rows.push_back(embed_pe_->embed(h.narrow(0, b, 1), caches[b]->length));
     h = torch::cat(rows, 0);
   }
+  std::vector<int64_t> offsets;
+  for (auto* c : caches) offsets.push_back(c->length);
+  auto stream = initial_stream(offsets, T, h.scalar_type());
   for (size_t l = 0; l < blocks_.size(); ++l) {
     std::vector<RowGroup> groups;
     for (int64_t b = 0; b < B; ++b) {
       auto& layer = caches[b]->layers[l];
       groups.push_back({b, 1, &layer.pe, &layer.keys, &layer.shift});
     }
-    h = blocks_[l]->forward(h, groups);
+    h = blocks_[l]->forward(h, groups, stream.defined() ? &stream : nullptr);
   }
   for (auto* c : caches) c->length += T;
   h = norm_f_(h);

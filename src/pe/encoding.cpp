@@ -47,6 +47,11 @@ bool Encoding::linear_bias(const PeTokens&, const KeyCache&, LinearBiasTerms& ou
   return !properties().has_bias;  // a bias without a linear-family form must say so by overriding
 }
 
+std::pair<torch::Tensor, torch::Tensor> Encoding::attention_qk(const PeTokens& queries,
+                                                              const KeyCache& keys) const {
+  return {queries.q, keys.k};
+}
+
 std::vector<std::string> Encoding::describe_parameters() const {
   std::vector<std::string> lines;
   for (const auto& p : named_parameters(true))

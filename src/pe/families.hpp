@@ -16,6 +16,11 @@ void add_contextual(std::vector<EncodingInfo>& out);
 void add_linear_bias(std::vector<EncodingInfo>& out);
 void add_fox(std::vector<EncodingInfo>& out);
 void add_path_integral(std::vector<EncodingInfo>& out);
+void add_context_extension(std::vector<EncodingInfo>& out);  // pi, ntk, dynamic-ntk, yarn, longrope
+void add_hdd_rope(std::vector<EncodingInfo>& out);
+void add_tape(std::vector<EncodingInfo>& out);
+void add_relative_bias(std::vector<EncodingInfo>& out);       // t5, kerple, fire
+void add_cope(std::vector<EncodingInfo>& out);
 
 // Options shared by every rotation: which coordinates pair up, and which way they turn.
 struct RotaryLayout {

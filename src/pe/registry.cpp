@@ -13,9 +13,14 @@ const std::vector<EncodingInfo>& encodings() {
     std::vector<EncodingInfo> v;
     detail::add_absolute(v);
     detail::add_rotary(v);
+    detail::add_context_extension(v);
     detail::add_mixture(v);
     detail::add_contextual(v);
+    detail::add_hdd_rope(v);
+    detail::add_tape(v);
     detail::add_linear_bias(v);
+    detail::add_relative_bias(v);
+    detail::add_cope(v);
     detail::add_fox(v);
     detail::add_path_integral(v);
     return v;

@@ -1,11 +1,14 @@
 // Rotations on canonical planes: RoPE (with partial rotary and p-RoPE), xPos, GRAPE-M with learned
 // frequencies, and GRAPE-M with a learned commuting basis. All share rotate_pairs and one spectrum.
+// RoPE and GRAPE-M(-planes) take a context-extension method (pi, ntk, dynamic-ntk, yarn, longrope); its
+// math is in context_extension.cpp, these classes only ask it for angles and the q/k scale.
 #include <fmt/format.h>
 
 #include <cmath>
 #include <numbers>
 #include <stdexcept>
 
+#include "pe/context_extension.hpp"
 #include "pe/families.hpp"
 
 namespace grape {
@@ -96,21 +99,25 @@ torch::Tensor position_angles(int64_t offset, int64_t T, const torch::Tensor& th
 // ---- rope -------------------------------------------------------------------------------------------
 class RoPE : public Encoding {
  public:
-  RoPE(const HeadShape& s, const PeOptions& o) : Encoding("rope", s), layout_(rotary_layout(o)) {
+  // fixed_method: the registered pi, ntk, ... encodings, whose method is not an option.
+  RoPE(const HeadShape& s, const PeOptions& o, const std::string& name = "rope",
+       const std::string& fixed_method = "", double default_factor = 1.0)
+      : Encoding(name, s), layout_(rotary_layout(o)) {
     require_even_head_dim(name_, s.head_dim);
     const double base = o.get_double("base", 10000.0);
     const double fraction = o.get_double("fraction", 1.0);
     const double p = o.get_double("p", 1.0);
-    if (base <= 1.0) throw std::invalid_argument(fmt::format("rope: base must be > 1, got {}", base));
+    if (base <= 1.0) throw std::invalid_argument(fmt::format("{}: base must be > 1, got {}", name_, base));
     if (!(fraction > 0.0 && fraction <= 1.0))
-      throw std::invalid_argument(fmt::format("rope: fraction must be in (0, 1], got {}", fraction));
+      throw std::invalid_argument(fmt::format("{}: fraction must be in (0, 1], got {}", name_, fraction));
     if (!(p >= 0.0 && p <= 1.0))
-      throw std::invalid_argument(fmt::format("rope: p must be in [0, 1], got {}", p));
+      throw std::invalid_argument(fmt::format("{}: p must be in [0, 1], got {}", name_, p));
     const double rd = fraction * double(s.head_dim);
     rotated_ = int64_t(std::llround(rd));
     if (std::abs(rd - double(rotated_)) > 1e-9 || rotated_ % 2 != 0 || rotated_ == 0)
       throw std::invalid_argument(fmt::format(
-          "rope: fraction*head_dim = {} must be a positive even integer (head_dim {})", rd, s.head_dim));
+          "{}: fraction*head_dim = {} must be a positive even integer (head_dim {})", name_, rd, s.head_dim));
+    ext_ = parse_context_extension(o, name_, rotated_, fixed_method, default_factor);
     const int64_t P = rotated_ / 2;
     const int64_t keep = int64_t(std::llround(p * double(P)));  // highest frequencies come first
     log_theta_ = register_buffer("log_theta", rope_log_theta(rotated_, base).unsqueeze(0));
@@ -118,23 +125,41 @@ class RoPE : public Encoding {
   }
   Properties properties() const override {
     Properties p;
-    p.rotates = p.relative = true;
+    p.rotates = ext_.mscale() == 1.0;  // YaRN's temperature scales q and k
+    p.relative = ext_.relative();
     return p;
   }
   // Frequencies [1,P]; dropped p-RoPE frequencies are exactly 0 (those pairs are never turned).
   torch::Tensor theta(torch::ScalarType dtype) const { return torch::exp(log_theta_.to(dtype)) * keep_.to(dtype); }
 
+  // Dynamic NTK: rotate the queries and every cached (unrotated) key with the current length's spectrum.
+  std::pair<torch::Tensor, torch::Tensor> attention_qk(const PeTokens& queries, const KeyCache& keys) const override {
+    if (!ext_.dynamic()) return Encoding::attention_qk(queries, keys);
+    const auto th = theta(queries.q.scalar_type());
+    const int64_t l = queries.offset + queries.length;
+    return {rotate(queries.q, ext_.angles(th, queries.offset, queries.length, l)),
+            rotate(keys.k, ext_.angles(th, keys.offset, keys.length, l))};
+  }
+
  protected:
   PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor&,
                         PeState& st) override {
-    auto ang = position_angles(st.next_pos, q.size(1), theta(q.scalar_type()));
-    return {rotate_pairs(q, ang, layout_.pairing, layout_.sign),
-            rotate_pairs(k, ang, layout_.pairing, layout_.sign)};
+    if (ext_.dynamic()) return {q, k};  // the cache keeps pre-rotation keys; attention_qk rotates
+    const int64_t T = q.size(1);
+    auto ang = ext_.angles(theta(q.scalar_type()), st.next_pos, T, st.next_pos + T);
+    auto rq = rotate(q, ang), rk = rotate(k, ang);
+    if (ext_.mscale() != 1.0) return {rq * ext_.mscale(), rk * ext_.mscale()};
+    return {rq, rk};
   }
 
  private:
+  torch::Tensor rotate(const torch::Tensor& x, const torch::Tensor& ang) const {
+    return rotate_pairs(x, ang, layout_.pairing, layout_.sign);
+  }
+
   RotaryLayout layout_;
   int64_t rotated_ = 0;
+  ContextExtension ext_;
   torch::Tensor log_theta_, keep_;
 };
 
@@ -203,26 +228,45 @@ class GrapeM : public Encoding {
     const int64_t G = o.get_bool("per_head", false) ? s.heads : 1;
     lambda_ = register_parameter("lambda",
                                  (rope_log_theta(s.head_dim, base) * scale_).to(torch::kFloat32).unsqueeze(0).repeat({G, 1}));
+    // The method acts on the learned theta_d per index d (e.g. NTK: theta_d s^(-2d/(D-2))).
+    ext_ = parse_context_extension(o, name_, s.head_dim);
   }
   Properties properties() const override {
     Properties p;
-    p.rotates = p.relative = true;
+    p.rotates = ext_.mscale() == 1.0;
+    p.relative = ext_.relative();
     return p;
   }
   torch::Tensor theta() const { return torch::exp(lambda_ / scale_); }  // [G,P]
 
+  // Dynamic NTK: encode left q and k unrotated (in the basis's local frame for grape-m-planes, where
+  // B R B^T q . B R B^T k = R B^T q . R B^T k); rotate them here with the current length's spectrum.
+  std::pair<torch::Tensor, torch::Tensor> attention_qk(const PeTokens& queries, const KeyCache& keys) const override {
+    if (!ext_.dynamic()) return Encoding::attention_qk(queries, keys);
+    const int64_t l = queries.offset + queries.length;
+    return {rotate(queries.q, queries.offset, l), rotate(keys.k, keys.offset, l)};
+  }
+
  protected:
-  torch::Tensor rotate(const torch::Tensor& x, int64_t offset) const {
-    return rotate_pairs(x, position_angles(offset, x.size(1), theta()), layout_.pairing, layout_.sign);
+  // x [B,T,H,D] at positions offset.. rotated by the (extended) spectrum for sequence length `length`.
+  torch::Tensor rotate(const torch::Tensor& x, int64_t offset, int64_t length) const {
+    return rotate_pairs(x, ext_.angles(theta(), offset, x.size(1), length), layout_.pairing, layout_.sign);
+  }
+  // Rotation plus YaRN's temperature; the identity under dynamic NTK (attention_qk rotates).
+  torch::Tensor encode_one(const torch::Tensor& x, int64_t offset) const {
+    if (ext_.dynamic()) return x;
+    auto r = rotate(x, offset, offset + x.size(1));
+    return ext_.mscale() != 1.0 ? r * ext_.mscale() : r;
   }
   PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor&,
                         PeState& st) override {
-    return {rotate(q, st.next_pos), rotate(k, st.next_pos)};
+    return {encode_one(q, st.next_pos), encode_one(k, st.next_pos)};
   }
 
   RotaryLayout layout_;
   double scale_;
   torch::Tensor lambda_;
+  ContextExtension ext_;
 };
 
 // ---- grape-m-planes: learned commuting planes ---------------------------------------------------
@@ -245,7 +289,8 @@ class GrapeMPlanes : public GrapeM {
     auto B = basis();
     auto apply = [&](const torch::Tensor& x) {
       auto local = torch::einsum("bthd,hde->bthe", {x, B});          // B^T x per head
-      return torch::einsum("bthe,hde->bthd", {rotate(local, st.next_pos), B});  // B (R(n) B^T x)
+      if (ext_.dynamic()) return local;  // attention_qk rotates the local frame (see GrapeM)
+      return torch::einsum("bthe,hde->bthd", {encode_one(local, st.next_pos), B});  // B (R(n) B^T x)
     };
     return {apply(q), apply(k)};
   }
@@ -258,17 +303,25 @@ class GrapeMPlanes : public GrapeM {
 
 namespace detail {
 
+EncodingPtr make_extended_rope(const HeadShape& s, const PeOptions& o, const std::string& name,
+                               const std::string& fixed_method, double default_factor) {
+  return std::make_shared<RoPE>(s, o, name, fixed_method, default_factor);
+}
+
 void add_rotary(std::vector<EncodingInfo>& out) {
   auto layout = rotary_layout_options();
-  auto with = [&](std::vector<OptionSpec> extra) {
+  const auto extension = context_extension_options();
+  auto with = [&](std::vector<OptionSpec> extra, bool extendable = false) {
     extra.insert(extra.end(), layout.begin(), layout.end());
+    if (extendable) extra.insert(extra.end(), extension.begin(), extension.end());
     return extra;
   };
   out.push_back({"rope", "multiplicative",
                  "RoPE: rotate planes of q,k by n*theta_i, theta_i = base^(-2i/r); partial rotary and p-RoPE",
                  with({{"base", "10000", "frequency base"},
                        {"fraction", "1", "partial rotary: rotate only the first fraction*D dims (GPT-NeoX)"},
-                       {"p", "1", "p-RoPE: keep the highest-frequency fraction p of frequencies, zero the rest"}}),
+                       {"p", "1", "p-RoPE: keep the highest-frequency fraction p of frequencies, zero the rest"}},
+                      true),
                  {},
                  [](const HeadShape& s, const PeOptions& o) { return std::make_shared<RoPE>(s, o); }});
   out.push_back({"xpos", "multiplicative",
@@ -283,7 +336,8 @@ void add_rotary(std::vector<EncodingInfo>& out) {
                  "GRAPE-M: RoPE planes with learned log-frequencies theta = exp(lambda/16), RoPE init",
                  with({{"base", "10000", "base of the RoPE spectrum used at init"},
                        {"per_head", "false", "one frequency vector per head instead of shared"},
-                       {"log_freq_scale", "16", "s in theta = exp(lambda/s)"}}),
+                       {"log_freq_scale", "16", "s in theta = exp(lambda/s)"}},
+                      true),
                  {"lambda  [1 or H, D/2]  init s*log(base^(-2i/D))"},
                  [](const HeadShape& s, const PeOptions& o) { return std::make_shared<GrapeM>(s, o); }});
   out.push_back({"grape-m-planes", "multiplicative",
@@ -291,7 +345,8 @@ void add_rotary(std::vector<EncodingInfo>& out) {
                  with({{"base", "10000", "base of the RoPE spectrum used at init"},
                        {"per_head", "false", "one frequency vector per head instead of shared"},
                        {"per_head_basis", "false", "one basis per head instead of shared"},
-                       {"log_freq_scale", "16", "s in theta = exp(lambda/s)"}}),
+                       {"log_freq_scale", "16", "s in theta = exp(lambda/s)"}},
+                      true),
                  {"lambda  [1 or H, D/2]  init s*log(base^(-2i/D))",
                   "basis_logits  [1 or H, D, D]  init 0 (B = I)"},
                  [](const HeadShape& s, const PeOptions& o) { return std::make_shared<GrapeMPlanes>(s, o); }});

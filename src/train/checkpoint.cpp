@@ -2,6 +2,7 @@
 // verified on read (format version, FNV-1a checksums of the files, tensor names and shapes).
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -61,6 +62,10 @@ void write_run(const std::string& dir, const ModelConfig& model, const TrainConf
     io::write_file_atomic((fs::path(dir) / "tokenizer.model").string(), tok.model_bytes());
 }
 
+std::string checkpoint_path(const std::string& run_dir, int64_t step) {
+  return (fs::path(run_dir) / "checkpoints" / step_name(step)).string();
+}
+
 std::string write_checkpoint(const std::string& run_dir, int64_t step, Transformer& model,
                              torch::optim::AdamW& optimizer, json state, int64_t keep_last) {
   const fs::path root = fs::path(run_dir) / "checkpoints";
@@ -68,23 +73,35 @@ std::string write_checkpoint(const std::string& run_dir, int64_t step, Transform
   const std::string name = step_name(step);
   const fs::path tmp = root / (".tmp." + name);
   fs::remove_all(tmp);  // leftovers of an interrupted write
-  fs::create_directories(tmp);
+  try {
+    fs::create_directories(tmp);
+    std::map<std::string, torch::Tensor> tensors;
+    for (const auto& p : model->named_parameters()) tensors[p.key()] = p.value().detach();
+    const std::map<std::string, std::string> meta = {{"pe", model->config().pe},
+                                                     {"config", model->config().to_json()}};
+    io::write_safetensors((tmp / "model.safetensors").string(), tensors, meta);
+    maybe_crash_here();
+    std::ostringstream opt_bytes;
+    torch::save(optimizer, opt_bytes);
+    io::write_file_atomic((tmp / "optimizer.pt").string(), opt_bytes.str());
 
-  std::map<std::string, torch::Tensor> tensors;
-  for (const auto& p : model->named_parameters()) tensors[p.key()] = p.value().detach();
-  const std::map<std::string, std::string> meta = {{"pe", model->config().pe},
-                                                   {"config", model->config().to_json()}};
-  io::write_safetensors((tmp / "model.safetensors").string(), tensors, meta);
-  maybe_crash_here();
-  std::ostringstream opt_bytes;
-  torch::save(optimizer, opt_bytes);
-  io::write_file_atomic((tmp / "optimizer.pt").string(), opt_bytes.str());
-
-  state["format"] = kCheckpointFormat;
-  state["step"] = step;
-  state["checksums"] = {{"model.safetensors", checksum(io::read_file((tmp / "model.safetensors").string()))},
-                        {"optimizer.pt", checksum(opt_bytes.str())}};
-  io::write_file_atomic((tmp / "state.json").string(), state.dump(2) + "\n");
+    state["format"] = kCheckpointFormat;
+    state["step"] = step;
+    state["checksums"] = {{"model.safetensors", checksum(io::read_file((tmp / "model.safetensors").string()))},
+                          {"optimizer.pt", checksum(opt_bytes.str())}};
+    io::write_file_atomic((tmp / "state.json").string(), state.dump(2) + "\n");
+  } catch (const std::exception& e) {
+    // A full disk (or any failed write): nothing of this checkpoint may look complete, and the previous
+    // one was never touched (latest still points at it).
+    std::error_code ec;
+    fs::remove_all(tmp, ec);
+    std::string previous = "none was written yet";
+    try {
+      previous = "the previous checkpoint " + latest_checkpoint(run_dir) + " is intact";
+    } catch (const std::exception&) {
+    }
+    throw std::runtime_error(fmt::format("cannot write checkpoint {} ({}); {}", name, e.what(), previous));
+  }
 
   const fs::path final_dir = root / name;
   fs::remove_all(final_dir);  // a checkpoint of the same step from a run that was resumed earlier
@@ -105,15 +122,88 @@ json read_checkpoint_state(const std::string& dir) {
   const auto path = (fs::path(dir) / "state.json").string();
   if (!fs::exists(path)) throw std::runtime_error(fmt::format("{}: not a checkpoint (no state.json)", dir));
   auto state = parse_json_file(path);
-  if (!state.contains("format") || state["format"] != kCheckpointFormat)
+  if (!state.is_object() || !state.contains("format") || state["format"] != kCheckpointFormat)
     throw std::runtime_error(fmt::format("{}: unsupported checkpoint format {} (this grape reads {})", dir,
-                                         state.value("format", json()).dump(), kCheckpointFormat));
-  for (const auto& [file, sum] : state.at("checksums").items()) {
-    const auto bytes = io::read_file((fs::path(dir) / file).string());
-    if (checksum(bytes) != sum.get<std::string>())
+                                         state.is_object() ? state.value("format", json()).dump() : "?",
+                                         kCheckpointFormat));
+  if (!state.contains("checksums") || !state["checksums"].is_object() || !state.contains("step") ||
+      !state["step"].is_number_integer())
+    throw std::runtime_error(fmt::format("{}: state.json lacks its checksums or step", dir));
+  for (const auto& [file, sum] : state["checksums"].items()) {
+    const auto file_path = (fs::path(dir) / file).string();
+    if (!fs::exists(file_path))
+      throw std::runtime_error(fmt::format("{}: {} is missing", dir, file));
+    if (!sum.is_string() || checksum(io::read_file(file_path)) != sum.get<std::string>())
       throw std::runtime_error(fmt::format("{}/{}: checksum mismatch: the file is corrupt or truncated", dir, file));
   }
   return state;
+}
+
+ResumePoint find_resume_checkpoint(const std::string& run_dir) {
+  ResumePoint point;
+  const fs::path root = fs::path(run_dir) / "checkpoints";
+  if (!fs::is_directory(root)) return point;
+  // The newest first: `latest` names the last checkpoint completed; then the others, newest to oldest.
+  // A directory newer than `latest` was renamed into place by a run killed before it updated `latest`;
+  // it is complete, but `latest` is the commit point, so it is passed over (its step is written again).
+  std::vector<std::string> names;
+  for (const auto& e : fs::directory_iterator(root))
+    if (e.is_directory() && e.path().filename().string().rfind("step_", 0) == 0)
+      names.push_back(e.path().filename().string());
+  std::sort(names.rbegin(), names.rend());
+  std::string latest;
+  if (fs::exists(root / "latest")) {
+    latest = io::read_file((root / "latest").string());
+    while (!latest.empty() && (latest.back() == '\n' || latest.back() == ' ')) latest.pop_back();
+    if (latest.rfind("step_", 0) != 0 || latest.find('/') != std::string::npos) {
+      point.skipped.push_back(fmt::format("{}: names '{}', not a checkpoint", (root / "latest").string(), latest));
+      latest.clear();
+    } else if (!fs::is_directory(root / latest)) {
+      point.skipped.push_back(fmt::format("{}: names {}, which does not exist", (root / "latest").string(), latest));
+    } else {
+      names.erase(std::remove(names.begin(), names.end(), latest), names.end());
+      names.insert(names.begin(), latest);
+    }
+  } else if (!names.empty()) {
+    point.skipped.push_back(fmt::format("{}: missing", (root / "latest").string()));
+  }
+  for (const auto& name : names) {
+    if (!latest.empty() && name > latest) continue;
+    const std::string dir = (root / name).string();
+    try {
+      const auto state = read_checkpoint_state(dir);
+      if (step_name(state["step"].get<int64_t>()) != name)
+        throw std::runtime_error(fmt::format("{}: state.json is for step {}", dir, state["step"].get<int64_t>()));
+      point.dir = dir;
+      point.step = state["step"].get<int64_t>();
+      return point;
+    } catch (const std::exception& e) {
+      point.skipped.push_back(e.what());
+    }
+  }
+  if (!names.empty()) {
+    std::string why;
+    for (const auto& s : point.skipped) why += "\n  " + s;
+    throw std::runtime_error(fmt::format("{}: no usable checkpoint; every one is damaged:{}", run_dir, why));
+  }
+  return point;  // no checkpoint at all: the run starts from step 0
+}
+
+void remove_stale_temporaries(const std::string& run_dir) {
+  // Left by a process killed while writing: checkpoints/.tmp.step_N and the atomic writer's .NAME.tmp.*.
+  for (const fs::path dir : {fs::path(run_dir), fs::path(run_dir) / "checkpoints"}) {
+    if (!fs::is_directory(dir)) continue;
+    std::vector<fs::path> stale;
+    for (const auto& e : fs::directory_iterator(dir)) {
+      const auto n = e.path().filename().string();
+      if (n.rfind(".tmp.", 0) == 0 || (n.size() > 1 && n[0] == '.' && n.find(".tmp.") != std::string::npos))
+        stale.push_back(e.path());
+    }
+    for (const auto& p : stale) {
+      std::error_code ec;
+      fs::remove_all(p, ec);
+    }
+  }
 }
 
 void load_optimizer(torch::optim::AdamW& optimizer, const std::string& dir) {

@@ -12,6 +12,7 @@
 
 #include "grape/io.hpp"
 #include "grape/train.hpp"
+#include "train/report_util.hpp"
 
 namespace grape::train {
 
@@ -39,46 +40,55 @@ void read_curves(const std::string& run_dir, RunResult& r) {
   }
 }
 
-// A run directory left by an earlier `compare` with the same --out is continued, but only with the same settings.
-bool can_continue(const std::string& run_dir, const ModelConfig& model, const TrainConfig& train) {
-  if (!fs::exists(fs::path(run_dir) / "run.json")) return false;
-  auto run = read_run(run_dir);
-  ModelConfig m = model;
-  m.vocab_size = run.model.vocab_size;
-  TrainConfig t = train;
-  t.steps = run.train.steps;
-  if (run.model.to_json() != m.to_json() || run.train.to_json() != t.to_json())
-    throw std::runtime_error(fmt::format("{} holds a run with other settings; choose another --out", run_dir));
-  try {
-    latest_checkpoint(run_dir);
-  } catch (const std::runtime_error&) {
-    fs::remove_all(run_dir);  // stopped before its first checkpoint: nothing to continue from
-    return false;
-  }
-  return true;
-}
-
 std::string fmt_or_na(const LengthResult& l) { return l.error.empty() ? fmt::format("{:.2f}", l.perplexity) : "n/a"; }
 
-// A gnuplot single-quoted string ('' stands for ').
+}  // namespace
+
+namespace detail {
+
+// A run directory left by an earlier report with the same --out is continued, but only with the same settings.
+TrainSummary train_or_continue(const ModelConfig& model, const TrainConfig& train, const std::string& run_dir,
+                               bool quiet, const std::string& what) {
+  TrainOptions topts;
+  topts.run_dir = run_dir;
+  topts.quiet = quiet;
+  topts.resume_steps = train.steps;
+  if (fs::exists(fs::path(run_dir) / "run.json")) {
+    auto run = read_run(run_dir);
+    ModelConfig m = model;
+    m.vocab_size = run.model.vocab_size;
+    TrainConfig t = train;
+    t.steps = run.train.steps;
+    if (run.model.to_json() != m.to_json() || run.train.to_json() != t.to_json())
+      throw std::runtime_error(fmt::format("{} holds a run with other settings; choose another --out", run_dir));
+    try {
+      latest_checkpoint(run_dir);
+      topts.resume = true;
+    } catch (const std::runtime_error&) {
+      fs::remove_all(run_dir);  // stopped before its first checkpoint: nothing to continue from
+    }
+  }
+  auto summary = run_training(model, train, topts);
+  if (summary.interrupted) throw std::runtime_error(fmt::format("{}: interrupted; run it again to continue", what));
+  return summary;
+}
+
 std::string gnuplot_quote(const std::string& s) {
   std::string out = "'";
   for (char c : s) out += c == '\'' ? std::string("''") : std::string(1, c);
   return out + "'";
 }
 
-// A POSIX shell single-quoted word.
 std::string shell_quote(const std::string& s) {
   std::string out = "'";
   for (char c : s) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
   return out + "'";
 }
 
-// Runs gnuplot on a script; the PNG is written to a temporary name and renamed, so a failure leaves nothing.
-bool plot(const fs::path& dir, const std::string& name, const std::string& body) {
+bool plot(const fs::path& dir, const std::string& name, const std::string& body, const std::string& size) {
   const fs::path png = dir / name, tmp = dir / ("." + name + ".tmp");
-  // Paths in the script are relative to the report directory, so `gnuplot loss.gp` there redraws it.
-  const std::string script = "set terminal pngcairo size 900,560 font 'sans,11'\nset output " +
+  // Paths in the script are relative to the report directory, so `gnuplot NAME.gp` there redraws it.
+  const std::string script = "set terminal pngcairo size " + size + " font 'sans,11'\nset output " +
                              gnuplot_quote(tmp.filename().string()) + "\nset grid\nset key outside right top\n" + body;
   const std::string script_name = fs::path(name).stem().string() + ".gp";
   io::write_file_atomic((dir / script_name).string(), script);
@@ -91,7 +101,23 @@ bool plot(const fs::path& dir, const std::string& name, const std::string& body)
   return true;
 }
 
-}  // namespace
+std::string markdown_table(const std::vector<std::string>& header, const std::vector<std::vector<std::string>>& rows) {
+  std::string md, rule;
+  for (size_t c = 0; c < header.size(); ++c) {
+    md += "| " + header[c] + " ";
+    rule += c == 0 ? "|---" : "|---:";
+  }
+  md += "|\n" + rule + "|\n";
+  for (const auto& row : rows) {
+    if (row.size() != header.size())
+      throw std::logic_error(fmt::format("markdown_table: a row of {} cells under {} columns", row.size(), header.size()));
+    for (const auto& cell : row) md += "| " + cell + " ";
+    md += "|\n";
+  }
+  return md;
+}
+
+}  // namespace detail
 
 std::string run_comparison(const CompareOptions& opts) {
   if (opts.pes.empty()) throw std::invalid_argument("compare: no encodings given");
@@ -108,13 +134,7 @@ std::string run_comparison(const CompareOptions& opts) {
     model_cfg.pe_options.clear();
     const std::string run_dir = (out / "runs" / pe).string();
     if (!opts.quiet) std::printf("\n== %s ==\n", pe.c_str());
-    TrainOptions topts;
-    topts.run_dir = run_dir;
-    topts.quiet = opts.quiet;
-    topts.resume = can_continue(run_dir, model_cfg, opts.train);
-    topts.resume_steps = opts.train.steps;
-    r.train = run_training(model_cfg, opts.train, topts);
-    if (r.train.interrupted) throw std::runtime_error("compare: interrupted; run it again to continue");
+    r.train = detail::train_or_continue(model_cfg, opts.train, run_dir, opts.quiet, "compare");
     auto run = read_run(run_dir);
     auto model = load_model(run);
     auto tok = run_tokenizer(run);
@@ -163,11 +183,11 @@ std::string run_comparison(const CompareOptions& opts) {
     io::write_file_atomic((out / loss_file).string(), loss_dat);
     io::write_file_atomic((out / ppl_file).string(), ppl_dat);
     const std::string sep = i + 1 < results.size() ? ", \\\n     " : "\n";
-    loss_plot += gnuplot_quote(loss_file) + " using 1:2 with lines lw 2 title " + gnuplot_quote(r.pe) + sep;
-    ppl_plot += gnuplot_quote(ppl_file) + " using 1:2 with linespoints lw 2 pt 7 title " + gnuplot_quote(r.pe) + sep;
+    loss_plot += detail::gnuplot_quote(loss_file) + " using 1:2 with lines lw 2 title " + detail::gnuplot_quote(r.pe) + sep;
+    ppl_plot += detail::gnuplot_quote(ppl_file) + " using 1:2 with linespoints lw 2 pt 7 title " + detail::gnuplot_quote(r.pe) + sep;
   }
-  const bool have_loss_png = plot(out, "loss.png", loss_plot);
-  const bool have_ppl_png = plot(out, "perplexity.png", ppl_plot);
+  const bool have_loss_png = detail::plot(out, "loss.png", loss_plot);
+  const bool have_ppl_png = detail::plot(out, "perplexity.png", ppl_plot);
 
   // report.md
   const auto& m = opts.model;
@@ -179,16 +199,18 @@ std::string run_comparison(const CompareOptions& opts) {
       "seed {}. Same data order and initialisation seed for every encoding.\n\n",
       m.preset, m.n_layer, m.n_head, m.n_embd, m.head_dim(), m.context, t.data, t.tokenizer, t.steps, t.batch,
       t.accum, t.lr, t.min_lr, t.warmup, t.seed);
-  md += "| encoding | parameters | val loss | ppl 1x";
-  for (size_t f = 1; f < opts.factors.size(); ++f) md += fmt::format(" | ppl {}x", opts.factors[f]);
-  md += " | train tokens/s | decode tokens/s |\n|---|---:|---:|---:";
-  for (size_t f = 1; f < opts.factors.size(); ++f) md += "|---:";
-  md += "|---:|---:|\n";
+  std::vector<std::string> header = {"encoding", "parameters", "val loss"};
+  for (int64_t f : opts.factors) header.push_back(fmt::format("ppl {}x", f));
+  header.insert(header.end(), {"train tokens/s", "decode tokens/s"});
+  std::vector<std::vector<std::string>> rows;
   for (const auto& r : results) {
-    md += fmt::format("| {} | {} | {:.4f}", r.pe, r.train.parameters, r.train.val_loss);
-    for (const auto& l : r.eval.lengths) md += " | " + fmt_or_na(l);
-    md += fmt::format(" | {:.0f} | {:.1f} |\n", r.train.tokens_per_s, r.decode_tokens_per_s);
+    std::vector<std::string> row = {r.pe, std::to_string(r.train.parameters), fmt::format("{:.4f}", r.train.val_loss)};
+    for (const auto& l : r.eval.lengths) row.push_back(fmt_or_na(l));
+    row.push_back(fmt::format("{:.0f}", r.train.tokens_per_s));
+    row.push_back(fmt::format("{:.1f}", r.decode_tokens_per_s));
+    rows.push_back(std::move(row));
   }
+  md += detail::markdown_table(header, rows);
   md += fmt::format(
       "\nPerplexity at Nx is measured on validation windows of N x {} tokens (about {} tokens per length); "
       "`val loss` is at the training context. Throughput is this machine's, measured during the run "

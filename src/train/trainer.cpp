@@ -15,6 +15,7 @@
 #include <stdexcept>
 #include <variant>
 
+#include "grape/distributed.hpp"
 #include "grape/io.hpp"
 #include "train/run_files.hpp"
 
@@ -180,22 +181,71 @@ Trainer::Trainer(Transformer model, const TrainConfig& cfg) : model_(std::move(m
   optimizer_ = std::make_unique<torch::optim::AdamW>(std::move(groups), *options(cfg_.weight_decay));
 }
 
+void Trainer::set_group(std::shared_ptr<dist::Group> group) {
+  sync_.reset();
+  group_.reset();
+  if (!group || group->size() == 1) return;
+  group_ = std::move(group);
+  auto params = model_->parameters();
+  group_->broadcast(params, 0);  // identical weights everywhere, whatever each rank initialised or loaded
+  sync_ = std::make_shared<dist::GradientSync>(group_, params);
+}
+
 Trainer::StepStats Trainer::step(const std::vector<data::Batch>& micro_batches, int64_t step) {
   if (micro_batches.empty()) throw std::invalid_argument("train step: no micro-batches");
   model_->train();
   optimizer_->zero_grad();
   StepStats stats;
-  const double n = double(micro_batches.size());
-  for (const auto& mb : micro_batches) {
+  const size_t count = micro_batches.size();
+  const double n = double(count);
+  const double world = group_ ? double(group_->size()) : 1.0;
+  // Data-parallel, the gradients are averaged over the ranks, each rank's loss being the mean over its own
+  // scored targets. With loss masks the ranks may score different numbers of targets, so rank r's mean is
+  // weighted by world x (its targets / all targets): the average is then the mean over the whole batch,
+  // as one process with the whole batch computes it.
+  std::vector<double> weight(count, 1.0);
+  if (group_ && micro_batches[0].mask.defined()) {
+    auto local = torch::zeros({int64_t(count)}, torch::kFloat64);
+    for (size_t i = 0; i < count; ++i) local[int64_t(i)] = micro_batches[i].mask.to(torch::kFloat64).sum();
+    auto total = local.clone();
+    group_->all_reduce_sum(total);
+    for (size_t i = 0; i < count; ++i) {
+      const double t = total[int64_t(i)].item<double>();
+      if (!(t > 0)) throw std::invalid_argument("model: the loss mask selects no targets");
+      weight[i] = world * local[int64_t(i)].item<double>() / t;
+    }
+  }
+  bool finite = true;
+  for (size_t i = 0; i < count; ++i) {
+    const auto& mb = micro_batches[i];
+    // Gradients are complete after the last micro-batch's backward: its hooks start the all-reduces.
+    if (sync_ && i + 1 == count) sync_->arm();
+    if (weight[i] == 0) continue;  // no target of this micro-batch is scored on this rank
     auto loss = model_->loss(mb.x, mb.y, mb.mask);
     if (fault_nan_at_step() == step + 1) loss = loss * std::numeric_limits<double>::quiet_NaN();
     const double value = loss.item<double>();
     if (!std::isfinite(value)) {
-      optimizer_->zero_grad();
-      throw std::runtime_error(fmt::format("step {}: the loss is {} (diverged)", step + 1, value));
+      if (!group_) {
+        optimizer_->zero_grad();
+        throw std::runtime_error(fmt::format("step {}: the loss is {} (diverged)", step + 1, value));
+      }
+      finite = false;  // the other ranks wait in the all-reduce: finish the step together, then all stop
     }
-    (loss / n).backward();
-    stats.loss += value / n;
+    if (weight[i] == 1.0) (loss / n).backward();
+    else (loss * (weight[i] / n)).backward();
+    stats.loss += value * weight[i] / n;
+  }
+  if (group_) {
+    sync_->finish();
+    auto t = torch::tensor({stats.loss, finite ? 0.0 : 1.0}, torch::kFloat64);
+    group_->all_reduce_sum(t);
+    stats.loss = t[0].item<double>() / world;
+    if (t[1].item<double>() > 0) {
+      optimizer_->zero_grad();
+      throw std::runtime_error(fmt::format("step {}: the loss is {} (diverged)", step + 1,
+                                           std::isfinite(stats.loss) ? std::string("not finite on a rank")
+                                                                     : fmt::format("{}", stats.loss)));
+    }
   }
   const double clip = cfg_.grad_clip > 0 ? cfg_.grad_clip : std::numeric_limits<double>::infinity();
   stats.grad_norm = torch::nn::utils::clip_grad_norm_(model_->parameters(), clip);
@@ -265,8 +315,24 @@ class Progress {
 
 }  // namespace
 
+namespace {
+
+// Rank r's rows of a batch drawn for all ranks: rows [r*b, (r+1)*b). The batch of `world` ranks is drawn
+// whole from the step's rng (as one process with batch world x b draws it) and each rank keeps its share,
+// so N ranks with batch b train on exactly the batches of one process with batch N x b.
+data::Batch rank_share(const data::Batch& all, int rank, int64_t b) {
+  auto rows = [&](const torch::Tensor& t) { return t.defined() ? t.narrow(0, rank * b, b).contiguous() : t; };
+  return {rows(all.x), rows(all.y), rows(all.mask)};
+}
+
+}  // namespace
+
 TrainSummary run_training(const ModelConfig& model_cfg_in, const TrainConfig& cfg_in, const TrainOptions& opts) {
   if (opts.run_dir.empty()) throw std::invalid_argument("train: no run directory (--out)");
+  const std::shared_ptr<dist::Group> group = opts.group && opts.group->size() > 1 ? opts.group : nullptr;
+  const int rank = group ? group->rank() : 0;
+  const int world = group ? group->size() : 1;
+  const bool lead = rank == 0;  // the one rank that writes the run's files and prints
   ModelConfig model_cfg = model_cfg_in;
   TrainConfig cfg = cfg_in;
   std::unique_ptr<data::Tokenizer> tok;
@@ -277,9 +343,18 @@ TrainSummary run_training(const ModelConfig& model_cfg_in, const TrainConfig& cf
     cfg = run.train;  // the run's own settings, except an explicitly changed step budget
     if (opts.resume_steps > 0) cfg.steps = opts.resume_steps;
     tok = run_tokenizer(run);
-    resume_from = latest_checkpoint(opts.run_dir);
+    const auto point = detail::find_resume_checkpoint(opts.run_dir);
+    if (lead) {
+      for (const auto& why : point.skipped) std::fprintf(stderr, "grape train: passed over: %s\n", why.c_str());
+      if (!point.skipped.empty() && !point.dir.empty())
+        std::fprintf(stderr, "grape train: falling back to the previous good checkpoint %s\n", point.dir.c_str());
+      if (point.dir.empty())
+        std::fprintf(stderr, "grape train: %s has no checkpoint yet; starting it again from step 0\n",
+                     opts.run_dir.c_str());
+    }
+    resume_from = point.dir;
   } else {
-    if (fs::exists(fs::path(opts.run_dir) / "run.json"))
+    if (lead && fs::exists(fs::path(opts.run_dir) / "run.json"))
       throw std::runtime_error(fmt::format("{} already holds a run; continue it with --resume or choose another --out",
                                            opts.run_dir));
     tok = data::make_tokenizer(cfg.tokenizer);
@@ -296,7 +371,7 @@ TrainSummary run_training(const ModelConfig& model_cfg_in, const TrainConfig& cf
   Trainer trainer(model, cfg);
   int64_t start = 0;
   double tokens_before = 0;
-  if (opts.resume) {
+  if (!resume_from.empty()) {
     auto state = detail::read_checkpoint_state(resume_from);
     load_weights(model, resume_from);
     detail::load_optimizer(trainer.optimizer(), resume_from);
@@ -305,35 +380,57 @@ TrainSummary run_training(const ModelConfig& model_cfg_in, const TrainConfig& cf
       throw std::invalid_argument(fmt::format("{}: the run is at step {}, beyond the requested --steps {}",
                                               opts.run_dir, start, cfg.steps));
     tokens_before = state.value("tokens", 0.0);
-    detail::truncate_metrics(opts.run_dir, start);
-  } else {
-    detail::write_run(opts.run_dir, model_cfg, cfg, *tok);
+    const int64_t world_before = state.value("world_size", int64_t(1));
+    if (lead && world_before != world)
+      std::fprintf(stderr, "grape train: note: the run was at %lld process(es), now %d: the batch per step changes "
+                   "from %lld to %lld sequences\n", (long long)world_before, world,
+                   (long long)(world_before * cfg.batch), (long long)(world * cfg.batch));
   }
-  if (opts.resume) detail::write_run(opts.run_dir, model_cfg, cfg, *tok);  // records an extended budget
+  if (group) {
+    // Every rank must continue from the same step (they read the same run directory: on several hosts it
+    // must be a shared file system).
+    auto t = torch::tensor({double(start)}, torch::kFloat64);
+    group->broadcast({t}, 0);
+    if (int64_t(t.item<double>()) != start)
+      throw std::runtime_error(fmt::format("rank {}: resumes at step {} but rank 0 at step {} (is {} the same "
+                                           "directory on every host?)", rank, start, int64_t(t.item<double>()),
+                                           opts.run_dir));
+  }
+  if (lead) {
+    if (opts.resume) {
+      detail::remove_stale_temporaries(opts.run_dir);
+      detail::truncate_metrics(opts.run_dir, start);
+    }
+    detail::write_run(opts.run_dir, model_cfg, cfg, *tok);  // on resume, records an extended budget
+  }
+  trainer.set_group(group);
 
-  Progress progress(cfg.steps, cfg.log_every, opts.quiet);
-  progress.message(fmt::format("grape train: {} | {} parameters | {} | steps {}..{} of {}", model_cfg.pe,
-                               model->num_parameters(), data->describe(), start + 1, cfg.steps, cfg.steps));
+  Progress progress(cfg.steps, cfg.log_every, opts.quiet || !lead);
+  progress.message(fmt::format("grape train: {} | {} parameters | {} | steps {}..{} of {}{}", model_cfg.pe,
+                               model->num_parameters(), data->describe(), start + 1, cfg.steps, cfg.steps,
+                               world > 1 ? fmt::format(" | {} processes x batch {}", world, cfg.batch) : ""));
   g_interrupted = 0;
   auto previous = std::signal(SIGINT, on_sigint);
 
   TrainSummary summary;
   summary.parameters = model->num_parameters();
-  const double tokens_per_step = double(cfg.batch * cfg.accum * model_cfg.context);
+  const double tokens_per_step = double(cfg.batch * cfg.accum * model_cfg.context * world);
   const auto t0 = std::chrono::steady_clock::now();
   auto seconds = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
-  std::string last_checkpoint = opts.resume ? resume_from : "";
+  std::string last_checkpoint = resume_from;
   try {
     for (int64_t step = start; step < cfg.steps; ++step) {
       std::vector<data::Batch> micro;
       for (int64_t m = 0; m < cfg.accum; ++m) {
         auto rng = batch_rng(cfg.seed, step, m);
-        micro.push_back(data->train_batch(cfg.batch, model_cfg.context, rng));
+        auto batch = data->train_batch(cfg.batch * world, model_cfg.context, rng);
+        micro.push_back(world == 1 ? batch : rank_share(batch, rank, cfg.batch));
       }
       Trainer::StepStats stats;
       try {
         stats = trainer.step(micro, step);
       } catch (const std::runtime_error& e) {
+        if (std::string(e.what()).find("diverged") == std::string::npos) throw;
         throw std::runtime_error(fmt::format(
             "{}; stopped. {}", e.what(),
             last_checkpoint.empty() ? "No checkpoint was written yet."
@@ -343,25 +440,29 @@ TrainSummary run_training(const ModelConfig& model_cfg_in, const TrainConfig& cf
       const int64_t done = step + 1;
       const double elapsed = seconds();
       const double tok_s = tokens_per_step * double(done - start) / std::max(elapsed, 1e-9);
-      detail::append_metrics(opts.run_dir, {{"step", done}, {"loss", stats.loss}, {"lr", stats.lr},
-                                            {"grad_norm", stats.grad_norm}, {"tokens_per_s", tok_s},
-                                            {"time_s", elapsed}});
+      if (lead)
+        detail::append_metrics(opts.run_dir, {{"step", done}, {"loss", stats.loss}, {"lr", stats.lr},
+                                              {"grad_norm", stats.grad_norm}, {"tokens_per_s", tok_s},
+                                              {"time_s", elapsed}});
       summary.final_loss = stats.loss;
       progress.update(done, stats.loss, tok_s, elapsed / double(done - start) * double(cfg.steps - done));
 
       const bool last = done == cfg.steps;
-      const bool stop = g_interrupted != 0 || (opts.stop_after > 0 && done >= opts.stop_after);
-      if ((cfg.eval_every > 0 && done % cfg.eval_every == 0) || last) {
-        summary.val_loss = validation_loss(model, *data, model_cfg.context, cfg.batch, cfg.eval_batches);
+      bool stop = g_interrupted != 0 || (opts.stop_after > 0 && done >= opts.stop_after);
+      if (group) stop = group->any(stop);  // Ctrl-C may reach the ranks at different steps: stop together
+      if (lead && ((cfg.eval_every > 0 && done % cfg.eval_every == 0) || last)) {
+        // The same validation windows as one process with the whole batch (world x batch) reads.
+        summary.val_loss = validation_loss(model, *data, model_cfg.context, cfg.batch * world, cfg.eval_batches);
         detail::append_metrics(opts.run_dir, {{"step", done}, {"val_loss", summary.val_loss}});
         progress.message(fmt::format("step {}: val loss {:.4f} (perplexity {:.2f})", done, summary.val_loss,
                                      std::exp(summary.val_loss)));
       }
       if ((cfg.ckpt_every > 0 && done % cfg.ckpt_every == 0) || last || stop) {
         json state = {{"tokens", tokens_before + tokens_per_step * double(done - start)},
-                      {"loss", stats.loss}};
-        last_checkpoint = detail::write_checkpoint(opts.run_dir, done, model, trainer.optimizer(), state,
-                                                   cfg.keep_last);
+                      {"loss", stats.loss}, {"world_size", world}};
+        last_checkpoint = lead ? detail::write_checkpoint(opts.run_dir, done, model, trainer.optimizer(), state,
+                                                          cfg.keep_last)
+                               : detail::checkpoint_path(opts.run_dir, done);
       }
       summary.steps = done;
       if (stop && !last) {
@@ -371,6 +472,8 @@ TrainSummary run_training(const ModelConfig& model_cfg_in, const TrainConfig& cf
         break;
       }
     }
+    // The other ranks finish when rank 0 has written the final checkpoint (or failed to: then they fail).
+    if (group) group->barrier();
   } catch (...) {
     std::signal(SIGINT, previous);
     progress.finish();

@@ -59,6 +59,7 @@ constexpr int64_t kBK = 64;            // keys per tile (one online-softmax step
 constexpr int64_t kMR = 8;             // micro-kernel rows
 constexpr int64_t kNR = 16;            // micro-kernel columns: one AVX-512 or two AVX2 registers
 constexpr int64_t kDecodeBlock = 256;  // keys per decode task
+constexpr int64_t kDiag = kBQ + kBK - 1;  // diagonals of a tile: the distinct distances of its pairs
 constexpr int64_t kAlign = 64;         // bytes: one cache line
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -177,7 +178,9 @@ void validate(const char* fn, const AttentionShape& s, const float* q, const flo
   check(q && k && v, fn, "q, k and v must not be null");
 }
 
-void validate_path(const char* fn, const LinearBias& bias) {
+void validate_bias(const char* fn, const LinearBias& bias) {
+  if (bias.dist)
+    check(bias.W >= 1, fn, "a distance table needs W >= 1 entries per head (got " + std::to_string(bias.W) + ")");
   if (!bias.path()) return;
   check(bias.r && bias.m, fn, "a path bias (p given) needs r and m");
   check(bias.P >= 1, fn, "path-bias probe dim P must be >= 1 (got " + std::to_string(bias.P) + ")");
@@ -309,6 +312,7 @@ struct TileLogits {
   const float* kb;     // [kBK], zero-padded (all zero if b is absent)
   const float* kd;     // [kBK], zero-padded
   const float* pb;     // [kBQ][kBK] path bias of the tile (path_tile), or null
+  const float* dt;     // [kDiag] distance-table entries of the tile by diagonal (pack_dist_tile), or null
   bool has_bias;
   float dist0(int64_t r) const {  // pos_i - pos_j0 for row r: distances are small integers, exact in fp32
     return float((g->q_offset + i0 + r) - (g->k_offset + j0));
@@ -329,6 +333,7 @@ TileLogits tile_logits(const Geometry& g, const LinearBias& bias, int64_t b, int
           .kb = kb,
           .kd = kd,
           .pb = nullptr,
+          .dt = nullptr,
           .has_bias = bias.any()};
 }
 
@@ -349,6 +354,38 @@ inline void logits_row(const TileLogits& t, int64_t r, int64_t nv, float* s) {
     const float* pb = t.pb + r * kBK;
 #pragma omp simd
     for (int64_t j = 0; j < nv; ++j) s[j] += pb[j];
+  }
+  if (t.dt) {  // key j of row r lies on diagonal j - r + kBQ - 1
+    const float* dt = t.dt + (kBQ - 1 - r);
+#pragma omp simd
+    for (int64_t j = 0; j < nv; ++j) s[j] += dt[j];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Per-head bias by distance: bias(i, j) += dist[h][min(pos_i - pos_j, W - 1)]
+// ---------------------------------------------------------------------------------------------------------
+
+// The table entries of the tile of query rows from i0 and keys from j0 of head h, one per diagonal: row r and
+// key j lie on diagonal e = j - r + kBQ - 1, at distance top - e with top = pos_{i0} - pos_{j0} + kBQ - 1. So
+// row r reads dt[kBQ - 1 - r + j], a contiguous slice. Negative distances (masked pairs) get 0.
+void pack_dist_tile(const Geometry& g, const LinearBias& bias, int64_t h, int64_t i0, int64_t j0, float* dt) {
+  const float* tab = bias.dist + h * bias.W;
+  const int64_t top = (g.q_offset + i0) - (g.k_offset + j0) + kBQ - 1;
+  for (int64_t e = 0; e < kDiag; ++e) {
+    const int64_t n = top - e;
+    dt[e] = n < 0 ? 0.0f : tab[std::min(n, bias.W - 1)];
+  }
+}
+
+// Adds a tile's per-diagonal sums of dS (diag, filled by dsoftmax_step) to the gradient row of its head's
+// table (grad [W], double), at the clamped distances, and clears diag for the next tile.
+void scatter_dist_grad(const Geometry& g, int64_t W, int64_t i0, int64_t j0, double* diag, double* grad) {
+  const int64_t top = (g.q_offset + i0) - (g.k_offset + j0) + kBQ - 1;
+  for (int64_t e = 0; e < kDiag; ++e) {
+    const int64_t n = top - e;
+    if (n >= 0) grad[std::min(n, W - 1)] += diag[e];
+    diag[e] = 0.0;
   }
 }
 
@@ -515,11 +552,12 @@ void softmax_step(const TileLogits& t, int64_t rows, int64_t Mp, int64_t Dp, flo
 
 // Backward, one tile: S holds the raw dots and dP = dO V^T. On return S holds P = exp(logit - lse) and dP
 // holds dS = P * (dP - Delta) (both 0 where masked and in padding rows up to Mp). Optionally reduces dS for
-// the bias gradients: per key (col_b += dS, col_d += dS * dist) or per query (row_a, row_c likewise), in
-// double.
+// the bias gradients: per key (col_b += dS, col_d += dS * dist), per query (row_a, row_c likewise) or per
+// diagonal of the tile (diag [kDiag], for the distance table), in double.
 GRAPE_SIMD
 void dsoftmax_step(const TileLogits& t, int64_t rows, int64_t Mp, const float* lse, const float* delta,
-                   float* S, float* dP, double* col_b, double* col_d, double* row_a, double* row_c) {
+                   float* S, float* dP, double* col_b, double* col_d, double* row_a, double* row_c,
+                   double* diag = nullptr) {
   for (int64_t r = 0; r < Mp; ++r) {
     float* s = S + r * kBK;
     float* ds = dP + r * kBK;
@@ -553,6 +591,11 @@ void dsoftmax_step(const TileLogits& t, int64_t rows, int64_t Mp, const float* l
       if (row_a) row_a[r] += sa;
       if (row_c) row_c[r] += sc;
     }
+    if (diag) {
+      double* dg = diag + (kBQ - 1 - r);
+#pragma omp simd
+      for (int64_t j = 0; j < nv; ++j) dg[j] += ds[j];
+    }
   }
 }
 
@@ -562,19 +605,21 @@ void dsoftmax_step(const TileLogits& t, int64_t rows, int64_t Mp, const float* l
 
 struct ForwardWork {
   float *Q, *Kt, *V, *S, *O, *m, *l, *kb, *kd;
+  float* dt;              // distance table: the tile's entries by diagonal [kDiag]
   float *Rt, *PB, *pacc;  // path bias: key probes [P][kBK], the tile's bias [kBQ][kBK], scratch [kBQ]
   double* carry;          // path bias: per query row, psi summed over the key tiles already visited
   const float** rows;     // scratch row pointers (kBQ or kBK of them)
 
   static int64_t floats(int64_t Dp, int64_t P) {
     const int64_t pb = P > 0 ? kBQ * kBK : 0;
-    return Carver::size({kBQ * Dp, Dp * kBK, kBK * Dp, kBQ * kBK, kBQ * Dp, kBQ, kBQ, kBK, kBK, P * kBK, pb,
-                         kBQ, 2 * kBQ, int64_t(kBK * sizeof(void*) / sizeof(float))});
+    return Carver::size({kBQ * Dp, Dp * kBK, kBK * Dp, kBQ * kBK, kBQ * Dp, kBQ, kBQ, kBK, kBK, kDiag, P * kBK,
+                         pb, kBQ, 2 * kBQ, int64_t(kBK * sizeof(void*) / sizeof(float))});
   }
   ForwardWork(float* mem, int64_t Dp, int64_t P) {
     Carver c{mem};
     Q = c.take(kBQ * Dp), Kt = c.take(Dp * kBK), V = c.take(kBK * Dp), S = c.take(kBQ * kBK);
     O = c.take(kBQ * Dp), m = c.take(kBQ), l = c.take(kBQ), kb = c.take(kBK), kd = c.take(kBK);
+    dt = c.take(kDiag);
     Rt = c.take(P * kBK), PB = c.take(P > 0 ? kBQ * kBK : 0), pacc = c.take(kBQ);
     carry = reinterpret_cast<double*>(c.take(2 * kBQ));
     rows = reinterpret_cast<const float**>(c.take(int64_t(kBK * sizeof(void*) / sizeof(float))));
@@ -599,6 +644,7 @@ void flash_rows(const Geometry& g, const float* q, const float* k, const float* 
   std::fill(w.O, w.O + kBQ * Dp, 0.0f);
   const int64_t ks = g.k_stat(b, h);
   TileLogits t = tile_logits(g, bias, b, h, i0, 0, 0, w.kb, w.kd);
+  if (bias.dist) t.dt = w.dt;
   if (bias.path()) {
     t.pb = w.PB;
     for (int64_t r = 0; r < rows; ++r) w.carry[r] = carry0 ? carry0[r * carry_stride] : 0.0;
@@ -619,6 +665,7 @@ void flash_rows(const Geometry& g, const float* q, const float* k, const float* 
     }
     pack_key_bias(bias.b ? bias.b + ks + j0 : nullptr, nk, w.kb);
     pack_key_bias(bias.d ? bias.d + ks + j0 : nullptr, nk, w.kd);
+    if (bias.dist) pack_dist_tile(g, bias, h, i0, j0, w.dt);
     if (bias.path()) {
       pack_probe_keys(g, bias, b, h, j0, nk, w.Rt);
       path_tile(g, bias, b, h, i0, rows, Mp, j0, nk, w.Rt, w.carry, w.PB, nullptr, w.pacc);
@@ -653,7 +700,7 @@ float exp_f32(float x) { return exp_inline(x); }
 void attention_forward(const AttentionShape& s, const float* q, const float* k, const float* v,
                        const LinearBias& bias, float* out, float* lse) {
   validate("attention_forward", s, q, k, v);
-  validate_path("attention_forward", bias);
+  validate_bias("attention_forward", bias);
   check(out && lse, "attention_forward", "out and lse must not be null");
   const Geometry g(s);
   const int64_t n_qt = ceil_div(g.Tq, kBQ);
@@ -717,7 +764,7 @@ void attention_forward(const AttentionShape& s, const float* q, const float* k, 
 void attention_decode(const AttentionShape& s, const float* q, const float* k, const float* v,
                       const LinearBias& bias, float* out, float* lse) {
   validate("attention_decode", s, q, k, v);
-  validate_path("attention_decode", bias);
+  validate_bias("attention_decode", bias);
   check(out && lse, "attention_decode", "out and lse must not be null");
   const Geometry g(s);
   const int64_t n_qt = ceil_div(g.Tq, kBQ), n_blk = ceil_div(g.Tk, kDecodeBlock), D = g.D;
@@ -815,7 +862,7 @@ void attention_decode(const AttentionShape& s, const float* q, const float* k, c
 
 // ---------------------------------------------------------------------------------------------------------
 // Backward: one pass per (b, h) over its key tiles (all gradients), or, with fewer heads than threads,
-// pass 1 over key tiles (dk, dv, db, dd) and pass 2 over query tiles (dq, da, dc)
+// pass 1 over key tiles (dk, dv, db, dd, ddist) and pass 2 over query tiles (dq, da, dc)
 // ---------------------------------------------------------------------------------------------------------
 
 namespace {
@@ -823,12 +870,14 @@ namespace {
 struct BackwardWork {
   float *Q, *dO, *K, *Kt, *Vt, *S, *dS, *acc1, *acc2, *lse, *delta, *kb, *kd;
   double *sum1, *sum2;  // bias-gradient reductions
+  float* dt;            // distance table: the tile's entries by diagonal [kDiag]
+  double* diag;         // and the tile's dS summed per diagonal [kDiag]
   const float** rows;
 
   static int64_t floats(int64_t Dp) {
     const int64_t n = std::max(kBQ, kBK);
     return Carver::size({kBQ * Dp, kBQ * Dp, kBK * Dp, Dp * kBK, Dp * kBK, kBQ * kBK, kBQ * kBK, n * Dp,
-                         n * Dp, kBQ, kBQ, kBK, kBK, 2 * n, 2 * n,
+                         n * Dp, kBQ, kBQ, kBK, kBK, 2 * n, 2 * n, kDiag, 2 * kDiag,
                          int64_t(n * sizeof(void*) / sizeof(float))});
   }
   BackwardWork(float* mem, int64_t Dp) {
@@ -838,6 +887,8 @@ struct BackwardWork {
     Vt = c.take(Dp * kBK), S = c.take(kBQ * kBK), dS = c.take(kBQ * kBK), acc1 = c.take(n * Dp);
     acc2 = c.take(n * Dp), lse = c.take(kBQ), delta = c.take(kBQ), kb = c.take(kBK), kd = c.take(kBK);
     sum1 = reinterpret_cast<double*>(c.take(2 * n)), sum2 = reinterpret_cast<double*>(c.take(2 * n));
+    dt = c.take(kDiag), diag = reinterpret_cast<double*>(c.take(2 * kDiag));
+    std::fill(diag, diag + kDiag, 0.0);
     rows = reinterpret_cast<const float**>(c.take(int64_t(n * sizeof(void*) / sizeof(float))));
   }
 };
@@ -886,13 +937,15 @@ struct OnePassWork {
   // [P][kBK] accumulators.
   float *Rt, *PB, *SG, *pacc, *dPq, *drT;
   double *carry_b, *carry_ds;
+  float* dt;     // distance table: the tile's entries by diagonal [kDiag]
+  double* diag;  // and the tile's dS summed per diagonal [kDiag]
   const float** rows;
 
   static int64_t floats(int64_t Tqp, int64_t Dp, int64_t P) {
     const int64_t pb = P > 0 ? kBQ * kBK : 0, pr = P > 0 ? 2 * Tqp : 0;
     return Carver::size({Tqp * Dp, Tqp * Dp, Tqp * Dp, Tqp, Tqp, kBK * Dp, Dp * kBK, Dp * kBK, kBQ * kBK,
                          kBQ * kBK, kBK * Dp, kBK * Dp, kBK, kBK, 2 * Tqp, 2 * Tqp, 2 * kBK, 2 * kBK, P * kBK, pb,
-                         pb, 2 * kBQ, Tqp * P, P * kBK, pr, pr,
+                         pb, 2 * kBQ, Tqp * P, P * kBK, pr, pr, kDiag, 2 * kDiag,
                          int64_t(std::max(Tqp, kBK) * sizeof(void*) / sizeof(float))});
   }
   OnePassWork(float* mem, int64_t Tqp, int64_t Dp, int64_t P) {
@@ -907,6 +960,8 @@ struct OnePassWork {
     Rt = c.take(P * kBK), PB = c.take(pb), SG = c.take(pb), pacc = c.take(2 * kBQ), dPq = c.take(Tqp * P);
     drT = c.take(P * kBK);
     carry_b = reinterpret_cast<double*>(c.take(pr)), carry_ds = reinterpret_cast<double*>(c.take(pr));
+    dt = c.take(kDiag), diag = reinterpret_cast<double*>(c.take(2 * kDiag));
+    std::fill(diag, diag + kDiag, 0.0);
     rows =
         reinterpret_cast<const float**>(c.take(int64_t(std::max(Tqp, kBK) * sizeof(void*) / sizeof(float))));
   }
@@ -921,9 +976,10 @@ struct BiasGrads {
 // S = Q K^T, P, dP = dO V^T and dS are computed once and feed dV += P^T dO, dK += dS^T Q (this key tile's
 // accumulators) and dQ += dS K (the head's query accumulator): 5 tile products per pair. The key tiles go from
 // the last down, so that the path bias's per-row carries (psi and dS summed over later keys) accumulate.
+// gdist [W] (double), when non-null, accumulates this head's distance-table gradient.
 void backward_head(const Geometry& g, const float* q, const float* k, const float* v, const LinearBias& bias,
                    const float* dout, const float* lse, const float* delta, int64_t b, int64_t h, float* dq,
-                   float* dk, float* dv, const BiasGrads& bg, OnePassWork& w) {
+                   float* dk, float* dv, const BiasGrads& bg, OnePassWork& w, double* gdist) {
   const int64_t Dp = g.Dp, n_qt = ceil_div(g.Tq, kBQ), n_kt = ceil_div(g.Tk, kBK), Tqp = n_qt * kBQ;
   const int64_t qs = g.q_stat(b, h), ks0 = g.k_stat(b, h);
   row_pointers(q, g.Tq, g.H, g.D, b, h, 0, g.Tq, w.rows);
@@ -969,11 +1025,16 @@ void backward_head(const Geometry& g, const float* q, const float* k, const floa
           path_tile(g, bias, b, h, i0, rows, Mp, j0, nk, w.Rt, w.carry_b + i0, w.PB, w.SG, w.pacc);
           t.pb = w.PB;
         }
+        if (bias.dist) {
+          pack_dist_tile(g, bias, h, i0, j0, w.dt);
+          t.dt = w.dt;
+        }
         gemm_tile(Mp, kBK, Dp, Qt, Dp, 1, w.Kt, kBK, w.S, kBK, false);    // S = Q K^T
         gemm_tile(Mp, kBK, Dp, dOt, Dp, 1, w.Vt, kBK, w.dS, kBK, false);  // dP = dO V^T
         dsoftmax_step(t, rows, Mp, w.lse + i0, w.delta + i0, w.S, w.dS, bg.db ? w.col_b : nullptr,
                       bg.dd ? w.col_d : nullptr, bg.da ? w.row_a + i0 : nullptr,
-                      bg.dc ? w.row_c + i0 : nullptr);
+                      bg.dc ? w.row_c + i0 : nullptr, gdist ? w.diag : nullptr);
+        if (gdist) scatter_dist_grad(g, bias.W, i0, j0, w.diag, gdist);
         if (path)
           path_grad(g, bias, b, h, i0, rows, Mp, nk, w.dS, w.SG, w.carry_ds + i0, w.pacc, w.Rt, w.dPq + i0 * P,
                     w.drT);
@@ -1007,9 +1068,9 @@ void backward_head(const Geometry& g, const float* q, const float* k, const floa
 void attention_backward(const AttentionShape& s, const float* q, const float* k, const float* v,
                         const LinearBias& bias, const float* out, const float* dout, const float* lse,
                         float* dq, float* dk, float* dv, float* da, float* db, float* dc, float* dd,
-                        float* dp, float* dr) {
+                        float* dp, float* dr, float* ddist) {
   validate("attention_backward", s, q, k, v);
-  validate_path("attention_backward", bias);
+  validate_bias("attention_backward", bias);
   check(out && dout && lse, "attention_backward", "out, dout and lse must not be null");
   check(dq && dk && dv, "attention_backward", "dq, dk and dv must not be null");
   const Geometry g(s);
@@ -1023,6 +1084,8 @@ void attention_backward(const AttentionShape& s, const float* q, const float* k,
   const bool want_p = dp && bias.path(), want_r = dr && bias.path();
   if (dp && !bias.path()) std::fill(dp, dp + g.B * g.Tq * g.H * (bias.P > 0 ? bias.P : 0), 0.0f);
   if (dr && !bias.path()) std::fill(dr, dr + g.B * g.Tk * g.H * (bias.P > 0 ? bias.P : 0), 0.0f);
+  const bool want_dist = ddist && bias.dist;
+  if (ddist && !bias.dist) std::fill(ddist, ddist + g.H * std::max<int64_t>(bias.W, 0), 0.0f);
 
   // Delta_i = sum_d dout_id out_id (= sum_j P_ij dP_ij), in double.
   const Arena delta_buf(1, g.B * g.H * g.Tq);
@@ -1048,6 +1111,22 @@ void attention_backward(const AttentionShape& s, const float* q, const float* k,
   const int head_threads = team_size(heads);
   const bool one_pass = bias.path() || (5 * max_threads * ceil_div(heads, max_threads) <= 7 * heads &&
                                         OnePassWork::floats(Tqp, Dp, P) * head_threads <= (int64_t(1) << 28));
+  // The distance table's gradient sums dS over every (b, h) and both passes' tasks: each task adds into
+  // partial sums of its own, [slots][H][W] in double (one pass: slot b, so (b, h) owns row h of slot b;
+  // two passes: slot = thread), added up in slot order at the end. No atomics; the one-pass sums are
+  // deterministic (the two-pass ones up to which thread ran which key tile, in double).
+  const int64_t W = want_dist ? bias.W : 0, slots = one_pass ? g.B : threads;
+  const Arena dist_part(1, 2 * slots * g.H * W);
+  double* part = reinterpret_cast<double*>(dist_part.thread(0));
+  std::fill(part, part + slots * g.H * W, 0.0);
+  auto reduce_dist = [&] {
+    if (!want_dist) return;
+    for (int64_t e = 0; e < g.H * W; ++e) {
+      double sum = 0.0;
+      for (int64_t sl = 0; sl < slots; ++sl) sum += part[sl * g.H * W + e];
+      ddist[e] = float(sum);
+    }
+  };
   if (one_pass) {
     const Arena arena(head_threads, OnePassWork::floats(Tqp, Dp, P));
     const BiasGrads bg{want_a ? da : nullptr, want_b ? db : nullptr, want_c ? dc : nullptr,
@@ -1058,8 +1137,10 @@ void attention_backward(const AttentionShape& s, const float* q, const float* k,
 #pragma omp for collapse(2) schedule(dynamic, 1)
       for (int64_t b = 0; b < g.B; ++b)
         for (int64_t h = 0; h < g.H; ++h)
-          backward_head(g, q, k, v, bias, dout, lse, delta, b, h, dq, dk, dv, bg, w);
+          backward_head(g, q, k, v, bias, dout, lse, delta, b, h, dq, dk, dv, bg, w,
+                        want_dist ? part + (b * g.H + h) * W : nullptr);
     }
+    reduce_dist();
     return;
   }
 
@@ -1083,11 +1164,17 @@ void attention_backward(const AttentionShape& s, const float* q, const float* k,
           for (int64_t qt = first_row / kBQ; qt < n_qt; ++qt) {
             const int64_t i0 = qt * kBQ, rows = std::min(kBQ, g.Tq - i0), Mp = round_up(rows, kMR);
             pack_query_tile(g, q, dout, lse, delta, b, h, i0, rows, w);
-            const TileLogits t = tile_logits(g, bias, b, h, i0, j0, nk, w.kb, w.kd);
+            TileLogits t = tile_logits(g, bias, b, h, i0, j0, nk, w.kb, w.kd);
+            if (bias.dist) {
+              pack_dist_tile(g, bias, h, i0, j0, w.dt);
+              t.dt = w.dt;
+            }
             gemm_tile(Mp, kBK, Dp, w.Q, Dp, 1, w.Kt, kBK, w.S, kBK, false);    // S = Q K^T
             gemm_tile(Mp, kBK, Dp, w.dO, Dp, 1, w.Vt, kBK, w.dS, kBK, false);  // dP = dO V^T
             dsoftmax_step(t, rows, Mp, w.lse, w.delta, w.S, w.dS, want_b ? w.sum1 : nullptr,
-                          want_d ? w.sum2 : nullptr, nullptr, nullptr);
+                          want_d ? w.sum2 : nullptr, nullptr, nullptr, want_dist ? w.diag : nullptr);
+            if (want_dist)
+              scatter_dist_grad(g, W, i0, j0, w.diag, part + (omp_get_thread_num() * g.H + h) * W);
             gemm_tile(Np, Dp, rows, w.S, 1, kBK, w.dO, Dp, w.acc2, Dp, true);  // dV += P^T dO
             gemm_tile(Np, Dp, rows, w.dS, 1, kBK, w.Q, Dp, w.acc1, Dp, true);  // dK += dS^T Q
           }
@@ -1113,7 +1200,11 @@ void attention_backward(const AttentionShape& s, const float* q, const float* k,
           for (int64_t j0 = 0; j0 < kend; j0 += kBK) {
             const int64_t nk = std::min(kBK, kend - j0);
             pack_key_tile(g, k, v, bias, b, h, j0, nk, true, w);
-            const TileLogits t = tile_logits(g, bias, b, h, i0, j0, nk, w.kb, w.kd);
+            TileLogits t = tile_logits(g, bias, b, h, i0, j0, nk, w.kb, w.kd);
+            if (bias.dist) {
+              pack_dist_tile(g, bias, h, i0, j0, w.dt);
+              t.dt = w.dt;
+            }
             gemm_tile(Mp, kBK, Dp, w.Q, Dp, 1, w.Kt, kBK, w.S, kBK, false);    // S = Q K^T
             gemm_tile(Mp, kBK, Dp, w.dO, Dp, 1, w.Vt, kBK, w.dS, kBK, false);  // dP = dO V^T
             dsoftmax_step(t, rows, Mp, w.lse, w.delta, w.S, w.dS, nullptr, nullptr, want_a ? w.sum1 : nullptr,
@@ -1127,6 +1218,7 @@ void attention_backward(const AttentionShape& s, const float* q, const float* k,
           }
         }
   }
+  reduce_dist();
 }
 
 }  // namespace grape::kernels::cpu

@@ -15,10 +15,15 @@
 //     from the diagonal down, keeping per query row the sum of psi over the tiles already visited; the
 //     backward (one pass per head, key tiles descending) keeps per row the same carry and the suffix sum of
 //     dS, since dpsi(t, l) = sum_{j<l} dS(t, j) = -sum_{j>=l} dS(t, j) (each row of dS sums to 0).
+//   - a per-head table by distance (T5's gathered buckets, KERPLE's kernel), also per tile:
+//       bias(i, j) += dist[h][min(pos_i - pos_j, W - 1)]
+//     A tile's pairs have at most kBQ + kBK - 1 distinct distances (one per diagonal), so each tile copies
+//     those table entries once, in diagonal order, and every row adds a contiguous slice of that copy. The
+//     backward sums dS per diagonal of the tile and scatters the sums to the clamped distances.
 //
 // Layouts (all contiguous, row-major): q, out, dq: [B, Tq, H, D]; k, v, dk, dv: [B, Tk, H, D];
 // bias quantities a, c, da, dc: [B, H, Tq]; b, d, db, dd: [B, H, Tk]; lse, delta: [B, H, Tq];
-// path-bias probes p, dp: [B, Tq, H, P]; r, dr: [B, Tk, H, P]; slopes m: [H].
+// path-bias probes p, dp: [B, Tq, H, P]; r, dr: [B, Tk, H, P]; slopes m: [H]; distance table dist, ddist: [H, W].
 // Positions: query i sits at q_offset + i, key j at k_offset + j; key j is visible to query i iff
 // k_offset + j <= q_offset + i. Every query must see at least one key (q_offset >= k_offset).
 #pragma once
@@ -38,8 +43,12 @@ struct LinearBias {
   const float* r = nullptr;  // per key rotated probe [B,Tk,H,P]
   const float* m = nullptr;  // per head slope [H]
   int64_t P = 0;             // probe dim
+  // Per-head bias by distance: + dist[h * W + min(pos_i - pos_j, W - 1)] for visible pairs (distances beyond
+  // W - 1 share the last entry); absent when null, otherwise W >= 1.
+  const float* dist = nullptr;  // [H, W]
+  int64_t W = 0;
   bool path() const { return p != nullptr; }
-  bool any() const { return a || b || c || d || p; }
+  bool any() const { return a || b || c || d || p || dist; }
 };
 
 struct AttentionShape {
@@ -55,19 +64,22 @@ void attention_forward(const AttentionShape& s, const float* q, const float* k, 
 // Gradients from dout, recomputing the probabilities from lse. dq, dk, dv are overwritten; da/db/dc/dd are
 // written when non-null (and the matching bias term is present: a null bias term has gradient 0); likewise
 // dp [B,Tq,H,P] and dr [B,Tk,H,P], the gradients of the path-bias probes (0 without a path bias). With a
-// path bias the backward always takes the one-pass-per-head path. (No gradient for the slopes m.)
+// path bias the backward always takes the one-pass-per-head path. (No gradient for the slopes m.) ddist
+// [H, W], when non-null, gets the distance table's gradient: dS summed over the pairs (of every batch) whose
+// clamped distance is that entry (0 without a table). Its per-head or per-thread partial sums are kept in
+// double and added in a fixed order.
 void attention_backward(const AttentionShape& s, const float* q, const float* k, const float* v,
                         const LinearBias& bias, const float* out, const float* dout, const float* lse,
                         float* dq, float* dk, float* dv, float* da, float* db, float* dc, float* dd,
-                        float* dp = nullptr, float* dr = nullptr);
+                        float* dp = nullptr, float* dr = nullptr, float* ddist = nullptr);
 
 // Forward for a few queries (Tq small) against a long cache: the keys are split into blocks processed by
 // different threads, then the partial softmax states are merged. Same results as attention_forward.
 void attention_decode(const AttentionShape& s, const float* q, const float* k, const float* v,
                       const LinearBias& bias, float* out, float* lse);
 
-// Invalid shapes (a size < 1, q_offset < k_offset, non-finite scale), null required pointers and a path bias
-// without r, m or with P < 1 throw std::invalid_argument. attention_backward fills a non-null da/db/dc/dd whose bias term is null with 0.
+// Invalid shapes (a size < 1, q_offset < k_offset, non-finite scale), null required pointers, a path bias
+// without r, m or with P < 1 and a distance table with W < 1 throw std::invalid_argument. attention_backward fills a non-null da/db/dc/dd whose bias term is null with 0.
 
 // The kernels' vectorisable exp (fp32, relative error < 2e-7; results below FLT_MIN flushed to 0, exp(+inf) =
 // inf, NaN -> NaN). Exposed for tests.
