@@ -191,7 +191,7 @@ ResumePoint find_resume_checkpoint(const std::string& run_dir) {
 
 void remove_stale_temporaries(const std::string& run_dir) {
   // Left by a process killed while writing: checkpoints/.tmp.step_N and the atomic writer's .NAME.tmp.*.
-  for (const fs::path dir : {fs::path(run_dir), fs::path(run_dir) / "checkpoints"}) {
+  for (const fs::path& dir : {fs::path(run_dir), fs::path(run_dir) / "checkpoints"}) {
     if (!fs::is_directory(dir)) continue;
     std::vector<fs::path> stale;
     for (const auto& e : fs::directory_iterator(dir)) {

@@ -227,7 +227,7 @@ Trainer::StepStats Trainer::step(const std::vector<data::Batch>& micro_batches, 
     if (!std::isfinite(value)) {
       if (!group_) {
         optimizer_->zero_grad();
-        throw std::runtime_error(fmt::format("step {}: the loss is {} (diverged)", step + 1, value));
+        throw DivergedError(fmt::format("step {}: the loss is {} (diverged)", step + 1, value));
       }
       finite = false;  // the other ranks wait in the all-reduce: finish the step together, then all stop
     }
@@ -242,7 +242,7 @@ Trainer::StepStats Trainer::step(const std::vector<data::Batch>& micro_batches, 
     stats.loss = t[0].item<double>() / world;
     if (t[1].item<double>() > 0) {
       optimizer_->zero_grad();
-      throw std::runtime_error(fmt::format("step {}: the loss is {} (diverged)", step + 1,
+      throw DivergedError(fmt::format("step {}: the loss is {} (diverged)", step + 1,
                                            std::isfinite(stats.loss) ? std::string("not finite on a rank")
                                                                      : fmt::format("{}", stats.loss)));
     }
@@ -251,7 +251,7 @@ Trainer::StepStats Trainer::step(const std::vector<data::Batch>& micro_batches, 
   stats.grad_norm = torch::nn::utils::clip_grad_norm_(model_->parameters(), clip);
   if (!std::isfinite(stats.grad_norm)) {
     optimizer_->zero_grad();
-    throw std::runtime_error(fmt::format("step {}: the gradient norm is {} (diverged)", step + 1, stats.grad_norm));
+    throw DivergedError(fmt::format("step {}: the gradient norm is {} (diverged)", step + 1, stats.grad_norm));
   }
   stats.lr = lr_at(cfg_, step);
   for (auto& group : optimizer_->param_groups())
@@ -429,8 +429,7 @@ TrainSummary run_training(const ModelConfig& model_cfg_in, const TrainConfig& cf
       Trainer::StepStats stats;
       try {
         stats = trainer.step(micro, step);
-      } catch (const std::runtime_error& e) {
-        if (std::string(e.what()).find("diverged") == std::string::npos) throw;
+      } catch (const DivergedError& e) {
         throw std::runtime_error(fmt::format(
             "{}; stopped. {}", e.what(),
             last_checkpoint.empty() ? "No checkpoint was written yet."
