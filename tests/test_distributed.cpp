@@ -17,6 +17,7 @@
 #include <thread>
 
 #include "cli_runner.hpp"
+#include "run_dir_fixture.hpp"
 #include <fmt/format.h>
 
 #include "grape/distributed.hpp"
@@ -28,20 +29,6 @@ namespace {
 namespace fs = std::filesystem;
 using grape::testing::run_cli;
 using Clock = std::chrono::steady_clock;
-
-std::string make_text(size_t bytes) {
-  static const char* words[] = {"in", "the", "beginning", "god", "created", "heaven", "and", "earth", "was",
-                                "without", "form", "void", "darkness", "upon", "face", "of", "deep", "spirit",
-                                "moved", "waters", "said", "let", "there", "be", "light"};
-  std::string s;
-  uint64_t z = 11;
-  while (s.size() < bytes) {
-    z = z * 6364136223846793005ull + 1442695040888963407ull;
-    s += words[(z >> 33) % 25];
-    s += ((z >> 20) % 7 == 0) ? ".\n" : " ";
-  }
-  return s;
-}
 
 // A `grape` process started directly (fork + exec, so that a signal reaches grape itself), its output in
 // a log file.
@@ -103,17 +90,9 @@ int wait_for(const Proc& p, std::chrono::milliseconds limit) {
   }
 }
 
-class DistributedBase : public ::testing::Test {
+class DistributedBase : public grape::testing::RunDirTest {
  protected:
-  void SetUp() override {
-    dir = fs::temp_directory_path() / ("grape_dist_test_" + std::to_string(::getpid()) + "_" +
-                                       ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(dir);
-    fs::create_directories(dir);
-    grape::io::write_file_atomic(path("text.txt"), make_text(40000));
-  }
-  void TearDown() override { fs::remove_all(dir); }
-  std::string path(const std::string& name) const { return (dir / name).string(); }
+  DistributedBase() : RunDirTest("grape_dist_test_", 40000) {}
   // The model and schedule every test uses (the batch is added per test).
   std::vector<std::string> tiny(const std::string& out, int64_t steps) const {
     return {"train", "--set", "n_layer=1", "--set", "n_embd=32", "--set", "n_head=2", "--context", "16",
@@ -160,7 +139,6 @@ class DistributedBase : public ::testing::Test {
     for (const auto& [name, t] : wa) diff = std::max(diff, (t - wb.at(name)).abs().max().item<double>());
     return diff;
   }
-  fs::path dir;
 };
 
 class Distributed : public DistributedBase {};

@@ -15,6 +15,7 @@
 #include <sstream>
 
 #include "cli_runner.hpp"
+#include "run_dir_fixture.hpp"
 #include "grape/io.hpp"
 #include "grape/pe.hpp"
 #include "grape/train.hpp"
@@ -24,20 +25,6 @@ namespace {
 namespace fs = std::filesystem;
 using grape::testing::run_cli;
 using nlohmann::json;
-
-// Words from a small vocabulary: a text the tiny model can start to learn in a few steps.
-std::string make_text(size_t bytes) {
-  static const char* words[] = {"and", "the", "lord", "said", "unto", "moses", "in", "land", "of", "egypt",
-                                "this", "day", "shall", "be", "light", "for", "you", "all", "israel", "man"};
-  std::string s;
-  uint64_t z = 11;
-  while (s.size() < bytes) {
-    z = z * 6364136223846793005ull + 1442695040888963407ull;
-    s += words[(z >> 33) % 20];
-    s += ((z >> 20) % 7 == 0) ? ".\n" : " ";
-  }
-  return s;
-}
 
 // The cells of the markdown table whose first column is `first` and second `second`.
 std::vector<std::string> table_row(const std::string& md, const std::string& heading, const std::string& first,
@@ -61,24 +48,15 @@ std::vector<std::string> table_row(const std::string& md, const std::string& hea
   return {};
 }
 
-class Study : public ::testing::Test {
+class Study : public grape::testing::RunDirTest {
  protected:
-  void SetUp() override {
-    dir = fs::temp_directory_path() / ("grape_study_test_" + std::to_string(::getpid()) + "_" +
-                                       ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(dir);
-    fs::create_directories(dir);
-    grape::io::write_file_atomic(path("text.txt"), make_text(30000));
-  }
-  void TearDown() override { fs::remove_all(dir); }
-  std::string path(const std::string& name) const { return (dir / name).string(); }
+  Study() : RunDirTest("grape_study_test_", 30000) {}
   // A 1-layer width-32 model at context 24 (the needle task needs >= 22), 3 steps per run.
   std::string small_flags() const {
     return " --set n_layer=1 --set n_embd=32 --set n_head=2 --context 24 --steps 3 --batch 4 --warmup 1"
            " --needle-steps 3 --factors 1,2,4 --depths 0,0.5,1 --needle-examples 4 --eval-tokens 192 --data " +
            path("text.txt");
   }
-  fs::path dir;
 };
 
 TEST_F(Study, WritesConsistentReport) {

@@ -14,6 +14,7 @@
 #include <thread>
 
 #include "cli_runner.hpp"
+#include "run_dir_fixture.hpp"
 #include "grape/io.hpp"
 #include "grape/train.hpp"
 
@@ -24,31 +25,11 @@ using grape::ModelConfig;
 using grape::testing::run_cli;
 using grape::train::TrainConfig;
 
-// A small deterministic "language": sentences of words from a 40-word vocabulary.
-std::string make_text(size_t bytes) {
-  static const char* words[] = {"the", "lord", "said", "unto", "moses", "and", "aaron", "in", "land", "of",
-                                "egypt", "saying", "this", "month", "shall", "be", "you", "beginning", "months",
-                                "it", "first", "year", "speak", "ye", "all", "congregation", "israel", "tenth",
-                                "day", "they", "take", "every", "man", "lamb", "according", "house", "fathers",
-                                "for", "an", "light"};
-  std::string s;
-  uint64_t z = 7;
-  while (s.size() < bytes) {
-    z = z * 6364136223846793005ull + 1442695040888963407ull;
-    s += words[(z >> 33) % 40];
-    s += ((z >> 20) % 9 == 0) ? ".\n" : " ";
-  }
-  return s;
-}
-
-class Train : public ::testing::Test {
+class Train : public grape::testing::RunDirTest {
  protected:
+  Train() : RunDirTest("grape_train_test_", 40000) {}
   void SetUp() override {
-    dir = fs::temp_directory_path() / ("grape_train_test_" + std::to_string(::getpid()) + "_" +
-                                       ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(dir);
-    fs::create_directories(dir);
-    grape::io::write_file_atomic(path("text.txt"), make_text(40000));
+    RunDirTest::SetUp();
     model = grape::model_preset("tiny");
     model.n_layer = 1;
     model.n_embd = 32;
@@ -64,8 +45,6 @@ class Train : public ::testing::Test {
     cfg.keep_last = 2;
     cfg.data = path("text.txt");
   }
-  void TearDown() override { fs::remove_all(dir); }
-  std::string path(const std::string& name) const { return (dir / name).string(); }
 
   grape::train::TrainSummary train(const std::string& run, bool resume = false, int64_t stop_after = 0) {
     grape::train::TrainOptions o;
@@ -89,7 +68,6 @@ class Train : public ::testing::Test {
     return out;
   }
 
-  fs::path dir;
   ModelConfig model;
   TrainConfig cfg;
 };
