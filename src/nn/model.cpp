@@ -6,6 +6,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <unordered_set>
@@ -210,6 +211,9 @@ torch::Tensor TransformerImpl::initial_stream(const std::vector<int64_t>& offset
                                              torch::ScalarType dtype) const {
   auto tape = std::dynamic_pointer_cast<TapeEncoding>(blocks_.front()->pe());
   if (!tape) return {};
+  const int64_t B = int64_t(offsets.size());
+  if (std::all_of(offsets.begin(), offsets.end(), [&](int64_t o) { return o == offsets[0]; }))
+    return tape->initial_stream(B, offsets[0], T, dtype);  // one table, broadcast over the batch
   std::vector<torch::Tensor> rows;  // each row starts at its own position
   for (int64_t off : offsets) rows.push_back(tape->initial_stream(1, off, T, dtype));
   return rows.size() == 1 ? rows[0] : torch::cat(rows, 0);
