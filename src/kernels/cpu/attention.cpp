@@ -319,11 +319,15 @@ struct TileLogits {
   }
 };
 
+void pack_dist_tile(const Geometry& g, const LinearBias& bias, int64_t h, int64_t i0, int64_t j0, float* dt);
+
 // The logits of the tile of query rows from i0 and keys [j0, j0 + nk) of head (b, h); kb, kd are the packed
-// key quantities.
+// key quantities. With a distance table and a buffer dt [kDiag], the tile's table entries are packed there.
 TileLogits tile_logits(const Geometry& g, const LinearBias& bias, int64_t b, int64_t h, int64_t i0,
-                       int64_t j0, int64_t nk, const float* kb, const float* kd) {
+                       int64_t j0, int64_t nk, const float* kb, const float* kd, float* dt = nullptr) {
   const int64_t qs = g.q_stat(b, h) + i0;
+  const bool with_dist = bias.dist && dt;
+  if (with_dist) pack_dist_tile(g, bias, h, i0, j0, dt);
   return {.g = &g,
           .i0 = i0,
           .j0 = j0,
@@ -333,7 +337,7 @@ TileLogits tile_logits(const Geometry& g, const LinearBias& bias, int64_t b, int
           .kb = kb,
           .kd = kd,
           .pb = nullptr,
-          .dt = nullptr,
+          .dt = with_dist ? dt : nullptr,
           .has_bias = bias.any()};
 }
 
@@ -1020,14 +1024,10 @@ void backward_head(const Geometry& g, const float* q, const float* k, const floa
         const int64_t i0 = qt * kBQ, rows = std::min(kBQ, g.Tq - i0), Mp = round_up(rows, kMR);
         const float* Qt = w.Q + i0 * Dp;
         const float* dOt = w.dO + i0 * Dp;
-        TileLogits t = tile_logits(g, bias, b, h, i0, j0, nk, w.kb, w.kd);
+        TileLogits t = tile_logits(g, bias, b, h, i0, j0, nk, w.kb, w.kd, w.dt);
         if (path) {
           path_tile(g, bias, b, h, i0, rows, Mp, j0, nk, w.Rt, w.carry_b + i0, w.PB, w.SG, w.pacc);
           t.pb = w.PB;
-        }
-        if (bias.dist) {
-          pack_dist_tile(g, bias, h, i0, j0, w.dt);
-          t.dt = w.dt;
         }
         gemm_tile(Mp, kBK, Dp, Qt, Dp, 1, w.Kt, kBK, w.S, kBK, false);    // S = Q K^T
         gemm_tile(Mp, kBK, Dp, dOt, Dp, 1, w.Vt, kBK, w.dS, kBK, false);  // dP = dO V^T
@@ -1164,11 +1164,7 @@ void attention_backward(const AttentionShape& s, const float* q, const float* k,
           for (int64_t qt = first_row / kBQ; qt < n_qt; ++qt) {
             const int64_t i0 = qt * kBQ, rows = std::min(kBQ, g.Tq - i0), Mp = round_up(rows, kMR);
             pack_query_tile(g, q, dout, lse, delta, b, h, i0, rows, w);
-            TileLogits t = tile_logits(g, bias, b, h, i0, j0, nk, w.kb, w.kd);
-            if (bias.dist) {
-              pack_dist_tile(g, bias, h, i0, j0, w.dt);
-              t.dt = w.dt;
-            }
+            TileLogits t = tile_logits(g, bias, b, h, i0, j0, nk, w.kb, w.kd, w.dt);
             gemm_tile(Mp, kBK, Dp, w.Q, Dp, 1, w.Kt, kBK, w.S, kBK, false);    // S = Q K^T
             gemm_tile(Mp, kBK, Dp, w.dO, Dp, 1, w.Vt, kBK, w.dS, kBK, false);  // dP = dO V^T
             dsoftmax_step(t, rows, Mp, w.lse, w.delta, w.S, w.dS, want_b ? w.sum1 : nullptr,
@@ -1200,11 +1196,7 @@ void attention_backward(const AttentionShape& s, const float* q, const float* k,
           for (int64_t j0 = 0; j0 < kend; j0 += kBK) {
             const int64_t nk = std::min(kBK, kend - j0);
             pack_key_tile(g, k, v, bias, b, h, j0, nk, true, w);
-            TileLogits t = tile_logits(g, bias, b, h, i0, j0, nk, w.kb, w.kd);
-            if (bias.dist) {
-              pack_dist_tile(g, bias, h, i0, j0, w.dt);
-              t.dt = w.dt;
-            }
+            TileLogits t = tile_logits(g, bias, b, h, i0, j0, nk, w.kb, w.kd, w.dt);
             gemm_tile(Mp, kBK, Dp, w.Q, Dp, 1, w.Kt, kBK, w.S, kBK, false);    // S = Q K^T
             gemm_tile(Mp, kBK, Dp, w.dO, Dp, 1, w.Vt, kBK, w.dS, kBK, false);  // dP = dO V^T
             dsoftmax_step(t, rows, Mp, w.lse, w.delta, w.S, w.dS, nullptr, nullptr, want_a ? w.sum1 : nullptr,
