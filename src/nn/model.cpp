@@ -100,28 +100,23 @@ class BlockImpl : public torch::nn::Module {
         qg = q_norm_(qg);
         kg = k_norm_(kg);
       }
-      if (tape_) {
-        auto Eg = stream->narrow(0, g.row, g.rows);
-        auto tokens = tape_->encode_with_stream(qg, kg, Eg, *g.pe);
-        g.keys->append(tokens, vg);
-        if (!tape_->has_updates()) {  // the last layer: E is read, never updated
-          ys.push_back(attend(tokens, *g.keys));
-          continue;
-        }
+      // TAPE encodes with this layer's position state E of the rows; every other encoding from x.
+      auto Eg = tape_ ? stream->narrow(0, g.row, g.rows) : torch::Tensor();
+      auto tokens = tape_ ? tape_->encode_with_stream(qg, kg, Eg, *g.pe) : pe_->encode(qg, kg, xg, *g.pe);
+      g.keys->append(tokens, vg);  // the cache keeps exactly what encode returned, plus v
+      if (updates_stream()) {
         auto [y, E_tilde] = attend_with_stream(tokens, *g.keys);  // E~ = sum_j alpha_ij E_j
         ys.push_back(y);
         streams.push_back(tape_->attention_update(Eg, E_tilde));
-        continue;
+      } else {
+        ys.push_back(attend(tokens, *g.keys));
       }
-      auto tokens = pe_->encode(qg, kg, xg, *g.pe);
-      g.keys->append(tokens, vg);  // the cache keeps exactly what encode returned, plus v
-      ys.push_back(attend(tokens, *g.keys));
     }
     auto y = ys.size() == 1 ? ys[0] : torch::cat(ys, 0);
     auto h = x + wo_(y.reshape({B, T, H_ * D_}));
     auto hn = norm2_(h);
     auto mlp = w_out_(torch::silu(w1_(hn)) * w2_(hn));  // SwiGLU
-    if (tape_ && tape_->has_updates()) *stream = tape_->mlp_update(streams.size() == 1 ? streams[0] : torch::cat(streams, 0), mlp);
+    if (updates_stream()) *stream = tape_->mlp_update(streams.size() == 1 ? streams[0] : torch::cat(streams, 0), mlp);
     return h + mlp;
   }
 
@@ -133,10 +128,8 @@ class BlockImpl : public torch::nn::Module {
   // softmax(q~.k~/sqrt(D) + bias, causal) v of a chunk of queries against the cache: y [b,T,H,D].
   // Fused kernel (O(T) memory) when configured and supported, else the reference (materialised) path.
   torch::Tensor attend(const PeTokens& queries, const KeyCache& keys) const {
-    if (fused_ && queries.q.scalar_type() == torch::kFloat32) return fused_attend(*pe_, queries, keys);
-    auto logits = attention_logits(*pe_, queries, keys);  // [b,H,Tq,Tk]
-    auto p = torch::softmax(logits, -1, compute_dtype(keys.v.scalar_type())).to(keys.v.scalar_type());
-    return torch::einsum("bhij,bjhd->bihd", {p, keys.v});
+    if (use_fused(queries)) return fused_attend(*pe_, queries, keys);
+    return torch::einsum("bhij,bjhd->bihd", {probabilities(queries, keys), keys.v});
   }
 
   // TAPE: y and E~ with one set of attention weights. The fused kernel runs twice (values v, then E: both
@@ -144,12 +137,19 @@ class BlockImpl : public torch::nn::Module {
   std::pair<torch::Tensor, torch::Tensor> attend_with_stream(const PeTokens& queries, const KeyCache& keys) const {
     KeyCache stream_keys = keys;
     stream_keys.v = keys.key.at("E");
-    if (fused_ && queries.q.scalar_type() == torch::kFloat32)
-      return {fused_attend(*pe_, queries, keys), fused_attend(*pe_, queries, stream_keys)};
-    auto logits = attention_logits(*pe_, queries, keys);
-    auto p = torch::softmax(logits, -1, compute_dtype(keys.v.scalar_type())).to(keys.v.scalar_type());
+    if (use_fused(queries)) return {attend(queries, keys), attend(queries, stream_keys)};
+    auto p = probabilities(queries, keys);
     return {torch::einsum("bhij,bjhd->bihd", {p, keys.v}), torch::einsum("bhij,bjhd->bihd", {p, stream_keys.v})};
   }
+
+  bool use_fused(const PeTokens& queries) const { return fused_ && queries.q.scalar_type() == torch::kFloat32; }
+  // The reference path's causal attention weights [b,H,Tq,Tk], softmax in at least fp32.
+  torch::Tensor probabilities(const PeTokens& queries, const KeyCache& keys) const {
+    auto logits = attention_logits(*pe_, queries, keys);
+    return torch::softmax(logits, -1, compute_dtype(keys.v.scalar_type())).to(keys.v.scalar_type());
+  }
+  // Whether this layer updates TAPE's position state (not in the last layer, where nothing reads it).
+  bool updates_stream() const { return tape_ && tape_->has_updates(); }
 
   int64_t H_, D_;
   EncodingPtr pe_;

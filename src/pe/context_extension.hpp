@@ -30,6 +30,10 @@ struct ContextExtension {
   bool relative() const { return !dynamic() && !(method == "longrope" && longrope_start > 0); }
   // The factor on both rotated q and k (logits scale by its square); 1 except for YaRN with s > 1.
   double mscale() const { return method == "yarn" ? yarn_mscale : 1.0; }
+  // Rotated q or k times YaRN's temperature (as it is when mscale is 1).
+  torch::Tensor temper(const torch::Tensor& rotated) const {
+    return mscale() != 1.0 ? rotated * mscale() : rotated;
+  }
 
   // The extended frequencies theta' [G,P] (float64, differentiable in theta) for base frequencies theta
   // [G,P] when the sequence seen so far has `length` tokens (only dynamic-ntk reads it). LongRoPE's

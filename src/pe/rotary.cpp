@@ -147,9 +147,7 @@ class RoPE : public Encoding {
     if (ext_.dynamic()) return {q, k};  // the cache keeps pre-rotation keys; attention_qk rotates
     const int64_t T = q.size(1);
     auto ang = ext_.angles(theta(q.scalar_type()), st.next_pos, T, st.next_pos + T);
-    auto rq = rotate(q, ang), rk = rotate(k, ang);
-    if (ext_.mscale() != 1.0) return {rq * ext_.mscale(), rk * ext_.mscale()};
-    return {rq, rk};
+    return {ext_.temper(rotate(q, ang)), ext_.temper(rotate(k, ang))};
   }
 
  private:
@@ -255,8 +253,7 @@ class GrapeM : public Encoding {
   // Rotation plus YaRN's temperature; the identity under dynamic NTK (attention_qk rotates).
   torch::Tensor encode_one(const torch::Tensor& x, int64_t offset) const {
     if (ext_.dynamic()) return x;
-    auto r = rotate(x, offset, offset + x.size(1));
-    return ext_.mscale() != 1.0 ? r * ext_.mscale() : r;
+    return ext_.temper(rotate(x, offset, offset + x.size(1)));
   }
   PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor&,
                         PeState& st) override {
