@@ -45,6 +45,13 @@ void maybe_crash_here() {
   if (f != nullptr && std::string(f) == "checkpoint") std::_Exit(3);
 }
 
+// The checkpoint name the file checkpoints/latest holds (trailing newline/spaces dropped).
+std::string read_latest_name(const fs::path& root) {
+  std::string name = io::read_file((root / "latest").string());
+  while (!name.empty() && (name.back() == '\n' || name.back() == ' ')) name.pop_back();
+  return name;
+}
+
 }  // namespace
 
 namespace detail {
@@ -153,8 +160,7 @@ ResumePoint find_resume_checkpoint(const std::string& run_dir) {
   std::sort(names.rbegin(), names.rend());
   std::string latest;
   if (fs::exists(root / "latest")) {
-    latest = io::read_file((root / "latest").string());
-    while (!latest.empty() && (latest.back() == '\n' || latest.back() == ' ')) latest.pop_back();
+    latest = read_latest_name(root);
     if (latest.rfind("step_", 0) != 0 || latest.find('/') != std::string::npos) {
       point.skipped.push_back(fmt::format("{}: names '{}', not a checkpoint", (root / "latest").string(), latest));
       latest.clear();
@@ -272,8 +278,7 @@ std::string latest_checkpoint(const std::string& run_dir) {
   const fs::path root = fs::path(run_dir) / "checkpoints";
   const fs::path latest = root / "latest";
   if (!fs::exists(latest)) throw std::runtime_error(fmt::format("{}: the run has no checkpoint yet", run_dir));
-  std::string name = io::read_file(latest.string());
-  while (!name.empty() && (name.back() == '\n' || name.back() == ' ')) name.pop_back();
+  const std::string name = read_latest_name(root);
   const fs::path dir = root / name;
   if (name.rfind("step_", 0) != 0 || !fs::is_directory(dir))
     throw std::runtime_error(fmt::format("{}: points at '{}', which is not a checkpoint", latest.string(), name));
