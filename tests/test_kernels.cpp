@@ -504,13 +504,21 @@ TEST(KernelForward, NanPropagatesAlongCausalOrder) {
 }
 
 TEST(KernelDecode, MatchesForward) {
-  for (int64_t Tq : {1, 4})
+  // Tq = 1, 4 read keys in place, 7 packs them; B x H = 6 heads give each thread whole heads, B = H = 1 splits
+  // the keys into blocks (at 2 threads) whose states are merged, with the path bias's carries between blocks.
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(2);
+  struct Heads {
+    int64_t B, H, D;
+  };
+  for (const Heads& bh : {Heads{2, 3, 64}, Heads{1, 1, 20}})
+  for (int64_t Tq : {1, 4, 7})
     for (int64_t Tk : {1, 5, 300, 2000})
       for (const BiasMask& m : {BiasMask{}, BiasMask{true, true, true, true}, BiasMask{false, false, false, false, true},
                                 BiasMask{true, true, true, true, true}, BiasMask{false, false, false, false, false, 2},
                                 BiasMask{true, true, true, true, true, 1}}) {
         kc::AttentionShape s;
-        s.B = 2, s.H = 3, s.D = 64, s.Tq = Tq, s.Tk = Tk, s.scale = 0.125f;
+        s.B = bh.B, s.H = bh.H, s.D = bh.D, s.Tq = Tq, s.Tk = Tk, s.scale = 0.125f;
         s.k_offset = 3,
         s.q_offset = 3 + std::max<int64_t>(0, Tk - Tq);  // the queries' own keys end the cache
         SCOPED_TRACE(describe(s, m));
@@ -535,6 +543,7 @@ TEST(KernelDecode, MatchesForward) {
           EXPECT_LE(max_err(out2, ref.out) / std::max(1.0, max_abs(ref.out)), 1e-4);
         }
       }
+  omp_set_num_threads(saved);
 }
 
 TEST(KernelValidation, BadInvariantsThrow) {

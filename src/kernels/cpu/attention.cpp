@@ -5,7 +5,8 @@
 // pass over the head's key tiles (5 tile products per tile pair). Otherwise one task is a tile of kBQ query
 // rows of one (batch, head) (forward, backward pass 2), a tile of kBK keys (backward pass 1), or a block of
 // kDecodeBlock keys (decode). A task packs the rows it reads into contiguous, zero-padded, thread-local
-// buffers (the head's rows are strided by H*D in memory):
+// buffers (the head's rows are strided by H*D in memory); only decode's few query rows (<= kDirectRows) read
+// the key and value rows in place instead, since each is used once per query row:
 //   Q, dO:  [kBQ][Dp]  row-major          K^T, V^T: [Dp][kBK]  (so q.k runs over contiguous keys)
 //   K, V:   [kBK][Dp]  row-major          S, P, dS: [kBQ][kBK]
 // with Dp = D rounded up to kNR. Every matrix product is one call of gemm_tile, a register-blocked
@@ -58,7 +59,8 @@ constexpr int64_t kBQ = 64;            // query rows per tile
 constexpr int64_t kBK = 64;            // keys per tile (one online-softmax step)
 constexpr int64_t kMR = 8;             // micro-kernel rows
 constexpr int64_t kNR = 16;            // micro-kernel columns: one AVX-512 or two AVX2 registers
-constexpr int64_t kDecodeBlock = 256;  // keys per decode task
+constexpr int64_t kDecodeBlock = 256;  // keys per decode task when the heads alone cannot keep the threads busy
+constexpr int64_t kDirectRows = 4;     // up to this many query rows, k and v rows are read in place, not packed
 constexpr int64_t kDiag = kBQ + kBK - 1;  // diagonals of a tile: the distinct distances of its pairs
 constexpr int64_t kAlign = 64;         // bytes: one cache line
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -515,6 +517,25 @@ void path_grad(const Geometry& g, const LinearBias& bias, int64_t b, int64_t h, 
   }
 }
 
+// psi(t, l) of query row i of head (b, h) summed over the keys [l0, l1) (decode's path-bias pre-pass), per key
+// tile in fp32, the tiles in double. Rt [P][kBK] and psi [kBK]: scratch.
+GRAPE_SIMD
+double psi_sum(const Geometry& g, const LinearBias& bias, int64_t b, int64_t h, int64_t i, int64_t l0, int64_t l1,
+               float* Rt, float* psi) {
+  const float* pt = bias.p + ((b * g.Tq + i) * g.H + h) * bias.P;
+  double sum = 0.0;
+  for (int64_t j0 = l0; j0 < l1; j0 += kBK) {
+    const int64_t nk = std::min(kBK, l1 - j0);
+    pack_probe_keys(g, bias, b, h, j0, nk, Rt);
+    psi_row(pt, Rt, bias.P, bias.m[h], nk, psi, nullptr);
+    float tile = 0.0f;
+#pragma omp simd reduction(+ : tile)
+    for (int64_t j = 0; j < kBK; ++j) tile += psi[j];  // 0 past nk
+    sum += double(tile);
+  }
+  return sum;
+}
+
 // Forward, one online-softmax step over a key tile: S [kBQ][kBK] holds the raw dots of the first `rows` query
 // rows; on return it holds p = exp(logit - m_new) (0 where masked and in padding rows up to Mp), the running
 // max m and sum l are updated and the accumulator O [kBQ][Dp] is rescaled by exp(m_old - m_new).
@@ -607,6 +628,38 @@ void dsoftmax_step(const TileLogits& t, int64_t rows, int64_t Mp, const float* l
 // Forward core, shared by attention_forward and attention_decode
 // ---------------------------------------------------------------------------------------------------------
 
+// Few query rows (decode): S[r][j] = q_r . k_j for the packed rows Q [rows][Dp] and the nk key rows krows read
+// in place; packing a key tile would cost more than the few products that reuse it.
+GRAPE_SIMD
+void dots_direct(int64_t rows, int64_t nk, int64_t D, int64_t Dp, const float* Q, const float* const* krows,
+                 float* S) {
+  for (int64_t j = 0; j < nk; ++j) {
+    const float* kj = krows[j];
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* q = Q + r * Dp;
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t d = 0; d < D; ++d) sum += q[d] * kj[d];
+      S[r * kBK + j] = sum;
+    }
+  }
+}
+
+// And O[r] += sum_j P[r][j] v_j with the value rows read in place (P is 0 where masked).
+GRAPE_SIMD
+void pv_direct(int64_t rows, int64_t nk, int64_t D, int64_t Dp, const float* S, const float* const* vrows,
+               float* O) {
+  for (int64_t j = 0; j < nk; ++j) {
+    const float* vj = vrows[j];
+    for (int64_t r = 0; r < rows; ++r) {
+      const float p = S[r * kBK + j];
+      float* o = O + r * Dp;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) o[d] += p * vj[d];
+    }
+  }
+}
+
 struct ForwardWork {
   float *Q, *Kt, *V, *S, *O, *m, *l, *kb, *kd;
   float* dt;              // distance table: the tile's entries by diagonal [kDiag]
@@ -633,7 +686,7 @@ struct ForwardWork {
 // Online softmax of query rows [i0, i0 + rows) of head (b, h) over keys [kbeg, kend): leaves the running max
 // m, sum l and the unnormalised accumulator O (rows x Dp) in w. rows <= kBQ; kbeg is a multiple of kBK.
 // Kt_all / V_all, when given, hold the head's keys already packed (pack_head_keys); otherwise each key tile
-// is packed here. The key tiles are visited from the last one down (the softmax does not mind the order), so
+// is packed here, or, for at most kDirectRows rows, the key and value rows are read in place. The key tiles are visited from the last one down (the softmax does not mind the order), so
 // that the path bias's per-row carry (psi summed over the keys after the tile) grows as it goes; it starts
 // from carry0[r * carry_stride] (psi summed over keys from kend on; decode), or 0.
 void flash_rows(const Geometry& g, const float* q, const float* k, const float* v, const LinearBias& bias,
@@ -654,9 +707,25 @@ void flash_rows(const Geometry& g, const float* q, const float* k, const float* 
     for (int64_t r = 0; r < rows; ++r) w.carry[r] = carry0 ? carry0[r * carry_stride] : 0.0;
   }
   if (kend <= kbeg) return;
+  const bool direct = !Kt_all && rows <= kDirectRows;
   for (int64_t j0 = kbeg + (kend - 1 - kbeg) / kBK * kBK; j0 >= kbeg; j0 -= kBK) {
     const int64_t nk = std::min(kBK, kend - j0);
     t.j0 = j0, t.nk = nk;
+    pack_key_bias(bias.b ? bias.b + ks + j0 : nullptr, nk, w.kb);
+    pack_key_bias(bias.d ? bias.d + ks + j0 : nullptr, nk, w.kd);
+    if (bias.dist) pack_dist_tile(g, bias, h, i0, j0, w.dt);
+    if (bias.path()) {
+      pack_probe_keys(g, bias, b, h, j0, nk, w.Rt);
+      path_tile(g, bias, b, h, i0, rows, Mp, j0, nk, w.Rt, w.carry, w.PB, nullptr, w.pacc);
+    }
+    if (direct) {  // S = Q K^T, softmax, O += P V with the key and value rows read where they are
+      row_pointers(k, g.Tk, g.H, g.D, b, h, j0, nk, w.rows);
+      dots_direct(rows, nk, g.D, Dp, w.Q, w.rows, w.S);
+      softmax_step(t, rows, Mp, Dp, w.S, w.m, w.l, w.O);
+      row_pointers(v, g.Tk, g.H, g.D, b, h, j0, nk, w.rows);
+      pv_direct(rows, nk, g.D, Dp, w.S, w.rows, w.O);
+      continue;
+    }
     const float* Kt = w.Kt;
     const float* V = w.V;
     if (Kt_all) {
@@ -666,13 +735,6 @@ void flash_rows(const Geometry& g, const float* q, const float* k, const float* 
       pack_cols(w.rows, nk, kBK, g.D, Dp, w.Kt);
       row_pointers(v, g.Tk, g.H, g.D, b, h, j0, nk, w.rows);
       pack_rows(w.rows, nk, nk, g.D, Dp, w.V);
-    }
-    pack_key_bias(bias.b ? bias.b + ks + j0 : nullptr, nk, w.kb);
-    pack_key_bias(bias.d ? bias.d + ks + j0 : nullptr, nk, w.kd);
-    if (bias.dist) pack_dist_tile(g, bias, h, i0, j0, w.dt);
-    if (bias.path()) {
-      pack_probe_keys(g, bias, b, h, j0, nk, w.Rt);
-      path_tile(g, bias, b, h, i0, rows, Mp, j0, nk, w.Rt, w.carry, w.PB, nullptr, w.pacc);
     }
     gemm_tile(Mp, kBK, Dp, w.Q, Dp, 1, Kt, kBK, w.S, kBK, false);  // S = Q K^T (raw dots)
     softmax_step(t, rows, Mp, Dp, w.S, w.m, w.l, w.O);             // S -> P, rescale O
@@ -762,7 +824,7 @@ void attention_forward(const AttentionShape& s, const float* q, const float* k, 
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Decode: split the keys of each (b, h) into blocks, then merge the blocks' softmax states
+// Decode: one task per (b, h, query tile), or the keys split into blocks whose softmax states are merged
 // ---------------------------------------------------------------------------------------------------------
 
 void attention_decode(const AttentionShape& s, const float* q, const float* k, const float* v,
@@ -771,7 +833,13 @@ void attention_decode(const AttentionShape& s, const float* q, const float* k, c
   validate_bias("attention_decode", bias);
   check(out && lse, "attention_decode", "out and lse must not be null");
   const Geometry g(s);
-  const int64_t n_qt = ceil_div(g.Tq, kBQ), n_blk = ceil_div(g.Tk, kDecodeBlock), D = g.D;
+  const int64_t n_qt = ceil_div(g.Tq, kBQ), D = g.D;
+  // With enough (batch, head, query tile) tasks for the threads (at most 20% idle), each task takes all its
+  // keys; otherwise the keys are split into blocks of kDecodeBlock that threads take separately.
+  const int64_t tasks = g.B * g.H * n_qt, max_threads = omp_get_max_threads();
+  const int64_t block = 4 * max_threads * ceil_div(tasks, max_threads) <= 5 * tasks ? round_up(g.Tk, kBK)
+                                                                                    : kDecodeBlock;
+  const int64_t n_blk = ceil_div(g.Tk, block);
   // Partial states per (b, h, query row, block): m, l and the unnormalised output row.
   const int64_t part = D + 2, n_rows = g.B * g.H * g.Tq;
   const Arena partial(1, n_rows * n_blk * part);
@@ -779,39 +847,37 @@ void attention_decode(const AttentionShape& s, const float* q, const float* k, c
   auto state = [&](int64_t b, int64_t h, int64_t i, int64_t blk) {
     return P + ((g.q_stat(b, h) + i) * n_blk + blk) * part;  // [m, l, o_0 .. o_{D-1}]
   };
-  const int threads = team_size(g.B * g.H * n_qt * n_blk);
+  const int threads = team_size(tasks * n_blk);
   const int64_t Pp = bias.path() ? bias.P : 0;
-  // Path bias: the blocks run independently, so each starts from its carry, psi summed over the later blocks
-  // (per query row): first every block's psi total (an O(Tq Tk P) pre-pass), then exclusive suffix sums.
-  const Arena carries(1, bias.path() ? 2 * n_rows * n_blk : 0);
+  // Path bias over several blocks: the blocks run independently, so each starts from its carry, psi summed
+  // over the later blocks (per query row): first every block's psi total (an O(Tq Tk P) pre-pass), then
+  // exclusive suffix sums.
+  const bool carries_needed = bias.path() && n_blk > 1;
+  const Arena carries(1, carries_needed ? 2 * n_rows * n_blk : 0);
   double* carry = reinterpret_cast<double*>(carries.thread(0));
-  if (bias.path()) {
-#pragma omp parallel for collapse(3) num_threads(team_size(n_rows))
-    for (int64_t b = 0; b < g.B; ++b)
-      for (int64_t h = 0; h < g.H; ++h)
-        for (int64_t i = 0; i < g.Tq; ++i) {
-          double* c = carry + (g.q_stat(b, h) + i) * n_blk;
-          const float* pt = bias.p + ((b * g.Tq + i) * g.H + h) * Pp;
-          const float mh = bias.m[h], invP = 1.0f / float(Pp);
-          std::fill(c, c + n_blk, 0.0);
-          const int64_t kend = g.key_end(i + 1);  // the keys row i sees
-          for (int64_t blk = 0; blk * kDecodeBlock < kend; ++blk) {
-            double sum = 0.0;
-            for (int64_t l = blk * kDecodeBlock; l < std::min(kend, (blk + 1) * kDecodeBlock); ++l) {
-              const float* rl = bias.r + ((b * g.Tk + l) * g.H + h) * Pp;
-              float x = 0.0f;
-              for (int64_t e = 0; e < Pp; ++e) x += pt[e] * rl[e];
-              sum += psi_inline(x * invP, mh);
+  if (carries_needed) {
+    const int pre_threads = team_size(n_rows);
+    const Arena scratch(pre_threads, Carver::size({Pp * kBK, kBK}));
+#pragma omp parallel num_threads(pre_threads)
+    {
+      float* Rt = scratch.thread(omp_get_thread_num());
+      float* psi = Rt + round_up(Pp * kBK, kAlign / 4);
+#pragma omp for collapse(3)
+      for (int64_t b = 0; b < g.B; ++b)
+        for (int64_t h = 0; h < g.H; ++h)
+          for (int64_t i = 0; i < g.Tq; ++i) {
+            double* c = carry + (g.q_stat(b, h) + i) * n_blk;
+            const int64_t kend = g.key_end(i + 1);  // the keys row i sees
+            for (int64_t blk = 0; blk < n_blk; ++blk)
+              c[blk] = psi_sum(g, bias, b, h, i, blk * block, std::min(kend, (blk + 1) * block), Rt, psi);
+            double later = 0.0;
+            for (int64_t blk = n_blk - 1; blk >= 0; --blk) {
+              const double own = c[blk];
+              c[blk] = later;
+              later += own;
             }
-            c[blk] = sum;
           }
-          double later = 0.0;
-          for (int64_t blk = n_blk - 1; blk >= 0; --blk) {
-            const double own = c[blk];
-            c[blk] = later;
-            later += own;
-          }
-        }
+    }
   }
   const Arena arena(threads, ForwardWork::floats(g.Dp, Pp));
 #pragma omp parallel num_threads(threads)
@@ -823,11 +889,11 @@ void attention_decode(const AttentionShape& s, const float* q, const float* k, c
         for (int64_t qt = 0; qt < n_qt; ++qt)
           for (int64_t blk = 0; blk < n_blk; ++blk) {
             const int64_t i0 = qt * kBQ, rows = std::min(kBQ, g.Tq - i0);
-            const int64_t kbeg = blk * kDecodeBlock;
-            const int64_t kend = std::min(kbeg + kDecodeBlock, g.key_end(i0 + rows));
+            const int64_t kbeg = blk * block;
+            const int64_t kend = std::min(kbeg + block, g.key_end(i0 + rows));
             if (kbeg < kend) {
               flash_rows(g, q, k, v, bias, b, h, i0, rows, kbeg, kend, w, nullptr, nullptr,
-                         bias.path() ? carry + (g.q_stat(b, h) + i0) * n_blk + blk : nullptr, n_blk);
+                         carries_needed ? carry + (g.q_stat(b, h) + i0) * n_blk + blk : nullptr, n_blk);
             } else {  // the whole block is in these queries' future
               std::fill(w.m, w.m + rows, kNegInf);
               std::fill(w.l, w.l + rows, 0.0f);
