@@ -21,6 +21,10 @@
 
 #include <omp.h>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>  // two horizontal reductions (row_max, row_exp_sum)
+#endif
+
 #include <algorithm>
 #include <bit>
 #include <cmath>
@@ -76,15 +80,16 @@ int team_size(int64_t n_tasks) { return int(std::clamp<int64_t>(n_tasks, 1, omp_
 // ---------------------------------------------------------------------------------------------------------
 
 // exp(x) = 2^n e^r with n = round(x / ln2), |r| <= ln2 / 2; e^r by its degree-7 Taylor polynomial (truncation
-// < 1e-8 relative). 2^n is applied as two halves so that n = 128 (x just below the overflow) stays finite.
-// Results below FLT_MIN are flushed to 0 (no subnormal slow paths; softmax cannot see them); overflow gives
-// inf; NaN gives NaN.
+// < 1e-8 relative). The kernels only exponentiate differences to a running max or to the log-sum-exp (<= 0 up
+// to rounding), so the domain is x <= 88 (larger x is clamped to 88, keeping 2^n a normal float: one scale, no
+// overflow branch). Results below FLT_MIN are flushed to 0 (no subnormal slow paths; softmax cannot see them);
+// -inf gives 0; NaN gives NaN (the clamps pass it through, as does every later step).
 inline float exp_inline(float x) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693145751953125f;  // ln2's leading 15 bits: n * kLn2Hi is exact
   constexpr float kLn2Lo = 1.42860682030941723212e-6f;
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
-  const float xc = std::min(std::max(x, -88.0f), 89.0f);  // keeps n in [-127, 128]
+  const float xc = std::min(std::max(x, -87.5f), 88.0f);  // n in [-126, 127]; std::max/min keep a NaN x
   const float n = (xc * kLog2e + kRound) - kRound;
   const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
   float p = 1.0f / 5040.0f;
@@ -95,12 +100,8 @@ inline float exp_inline(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const int32_t ni = static_cast<int32_t>(n);
-  const int32_t n1 = ni / 2, n2 = ni - n1;
-  const float s1 = std::bit_cast<float>((n1 + 127) << 23), s2 = std::bit_cast<float>((n2 + 127) << 23);
-  const float y = p * s1 * s2;
-  const float flushed = x < -87.33654475f ? 0.0f : y;  // ln(FLT_MIN)
-  return x != x ? x : flushed;
+  const float y = p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  return x < -87.33654475f ? 0.0f : y;  // ln(FLT_MIN)
 }
 
 // log(1 + e) for e in [0, 1] (NaN passes): 2 atanh(f) with f = e / (2 + e) in [0, 1/3], by its odd series up to
@@ -343,29 +344,71 @@ TileLogits tile_logits(const Geometry& g, const LinearBias& bias, int64_t b, int
           .has_bias = bias.any()};
 }
 
-// Row r of S: the raw dots of its nv visible keys -> logits, in place.
+// Row r of S: the raw dots -> logits, in place, over all kBK columns; the keys past the row's nv visible ones
+// get -inf. Fixed-length loops: the compiler unrolls them into whole vectors, and every later loop over the row
+// needs no remainder (the masked entries' exp is 0).
 inline void logits_row(const TileLogits& t, int64_t r, int64_t nv, float* s) {
   const float scale = t.g->scale;
   if (!t.has_bias) {
 #pragma omp simd
-    for (int64_t j = 0; j < nv; ++j) s[j] *= scale;
+    for (int64_t j = 0; j < kBK; ++j) s[j] = j < nv ? scale * s[j] : kNegInf;
     return;
   }
   const float ai = t.a ? t.a[r] : 0.0f, ci = t.c ? t.c[r] : 0.0f, d0 = t.dist0(r);
   const float* kb = t.kb;
   const float* kd = t.kd;
 #pragma omp simd
-  for (int64_t j = 0; j < nv; ++j) s[j] = scale * s[j] + ai + kb[j] + (ci + kd[j]) * (d0 - float(j));
+  for (int64_t j = 0; j < kBK; ++j) s[j] = scale * s[j] + ai + kb[j] + (ci + kd[j]) * (d0 - float(j));
   if (t.pb) {
     const float* pb = t.pb + r * kBK;
 #pragma omp simd
-    for (int64_t j = 0; j < nv; ++j) s[j] += pb[j];
+    for (int64_t j = 0; j < kBK; ++j) s[j] += pb[j];
   }
   if (t.dt) {  // key j of row r lies on diagonal j - r + kBQ - 1
     const float* dt = t.dt + (kBQ - 1 - r);
 #pragma omp simd
-    for (int64_t j = 0; j < nv; ++j) s[j] += dt[j];
+    for (int64_t j = 0; j < kBK; ++j) s[j] += dt[j];
   }
+#pragma omp simd
+  for (int64_t j = 0; j < kBK; ++j) s[j] = j < nv ? s[j] : kNegInf;
+}
+
+// Max of a row of kBK logits, skipping NaN (-inf if there is nothing else). With AVX-512 the horizontal step
+// uses the shuffle sequence of _mm512_reduce_max_ps (the compiler turns the plain loop's tail into scalar
+// steps through memory); otherwise kNR-wide partial maxima and a halving tree.
+GRAPE_INLINE float row_max(const float* s) {
+#if defined(__AVX512F__)
+  static_assert(kNR == 16 && kBK % kNR == 0);
+  __m512 mx = _mm512_set1_ps(kNegInf);
+  for (int64_t k = 0; k < kBK; k += kNR) mx = _mm512_max_ps(_mm512_loadu_ps(s + k), mx);  // NaN s: mx wins
+  return _mm512_reduce_max_ps(mx);
+#else
+  float part[kNR];
+  for (int64_t c = 0; c < kNR; ++c) part[c] = kNegInf;
+  for (int64_t k = 0; k < kBK; k += kNR)
+    for (int64_t c = 0; c < kNR; ++c) part[c] = s[k + c] > part[c] ? s[k + c] : part[c];  // a NaN s loses
+  for (int64_t w = kNR / 2; w >= 1; w /= 2)
+    for (int64_t c = 0; c < w; ++c) part[c] = part[c + w] > part[c] ? part[c + w] : part[c];
+  return part[0];
+#endif
+}
+
+// s[j] = exp(s[j] - mx) over a row of kBK logits (masked -inf entries -> 0); returns their sum, as row_max does.
+GRAPE_INLINE float row_exp_sum(float* s, float mx) {
+  float part[kNR] = {};
+  for (int64_t k = 0; k < kBK; k += kNR)
+#pragma omp simd
+    for (int64_t c = 0; c < kNR; ++c) {
+      s[k + c] = exp_inline(s[k + c] - mx);
+      part[c] += s[k + c];
+    }
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps(_mm512_loadu_ps(part));
+#else
+  for (int64_t w = kNR / 2; w >= 1; w /= 2)
+    for (int64_t c = 0; c < w; ++c) part[c] += part[c + w];
+  return part[0];
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -542,14 +585,28 @@ double psi_sum(const Geometry& g, const LinearBias& bias, int64_t b, int64_t h, 
 GRAPE_SIMD
 void softmax_step(const TileLogits& t, int64_t rows, int64_t Mp, int64_t Dp, float* S, float* m, float* l,
                   float* O) {
+  // Three sweeps, so that the per-row scalar work (the new max, its correction factor alpha) runs as vectors
+  // across the rows: logits and row maxima; alpha for every row; exponentials, sums and the rescale of O.
+  float mnew[kBQ], alpha[kBQ];
+  int64_t nvis[kBQ];
   for (int64_t r = 0; r < Mp; ++r) {
     float* s = S + r * kBK;
-    const int64_t nv = r < rows ? t.g->visible(t.i0 + r, t.j0, t.nk) : 0;
-    if (nv > 0) logits_row(t, r, nv, s);
-    float mx = m[r];
-#pragma omp simd reduction(max : mx)
-    for (int64_t j = 0; j < nv; ++j) mx = s[j] > mx ? s[j] : mx;
-    if (nv == 0 || mx == kNegInf) {  // every logit is -inf or NaN (the max skips NaN): nothing to add here
+    nvis[r] = r < rows ? t.g->visible(t.i0 + r, t.j0, t.nk) : 0;
+    if (nvis[r] == 0) {  // nothing visible: the row's state stays as it is
+      std::fill(s, s + kBK, 0.0f);
+      mnew[r] = m[r];
+      continue;
+    }
+    logits_row(t, r, nvis[r], s);
+    mnew[r] = std::max(m[r], row_max(s));  // a NaN m (a poisoned row) stays NaN
+  }
+#pragma omp simd
+  for (int64_t r = 0; r < Mp; ++r) alpha[r] = exp_inline(m[r] - mnew[r]);  // 0 on a row's first tile (m = -inf)
+  for (int64_t r = 0; r < Mp; ++r) {
+    const int64_t nv = nvis[r];
+    if (nv == 0) continue;
+    float* s = S + r * kBK;
+    if (mnew[r] == kNegInf) {  // every logit is -inf or NaN (the max skips NaN): nothing to add here
       if (std::any_of(s, s + nv, [](float x) { return std::isnan(x); })) {  // but NaN must poison the row
         m[r] = l[r] = std::numeric_limits<float>::quiet_NaN();
         std::fill(O + r * Dp, O + (r + 1) * Dp, m[r]);
@@ -557,20 +614,14 @@ void softmax_step(const TileLogits& t, int64_t rows, int64_t Mp, int64_t Dp, flo
       std::fill(s, s + kBK, 0.0f);
       continue;
     }
-    const float alpha = exp_inline(m[r] - mx);  // 0 on the row's first tile (m = -inf)
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < nv; ++j) {
-      s[j] = exp_inline(s[j] - mx);
-      sum += s[j];
-    }
-    std::fill(s + nv, s + kBK, 0.0f);
-    m[r] = mx;
-    l[r] = l[r] * alpha + sum;
-    if (alpha != 1.0f) {
+    const float sum = row_exp_sum(s, mnew[r]);
+    m[r] = mnew[r];
+    l[r] = l[r] * alpha[r] + sum;
+    if (alpha[r] != 1.0f) {
+      const float a = alpha[r];
       float* o = O + r * Dp;
 #pragma omp simd
-      for (int64_t d = 0; d < Dp; ++d) o[d] *= alpha;
+      for (int64_t d = 0; d < Dp; ++d) o[d] *= a;
     }
   }
 }
@@ -587,16 +638,19 @@ void dsoftmax_step(const TileLogits& t, int64_t rows, int64_t Mp, const float* l
     float* s = S + r * kBK;
     float* ds = dP + r * kBK;
     const int64_t nv = r < rows ? t.g->visible(t.i0 + r, t.j0, t.nk) : 0;
-    if (nv > 0) logits_row(t, r, nv, s);
-    const float li = nv > 0 ? lse[r] : 0.0f, di = nv > 0 ? delta[r] : 0.0f;
-#pragma omp simd
-    for (int64_t j = 0; j < nv; ++j) {
-      s[j] = exp_inline(s[j] - li);
-      ds[j] = s[j] * (ds[j] - di);
+    if (nv == 0) {
+      std::fill(s, s + kBK, 0.0f);
+      std::fill(ds, ds + kBK, 0.0f);
+      continue;
     }
-    std::fill(s + nv, s + kBK, 0.0f);
-    std::fill(ds + nv, ds + kBK, 0.0f);
-    if (nv == 0) continue;
+    logits_row(t, r, nv, s);
+    const float li = lse[r], di = delta[r];
+#pragma omp simd
+    for (int64_t j = 0; j < kBK; ++j) {
+      const float p = exp_inline(s[j] - li);  // 0 where masked (-inf)
+      s[j] = p;
+      ds[j] = j < nv ? p * (ds[j] - di) : 0.0f;  // not 0 * dP: a masked key's dP may be inf or NaN
+    }
     const double d0 = t.dist0(r);
     if (col_b) {
 #pragma omp simd

@@ -81,8 +81,9 @@ void attention_decode(const AttentionShape& s, const float* q, const float* k, c
 // Invalid shapes (a size < 1, q_offset < k_offset, non-finite scale), null required pointers, a path bias
 // without r, m or with P < 1 and a distance table with W < 1 throw std::invalid_argument. attention_backward fills a non-null da/db/dc/dd whose bias term is null with 0.
 
-// The kernels' vectorisable exp (fp32, relative error < 2e-7; results below FLT_MIN flushed to 0, exp(+inf) =
-// inf, NaN -> NaN). Exposed for tests.
+// The kernels' vectorisable exp (fp32, relative error < 2.5e-7) for the arguments they exponentiate, logit
+// differences <= 0 up to rounding: x > 88 is clamped to 88; results below FLT_MIN are flushed to 0; -inf -> 0,
+// NaN -> NaN. Exposed for tests.
 float exp_f32(float x);
 
 }  // namespace grape::kernels::cpu
