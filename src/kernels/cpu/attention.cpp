@@ -22,7 +22,10 @@
 #include <omp.h>
 
 #if defined(__AVX512F__)
-#include <immintrin.h>  // two horizontal reductions (row_max, row_exp_sum)
+#pragma GCC diagnostic push  // GCC 12 warns inside its own headers' _mm512_undefined_ps (its bug 105593)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>  // horizontal reductions and an in-register scan (lanes_reduce, suffix_sums)
+#pragma GCC diagnostic pop
 #endif
 
 #include <algorithm>
@@ -373,15 +376,27 @@ inline void logits_row(const TileLogits& t, int64_t r, int64_t nv, float* s) {
   for (int64_t j = 0; j < kBK; ++j) s[j] = j < nv ? s[j] : kNegInf;
 }
 
+#if defined(__AVX512F__)
+// op over the 16 lanes of v (a horizontal max or sum): halving folds by shuffles.
+template <class Op>
+GRAPE_INLINE float lanes_reduce(__m512 v, Op op) {
+  v = op(v, _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(1, 0, 3, 2)));
+  v = op(v, _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(2, 3, 0, 1)));
+  v = op(v, _mm512_permute_ps(v, _MM_SHUFFLE(1, 0, 3, 2)));
+  v = op(v, _mm512_permute_ps(v, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm512_cvtss_f32(v);
+}
+#endif
+
 // Max of a row of kBK logits, skipping NaN (-inf if there is nothing else). With AVX-512 the horizontal step
-// uses the shuffle sequence of _mm512_reduce_max_ps (the compiler turns the plain loop's tail into scalar
-// steps through memory); otherwise kNR-wide partial maxima and a halving tree.
+// is lanes_reduce (the compiler turns the plain loop's tail into scalar steps through memory); otherwise
+// kNR-wide partial maxima and a halving tree.
 GRAPE_INLINE float row_max(const float* s) {
 #if defined(__AVX512F__)
   static_assert(kNR == 16 && kBK % kNR == 0);
   __m512 mx = _mm512_set1_ps(kNegInf);
   for (int64_t k = 0; k < kBK; k += kNR) mx = _mm512_max_ps(_mm512_loadu_ps(s + k), mx);  // NaN s: mx wins
-  return _mm512_reduce_max_ps(mx);
+  return lanes_reduce(mx, [](__m512 a, __m512 b) { return _mm512_max_ps(a, b); });
 #else
   float part[kNR];
   for (int64_t c = 0; c < kNR; ++c) part[c] = kNegInf;
@@ -403,7 +418,7 @@ GRAPE_INLINE float row_exp_sum(float* s, float mx) {
       part[c] += s[k + c];
     }
 #if defined(__AVX512F__)
-  return _mm512_reduce_add_ps(_mm512_loadu_ps(part));
+  return lanes_reduce(_mm512_loadu_ps(part), [](__m512 a, __m512 b) { return _mm512_add_ps(a, b); });
 #else
   for (int64_t w = kNR / 2; w >= 1; w /= 2)
     for (int64_t c = 0; c < w; ++c) part[c] += part[c + w];
@@ -481,14 +496,46 @@ GRAPE_INLINE void psi_row(const float* pt, const float* Rt, int64_t P, float mh,
   }
 }
 
+// Exclusive suffix sums of a row of kBK values: ex[j] = sum_{l > j} x[l] (ex may be x); returns the row's
+// total. With AVX-512, per vector of kNR: shift by one lane, then a log-step in-register scan (lane i adds lane
+// i + 1, i + 2, i + 4, i + 8), plus the total of the vectors to its right; otherwise a serial loop.
+GRAPE_INLINE float suffix_sums(const float* x, float* ex) {
+#if defined(__AVX512F__)
+  static_assert(kNR == 16 && kBK % kNR == 0);
+  const __m512i zero = _mm512_setzero_si512();
+  auto shift = [&](__m512 v, auto lanes) {  // lane i <- lane i + lanes, 0 past the end
+    return _mm512_castsi512_ps(_mm512_alignr_epi32(zero, _mm512_castps_si512(v), decltype(lanes)::value));
+  };
+  __m512 right = _mm512_setzero_ps();  // the sum of the vectors to the right, in every lane
+  for (int64_t k = kBK - kNR; k >= 0; k -= kNR) {
+    const __m512 v = _mm512_loadu_ps(x + k);
+    __m512 e = shift(v, std::integral_constant<int, 1>{});
+    e = _mm512_add_ps(e, shift(e, std::integral_constant<int, 1>{}));
+    e = _mm512_add_ps(e, shift(e, std::integral_constant<int, 2>{}));
+    e = _mm512_add_ps(e, shift(e, std::integral_constant<int, 4>{}));
+    e = _mm512_add_ps(e, shift(e, std::integral_constant<int, 8>{}));
+    _mm512_storeu_ps(ex + k, _mm512_add_ps(e, right));
+    right = _mm512_add_ps(right, _mm512_permutexvar_ps(zero, _mm512_add_ps(e, v)));  // + lane 0's inclusive sum
+  }
+  return _mm512_cvtss_f32(right);
+#else
+  float acc = 0.0f;
+  for (int64_t j = kBK - 1; j >= 0; --j) {
+    const float v = x[j];
+    ex[j] = acc;
+    acc += v;
+  }
+  return acc;
+#endif
+}
+
 // The path bias of a tile of query rows [i0, i0 + rows) (padded to Mp) against keys [j0, j0 + nk) of head
 // (b, h), whose probes are packed in Rt: PB[r][j] = carry[r] + sum_{j < l < nv(r)} psi(i0 + r, j0 + l), where
 // carry[r] holds the row's psi summed over the later key tiles; then carry[r] += the tile's psi. With SG,
-// also m_h sigmoid(-x) / P per entry (0 where masked), for the backward. acc: kBQ floats of scratch.
+// also m_h sigmoid(-x) / P per entry (0 where masked), for the backward.
 GRAPE_SIMD
 void path_tile(const Geometry& g, const LinearBias& bias, int64_t b, int64_t h, int64_t i0, int64_t rows,
-               int64_t Mp, int64_t j0, int64_t nk, const float* Rt, double* carry, float* PB, float* SG,
-               float* acc) {
+               int64_t Mp, int64_t j0, int64_t nk, const float* Rt, double* carry, float* PB, float* SG) {
   const float mh = bias.m[h];
   for (int64_t r = 0; r < Mp; ++r) {
     const int64_t nv = r < rows ? g.visible(i0 + r, j0, nk) : 0;
@@ -499,49 +546,33 @@ void path_tile(const Geometry& g, const LinearBias& bias, int64_t b, int64_t h, 
       continue;
     }
     psi_row(bias.p + ((b * g.Tq + i0 + r) * g.H + h) * bias.P, Rt, bias.P, mh, nv, pb, SG ? SG + r * kBK : nullptr);
-  }
-  // Exclusive suffix sums along each row, the rows side by side (independent chains).
-  std::fill(acc, acc + Mp, 0.0f);
-  for (int64_t j = nk - 1; j >= 0; --j) {
-#pragma omp simd
-    for (int64_t r = 0; r < Mp; ++r) {
-      const float x = PB[r * kBK + j];
-      PB[r * kBK + j] = acc[r];
-      acc[r] += x;
-    }
-  }
-  for (int64_t r = 0; r < rows; ++r) {
+    const float total = suffix_sums(pb, pb);  // psi is 0 past nv
     const double c = carry[r];
-    float* pb = PB + r * kBK;
 #pragma omp simd
-    for (int64_t j = 0; j < nk; ++j) pb[j] = float(c + double(pb[j]));
-    carry[r] = c + double(acc[r]);
+    for (int64_t j = 0; j < kBK; ++j) pb[j] = float(c + double(pb[j]));
+    carry[r] = c + double(total);
   }
 }
 
 // Backward of the path bias for one tile, after dsoftmax_step left dS in dS: dpsi(t, l) = sum_{j<l} dS(t, j)
 // = -(carry_ds[r] + sum_{j >= l in the tile} dS(t, j)) (rows of dS sum to 0; carry_ds holds the row's dS
 // summed over later key tiles, and is advanced here). G = dpsi * SG (in place of SG) feeds
-// dp_t += sum_l G r_l (dPq rows [rows][P]) and dr_l += sum_t G p_t (drT [P][kBK]). acc: 2 kBQ floats.
+// dp_t += sum_l G r_l (dPq rows [rows][P]) and dr_l += sum_t G p_t (drT [P][kBK]).
 GRAPE_SIMD
 void path_grad(const Geometry& g, const LinearBias& bias, int64_t b, int64_t h, int64_t i0, int64_t rows,
-               int64_t Mp, int64_t nk, const float* dS, float* SG, double* carry_ds, float* acc,
-               const float* Rt, float* dPq, float* drT) {
+               int64_t Mp, const float* dS, float* SG, double* carry_ds, const float* Rt, float* dPq, float* drT) {
   const int64_t P = bias.P;
-  float* cf = acc + kBQ;
-  for (int64_t r = 0; r < Mp; ++r) {
-    acc[r] = 0.0f;
-    cf[r] = r < rows ? float(carry_ds[r]) : 0.0f;
-  }
-  for (int64_t j = nk - 1; j >= 0; --j) {
+  for (int64_t r = 0; r < Mp; ++r) {  // rows past `rows` have dS = SG = 0
+    const float* ds = dS + r * kBK;
+    float* sg = SG + r * kBK;
+    float ex[kBK];
+    const float total = suffix_sums(ds, ex);
+    const float cf = r < rows ? float(carry_ds[r]) : 0.0f;
 #pragma omp simd
-    for (int64_t r = 0; r < Mp; ++r) {
-      acc[r] += dS[r * kBK + j];
-      SG[r * kBK + j] *= -(cf[r] + acc[r]);
-    }
+    for (int64_t j = 0; j < kBK; ++j) sg[j] *= -(cf + (ex[j] + ds[j]));  // the inclusive suffix sum
+    if (r < rows) carry_ds[r] += double(total);
   }
   for (int64_t r = 0; r < rows; ++r) {
-    carry_ds[r] += double(acc[r]);
     const float* gr = SG + r * kBK;
     const float* pt = bias.p + ((b * g.Tq + i0 + r) * g.H + h) * P;
     float* dp = dPq + r * P;
@@ -717,21 +748,21 @@ void pv_direct(int64_t rows, int64_t nk, int64_t D, int64_t Dp, const float* S, 
 struct ForwardWork {
   float *Q, *Kt, *V, *S, *O, *m, *l, *kb, *kd;
   float* dt;              // distance table: the tile's entries by diagonal [kDiag]
-  float *Rt, *PB, *pacc;  // path bias: key probes [P][kBK], the tile's bias [kBQ][kBK], scratch [kBQ]
+  float *Rt, *PB;         // path bias: key probes [P][kBK], the tile's bias [kBQ][kBK]
   double* carry;          // path bias: per query row, psi summed over the key tiles already visited
   const float** rows;     // scratch row pointers (kBQ or kBK of them)
 
   static int64_t floats(int64_t Dp, int64_t P) {
     const int64_t pb = P > 0 ? kBQ * kBK : 0;
     return Carver::size({kBQ * Dp, Dp * kBK, kBK * Dp, kBQ * kBK, kBQ * Dp, kBQ, kBQ, kBK, kBK, kDiag, P * kBK,
-                         pb, kBQ, 2 * kBQ, int64_t(kBK * sizeof(void*) / sizeof(float))});
+                         pb, 2 * kBQ, int64_t(kBK * sizeof(void*) / sizeof(float))});
   }
   ForwardWork(float* mem, int64_t Dp, int64_t P) {
     Carver c{mem};
     Q = c.take(kBQ * Dp), Kt = c.take(Dp * kBK), V = c.take(kBK * Dp), S = c.take(kBQ * kBK);
     O = c.take(kBQ * Dp), m = c.take(kBQ), l = c.take(kBQ), kb = c.take(kBK), kd = c.take(kBK);
     dt = c.take(kDiag);
-    Rt = c.take(P * kBK), PB = c.take(P > 0 ? kBQ * kBK : 0), pacc = c.take(kBQ);
+    Rt = c.take(P * kBK), PB = c.take(P > 0 ? kBQ * kBK : 0);
     carry = reinterpret_cast<double*>(c.take(2 * kBQ));
     rows = reinterpret_cast<const float**>(c.take(int64_t(kBK * sizeof(void*) / sizeof(float))));
   }
@@ -770,7 +801,7 @@ void flash_rows(const Geometry& g, const float* q, const float* k, const float* 
     if (bias.dist) pack_dist_tile(g, bias, h, i0, j0, w.dt);
     if (bias.path()) {
       pack_probe_keys(g, bias, b, h, j0, nk, w.Rt);
-      path_tile(g, bias, b, h, i0, rows, Mp, j0, nk, w.Rt, w.carry, w.PB, nullptr, w.pacc);
+      path_tile(g, bias, b, h, i0, rows, Mp, j0, nk, w.Rt, w.carry, w.PB, nullptr);
     }
     if (direct) {  // S = Q K^T, softmax, O += P V with the key and value rows read where they are
       row_pointers(k, g.Tk, g.H, g.D, b, h, j0, nk, w.rows);
@@ -1056,10 +1087,10 @@ void store_rows(const Geometry& g, const float* acc, float scale, int64_t T, int
 struct OnePassWork {
   float *Q, *dO, *dQ, *lse, *delta, *K, *Kt, *Vt, *S, *dS, *dK, *dV, *kb, *kd;
   double *row_a, *row_c, *col_b, *col_d;
-  // Path bias: key probes Rt [P][kBK], the tile's bias PB and m sigmoid(-x)/P -> G (SG) [kBQ][kBK], scratch,
+  // Path bias: key probes Rt [P][kBK], the tile's bias PB and m sigmoid(-x)/P -> G (SG) [kBQ][kBK],
   // per query row of the head the carries of psi and dS over later key tiles, and the dp [Tqp][P], dr^T
   // [P][kBK] accumulators.
-  float *Rt, *PB, *SG, *pacc, *dPq, *drT;
+  float *Rt, *PB, *SG, *dPq, *drT;
   double *carry_b, *carry_ds;
   float* dt;     // distance table: the tile's entries by diagonal [kDiag]
   double* diag;  // and the tile's dS summed per diagonal [kDiag]
@@ -1069,7 +1100,7 @@ struct OnePassWork {
     const int64_t pb = P > 0 ? kBQ * kBK : 0, pr = P > 0 ? 2 * Tqp : 0;
     return Carver::size({Tqp * Dp, Tqp * Dp, Tqp * Dp, Tqp, Tqp, kBK * Dp, Dp * kBK, Dp * kBK, kBQ * kBK,
                          kBQ * kBK, kBK * Dp, kBK * Dp, kBK, kBK, 2 * Tqp, 2 * Tqp, 2 * kBK, 2 * kBK, P * kBK, pb,
-                         pb, 2 * kBQ, Tqp * P, P * kBK, pr, pr, kDiag, 2 * kDiag,
+                         pb, Tqp * P, P * kBK, pr, pr, kDiag, 2 * kDiag,
                          int64_t(std::max(Tqp, kBK) * sizeof(void*) / sizeof(float))});
   }
   OnePassWork(float* mem, int64_t Tqp, int64_t Dp, int64_t P) {
@@ -1081,7 +1112,7 @@ struct OnePassWork {
     kb = c.take(kBK), kd = c.take(kBK);
     row_a = reinterpret_cast<double*>(c.take(2 * Tqp)), row_c = reinterpret_cast<double*>(c.take(2 * Tqp));
     col_b = reinterpret_cast<double*>(c.take(2 * kBK)), col_d = reinterpret_cast<double*>(c.take(2 * kBK));
-    Rt = c.take(P * kBK), PB = c.take(pb), SG = c.take(pb), pacc = c.take(2 * kBQ), dPq = c.take(Tqp * P);
+    Rt = c.take(P * kBK), PB = c.take(pb), SG = c.take(pb), dPq = c.take(Tqp * P);
     drT = c.take(P * kBK);
     carry_b = reinterpret_cast<double*>(c.take(pr)), carry_ds = reinterpret_cast<double*>(c.take(pr));
     dt = c.take(kDiag), diag = reinterpret_cast<double*>(c.take(2 * kDiag));
@@ -1146,7 +1177,7 @@ void backward_head(const Geometry& g, const float* q, const float* k, const floa
         const float* dOt = w.dO + i0 * Dp;
         TileLogits t = tile_logits(g, bias, b, h, i0, j0, nk, w.kb, w.kd, w.dt);
         if (path) {
-          path_tile(g, bias, b, h, i0, rows, Mp, j0, nk, w.Rt, w.carry_b + i0, w.PB, w.SG, w.pacc);
+          path_tile(g, bias, b, h, i0, rows, Mp, j0, nk, w.Rt, w.carry_b + i0, w.PB, w.SG);
           t.pb = w.PB;
         }
         gemm_tile(Mp, kBK, Dp, Qt, Dp, 1, w.Kt, kBK, w.S, kBK, false);    // S = Q K^T
@@ -1156,7 +1187,7 @@ void backward_head(const Geometry& g, const float* q, const float* k, const floa
                       bg.dc ? w.row_c + i0 : nullptr, gdist ? w.diag : nullptr);
         if (gdist) scatter_dist_grad(g, bias.W, i0, j0, w.diag, gdist);
         if (path)
-          path_grad(g, bias, b, h, i0, rows, Mp, nk, w.dS, w.SG, w.carry_ds + i0, w.pacc, w.Rt, w.dPq + i0 * P,
+          path_grad(g, bias, b, h, i0, rows, Mp, w.dS, w.SG, w.carry_ds + i0, w.Rt, w.dPq + i0 * P,
                     w.drT);
         gemm_tile(Np, Dp, rows, w.S, 1, kBK, dOt, Dp, w.dV, Dp, true);           // dV += P^T dO
         gemm_tile(Np, Dp, rows, w.dS, 1, kBK, Qt, Dp, w.dK, Dp, true);           // dK += dS^T Q
