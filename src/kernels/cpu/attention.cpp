@@ -107,18 +107,20 @@ inline float exp_inline(float x) {
   return x < -87.33654475f ? 0.0f : y;  // ln(FLT_MIN)
 }
 
-// log(1 + e) for e in [0, 1] (NaN passes): 2 atanh(f) with f = e / (2 + e) in [0, 1/3], by its odd series up to
-// f^13 (truncation < 1e-8 absolute). Exact-relative for small e (no 1 + e rounding), branch-free, vectorises.
+// log(1 + e) for e in [0, 1] (NaN passes): e q(e) with q a degree-8 Chebyshev fit of log1p(e) / e on [0, 1]
+// (fit error < 4e-8 relative; evaluated in fp32 within 2.4e-7 relative, also for tiny e). No division (the earlier 2 atanh(e / (2 + e))
+// form spent a third of its time in one), branch-free, vectorises.
 inline float log1p_unit(float e) {
-  const float f = e / (2.0f + e), f2 = f * f;
-  float p = 1.0f / 13.0f;
-  p = p * f2 + 1.0f / 11.0f;
-  p = p * f2 + 1.0f / 9.0f;
-  p = p * f2 + 1.0f / 7.0f;
-  p = p * f2 + 1.0f / 5.0f;
-  p = p * f2 + 1.0f / 3.0f;
-  p = p * f2 + 1.0f;
-  return 2.0f * f * p;
+  float q = 0.005126102141f;
+  q = q * e - 0.02907406468f;
+  q = q * e + 0.07751608674f;
+  q = q * e - 0.1360224762f;
+  q = q * e + 0.1907688074f;
+  q = q * e - 0.2483539899f;
+  q = q * e + 0.3331812171f;
+  q = q * e - 0.4999944498f;
+  q = q * e + 0.9999999659f;
+  return e * q;
 }
 
 // The path bias's edge potential, psi = m logsigmoid(x) = m (min(x, 0) - log1p(exp(-|x|))), and, when wanted,
