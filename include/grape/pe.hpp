@@ -273,6 +273,10 @@ std::vector<double> alibi_slopes(int64_t heads);
 // orientation a' = a cos - b sin, b' = a sin + b cos; sign -1 the GRAPE authors' (clockwise).
 torch::Tensor rotate_pairs(const torch::Tensor& x, const torch::Tensor& angles,
                            const std::string& pairing, double sign = 1.0);
+// The same rotation composed of LibTorch ops, for any dtype and with LibTorch's autograd: rotate_pairs' path for
+// non-float32 x and the oracle of its fp32 kernel (src/kernels/cpu/rotary.hpp). Angles broadcast as in LibTorch.
+torch::Tensor rotate_pairs_composed(const torch::Tensor& x, const torch::Tensor& angles,
+                                    const std::string& pairing, double sign = 1.0);
 
 // exp(eta * (a b^T - b a^T)) x by the closed (Rodrigues) form, O(d). x, a, b: [..., d]; eta: [...] .
 torch::Tensor rank2_rotate(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& b,

@@ -5,12 +5,16 @@
 
 #include <stdexcept>
 
+#include "kernels/cpu/finite.hpp"
+
 namespace grape {
 
 namespace {
 
+// Contiguous fp32 CPU tensors (the usual q, k, x) take the one-pass kernel; others LibTorch's isfinite.
 void require_finite(const torch::Tensor& t, const char* what, const std::string& enc) {
-  if (!torch::isfinite(t).all().item<bool>())
+  const bool kernel = t.scalar_type() == torch::kFloat32 && t.device().is_cpu() && t.is_contiguous();
+  if (kernel ? !kernels::cpu::all_finite(t.data_ptr<float>(), t.numel()) : !torch::isfinite(t).all().item<bool>())
     throw std::invalid_argument(
         fmt::format("{}: {} contains NaN or Inf values", enc, what));
 }

@@ -8,13 +8,14 @@
 #include <numbers>
 #include <stdexcept>
 
+#include "kernels/cpu/rotary.hpp"
 #include "pe/context_extension.hpp"
 #include "pe/families.hpp"
 
 namespace grape {
 
-torch::Tensor rotate_pairs(const torch::Tensor& x, const torch::Tensor& angles,
-                           const std::string& pairing, double sign) {
+torch::Tensor rotate_pairs_composed(const torch::Tensor& x, const torch::Tensor& angles,
+                                    const std::string& pairing, double sign) {
   const int64_t P = angles.size(-1), D = x.size(-1);
   if (2 * P > D)
     throw std::invalid_argument(fmt::format("rotate_pairs: {} pairs do not fit in {} dims", P, D));
@@ -40,6 +41,92 @@ torch::Tensor rotate_pairs(const torch::Tensor& x, const torch::Tensor& angles,
   auto b2 = a * s + b * c;
   auto rot = pairing == "half" ? torch::cat({a2, b2}, -1) : torch::stack({a2, b2}, -1).flatten(-2);
   return 2 * P == D ? rot : torch::cat({rot, x.narrow(-1, 2 * P, D - 2 * P)}, -1);
+}
+
+namespace {
+
+namespace kcpu = kernels::cpu;
+
+// The kernel's view of x [..., D] as rows and of c, s (the angles' shape [..., P], contiguous): the angles'
+// dims align with x's from the right, and a dim the angles lack or hold once is broadcast (stride 0).
+kcpu::RotaryRows rotary_rows(const torch::Tensor& x, const torch::Tensor& c, bool interleaved) {
+  kcpu::RotaryRows r;
+  r.D = x.size(-1);
+  r.P = c.size(-1);
+  r.pairing = interleaved ? kcpu::Pairing::interleaved : kcpu::Pairing::half;
+  const int64_t L = x.dim() - 1, shift = x.dim() - c.dim();
+  r.dims = L == 0 ? 1 : int(L);  // x [D] is one row: one leading dim of size 1
+  r.sizes[0] = 1;
+  for (int64_t k = 0; k < L; ++k) {
+    r.sizes[k] = x.size(k);
+    const int64_t ck = k - shift;
+    r.strides[k] = ck < 0 || c.size(ck) == 1 ? 0 : c.stride(ck);
+  }
+  return r;
+}
+
+// y = rotate_pairs(x) by the fp32 kernel for given c = cos, s = sign * sin. Backward: dx is the inverse turn
+// of dy; dc, ds (only when asked for) are formed per (row, pair) and summed over the dims c and s were
+// broadcast along, so gradients still reach learned frequencies and contextual phases through c and s.
+struct RotaryKernelFn : torch::autograd::Function<RotaryKernelFn> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               const torch::Tensor& c, const torch::Tensor& s, bool interleaved) {
+    ctx->save_for_backward({x, c, s});
+    ctx->saved_data["interleaved"] = interleaved;
+    auto y = torch::empty_like(x);
+    kcpu::rotary_forward(rotary_rows(x, c, interleaved), x.data_ptr<float>(), c.data_ptr<float>(),
+                         s.data_ptr<float>(), false, y.data_ptr<float>());
+    return y;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &x = saved[0], &c = saved[1], &s = saved[2];
+    const auto r = rotary_rows(x, c, ctx->saved_data["interleaved"].toBool());
+    const auto dy = grads[0].to(torch::kFloat32).contiguous();
+    torch::Tensor dx, dc, ds;
+    if (ctx->needs_input_grad(0)) {
+      dx = torch::empty_like(dy);
+      kcpu::rotary_forward(r, dy.data_ptr<float>(), c.data_ptr<float>(), s.data_ptr<float>(), true,
+                           dx.data_ptr<float>());
+    }
+    if (ctx->needs_input_grad(1) || ctx->needs_input_grad(2)) {
+      auto sizes = x.sizes().vec();
+      sizes.back() = r.P;
+      auto dc_rows = torch::empty(sizes, dy.options()), ds_rows = torch::empty(sizes, dy.options());
+      kcpu::rotary_angle_grad(r, x.data_ptr<float>(), dy.data_ptr<float>(), dc_rows.data_ptr<float>(),
+                              ds_rows.data_ptr<float>());
+      if (ctx->needs_input_grad(1)) dc = dc_rows.sum_to_size(c.sizes());
+      if (ctx->needs_input_grad(2)) ds = ds_rows.sum_to_size(s.sizes());
+    }
+    return {dx, dc, ds, torch::Tensor()};
+  }
+};
+
+}  // namespace
+
+torch::Tensor rotate_pairs(const torch::Tensor& x, const torch::Tensor& angles, const std::string& pairing,
+                           double sign) {
+  if (!x.defined() || !angles.defined() || x.dim() < 1 || angles.dim() < 1)
+    throw std::invalid_argument("rotate_pairs: x [..., D] and angles [..., P] need at least one dim each");
+  if (pairing != "half" && pairing != "interleaved")
+    throw std::invalid_argument("rotate_pairs: pairing must be half or interleaved, got " + pairing);
+  const int64_t P = angles.size(-1), D = x.size(-1);
+  if (2 * P > D)
+    throw std::invalid_argument(fmt::format("rotate_pairs: {} pairs do not fit in {} dims", P, D));
+  bool fits = angles.dim() <= x.dim();
+  for (int64_t k = 2; fits && k <= angles.dim(); ++k) fits = angles.size(-k) == 1 || angles.size(-k) == x.size(-k);
+  if (!fits)
+    throw std::invalid_argument(fmt::format("rotate_pairs: angles {} do not broadcast to x's leading dims + [P] (x {})",
+                                            shape_string(angles), shape_string(x)));
+  const bool kernel = x.scalar_type() == torch::kFloat32 && x.device().is_cpu() && angles.device().is_cpu() &&
+                      at::isFloatingType(angles.scalar_type()) && x.dim() - 1 <= kcpu::kRotaryMaxDims && P > 0;
+  if (!kernel) return rotate_pairs_composed(x, angles, pairing, sign);
+  // c and s exactly as the composed form makes them: reduced and evaluated in the angles' precision.
+  auto ang = torch::fmod(angles, 2.0 * std::numbers::pi);
+  auto c = torch::cos(ang).to(torch::kFloat32).contiguous();
+  auto s = (torch::sin(ang) * sign).to(torch::kFloat32).contiguous();
+  return RotaryKernelFn::apply(x.contiguous(), c, s, pairing == "interleaved");
 }
 
 namespace detail {
