@@ -4,7 +4,7 @@ set -euo pipefail
 
 PACKAGES=(
   cmake g++ make ccache pkg-config
-  libtorch-dev libopenblas0-pthread   # tensors/autograd; a threaded BLAS for matmuls
+  libtorch-dev libopenblas0-openmp    # tensors/autograd; OpenBLAS on LibTorch's OpenMP threads (see CMakeLists)
   libgtest-dev libgmock-dev           # tests
   libbenchmark-dev                    # benchmarks
   libcli11-dev nlohmann-json3-dev     # CLI parsing, JSON (safetensors headers, reports, configs)

@@ -62,7 +62,7 @@ void finish(const BenchArgs& a, const std::string& table, const nlohmann::json& 
 // `column` names the fourth column (context for training, generated tokens for decoding); measure sets it.
 void measure_presets(const BenchArgs& a, const std::string& column,
                      const std::function<double(Transformer&, int64_t&)>& measure) {
-  std::string table = "attention: " + a.attention + "\n" +
+  std::string table = "attention: " + a.attention + "; BLAS: " + blas_description() + "\n" +
                       fmt::format("{:<8} {:<12} {:>12} {:>8} {:>8} {:>12}\n", "preset", "pe", "parameters", "batch",
                                   column, "tokens/s");
   nlohmann::json rows = nlohmann::json::array();
