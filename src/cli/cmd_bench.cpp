@@ -103,6 +103,71 @@ double train_tokens_per_s(const BenchArgs& a, Transformer& model, const std::sha
   return double(world * a.steps * a.batch * m.context) / sec;
 }
 
+// Seconds of the attention alone in one training step of `m`: n_layer x (forward + backward) of the fused or
+// reference attention, encoding included, on random q, k, v of the step's shape (best of 3 rounds of 3 calls).
+double attention_seconds_per_step(const ModelConfig& m, int64_t batch, bool fused) {
+  const auto sh = m.head_shape();
+  torch::manual_seed(0);
+  auto enc = make_encoding(m.pe, sh, PeOptions(m.pe_options));
+  auto leaf = [&](std::vector<int64_t> size) { return torch::randn(size).requires_grad_(true); };
+  auto q = leaf({batch, m.context, sh.heads, sh.head_dim}), k = leaf({batch, m.context, sh.heads, sh.head_dim});
+  auto v = leaf({batch, m.context, sh.heads, sh.head_dim}), x = leaf({batch, m.context, sh.model_dim});
+  auto g = torch::randn({batch, m.context, sh.heads, sh.head_dim});
+  auto call = [&] {
+    auto state = enc->initial_state(batch);
+    auto y = fused ? fused_attention(*enc, q, k, v, x, state) : reference_attention(*enc, q, k, v, x, state);
+    (y * g).sum().backward();
+  };
+  call();  // warm-up
+  double best = 1e300;
+  for (int round = 0; round < 3; ++round) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < 3; ++i) call();
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / 3);
+  }
+  return best * double(m.n_layer);
+}
+
+// `bench train --breakdown`: fused and reference steps side by side, and how much of a reference step the
+// attention takes. Amdahl: with attention at a share f of the step, no attention kernel can speed the step up
+// by more than 1 / (1 - f).
+void bench_train_breakdown(const BenchArgs& a) {
+  std::string table =
+      fmt::format("BLAS: {}\ntraining step, batch {}; attention = n_layer x (forward + backward) of the attention "
+                  "alone, encoding included\n", blas_description(), a.batch) +
+      fmt::format("{:<8} {:<10} {:>8} {:>11} {:>11} {:>8} {:>9} {:>9} {:>9} {:>8} {:>10}\n", "preset", "pe",
+                  "context", "ref tok/s", "fused tok/s", "f/r", "step ref", "attn ref", "attn fus", "share",
+                  "bound f/r");
+  nlohmann::json rows = nlohmann::json::array();
+  for (const auto& preset : a.presets) {
+    double tps[2] = {0, 0};  // reference, fused: the better of two alternating measurements each
+    ModelConfig m;
+    for (int round = 0; round < 2; ++round)
+      for (int fused = 0; fused < 2; ++fused) {
+        BenchArgs b = a;
+        b.attention = fused ? "fused" : "reference";
+        m = bench_model(b, preset);
+        torch::manual_seed(0);
+        Transformer model(m);
+        tps[fused] = std::max(tps[fused], train_tokens_per_s(b, model, nullptr));
+      }
+    const double step_ref = double(a.batch * m.context) / tps[0];
+    const double att_ref = attention_seconds_per_step(m, a.batch, false);
+    const double att_fused = attention_seconds_per_step(m, a.batch, true);
+    const double share = att_ref / step_ref, bound = 1.0 / std::max(1e-9, 1.0 - share);
+    table += fmt::format("{:<8} {:<10} {:>8} {:>11.1f} {:>11.1f} {:>7.2f}x {:>7.1f}ms {:>7.1f}ms {:>7.1f}ms {:>7.0f}% "
+                         "{:>9.2f}x\n", preset, m.pe, m.context, tps[0], tps[1], tps[1] / tps[0], step_ref * 1e3,
+                         att_ref * 1e3, att_fused * 1e3, 100 * share, bound);
+    rows.push_back({{"preset", preset}, {"pe", m.pe}, {"context", m.context}, {"batch", a.batch},
+                    {"reference_tokens_per_s", tps[0]}, {"fused_tokens_per_s", tps[1]},
+                    {"fused_over_reference", tps[1] / tps[0]}, {"reference_step_ms", step_ref * 1e3},
+                    {"reference_attention_ms", att_ref * 1e3}, {"fused_attention_ms", att_fused * 1e3},
+                    {"attention_share", share}, {"bound_fused_over_reference", bound},
+                    {"threads", torch::get_num_threads()}});
+  }
+  finish(a, table, rows);
+}
+
 // A worker of `bench train --nproc N`: measures every preset data-parallel; rank 0 writes the figures to
 // the file the launcher named in GRAPE_BENCH_RESULT.
 void bench_train_worker(const BenchArgs& a, const dist::Env& env) {
@@ -172,8 +237,12 @@ void add_bench_command(CLI::App& app) {
   tr->add_option("--nproc", ta->nproc, "also measure N data-parallel processes x 1 thread against 1 process x "
                                       "1 thread (scaling efficiency)")
       ->check(CLI::Range(1, 64));
-  tr->callback([ta] {
+  auto breakdown = std::make_shared<bool>(false);
+  tr->add_flag("--breakdown", *breakdown, "fused and reference side by side, with the attention's share of a "
+                                          "reference step and the speed-up bound it implies (ignores --attention)");
+  tr->callback([ta, breakdown] {
     if (auto env = dist::env_from_environment(); env && env->world_size > 1) return bench_train_worker(*ta, *env);
+    if (*breakdown) return bench_train_breakdown(*ta);
     if (ta->nproc > 1) return bench_train_scaling(*ta);
     measure_presets(*ta, "context", [&](Transformer& model, int64_t& column) {
       column = model->config().context;
