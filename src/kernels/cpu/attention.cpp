@@ -1251,6 +1251,7 @@ void attention_backward(const AttentionShape& s, const float* q, const float* k,
         const float* o = g.q_row(out, b, h, i);
         const float* go = g.q_row(dout, b, h, i);
         double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
         for (int64_t d = 0; d < g.D; ++d) acc += double(o[d]) * go[d];
         delta[g.q_stat(b, h) + i] = float(acc);
       }
