@@ -156,15 +156,15 @@ void bench_train_breakdown(const BenchArgs& a) {
     const double step_ref = double(a.batch * m.context) / tps[0];
     const double att_ref = attention_seconds_per_step(m, a.batch, false);
     const double att_fused = attention_seconds_per_step(m, a.batch, true);
-    const double share = att_ref / step_ref, bound = 1.0 / std::max(1e-9, 1.0 - share);
+    const double share = att_ref / step_ref, amdahl = 1.0 / std::max(1e-9, 1.0 - share);
     table += fmt::format("{:<8} {:<10} {:>8} {:>11.1f} {:>11.1f} {:>7.2f}x {:>7.1f}ms {:>7.1f}ms {:>7.1f}ms {:>7.0f}% "
                          "{:>10.2f}x\n", preset, m.pe, m.context, tps[0], tps[1], tps[1] / tps[0], step_ref * 1e3,
-                         att_ref * 1e3, att_fused * 1e3, 100 * share, bound);
+                         att_ref * 1e3, att_fused * 1e3, 100 * share, amdahl);
     rows.push_back({{"preset", preset}, {"pe", m.pe}, {"context", m.context}, {"batch", a.batch},
                     {"reference_tokens_per_s", tps[0]}, {"fused_tokens_per_s", tps[1]},
                     {"fused_over_reference", tps[1] / tps[0]}, {"reference_step_ms", step_ref * 1e3},
                     {"reference_attention_ms", att_ref * 1e3}, {"fused_attention_ms", att_fused * 1e3},
-                    {"attention_share", share}, {"amdahl_fused_over_reference", bound},
+                    {"attention_share", share}, {"amdahl_fused_over_reference", amdahl},
                     {"threads", torch::get_num_threads()}});
   }
   finish(a, table, rows);
@@ -240,8 +240,9 @@ void add_bench_command(CLI::App& app) {
                                       "1 thread (scaling efficiency)")
       ->check(CLI::Range(1, 64));
   auto breakdown = std::make_shared<bool>(false);
-  tr->add_flag("--breakdown", *breakdown, "fused and reference side by side, with the attention's share of a "
-                                          "reference step and the speed-up bound it implies (ignores --attention)");
+  tr->add_flag("--breakdown", *breakdown,
+               "fused and reference side by side, with the attention's share of a reference step and the Amdahl "
+               "estimate of the most any kernel could gain (ignores --attention)");
   tr->callback([ta, breakdown] {
     if (auto env = dist::env_from_environment(); env && env->world_size > 1) return bench_train_worker(*ta, *env);
     if (*breakdown) return bench_train_breakdown(*ta);

@@ -108,8 +108,8 @@ inline float exp_inline(float x) {
 }
 
 // log(1 + e) for e in [0, 1] (NaN passes): e q(e) with q a degree-8 Chebyshev fit of log1p(e) / e on [0, 1]
-// (fit error < 4e-8 relative; evaluated in fp32 within 2.4e-7 relative, also for tiny e). No division (the earlier 2 atanh(e / (2 + e))
-// form spent a third of its time in one), branch-free, vectorises.
+// (fit error < 4e-8 relative; in fp32 within 2.4e-7 relative, also for tiny e). No division (a vector divide
+// costs as much as the whole polynomial), branch-free, vectorises.
 inline float log1p_unit(float e) {
   float q = 0.005126102141f;
   q = q * e - 0.02907406468f;
@@ -773,9 +773,10 @@ struct ForwardWork {
 // Online softmax of query rows [i0, i0 + rows) of head (b, h) over keys [kbeg, kend): leaves the running max
 // m, sum l and the unnormalised accumulator O (rows x Dp) in w. rows <= kBQ; kbeg is a multiple of kBK.
 // Kt_all / V_all, when given, hold the head's keys already packed (pack_head_keys); otherwise each key tile
-// is packed here, or, for at most kDirectRows rows, the key and value rows are read in place. The key tiles are visited from the last one down (the softmax does not mind the order), so
-// that the path bias's per-row carry (psi summed over the keys after the tile) grows as it goes; it starts
-// from carry0[r * carry_stride] (psi summed over keys from kend on; decode), or 0.
+// is packed here, or, for at most kDirectRows rows, the key and value rows are read in place. The key tiles
+// are visited from the last one down (the softmax does not mind the order), so that the path bias's per-row
+// carry (psi summed over the keys after the tile) grows as it goes; it starts from carry0[r * carry_stride]
+// (psi summed over keys from kend on; decode), or 0.
 void flash_rows(const Geometry& g, const float* q, const float* k, const float* v, const LinearBias& bias,
                 int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t kbeg, int64_t kend, ForwardWork& w,
                 const float* Kt_all = nullptr, const float* V_all = nullptr, const double* carry0 = nullptr,
