@@ -70,6 +70,98 @@ std::vector<std::string> all_encodings() {
   return names;
 }
 
+// ---- the key cache's growth buffers ----------------------------------------------------------------------
+
+// A chunk of n keys at position pos: k, v [1,n,2,4] and one per-key term "c" [1,n,2], distinct values.
+PeTokens cache_chunk(int64_t pos, int64_t n, torch::Tensor& v) {
+  PeTokens t;
+  t.k = torch::arange(pos * 8, (pos + n) * 8, torch::kFloat32).reshape({1, n, 2, 4});
+  t.key["c"] = torch::arange(pos * 2, (pos + n) * 2, torch::kFloat32).reshape({1, n, 2}) * -1;
+  t.offset = pos;
+  t.length = n;
+  v = t.k * 0.5;
+  return t;
+}
+
+// What the cache must hold after chunks [0, len) (the same values cache_chunk made).
+void expect_cache_is(const KeyCache& c, int64_t len) {
+  torch::Tensor v;
+  const PeTokens all = cache_chunk(0, len, v);
+  ASSERT_EQ(c.length, len);
+  EXPECT_TRUE(torch::equal(c.k, all.k));
+  EXPECT_TRUE(torch::equal(c.v, v));
+  EXPECT_TRUE(torch::equal(c.key.at("c"), all.key.at("c")));
+  EXPECT_TRUE(c.k.is_contiguous());  // B = 1: the view of the buffer reaches the fused kernel without a copy
+}
+
+TEST(KeyCache, DecodingAppendsIntoGrowthBuffersWithoutCopyingTheCache) {
+  torch::NoGradGuard no_grad;
+  torch::Tensor v;
+  KeyCache c;
+  auto first = cache_chunk(0, 5, v);
+  c.append(first, v);
+  std::vector<const void*> storages;
+  for (int64_t pos = 5; pos < 300; ++pos) {
+    auto t = cache_chunk(pos, 1, v);
+    c.append(t, v);
+    if (storages.empty() || storages.back() != c.k.data_ptr()) storages.push_back(c.k.data_ptr());
+  }
+  expect_cache_is(c, 300);
+  // Doubling capacity: a handful of buffers for 295 appends (16, 32, ..., 512 slots), not one per step.
+  EXPECT_LE(storages.size(), 7u);
+  ASSERT_TRUE(c.buffers);
+  EXPECT_EQ(c.buffers->used, 300);
+}
+
+TEST(KeyCache, CopiesThatAppendDifferentKeysDoNotOverwriteEachOther) {
+  torch::NoGradGuard no_grad;
+  torch::Tensor v;
+  KeyCache a;
+  for (int64_t pos = 0; pos < 6; ++pos) {
+    auto t = cache_chunk(pos, 1, v);
+    a.append(t, v);
+  }
+  KeyCache b = a;  // shares a's buffers
+  ASSERT_EQ(a.buffers, b.buffers);
+  auto ta = cache_chunk(6, 1, v);
+  a.append(ta, v);
+  // b appends different keys at the same position: it must move to buffers of its own.
+  torch::Tensor vb;
+  PeTokens tb = cache_chunk(6, 1, vb);
+  tb.k = tb.k + 1000, tb.key["c"] = tb.key["c"] + 1000, vb = vb + 1000;
+  b.append(tb, vb);
+  EXPECT_NE(a.buffers, b.buffers);
+  expect_cache_is(a, 7);  // a still holds its own key 6
+  EXPECT_TRUE(torch::equal(b.k.narrow(1, 0, 6), a.k.narrow(1, 0, 6)));
+  EXPECT_TRUE(torch::equal(b.k.narrow(1, 6, 1), tb.k));
+  EXPECT_TRUE(torch::equal(b.v.narrow(1, 6, 1), vb));
+  EXPECT_TRUE(torch::equal(b.key.at("c").narrow(1, 6, 1), tb.key.at("c")));
+  for (int64_t pos = 7; pos < 40; ++pos) {  // both keep growing independently
+    auto t = cache_chunk(pos, 1, v);
+    a.append(t, v);
+  }
+  expect_cache_is(a, 40);
+  EXPECT_EQ(b.length, 7);
+  EXPECT_TRUE(torch::equal(b.k.narrow(1, 6, 1), tb.k));
+}
+
+TEST(KeyCache, AppendsThatNeedAutogradConcatenate) {
+  torch::Tensor v;
+  KeyCache c;
+  auto first = cache_chunk(0, 3, v);
+  c.append(first, v);
+  auto t = cache_chunk(3, 2, v);
+  t.k.requires_grad_(true);
+  c.append(t, v);
+  EXPECT_FALSE(c.buffers);
+  ASSERT_TRUE(c.k.requires_grad());
+  c.k.sum().backward();  // the gradient reaches the appended chunk
+  ASSERT_TRUE(t.k.grad().defined());
+  EXPECT_TRUE(torch::equal(t.k.grad(), torch::ones_like(t.k)));
+  torch::NoGradGuard no_grad;
+  expect_cache_is(c, 5);
+}
+
 // ---- streaming == full ---------------------------------------------------------------------------
 
 // Prefill 5 tokens, then decode one token at a time to length 70; every logit must match forward().

@@ -55,6 +55,17 @@ struct KeyCache {
 
   void append(const PeTokens& chunk, const torch::Tensor& v_chunk = {});
   static KeyCache from(const PeTokens& chunk, const torch::Tensor& v_chunk = {});
+
+  // Room to grow, used when an append needs no autograd (decoding): k, v and key are then views of the first
+  // `length` positions (dim 1) of these buffers, which double when full, so a step copies only its own keys
+  // instead of the whole cache. Copies of a cache share the buffers; `used` is how far they hold keys, and a
+  // copy that finds them used beyond its own length moves to buffers of its own before writing.
+  struct Buffers {
+    torch::Tensor k, v;
+    TensorMap key;
+    int64_t used = 0;
+  };
+  std::shared_ptr<Buffers> buffers;
 };
 
 // A bias the fused kernels compute per tile from per-token terms: the linear family

@@ -121,6 +121,64 @@ torch::Tensor& running_sum(PeState& st, const std::string& key, int64_t batch, i
 
 }  // namespace detail
 
+namespace {
+
+// Whether `add` (a chunk's n keys) can be written after `have` in a growth buffer: same layout but dim 1, and
+// no autograd to keep (a buffer written in place would not carry it).
+bool appendable(const torch::Tensor& have, const torch::Tensor& add, int64_t n) {
+  if (!have.defined() || !add.defined() || have.dim() < 2 || have.dim() != add.dim() || add.size(1) != n ||
+      have.scalar_type() != add.scalar_type() || have.device() != add.device())
+    return false;
+  if (torch::GradMode::is_enabled() && (have.requires_grad() || add.requires_grad())) return false;
+  for (int64_t d = 0; d < have.dim(); ++d)
+    if (d != 1 && have.size(d) != add.size(d)) return false;
+  return true;
+}
+
+// Appends into the cache's growth buffers (KeyCache::Buffers); false, with nothing changed, when some tensor
+// does not qualify (then the caller concatenates).
+bool append_in_place(KeyCache& c, const PeTokens& chunk, const torch::Tensor& v_chunk) {
+  const int64_t n = chunk.length, need = c.length + n;
+  if (!appendable(c.k, chunk.k, n) || c.v.defined() != v_chunk.defined() ||
+      (v_chunk.defined() && !appendable(c.v, v_chunk, n)) || c.key.size() != chunk.key.size())
+    return false;
+  for (const auto& [name, t] : c.key) {
+    auto it = chunk.key.find(name);
+    if (it == chunk.key.end() || !appendable(t, it->second, n)) return false;
+  }
+  auto& b = c.buffers;
+  if (!b || b->used != c.length || b->k.size(1) < need) {  // none yet, full, or a copy has written past us
+    const int64_t capacity = std::max<int64_t>(2 * need, 16);
+    auto grow = [&](const torch::Tensor& t) {
+      auto sizes = t.sizes().vec();
+      sizes[1] = capacity;
+      auto buf = torch::empty(sizes, t.options());
+      buf.narrow(1, 0, c.length).copy_(t);
+      return buf;
+    };
+    auto fresh = std::make_shared<KeyCache::Buffers>();
+    fresh->k = grow(c.k);
+    if (c.v.defined()) fresh->v = grow(c.v);
+    for (const auto& [name, t] : c.key) fresh->key[name] = grow(t);
+    b = fresh;
+  }
+  torch::NoGradGuard no_grad;
+  b->k.narrow(1, c.length, n).copy_(chunk.k);
+  c.k = b->k.narrow(1, 0, need);
+  if (v_chunk.defined()) {
+    b->v.narrow(1, c.length, n).copy_(v_chunk);
+    c.v = b->v.narrow(1, 0, need);
+  }
+  for (auto& [name, t] : c.key) {
+    b->key[name].narrow(1, c.length, n).copy_(chunk.key.at(name));
+    t = b->key[name].narrow(1, 0, need);
+  }
+  b->used = need;
+  return true;
+}
+
+}  // namespace
+
 void KeyCache::append(const PeTokens& chunk, const torch::Tensor& v_chunk) {
   if (length == 0) {
     *this = from(chunk, v_chunk);
@@ -129,9 +187,12 @@ void KeyCache::append(const PeTokens& chunk, const torch::Tensor& v_chunk) {
   if (chunk.offset != offset + length)
     throw std::invalid_argument(fmt::format(
         "key cache: chunk starts at position {} but the cache ends at {}", chunk.offset, offset + length));
-  k = torch::cat({k, chunk.k}, 1);
-  if (v_chunk.defined()) v = v.defined() ? torch::cat({v, v_chunk}, 1) : v_chunk;
-  for (auto& [name, t] : key) t = torch::cat({t, chunk.key.at(name)}, 1);
+  if (!append_in_place(*this, chunk, v_chunk)) {
+    buffers.reset();
+    k = torch::cat({k, chunk.k}, 1);
+    if (v_chunk.defined()) v = v.defined() ? torch::cat({v, v_chunk}, 1) : v_chunk;
+    for (auto& [name, t] : key) t = torch::cat({t, chunk.key.at(name)}, 1);
+  }
   length += chunk.length;
 }
 
