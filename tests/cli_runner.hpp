@@ -16,7 +16,8 @@ struct CliRun {
 
 // `env` is prepended to the command line (e.g. "GRAPE_FAULT=checkpoint").
 inline CliRun run_cli(const std::string& args, const std::string& env = "") {
-  std::string cmd = env + (env.empty() ? "" : " ") + std::string(GRAPE_CLI_PATH) + " --threads 1 " + args + " 2>&1";
+  std::string cmd =
+      env + (env.empty() ? "" : " ") + std::string(GRAPE_CLI_PATH) + " --threads 1 " + args + " 2>&1";
   FILE* pipe = popen(cmd.c_str(), "r");
   std::string out;
   char buf[4096];

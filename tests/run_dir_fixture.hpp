@@ -15,11 +15,12 @@ namespace grape::testing {
 // A small deterministic "language": sentences of words from a 40-word vocabulary (a tiny model starts to
 // learn it in a few steps).
 inline std::string word_text(size_t bytes) {
-  static const char* words[] = {"the", "lord", "said", "unto", "moses", "and", "aaron", "in", "land", "of",
-                                "egypt", "saying", "this", "month", "shall", "be", "you", "beginning", "months",
-                                "it", "first", "year", "speak", "ye", "all", "congregation", "israel", "tenth",
-                                "day", "they", "take", "every", "man", "lamb", "according", "house", "fathers",
-                                "for", "an", "light"};
+  static const char* words[] = {
+      "the",  "lord",         "said",      "unto",   "moses",   "and",   "aaron", "in",
+      "land", "of",           "egypt",     "saying", "this",    "month", "shall", "be",
+      "you",  "beginning",    "months",    "it",     "first",   "year",  "speak", "ye",
+      "all",  "congregation", "israel",    "tenth",  "day",     "they",  "take",  "every",
+      "man",  "lamb",         "according", "house",  "fathers", "for",   "an",    "light"};
   std::string s;
   uint64_t z = 7;
   while (s.size() < bytes) {
@@ -36,7 +37,8 @@ class RunDirTest : public ::testing::Test {
   RunDirTest(std::string prefix, size_t text_bytes) : prefix_(std::move(prefix)), text_bytes_(text_bytes) {}
   void SetUp() override {
     dir = std::filesystem::temp_directory_path() /
-          (prefix_ + std::to_string(::getpid()) + "_" + ::testing::UnitTest::GetInstance()->current_test_info()->name());
+          (prefix_ + std::to_string(::getpid()) + "_" +
+           ::testing::UnitTest::GetInstance()->current_test_info()->name());
     std::filesystem::remove_all(dir);
     std::filesystem::create_directories(dir);
     io::write_file_atomic(path("text.txt"), word_text(text_bytes_));

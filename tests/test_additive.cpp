@@ -136,7 +136,8 @@ TEST(GrapeAP, UnipotentPathProductIsTheAdditiveBias) {
   const double b = psi.sum().item<double>();
   EXPECT_LT((prod - (torch::eye(d + 2, f64) - b * E)).abs().max().item<double>(), 1e-15);
   auto q = torch::randn({d}, f64), k = torch::randn({d}, f64);
-  auto qh = torch::cat({q, torch::tensor({1.0, 0.0}, f64)}), kh = torch::cat({k, torch::tensor({0.0, 1.0}, f64)});
+  auto qh = torch::cat({q, torch::tensor({1.0, 0.0}, f64)}),
+       kh = torch::cat({k, torch::tensor({0.0, 1.0}, f64)});
   auto lifted = torch::dot(qh, torch::linalg_inv(prod).t().matmul(kh)).item<double>();
   EXPECT_NEAR(lifted, torch::dot(q, k).item<double>() + b, 1e-12);
 }
@@ -178,7 +179,8 @@ TEST(KVShift, StreamingEqualsFullAndGradientsMatchFiniteDifferences) {
   torch::manual_seed(14);
   grape::KVShift shift(grape::HeadShape{2, 4, 6});
   shift->to(f64);
-  auto k = torch::randn({2, 9, 2, 4}, f64), v = torch::randn({2, 9, 2, 4}, f64), x = torch::randn({2, 9, 6}, f64);
+  auto k = torch::randn({2, 9, 2, 4}, f64), v = torch::randn({2, 9, 2, 4}, f64),
+       x = torch::randn({2, 9, 6}, f64);
   grape::KVShiftState full_st;
   auto [kf, vf] = shift->forward(k, v, x, full_st);
   grape::KVShiftState st;
@@ -216,7 +218,8 @@ TEST(KVShift, ComposesWithAnEncodingInStreaming) {
   auto fox = grape::make_encoding("fox", shape);
   shift->to(f64);
   fox->to(f64);
-  auto q = torch::randn({1, 8, 2, 4}, f64), k = torch::randn({1, 8, 2, 4}, f64), v = torch::randn({1, 8, 2, 4}, f64);
+  auto q = torch::randn({1, 8, 2, 4}, f64), k = torch::randn({1, 8, 2, 4}, f64),
+       v = torch::randn({1, 8, 2, 4}, f64);
   auto x = torch::randn({1, 8, 6}, f64);
   auto full = [&] {
     grape::KVShiftState ss;

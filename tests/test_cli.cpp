@@ -87,7 +87,8 @@ TEST_F(Cli, BadInputGivesAClearError) {
   const std::string out = " --out " + path("out.npy");
   expect_error(grape_cli("pe logits -e nosuch" + qk() + out), "unknown encoding 'nosuch'");
   expect_error(grape_cli("pe logits -e rope --set bogus=1" + qk() + out), "unknown parameter 'bogus'");
-  expect_error(grape_cli("pe logits -e rope --set base=abc" + qk() + out), "option base: 'abc' is not a finite number");
+  expect_error(grape_cli("pe logits -e rope --set base=abc" + qk() + out),
+               "option base: 'abc' is not a finite number");
   expect_error(grape_cli("pe logits -e rope --q " + path("missing.npy") + " --k " + path("k.npy") + out),
                "cannot open");
   expect_error(grape_cli("pe logits -e fox" + qk() + out), "give the layer input with --x");
@@ -110,7 +111,8 @@ TEST_F(Cli, BadInputGivesAClearError) {
     auto bytes = grape::io::read_file(path("q.npy"));
     std::ofstream(path("cut.npy"), std::ios::binary) << bytes.substr(0, bytes.size() - 10);
   }
-  expect_error(grape_cli("pe logits -e rope --q " + path("cut.npy") + " --k " + path("k.npy") + out), "cut.npy");
+  expect_error(grape_cli("pe logits -e rope --q " + path("cut.npy") + " --k " + path("k.npy") + out),
+               "cut.npy");
   // Weights: an unknown tensor name, and a wrong shape.
   grape::io::write_safetensors(path("w1.safetensors"), {{"nope", torch::zeros({2})}});
   expect_error(grape_cli("pe logits -e grape-m" + qk() + " --weights " + path("w1.safetensors") + out),
@@ -126,7 +128,8 @@ TEST_F(Cli, BadInputGivesAClearError) {
 TEST_F(Cli, EncodingsListsEveryEncodingWithItsParameters) {
   auto r = grape_cli("encodings");
   ASSERT_EQ(r.code, 0);
-  for (const auto& info : grape::encodings()) EXPECT_NE(r.output.find(info.name), std::string::npos) << info.name;
+  for (const auto& info : grape::encodings())
+    EXPECT_NE(r.output.find(info.name), std::string::npos) << info.name;
   auto one = grape_cli("encodings grape-ap");
   ASSERT_EQ(one.code, 0);
   EXPECT_NE(one.output.find("w_p [64,512]"), std::string::npos) << one.output;  // H*P = 8*8 rows at C = 512

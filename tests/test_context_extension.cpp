@@ -65,7 +65,8 @@ torch::Tensor spectrum_of(Encoding& e) {
   const int64_t P = kShape.head_dim / 2;
   auto unit = torch::zeros({1, 1, kShape.heads, kShape.head_dim}, f64);
   unit.narrow(-1, 0, P).fill_(1.0);
-  auto r = encode_q(e, unit.to(e.parameters().empty() ? f64 : e.parameters()[0].scalar_type()), 1)[0][0].to(f64);
+  auto r =
+      encode_q(e, unit.to(e.parameters().empty() ? f64 : e.parameters()[0].scalar_type()), 1)[0][0].to(f64);
   return torch::atan2(r.narrow(-1, P, P), r.narrow(-1, 0, P));
 }
 
@@ -84,7 +85,8 @@ void expect_invalid(const std::function<void()>& fn, const std::vector<std::stri
     ADD_FAILURE() << "no exception; expected one mentioning " << parts.front();
   } catch (const std::invalid_argument& e) {
     for (const auto& p : parts)
-      EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << "message: " << e.what() << "\nmissing: " << p;
+      EXPECT_NE(std::string(e.what()).find(p), std::string::npos)
+          << "message: " << e.what() << "\nmissing: " << p;
   }
 }
 
@@ -239,12 +241,15 @@ TEST(ContextExtension, DynamicNtkDecodeAcrossLEqualsPrefixRecomputeInTheModel) {
       auto prefix = m->forward(seq.narrow(1, 0, t + 1));
       err = std::max(err, max_diff(decoded.select(1, t), prefix.select(1, t)));
       if (t < 16)  // inside L the model is plain RoPE
-        EXPECT_LE(max_diff(decoded.select(1, t), plain->forward(seq.narrow(1, 0, t + 1)).select(1, t)), 1e-5) << t;
+        EXPECT_LE(max_diff(decoded.select(1, t), plain->forward(seq.narrow(1, 0, t + 1)).select(1, t)), 1e-5)
+            << t;
       else
-        vs_plain = std::max(vs_plain, max_diff(decoded.select(1, t), plain->forward(seq.narrow(1, 0, t + 1)).select(1, t)));
+        vs_plain = std::max(
+            vs_plain, max_diff(decoded.select(1, t), plain->forward(seq.narrow(1, 0, t + 1)).select(1, t)));
     }
-    std::printf("  dynamic-ntk decode vs prefix recompute (%s): max |diff| = %.3g, vs plain rope past L %.3g\n",
-                attention, err, vs_plain);
+    std::printf(
+        "  dynamic-ntk decode vs prefix recompute (%s): max |diff| = %.3g, vs plain rope past L %.3g\n",
+        attention, err, vs_plain);
     EXPECT_LE(err, 1e-4);
     EXPECT_GT(vs_plain, 1e-3);  // past L the spectrum really changed
     // A single full forward over all 40 tokens uses length 40's spectrum for every row: it is not the decode.
@@ -302,8 +307,9 @@ TEST(ContextExtension, LongRopeFactorsFromFiles) {
   // lambda = s, n_hat = 0: PI; lambda = 1: RoPE.
   EXPECT_TRUE(torch::equal(logits(*make("longrope", {{"longrope_factors", uniform}}), q, k, 9),
                            logits(*make("pi", {{"factor", "4"}}), q, k, 9)));
-  EXPECT_TRUE(torch::equal(logits(*make("rope", {{"extend", "longrope"}, {"longrope_factors", ones}}), q, k, 9),
-                           logits(*make("rope"), q, k, 9)));
+  EXPECT_TRUE(
+      torch::equal(logits(*make("rope", {{"extend", "longrope"}, {"longrope_factors", ones}}), q, k, 9),
+                   logits(*make("rope"), q, k, 9)));
   // Non-uniform factors: theta_d / lambda_d per frequency.
   std::vector<double> lam(32);
   for (int64_t d = 0; d < 32; ++d) lam[d] = 1.0 + 0.25 * double(d);
@@ -324,25 +330,46 @@ TEST(ContextExtension, LongRopeFactorsFromFiles) {
 // ---- bad input ----------------------------------------------------------------------------------------
 
 TEST(ContextExtension, BadOptionsGiveClearErrors) {
-  expect_invalid([] { make("rope", {{"extend", "ntk-by-parts"}}); }, {"extend", "ntk-by-parts", "none|pi|ntk"});
-  expect_invalid([] { make("rope", {{"extend", "pi"}, {"factor", "0"}}); }, {"rope", "factor must be > 0", "0"});
+  expect_invalid(
+      [] {
+        make("rope", {{"extend", "ntk-by-parts"}});
+      },
+      {"extend", "ntk-by-parts", "none|pi|ntk"});
+  expect_invalid(
+      [] {
+        make("rope", {{"extend", "pi"}, {"factor", "0"}});
+      },
+      {"rope", "factor must be > 0", "0"});
   expect_invalid([] { make("yarn", {{"factor", "-2"}}); }, {"yarn", "factor must be > 0"});
   expect_invalid([] { make("pi", {{"factor", "nan"}}); }, {"factor", "not a finite number"});
   expect_invalid([] { make("rope", {{"factor", "4"}}); }, {"factor 4 needs a method", "extend="});
-  expect_invalid([] { make("rope", {{"extend", "pi"}, {"yarn_beta", "16"}}); },
-                 {"yarn_beta applies only to extend=yarn", "pi"});
-  expect_invalid([] { make("grape-m", {{"extend", "ntk"}, {"longrope_start", "3"}}); },
-                 {"grape-m", "longrope_start applies only to extend=longrope"});
+  expect_invalid(
+      [] {
+        make("rope", {{"extend", "pi"}, {"yarn_beta", "16"}});
+      },
+      {"yarn_beta applies only to extend=yarn", "pi"});
+  expect_invalid(
+      [] {
+        make("grape-m", {{"extend", "ntk"}, {"longrope_start", "3"}});
+      },
+      {"grape-m", "longrope_start applies only to extend=longrope"});
   expect_invalid([] { make("yarn", {{"yarn_alpha", "40"}}); }, {"yarn_alpha < yarn_beta", "40", "32"});
   expect_invalid([] { make("dynamic-ntk", {{"original_context", "0"}}); }, {"original_context must be >= 1"});
   expect_invalid([] { make("alibi", {{"extend", "yarn"}}); }, {"unknown parameter 'extend'", "alibi"});
   expect_invalid([] { make("xpos", {{"factor", "2"}}); }, {"unknown parameter 'factor'", "xpos"});
   expect_invalid([] { make("pi", {{"extend", "ntk"}}); }, {"unknown parameter 'extend'", "pi"});
   // LongRoPE files: missing, corrupt, wrong length, non-positive, and a factor given as well.
-  expect_invalid([] { make("longrope", {{"longrope_factors", "/nonexistent/grape/factors.txt"}}); },
-                 {"longrope", "cannot read", "/nonexistent/grape/factors.txt"});
+  expect_invalid(
+      [] {
+        make("longrope", {{"longrope_factors", "/nonexistent/grape/factors.txt"}});
+      },
+      {"longrope", "cannot read", "/nonexistent/grape/factors.txt"});
   auto bad = temp_file("bad.txt", "1.0 2.0 banana 3.0\n");
-  expect_invalid([&] { make("longrope", {{"longrope_factors", bad}}); }, {"entry 2 'banana' is not a number"});
+  expect_invalid(
+      [&] {
+        make("longrope", {{"longrope_factors", bad}});
+      },
+      {"entry 2 'banana' is not a number"});
   auto badjson = temp_file("bad.json", "[1.0, 2.0,");
   expect_invalid([&] { make("longrope", {{"longrope_factors", badjson}}); }, {"not valid JSON"});
   auto obj = temp_file("obj.json", "{\"factors\": [1, 2]}");
@@ -350,7 +377,11 @@ TEST(ContextExtension, BadOptionsGiveClearErrors) {
   auto short_ = temp_file("short.txt", "1, 2, 3\n");
   expect_invalid([&] { make("longrope", {{"longrope_factors", short_}}); }, {"has 3 factors, expected 32"});
   auto neg = temp_file("neg.txt", factors_text(std::vector<double>(31, 2.0), false) + "-1\n");
-  expect_invalid([&] { make("longrope", {{"longrope_factors", neg}}); }, {"factor 31 is -1", "finite and > 0"});
+  expect_invalid(
+      [&] {
+        make("longrope", {{"longrope_factors", neg}});
+      },
+      {"factor 31 is -1", "finite and > 0"});
   auto empty = temp_file("empty.txt", "\n");
   expect_invalid([&] { make("longrope", {{"longrope_factors", empty}}); }, {"holds no factors"});
   auto fine = temp_file("fine.txt", factors_text(std::vector<double>(32, 2.0), false));
@@ -395,14 +426,16 @@ TEST(ContextExtension, EvalExtendOnATrainedRun) {
   for (int i = 0; i < 600; ++i) text += (i % 7 ? "the lord said unto moses " : "and aaron in the land.\n");
   io::write_file_atomic((dir / "text.txt").string(), text);
   const std::string run = (dir / "run").string();
-  auto t = testing::run_cli("train --set n_layer=1 --set n_embd=32 --set n_head=2 --context 16 --batch 4 --warmup 1"
-                            " --steps 3 --eval-every 0 --data " + (dir / "text.txt").string() + " --out " + run +
-                            " --quiet");
+  auto t = testing::run_cli(
+      "train --set n_layer=1 --set n_embd=32 --set n_head=2 --context 16 --batch 4 --warmup 1"
+      " --steps 3 --eval-every 0 --data " +
+      (dir / "text.txt").string() + " --out " + run + " --quiet");
   ASSERT_EQ(t.code, 0) << t.output;
 
   auto r = testing::run_cli("eval --run " + run + " --extend yarn --factor 2 --factors 1,2 --tokens 256");
   ASSERT_EQ(r.code, 0) << r.output;
-  EXPECT_NE(r.output.find("context extension yarn (factor=2, original_context=16)"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("context extension yarn (factor=2, original_context=16)"), std::string::npos)
+      << r.output;
   auto j = nlohmann::json::parse(io::read_file(run + "/eval.json"));
   EXPECT_EQ(j["extension"]["method"], "yarn");
   EXPECT_EQ(j["extension"]["options"]["factor"], "2");
@@ -436,7 +469,8 @@ TEST(ContextExtension, EvalExtendOnATrainedRun) {
   io::write_file_atomic((dir / "alibi" / "run.json").string(), cfg.dump(2));
   auto e1 = testing::run_cli("eval --run " + (dir / "alibi").string() + " --extend yarn --factor 2");
   EXPECT_EQ(e1.code, 1);
-  EXPECT_NE(e1.output.find("'alibi' has no RoPE frequency spectrum to extend"), std::string::npos) << e1.output;
+  EXPECT_NE(e1.output.find("'alibi' has no RoPE frequency spectrum to extend"), std::string::npos)
+      << e1.output;
   auto e2 = testing::run_cli("eval --run " + run + " --factor 2");
   EXPECT_EQ(e2.code, 1);
   EXPECT_NE(e2.output.find("need --extend METHOD"), std::string::npos) << e2.output;

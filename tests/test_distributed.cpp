@@ -2,6 +2,7 @@
 // executable as a user runs it: several processes on 127.0.0.1, SIGKILLs at random moments, damaged
 // checkpoints and a write failure while a checkpoint is written. A tiny model so that the file runs in
 // well under a minute on two cores.
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/resource.h>
@@ -17,12 +18,10 @@
 #include <thread>
 
 #include "cli_runner.hpp"
-#include "run_dir_fixture.hpp"
-#include <fmt/format.h>
-
 #include "grape/distributed.hpp"
 #include "grape/io.hpp"
 #include "grape/train.hpp"
+#include "run_dir_fixture.hpp"
 
 namespace {
 
@@ -95,9 +94,28 @@ class DistributedBase : public grape::testing::RunDirTest {
   DistributedBase() : RunDirTest("grape_dist_test_", 40000) {}
   // The model and schedule every test uses (the batch is added per test).
   std::vector<std::string> tiny(const std::string& out, int64_t steps) const {
-    return {"train", "--set", "n_layer=1", "--set", "n_embd=32", "--set", "n_head=2", "--context", "16",
-            "--warmup", "2", "--lr", "3e-3", "--data", path("text.txt"), "--set", "eval_batches=2",
-            "--steps", std::to_string(steps), "--out", path(out), "--quiet"};
+    return {"train",
+            "--set",
+            "n_layer=1",
+            "--set",
+            "n_embd=32",
+            "--set",
+            "n_head=2",
+            "--context",
+            "16",
+            "--warmup",
+            "2",
+            "--lr",
+            "3e-3",
+            "--data",
+            path("text.txt"),
+            "--set",
+            "eval_batches=2",
+            "--steps",
+            std::to_string(steps),
+            "--out",
+            path(out),
+            "--quiet"};
   }
   static std::string join(const std::vector<std::string>& v) {
     std::string s;
@@ -126,8 +144,10 @@ class DistributedBase : public grape::testing::RunDirTest {
       for (const char* key : {"loss", "val_loss", "grad_norm", "lr"}) {
         ASSERT_EQ(a[i].contains(key), b[i].contains(key)) << key << " at " << a[i]["step"];
         if (!a[i].contains(key)) continue;
-        if (tol == 0) EXPECT_EQ(a[i][key].get<double>(), b[i][key].get<double>()) << key << " at " << a[i]["step"];
-        else EXPECT_NEAR(a[i][key].get<double>(), b[i][key].get<double>(), tol) << key << " at " << a[i]["step"];
+        if (tol == 0)
+          EXPECT_EQ(a[i][key].get<double>(), b[i][key].get<double>()) << key << " at " << a[i]["step"];
+        else
+          EXPECT_NEAR(a[i][key].get<double>(), b[i][key].get<double>(), tol) << key << " at " << a[i]["step"];
       }
     }
   }
@@ -166,17 +186,20 @@ TEST_F(Distributed, TwoProcessesEqualOneProcessWithTheWholeBatch) {
     };
     auto one = run_cli(common("one_" + data.substr(0, 4)) + " --batch 4");
     ASSERT_EQ(one.code, 0) << one.output;
-    auto two = run_cli(common("two_" + data.substr(0, 4)) + " --batch 2 --nproc 2",
-                       "GRAPE_DIST_TIMEOUT=60");
+    auto two = run_cli(common("two_" + data.substr(0, 4)) + " --batch 2 --nproc 2", "GRAPE_DIST_TIMEOUT=60");
     ASSERT_EQ(two.code, 0) << two.output;
     const auto ck = "/checkpoints/step_00000004";
-    const double diff = max_weight_diff(path("one_" + data.substr(0, 4)) + ck, path("two_" + data.substr(0, 4)) + ck);
+    const double diff =
+        max_weight_diff(path("one_" + data.substr(0, 4)) + ck, path("two_" + data.substr(0, 4)) + ck);
     EXPECT_LE(diff, 1e-5) << "max abs weight difference after 4 steps";
     std::printf("[          ] %s: max abs weight difference after 4 steps %.3g\n", data.c_str(), diff);
     EXPECT_GT(max_weight_diff(path("one_" + data.substr(0, 4)) + "/checkpoints/step_00000002",
-                              path("one_" + data.substr(0, 4)) + ck), 1e-3) << "the weights did not move";
+                              path("one_" + data.substr(0, 4)) + ck),
+              1e-3)
+        << "the weights did not move";
     expect_same_curve("one_" + data.substr(0, 4), "two_" + data.substr(0, 4), 1e-5);
-    auto state = nlohmann::json::parse(grape::io::read_file(path("two_" + data.substr(0, 4)) + ck + "/state.json"));
+    auto state =
+        nlohmann::json::parse(grape::io::read_file(path("two_" + data.substr(0, 4)) + ck + "/state.json"));
     EXPECT_EQ(state["world_size"], 2);
   }
 }
@@ -199,7 +222,8 @@ TEST_F(Distributed, AWorkerWhosePeerDiesStopsWithAClearErrorInBoundedTime) {
         FAIL() << "a rank ended before training (status " << st << "): " << grape::io::read_file(r.log);
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
-  ASSERT_GE(step_records("run"), 3u) << grape::io::read_file(ranks[0].log) << grape::io::read_file(ranks[1].log);
+  ASSERT_GE(step_records("run"), 3u) << grape::io::read_file(ranks[0].log)
+                                     << grape::io::read_file(ranks[1].log);
   kill(ranks[1].pid, SIGKILL);
   const auto killed = Clock::now();
   const int status = wait_for(ranks[0], std::chrono::seconds(30));
@@ -227,7 +251,8 @@ TEST_F(Distributed, LauncherStopsTheJobWhenAWorkerIsKilledAndResumeContinues) {
   const auto deadline = Clock::now() + std::chrono::seconds(60);
   while (step_records("run") < 7 && Clock::now() < deadline) {
     if (int st = wait_for(launcher, std::chrono::milliseconds(0)); st != -1)
-      FAIL() << "the launcher ended before training (status " << st << "): " << grape::io::read_file(launcher.log);
+      FAIL() << "the launcher ended before training (status " << st
+             << "): " << grape::io::read_file(launcher.log);
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   const std::string early = grape::io::read_file(launcher.log);
@@ -249,7 +274,8 @@ TEST_F(Distributed, LauncherStopsTheJobWhenAWorkerIsKilledAndResumeContinues) {
   ASSERT_TRUE(WIFEXITED(status)) << log;
   EXPECT_EQ(WEXITSTATUS(status), 1) << log;
   EXPECT_NE(log.find("rank 1 (pid " + std::to_string(worker) + ") was killed by signal 9 (SIGKILL)"),
-            std::string::npos) << log;
+            std::string::npos)
+      << log;
   EXPECT_NE(log.find("grape: the job failed:"), std::string::npos) << log;
   EXPECT_LT(waited, 25.0) << log;
   EXPECT_EQ(kill(worker, 0), -1);  // no worker is left behind
@@ -260,10 +286,12 @@ TEST_F(Distributed, LauncherStopsTheJobWhenAWorkerIsKilledAndResumeContinues) {
   EXPECT_GE(at, 6);
   EXPECT_EQ(at % 3, 0);
   const int64_t target = at + 4;
-  auto r = run_cli("train --resume --nproc 2 --steps " + std::to_string(target) + " --out " + path("run") + " --quiet",
-                   "GRAPE_DIST_TIMEOUT=20");
+  auto r = run_cli(
+      "train --resume --nproc 2 --steps " + std::to_string(target) + " --out " + path("run") + " --quiet",
+      "GRAPE_DIST_TIMEOUT=20");
   ASSERT_EQ(r.code, 0) << r.output;
-  EXPECT_EQ(grape::train::latest_checkpoint(path("run")), path(fmt::format("run/checkpoints/step_{:08d}", target)));
+  EXPECT_EQ(grape::train::latest_checkpoint(path("run")),
+            path(fmt::format("run/checkpoints/step_{:08d}", target)));
   // One record per step 1..target, no repeats: the resumed rank 0 dropped the records after the checkpoint.
   int64_t expect = 1;
   for (const auto& rec : metrics("run"))
@@ -306,16 +334,21 @@ TEST_F(CrashSafe, DamagedLatestCheckpointIsRefusedAndResumeFallsBack) {
   grape::io::write_file_atomic(ck8 + "/model.safetensors", bytes);
   auto ev = run_cli("eval --run " + path("run"));
   EXPECT_EQ(ev.code, 1) << ev.output;
-  EXPECT_NE(ev.output.find("step_00000008/model.safetensors: checksum mismatch"), std::string::npos) << ev.output;
+  EXPECT_NE(ev.output.find("step_00000008/model.safetensors: checksum mismatch"), std::string::npos)
+      << ev.output;
   // And the one before it truncated: --resume passes over both, says so, and continues from step 4.
   const std::string opt = grape::io::read_file(ck6 + "/optimizer.pt");
   grape::io::write_file_atomic(ck6 + "/optimizer.pt", opt.substr(0, opt.size() / 3));
   auto r = run_cli("train --resume --out " + path("run") + " --quiet");
   ASSERT_EQ(r.code, 0) << r.output;
-  EXPECT_NE(r.output.find("passed over: " + ck8 + "/model.safetensors: checksum mismatch"), std::string::npos) << r.output;
-  EXPECT_NE(r.output.find("passed over: " + ck6 + "/optimizer.pt: checksum mismatch"), std::string::npos) << r.output;
-  EXPECT_NE(r.output.find("falling back to the previous good checkpoint " + path("run/checkpoints/step_00000004")),
-            std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("passed over: " + ck8 + "/model.safetensors: checksum mismatch"), std::string::npos)
+      << r.output;
+  EXPECT_NE(r.output.find("passed over: " + ck6 + "/optimizer.pt: checksum mismatch"), std::string::npos)
+      << r.output;
+  EXPECT_NE(
+      r.output.find("falling back to the previous good checkpoint " + path("run/checkpoints/step_00000004")),
+      std::string::npos)
+      << r.output;
   expect_same_curve("ref", "run", 0);
   EXPECT_EQ(max_weight_diff(path("ref/checkpoints/step_00000008"), ck8), 0.0);
 
@@ -325,7 +358,8 @@ TEST_F(CrashSafe, DamagedLatestCheckpointIsRefusedAndResumeFallsBack) {
   r = run_cli("train --resume --out " + path("run") + " --quiet");
   ASSERT_EQ(r.code, 0) << r.output;
   EXPECT_NE(r.output.find("state.json: not valid JSON"), std::string::npos) << r.output;
-  EXPECT_NE(r.output.find("falling back to the previous good checkpoint " + ck6), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("falling back to the previous good checkpoint " + ck6), std::string::npos)
+      << r.output;
   expect_same_curve("ref", "run", 0);
 
   // Every checkpoint damaged: a clear refusal that lists each one, not a silent restart.
@@ -416,7 +450,8 @@ TEST_F(CrashSafe, KilledAtRandomMomentsTwentyTimesTheRunResumesToTheSameCurve) {
     finished = kills >= 20;
     ASSERT_TRUE(finished) << "the run finished after only " << kills << " kills (window " << window << " s)";
   }
-  std::printf("[          ] %d SIGKILLs (%d before a new step was logged), %d starts\n", kills, in_startup, cycles);
+  std::printf("[          ] %d SIGKILLs (%d before a new step was logged), %d starts\n", kills, in_startup,
+              cycles);
   EXPECT_GE(kills, 20);
   ASSERT_TRUE(finished);
   expect_same_curve("ref", "run", 0);
@@ -430,7 +465,8 @@ TEST_F(CrashSafe, WriteFailureWhileCheckpointingLeavesThePreviousCheckpoint) {
   ASSERT_EQ(run_cli(join(flags)).code, 0);
   const auto before = grape::io::read_file(path("run/checkpoints/step_00000004/model.safetensors"));
   // Files may grow to 120 kB: the weights (~83 kB) fit, the optimizer state (~170 kB) does not.
-  Proc p = start({"train", "--resume", "--steps", "6", "--out", path("run"), "--quiet"}, path("full.log"), {}, 120000);
+  Proc p = start({"train", "--resume", "--steps", "6", "--out", path("run"), "--quiet"}, path("full.log"), {},
+                 120000);
   const int status = wait_for(p, std::chrono::seconds(60));
   ASSERT_NE(status, -1);
   const auto log = grape::io::read_file(p.log);
@@ -439,7 +475,8 @@ TEST_F(CrashSafe, WriteFailureWhileCheckpointingLeavesThePreviousCheckpoint) {
   EXPECT_NE(log.find("cannot write checkpoint step_00000006"), std::string::npos) << log;
   EXPECT_NE(log.find("File too large"), std::string::npos) << log;
   EXPECT_NE(log.find("the previous checkpoint " + path("run/checkpoints/step_00000004") + " is intact"),
-            std::string::npos) << log;
+            std::string::npos)
+      << log;
   EXPECT_EQ(grape::train::latest_checkpoint(path("run")), path("run/checkpoints/step_00000004"));
   EXPECT_FALSE(fs::exists(path("run/checkpoints/step_00000006")));
   EXPECT_FALSE(fs::exists(path("run/checkpoints/.tmp.step_00000006")));

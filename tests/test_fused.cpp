@@ -47,7 +47,8 @@ void check_against_reference(const Case& c) {
 
   auto run = [&](bool fused) {
     auto st = enc->initial_state(c.B, 0);
-    auto y = fused ? grape::fused_attention(*enc, q, k, v, x, st) : grape::reference_attention(*enc, q, k, v, x, st);
+    auto y = fused ? grape::fused_attention(*enc, q, k, v, x, st)
+                   : grape::reference_attention(*enc, q, k, v, x, st);
     auto grads = torch::autograd::grad({(y * g).sum()}, inputs, {}, false, false, /*allow_unused=*/true);
     return std::make_pair(y.detach(), grads);
   };
@@ -61,7 +62,8 @@ void check_against_reference(const Case& c) {
       continue;
     }
     ASSERT_TRUE(gr[i].defined()) << "input " << i;
-    EXPECT_LE(rel_err(gr[i], g_ref[i]), 1e-3) << "gradient of " << (i < 4 ? names[i] : "parameter") << " " << i;
+    EXPECT_LE(rel_err(gr[i], g_ref[i]), 1e-3)
+        << "gradient of " << (i < 4 ? names[i] : "parameter") << " " << i;
   }
 }
 
@@ -80,7 +82,8 @@ std::vector<std::string> supported_encodings() {
 // the per-head table by distance).
 TEST(FusedAttention, EveryEncodingIsSupportedExceptFireAndCope) {
   const std::vector<std::string> unsupported = {"fire", "cope"};
-  for (const char* n : {"t5", "kerple"}) EXPECT_TRUE(grape::fused_supported(*grape::make_encoding(n, {2, 16, kModelDim}))) << n;
+  for (const char* n : {"t5", "kerple"})
+    EXPECT_TRUE(grape::fused_supported(*grape::make_encoding(n, {2, 16, kModelDim}))) << n;
   for (const auto& n : unsupported) EXPECT_NO_THROW(grape::encoding_info(n)) << n << " is registered";
   auto names = supported_encodings();
   for (const auto& info : grape::encodings()) {
@@ -100,16 +103,19 @@ TEST(FusedAttention, MatchesReferenceForEveryEncodingOverTheGrid) {
 TEST(FusedAttention, MatchesReferenceAtLongContextAndOtherBatchShapes) {
   for (const char* pe : {"rope", "alibi", "fox", "grape-a-qk", "grape-m-ctx", "grape-ap", "t5", "kerple"})
     check_against_reference({pe, 1024, 64, 1, 2});
-  for (const char* pe : {"grape-m", "grape-a-k", "xpos", "grape-ap", "t5"}) check_against_reference({pe, 33, 64, 3, 1});
+  for (const char* pe : {"grape-m", "grape-a-k", "xpos", "grape-ap", "t5"})
+    check_against_reference({pe, 33, 64, 3, 1});
   // KERPLE's power form, and T5 with few buckets (most distances share the last one).
   check_against_reference({"kerple", 257, 64, 2, 3, grape::PeOptions{{"variant", "power"}}});
-  check_against_reference({"t5", 257, 32, 2, 3, grape::PeOptions{{"num_buckets", "8"}, {"max_distance", "20"}}});
+  check_against_reference(
+      {"t5", 257, 32, 2, 3, grape::PeOptions{{"num_buckets", "8"}, {"max_distance", "20"}}});
 }
 
 // Queries of a later chunk against the whole cache (prefill, then chunked prefill and one-token decode),
 // starting at a non-zero position; decode with a long cache takes the split-key kernel.
 TEST(FusedAttention, ChunksAndDecodeAgainstACacheEqualTheReference) {
-  for (const char* pe : {"rope", "alibi", "fox", "grape-a-q", "grape-m-ctx", "nope", "grape-ap", "t5", "kerple"}) {
+  for (const char* pe :
+       {"rope", "alibi", "fox", "grape-a-q", "grape-m-ctx", "nope", "grape-ap", "t5", "kerple"}) {
     for (int64_t prefix : {5, 300}) {
       for (int64_t chunk : {1, 4, 37}) {
         SCOPED_TRACE(::testing::Message() << pe << " prefix=" << prefix << " chunk=" << chunk);
@@ -122,7 +128,8 @@ TEST(FusedAttention, ChunksAndDecodeAgainstACacheEqualTheReference) {
         auto st = enc->initial_state(B, /*offset=*/11);
         auto first = enc->encode(q.narrow(1, 0, prefix), k.narrow(1, 0, prefix), x.narrow(1, 0, prefix), st);
         auto cache = grape::KeyCache::from(first, v.narrow(1, 0, prefix));
-        auto rest = enc->encode(q.narrow(1, prefix, chunk), k.narrow(1, prefix, chunk), x.narrow(1, prefix, chunk), st);
+        auto rest = enc->encode(q.narrow(1, prefix, chunk), k.narrow(1, prefix, chunk),
+                                x.narrow(1, prefix, chunk), st);
         cache.append(rest, v.narrow(1, prefix, chunk));
         auto p = torch::softmax(grape::attention_logits(*enc, rest, cache), -1);
         auto want = torch::einsum("bhij,bjhd->bihd", {p, cache.v});
@@ -140,7 +147,8 @@ TEST(FusedAttention, NonContiguousInputsAreHandled) {
   auto v = torch::randn({2, 3, 20, 32}).transpose(1, 2);
   ASSERT_FALSE(q.is_contiguous());
   auto s1 = enc->initial_state(2), s2 = enc->initial_state(2);
-  EXPECT_LE(rel_err(grape::fused_attention(*enc, q, k, v, {}, s1), grape::reference_attention(*enc, q, k, v, {}, s2)),
+  EXPECT_LE(rel_err(grape::fused_attention(*enc, q, k, v, {}, s1),
+                    grape::reference_attention(*enc, q, k, v, {}, s2)),
             1e-4);
 }
 
@@ -172,12 +180,14 @@ torch::Tensor path_bias_from_terms(const grape::LinearBiasTerms& t) {
 // The per-token terms (linear family, path bias, distance table) reproduce the encoding's own bias below the
 // diagonal.
 TEST(FusedAttention, LinearBiasTermsReproduceTheBias) {
-  for (const char* pe : {"alibi", "grape-a-q", "grape-a-k", "grape-a-qk", "fox", "grape-ap", "t5", "kerple"}) {
+  for (const char* pe :
+       {"alibi", "grape-a-q", "grape-a-k", "grape-a-qk", "fox", "grape-ap", "t5", "kerple"}) {
     SCOPED_TRACE(pe);
     torch::manual_seed(9);
     auto enc = grape::make_encoding(pe, {4, 16, kModelDim});
     perturb(*enc);
-    auto q = torch::randn({2, 40, 4, 16}), k = torch::randn({2, 40, 4, 16}), x = torch::randn({2, 40, kModelDim});
+    auto q = torch::randn({2, 40, 4, 16}), k = torch::randn({2, 40, 4, 16}),
+         x = torch::randn({2, 40, kModelDim});
     auto st = enc->initial_state(2, 100);
     auto tok = enc->encode(q, k, x, st);
     auto cache = grape::KeyCache::from(tok);
@@ -187,7 +197,8 @@ TEST(FusedAttention, LinearBiasTermsReproduceTheBias) {
     auto dist = (pos.unsqueeze(1) - pos.unsqueeze(0)).view({1, 1, 40, 40});
     auto zero = torch::zeros({2, 4, 40}, torch::kFloat64);
     auto f = [&](const torch::Tensor& t) { return t.defined() ? t.to(torch::kFloat64) : zero; };
-    auto bias = f(t.a).unsqueeze(-1) + f(t.b).unsqueeze(-2) + (f(t.c).unsqueeze(-1) + f(t.d).unsqueeze(-2)) * dist;
+    auto bias =
+        f(t.a).unsqueeze(-1) + f(t.b).unsqueeze(-2) + (f(t.c).unsqueeze(-1) + f(t.d).unsqueeze(-2)) * dist;
     if (t.p.defined()) bias = bias + path_bias_from_terms(t);
     EXPECT_EQ(t.p.defined(), std::string(pe) == "grape-ap");
     const bool table = std::string(pe) == "t5" || std::string(pe) == "kerple";
@@ -251,13 +262,15 @@ TEST(FusedAttention, BadInputIsAClearError) {
   // So is a distance table that is not [H, W >= 1].
   struct BadTable : grape::Encoding {
     std::vector<int64_t> shape;
-    explicit BadTable(std::vector<int64_t> s) : grape::Encoding("bad-table", {2, 16, kModelDim}), shape(std::move(s)) {}
+    explicit BadTable(std::vector<int64_t> s)
+        : grape::Encoding("bad-table", {2, 16, kModelDim}), shape(std::move(s)) {}
     grape::Properties properties() const override {
       grape::Properties p;
       p.has_bias = true;
       return p;
     }
-    bool linear_bias(const grape::PeTokens&, const grape::KeyCache&, grape::LinearBiasTerms& out) const override {
+    bool linear_bias(const grape::PeTokens&, const grape::KeyCache&,
+                     grape::LinearBiasTerms& out) const override {
       out.dist = torch::zeros(shape);
       return true;
     }
@@ -309,7 +322,8 @@ TEST(FusedAttention, ModelWithFusedAttentionEqualsReferenceModel) {
     lf.backward();
     lr.backward();
     auto gr = ref->named_parameters();
-    for (auto& p : fused->named_parameters()) EXPECT_LE(rel_err(p.value().grad(), gr[p.key()].grad()), 1e-3) << p.key();
+    for (auto& p : fused->named_parameters())
+      EXPECT_LE(rel_err(p.value().grad(), gr[p.key()].grad()), 1e-3) << p.key();
   }
 }
 

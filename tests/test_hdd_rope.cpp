@@ -39,7 +39,8 @@ struct Inputs {
 Inputs random_inputs(int64_t B, int64_t T, uint64_t seed, torch::ScalarType dtype = f64) {
   torch::manual_seed(seed);
   return {torch::randn({B, T, kShape.heads, kShape.head_dim}, dtype),
-          torch::randn({B, T, kShape.heads, kShape.head_dim}, dtype), torch::randn({B, T, kShape.model_dim}, dtype)};
+          torch::randn({B, T, kShape.heads, kShape.head_dim}, dtype),
+          torch::randn({B, T, kShape.model_dim}, dtype)};
 }
 
 PeTokens encode_all(Encoding& e, const Inputs& in, int64_t offset = 0) {
@@ -100,7 +101,8 @@ TEST(HddRope, ClosedFormExponentialsMatchMatrixExp) {
       vs_torch = std::max(vs_torch, dt.max().item<double>());
       auto one_norm = A.abs().sum(-2).amax(-1);  // LibTorch picks its Taylor degree by the 1-norm
       auto big = one_norm > 1.1;                 // its scaled degree-18 branch
-      if (big.any().item<bool>()) vs_torch_large = std::max(vs_torch_large, dt.masked_select(big).max().item<double>());
+      if (big.any().item<bool>())
+        vs_torch_large = std::max(vs_torch_large, dt.masked_select(big).max().item<double>());
     }
     std::printf("  skew_exp k=%ld: vs power series %.3g, vs linalg_matrix_exp %.3g (%.3g at 1-norm > 1.1)\n",
                 long(k), worst, vs_torch, vs_torch_large);
@@ -122,7 +124,7 @@ TEST(HddRope, ClosedFormExponentialsMatchMatrixExp) {
   auto J = torch::zeros({3, 4, 4}, f64);
   J.index_put_({0, 1, 0}, 2.0), J.index_put_({0, 3, 2}, 2.0);   // self-dual (a01 = a23)
   J.index_put_({1, 1, 0}, 1.5), J.index_put_({1, 3, 2}, -1.5);  // anti-self-dual
-  J.index_put_({2, 2, 1}, 0.7);                                  // one plane
+  J.index_put_({2, 2, 1}, 0.7);                                 // one plane
   J = J - J.transpose(1, 2);
   EXPECT_LE(max_diff(hdd::skew_exp(J), reference_expm(J)), 1e-13);
 }
@@ -142,7 +144,8 @@ TEST(HddRope, CayleyIsOrthogonalAndTurnsAPlaneByTwiceTheArctangent) {
   A.select(-1, 0).select(-1, 1).copy_(a);
   A.select(-1, 1).select(-1, 0).copy_(-a);
   auto phi = 2.0 * torch::atan(a);
-  EXPECT_LE(max_diff(hdd::cayley(A), hdd::skew_exp(A * (phi / a.where(a != 0, torch::ones_like(a))).view({11, 1, 1}))),
+  EXPECT_LE(max_diff(hdd::cayley(A),
+                     hdd::skew_exp(A * (phi / a.where(a != 0, torch::ones_like(a))).view({11, 1, 1}))),
             1e-14);
 }
 
@@ -183,7 +186,7 @@ torch::Tensor rotations_by_hand(Encoding& e, const torch::Tensor& x, int64_t k) 
     for (int64_t i = 0, m = 0; i < k; ++i)
       for (int64_t j = i + 1; j < k; ++j, ++m) {
         auto c = coef.select(-1, m).select(2, g);  // [B,H,T]
-        if (j == i + k / 2 && i < k / 2)         // static plane: rope's (g + iG, g + iG + D/2)
+        if (j == i + k / 2 && i < k / 2)           // static plane: rope's (g + iG, g + iG + D/2)
           c = c + std::pow(10000.0, -2.0 * double(g + i * G) / double(kShape.head_dim));
         A.select(2, g).select(-2, j).select(-1, i).copy_(c);  // A_ji = +c: (x_i, x_j) turns counter-clockwise
         A.select(2, g).select(-2, i).select(-1, j).copy_(-c);
@@ -258,8 +261,10 @@ TEST(HddRope, ConstantAnglesReproduceRope) {
     auto e = make(PeOptions{{"k", kk}, {"map", map}});
     auto got = encode_all(*e, in);
     const double dq = std::max(max_diff(got.q, want.q), max_diff(got.k, want.k));
-    const double dl = max_diff(torch::tril(attention_logits(*e, got, KeyCache::from(got))), torch::tril(want_logits));
-    std::printf("  k=%s map=%s vs rope (T=%ld): q~,k~ %.3g, logits %.3g\n", kk.c_str(), map.c_str(), long(T), dq, dl);
+    const double dl =
+        max_diff(torch::tril(attention_logits(*e, got, KeyCache::from(got))), torch::tril(want_logits));
+    std::printf("  k=%s map=%s vs rope (T=%ld): q~,k~ %.3g, logits %.3g\n", kk.c_str(), map.c_str(), long(T),
+                dq, dl);
     EXPECT_LE(dq, 1e-12) << kk << " " << map;
     EXPECT_LE(dl, 1e-12) << kk << " " << map;
   }
@@ -276,7 +281,7 @@ TEST(HddRope, TwoDimensionalChunksCommuteAndTurnByTheExclusiveSumOfAngles) {
   auto e = make(PeOptions{{"k", "2"}}, true);
   auto in = random_inputs(2, T, 11);
   auto w = e->named_parameters()["w_a"].detach(), b = e->named_parameters()["b_a"].detach();  // [H,P,1,C]
-  auto a = (torch::einsum("btc,hgmc->bthg", {in.x, w}) + b.squeeze(-1)) / 16.0;                 // [B,T,H,P]
+  auto a = (torch::einsum("btc,hgmc->bthg", {in.x, w}) + b.squeeze(-1)) / 16.0;               // [B,T,H,P]
   auto theta = torch::pow(10000.0, -2.0 * torch::arange(P, f64) / double(kShape.head_dim));
   auto step = a + theta;
   auto phase = torch::cumsum(step, 1) - step;  // exclusive
@@ -336,7 +341,8 @@ TEST(HddRope, StreamingWithTheRunningProductEqualsOneFullPass) {
     double err = 0.0;
     int64_t start = 0;
     for (int64_t len : {1, 3, 1, 7, 2, 1}) {
-      auto tok = e->encode(in.q.narrow(1, start, len), in.k.narrow(1, start, len), in.x.narrow(1, start, len), st);
+      auto tok =
+          e->encode(in.q.narrow(1, start, len), in.k.narrow(1, start, len), in.x.narrow(1, start, len), st);
       cache.append(tok);
       err = std::max(err, max_diff(attention_logits(*e, tok, cache),
                                    full.narrow(2, start, len).narrow(3, 0, start + len)));
@@ -419,9 +425,11 @@ TEST(HddRope, LoopRotationsEqualSkewExpWithExactGradients) {
       auto g = torch::autograd::grad({(R * W).sum()}, {c})[0];
       auto g_ref = torch::autograd::grad({(ref * W).sum()}, {c})[0];
       const double gap = max_diff(g, g_ref);
-      const double fd = fd_gap([&](const std::vector<torch::Tensor>& in) { return (hdd::rotations(in[0], k) * W).sum(); },
-                               {c}, 30 + k);
-      std::printf("  rotations k=%ld scale %g: grad vs autograd(skew_exp) %.3g, vs fd %.3g\n", long(k), scale, gap, fd);
+      const double fd =
+          fd_gap([&](const std::vector<torch::Tensor>& in) { return (hdd::rotations(in[0], k) * W).sum(); },
+                 {c}, 30 + k);
+      std::printf("  rotations k=%ld scale %g: grad vs autograd(skew_exp) %.3g, vs fd %.3g\n", long(k), scale,
+                  gap, fd);
       EXPECT_LE(gap, 1e-12) << k << " " << scale;
       EXPECT_LE(fd, 1e-7) << k << " " << scale;
     }
@@ -445,7 +453,7 @@ TEST(HddRope, LoopScanAndRotationMatchAnExplicitLoopWithExactGradients) {
       auto P = in[0];
       std::vector<torch::Tensor> Ps;
       for (int64_t t = 0; t < T; ++t) Ps.push_back(P), P = torch::matmul(P, in[1].select(3, t));
-      auto Pt = torch::stack(Ps, 3);  // [B,H,G,T,k,k]
+      auto Pt = torch::stack(Ps, 3);            // [B,H,G,T,k,k]
       auto rot = [&](const torch::Tensor& v) {  // chunk g = coordinates g + jG
         return torch::einsum("bhgtij,bthjg->bthig", {Pt, v.reshape({B, T, H, kk, G})}).reshape({B, T, H, D});
       };
@@ -466,7 +474,8 @@ TEST(HddRope, LoopScanAndRotationMatchAnExplicitLoopWithExactGradients) {
     for (int i = 0; i < 4; ++i) gap = std::max(gap, max_diff(g[i], g_ref[i]));
     // Only q~ used: the other outputs' gradients are absent (undefined) and count as zero.
     auto g1 = torch::autograd::grad({(fast(in)[0] * Wq).sum()}, in);
-    auto g1_ref = torch::autograd::grad({(reference(in)[0] * Wq).sum()}, in, {}, false, false, /*allow_unused=*/true);
+    auto g1_ref =
+        torch::autograd::grad({(reference(in)[0] * Wq).sum()}, in, {}, false, false, /*allow_unused=*/true);
     for (int i = 0; i < 3; ++i) gap = std::max(gap, max_diff(g1[i], g1_ref[i]));
     EXPECT_EQ(g1[3].abs().max().item<double>(), 0.0);  // k~ unused
     const double fd = fd_gap([&](const std::vector<torch::Tensor>& x) { return loss(fast(x)); }, in, 50 + kk);
@@ -487,9 +496,13 @@ TEST(HddRope, LoopScanAndRotationMatchAnExplicitLoopWithExactGradients) {
   auto g_ref = torch::autograd::grad({(hdd::running_product(M, "sequential") * W).sum()}, {M})[0];
   EXPECT_LE(max_diff(g, g_ref), 1e-12);
   // Mismatched shapes are refused.
-  expect_invalid([] { hdd::rotate_by_running_product(torch::zeros({1, 1, 2, 4, 4}, f64), torch::zeros({1, 1, 2, 3, 4, 4}, f64),
-                                                      torch::zeros({1, 3, 1, 6}), torch::zeros({1, 3, 1, 6})); },
-                 "rotate_by_running_product needs");
+  expect_invalid(
+      [] {
+        hdd::rotate_by_running_product(torch::zeros({1, 1, 2, 4, 4}, f64),
+                                       torch::zeros({1, 1, 2, 3, 4, 4}, f64), torch::zeros({1, 3, 1, 6}),
+                                       torch::zeros({1, 3, 1, 6}));
+      },
+      "rotate_by_running_product needs");
 }
 
 // ---- registry and bad input -----------------------------------------------------------------------------
@@ -523,13 +536,17 @@ TEST(HddRope, RefusesBadInput) {
   bad(kShape, {{"k", "24"}}, "k must be in [2, head_dim=12], got 24");
   bad(kShape, {{"k", "four"}}, "option k: 'four' is not an integer");
   bad(kShape, {{"map", "polar"}}, "option map: 'polar' is not one of exp|cayley");
-  bad(kShape, {{"scan", "blelloch"}}, "option scan: 'blelloch' is not one of loop|sequential|hillis-steele|brent-kung|sklansky");
+  bad(kShape, {{"scan", "blelloch"}},
+      "option scan: 'blelloch' is not one of loop|sequential|hillis-steele|brent-kung|sklansky");
   bad(kShape, {{"base", "1"}}, "hdd-rope: base must be > 1, got 1");
   bad(kShape, {{"rate_scale", "0"}}, "hdd-rope: rate_scale must be > 0, got 0");
   bad(kShape, {{"static_rate", "maybe"}}, "option static_rate: 'maybe' is not a boolean");
   bad(kShape, {{"pairing", "half"}}, "unknown parameter 'pairing' for encoding 'hdd-rope'");
-  expect_invalid([] { hdd::running_product(torch::eye(2, f64).expand({3, 2, 2}), "blelloch"); },
-                 "unknown scan 'blelloch'");
+  expect_invalid(
+      [] {
+        hdd::running_product(torch::eye(2, f64).expand({3, 2, 2}), "blelloch");
+      },
+      "unknown scan 'blelloch'");
 
   auto e = make();
   auto in = random_inputs(2, 5, 17);
@@ -538,14 +555,16 @@ TEST(HddRope, RefusesBadInput) {
   nan_x[1][3][2] = std::nan("");
   expect_invalid([&] { e->encode(in.q, in.k, nan_x, st); }, "hdd-rope: x contains NaN or Inf values");
   expect_invalid([&] { e->encode(in.q, in.k, torch::Tensor(), st); }, "needs the layer input x");
-  expect_invalid([&] { e->encode(in.q, in.k, in.x.narrow(2, 0, 9), st); }, "x must be [B=2,T=5,C=10], got [2,5,9]");
+  expect_invalid([&] { e->encode(in.q, in.k, in.x.narrow(2, 0, 9), st); },
+                 "x must be [B=2,T=5,C=10], got [2,5,9]");
   EXPECT_EQ(st.next_pos, 0);  // refused inputs leave the state alone
   auto st3 = e->initial_state(3, 0);
-  expect_invalid([&] { e->encode(in.q, in.k, in.x, st3); }, "state P is [3,2,3,4,4] but the input needs [2,2,3,4,4]");
+  expect_invalid([&] { e->encode(in.q, in.k, in.x, st3); },
+                 "state P is [3,2,3,4,4] but the input needs [2,2,3,4,4]");
   auto e32 = make_encoding("hdd-rope", kShape);
-  expect_invalid([&] { e32->encode(in.q, in.k, in.x, st); }, "inputs are Double but the encoding's parameters are Float");
+  expect_invalid([&] { e32->encode(in.q, in.k, in.x, st); },
+                 "inputs are Double but the encoding's parameters are Float");
 }
 
 }  // namespace
 }  // namespace grape
-

@@ -133,8 +133,8 @@ RefForward ref_forward(const Problem& p) {
 Grads ref_backward(const Problem& p, const RefForward& f) {
   const auto& s = p.s;
   const int64_t B = s.B, H = s.H, Tq = s.Tq, Tk = s.Tk, D = s.D;
-  Grads g{Vec(p.q.size(), 0.0), Vec(p.k.size(), 0.0), Vec(p.v.size(), 0.0), Vec(B * H * Tq, 0.0),
-          Vec(B * H * Tk, 0.0), Vec(B * H * Tq, 0.0), Vec(B * H * Tk, 0.0), Vec(p.pp.size(), 0.0),
+  Grads g{Vec(p.q.size(), 0.0),  Vec(p.k.size(), 0.0),   Vec(p.v.size(), 0.0), Vec(B * H * Tq, 0.0),
+          Vec(B * H * Tk, 0.0),  Vec(B * H * Tq, 0.0),   Vec(B * H * Tk, 0.0), Vec(p.pp.size(), 0.0),
           Vec(p.pr.size(), 0.0), Vec(p.dist.size(), 0.0)};
   auto qx = [&](int64_t b, int64_t i, int64_t h) { return ((b * Tq + i) * H + h) * D; };
   auto kx = [&](int64_t b, int64_t j, int64_t h) { return ((b * Tk + j) * H + h) * D; };
@@ -306,11 +306,11 @@ void check_problem(kc::AttentionShape s, BiasMask m, bool backward, uint32_t see
 }
 
 const BiasMask kBiasVariants[] = {
-    {},                           // none
-    {true, true, false, false},   // a + b (FoX-like)
-    {false, false, true, false},  // c only (ALiBi, GRAPE-A query gate)
-    {false, false, false, true},  // d only (GRAPE-A key gate)
-    {true, true, true, true},     // all four
+    {},                                  // none
+    {true, true, false, false},          // a + b (FoX-like)
+    {false, false, true, false},         // c only (ALiBi, GRAPE-A query gate)
+    {false, false, false, true},         // d only (GRAPE-A key gate)
+    {true, true, true, true},            // all four
     {false, false, false, false, true},  // the path bias alone (GRAPE-AP)
     {true, true, true, true, true},      // all four and the path bias
 };
@@ -362,7 +362,7 @@ TEST(KernelReference, BackwardMatchesFiniteDifferences) {
   s.B = 1, s.H = 2, s.Tq = 3, s.Tk = 5, s.D = 4, s.q_offset = 2, s.k_offset = 0, s.scale = 0.5f;
   Problem p = make_problem(s, {true, true, true, true, true, 2}, 7);
   ASSERT_LT(p.W, s.q_offset + s.Tq - s.k_offset);  // the table's last entry is shared
-  for (auto& e : p.c) e *= 10.0;  // make the distance slopes matter
+  for (auto& e : p.c) e *= 10.0;                   // make the distance slopes matter
   for (auto& e : p.d) e *= 10.0;
   for (auto& e : p.pm) e *= 5.0;  // and the path bias
   const Grads g = ref_backward(p, ref_forward(p));
@@ -443,8 +443,9 @@ TEST(KernelBackward, OnePassAndTwoPassPathsMatchReference) {
   for (auto [B, H] : {std::pair<int64_t, int64_t>{1, 1}, {2, 3}, {1, 2}})
     for (auto [T, D] : {std::pair<int64_t, int64_t>{257, 48}, {130, 64}})
       for (int which = 0; which < 3; ++which)
-        for (const BiasMask& m : {BiasMask{}, BiasMask{true, true, true, true}, BiasMask{true, true, true, true, true},
-                                  BiasMask{true, true, true, true, false, 2}}) {
+        for (const BiasMask& m :
+             {BiasMask{}, BiasMask{true, true, true, true}, BiasMask{true, true, true, true, true},
+              BiasMask{true, true, true, true, false, 2}}) {
           const kc::AttentionShape s = layout(B, H, T, D, which);
           const Problem p = make_problem(s, m, seed++);
           const FProblem f(p);
@@ -505,45 +506,47 @@ TEST(KernelForward, NanPropagatesAlongCausalOrder) {
 }
 
 TEST(KernelDecode, MatchesForward) {
-  // Tq = 1, 4 read keys in place, 7 packs them; B x H = 6 heads give each thread whole heads, B = H = 1 splits
-  // the keys into blocks (at 2 threads) whose states are merged, with the path bias's carries between blocks.
+  // Tq = 1, 4 read keys in place, 7 packs them; B x H = 6 heads give each thread whole heads, B = H = 1
+  // splits the keys into blocks (at 2 threads) whose states are merged, with the path bias's carries between
+  // blocks.
   const int saved = omp_get_max_threads();
   omp_set_num_threads(2);
   struct Heads {
     int64_t B, H, D;
   };
   for (const Heads& bh : {Heads{2, 3, 64}, Heads{1, 1, 20}})
-  for (int64_t Tq : {1, 4, 7})
-    for (int64_t Tk : {1, 5, 300, 2000})
-      for (const BiasMask& m : {BiasMask{}, BiasMask{true, true, true, true}, BiasMask{false, false, false, false, true},
-                                BiasMask{true, true, true, true, true}, BiasMask{false, false, false, false, false, 2},
-                                BiasMask{true, true, true, true, true, 1}}) {
-        kc::AttentionShape s;
-        s.B = bh.B, s.H = bh.H, s.D = bh.D, s.Tq = Tq, s.Tk = Tk, s.scale = 0.125f;
-        s.k_offset = 3,
-        s.q_offset = 3 + std::max<int64_t>(0, Tk - Tq);  // the queries' own keys end the cache
-        SCOPED_TRACE(describe(s, m));
-        const Problem p = make_problem(s, m, uint32_t(Tq * 10000 + Tk));
-        const FProblem f(p);
-        FVec out(p.q.size()), lse(s.B * s.H * s.Tq), out2(out), lse2(lse);
-        kc::attention_forward(s, f.q.data(), f.k.data(), f.v.data(), f.bias(), out.data(), lse.data());
-        kc::attention_decode(s, f.q.data(), f.k.data(), f.v.data(), f.bias(), out2.data(), lse2.data());
-        double scale_out = 1.0, err_out = 0.0, scale_lse = 1.0, err_lse = 0.0;
-        for (size_t i = 0; i < out.size(); ++i) {
-          scale_out = std::max(scale_out, double(std::abs(out[i])));
-          err_out = std::max(err_out, double(std::abs(out[i] - out2[i])));
+    for (int64_t Tq : {1, 4, 7})
+      for (int64_t Tk : {1, 5, 300, 2000})
+        for (const BiasMask& m :
+             {BiasMask{}, BiasMask{true, true, true, true}, BiasMask{false, false, false, false, true},
+              BiasMask{true, true, true, true, true}, BiasMask{false, false, false, false, false, 2},
+              BiasMask{true, true, true, true, true, 1}}) {
+          kc::AttentionShape s;
+          s.B = bh.B, s.H = bh.H, s.D = bh.D, s.Tq = Tq, s.Tk = Tk, s.scale = 0.125f;
+          s.k_offset = 3,
+          s.q_offset = 3 + std::max<int64_t>(0, Tk - Tq);  // the queries' own keys end the cache
+          SCOPED_TRACE(describe(s, m));
+          const Problem p = make_problem(s, m, uint32_t(Tq * 10000 + Tk));
+          const FProblem f(p);
+          FVec out(p.q.size()), lse(s.B * s.H * s.Tq), out2(out), lse2(lse);
+          kc::attention_forward(s, f.q.data(), f.k.data(), f.v.data(), f.bias(), out.data(), lse.data());
+          kc::attention_decode(s, f.q.data(), f.k.data(), f.v.data(), f.bias(), out2.data(), lse2.data());
+          double scale_out = 1.0, err_out = 0.0, scale_lse = 1.0, err_lse = 0.0;
+          for (size_t i = 0; i < out.size(); ++i) {
+            scale_out = std::max(scale_out, double(std::abs(out[i])));
+            err_out = std::max(err_out, double(std::abs(out[i] - out2[i])));
+          }
+          for (size_t i = 0; i < lse.size(); ++i) {
+            scale_lse = std::max(scale_lse, double(std::abs(lse[i])));  // |lse| > 128: one fp32 ulp > 1e-5
+            err_lse = std::max(err_lse, double(std::abs(lse[i] - lse2[i])));
+          }
+          EXPECT_LE(err_out / scale_out, 1e-5);
+          EXPECT_LE(err_lse / scale_lse, 1e-5);
+          if (Tk <= 300) {  // and against the reference, for good measure
+            const RefForward ref = ref_forward(p);
+            EXPECT_LE(max_err(out2, ref.out) / std::max(1.0, max_abs(ref.out)), 1e-4);
+          }
         }
-        for (size_t i = 0; i < lse.size(); ++i) {
-          scale_lse = std::max(scale_lse, double(std::abs(lse[i])));  // |lse| > 128: one fp32 ulp > 1e-5
-          err_lse = std::max(err_lse, double(std::abs(lse[i] - lse2[i])));
-        }
-        EXPECT_LE(err_out / scale_out, 1e-5);
-        EXPECT_LE(err_lse / scale_lse, 1e-5);
-        if (Tk <= 300) {  // and against the reference, for good measure
-          const RefForward ref = ref_forward(p);
-          EXPECT_LE(max_err(out2, ref.out) / std::max(1.0, max_abs(ref.out)), 1e-4);
-        }
-      }
   omp_set_num_threads(saved);
 }
 
@@ -582,7 +585,8 @@ TEST(KernelValidation, BadInvariantsThrow) {
   // A path bias needs r, m and P >= 1.
   kc::LinearBias path;
   path.p = f.q.data(), path.r = f.k.data(), path.m = f.v.data(), path.P = 4;
-  EXPECT_NO_THROW(kc::attention_forward(good, f.q.data(), f.k.data(), f.v.data(), path, out.data(), lse.data()));
+  EXPECT_NO_THROW(
+      kc::attention_forward(good, f.q.data(), f.k.data(), f.v.data(), path, out.data(), lse.data()));
   for (int which = 0; which < 3; ++which) {
     kc::LinearBias bad = path;
     if (which == 0) bad.r = nullptr;
@@ -592,9 +596,9 @@ TEST(KernelValidation, BadInvariantsThrow) {
                  std::invalid_argument);
     EXPECT_THROW(kc::attention_decode(good, f.q.data(), f.k.data(), f.v.data(), bad, out.data(), lse.data()),
                  std::invalid_argument);
-    EXPECT_THROW(kc::attention_backward(good, f.q.data(), f.k.data(), f.v.data(), bad, out.data(), f.dout.data(),
-                                        lse.data(), dq.data(), dk.data(), dv.data(), nullptr, nullptr, nullptr,
-                                        nullptr),
+    EXPECT_THROW(kc::attention_backward(good, f.q.data(), f.k.data(), f.v.data(), bad, out.data(),
+                                        f.dout.data(), lse.data(), dq.data(), dk.data(), dv.data(), nullptr,
+                                        nullptr, nullptr, nullptr),
                  std::invalid_argument);
   }
   // A distance table needs W >= 1.
@@ -604,11 +608,13 @@ TEST(KernelValidation, BadInvariantsThrow) {
                std::invalid_argument);
   EXPECT_THROW(kc::attention_decode(good, f.q.data(), f.k.data(), f.v.data(), table, out.data(), lse.data()),
                std::invalid_argument);
-  EXPECT_THROW(kc::attention_backward(good, f.q.data(), f.k.data(), f.v.data(), table, out.data(), f.dout.data(),
-                                      lse.data(), dq.data(), dk.data(), dv.data(), nullptr, nullptr, nullptr, nullptr),
-               std::invalid_argument);
+  EXPECT_THROW(
+      kc::attention_backward(good, f.q.data(), f.k.data(), f.v.data(), table, out.data(), f.dout.data(),
+                             lse.data(), dq.data(), dk.data(), dv.data(), nullptr, nullptr, nullptr, nullptr),
+      std::invalid_argument);
   table.W = 3;
-  EXPECT_NO_THROW(kc::attention_forward(good, f.q.data(), f.k.data(), f.v.data(), table, out.data(), lse.data()));
+  EXPECT_NO_THROW(
+      kc::attention_forward(good, f.q.data(), f.k.data(), f.v.data(), table, out.data(), lse.data()));
   // The valid shape itself is accepted.
   EXPECT_NO_THROW(
       kc::attention_forward(good, f.q.data(), f.k.data(), f.v.data(), {}, out.data(), lse.data()));

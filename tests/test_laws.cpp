@@ -20,12 +20,11 @@ std::vector<std::string> all_names() {
   return v;
 }
 
-INSTANTIATE_TEST_SUITE_P(Encodings, Laws, ::testing::ValuesIn(all_names()),
-                         [](const auto& info) {
-                           std::string s = info.param;
-                           for (auto& c : s)
-                             if (c == '-') c = '_';
-                           return s;
-                         });
+INSTANTIATE_TEST_SUITE_P(Encodings, Laws, ::testing::ValuesIn(all_names()), [](const auto& info) {
+  std::string s = info.param;
+  for (auto& c : s)
+    if (c == '-') c = '_';
+  return s;
+});
 
 }  // namespace

@@ -189,8 +189,8 @@ TEST(RelativeBias, FireInputIsTheNormalisedLogDistanceInZeroOne) {
       hi = std::max(hi, u);
     }
   EXPECT_LE(worst, 1e-12);
-  EXPECT_EQ(lo, 0.0);   // the diagonal
-  EXPECT_LE(hi, 1.0);   // j = 0 at i >= L: psi(i) / (psi(i) + eps)
+  EXPECT_EQ(lo, 0.0);  // the diagonal
+  EXPECT_LE(hi, 1.0);  // j = 0 at i >= L: psi(i) / (psi(i) + eps)
   EXPECT_GT(hi, 0.99);
 }
 
@@ -214,7 +214,7 @@ TEST(RelativeBias, FireDependsOnDistanceAndQueryPositionOnlyAndIsRelativeBelowL)
   auto st2 = e->initial_state(1, 600);
   auto q2 = torch::randn({1, 20, 2, 4}, f64);
   auto tok2 = e->encode(q2, torch::randn_like(q2), {}, st2);  // positions 600..619
-  auto part = e->bias(tok2, keys).narrow(3, 10, 20);           // keys 600..619 of the longer cache
+  auto part = e->bias(tok2, keys).narrow(3, 10, 20);          // keys 600..619 of the longer cache
   EXPECT_LE((part - e->bias(tok2, KeyCache::from(tok2))).abs().max().item<double>(), 1e-12);
 }
 
@@ -266,8 +266,8 @@ TEST(RelativeBias, CopeWithAllGatesOpenIsRelativePositionIMinusJPlusOne) {
   for (int64_t h = 0; h < 2; ++h)
     for (int64_t i = 0; i < T; ++i)
       for (int64_t j = 0; j <= i; ++j)
-        worst = std::max(worst, std::abs(b[h][i][j].item<double>() -
-                                         q[0][i][h].dot(table[0][i - j + 1]).item<double>()));
+        worst = std::max(
+            worst, std::abs(b[h][i][j].item<double>() - q[0][i][h].dot(table[0][i - j + 1]).item<double>()));
   EXPECT_LE(worst, 1e-12);
 }
 
@@ -337,10 +337,22 @@ TEST(RelativeBias, CopeInterpolatesTheTableBetweenFloorAndCeil) {
 
 TEST(RelativeBias, BadOptionsAreRefusedNamingTheOption) {
   const HeadShape s{2, 4, 8};
-  expect_invalid([&] { make_encoding("t5", s, PeOptions{{"num_buckets", "1"}}); }, "num_buckets must be >= 2");
-  expect_invalid([&] { make_encoding("t5", s, PeOptions{{"max_distance", "16"}}); }, "max_distance must be > num_buckets/2");
+  expect_invalid(
+      [&] {
+        make_encoding("t5", s, PeOptions{{"num_buckets", "1"}});
+      },
+      "num_buckets must be >= 2");
+  expect_invalid(
+      [&] {
+        make_encoding("t5", s, PeOptions{{"max_distance", "16"}});
+      },
+      "max_distance must be > num_buckets/2");
   expect_invalid([&] { make_encoding("t5", s, PeOptions{{"num_buckets", "x"}}); }, "num_buckets");
-  expect_invalid([&] { make_encoding("kerple", s, PeOptions{{"variant", "cubic"}}); }, "option variant: 'cubic'");
+  expect_invalid(
+      [&] {
+        make_encoding("kerple", s, PeOptions{{"variant", "cubic"}});
+      },
+      "option variant: 'cubic'");
   expect_invalid([&] { make_encoding("fire", s, PeOptions{{"mlp_width", "0"}}); }, "mlp_width must be >= 1");
   expect_invalid([&] { make_encoding("fire", s, PeOptions{{"c", "0"}}); }, "c must be > 0");
   expect_invalid([&] { make_encoding("fire", s, PeOptions{{"threshold", "-5"}}); }, "threshold must be > 0");
@@ -395,7 +407,8 @@ TEST(RelativeBias, TinyModelTrainsWithEachEncoding) {
     }
     EXPECT_LT(last, 0.7 * first);
     for (const auto& p : m->named_parameters())
-      if (before.count(p.key())) EXPECT_GT((p.value() - before[p.key()]).abs().max().item<double>(), 0.0) << p.key();
+      if (before.count(p.key()))
+        EXPECT_GT((p.value() - before[p.key()]).abs().max().item<double>(), 0.0) << p.key();
   }
 }
 

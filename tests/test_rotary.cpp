@@ -44,7 +44,8 @@ TEST(Rope, MatchesPlainLoopBothPairings) {
         std::vector<double> x(10);
         for (int64_t d = 0; d < 10; ++d) x[d] = q[0][t][h][d].item<double>();
         auto y = rope_loop(x, double(123 + t), 10000.0, half);
-        for (int64_t d = 0; d < 10; ++d) worst = std::max(worst, std::abs(y[d] - out[0][t][h][d].item<double>()));
+        for (int64_t d = 0; d < 10; ++d)
+          worst = std::max(worst, std::abs(y[d] - out[0][t][h][d].item<double>()));
       }
     EXPECT_LT(worst, 1e-12) << (half ? "half" : "interleaved");
   }
@@ -81,7 +82,8 @@ TEST(Rope, PRopeZeroesTheLowestFrequencies) {
   torch::manual_seed(3);
   auto q = torch::randn({1, 3, 1, 8}, f64);
   auto y = encode(*e, q, 1000).q;
-  for (int64_t d : {2, 3, 6, 7}) EXPECT_EQ((y.select(-1, d) - q.select(-1, d)).abs().max().item<double>(), 0.0);
+  for (int64_t d : {2, 3, 6, 7})
+    EXPECT_EQ((y.select(-1, d) - q.select(-1, d)).abs().max().item<double>(), 0.0);
   EXPECT_GT((y.select(-1, 0) - q.select(-1, 0)).abs().max().item<double>(), 1e-3);
 }
 
@@ -142,7 +144,8 @@ TEST(GrapeM, LambdaGradientMatchesAnalyticForm) {
       const double a = q[0][n][0][i].item<double>(), b = q[0][n][0][i + 2].item<double>();
       const double c = std::cos(n * th), s = std::sin(n * th);
       // y_a = a c - b s, y_b = a s + b c; dy/dphi = (-a s - b c, a c - b s)
-      g += n * (w[0][n][0][i].item<double>() * (-a * s - b * c) + w[0][n][0][i + 2].item<double>() * (a * c - b * s));
+      g += n * (w[0][n][0][i].item<double>() * (-a * s - b * c) +
+                w[0][n][0][i + 2].item<double>() * (a * c - b * s));
     }
     EXPECT_NEAR(grad[0][i].item<double>(), g * th / 16.0, 1e-10);
   }

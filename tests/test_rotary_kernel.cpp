@@ -62,8 +62,8 @@ std::vector<Case> grid() {
       for (int64_t D : {2, 6, 32, 64, 128})
         for (int64_t P : {D / 2, D / 2 - 1, D / 4}) {
           if (P < 1 || (P == D / 4 && D < 32)) continue;
-          const std::vector<std::vector<int64_t>> angs = {
-              {1, T, 1, P}, {1, T, H, P}, {B, T, H, P}, {B, T, 1, P}, {T, 1, P}, {P}};
+          const std::vector<std::vector<int64_t>> angs = {{1, T, 1, P}, {1, T, H, P}, {B, T, H, P},
+                                                          {B, T, 1, P}, {T, 1, P},    {P}};
           for (const auto& a : angs) cases.push_back({pairing, sign, D, P, {B, T, H, D}, a});
           cases.push_back({pairing, sign, D, P, {B, T, H, D}, {1, T, 1, P}, 1e4});  // fmod path
           cases.push_back({pairing, sign, D, P, {B, T, H, D}, {1, T, 1, P}, 3.0, true});
@@ -102,7 +102,8 @@ TEST(RotaryKernel, NonFloat32KeepsTheComposedPath) {
   auto x = torch::randn({2, 4, 3, 8}, f64);
   auto ang = torch::randn({1, 4, 1, 3}, f64) * 5;
   for (const std::string pairing : {"half", "interleaved"})
-    EXPECT_TRUE(torch::equal(rotate_pairs(x, ang, pairing, -1.0), rotate_pairs_composed(x, ang, pairing, -1.0)));
+    EXPECT_TRUE(
+        torch::equal(rotate_pairs(x, ang, pairing, -1.0), rotate_pairs_composed(x, ang, pairing, -1.0)));
 }
 
 TEST(RotaryKernel, EmptyInputsGiveEmptyOutputsAndGradients) {
@@ -128,14 +129,15 @@ TEST(RotaryKernel, InverseTurnUndoesTheForward) {
     r.strides[0] = 4, r.strides[1] = 0;
     r.D = 10, r.P = 4, r.pairing = pairing;
     auto y = torch::empty_like(x), back = torch::empty_like(x);
-    grape::kernels::cpu::rotary_forward(r, x.data_ptr<float>(), c.data_ptr<float>(), s.data_ptr<float>(), false,
-                                        y.data_ptr<float>());
-    grape::kernels::cpu::rotary_forward(r, y.data_ptr<float>(), c.data_ptr<float>(), s.data_ptr<float>(), true,
-                                        back.data_ptr<float>());
+    grape::kernels::cpu::rotary_forward(r, x.data_ptr<float>(), c.data_ptr<float>(), s.data_ptr<float>(),
+                                        false, y.data_ptr<float>());
+    grape::kernels::cpu::rotary_forward(r, y.data_ptr<float>(), c.data_ptr<float>(), s.data_ptr<float>(),
+                                        true, back.data_ptr<float>());
     EXPECT_LE(rel_err(back, x), 1e-6);
     EXPECT_GT(rel_err(y, x), 0.1);  // it did turn
     const bool half = pairing == grape::kernels::cpu::Pairing::half;
-    EXPECT_LE(rel_err(y, rotate_pairs_composed(x.to(f64), torch::atan2(s, c).to(f64), half ? "half" : "interleaved")),
+    EXPECT_LE(rel_err(y, rotate_pairs_composed(x.to(f64), torch::atan2(s, c).to(f64),
+                                               half ? "half" : "interleaved")),
               1e-6);
   }
 }
@@ -145,8 +147,9 @@ TEST(RotaryKernel, InverseTurnUndoesTheForward) {
 struct Grads {
   torch::Tensor dx, dlog;
 };
-Grads grads(const torch::Tensor& x0, const torch::Tensor& pos, const torch::Tensor& log_freq0, const torch::Tensor& w,
-            const std::string& pairing, double sign, bool kernel, bool x_grad = true, bool ang_grad = true) {
+Grads grads(const torch::Tensor& x0, const torch::Tensor& pos, const torch::Tensor& log_freq0,
+            const torch::Tensor& w, const std::string& pairing, double sign, bool kernel, bool x_grad = true,
+            bool ang_grad = true) {
   auto x = x0.detach().clone().requires_grad_(x_grad);
   auto log_freq = log_freq0.detach().clone().requires_grad_(ang_grad);
   auto ang = pos * torch::exp(log_freq);  // float64 angles, as the encodings form them
@@ -162,7 +165,8 @@ TEST(RotaryKernel, GradientsMatchComposedFloat64) {
     int64_t D, P;
     std::vector<int64_t> freq_shape;  // the learned log-frequencies; angles = pos [1,T,1,1] * exp(freq)
   };
-  const std::vector<G> gs = {{8, 4, {1, 4}}, {10, 3, {H, 3}}, {64, 32, {1, 32}}, {6, 2, {B, T, H, 2}}, {2, 1, {1}}};
+  const std::vector<G> gs = {
+      {8, 4, {1, 4}}, {10, 3, {H, 3}}, {64, 32, {1, 32}}, {6, 2, {B, T, H, 2}}, {2, 1, {1}}};
   for (const std::string pairing : {"half", "interleaved"})
     for (double sign : {1.0, -1.0})
       for (const auto& g : gs) {
@@ -177,8 +181,11 @@ TEST(RotaryKernel, GradientsMatchComposedFloat64) {
         EXPECT_LE(rel_err(k.dx, ref.dx), 1e-4);
         EXPECT_LE(rel_err(k.dlog, ref.dlog), 1e-4);
         // Only one of the two asked for.
-        EXPECT_LE(rel_err(grads(x, pos, log_freq, w.to(f32), pairing, sign, true, true, false).dx, ref.dx), 1e-4);
-        EXPECT_LE(rel_err(grads(x, pos, log_freq, w.to(f32), pairing, sign, true, false, true).dlog, ref.dlog), 1e-4);
+        EXPECT_LE(rel_err(grads(x, pos, log_freq, w.to(f32), pairing, sign, true, true, false).dx, ref.dx),
+                  1e-4);
+        EXPECT_LE(
+            rel_err(grads(x, pos, log_freq, w.to(f32), pairing, sign, true, false, true).dlog, ref.dlog),
+            1e-4);
       }
 }
 
@@ -253,7 +260,11 @@ TEST(RotaryKernel, BadShapesAreClearErrors) {
   expect_error([&] { rotate_pairs(x, torch::zeros({3, 5, 1, 4}), "half"); }, "do not broadcast");
   expect_error([&] { rotate_pairs(x, torch::zeros({1, 2, 5, 3, 4}), "half"); }, "do not broadcast");
   expect_error([&] { rotate_pairs(x, torch::zeros({5, 4}), "half"); }, "do not broadcast");  // 5 vs H = 3
-  expect_error([&] { rotate_pairs(x, torch::zeros({1, 5, 1, 4}), "diagonal"); }, "pairing must be half or interleaved");
+  expect_error(
+      [&] {
+        rotate_pairs(x, torch::zeros({1, 5, 1, 4}), "diagonal");
+      },
+      "pairing must be half or interleaved");
   expect_error([&] { rotate_pairs(x, torch::zeros({}), "half"); }, "at least one dim");
 }
 
@@ -279,7 +290,8 @@ TEST(FiniteCheck, OneNonFiniteValueAnywhereIsFound) {
       for (int64_t at : {int64_t(0), n / 2, n - 1}) {
         const float keep = t[at].item<float>();
         t[at] = v;
-        EXPECT_FALSE(grape::kernels::cpu::all_finite(t.data_ptr<float>(), n)) << "n " << n << " at " << at << " " << v;
+        EXPECT_FALSE(grape::kernels::cpu::all_finite(t.data_ptr<float>(), n))
+            << "n " << n << " at " << at << " " << v;
         t[at] = keep;
       }
     EXPECT_TRUE(grape::kernels::cpu::all_finite(t.data_ptr<float>(), n));
@@ -340,7 +352,8 @@ TEST(RotaryKernel, EncodingsInFloat32MatchFloat64WithGradients) {
       grape::PeOptions o{{"pairing", pairing}};
       if (name == "grape-m") o.set("per_head", "true");
       auto e = grape::make_encoding(name, {H, D, C}, o);
-      auto q = torch::randn({B, T, H, D}, f64), k = torch::randn({B, T, H, D}, f64), x = torch::randn({B, T, C}, f64);
+      auto q = torch::randn({B, T, H, D}, f64), k = torch::randn({B, T, H, D}, f64),
+           x = torch::randn({B, T, C}, f64);
       auto wq = torch::randn({B, T, H, D}, f64), wk = torch::randn({B, T, H, D}, f64);
       auto run = [&](torch::ScalarType dt) {
         e->to(dt);
@@ -351,13 +364,15 @@ TEST(RotaryKernel, EncodingsInFloat32MatchFloat64WithGradients) {
         ((tok.q * wq.to(dt)).sum() + (tok.k * wk.to(dt)).sum()).backward();
         std::vector<torch::Tensor> g{qd.grad().to(f64), kd.grad().to(f64)};
         for (auto& p : e->parameters()) g.push_back(p.grad().to(f64).clone());
-        return std::make_pair(torch::cat({tok.q.detach().to(f64).flatten(), tok.k.detach().to(f64).flatten()}), g);
+        return std::make_pair(
+            torch::cat({tok.q.detach().to(f64).flatten(), tok.k.detach().to(f64).flatten()}), g);
       };
       auto [out32, g32] = run(f32);
       auto [out64, g64] = run(f64);
       EXPECT_LE(rel_err(out32, out64), 1e-5);
       ASSERT_EQ(g32.size(), g64.size());
-      for (size_t i = 0; i < g32.size(); ++i) EXPECT_LE(rel_err(g32[i], g64[i]), 1e-4) << "gradient " << i << " (q, k, then the parameters)";
+      for (size_t i = 0; i < g32.size(); ++i)
+        EXPECT_LE(rel_err(g32[i], g64[i]), 1e-4) << "gradient " << i << " (q, k, then the parameters)";
     }
 }
 

@@ -7,18 +7,18 @@
 
 #include <cctype>
 #include <cmath>
-#include <random>
 #include <filesystem>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <random>
 #include <regex>
 #include <sstream>
 
 #include "cli_runner.hpp"
-#include "run_dir_fixture.hpp"
 #include "grape/io.hpp"
 #include "grape/pe.hpp"
 #include "grape/train.hpp"
+#include "run_dir_fixture.hpp"
 
 namespace {
 
@@ -27,8 +27,8 @@ using grape::testing::run_cli;
 using nlohmann::json;
 
 // The cells of the markdown table whose first column is `first` and second `second`.
-std::vector<std::string> table_row(const std::string& md, const std::string& heading, const std::string& first,
-                                   const std::string& second) {
+std::vector<std::string> table_row(const std::string& md, const std::string& heading,
+                                   const std::string& first, const std::string& second) {
   const size_t from = md.find(heading);
   if (from == std::string::npos) return {};
   std::istringstream in(md.substr(from));
@@ -54,14 +54,15 @@ class Study : public grape::testing::RunDirTest {
   // A 1-layer width-32 model at context 24 (the needle task needs >= 22), 3 steps per run.
   std::string small_flags() const {
     return " --set n_layer=1 --set n_embd=32 --set n_head=2 --context 24 --steps 3 --batch 4 --warmup 1"
-           " --needle-steps 3 --factors 1,2,4 --depths 0,0.5,1 --needle-examples 4 --eval-tokens 192 --data " +
+           " --needle-steps 3 --factors 1,2,4 --depths 0,0.5,1 --needle-examples 4 --eval-tokens 192 "
+           "--data " +
            path("text.txt");
   }
 };
 
 TEST_F(Study, WritesConsistentReport) {
-  const std::string cmd = "compare --study extrapolation --pe nope,rope" + small_flags() + " --out " + path("s") +
-                          " --quiet";
+  const std::string cmd =
+      "compare --study extrapolation --pe nope,rope" + small_flags() + " --out " + path("s") + " --quiet";
   auto r = run_cli(cmd);
   ASSERT_EQ(r.code, 0) << r.output;
   for (const char* f : {"s/results.json", "s/report.md", "s/runs/lm/nope/run.json", "s/runs/lm/rope/run.json",
@@ -82,7 +83,8 @@ TEST_F(Study, WritesConsistentReport) {
   EXPECT_EQ(j["needle_train"]["steps"], 3);
   // The exact command and the seed are in the report.
   EXPECT_NE(md.find("```sh\ngrape "), std::string::npos) << md;
-  EXPECT_NE(md.find(" compare --set n_layer=1 --set n_embd=32 --set n_head=2 --context 24 --steps 3"), std::string::npos)
+  EXPECT_NE(md.find(" compare --set n_layer=1 --set n_embd=32 --set n_head=2 --context 24 --steps 3"),
+            std::string::npos)
       << md;
   EXPECT_NE(md.find("--study extrapolation"), std::string::npos) << md;
   EXPECT_NE(md.find("--pe nope,rope"), std::string::npos) << md;
@@ -119,7 +121,8 @@ TEST_F(Study, WritesConsistentReport) {
   EXPECT_EQ(points["nope/none"], 3);
   EXPECT_EQ(points["rope/none"], 3);
   if (rope_extends) {
-    for (const char* m : {"pi", "ntk", "dynamic-ntk", "yarn"}) EXPECT_EQ((points["rope/" + std::string(m)]), 2) << m;
+    for (const char* m : {"pi", "ntk", "dynamic-ntk", "yarn"})
+      EXPECT_EQ((points["rope/" + std::string(m)]), 2) << m;
     EXPECT_TRUE(fs::exists(path("s/perplexity_extension.png")));
   }
   EXPECT_EQ(points.count("nope/pi"), 0u);  // NoPE has nothing to extend
@@ -174,7 +177,8 @@ TEST_F(Study, WritesConsistentReport) {
   auto j2 = json::parse(grape::io::read_file(path("s/results.json")));
   for (size_t i = 0; i < j["perplexity"].size(); ++i)
     if (j["perplexity"][i].contains("perplexity"))
-      EXPECT_DOUBLE_EQ(j2["perplexity"][i]["perplexity"].get<double>(), j["perplexity"][i]["perplexity"].get<double>());
+      EXPECT_DOUBLE_EQ(j2["perplexity"][i]["perplexity"].get<double>(),
+                       j["perplexity"][i]["perplexity"].get<double>());
 }
 
 TEST_F(Study, BadInputIsOneClearLine) {
@@ -190,7 +194,8 @@ TEST_F(Study, BadInputIsOneClearLine) {
       {"--pe rope --data synthetic:copy", "--data must be text"},
   };
   for (const auto& c : cases) {
-    auto r = run_cli("compare --study extrapolation " + c.args + " --steps 1 --out " + path("bad") + " --quiet");
+    auto r =
+        run_cli("compare --study extrapolation " + c.args + " --steps 1 --out " + path("bad") + " --quiet");
     EXPECT_EQ(r.code, 1) << c.args << "\n" << r.output;
     EXPECT_NE(r.output.find(c.message), std::string::npos) << c.args << "\n" << r.output;
     EXPECT_FALSE(fs::exists(path("bad/runs"))) << c.args;  // refused before any training
@@ -217,8 +222,10 @@ TEST(StudyData, AnswerOnlyTrainingMask) {
     int64_t bar = -1;
     for (int64_t t = 0; t < 32; ++t) {
       if (b.x[r][t].item<int64_t>() == '|') bar = t;
-      if (b.mask[r][t].item<float>() == 1.0f) scored += char(b.y[r][t].item<int64_t>());
-      else EXPECT_EQ(b.mask[r][t].item<float>(), 0.0f);
+      if (b.mask[r][t].item<float>() == 1.0f)
+        scored += char(b.y[r][t].item<int64_t>());
+      else
+        EXPECT_EQ(b.mask[r][t].item<float>(), 0.0f);
     }
     ASSERT_GE(bar, 0);
     ASSERT_EQ(scored.size(), 5u) << r;
@@ -233,7 +240,8 @@ TEST(StudyData, AnswerOnlyTrainingMask) {
     grape::data::open_data("synthetic:needle:loss=prompt", *tok);
     FAIL() << "loss=prompt accepted";
   } catch (const std::invalid_argument& e) {
-    EXPECT_NE(std::string(e.what()).find("loss='prompt' must be all or answer"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("loss='prompt' must be all or answer"), std::string::npos)
+        << e.what();
   }
 }
 
@@ -241,8 +249,8 @@ TEST_F(Study, UnknownExtensionMethodIsRefusedBeforeTraining) {
   bool rope_extends = false;
   for (const auto& o : grape::encoding_info("rope").options) rope_extends = rope_extends || o.key == "extend";
   if (!rope_extends) GTEST_SKIP() << "rope has no `extend` option in this build";
-  auto r = run_cli("compare --study extrapolation --pe rope --extend pi,stretch --steps 1 --out " + path("bad") +
-                   " --quiet");
+  auto r = run_cli("compare --study extrapolation --pe rope --extend pi,stretch --steps 1 --out " +
+                   path("bad") + " --quiet");
   EXPECT_EQ(r.code, 1) << r.output;
   EXPECT_NE(r.output.find("no encoding accepts extension method 'stretch'"), std::string::npos) << r.output;
   EXPECT_FALSE(fs::exists(path("bad/runs")));

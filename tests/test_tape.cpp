@@ -2,8 +2,8 @@
 // are invariant to a global position shift; one layer is equivariant to rotations of E; the attention
 // update's two modes; streaming with cached (K~, V, E) equals the full forward; gradients by finite
 // differences; fused == reference.
-#include <gtest/gtest.h>
 #include <fmt/format.h>
+#include <gtest/gtest.h>
 #include <torch/torch.h>
 
 #include <cmath>
@@ -34,14 +34,18 @@ torch::Tensor tokens(int64_t B, int64_t T, uint64_t seed) {
 // Max |a - b| over entries finite in both (masked logits are -inf in both).
 double max_diff(const torch::Tensor& a, const torch::Tensor& b) {
   auto d = a.to(torch::kFloat64) - b.to(torch::kFloat64);
-  return torch::where(torch::isfinite(a) & torch::isfinite(b), d, torch::zeros_like(d)).abs().max().item<double>();
+  return torch::where(torch::isfinite(a) & torch::isfinite(b), d, torch::zeros_like(d))
+      .abs()
+      .max()
+      .item<double>();
 }
 
 // Moves TAPE's parameters (W1, A start at zero) off their init so every update is active.
 void perturb_tape(Transformer& m, double scale = 0.3) {
   torch::NoGradGuard ng;
   for (auto& item : m->named_parameters())
-    if (item.key().find(".pe.") != std::string::npos) item.value().add_(torch::randn_like(item.value()) * scale);
+    if (item.key().find(".pe.") != std::string::npos)
+      item.value().add_(torch::randn_like(item.value()) * scale);
 }
 
 // A TAPE model with a RoPE model's weights (TAPE's own parameters as initialised).
@@ -95,7 +99,8 @@ TEST(Tape, TokenOutputsAreInvariantToAGlobalPositionShift) {
       continue;
     }
     const double d = max_diff(out, ref);
-    std::printf("  tape shift %.0f: max |diff| = %.3g (max |logit| %.3g)\n", c, d, ref.abs().max().item<double>());
+    std::printf("  tape shift %.0f: max |diff| = %.3g (max |logit| %.3g)\n", c, d,
+                ref.abs().max().item<double>());
     EXPECT_LE(d, 1e-9);
   }
   // The perturbed model is not RoPE: the check above is not vacuous.
@@ -120,7 +125,8 @@ TEST(Tape, OneLayerIsEquivariantToRotationsOfE) {
   auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
   const int64_t B = 2, T = 9, P = s.head_dim / 2;
   auto q = torch::randn({B, T, s.heads, s.head_dim}, f64), k = torch::randn({B, T, s.heads, s.head_dim}, f64);
-  auto E = torch::randn({B, T, s.heads, s.head_dim}, f64), Et = torch::randn({B, T, s.heads, s.head_dim}, f64);
+  auto E = torch::randn({B, T, s.heads, s.head_dim}, f64),
+       Et = torch::randn({B, T, s.heads, s.head_dim}, f64);
   auto y = torch::randn({B, T, s.model_dim}, f64);
   auto phase = torch::rand({P}, f64) * 2 * std::numbers::pi;
   auto rotate = [&](const torch::Tensor& x) {  // z_b -> u_b z_b
@@ -135,7 +141,8 @@ TEST(Tape, OneLayerIsEquivariantToRotationsOfE) {
   };
   EXPECT_LE(max_diff(logits(rotate(E)), logits(E)), 1e-12);
   EXPECT_GE(max_diff(logits(E), logits(torch::randn_like(E))), 1e-3);  // E does matter
-  EXPECT_LE(max_diff(enc.attention_update(rotate(E), rotate(Et)), rotate(enc.attention_update(E, Et))), 1e-12);
+  EXPECT_LE(max_diff(enc.attention_update(rotate(E), rotate(Et)), rotate(enc.attention_update(E, Et))),
+            1e-12);
   EXPECT_LE(max_diff(enc.mlp_update(rotate(E), y), rotate(enc.mlp_update(E, y))), 1e-12);
   // Without the update terms the identity: E + 0.
   torch::NoGradGuard ng;
@@ -226,10 +233,11 @@ TEST(Tape, GradientsMatchFiniteDifferences) {
   }
   enc.to(torch::kFloat64);
   const int64_t B = 2, T = 7;
-  std::vector<std::pair<std::string, torch::Tensor>> xs = {
-      {"q", torch::randn({B, T, 3, 8}, f64)}, {"k", torch::randn({B, T, 3, 8}, f64)},
-      {"v", torch::randn({B, T, 3, 8}, f64)}, {"E", torch::randn({B, T, 3, 8}, f64)},
-      {"y", torch::randn({B, T, 12}, f64)}};
+  std::vector<std::pair<std::string, torch::Tensor>> xs = {{"q", torch::randn({B, T, 3, 8}, f64)},
+                                                           {"k", torch::randn({B, T, 3, 8}, f64)},
+                                                           {"v", torch::randn({B, T, 3, 8}, f64)},
+                                                           {"E", torch::randn({B, T, 3, 8}, f64)},
+                                                           {"y", torch::randn({B, T, 12}, f64)}};
   for (auto& p : enc.named_parameters()) xs.push_back({p.key(), p.value()});
   for (auto& [_, x] : xs) x.requires_grad_(true);
   auto wy = torch::randn({B, T, 3, 8}, f64), wE = torch::randn({B, T, 3, 8}, f64);

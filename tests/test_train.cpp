@@ -14,9 +14,9 @@
 #include <thread>
 
 #include "cli_runner.hpp"
-#include "run_dir_fixture.hpp"
 #include "grape/io.hpp"
 #include "grape/train.hpp"
+#include "run_dir_fixture.hpp"
 
 namespace {
 
@@ -57,7 +57,8 @@ class Train : public grape::testing::RunDirTest {
   // The CLI flags that give the same tiny model.
   std::string tiny_flags() const {
     return " --set n_layer=1 --set n_embd=32 --set n_head=2 --context 16 --batch 4 --warmup 2 --lr 3e-3"
-           " --data " + path("text.txt") + " --set eval_batches=2";
+           " --data " +
+           path("text.txt") + " --set eval_batches=2";
   }
 
   std::vector<nlohmann::json> metrics(const std::string& run) const {
@@ -78,9 +79,9 @@ TEST(TrainSchedule, WarmupThenCosineToTheMinimum) {
   c.min_lr = 1e-4;
   c.warmup = 10;
   c.steps = 110;
-  EXPECT_NEAR(grape::train::lr_at(c, 0), 1e-4, 1e-15);   // 1/10 of the peak
-  EXPECT_NEAR(grape::train::lr_at(c, 9), 1e-3, 1e-15);   // peak at the end of warmup
-  EXPECT_NEAR(grape::train::lr_at(c, 10), 1e-3, 1e-15);  // cosine starts at the peak
+  EXPECT_NEAR(grape::train::lr_at(c, 0), 1e-4, 1e-15);                  // 1/10 of the peak
+  EXPECT_NEAR(grape::train::lr_at(c, 9), 1e-3, 1e-15);                  // peak at the end of warmup
+  EXPECT_NEAR(grape::train::lr_at(c, 10), 1e-3, 1e-15);                 // cosine starts at the peak
   EXPECT_NEAR(grape::train::lr_at(c, 60), 0.5 * (1e-3 + 1e-4), 1e-12);  // half way
   EXPECT_NEAR(grape::train::lr_at(c, 110), 1e-4, 1e-15);
 }
@@ -173,7 +174,8 @@ TEST_F(Train, ResumedRunRepeatsTheUninterruptedOneExactly) {
   for (size_t i = 0; i < a.size(); ++i) {
     ASSERT_EQ(a[i]["step"], b[i]["step"]);
     for (const char* key : {"loss", "val_loss", "grad_norm", "lr"})
-      if (a[i].contains(key)) EXPECT_EQ(a[i][key].get<double>(), b[i][key].get<double>()) << key << " at " << a[i]["step"];
+      if (a[i].contains(key))
+        EXPECT_EQ(a[i][key].get<double>(), b[i][key].get<double>()) << key << " at " << a[i]["step"];
   }
   auto wa = grape::io::read_safetensors(path("full/checkpoints/step_00000012/model.safetensors"));
   auto wb = grape::io::read_safetensors(path("split/checkpoints/step_00000012/model.safetensors"));
@@ -233,9 +235,11 @@ TEST_F(Train, NonFiniteLossStopsAndKeepsTheLastGoodCheckpoint) {
 }
 
 TEST_F(Train, CrashWhileWritingACheckpointLeavesThePreviousOne) {
-  auto first = run_cli("train" + tiny_flags() + " --steps 4 --ckpt-every 2 --out " + path("run") + " --quiet");
+  auto first =
+      run_cli("train" + tiny_flags() + " --steps 4 --ckpt-every 2 --out " + path("run") + " --quiet");
   ASSERT_EQ(first.code, 0) << first.output;
-  auto crash = run_cli("train --resume --steps 6 --out " + path("run") + " --quiet", "GRAPE_FAULT=checkpoint");
+  auto crash =
+      run_cli("train --resume --steps 6 --out " + path("run") + " --quiet", "GRAPE_FAULT=checkpoint");
   EXPECT_EQ(crash.code, 3) << crash.output;  // the fault hook's exit, half-way through writing step 6
   EXPECT_EQ(grape::train::latest_checkpoint(path("run")), path("run/checkpoints/step_00000004"));
   auto run = grape::train::read_run(path("run"));
@@ -249,8 +253,8 @@ TEST_F(Train, CrashWhileWritingACheckpointLeavesThePreviousOne) {
 TEST_F(Train, CtrlCStopsWithACheckpointAndResumeFinishes) {
   const std::string log = path("train.log");
   const std::string cmd = std::string(GRAPE_CLI_PATH) + " --threads 1 train" + tiny_flags() +
-                          " --steps 100000 --ckpt-every 1000 --eval-every 0 --out " + path("run") + " --quiet > " +
-                          log + " 2>&1";
+                          " --steps 100000 --ckpt-every 1000 --eval-every 0 --out " + path("run") +
+                          " --quiet > " + log + " 2>&1";
   pid_t pid = fork();
   ASSERT_GE(pid, 0);
   if (pid == 0) {
@@ -272,11 +276,12 @@ TEST_F(Train, CtrlCStopsWithACheckpointAndResumeFinishes) {
   EXPECT_GE(step, 3);
   auto state = nlohmann::json::parse(grape::io::read_file(ck + "/state.json"));
   EXPECT_EQ(state["step"].get<int64_t>(), step);
-  auto r = run_cli("train --resume --steps " + std::to_string(step + 2) + " --out " + path("run") + " --quiet");
+  auto r =
+      run_cli("train --resume --steps " + std::to_string(step + 2) + " --out " + path("run") + " --quiet");
   ASSERT_EQ(r.code, 0) << r.output;
-  EXPECT_EQ(grape::train::latest_checkpoint(path("run")), path("run/checkpoints/step_" +
-                                                               std::string(8 - std::to_string(step + 2).size(), '0') +
-                                                               std::to_string(step + 2)));
+  EXPECT_EQ(grape::train::latest_checkpoint(path("run")),
+            path("run/checkpoints/step_" + std::string(8 - std::to_string(step + 2).size(), '0') +
+                 std::to_string(step + 2)));
 }
 
 TEST_F(Train, EvalAtLongerContextsAndGenerateFromTheRun) {
@@ -307,8 +312,8 @@ TEST_F(Train, BatchedGenerationWithDifferentPromptLengthsEqualsEachAlone) {
   grape::train::SamplingOptions o;
   o.temperature = 0;  // greedy: the same tokens must come out
   o.max_tokens = 24;
-  std::vector<std::vector<int32_t>> prompts = {{256, 't', 'h', 'e'}, {256, 'm', 'o', 's', 'e', 's', ' ', 'a', 'n', 'd'},
-                                               {256}};
+  std::vector<std::vector<int32_t>> prompts = {
+      {256, 't', 'h', 'e'}, {256, 'm', 'o', 's', 'e', 's', ' ', 'a', 'n', 'd'}, {256}};
   auto together = grape::train::generate(model, prompts, o);
   for (size_t i = 0; i < prompts.size(); ++i) {
     auto alone = grape::train::generate(model, {prompts[i]}, o);
@@ -334,8 +339,8 @@ TEST_F(Train, LearnedEncodingBeyondItsTableIsReportedNotFatal) {
 }
 
 TEST_F(Train, CompareWritesResultsReportAndPlots) {
-  auto r = run_cli("compare --pe rope,alibi --steps 4" + tiny_flags() + " --factors 1,2 --eval-tokens 256 --out " +
-                   path("cmp") + " --quiet");
+  auto r = run_cli("compare --pe rope,alibi --steps 4" + tiny_flags() +
+                   " --factors 1,2 --eval-tokens 256 --out " + path("cmp") + " --quiet");
   ASSERT_EQ(r.code, 0) << r.output;
   auto j = nlohmann::json::parse(grape::io::read_file(path("cmp/results.json")));
   ASSERT_EQ(j["runs"].size(), 2u);
@@ -356,15 +361,16 @@ TEST_F(Train, CompareWritesResultsReportAndPlots) {
     EXPECT_EQ(bytes.substr(1, 3), "PNG") << png;
   }
   // Running it again continues (here: finds every run finished) instead of starting over.
-  auto again = run_cli("compare --pe rope,alibi --steps 4" + tiny_flags() + " --factors 1,2 --eval-tokens 256 --out " +
-                       path("cmp") + " --quiet");
+  auto again = run_cli("compare --pe rope,alibi --steps 4" + tiny_flags() +
+                       " --factors 1,2 --eval-tokens 256 --out " + path("cmp") + " --quiet");
   ASSERT_EQ(again.code, 0) << again.output;
 }
 
 TEST_F(Train, ConfigFilesTomlAndJsonThenFlagsOverride) {
   grape::io::write_file_atomic(path("c.toml"),
                                "[model]\nn_layer = 1\nn_embd = 32\nn_head = 2\ncontext = 16\npe = \"alibi\"\n"
-                               "[train]\nsteps = 3\nbatch = 2\nlr = 2e-3\ndata = \"" + path("text.txt") + "\"\n");
+                               "[train]\nsteps = 3\nbatch = 2\nlr = 2e-3\ndata = \"" +
+                                   path("text.txt") + "\"\n");
   auto r = run_cli("train --config " + path("c.toml") + " --batch 3 --out " + path("t") + " --quiet");
   ASSERT_EQ(r.code, 0) << r.output;
   auto run = grape::train::read_run(path("t"));
@@ -374,9 +380,11 @@ TEST_F(Train, ConfigFilesTomlAndJsonThenFlagsOverride) {
   EXPECT_EQ(run.train.steps, 3);
   EXPECT_EQ(run.train.batch, 3);  // the flag wins over the file
   EXPECT_DOUBLE_EQ(run.train.lr, 2e-3);
-  grape::io::write_file_atomic(path("c.json"), "{\"model\": {\"n_layer\": 1, \"n_embd\": 32, \"n_head\": 2, "
-                                               "\"context\": 16, \"pe\": \"fox\"}, \"train\": {\"steps\": 2, "
-                                               "\"data\": \"" + path("text.txt") + "\"}}");
+  grape::io::write_file_atomic(path("c.json"),
+                               "{\"model\": {\"n_layer\": 1, \"n_embd\": 32, \"n_head\": 2, "
+                               "\"context\": 16, \"pe\": \"fox\"}, \"train\": {\"steps\": 2, "
+                               "\"data\": \"" +
+                                   path("text.txt") + "\"}}");
   r = run_cli("train --config " + path("c.json") + " --out " + path("j") + " --quiet");
   ASSERT_EQ(r.code, 0) << r.output;
   EXPECT_EQ(grape::train::read_run(path("j")).model.pe, "fox");
@@ -413,8 +421,8 @@ TEST_F(Train, SyntheticTaskRunReportsExactMatchAccuracy) {
 TEST_F(Train, SentencePieceRunKeepsItsTokenizer) {
   auto t = run_cli("tokenizer train --input " + path("text.txt") + " --vocab 320 --out " + path("tok.model"));
   ASSERT_EQ(t.code, 0) << t.output;
-  auto r = run_cli("train" + tiny_flags() + " --steps 3 --tokenizer " + path("tok.model") + " --out " + path("run") +
-                   " --quiet");
+  auto r = run_cli("train" + tiny_flags() + " --steps 3 --tokenizer " + path("tok.model") + " --out " +
+                   path("run") + " --quiet");
   ASSERT_EQ(r.code, 0) << r.output;
   auto run = grape::train::read_run(path("run"));
   EXPECT_EQ(run.model.vocab_size, 320);
@@ -444,7 +452,8 @@ TEST_F(Train, BadInputGetsOneClearLine) {
   for (const char* flag : {"--steps -5", "--batch 0", "--lr -1", "--warmup -2"}) {
     auto r = run_cli(std::string("train ") + flag + " --out " + path("a"));
     EXPECT_NE(r.code, 0) << flag << "\n" << r.output;
-    EXPECT_NE(r.output.find(std::string(flag).substr(0, std::string(flag).find(' '))), std::string::npos) << r.output;
+    EXPECT_NE(r.output.find(std::string(flag).substr(0, std::string(flag).find(' '))), std::string::npos)
+        << r.output;
   }
   for (const auto& c : cases) {
     auto r = run_cli(c.args);

@@ -1,4 +1,5 @@
-// The laws every encoding must obey, checked on random inputs: `grape check` prints them, the tests assert them.
+// The laws every encoding must obey, checked on random inputs: `grape check` prints them, the tests assert
+// them.
 #pragma once
 
 #include <cstdint>
@@ -10,7 +11,7 @@ namespace grape::check {
 struct LawResult {
   std::string encoding;
   std::string law;
-  double error = 0.0;      // the measured deviation (max abs, or relative where the law says so)
+  double error = 0.0;  // the measured deviation (max abs, or relative where the law says so)
   double tolerance = 0.0;
   bool passed = false;
 };

@@ -20,11 +20,11 @@ namespace grape::data {
 class Tokenizer {
  public:
   virtual ~Tokenizer() = default;
-  virtual std::string kind() const = 0;      // "byte" or "sentencepiece"
-  virtual int64_t vocab_size() const = 0;    // ids are 0..vocab_size-1, end-of-text included
-  virtual int64_t eot() const = 0;           // the end-of-text id, placed between documents
-  virtual std::vector<int32_t> encode(std::string_view text) const = 0;  // never emits eot
-  virtual std::string decode(const std::vector<int32_t>& ids) const = 0; // eot decodes to ""
+  virtual std::string kind() const = 0;    // "byte" or "sentencepiece"
+  virtual int64_t vocab_size() const = 0;  // ids are 0..vocab_size-1, end-of-text included
+  virtual int64_t eot() const = 0;         // the end-of-text id, placed between documents
+  virtual std::vector<int32_t> encode(std::string_view text) const = 0;   // never emits eot
+  virtual std::string decode(const std::vector<int32_t>& ids) const = 0;  // eot decodes to ""
   // The text of one token, for printing generated tokens as they come (byte: one raw byte).
   virtual std::string piece(int32_t id) const = 0;
   // The serialized tokenizer (empty for "byte"): a run directory stores it so checkpoints stand alone.
@@ -43,9 +43,9 @@ std::unique_ptr<Tokenizer> make_tokenizer(const std::string& spec);
 struct SentencePieceTraining {
   std::vector<std::string> inputs;  // text files
   int64_t vocab_size = 4096;
-  std::string model_type = "bpe";  // "bpe" or "unigram"
-  std::string out_path;            // writes <out_path> (the .model), atomically
-  int64_t max_sentences = 2000000; // input lines sampled for training
+  std::string model_type = "bpe";   // "bpe" or "unigram"
+  std::string out_path;             // writes <out_path> (the .model), atomically
+  int64_t max_sentences = 2000000;  // input lines sampled for training
 };
 void train_sentencepiece(const SentencePieceTraining& settings);
 
@@ -103,8 +103,8 @@ struct TaskExample {
 };
 
 struct DataOptions {
-  double val_fraction = 0.1;   // the last fraction of the token stream is validation (when no val files)
-  std::string cache_dir;       // where prepared data is kept; empty: $GRAPE_CACHE or ~/.cache/grape
+  double val_fraction = 0.1;  // the last fraction of the token stream is validation (when no val files)
+  std::string cache_dir;      // where prepared data is kept; empty: $GRAPE_CACHE or ~/.cache/grape
 };
 
 // Where training and validation batches come from.

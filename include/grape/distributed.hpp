@@ -75,7 +75,8 @@ class Group {
 // order that differs between ranks would pair the wrong messages).
 class GradientSync {
  public:
-  GradientSync(std::shared_ptr<Group> group, std::vector<torch::Tensor> params, int64_t bucket_bytes = 1 << 20);
+  GradientSync(std::shared_ptr<Group> group, std::vector<torch::Tensor> params,
+               int64_t bucket_bytes = 1 << 20);
   ~GradientSync();
   void arm();
   void finish();

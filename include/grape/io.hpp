@@ -24,8 +24,8 @@ void write_npy(const std::string& path, const torch::Tensor& tensor);
 
 // .safetensors: 8-byte little-endian header length, JSON header, raw little-endian data.
 // Only F32 tensors are accepted on read; any other dtype is refused with its name in the message.
-std::map<std::string, torch::Tensor> read_safetensors(
-    const std::string& path, std::map<std::string, std::string>* metadata = nullptr);
+std::map<std::string, torch::Tensor> read_safetensors(const std::string& path,
+                                                      std::map<std::string, std::string>* metadata = nullptr);
 // Writes float32 tensors (others are refused), sorted by name, with optional string metadata, atomically.
 void write_safetensors(const std::string& path, const std::map<std::string, torch::Tensor>& tensors,
                        const std::map<std::string, std::string>& metadata = {});

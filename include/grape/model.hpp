@@ -17,18 +17,18 @@ namespace grape {
 
 struct ModelConfig {
   std::string preset = "tiny";
-  int64_t vocab_size = 257;    // from the tokenizer
+  int64_t vocab_size = 257;  // from the tokenizer
   int64_t n_layer = 4;
   int64_t n_head = 4;
-  int64_t n_embd = 128;        // C; head_dim = C / n_head
-  int64_t mlp_hidden = 0;      // SwiGLU hidden width; 0: floor(8C/3)
-  int64_t context = 128;       // training context length T
-  std::string pe = "rope";     // any name from grape::encodings()
+  int64_t n_embd = 128;                           // C; head_dim = C / n_head
+  int64_t mlp_hidden = 0;                         // SwiGLU hidden width; 0: floor(8C/3)
+  int64_t context = 128;                          // training context length T
+  std::string pe = "rope";                        // any name from grape::encodings()
   std::map<std::string, std::string> pe_options;  // its --pe-set key=value options
   bool kv_shift = false;
   bool qk_norm = true;
   double norm_eps = 1e-5;
-  double embed_std = 0.02;     // tied embedding init N(0, embed_std^2)
+  double embed_std = 0.02;          // tied embedding init N(0, embed_std^2)
   std::string attention = "fused";  // "fused": CPU kernels where the encoding allows; "reference": composed
 
   int64_t head_dim() const { return n_embd / n_head; }
@@ -42,7 +42,7 @@ struct ModelConfig {
   // listing the known ones. Keys "pe.NAME" set encoding options. "preset" loads that preset (every
   // field), so set it before the others.
   void set(const std::string& key, const std::string& value);
-  std::string to_json() const;                         // every field, pretty-printed
+  std::string to_json() const;                            // every field, pretty-printed
   static ModelConfig from_json(const std::string& text);  // unknown or mistyped fields throw
 };
 
@@ -108,7 +108,8 @@ class TransformerImpl : public torch::nn::Module {
   RMSNorm norm_f_{nullptr};
   EncodingPtr embed_pe_;
   // TAPE's layer-0 position state of rows starting at `offsets`, [B,T,H,D]; undefined for other encodings.
-  torch::Tensor initial_stream(const std::vector<int64_t>& offsets, int64_t T, torch::ScalarType dtype) const;  // the encoding when it embeds (sinusoidal, learned), applied once after wte
+  torch::Tensor initial_stream(const std::vector<int64_t>& offsets, int64_t T, torch::ScalarType dtype)
+      const;  // the encoding when it embeds (sinusoidal, learned), applied once after wte
 };
 TORCH_MODULE(Transformer);
 

@@ -24,33 +24,33 @@ using TensorMap = std::map<std::string, torch::Tensor>;
 
 // The attention geometry an encoding is built for.
 struct HeadShape {
-  int64_t heads = 8;       // H
-  int64_t head_dim = 64;   // D
-  int64_t model_dim = 512; // C, width of the layer input x (contextual encodings project from it)
+  int64_t heads = 8;        // H
+  int64_t head_dim = 64;    // D
+  int64_t model_dim = 512;  // C, width of the layer input x (contextual encodings project from it)
 };
 
 // What a chunk of T tokens looks like after `encode`.
 struct PeTokens {
-  torch::Tensor q;    // [B,T,H,D] transformed queries
-  torch::Tensor k;    // [B,T,H,D] transformed keys (what a KV cache stores)
-  TensorMap query;    // per-query inputs of the bias hook, e.g. "c": [B,T,H]
-  TensorMap key;      // per-key inputs of the bias hook, cached beside the keys
-  int64_t offset = 0; // absolute position of the first token of the chunk
-  int64_t length = 0; // T
+  torch::Tensor q;     // [B,T,H,D] transformed queries
+  torch::Tensor k;     // [B,T,H,D] transformed keys (what a KV cache stores)
+  TensorMap query;     // per-query inputs of the bias hook, e.g. "c": [B,T,H]
+  TensorMap key;       // per-key inputs of the bias hook, cached beside the keys
+  int64_t offset = 0;  // absolute position of the first token of the chunk
+  int64_t length = 0;  // T
 };
 
 // Running state of one batch of sequences across chunks (positions, running phases, cumulative sums).
 struct PeState {
-  int64_t next_pos = 0; // absolute position of the next token
-  TensorMap values;     // encoding-specific running quantities, e.g. "phi": [B,G], "c": [B,H]
+  int64_t next_pos = 0;  // absolute position of the next token
+  TensorMap values;      // encoding-specific running quantities, e.g. "phi": [B,G], "c": [B,H]
 };
 
 // Keys seen so far: the concatenation along T of every chunk's `k` and `key` map.
 struct KeyCache {
-  torch::Tensor k;      // [B,Tk,H,D]
-  torch::Tensor v;      // [B,Tk,H,D] (optional for logits)
-  TensorMap key;        // per-key bias inputs, concatenated along dim 1
-  int64_t offset = 0;   // absolute position of the first cached key
+  torch::Tensor k;     // [B,Tk,H,D]
+  torch::Tensor v;     // [B,Tk,H,D] (optional for logits)
+  TensorMap key;       // per-key bias inputs, concatenated along dim 1
+  int64_t offset = 0;  // absolute position of the first cached key
   int64_t length = 0;
 
   void append(const PeTokens& chunk, const torch::Tensor& v_chunk = {});
@@ -92,7 +92,7 @@ struct Properties {
   bool contextual = false;      // (d) needs the layer input x
   bool relative = false;        // logits depend on positions only through i - j
   bool phase_relative = false;  // relative in a data-dependent phase (the state "phi")
-  bool signed_bias = false;     // the bias is learned freely (t5, fire, cope): no "0 on the diagonal, <= 0" law
+  bool signed_bias = false;  // the bias is learned freely (t5, fire, cope): no "0 on the diagonal, <= 0" law
 };
 
 // Base class of every encoding. Subclasses register their learnable parameters as usual.
@@ -114,8 +114,7 @@ class Encoding : public torch::nn::Module {
   // (a)+(d) Encode one chunk. q, k: [B,T,H,D] (after QK-norm); x: [B,T,C] layer input, required when
   // properties().contextual. Positions are state.next_pos.., and the state advances by T.
   // Checks shapes, dtypes and finiteness and throws std::invalid_argument naming the problem.
-  PeTokens encode(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& x,
-                  PeState& state);
+  PeTokens encode(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& x, PeState& state);
 
   // (b) bias [B,H,Tq,Tk] of a chunk of queries against cached keys, before the causal mask. Undefined
   // tensor when the encoding has no bias. Entries above the diagonal are unspecified (masked later).
@@ -129,15 +128,15 @@ class Encoding : public torch::nn::Module {
   // encode returned and the cache holds. Dynamic NTK caches pre-rotation keys and rotates queries and keys
   // here with the spectrum of the current length, so decoding stays exact when that spectrum changes.
   virtual std::pair<torch::Tensor, torch::Tensor> attention_qk(const PeTokens& queries,
-                                                                const KeyCache& keys) const;
+                                                               const KeyCache& keys) const;
 
   // One line per learnable parameter with its actual shape, for `grape encodings NAME`.
   std::vector<std::string> describe_parameters() const;
 
  protected:
   // Subclasses implement the per-chunk math on validated inputs.
-  virtual PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k,
-                                const torch::Tensor& x, PeState& state) = 0;
+  virtual PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& x,
+                                PeState& state) = 0;
 
   std::string name_;
   HeadShape shape_;
@@ -176,18 +175,17 @@ struct OptionSpec {
 // A registry entry: the CLI name, a one-line summary, options and a factory.
 struct EncodingInfo {
   std::string name;
-  std::string family;   // "absolute", "multiplicative", "additive"
+  std::string family;  // "absolute", "multiplicative", "additive"
   std::string summary;
   std::vector<OptionSpec> options;
   std::vector<std::string> parameters;  // learnable parameters: "name  shape  init"
   std::function<EncodingPtr(const HeadShape&, const PeOptions&)> make;
 };
 
-const std::vector<EncodingInfo>& encodings();          // every registered encoding, in display order
+const std::vector<EncodingInfo>& encodings();                // every registered encoding, in display order
 const EncodingInfo& encoding_info(const std::string& name);  // throws, listing the known names
 // Builds an encoding; unknown names and unknown or malformed options throw std::invalid_argument.
-EncodingPtr make_encoding(const std::string& name, const HeadShape& shape,
-                          const PeOptions& options = {});
+EncodingPtr make_encoding(const std::string& name, const HeadShape& shape, const PeOptions& options = {});
 
 // ---- reference attention (LibTorch-composed: the oracle for fused kernels) -------------------------
 
@@ -220,8 +218,7 @@ class KVShiftImpl : public torch::nn::Module {
  public:
   explicit KVShiftImpl(HeadShape shape);
   // k_raw, v_raw: [B,T,H,D]; x: [B,T,C]. Returns the shifted (k, v); updates state for streaming.
-  std::pair<torch::Tensor, torch::Tensor> forward(const torch::Tensor& k_raw,
-                                                  const torch::Tensor& v_raw,
+  std::pair<torch::Tensor, torch::Tensor> forward(const torch::Tensor& k_raw, const torch::Tensor& v_raw,
                                                   const torch::Tensor& x, KVShiftState& state);
   HeadShape shape;
   torch::Tensor w_k, w_v;  // [H,C] gate weights, alpha = sigmoid(w . x)
@@ -268,7 +265,7 @@ class TapeEncoding : public Encoding {
   torch::Tensor log_theta_;  // [D/2] RoPE log-frequencies (float64 buffer)
   double shift_ = 0;
   bool code_compat_ = false;
-  torch::Tensor pending_;    // the stream handed to encode_with_stream for the current call
+  torch::Tensor pending_;  // the stream handed to encode_with_stream for the current call
 };
 
 // "[2,16,4,32]": the shape of a tensor as error messages print it.
@@ -282,10 +279,11 @@ std::vector<double> alibi_slopes(int64_t heads);
 // Rotate the pairs of the first 2*P coordinates of x [..., D] by angles [..., P] (broadcast over the
 // leading dims). pairing "half": (i, i+P); "interleaved": (2i, 2i+1). sign +1 is the standard
 // orientation a' = a cos - b sin, b' = a sin + b cos; sign -1 the GRAPE authors' (clockwise).
-torch::Tensor rotate_pairs(const torch::Tensor& x, const torch::Tensor& angles,
-                           const std::string& pairing, double sign = 1.0);
-// The same rotation composed of LibTorch ops, for any dtype and with LibTorch's autograd: rotate_pairs' path for
-// non-float32 x and the oracle of its fp32 kernel (src/kernels/cpu/rotary.hpp). Angles broadcast as in LibTorch.
+torch::Tensor rotate_pairs(const torch::Tensor& x, const torch::Tensor& angles, const std::string& pairing,
+                           double sign = 1.0);
+// The same rotation composed of LibTorch ops, for any dtype and with LibTorch's autograd: rotate_pairs' path
+// for non-float32 x and the oracle of its fp32 kernel (src/kernels/cpu/rotary.hpp). Angles broadcast as in
+// LibTorch.
 torch::Tensor rotate_pairs_composed(const torch::Tensor& x, const torch::Tensor& angles,
                                     const std::string& pairing, double sign = 1.0);
 

@@ -32,18 +32,18 @@ namespace grape::train {
 
 struct TrainConfig {
   int64_t steps = 1000;
-  int64_t batch = 16;          // sequences per micro-batch
-  int64_t accum = 1;           // micro-batches per optimizer step
-  double lr = 1e-3;            // peak learning rate
-  double min_lr = 1e-4;        // end of the cosine decay
-  int64_t warmup = 100;        // linear warmup steps
-  double weight_decay = 0.1;   // on matrices (>= 2-D parameters) only
+  int64_t batch = 16;         // sequences per micro-batch
+  int64_t accum = 1;          // micro-batches per optimizer step
+  double lr = 1e-3;           // peak learning rate
+  double min_lr = 1e-4;       // end of the cosine decay
+  int64_t warmup = 100;       // linear warmup steps
+  double weight_decay = 0.1;  // on matrices (>= 2-D parameters) only
   double beta1 = 0.9, beta2 = 0.95, adam_eps = 1e-8;
-  double grad_clip = 1.0;      // global norm; 0 turns clipping off
-  int64_t eval_every = 100;    // validation every N steps (and at the end); 0: only at the end
+  double grad_clip = 1.0;    // global norm; 0 turns clipping off
+  int64_t eval_every = 100;  // validation every N steps (and at the end); 0: only at the end
   int64_t eval_batches = 8;
-  int64_t ckpt_every = 100;    // checkpoint every N steps (and at the end); 0: only at the end
-  int64_t keep_last = 2;       // checkpoints kept
+  int64_t ckpt_every = 100;  // checkpoint every N steps (and at the end); 0: only at the end
+  int64_t keep_last = 2;     // checkpoints kept
   int64_t log_every = 10;
   uint64_t seed = 42;
   std::string data = "bible";
@@ -117,10 +117,10 @@ Transformer load_model(const RunInfo& run, const std::string& checkpoint_dir = "
 // ---- the commands' work ---------------------------------------------------------------------------
 
 struct TrainOptions {
-  bool resume = false;    // continue the run in `dir` from its latest checkpoint
-  bool quiet = false;     // no progress output
-  int64_t stop_after = 0; // stop as Ctrl-C would (checkpoint, `interrupted`) after this step; 0: never
-  int64_t resume_steps = 0; // with resume: a new step budget (changes the lr schedule); 0: the run's own
+  bool resume = false;       // continue the run in `dir` from its latest checkpoint
+  bool quiet = false;        // no progress output
+  int64_t stop_after = 0;    // stop as Ctrl-C would (checkpoint, `interrupted`) after this step; 0: never
+  int64_t resume_steps = 0;  // with resume: a new step budget (changes the lr schedule); 0: the run's own
   std::string run_dir;
   // Data-parallel group (null: one process). Each rank trains on its share of a batch of batch x ranks;
   // rank 0 writes run.json, metrics and checkpoints, every rank resumes from them.
@@ -129,11 +129,11 @@ struct TrainOptions {
 struct TrainSummary {
   int64_t steps = 0;
   double final_loss = 0, val_loss = 0;
-  double tokens_per_s = 0;       // training throughput over the run (this process)
+  double tokens_per_s = 0;  // training throughput over the run (this process)
   int64_t parameters = 0;
   double seconds = 0;
-  std::string checkpoint;        // the final checkpoint directory
-  bool interrupted = false;      // stopped by Ctrl-C (a checkpoint was written)
+  std::string checkpoint;    // the final checkpoint directory
+  bool interrupted = false;  // stopped by Ctrl-C (a checkpoint was written)
 };
 // Trains (or resumes) the run in opts.run_dir. Stops cleanly on Ctrl-C with a checkpoint.
 TrainSummary run_training(const ModelConfig& model_cfg, const TrainConfig& cfg, const TrainOptions& opts);
@@ -167,11 +167,12 @@ struct SamplingOptions {
   double top_p = 1.0;        // 1: off
   int64_t max_tokens = 256;
   uint64_t seed = 0;
-  int64_t eot = -1;          // stop when this token is drawn (the tokenizer's end-of-text); -1: never
+  int64_t eot = -1;  // stop when this token is drawn (the tokenizer's end-of-text); -1: never
 };
 // Samples continuations of each prompt (batched, each with its own KV cache). on_token(row, id) is called
 // for every generated token as it comes. Returns the generated ids per prompt (eot not included).
-std::vector<std::vector<int32_t>> generate(Transformer& model, const std::vector<std::vector<int32_t>>& prompts,
+std::vector<std::vector<int32_t>> generate(Transformer& model,
+                                           const std::vector<std::vector<int32_t>>& prompts,
                                            const SamplingOptions& opts,
                                            const std::function<void(size_t, int32_t)>& on_token = {});
 // Picks the next token from logits [V] with the options (deterministic in rng).
@@ -181,8 +182,8 @@ int32_t sample_token(const torch::Tensor& logits, const SamplingOptions& opts, s
 double decode_tokens_per_s(Transformer& model, int64_t batch, int64_t prompt_len, int64_t tokens);
 
 struct CompareOptions {
-  std::vector<std::string> pes;            // encodings, each with its default options
-  ModelConfig model;                       // pe is replaced per run
+  std::vector<std::string> pes;  // encodings, each with its default options
+  ModelConfig model;             // pe is replaced per run
   TrainConfig train;
   std::string out_dir = "grape-compare";
   std::vector<int64_t> factors = {1, 2, 4, 8};
@@ -200,18 +201,18 @@ std::string run_comparison(const CompareOptions& opts);
 // `extend` option, applied at evaluation with factor = the length factor), and a model trained on the
 // needle task at the training context (exact-match retrieval over depths x length factors).
 struct StudyOptions {
-  std::vector<std::string> pes;            // encodings (unknown names throw, listing the known ones)
-  ModelConfig model;                       // pe is replaced per run; context = the short training context
-  TrainConfig train;                       // the language-model runs (data, steps, batch, lr, seed, ...)
-  int64_t needle_steps = 0;                // steps of the needle runs; 0: train.steps
+  std::vector<std::string> pes;  // encodings (unknown names throw, listing the known ones)
+  ModelConfig model;             // pe is replaced per run; context = the short training context
+  TrainConfig train;             // the language-model runs (data, steps, batch, lr, seed, ...)
+  int64_t needle_steps = 0;      // steps of the needle runs; 0: train.steps
   std::vector<int64_t> factors = {1, 2, 4, 8, 16};
   std::vector<std::string> extend = {"pi", "ntk", "dynamic-ntk", "yarn"};  // for encodings with `extend`
-  bool needle_extend = true;               // also measure the needle grid with each extension method
+  bool needle_extend = true;  // also measure the needle grid with each extension method
   std::vector<double> depths = {0, 0.25, 0.5, 0.75, 1};
-  int64_t eval_tokens = 8192;              // validation tokens per length
-  int64_t needle_examples = 20;            // per (depth, length) cell
+  int64_t eval_tokens = 8192;    // validation tokens per length
+  int64_t needle_examples = 20;  // per (depth, length) cell
   std::string out_dir = "grape-study";
-  std::string command;                     // the command line, recorded in report.md
+  std::string command;  // the command line, recorded in report.md
   bool quiet = false;
 };
 // Runs (or continues) the study into out_dir: runs/lm/PE, runs/needle/PE, results.json, report.md,

@@ -1,12 +1,11 @@
 // The laws of the encodings, checked on random inputs (fp64 unless a law names fp32).
-#include "grape/check.hpp"
-
 #include <fmt/format.h>
 
 #include <cmath>
 #include <functional>
 #include <limits>
 
+#include "grape/check.hpp"
 #include "grape/pe.hpp"
 
 namespace grape::check {
@@ -73,8 +72,8 @@ void relative_law(Table& t, torch::ScalarType dtype, double tol, uint64_t seed) 
   double err = 0.0;
   for (int64_t shift : {1, 17, 977}) {
     auto base = logits_at(*e, in, 0);
-    auto moved = props.phase_relative ? logits_at(*e, in, 0, 0.731 * double(shift))
-                                      : logits_at(*e, in, shift);
+    auto moved =
+        props.phase_relative ? logits_at(*e, in, 0, 0.731 * double(shift)) : logits_at(*e, in, shift);
     err = std::max(err, max_diff(base, moved));
   }
   t.add(fmt::format("relative law ({})", dtype == torch::kFloat64 ? "fp64" : "fp32"), err, tol);
@@ -86,7 +85,8 @@ void norm_law(Table& t, uint64_t seed) {
   auto err_at = [&](int64_t offset) {
     auto st = e->initial_state(kBatch, offset);
     auto tok = e->encode(in.q, in.k, in.x, st);
-    return std::max(max_diff(tok.q.norm(2, -1), in.q.norm(2, -1)), max_diff(tok.k.norm(2, -1), in.k.norm(2, -1)));
+    return std::max(max_diff(tok.q.norm(2, -1), in.q.norm(2, -1)),
+                    max_diff(tok.k.norm(2, -1), in.k.norm(2, -1)));
   };
   t.add("norm preserved (n < 4096)", std::max(err_at(0), err_at(4096 - kLen)), 1e-10);
   // Far positions: grape-m-mix's float64 matrix exponential of n L loses orthogonality like n * 1e-15.
@@ -150,8 +150,7 @@ void gradient_law(Table& t, uint64_t seed) {
   };
   Inputs leaf{in.q.clone().requires_grad_(), in.k.clone().requires_grad_(), in.v.clone().requires_grad_(),
               in.x.clone().requires_grad_()};
-  std::vector<std::pair<std::string, torch::Tensor>> targets = {
-      {"q", leaf.q}, {"k", leaf.k}, {"v", leaf.v}};
+  std::vector<std::pair<std::string, torch::Tensor>> targets = {{"q", leaf.q}, {"k", leaf.k}, {"v", leaf.v}};
   if (e->properties().contextual || embeds) targets.push_back({"x", leaf.x});
   for (auto& p : e->named_parameters()) targets.push_back({p.key(), p.value()});
   for (auto& [_, x] : targets) x.mutable_grad() = torch::Tensor();
@@ -222,8 +221,8 @@ void reductions(Table& t, uint64_t seed) {
   };
   auto param = [](const EncodingPtr& e, const std::string& name) { return e->named_parameters()[name]; };
   if (n == "rope") {
-    t.add("fraction=1, p=1 == rope", logits_gap(fresh("rope", PeOptions{{"fraction", "1"}, {"p", "1"}}),
-                                               fresh("rope"), in, 5), 0.0);
+    t.add("fraction=1, p=1 == rope",
+          logits_gap(fresh("rope", PeOptions{{"fraction", "1"}, {"p", "1"}}), fresh("rope"), in, 5), 0.0);
     t.add("p=0 == nope", logits_gap(fresh("rope", PeOptions{{"p", "0"}}), fresh("nope"), in, 5), 0.0);
     // Interleaved pairing is half pairing conjugated by the fixed permutation (2i -> i, 2i+1 -> i+D/2).
     const int64_t D = kShape.head_dim;
@@ -233,14 +232,17 @@ void reductions(Table& t, uint64_t seed) {
     Inputs permuted{in.q.index_select(-1, idx), in.k.index_select(-1, idx), in.v, in.x};
     t.add("interleaved == permuted half",
           max_diff(logits_at(*fresh("rope", PeOptions{{"pairing", "interleaved"}}), in, 3),
-                   logits_at(*fresh("rope"), permuted, 3)), 1e-12);
+                   logits_at(*fresh("rope"), permuted, 3)),
+          1e-12);
     // Partial rotary leaves the unrotated dims alone.
     auto part = fresh("rope", PeOptions{{"fraction", "0.5"}});
     auto st = part->initial_state(kBatch, 7);
     auto tok = part->encode(in.q, in.k, in.x, st);
-    t.add("fraction=0.5: last D/2 dims untouched", max_diff(tok.q.narrow(-1, D / 2, D / 2), in.q.narrow(-1, D / 2, D / 2)), 0.0);
+    t.add("fraction=0.5: last D/2 dims untouched",
+          max_diff(tok.q.narrow(-1, D / 2, D / 2), in.q.narrow(-1, D / 2, D / 2)), 0.0);
   } else if (n == "xpos") {
-    t.add("scale_base=1e30 == rope", logits_gap(fresh("xpos", PeOptions{{"scale_base", "1e30"}}), fresh("rope"), in, 9), 1e-12);
+    t.add("scale_base=1e30 == rope",
+          logits_gap(fresh("xpos", PeOptions{{"scale_base", "1e30"}}), fresh("rope"), in, 9), 1e-12);
   } else if (n == "grape-m") {
     for (auto pairing : {"half", "interleaved"}) {
       PeOptions o{{"pairing", pairing}};
@@ -254,7 +256,7 @@ void reductions(Table& t, uint64_t seed) {
     auto gm = fresh("grape-m");
     {
       torch::NoGradGuard ng;
-      param(planes, "basis_logits").zero_();           // ... but the identity basis
+      param(planes, "basis_logits").zero_();  // ... but the identity basis
       param(gm, "lambda").copy_(param(planes, "lambda"));
     }
     t.add("identity basis == grape-m", logits_gap(planes, gm, in, 4), 1e-13);
@@ -264,7 +266,8 @@ void reductions(Table& t, uint64_t seed) {
     t.add("rank=D at init == rope (fp32)",
           logits_gap(fresh32("grape-m-mix", PeOptions{{"rank", "12"}}), fresh32("rope"), in32, 6), 1e-5);
     t.add("per_head at init == rope (fp32)",
-          logits_gap(fresh32("grape-m-mix", PeOptions{{"per_head", "true"}}), fresh32("rope"), in32, 6), 1e-5);
+          logits_gap(fresh32("grape-m-mix", PeOptions{{"per_head", "true"}}), fresh32("rope"), in32, 6),
+          1e-5);
     // Non-commuting: the perturbed generators do not commute, yet the law tests above hold.
     auto mix = build("grape-m-mix", f64, seed);
     auto a = param(mix, "gen_a").detach(), b = param(mix, "gen_b").detach();
@@ -295,7 +298,8 @@ void reductions(Table& t, uint64_t seed) {
     auto ang = (torch::arange(kLen, f64) * c).view({1, kLen, 1, 1}) * theta;
     t.add("w=0 == rope with theta*sigmoid(b/16)", max_diff(tok.q, rotate_pairs(in.q, ang, "half")), 1e-12);
   } else if (n == "grape-a-q" || n == "grape-a-k" || n == "grape-a-qk") {
-    // Zero gate directions: every gate is softplus(0) = ln 2, so this is ALiBi with slopes ln2 softplus(rho) m.
+    // Zero gate directions: every gate is softplus(0) = ln 2, so this is ALiBi with slopes ln2 softplus(rho)
+    // m.
     auto e = build(n, f64, seed);
     {
       torch::NoGradGuard ng;
@@ -314,7 +318,8 @@ void reductions(Table& t, uint64_t seed) {
     }
     auto slopes = torch::tensor(alibi_slopes(kShape.heads), f64);
     auto factor = torch::softplus(-param(e, "b_f").detach()) / slopes;
-    t.add("constant gate == alibi(softplus(-b))", max_diff(logits_at(*e, in, 0), scaled_alibi_logits(factor, in)), 1e-12);
+    t.add("constant gate == alibi(softplus(-b))",
+          max_diff(logits_at(*e, in, 0), scaled_alibi_logits(factor, in)), 1e-12);
     // The FoX parameterisation of additive GRAPE: an endpoint-independent edge potential psi(t,l) = log f_l
     // in the path-integral sum gives exactly the FoX bias.
     auto fox = build("fox", f64, seed);
@@ -326,7 +331,8 @@ void reductions(Table& t, uint64_t seed) {
     auto path = path_sum_bias(psi, 0, 0);
     auto mask = torch::tril(torch::ones({kLen, kLen}, torch::kBool));
     auto direct = fox->bias(tok, KeyCache::from(tok));
-    t.add("path-integral(psi = log f) == fox", (path - direct).masked_fill(~mask, 0).abs().max().item<double>(), 1e-12);
+    t.add("path-integral(psi = log f) == fox",
+          (path - direct).masked_fill(~mask, 0).abs().max().item<double>(), 1e-12);
   } else if (n == "grape-ap") {
     // W_p = 0: p = 0, psi = -ln2 m_h: ALiBi with slopes ln2 m_h.
     auto e = build("grape-ap", f64, seed);
@@ -334,12 +340,15 @@ void reductions(Table& t, uint64_t seed) {
       torch::NoGradGuard ng;
       param(e, "w_p").zero_();
     }
-    t.add("W_p=0 == alibi(ln2 m)", max_diff(logits_at(*e, in, 0),
-                                            scaled_alibi_logits(torch::full({kShape.heads}, std::log(2.0), f64), in)), 1e-12);
+    t.add("W_p=0 == alibi(ln2 m)",
+          max_diff(logits_at(*e, in, 0),
+                   scaled_alibi_logits(torch::full({kShape.heads}, std::log(2.0), f64), in)),
+          1e-12);
   } else if (n == "tape") {
     // Standalone (no stream from earlier layers) TAPE is layer 0: E^(0) is RoPE's table, for any shift.
     t.add("layer 0 == rope", logits_gap(fresh("tape"), fresh("rope"), in, 7), 1e-12);
-    t.add("shift=1000 == shift=0", logits_gap(fresh("tape", PeOptions{{"shift", "1000"}}), fresh("tape"), in), 1e-10);
+    t.add("shift=1000 == shift=0", logits_gap(fresh("tape", PeOptions{{"shift", "1000"}}), fresh("tape"), in),
+          1e-10);
   } else if (n == "pi" || n == "ntk" || n == "dynamic-ntk" || n == "yarn" || n == "longrope") {
     // Context extension (pe-zoo-spec.md §6 E-1..E-5). encode_of: q~ of `e` for q at positions offset..
     auto encode_of = [&](const EncodingPtr& e, const torch::Tensor& q, int64_t offset) {
@@ -358,26 +367,31 @@ void reductions(Table& t, uint64_t seed) {
                             std::log(10000.0));
     const int64_t P = kShape.head_dim / 2;
     if (n == "pi") {
-      t.add("E-1: factor=1 == rope", logits_gap(fresh("pi", PeOptions{{"factor", "1"}}), fresh("rope"), in, 5), 0.0);
+      t.add("E-1: factor=1 == rope",
+            logits_gap(fresh("pi", PeOptions{{"factor", "1"}}), fresh("rope"), in, 5), 0.0);
       // PI at s = 2, position 2m == RoPE at position m.
       auto even = torch::arange(0, kLen, 2);
       t.add("E-1: s=2 at 2m == rope at m",
             max_diff(encode_of(fresh("pi"), in.q, 0).index_select(1, even),
-                     encode_of(fresh("rope"), in.q.index_select(1, even), 0)), 1e-12);
+                     encode_of(fresh("rope"), in.q.index_select(1, even), 0)),
+            1e-12);
     } else if (n == "ntk") {
-      t.add("E-2: factor=1 == rope", logits_gap(fresh("ntk", PeOptions{{"factor", "1"}}), fresh("rope"), in, 5), 0.0);
+      t.add("E-2: factor=1 == rope",
+            logits_gap(fresh("ntk", PeOptions{{"factor", "1"}}), fresh("rope"), in, 5), 0.0);
       auto th = spectrum_of(fresh("ntk", PeOptions{{"factor", "3"}}));
       t.add("E-2: theta'_0 == theta_0", std::abs(th[0].item<double>() - theta[0].item<double>()), 1e-12);
       t.add("E-2: theta'_(D/2-1) == theta_(D/2-1)/s",
             std::abs(th[P - 1].item<double>() - theta[P - 1].item<double>() / 3.0), 1e-12);
     } else if (n == "dynamic-ntk") {
       t.add("E-3: l <= L == rope (bit-exact)",
-            logits_gap(fresh("dynamic-ntk", PeOptions{{"original_context", std::to_string(kLen)}}), fresh("rope"), in),
+            logits_gap(fresh("dynamic-ntk", PeOptions{{"original_context", std::to_string(kLen)}}),
+                       fresh("rope"), in),
             0.0);
       // Past L the spectrum is NTK's with s -> s l/L - (s-1): here 2*13/5 - 1 = 4.2.
       t.add("E-3: l > L == ntk(s l/L - (s-1))",
             logits_gap(fresh("dynamic-ntk", PeOptions{{"original_context", "5"}}),
-                       fresh("ntk", PeOptions{{"factor", "4.2"}}), in), 1e-12);
+                       fresh("ntk", PeOptions{{"factor", "4.2"}}), in),
+            1e-12);
       // A decode crossing L (cache of unrotated keys) equals a full recompute of each prefix.
       auto e = fresh("dynamic-ntk", PeOptions{{"original_context", "5"}});
       auto st = e->initial_state(kBatch, 0);
@@ -395,7 +409,8 @@ void reductions(Table& t, uint64_t seed) {
       }
       t.add("E-3: decode across L == prefix recompute", err, 1e-10);
     } else if (n == "yarn") {
-      t.add("E-4: factor=1 == rope", logits_gap(fresh("yarn", PeOptions{{"factor", "1"}}), fresh("rope"), in, 5), 0.0);
+      t.add("E-4: factor=1 == rope",
+            logits_gap(fresh("yarn", PeOptions{{"factor", "1"}}), fresh("rope"), in, 5), 0.0);
       const double m = 0.1 * std::log(4.0) + 1.0;
       auto yarn = fresh("yarn", PeOptions{{"factor", "4"}});
       auto parts = fresh("yarn", PeOptions{{"factor", "4"}, {"yarn_mscale", "1"}});
@@ -409,17 +424,19 @@ void reductions(Table& t, uint64_t seed) {
       t.add("E-4: r(d) < alpha == theta/s", max_diff(th.narrow(0, 4, 2), theta.narrow(0, 4, 2) / 4.0), 1e-12);
     } else if (n == "longrope") {
       t.add("E-5: lambda = s, n_hat = 0 == pi",
-            logits_gap(fresh("longrope", PeOptions{{"factor", "3"}}), fresh("pi", PeOptions{{"factor", "3"}}), in, 5),
+            logits_gap(fresh("longrope", PeOptions{{"factor", "3"}}), fresh("pi", PeOptions{{"factor", "3"}}),
+                       in, 5),
             0.0);
-      t.add("E-5: lambda = 1 == rope", logits_gap(fresh("longrope", PeOptions{{"factor", "1"}}), fresh("rope"), in, 5),
-            0.0);
+      t.add("E-5: lambda = 1 == rope",
+            logits_gap(fresh("longrope", PeOptions{{"factor", "1"}}), fresh("rope"), in, 5), 0.0);
       // n_hat = 5: positions 0..4 as rope, 5.. as pi.
       auto lr = encode_of(fresh("longrope", PeOptions{{"factor", "3"}, {"longrope_start", "5"}}), in.q, 0);
       t.add("E-5: positions < n_hat unscaled",
             max_diff(lr.narrow(1, 0, 5), encode_of(fresh("rope"), in.q, 0).narrow(1, 0, 5)), 0.0);
       t.add("E-5: positions >= n_hat interpolated",
             max_diff(lr.narrow(1, 5, kLen - 5),
-                     encode_of(fresh("pi", PeOptions{{"factor", "3"}}), in.q, 0).narrow(1, 5, kLen - 5)), 0.0);
+                     encode_of(fresh("pi", PeOptions{{"factor", "3"}}), in.q, 0).narrow(1, 5, kLen - 5)),
+            0.0);
     }
   } else if (n == "hdd-rope") {
     // H-3: a fresh model turns every token by the static rate, i.e. RoPE: k = 2 (RoPE's planes), k = 4
@@ -427,7 +444,8 @@ void reductions(Table& t, uint64_t seed) {
     auto rope = fresh("rope");
     auto st = rope->initial_state(kBatch, 0);
     auto want = rope->encode(in.q, in.k, in.x, st);
-    for (auto [k, map] : std::vector<std::pair<std::string, std::string>>{{"2", "exp"}, {"4", "exp"}, {"4", "cayley"}}) {
+    for (auto [k, map] :
+         std::vector<std::pair<std::string, std::string>>{{"2", "exp"}, {"4", "exp"}, {"4", "cayley"}}) {
       auto e = fresh("hdd-rope", PeOptions{{"k", k}, {"map", map}});
       auto st2 = e->initial_state(kBatch, 0);
       auto got = e->encode(in.q, in.k, in.x, st2);
@@ -437,14 +455,16 @@ void reductions(Table& t, uint64_t seed) {
     // H-4: every scan gives the sequential running product (perturbed, non-commuting rotations).
     auto seq = build(n, f64, seed, PeOptions{{"scan", "sequential"}});
     for (auto scan : {"loop", "hillis-steele", "brent-kung", "sklansky"})
-      t.add(fmt::format("scan={} == sequential", scan), logits_gap(build(n, f64, seed, PeOptions{{"scan", scan}}), seq, in), 1e-12);
+      t.add(fmt::format("scan={} == sequential", scan),
+            logits_gap(build(n, f64, seed, PeOptions{{"scan", scan}}), seq, in), 1e-12);
     // H-2: a prefix cancels: score(t, s) depends only on the tokens s..t-1.
     auto e = build(n, f64, seed);
     auto pre = random_inputs(f64, seed + 1, 4);
     Inputs longer{torch::cat({pre.q, in.q}, 1), torch::cat({pre.k, in.k}, 1), torch::cat({pre.v, in.v}, 1),
                   torch::cat({pre.x, in.x}, 1)};
     t.add("prefix of 4 tokens cancels",
-          max_diff(logits_at(*e, longer, 0).narrow(2, 4, kLen).narrow(3, 4, kLen), logits_at(*e, in, 0)), 1e-12);
+          max_diff(logits_at(*e, longer, 0).narrow(2, 4, kLen).narrow(3, 4, kLen), logits_at(*e, in, 0)),
+          1e-12);
   } else if (n == "t5") {
     // A table -m_h b, with every distance (< 13) in the exact buckets (< 16), is ALiBi.
     auto e = fresh("t5");
@@ -453,7 +473,8 @@ void reductions(Table& t, uint64_t seed) {
       auto slopes = torch::tensor(alibi_slopes(kShape.heads), f64);
       param(e, "table").copy_(-torch::arange(32, f64).unsqueeze(1) * slopes.unsqueeze(0));
     }
-    t.add("table -m_h b == alibi", max_diff(logits_at(*e, in, 4), scaled_alibi_logits(torch::ones({kShape.heads}, f64), in)), 1e-12);
+    t.add("table -m_h b == alibi",
+          max_diff(logits_at(*e, in, 4), scaled_alibi_logits(torch::ones({kShape.heads}, f64), in)), 1e-12);
   } else if (n == "kerple") {
     // Log form against -r1 log1p(r2 n) written out per entry; power form with r2 = 2 sigmoid(0) = 1 is ALiBi.
     auto e = build("kerple", f64, seed);
@@ -465,8 +486,9 @@ void reductions(Table& t, uint64_t seed) {
     for (int64_t h = 0; h < kShape.heads; ++h)
       for (int64_t i = 0; i < kLen; ++i)
         for (int64_t j = 0; j <= i; ++j)
-          err = std::max(err, std::abs(b[0][h][i][j].item<double>() +
-                                       r1[h].item<double>() * std::log1p(r2[h].item<double>() * double(i - j))));
+          err = std::max(err,
+                         std::abs(b[0][h][i][j].item<double>() +
+                                  r1[h].item<double>() * std::log1p(r2[h].item<double>() * double(i - j))));
     t.add("log: bias == -r1 log1p(r2 (i-j))", err, 1e-12);
     auto p = build("kerple", f64, seed, PeOptions{{"variant", "power"}});
     {
@@ -475,7 +497,8 @@ void reductions(Table& t, uint64_t seed) {
     }
     auto slopes = torch::tensor(alibi_slopes(kShape.heads), f64);
     auto factor = torch::softplus(param(p, "rho1").detach()) / slopes;
-    t.add("power, r2 = 1 == alibi(r1)", max_diff(logits_at(*p, in, 0), scaled_alibi_logits(factor, in)), 1e-12);
+    t.add("power, r2 = 1 == alibi(r1)", max_diff(logits_at(*p, in, 0), scaled_alibi_logits(factor, in)),
+          1e-12);
   } else if (n == "fire") {
     auto e = build("fire", f64, seed);
     {
@@ -492,7 +515,8 @@ void reductions(Table& t, uint64_t seed) {
     auto base = logits_at(*r, in, 0);
     t.add("i < L: shift by 17, 300 == unshifted",
           std::max(max_diff(base, logits_at(*r, in, 17)), max_diff(base, logits_at(*r, in, 300))), 1e-12);
-    t.add("i > L: shift changes logits: 1e-6 / |diff|", 1e-6 / max_diff(logits_at(*r, in, 600), logits_at(*r, in, 700)), 1.0);
+    t.add("i > L: shift changes logits: 1e-6 / |diff|",
+          1e-6 / max_diff(logits_at(*r, in, 600), logits_at(*r, in, 700)), 1.0);
   } else if (n == "cope") {
     auto e = build("cope", f64, seed);
     {
@@ -504,7 +528,8 @@ void reductions(Table& t, uint64_t seed) {
     // The table row of each absolute position is added as it is, and positions past the table are refused.
     auto e = fresh("learned", PeOptions{{"max_len", "40"}});
     auto zeros = torch::zeros({1, 6, kShape.model_dim}, f64);
-    t.add("embed adds table rows offset..", max_diff(e->embed(zeros, 30).squeeze(0), param(e, "table").narrow(0, 30, 6)), 0.0);
+    t.add("embed adds table rows offset..",
+          max_diff(e->embed(zeros, 30).squeeze(0), param(e, "table").narrow(0, 30, 6)), 0.0);
     bool refused = false;
     try {
       e->embed(zeros, 36);

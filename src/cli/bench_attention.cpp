@@ -243,8 +243,9 @@ std::function<void()> forward_op(EncodingPtr enc, bool fused, std::shared_ptr<In
   };
 }
 
-// The fused kernel alone: q, k encoded once beforehand, so the time is the attention itself (with the binding's
-// per-call work: the encoding's per-token bias terms, checks); the encode pre-pass is measured on its own.
+// The fused kernel alone: q, k encoded once beforehand, so the time is the attention itself (with the
+// binding's per-call work: the encoding's per-token bias terms, checks); the encode pre-pass is measured on
+// its own.
 std::function<void()> kernel_op(EncodingPtr enc, std::shared_ptr<Inputs> in) {
   torch::NoGradGuard no_grad;
   auto state = enc->initial_state(in->q.size(0));
@@ -495,12 +496,9 @@ void run(const Args& a) {
 
   // ---- tables -------------------------------------------------------------------------------------------
   nlohmann::json out;
-  out["machine"] = {{"threads", torch::get_num_threads()},
-                    {"blas", blas_description()},
-                    {"sgemm_n", kSgemmN},
-                    {"sgemm_gflops", jnum(sgemm_gflops)},
-                    {"copy_bytes", kCopyFloats * 4},
-                    {"copy_gbps", jnum(copy_gbps)}};
+  out["machine"] = {
+      {"threads", torch::get_num_threads()}, {"blas", blas_description()},    {"sgemm_n", kSgemmN},
+      {"sgemm_gflops", jnum(sgemm_gflops)},  {"copy_bytes", kCopyFloats * 4}, {"copy_gbps", jnum(copy_gbps)}};
   out["options"] = {{"pe", a.pe},
                     {"T", a.T},
                     {"D", a.D},
@@ -515,7 +513,8 @@ void run(const Args& a) {
   fmt::print("machine: {0} threads, sgemm {1}x{1}x{1} {2:.1f} GFLOP/s, copy bandwidth {3:.2f} GB/s\n",
              torch::get_num_threads(), kSgemmN, sgemm_gflops, copy_gbps);
   fmt::print(
-      "times in ms per call (forwards include the encode pre-pass); x = reference / fused; kernel = the fused\n"
+      "times in ms per call (forwards include the encode pre-pass); x = reference / fused; kernel = the "
+      "fused\n"
       "forward on already encoded q, k; GFLOP/s = 2*B*H*T^2*D / kernel time (w/ enc: / fused forward time);\n"
       "pre GB/s = bytes the encode pre-pass moves / its time; % against sgemm and copy above\n");
 

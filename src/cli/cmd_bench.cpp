@@ -1,13 +1,12 @@
 // `grape bench train|decode`: tokens/s of the presets on this machine, as a table and JSON.
 #include <fmt/format.h>
-#include <nlohmann/json.hpp>
-
 #include <unistd.h>
 
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
 #include <functional>
+#include <nlohmann/json.hpp>
 
 #include "cli/bench_attention.hpp"
 #include "cli/commands.hpp"
@@ -43,11 +42,14 @@ ModelConfig bench_model(const BenchArgs& a, const std::string& preset) {
 }
 
 void add_common(CLI::App* cmd, BenchArgs& a) {
-  cmd->add_option("--preset", a.presets, "presets to measure (comma-separated)")->delimiter(',')->capture_default_str();
+  cmd->add_option("--preset", a.presets, "presets to measure (comma-separated)")
+      ->delimiter(',')
+      ->capture_default_str();
   cmd->add_option("--pe", a.pe, "position encoding")->capture_default_str();
   cmd->add_option("--pe-set", a.pe_sets, "encoding option key=value");
   cmd->add_option("--attention", a.attention, "fused or reference")
-      ->check(CLI::IsMember({"fused", "reference"}))->capture_default_str();
+      ->check(CLI::IsMember({"fused", "reference"}))
+      ->capture_default_str();
   cmd->add_option("--batch", a.batch, "sequences")->capture_default_str();
   cmd->add_option("--context", a.context, "context length (default: the preset's)");
   cmd->add_option("--json", a.json, "also write the results as JSON here");
@@ -63,8 +65,8 @@ void finish(const BenchArgs& a, const std::string& table, const nlohmann::json& 
 void measure_presets(const BenchArgs& a, const std::string& column,
                      const std::function<double(Transformer&, int64_t&)>& measure) {
   std::string table = "attention: " + a.attention + "; BLAS: " + blas_description() + "\n" +
-                      fmt::format("{:<8} {:<12} {:>12} {:>8} {:>8} {:>12}\n", "preset", "pe", "parameters", "batch",
-                                  column, "tokens/s");
+                      fmt::format("{:<8} {:<12} {:>12} {:>8} {:>8} {:>12}\n", "preset", "pe", "parameters",
+                                  "batch", column, "tokens/s");
   nlohmann::json rows = nlohmann::json::array();
   for (const auto& preset : a.presets) {
     auto m = bench_model(a, preset);
@@ -74,8 +76,13 @@ void measure_presets(const BenchArgs& a, const std::string& column,
     const double tps = measure(model, value);
     table += fmt::format("{:<8} {:<12} {:>12} {:>8} {:>8} {:>12.1f}\n", preset, m.pe, model->num_parameters(),
                          a.batch, value, tps);
-    rows.push_back({{"preset", preset}, {"pe", m.pe}, {"parameters", model->num_parameters()}, {"batch", a.batch},
-                    {column, value}, {"tokens_per_s", tps}, {"attention", a.attention},
+    rows.push_back({{"preset", preset},
+                    {"pe", m.pe},
+                    {"parameters", model->num_parameters()},
+                    {"batch", a.batch},
+                    {column, value},
+                    {"tokens_per_s", tps},
+                    {"attention", a.attention},
                     {"threads", torch::get_num_threads()}});
   }
   finish(a, table, rows);
@@ -104,13 +111,15 @@ double train_tokens_per_s(const BenchArgs& a, Transformer& model, const std::sha
 }
 
 // Seconds of the attention alone in one training step of `m`: n_layer x (forward + backward) of the fused or
-// reference attention, encoding included, on random q, k, v of the step's shape (best of 3 rounds of 3 calls).
+// reference attention, encoding included, on random q, k, v of the step's shape (best of 3 rounds of 3
+// calls).
 double attention_seconds_per_step(const ModelConfig& m, int64_t batch, bool fused) {
   const auto sh = m.head_shape();
   torch::manual_seed(0);
   auto enc = make_encoding(m.pe, sh, PeOptions(m.pe_options));
   auto leaf = [&](std::vector<int64_t> size) { return torch::randn(size).requires_grad_(true); };
-  auto q = leaf({batch, m.context, sh.heads, sh.head_dim}), k = leaf({batch, m.context, sh.heads, sh.head_dim});
+  auto q = leaf({batch, m.context, sh.heads, sh.head_dim}),
+       k = leaf({batch, m.context, sh.heads, sh.head_dim});
   auto v = leaf({batch, m.context, sh.heads, sh.head_dim}), x = leaf({batch, m.context, sh.model_dim});
   auto g = torch::randn({batch, m.context, sh.heads, sh.head_dim});
   auto call = [&] {
@@ -135,8 +144,10 @@ double attention_seconds_per_step(const ModelConfig& m, int64_t batch, bool fuse
 // contexts the measured fused/reference can exceed this estimate; at short ones it is the limit.
 void bench_train_breakdown(const BenchArgs& a) {
   std::string table =
-      fmt::format("BLAS: {}\ntraining step, batch {}; attention = n_layer x (forward + backward) of the attention "
-                  "alone, encoding included\n", blas_description(), a.batch) +
+      fmt::format(
+          "BLAS: {}\ntraining step, batch {}; attention = n_layer x (forward + backward) of the attention "
+          "alone, encoding included\n",
+          blas_description(), a.batch) +
       fmt::format("{:<8} {:<10} {:>8} {:>11} {:>11} {:>8} {:>9} {:>9} {:>9} {:>8} {:>10}\n", "preset", "pe",
                   "context", "ref tok/s", "fused tok/s", "f/r", "step ref", "attn ref", "attn fus", "share",
                   "amdahl f/r");
@@ -157,14 +168,23 @@ void bench_train_breakdown(const BenchArgs& a) {
     const double att_ref = attention_seconds_per_step(m, a.batch, false);
     const double att_fused = attention_seconds_per_step(m, a.batch, true);
     const double share = att_ref / step_ref, amdahl = 1.0 / std::max(1e-9, 1.0 - share);
-    table += fmt::format("{:<8} {:<10} {:>8} {:>11.1f} {:>11.1f} {:>7.2f}x {:>7.1f}ms {:>7.1f}ms {:>7.1f}ms {:>7.0f}% "
-                         "{:>10.2f}x\n", preset, m.pe, m.context, tps[0], tps[1], tps[1] / tps[0], step_ref * 1e3,
-                         att_ref * 1e3, att_fused * 1e3, 100 * share, amdahl);
-    rows.push_back({{"preset", preset}, {"pe", m.pe}, {"context", m.context}, {"batch", a.batch},
-                    {"reference_tokens_per_s", tps[0]}, {"fused_tokens_per_s", tps[1]},
-                    {"fused_over_reference", tps[1] / tps[0]}, {"reference_step_ms", step_ref * 1e3},
-                    {"reference_attention_ms", att_ref * 1e3}, {"fused_attention_ms", att_fused * 1e3},
-                    {"attention_share", share}, {"amdahl_fused_over_reference", amdahl},
+    table += fmt::format(
+        "{:<8} {:<10} {:>8} {:>11.1f} {:>11.1f} {:>7.2f}x {:>7.1f}ms {:>7.1f}ms {:>7.1f}ms {:>7.0f}% "
+        "{:>10.2f}x\n",
+        preset, m.pe, m.context, tps[0], tps[1], tps[1] / tps[0], step_ref * 1e3, att_ref * 1e3,
+        att_fused * 1e3, 100 * share, amdahl);
+    rows.push_back({{"preset", preset},
+                    {"pe", m.pe},
+                    {"context", m.context},
+                    {"batch", a.batch},
+                    {"reference_tokens_per_s", tps[0]},
+                    {"fused_tokens_per_s", tps[1]},
+                    {"fused_over_reference", tps[1] / tps[0]},
+                    {"reference_step_ms", step_ref * 1e3},
+                    {"reference_attention_ms", att_ref * 1e3},
+                    {"fused_attention_ms", att_fused * 1e3},
+                    {"attention_share", share},
+                    {"amdahl_fused_over_reference", amdahl},
                     {"threads", torch::get_num_threads()}});
   }
   finish(a, table, rows);
@@ -200,27 +220,40 @@ void bench_train_scaling(const BenchArgs& a) {
     contexts.push_back(m.context);
     single.push_back(train_tokens_per_s(a, model, nullptr));
   }
-  const auto result = (std::filesystem::temp_directory_path() /
-                       ("grape-bench-" + std::to_string(::getpid()) + ".json")).string();
-  const int code = dist::launch_local(a.nproc, dist::own_arguments_without("--nproc"), {{"GRAPE_BENCH_RESULT", result}});
-  if (code != 0) throw std::runtime_error(fmt::format("bench train --nproc {}: a worker failed (see above)", a.nproc));
+  const auto result =
+      (std::filesystem::temp_directory_path() / ("grape-bench-" + std::to_string(::getpid()) + ".json"))
+          .string();
+  const int code =
+      dist::launch_local(a.nproc, dist::own_arguments_without("--nproc"), {{"GRAPE_BENCH_RESULT", result}});
+  if (code != 0)
+    throw std::runtime_error(fmt::format("bench train --nproc {}: a worker failed (see above)", a.nproc));
   const auto multi = nlohmann::json::parse(io::read_file(result));
   std::filesystem::remove(result);
-  std::string table = fmt::format("attention: {}; data-parallel on c10d/Gloo over 127.0.0.1, every process 1 thread, "
-                                  "batch {} per process\n", a.attention, a.batch) +
+  std::string table = fmt::format(
+                          "attention: {}; data-parallel on c10d/Gloo over 127.0.0.1, every process 1 thread, "
+                          "batch {} per process\n",
+                          a.attention, a.batch) +
                       fmt::format("{:<8} {:<12} {:>12} {:>8} {:>16} {:>16} {:>9} {:>11}\n", "preset", "pe",
-                                  "parameters", "context", "1 proc tok/s", fmt::format("{} procs tok/s", a.nproc),
-                                  "speed-up", "efficiency");
+                                  "parameters", "context", "1 proc tok/s",
+                                  fmt::format("{} procs tok/s", a.nproc), "speed-up", "efficiency");
   nlohmann::json rows = nlohmann::json::array();
   for (size_t i = 0; i < a.presets.size(); ++i) {
     const double n = multi.at(i).at("tokens_per_s").get<double>();
     const double speedup = n / single[i];
-    table += fmt::format("{:<8} {:<12} {:>12} {:>8} {:>16.1f} {:>16.1f} {:>8.2f}x {:>10.1f}%\n", a.presets[i], a.pe,
-                         params[i], contexts[i], single[i], n, speedup, 100.0 * speedup / a.nproc);
-    rows.push_back({{"preset", a.presets[i]}, {"pe", a.pe}, {"parameters", params[i]}, {"context", contexts[i]},
-                    {"batch_per_process", a.batch}, {"nproc", a.nproc}, {"threads_per_process", 1},
-                    {"tokens_per_s_1proc", single[i]}, {"tokens_per_s_nproc", n}, {"speedup", speedup},
-                    {"efficiency", speedup / a.nproc}, {"attention", a.attention}});
+    table += fmt::format("{:<8} {:<12} {:>12} {:>8} {:>16.1f} {:>16.1f} {:>8.2f}x {:>10.1f}%\n", a.presets[i],
+                         a.pe, params[i], contexts[i], single[i], n, speedup, 100.0 * speedup / a.nproc);
+    rows.push_back({{"preset", a.presets[i]},
+                    {"pe", a.pe},
+                    {"parameters", params[i]},
+                    {"context", contexts[i]},
+                    {"batch_per_process", a.batch},
+                    {"nproc", a.nproc},
+                    {"threads_per_process", 1},
+                    {"tokens_per_s_1proc", single[i]},
+                    {"tokens_per_s_nproc", n},
+                    {"speedup", speedup},
+                    {"efficiency", speedup / a.nproc},
+                    {"attention", a.attention}});
   }
   finish(a, table, rows);
 }
@@ -236,15 +269,18 @@ void add_bench_command(CLI::App& app) {
   auto* tr = bench->add_subcommand("train", "training tokens/s (forward + backward + AdamW) per preset");
   add_common(tr, *ta);
   tr->add_option("--steps", ta->steps, "timed steps (after one warm-up step)")->capture_default_str();
-  tr->add_option("--nproc", ta->nproc, "also measure N data-parallel processes x 1 thread against 1 process x "
-                                      "1 thread (scaling efficiency)")
+  tr->add_option("--nproc", ta->nproc,
+                 "also measure N data-parallel processes x 1 thread against 1 process x "
+                 "1 thread (scaling efficiency)")
       ->check(CLI::Range(1, 64));
   auto breakdown = std::make_shared<bool>(false);
-  tr->add_flag("--breakdown", *breakdown,
-               "fused and reference side by side, with the attention's share of a reference step and the Amdahl "
-               "estimate of the most any kernel could gain (ignores --attention)");
+  tr->add_flag(
+      "--breakdown", *breakdown,
+      "fused and reference side by side, with the attention's share of a reference step and the Amdahl "
+      "estimate of the most any kernel could gain (ignores --attention)");
   tr->callback([ta, breakdown] {
-    if (auto env = dist::env_from_environment(); env && env->world_size > 1) return bench_train_worker(*ta, *env);
+    if (auto env = dist::env_from_environment(); env && env->world_size > 1)
+      return bench_train_worker(*ta, *env);
     if (*breakdown) return bench_train_breakdown(*ta);
     if (ta->nproc > 1) return bench_train_scaling(*ta);
     measure_presets(*ta, "context", [&](Transformer& model, int64_t& column) {

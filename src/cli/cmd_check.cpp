@@ -8,7 +8,8 @@
 namespace grape::cli {
 
 void add_check_command(CLI::App& app) {
-  auto* cmd = app.add_subcommand("check", "check every encoding's laws on random inputs (exit 1 on a failure)");
+  auto* cmd =
+      app.add_subcommand("check", "check every encoding's laws on random inputs (exit 1 on a failure)");
   auto names = std::make_shared<std::vector<std::string>>();
   auto seed = std::make_shared<uint64_t>(1234);
   cmd->add_option("--encoding,-e", *names, "encodings to check (default: all)");

@@ -43,7 +43,8 @@ void apply_study_defaults(RunFlags& f) {
 // The command as given (options in CLI11's order), recorded in the study's report.
 std::string command_line(const CLI::App* cmd) {
   std::string s = "grape";
-  if (const auto* threads = cmd->get_parent()->get_option_no_throw("--threads"); threads && threads->count() > 0)
+  if (const auto* threads = cmd->get_parent()->get_option_no_throw("--threads");
+      threads && threads->count() > 0)
     s += " --threads " + threads->results().front();
   s += " compare";
   for (const auto* opt : cmd->get_options()) {
@@ -65,7 +66,8 @@ std::string command_line(const CLI::App* cmd) {
 }  // namespace
 
 void add_compare_command(CLI::App& app) {
-  auto* cmd = app.add_subcommand("compare", "train and evaluate several encodings on the same budget; write a report");
+  auto* cmd = app.add_subcommand("compare",
+                                 "train and evaluate several encodings on the same budget; write a report");
   struct Args {
     RunFlags flags;
     std::vector<std::string> pes;
@@ -81,16 +83,20 @@ void add_compare_command(CLI::App& app) {
   };
   auto a = std::make_shared<Args>();
   add_run_flags(cmd, a->flags, /*with_pe=*/false);
-  cmd->add_option("--pe", a->pes,
-                  "encodings to compare, comma-separated (default: rope,alibi,fox,grape-m,grape-ap; with --study "
-                  "extrapolation: nope,rope,alibi,fox,grape-m,grape-ap,hdd-rope,tape)")
+  cmd->add_option(
+         "--pe", a->pes,
+         "encodings to compare, comma-separated (default: rope,alibi,fox,grape-m,grape-ap; with --study "
+         "extrapolation: nope,rope,alibi,fox,grape-m,grape-ap,hdd-rope,tape)")
       ->delimiter(',');
-  cmd->add_option("--out", a->out, "report directory (an earlier report there is continued; default: grape-compare, "
-                                   "with --study: grape-study)");
-  cmd->add_option("--factors", a->factors,
-                  "evaluation contexts as multiples of the training context (default: 1,2,4,8; study: 1,2,4,8,16)")
+  cmd->add_option("--out", a->out,
+                  "report directory (an earlier report there is continued; default: grape-compare, "
+                  "with --study: grape-study)");
+  cmd->add_option(
+         "--factors", a->factors,
+         "evaluation contexts as multiples of the training context (default: 1,2,4,8; study: 1,2,4,8,16)")
       ->delimiter(',');
-  cmd->add_option("--eval-tokens", a->eval_tokens, "validation tokens per length (default: 16384; study: 8192)")
+  cmd->add_option("--eval-tokens", a->eval_tokens,
+                  "validation tokens per length (default: 16384; study: 8192)")
       ->check(CLI::PositiveNumber);
   cmd->add_flag("--quiet", a->quiet, "no progress output");
   cmd->add_option("--study", a->study, "run a study instead of the plain comparison: extrapolation")
@@ -99,17 +105,22 @@ void add_compare_command(CLI::App& app) {
                   "study: context-extension methods applied to encodings with an `extend` option "
                   "(default: pi,ntk,dynamic-ntk,yarn; 'none' for no extension)")
       ->delimiter(',');
-  cmd->add_option("--depths", a->depths, "study: needle depths in [0,1] (default: 0,0.25,0.5,0.75,1)")->delimiter(',');
+  cmd->add_option("--depths", a->depths, "study: needle depths in [0,1] (default: 0,0.25,0.5,0.75,1)")
+      ->delimiter(',');
   cmd->add_option("--needle-steps", a->needle_steps, "study: steps of the needle runs (default: 400)")
       ->check(CLI::PositiveNumber);
-  cmd->add_option("--needle-examples", a->needle_examples, "study: needle examples per depth and length (default: 20)")
+  cmd->add_option("--needle-examples", a->needle_examples,
+                  "study: needle examples per depth and length (default: 20)")
       ->check(CLI::PositiveNumber);
-  cmd->add_flag("--no-needle-extend", a->no_needle_extend, "study: measure the needle grid without extension methods");
+  cmd->add_flag("--no-needle-extend", a->no_needle_extend,
+                "study: measure the needle grid without extension methods");
   cmd->callback([a, cmd] {
     if (a->study.empty()) {
-      for (const char* name : {"--extend", "--depths", "--needle-steps", "--needle-examples", "--no-needle-extend"})
+      for (const char* name :
+           {"--extend", "--depths", "--needle-steps", "--needle-examples", "--no-needle-extend"})
         if (cmd->get_option(name)->count() > 0)
-          throw std::invalid_argument(fmt::format("compare: {} belongs to a study (add --study extrapolation)", name));
+          throw std::invalid_argument(
+              fmt::format("compare: {} belongs to a study (add --study extrapolation)", name));
       train::CompareOptions opts;
       apply_compare_defaults(a->flags);
       std::tie(opts.model, opts.train) = resolve_run_flags(a->flags);

@@ -25,7 +25,8 @@ void add_encodings_command(CLI::App& app) {
     fmt::print("{} ({})\n  {}\n", e.name, e.family, e.summary);
     fmt::print("\noptions (--set key=value):\n");
     if (e.options.empty()) fmt::print("  none\n");
-    for (const auto& o : e.options) fmt::print("  {:<16} default {:<10} {}\n", o.key, o.default_value, o.help);
+    for (const auto& o : e.options)
+      fmt::print("  {:<16} default {:<10} {}\n", o.key, o.default_value, o.help);
     fmt::print("\nlearnable parameters:\n");
     if (e.parameters.empty()) fmt::print("  none\n");
     for (const auto& p : e.parameters) fmt::print("  {}\n", p);

@@ -27,25 +27,33 @@ bool has_option(const EncodingInfo& info, const std::string& key) {
 // Sets the method's options on the run's model config (before the model is built and loaded). Returns
 // the options that describe the extension, for the report.
 std::map<std::string, std::string> apply_extension(train::RunInfo& run, const std::string& method,
-                                                   const std::string& factor, const std::vector<std::string>& sets) {
+                                                   const std::string& factor,
+                                                   const std::vector<std::string>& sets) {
   if (std::find(kMethods.begin(), kMethods.end(), method) == kMethods.end())
-    throw std::invalid_argument(fmt::format("--extend: unknown method '{}' (known: {})", method, fmt::join(kMethods, ", ")));
+    throw std::invalid_argument(
+        fmt::format("--extend: unknown method '{}' (known: {})", method, fmt::join(kMethods, ", ")));
   const auto& info = encoding_info(run.model.pe);
   const bool selectable = has_option(info, "extend");  // rope, grape-m, grape-m-planes
-  const bool fixed = !selectable && has_option(info, "factor") && run.model.pe == method;  // pi, ntk, ... runs
+  const bool fixed =
+      !selectable && has_option(info, "factor") && run.model.pe == method;  // pi, ntk, ... runs
   if (!selectable && !fixed) {
     if (has_option(info, "factor"))
-      throw std::invalid_argument(fmt::format(
-          "--extend {}: the run was trained with '{}', whose method is fixed; use --extend {} to change its options",
-          method, run.model.pe, run.model.pe));
-    throw std::invalid_argument(fmt::format(
-        "--extend: the run's encoding '{}' has no RoPE frequency spectrum to extend (context extension applies to "
-        "rope, grape-m and grape-m-planes runs)", run.model.pe));
+      throw std::invalid_argument(
+          fmt::format("--extend {}: the run was trained with '{}', whose method is fixed; use --extend {} to "
+                      "change its options",
+                      method, run.model.pe, run.model.pe));
+    throw std::invalid_argument(
+        fmt::format("--extend: the run's encoding '{}' has no RoPE frequency spectrum to extend (context "
+                    "extension applies to "
+                    "rope, grape-m and grape-m-planes runs)",
+                    run.model.pe));
   }
   auto& opts = run.model.pe_options;
   const auto was = opts.count("extend") ? opts["extend"] : std::string("none");
   if (selectable && was != method)  // options of the run's previous method do not carry over
-    std::erase_if(opts, [](const auto& kv) { return kv.first.rfind("yarn_", 0) == 0 || kv.first.rfind("longrope_", 0) == 0; });
+    std::erase_if(opts, [](const auto& kv) {
+      return kv.first.rfind("yarn_", 0) == 0 || kv.first.rfind("longrope_", 0) == 0;
+    });
   if (selectable) opts["extend"] = method;
   if (method == "none") {
     opts.erase("factor");
@@ -69,7 +77,8 @@ std::map<std::string, std::string> apply_extension(train::RunInfo& run, const st
 }  // namespace
 
 void add_eval_command(CLI::App& app) {
-  auto* cmd = app.add_subcommand("eval", "evaluate a trained run: perplexity at 1x, 2x, 4x, 8x context, task accuracy");
+  auto* cmd = app.add_subcommand(
+      "eval", "evaluate a trained run: perplexity at 1x, 2x, 4x, 8x context, task accuracy");
   struct Args {
     std::string run, checkpoint, data, json;
     std::vector<int64_t> factors = {1, 2, 4, 8};
@@ -81,16 +90,19 @@ void add_eval_command(CLI::App& app) {
   cmd->add_option("--run", a->run, "run directory")->required();
   cmd->add_option("--checkpoint", a->checkpoint, "checkpoint directory (default: the run's latest)");
   cmd->add_option("--data", a->data, "evaluate on other data (default: the run's)");
-  cmd->add_option("--factors", a->factors, "multiples of the training context")->delimiter(',')->capture_default_str();
+  cmd->add_option("--factors", a->factors, "multiples of the training context")
+      ->delimiter(',')
+      ->capture_default_str();
   cmd->add_option("--tokens", a->tokens, "validation tokens per length")->capture_default_str();
   cmd->add_option("--examples", a->examples, "synthetic-task examples")->capture_default_str();
   cmd->add_option("--json", a->json, "write the results as JSON here (default: RUN/eval.json)");
   cmd->add_option("--extend", a->extend,
                   "apply a context extension to a rope/grape-m run: none|pi|ntk|dynamic-ntk|yarn|longrope");
   cmd->add_option("--factor", a->factor, "extension factor s (with --extend)");
-  cmd->add_option("--extend-set", a->extend_sets,
-                  "more extension options key=value (original_context defaults to the run's context; yarn_alpha, "
-                  "yarn_beta, yarn_mscale, longrope_factors, longrope_start)");
+  cmd->add_option(
+      "--extend-set", a->extend_sets,
+      "more extension options key=value (original_context defaults to the run's context; yarn_alpha, "
+      "yarn_beta, yarn_mscale, longrope_factors, longrope_start)");
   cmd->callback([a] {
     auto run = train::read_run(a->run);
     if (a->extend.empty() && (!a->factor.empty() || !a->extend_sets.empty()))
@@ -109,11 +121,12 @@ void add_eval_command(CLI::App& app) {
       for (const auto& [k, v] : shown) kv.push_back(k + "=" + v);
       extension = fmt::format(", context extension {} ({})", a->extend, fmt::join(kv, ", "));
     }
-    fmt::print("{} ({}), training context {}{}\n{}", run.model.pe, data->describe(), run.model.context, extension,
-               train::eval_table(report));
+    fmt::print("{} ({}), training context {}{}\n{}", run.model.pe, data->describe(), run.model.context,
+               extension, train::eval_table(report));
     auto j = nlohmann::json::parse(train::eval_json(report));
     if (!a->extend.empty()) j["extension"] = {{"method", a->extend}, {"options", shown}};
-    const std::string path = a->json.empty() ? (std::filesystem::path(a->run) / "eval.json").string() : a->json;
+    const std::string path =
+        a->json.empty() ? (std::filesystem::path(a->run) / "eval.json").string() : a->json;
     io::write_file_atomic(path, j.dump(2) + "\n");
     fmt::print("results: {}\n", path);
   });

@@ -21,7 +21,8 @@ void add_generate_command(CLI::App& app) {
   cmd->add_option("--prompt", a->prompts, "prompt text (repeat for a batch; default: start of a document)");
   cmd->add_option("--max-tokens", a->sampling.max_tokens, "tokens to generate")->capture_default_str();
   cmd->add_option("--temperature", a->sampling.temperature, "0 = greedy")->capture_default_str();
-  cmd->add_option("--top-k", a->sampling.top_k, "keep the k most likely tokens (0: all)")->capture_default_str();
+  cmd->add_option("--top-k", a->sampling.top_k, "keep the k most likely tokens (0: all)")
+      ->capture_default_str();
   cmd->add_option("--top-p", a->sampling.top_p, "nucleus sampling mass (1: off)")->capture_default_str();
   cmd->add_option("--seed", a->sampling.seed, "sampling seed")->capture_default_str();
   cmd->callback([a] {

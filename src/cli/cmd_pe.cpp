@@ -27,9 +27,9 @@ void load_weights(Encoding& enc, const std::string& path) {
   for (const auto& [name, value] : io::read_safetensors(path)) {
     auto* p = params.find(name);
     if (!p)
-      throw std::invalid_argument(fmt::format("{}: tensor '{}' is not a parameter of {} (its parameters: {})",
-                                              path, name, enc.name(),
-                                              known.empty() ? "none" : fmt::format("{}", fmt::join(known, ", "))));
+      throw std::invalid_argument(
+          fmt::format("{}: tensor '{}' is not a parameter of {} (its parameters: {})", path, name, enc.name(),
+                      known.empty() ? "none" : fmt::format("{}", fmt::join(known, ", "))));
     if (!p->sizes().equals(value.sizes()))
       throw std::invalid_argument(fmt::format("{}: tensor '{}' has shape {}, {} expects {}", path, name,
                                               shape_string(value), enc.name(), shape_string(*p)));
@@ -39,29 +39,33 @@ void load_weights(Encoding& enc, const std::string& path) {
 
 void run_logits(const LogitsArgs& a) {
   auto q = io::read_npy(a.q), k = io::read_npy(a.k);
-  if (q.dim() != 3) throw std::invalid_argument(fmt::format("{}: q must be [T,H,D], got {}", a.q, shape_string(q)));
+  if (q.dim() != 3)
+    throw std::invalid_argument(fmt::format("{}: q must be [T,H,D], got {}", a.q, shape_string(q)));
   if (!q.sizes().equals(k.sizes()))
-    throw std::invalid_argument(fmt::format("q {} and k {} must have the same shape [T,H,D]", shape_string(q), shape_string(k)));
+    throw std::invalid_argument(
+        fmt::format("q {} and k {} must have the same shape [T,H,D]", shape_string(q), shape_string(k)));
   if (q.size(0) < 1) throw std::invalid_argument("q and k hold no tokens (T = 0)");
   torch::Tensor x;
   if (!a.x.empty()) {
     x = io::read_npy(a.x);
     if (x.dim() != 2 || x.size(0) != q.size(0))
-      throw std::invalid_argument(fmt::format("{}: x must be [T={},C], got {}", a.x, q.size(0), shape_string(x)));
+      throw std::invalid_argument(
+          fmt::format("{}: x must be [T={},C], got {}", a.x, q.size(0), shape_string(x)));
   }
   HeadShape shape{q.size(1), q.size(2), x.defined() ? x.size(1) : q.size(1) * q.size(2)};
   torch::manual_seed(a.seed);
   auto enc = make_encoding(a.encoding, shape, PeOptions::parse(a.sets));
   if (enc->properties().contextual && !x.defined())
-    throw std::invalid_argument(fmt::format("{} is contextual: give the layer input with --x X.npy ([T,C])", a.encoding));
+    throw std::invalid_argument(
+        fmt::format("{} is contextual: give the layer input with --x X.npy ([T,C])", a.encoding));
   if (!a.weights.empty()) load_weights(*enc, a.weights);
   torch::NoGradGuard ng;
   auto st = enc->initial_state(1, a.offset);
   auto tok = enc->encode(q.unsqueeze(0), k.unsqueeze(0), x.defined() ? x.unsqueeze(0) : x, st);
   auto logits = attention_logits(*enc, tok, KeyCache::from(tok)).squeeze(0).contiguous();
   io::write_npy(a.out, logits.to(torch::kFloat32));
-  fmt::print("wrote {} logits {} ({} at positions {}..{})\n", a.out, shape_string(logits), a.encoding, a.offset,
-             a.offset + q.size(0) - 1);
+  fmt::print("wrote {} logits {} ({} at positions {}..{})\n", a.out, shape_string(logits), a.encoding,
+             a.offset, a.offset + q.size(0) - 1);
 }
 
 }  // namespace
@@ -69,7 +73,8 @@ void run_logits(const LogitsArgs& a) {
 void add_pe_command(CLI::App& app) {
   auto* pe = app.add_subcommand("pe", "apply one encoding to your own tensors");
   pe->require_subcommand(1);
-  auto* cmd = pe->add_subcommand("logits", "causal pre-softmax logits [H,T,T] of q, k [T,H,D] as float32 .npy");
+  auto* cmd =
+      pe->add_subcommand("logits", "causal pre-softmax logits [H,T,T] of q, k [T,H,D] as float32 .npy");
   auto a = std::make_shared<LogitsArgs>();
   cmd->add_option("--encoding,-e", a->encoding, "encoding name (see `grape encodings`)")->required();
   cmd->add_option("--set", a->sets, "encoding option key=value (repeatable)");

@@ -20,11 +20,13 @@ void add_train_command(CLI::App& app) {
   auto nproc = std::make_shared<int>(1);
   add_run_flags(cmd, *flags, /*with_pe=*/true);
   cmd->add_option("--out", *out, "run directory (default: runs/<pe>-<preset>)");
-  cmd->add_flag("--resume", *resume, "continue the run in --out from its latest checkpoint (its own settings; "
-                                     "--steps sets a new step budget)");
+  cmd->add_flag("--resume", *resume,
+                "continue the run in --out from its latest checkpoint (its own settings; "
+                "--steps sets a new step budget)");
   cmd->add_flag("--quiet", *quiet, "no progress output");
-  cmd->add_option("--nproc", *nproc, "data-parallel worker processes on this host (each takes --batch sequences "
-                                     "of every step; see docs/distributed.md)")
+  cmd->add_option("--nproc", *nproc,
+                  "data-parallel worker processes on this host (each takes --batch sequences "
+                  "of every step; see docs/distributed.md)")
       ->check(CLI::Range(1, 1024));
   cmd->callback([cmd, flags, out, resume, quiet, nproc] {
     if (*nproc > 1) {
@@ -63,9 +65,11 @@ void add_train_command(CLI::App& app) {
       throw std::runtime_error(fmt::format("rank {}: {}", rank, e.what()));
     }
     if (rank == 0)
-      fmt::print("trained {} steps ({} parameters) in {:.1f} s, {:.0f} tokens/s; train loss {:.4f}, val loss {:.4f}\n"
-                 "checkpoint: {}\n", s.steps, s.parameters, s.seconds, s.tokens_per_s, s.final_loss, s.val_loss,
-                 s.checkpoint);
+      fmt::print(
+          "trained {} steps ({} parameters) in {:.1f} s, {:.0f} tokens/s; train loss {:.4f}, val loss "
+          "{:.4f}\n"
+          "checkpoint: {}\n",
+          s.steps, s.parameters, s.seconds, s.tokens_per_s, s.final_loss, s.val_loss, s.checkpoint);
     if (s.interrupted) throw CLI::RuntimeError(130);
   });
 }

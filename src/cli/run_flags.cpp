@@ -2,9 +2,9 @@
 #include "cli/run_flags.hpp"
 
 #include <fmt/format.h>
-#include <nlohmann/json.hpp>
 #include <toml++/toml.h>
 
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <stdexcept>
 
@@ -14,7 +14,9 @@ namespace grape::cli {
 
 void add_run_flags(CLI::App* cmd, RunFlags& f, bool with_pe) {
   cmd->add_option("--preset", f.preset, "model preset: tiny, small, medium, large")->capture_default_str();
-  cmd->add_option("--config", f.config_file, "config file applied after the preset: .json {\"model\": {...}, \"train\": {...}} or .toml with [model] and [train] tables");
+  cmd->add_option("--config", f.config_file,
+                  "config file applied after the preset: .json {\"model\": {...}, \"train\": {...}} or .toml "
+                  "with [model] and [train] tables");
   cmd->add_option("--set", f.sets, "override a model or training field: key=value (e.g. n_layer=6, lr=3e-4)");
   if (with_pe) {
     cmd->add_option("--pe", f.pe, "position encoding (see `grape encodings`)");
@@ -26,9 +28,11 @@ void add_run_flags(CLI::App* cmd, RunFlags& f, bool with_pe) {
   cmd->add_option("--context", f.context, "training context length")->check(CLI::PositiveNumber);
   cmd->add_option("--steps", f.steps, "optimizer steps")->check(CLI::PositiveNumber);
   cmd->add_option("--batch", f.batch, "sequences per micro-batch")->check(CLI::PositiveNumber);
-  cmd->add_option("--accum", f.accum, "micro-batches per step (gradient accumulation)")->check(CLI::PositiveNumber);
+  cmd->add_option("--accum", f.accum, "micro-batches per step (gradient accumulation)")
+      ->check(CLI::PositiveNumber);
   cmd->add_option("--lr", f.lr, "peak learning rate")->check(CLI::PositiveNumber);
-  cmd->add_option("--min-lr", f.min_lr, "final learning rate of the cosine decay")->check(CLI::NonNegativeNumber);
+  cmd->add_option("--min-lr", f.min_lr, "final learning rate of the cosine decay")
+      ->check(CLI::NonNegativeNumber);
   cmd->add_option("--warmup", f.warmup, "linear warmup steps")->check(CLI::NonNegativeNumber);
   cmd->add_option("--eval-every", f.eval_every, "validate every N steps (0: at the end only)")
       ->check(CLI::NonNegativeNumber);
@@ -54,12 +58,19 @@ nlohmann::json toml_to_json(const toml::table& table, const std::string& file) {
   nlohmann::json out = nlohmann::json::object();
   for (const auto& [key, node] : table) {
     const std::string k(key.str());
-    if (const auto* t = node.as_table()) out[k] = toml_to_json(*t, file);
-    else if (const auto* v = node.as_string()) out[k] = v->get();
-    else if (const auto* v = node.as_integer()) out[k] = v->get();
-    else if (const auto* v = node.as_floating_point()) out[k] = v->get();
-    else if (const auto* v = node.as_boolean()) out[k] = v->get();
-    else throw std::invalid_argument(fmt::format("{}: '{}' must be a table, string, number or boolean", file, k));
+    if (const auto* t = node.as_table())
+      out[k] = toml_to_json(*t, file);
+    else if (const auto* v = node.as_string())
+      out[k] = v->get();
+    else if (const auto* v = node.as_integer())
+      out[k] = v->get();
+    else if (const auto* v = node.as_floating_point())
+      out[k] = v->get();
+    else if (const auto* v = node.as_boolean())
+      out[k] = v->get();
+    else
+      throw std::invalid_argument(
+          fmt::format("{}: '{}' must be a table, string, number or boolean", file, k));
   }
   return out;
 }
@@ -73,7 +84,8 @@ nlohmann::json read_config_file(const std::string& path) {
     } catch (const toml::parse_error& e) {
       std::ostringstream where;
       where << e.source().begin;
-      throw std::invalid_argument(fmt::format("{}: not valid TOML ({} at {})", path, e.description(), where.str()));
+      throw std::invalid_argument(
+          fmt::format("{}: not valid TOML ({} at {})", path, e.description(), where.str()));
     }
   }
   try {
@@ -100,17 +112,20 @@ std::pair<ModelConfig, train::TrainConfig> resolve_run_flags(const RunFlags& f) 
   train::TrainConfig tr;
   if (!f.config_file.empty()) {
     const nlohmann::json j = read_config_file(f.config_file);
-    if (!j.is_object()) throw std::invalid_argument(fmt::format("{}: expected an object with model/train", f.config_file));
+    if (!j.is_object())
+      throw std::invalid_argument(fmt::format("{}: expected an object with model/train", f.config_file));
     for (const auto& [key, value] : j.items()) {
       if (key != "model" && key != "train")
-        throw std::invalid_argument(fmt::format("{}: unknown section '{}' (expected model, train)", f.config_file, key));
+        throw std::invalid_argument(
+            fmt::format("{}: unknown section '{}' (expected model, train)", f.config_file, key));
       if (!value.is_object())
         throw std::invalid_argument(fmt::format("{}: section '{}' must be an object", f.config_file, key));
       for (const auto& [k, v] : value.items()) {
         const std::string text = v.is_string() ? v.get<std::string>() : v.dump();
         if (key == "model") {
           if (k == "pe_options" && v.is_object()) {
-            for (const auto& [ok, ov] : v.items()) model.set("pe." + ok, ov.is_string() ? ov.get<std::string>() : ov.dump());
+            for (const auto& [ok, ov] : v.items())
+              model.set("pe." + ok, ov.is_string() ? ov.get<std::string>() : ov.dump());
           } else {
             model.set(k, text);
           }
@@ -122,8 +137,10 @@ std::pair<ModelConfig, train::TrainConfig> resolve_run_flags(const RunFlags& f) 
   }
   for (const auto& s : f.sets) {
     auto [key, value] = split_assignment("--set", s);
-    if (is_train_field(key)) tr.set(key, value);
-    else model.set(key, value);
+    if (is_train_field(key))
+      tr.set(key, value);
+    else
+      model.set(key, value);
   }
   if (!f.pe.empty() && f.pe != model.pe) {
     model.pe = f.pe;

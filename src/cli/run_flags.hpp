@@ -3,7 +3,6 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
-
 #include <memory>
 #include <string>
 #include <vector>
@@ -15,9 +14,9 @@ namespace grape::cli {
 
 struct RunFlags {
   std::string preset = "tiny";
-  std::string config_file;               // .json {"model": {...}, "train": {...}} or .toml [model] [train]
-  std::vector<std::string> sets;         // model or train fields: key=value
-  std::vector<std::string> pe_sets;      // encoding options: key=value
+  std::string config_file;           // .json {"model": {...}, "train": {...}} or .toml [model] [train]
+  std::vector<std::string> sets;     // model or train fields: key=value
+  std::vector<std::string> pe_sets;  // encoding options: key=value
   std::string pe;
   bool kv_shift = false;
   int64_t context = 0, steps = 0, batch = 0, accum = 0, warmup = -1, eval_every = -1, ckpt_every = -1;

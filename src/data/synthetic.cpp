@@ -19,8 +19,8 @@
 // Training batches have no mask: every token is trained (prompts are random, so their loss only teaches
 // the format); with `loss=answer` (any task) they are masked like validation batches, so training sees only
 // the answers: the random prompt tokens' gradient is pure noise, and without it retrieval is learned in far
-// fewer steps (the extrapolation study trains its needle models this way). Validation batches mask the answer tokens only (all of MQAR's answers), so validation loss
-// measures the task itself.
+// fewer steps (the extrapolation study trains its needle models this way). Validation batches mask the answer
+// tokens only (all of MQAR's answers), so validation loss measures the task itself.
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
@@ -127,10 +127,11 @@ Sample make_sample(const Task& t, std::mt19937_64& rng) {
 // ---- the spec -------------------------------------------------------------------------------------------
 
 const std::map<std::string, std::vector<std::string>>& task_keys() {
-  static const std::map<std::string, std::vector<std::string>> keys = {{"copy", {"length", "loss"}},
-                                                                       {"mqar", {"pairs", "queries", "loss"}},
-                                                                       {"needle", {"depth", "length", "loss"}},
-                                                                       {"addition", {"digits", "loss"}}};
+  static const std::map<std::string, std::vector<std::string>> keys = {
+      {"copy", {"length", "loss"}},
+      {"mqar", {"pairs", "queries", "loss"}},
+      {"needle", {"depth", "length", "loss"}},
+      {"addition", {"digits", "loss"}}};
   return keys;
 }
 
@@ -226,7 +227,8 @@ class SyntheticSource final : public DataSource {
     auto w = torch::empty({batch, T + 1}, torch::kInt64);
     torch::Tensor m = task_.answer_loss ? torch::empty({batch, T + 1}, torch::kFloat32) : torch::Tensor();
     for (int64_t b = 0; b < batch; ++b)
-      fill_row(rng, T + 1, w.data_ptr<int64_t>() + b * (T + 1), m.defined() ? m.data_ptr<float>() + b * (T + 1) : nullptr);
+      fill_row(rng, T + 1, w.data_ptr<int64_t>() + b * (T + 1),
+               m.defined() ? m.data_ptr<float>() + b * (T + 1) : nullptr);
     return {w.narrow(1, 0, T).contiguous(), w.narrow(1, 1, T).contiguous(),
             m.defined() ? m.narrow(1, 1, T).contiguous() : torch::Tensor()};
   }

@@ -174,7 +174,6 @@ std::optional<std::uint64_t> checked_numel(const std::vector<std::int64_t>& shap
   return n;
 }
 
-
 std::string shape_literal(const torch::IntArrayRef sizes) {
   std::string out = "(";
   for (std::size_t i = 0; i < sizes.size(); ++i) {

@@ -31,7 +31,6 @@ constexpr const char* kMetadataKey = "__metadata__";
   throw std::runtime_error(path + ": " + what);
 }
 
-
 // One validated header entry.
 struct Entry {
   std::string name;

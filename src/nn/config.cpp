@@ -18,7 +18,7 @@ using json = nlohmann::json;
 const std::vector<std::string>& field_names() {
   static const std::vector<std::string> names = {
       "preset", "vocab_size", "n_layer",  "n_head",  "n_embd",   "mlp_hidden", "context",
-      "pe",     "pe_options", "kv_shift", "qk_norm", "norm_eps", "embed_std", "attention"};
+      "pe",     "pe_options", "kv_shift", "qk_norm", "norm_eps", "embed_std",  "attention"};
   return names;
 }
 
@@ -141,7 +141,8 @@ void ModelConfig::set(const std::string& key, const std::string& value) {
     embed_std = parse_double(key, value);
   } else if (key == "attention") {
     if (value != "fused" && value != "reference")
-      throw std::invalid_argument(fmt::format("model config: attention='{}' must be fused or reference", value));
+      throw std::invalid_argument(
+          fmt::format("model config: attention='{}' must be fused or reference", value));
     attention = value;
   } else {
     throw std::invalid_argument(fmt::format("unknown model setting '{}' (known: {})", key, known_set_keys()));

@@ -45,8 +45,8 @@ class FusedAttentionFn : public torch::autograd::Function<FusedAttentionFn> {
                                torch::Tensor a, torch::Tensor b, torch::Tensor c, torch::Tensor d,
                                torch::Tensor p, torch::Tensor r, torch::Tensor m, torch::Tensor dist,
                                int64_t q_offset, int64_t k_offset) {
-    kc::AttentionShape s{q.size(0), q.size(2), q.size(1), k.size(1), q.size(3), q_offset, k_offset,
-                         float(1.0 / std::sqrt(double(q.size(3))))};
+    kc::AttentionShape s{q.size(0), q.size(2), q.size(1), k.size(1),
+                         q.size(3), q_offset,  k_offset,  float(1.0 / std::sqrt(double(q.size(3))))};
     q = q.contiguous(), k = k.contiguous(), v = v.contiguous();
     const kc::LinearBias bias = make_bias(a, b, c, d, p, r, m, dist);
     auto out = torch::empty_like(q);
@@ -69,8 +69,13 @@ class FusedAttentionFn : public torch::autograd::Function<FusedAttentionFn> {
     auto &q = saved[0], &k = saved[1], &v = saved[2], &a = saved[3], &b = saved[4], &c = saved[5],
          &d = saved[6], &p = saved[7], &r = saved[8], &m = saved[9], &dist = saved[10], &out = saved[11],
          &lse = saved[12];
-    kc::AttentionShape s{q.size(0), q.size(2), q.size(1), k.size(1), q.size(3),
-                         ctx->saved_data["q_offset"].toInt(), ctx->saved_data["k_offset"].toInt(),
+    kc::AttentionShape s{q.size(0),
+                         q.size(2),
+                         q.size(1),
+                         k.size(1),
+                         q.size(3),
+                         ctx->saved_data["q_offset"].toInt(),
+                         ctx->saved_data["k_offset"].toInt(),
                          float(1.0 / std::sqrt(double(q.size(3))))};
     auto dout = grads[0].to(torch::kFloat32).contiguous();
     auto dq = torch::empty_like(q), dk = torch::empty_like(k), dv = torch::empty_like(v);
@@ -79,21 +84,22 @@ class FusedAttentionFn : public torch::autograd::Function<FusedAttentionFn> {
     auto da = like(a), db = like(b), dc = like(c), dd = like(d), dp = like(p), dr = like(r);
     auto ddist = like(dist);
     kc::attention_backward(s, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
-                           make_bias(a, b, c, d, p, r, m, dist), out.data_ptr<float>(), dout.data_ptr<float>(),
-                           lse.data_ptr<float>(), dq.data_ptr<float>(), dk.data_ptr<float>(),
-                           dv.data_ptr<float>(), mut(da), mut(db), mut(dc), mut(dd), mut(dp), mut(dr),
-                           mut(ddist));
+                           make_bias(a, b, c, d, p, r, m, dist), out.data_ptr<float>(),
+                           dout.data_ptr<float>(), lse.data_ptr<float>(), dq.data_ptr<float>(),
+                           dk.data_ptr<float>(), dv.data_ptr<float>(), mut(da), mut(db), mut(dc), mut(dd),
+                           mut(dp), mut(dr), mut(ddist));
     // The slopes m are a fixed buffer: no gradient.
     return {dq, dk, dv, da, db, dc, dd, dp, dr, torch::Tensor(), ddist, torch::Tensor(), torch::Tensor()};
   }
 };
 
 void check_float32(const torch::Tensor& t, const char* what) {
-  if (!t.defined())
-    throw std::invalid_argument(fmt::format("fused attention: {} is missing", what));
+  if (!t.defined()) throw std::invalid_argument(fmt::format("fused attention: {} is missing", what));
   if (t.scalar_type() != torch::kFloat32)
-    throw std::invalid_argument(fmt::format("fused attention: {} must be float32, got {} (use the reference "
-                                            "attention for other dtypes)", what, c10::toString(t.scalar_type())));
+    throw std::invalid_argument(
+        fmt::format("fused attention: {} must be float32, got {} (use the reference "
+                    "attention for other dtypes)",
+                    what, c10::toString(t.scalar_type())));
 }
 
 }  // namespace
@@ -118,15 +124,20 @@ torch::Tensor fused_attend(const Encoding& enc, const PeTokens& queries, const K
   check_float32(keys.v, "v (the cache holds no values)");
   if (q.dim() != 4 || k.dim() != 4 || !k.sizes().equals(keys.v.sizes()) || q.size(0) != k.size(0) ||
       q.size(2) != k.size(2) || q.size(3) != k.size(3))
-    throw std::invalid_argument(fmt::format("fused attention: q {} and k, v {} must be [B,T,H,D] with equal B, H, D",
-                                            shape_string(q), shape_string(k)));
+    throw std::invalid_argument(
+        fmt::format("fused attention: q {} and k, v {} must be [B,T,H,D] with equal B, H, D", shape_string(q),
+                    shape_string(k)));
   if (queries.offset < keys.offset)
-    throw std::invalid_argument(fmt::format("fused attention: the first query (position {}) precedes every cached "
-                                            "key (from position {})", queries.offset, keys.offset));
+    throw std::invalid_argument(
+        fmt::format("fused attention: the first query (position {}) precedes every cached "
+                    "key (from position {})",
+                    queries.offset, keys.offset));
   LinearBiasTerms t;
   if (!enc.linear_bias(queries, keys, t))
-    throw std::invalid_argument(fmt::format("fused attention: the bias of '{}' is not in the linear family the "
-                                            "fused kernel computes; use the reference attention", enc.name()));
+    throw std::invalid_argument(
+        fmt::format("fused attention: the bias of '{}' is not in the linear family the "
+                    "fused kernel computes; use the reference attention",
+                    enc.name()));
   if (t.p.defined()) {  // the path bias: p [B,Tq,H,P], r [B,Tk,H,P], m [H]
     const bool ok = t.r.defined() && t.m.defined() && t.p.dim() == 4 && t.r.dim() == 4 && t.m.dim() == 1 &&
                     t.p.size(0) == q.size(0) && t.p.size(1) == q.size(1) && t.p.size(2) == q.size(2) &&
@@ -134,13 +145,16 @@ torch::Tensor fused_attend(const Encoding& enc, const PeTokens& queries, const K
                     t.r.size(3) == t.p.size(3) && t.p.size(3) >= 1 && t.m.size(0) == q.size(2);
     auto sh = [](const torch::Tensor& x) { return x.defined() ? shape_string(x) : std::string("undefined"); };
     if (!ok)
-      throw std::invalid_argument(fmt::format("fused attention: path-bias terms of '{}' must be p [B,Tq,H,P], r "
-                                              "[B,Tk,H,P] and m [H] (got p {}, r {}, m {})", enc.name(),
-                                              sh(t.p), sh(t.r), sh(t.m)));
+      throw std::invalid_argument(
+          fmt::format("fused attention: path-bias terms of '{}' must be p [B,Tq,H,P], r "
+                      "[B,Tk,H,P] and m [H] (got p {}, r {}, m {})",
+                      enc.name(), sh(t.p), sh(t.r), sh(t.m)));
   }
   if (t.dist.defined() && !(t.dist.dim() == 2 && t.dist.size(0) == q.size(2) && t.dist.size(1) >= 1))
-    throw std::invalid_argument(fmt::format("fused attention: the distance table of '{}' must be [H,W] with H = {} "
-                                            "and W >= 1 (got {})", enc.name(), q.size(2), shape_string(t.dist)));
+    throw std::invalid_argument(
+        fmt::format("fused attention: the distance table of '{}' must be [H,W] with H = {} "
+                    "and W >= 1 (got {})",
+                    enc.name(), q.size(2), shape_string(t.dist)));
   return FusedAttentionFn::apply(q, k, keys.v, term(t.a), term(t.b), term(t.c), term(t.d), term(t.p),
                                  term(t.r), term(t.m), term(t.dist), queries.offset, keys.offset)[0];
 }

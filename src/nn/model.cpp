@@ -116,7 +116,8 @@ class BlockImpl : public torch::nn::Module {
     auto h = x + wo_(y.reshape({B, T, H_ * D_}));
     auto hn = norm2_(h);
     auto mlp = w_out_(torch::silu(w1_(hn)) * w2_(hn));  // SwiGLU
-    if (updates_stream()) *stream = tape_->mlp_update(streams.size() == 1 ? streams[0] : torch::cat(streams, 0), mlp);
+    if (updates_stream())
+      *stream = tape_->mlp_update(streams.size() == 1 ? streams[0] : torch::cat(streams, 0), mlp);
     return h + mlp;
   }
 
@@ -134,15 +135,19 @@ class BlockImpl : public torch::nn::Module {
 
   // TAPE: y and E~ with one set of attention weights. The fused kernel runs twice (values v, then E: both
   // [B,T,H,D]); the reference path forms the probabilities once.
-  std::pair<torch::Tensor, torch::Tensor> attend_with_stream(const PeTokens& queries, const KeyCache& keys) const {
+  std::pair<torch::Tensor, torch::Tensor> attend_with_stream(const PeTokens& queries,
+                                                             const KeyCache& keys) const {
     KeyCache stream_keys = keys;
     stream_keys.v = keys.key.at("E");
     if (use_fused(queries)) return {attend(queries, keys), attend(queries, stream_keys)};
     auto p = probabilities(queries, keys);
-    return {torch::einsum("bhij,bjhd->bihd", {p, keys.v}), torch::einsum("bhij,bjhd->bihd", {p, stream_keys.v})};
+    return {torch::einsum("bhij,bjhd->bihd", {p, keys.v}),
+            torch::einsum("bhij,bjhd->bihd", {p, stream_keys.v})};
   }
 
-  bool use_fused(const PeTokens& queries) const { return fused_ && queries.q.scalar_type() == torch::kFloat32; }
+  bool use_fused(const PeTokens& queries) const {
+    return fused_ && queries.q.scalar_type() == torch::kFloat32;
+  }
   // The reference path's causal attention weights [b,H,Tq,Tk], softmax in at least fp32.
   torch::Tensor probabilities(const PeTokens& queries, const KeyCache& keys) const {
     auto logits = attention_logits(*pe_, queries, keys);
@@ -208,13 +213,13 @@ int64_t TransformerImpl::num_parameters() const {
 }
 
 torch::Tensor TransformerImpl::initial_stream(const std::vector<int64_t>& offsets, int64_t T,
-                                             torch::ScalarType dtype) const {
+                                              torch::ScalarType dtype) const {
   auto tape = std::dynamic_pointer_cast<TapeEncoding>(blocks_.front()->pe());
   if (!tape) return {};
   const int64_t B = int64_t(offsets.size());
   if (std::all_of(offsets.begin(), offsets.end(), [&](int64_t o) { return o == offsets[0]; }))
     return tape->initial_stream(B, offsets[0], T, dtype);  // one table, broadcast over the batch
-  std::vector<torch::Tensor> rows;  // each row starts at its own position
+  std::vector<torch::Tensor> rows;                         // each row starts at its own position
   for (int64_t off : offsets) rows.push_back(tape->initial_stream(1, off, T, dtype));
   return rows.size() == 1 ? rows[0] : torch::cat(rows, 0);
 }

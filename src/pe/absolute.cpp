@@ -30,7 +30,8 @@ class Absolute : public Encoding {
     if (!h.defined() || h.dim() != 3 || h.size(2) != shape_.model_dim)
       throw std::invalid_argument(fmt::format("{}: embeddings must be [B,T,C={}], got {}", name_,
                                               shape_.model_dim, h.defined() ? shape_string(h) : "none"));
-    if (offset < 0) throw std::invalid_argument(fmt::format("{}: offset must be >= 0, got {}", name_, offset));
+    if (offset < 0)
+      throw std::invalid_argument(fmt::format("{}: offset must be >= 0, got {}", name_, offset));
   }
 };
 
@@ -69,16 +70,17 @@ class Learned : public Absolute {
  public:
   Learned(const HeadShape& s, const PeOptions& o) : Absolute("learned", s) {
     max_len_ = o.get_int("max_len", 1024);
-    if (max_len_ < 1) throw std::invalid_argument(fmt::format("learned: max_len must be >= 1, got {}", max_len_));
+    if (max_len_ < 1)
+      throw std::invalid_argument(fmt::format("learned: max_len must be >= 1, got {}", max_len_));
     table_ = register_parameter("table", torch::randn({max_len_, s.model_dim}) * 0.02);
   }
   torch::Tensor embed(const torch::Tensor& h, int64_t offset) const override {
     check_embedding_input(h, offset);
     const int64_t T = h.size(1);
     if (offset + T > max_len_)
-      throw std::invalid_argument(fmt::format(
-          "learned: positions {}..{} exceed the table of max_len={} rows (set max_len larger)", offset,
-          offset + T - 1, max_len_));
+      throw std::invalid_argument(
+          fmt::format("learned: positions {}..{} exceed the table of max_len={} rows (set max_len larger)",
+                      offset, offset + T - 1, max_len_));
     return h + table_.narrow(0, offset, T).to(h.scalar_type()).unsqueeze(0);
   }
 
@@ -92,13 +94,21 @@ class Learned : public Absolute {
 namespace detail {
 
 void add_absolute(std::vector<EncodingInfo>& out) {
-  out.push_back({"nope", "absolute", "NoPE: no position signal; the causal mask alone orders tokens", {}, {},
+  out.push_back({"nope",
+                 "absolute",
+                 "NoPE: no position signal; the causal mask alone orders tokens",
+                 {},
+                 {},
                  [](const HeadShape& s, const PeOptions& o) { return std::make_shared<NoPE>(s, o); }});
-  out.push_back({"sinusoidal", "absolute",
+  out.push_back({"sinusoidal",
+                 "absolute",
                  "sinusoidal absolute embedding added at the input (Vaswani et al.)",
-                 {{"base", "10000", "frequency base"}}, {},
+                 {{"base", "10000", "frequency base"}},
+                 {},
                  [](const HeadShape& s, const PeOptions& o) { return std::make_shared<Sinusoidal>(s, o); }});
-  out.push_back({"learned", "absolute", "learned absolute embedding table added at the input (GPT-2)",
+  out.push_back({"learned",
+                 "absolute",
+                 "learned absolute embedding table added at the input (GPT-2)",
                  {{"max_len", "1024", "rows of the table; longer sequences are refused"}},
                  {"table  [max_len, C]  init N(0, 0.02^2)"},
                  [](const HeadShape& s, const PeOptions& o) { return std::make_shared<Learned>(s, o); }});

@@ -82,8 +82,8 @@ std::string ContextExtension::describe() const {
   if (method == "pi" || method == "ntk") return fmt::format("{} (s={})", method, factor);
   if (method == "dynamic-ntk") return fmt::format("dynamic-ntk (s={}, L={})", factor, original_context);
   if (method == "yarn")
-    return fmt::format("yarn (s={}, L={}, alpha={}, beta={}, mscale={:.6g})", factor, original_context, yarn_alpha,
-                       yarn_beta, yarn_mscale);
+    return fmt::format("yarn (s={}, L={}, alpha={}, beta={}, mscale={:.6g})", factor, original_context,
+                       yarn_alpha, yarn_beta, yarn_mscale);
   return fmt::format("longrope ({}, n_hat={})",
                      longrope_file.empty() ? fmt::format("lambda=s={}", factor) : "factors " + longrope_file,
                      longrope_start);
@@ -102,10 +102,12 @@ std::vector<double> read_longrope_factors(const std::string& path) {
     try {
       j = nlohmann::json::parse(text);
     } catch (const nlohmann::json::exception& e) {
-      throw std::invalid_argument(fmt::format("longrope_factors: '{}' is not valid JSON ({})", path, e.what()));
+      throw std::invalid_argument(
+          fmt::format("longrope_factors: '{}' is not valid JSON ({})", path, e.what()));
     }
     if (!j.is_array())
-      throw std::invalid_argument(fmt::format("longrope_factors: '{}' must hold a JSON array of numbers", path));
+      throw std::invalid_argument(
+          fmt::format("longrope_factors: '{}' must hold a JSON array of numbers", path));
     for (size_t i = 0; i < j.size(); ++i) {
       if (!j[i].is_number())
         throw std::invalid_argument(
@@ -161,8 +163,9 @@ ContextExtension parse_context_extension(const PeOptions& o, const std::string& 
   if (e.method == "none" && e.factor != 1.0)
     fail(fmt::format("factor {} needs a method: set extend=pi|ntk|dynamic-ntk|yarn|longrope", e.factor));
   if ((e.method == "ntk" || e.method == "dynamic-ntk") && rotated_dims < 4)
-    fail(fmt::format("{} needs at least 4 rotated dims (it keeps theta_0 and divides theta_(r/2-1) by s), got {}",
-                     e.method, rotated_dims));
+    fail(fmt::format(
+        "{} needs at least 4 rotated dims (it keeps theta_0 and divides theta_(r/2-1) by s), got {}",
+        e.method, rotated_dims));
   if (e.method == "yarn") {
     e.yarn_alpha = o.get_double("yarn_alpha", 1.0);
     e.yarn_beta = o.get_double("yarn_beta", 32.0);
@@ -179,8 +182,9 @@ ContextExtension parse_context_extension(const PeOptions& o, const std::string& 
     if (e.longrope_start < 0) fail(fmt::format("longrope_start must be >= 0, got {}", e.longrope_start));
     if (o.has("longrope_factors")) {
       if (o.has("factor"))
-        fail("give the longrope factors either as factor=S (the same for every frequency) or as "
-             "longrope_factors=FILE, not both");
+        fail(
+            "give the longrope factors either as factor=S (the same for every frequency) or as "
+            "longrope_factors=FILE, not both");
       e.longrope_file = o.values().at("longrope_factors");
       std::vector<double> f;
       try {
@@ -189,8 +193,9 @@ ContextExtension parse_context_extension(const PeOptions& o, const std::string& 
         fail(err.what());
       }
       if (int64_t(f.size()) != P)
-        fail(fmt::format("longrope_factors: '{}' has {} factors, expected {} (one per rotated pair, r/2 = {}/2)",
-                         e.longrope_file, f.size(), P, rotated_dims));
+        fail(fmt::format(
+            "longrope_factors: '{}' has {} factors, expected {} (one per rotated pair, r/2 = {}/2)",
+            e.longrope_file, f.size(), P, rotated_dims));
       e.longrope_lambda = torch::tensor(f, torch::kFloat64);
       e.factor = *std::max_element(f.begin(), f.end());
     } else {
@@ -200,21 +205,25 @@ ContextExtension parse_context_extension(const PeOptions& o, const std::string& 
   return e;
 }
 
-std::vector<OptionSpec> context_extension_options(const std::string& fixed_method, const std::string& default_factor) {
+std::vector<OptionSpec> context_extension_options(const std::string& fixed_method,
+                                                  const std::string& default_factor) {
   std::vector<OptionSpec> out;
   if (fixed_method.empty())
-    out.push_back({"extend", "none", "context extension: none|pi|ntk|dynamic-ntk|yarn|longrope (pe-zoo-spec §5)"});
+    out.push_back(
+        {"extend", "none", "context extension: none|pi|ntk|dynamic-ntk|yarn|longrope (pe-zoo-spec §5)"});
   out.push_back({"factor", default_factor, "s = L'/L, the extension factor"});
   out.push_back({"original_context", "128", "L, the training context (dynamic-ntk, yarn)"});
   const bool all = fixed_method.empty();
   if (all || fixed_method == "yarn") {
     out.push_back({"yarn_alpha", "1", "yarn: pairs turning fewer than alpha times within L get pure PI"});
     out.push_back({"yarn_beta", "32", "yarn: pairs turning more than beta times within L are not changed"});
-    out.push_back({"yarn_mscale", "auto", "yarn: factor on rotated q and k; auto: 0.1 ln s + 1 (1: NTK-by-parts)"});
+    out.push_back(
+        {"yarn_mscale", "auto", "yarn: factor on rotated q and k; auto: 0.1 ln s + 1 (1: NTK-by-parts)"});
   }
   if (all || fixed_method == "longrope") {
-    out.push_back({"longrope_factors", "", "longrope: file of r/2 factors lambda_d (JSON array or text); "
-                                           "default lambda_d = factor"});
+    out.push_back({"longrope_factors", "",
+                   "longrope: file of r/2 factors lambda_d (JSON array or text); "
+                   "default lambda_d = factor"});
     out.push_back({"longrope_start", "0", "longrope: n_hat, positions below it are not interpolated"});
   }
   return out;
@@ -228,9 +237,11 @@ void add_context_extension(std::vector<EncodingInfo>& out) {
   const Named named[] = {
       {"pi", "RoPE with Position Interpolation: theta_d / s (positions n -> n/s)"},
       {"ntk", "RoPE with NTK-aware scaling: base b' = b s^(D/(D-2)); theta_0 kept, theta_(D/2-1) / s"},
-      {"dynamic-ntk", "RoPE with dynamic NTK: NTK with s -> s l/L - (s-1) at length l > L; caches unrotated keys"},
+      {"dynamic-ntk",
+       "RoPE with dynamic NTK: NTK with s -> s l/L - (s-1) at length l > L; caches unrotated keys"},
       {"yarn", "RoPE with YaRN: NTK-by-parts ramp between PI and RoPE per frequency, q,k times 0.1 ln s + 1"},
-      {"longrope", "RoPE with LongRoPE: per-frequency factors lambda_d from a file, first n_hat positions kept"},
+      {"longrope",
+       "RoPE with LongRoPE: per-frequency factors lambda_d from a file, first n_hat positions kept"},
   };
   auto layout = rotary_layout_options();
   for (const auto& n : named) {
@@ -239,10 +250,10 @@ void add_context_extension(std::vector<EncodingInfo>& out) {
     opts.push_back({"base", "10000", "frequency base"});
     opts.push_back({"fraction", "1", "partial rotary: rotate only the first fraction*D dims"});
     opts.insert(opts.end(), layout.begin(), layout.end());
-    out.push_back({method, "multiplicative", n.summary, opts, {},
-                   [method](const HeadShape& s, const PeOptions& o) {
-                     return make_extended_rope(s, o, method, method, 2.0);
-                   }});
+    out.push_back(
+        {method, "multiplicative", n.summary, opts, {}, [method](const HeadShape& s, const PeOptions& o) {
+           return make_extended_rope(s, o, method, method, 2.0);
+         }});
   }
 }
 

@@ -13,10 +13,10 @@ namespace grape::detail {
 
 // A method with its settings, resolved and validated. method "none" leaves the spectrum alone.
 struct ContextExtension {
-  std::string method = "none";    // none | pi | ntk | dynamic-ntk | yarn | longrope
-  double factor = 1.0;            // s = L'/L
-  int64_t original_context = 128; // L, the training context
-  int64_t rotated_dims = 2;       // r: theta_d = b^(-2d/r), d < r/2 (D, or fraction*D for partial rotary)
+  std::string method = "none";     // none | pi | ntk | dynamic-ntk | yarn | longrope
+  double factor = 1.0;             // s = L'/L
+  int64_t original_context = 128;  // L, the training context
+  int64_t rotated_dims = 2;        // r: theta_d = b^(-2d/r), d < r/2 (D, or fraction*D for partial rotary)
   double yarn_alpha = 1.0, yarn_beta = 32.0;  // the ramp's ends, in rotations r(d) = L theta_d / 2pi
   double yarn_mscale = 1.0;       // YaRN's factor on the rotated q and k (resolved: 0.1 ln s + 1 unless set)
   torch::Tensor longrope_lambda;  // [r/2] float64 per-frequency factors lambda_d

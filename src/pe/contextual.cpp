@@ -26,7 +26,8 @@ class GrapeMCtx : public Encoding {
     // w = 0 and b = softplus^-1(1e-3) as the authors' code: every step starts at sigmoid(b/16) = 0.3937.
     w_ = register_parameter("w_omega", torch::zeros({groups_, s.model_dim}));
     b_ = register_parameter("b_omega", torch::full({groups_}, float(std::log(std::expm1(1e-3)))));
-    lambda_ = register_parameter("lambda", rope_log_theta(s.head_dim, base).to(torch::kFloat32));  // theta = exp(lambda)
+    lambda_ = register_parameter(
+        "lambda", rope_log_theta(s.head_dim, base).to(torch::kFloat32));  // theta = exp(lambda)
   }
   Properties properties() const override {
     Properties p;
@@ -65,12 +66,13 @@ class GrapeMCtx : public Encoding {
 namespace detail {
 
 void add_contextual(std::vector<EncodingInfo>& out) {
-  auto opts = std::vector<OptionSpec>{
-      {"base", "10000", "RoPE base of the initial frequencies"},
-      {"per_head", "false", "one phase per head instead of one shared by all heads"},
-      {"gate_scale", "16", "s in omega_t = sigmoid((w.x_t + b)/s)"}};
+  auto opts =
+      std::vector<OptionSpec>{{"base", "10000", "RoPE base of the initial frequencies"},
+                              {"per_head", "false", "one phase per head instead of one shared by all heads"},
+                              {"gate_scale", "16", "s in omega_t = sigmoid((w.x_t + b)/s)"}};
   for (auto& l : rotary_layout_options()) opts.push_back(l);
-  out.push_back({"grape-m-ctx", "multiplicative",
+  out.push_back({"grape-m-ctx",
+                 "multiplicative",
                  "GRAPE-M contextual: rotate by a phase Phi_t = sum_{tau<t} sigmoid((w.x_tau+b)/16)",
                  opts,
                  {"w_omega  [1 or H, C]  init 0", "b_omega  [1 or H]  init softplus^-1(1e-3) = -6.9072552",

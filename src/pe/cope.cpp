@@ -39,8 +39,8 @@ class CoPE : public Encoding {
     // p_ij = sum over keys t >= j of row i (later keys are gated 0): a reverse cumulative sum. Recomputed
     // for every query over the whole cache, so decoding needs no state beyond the cached keys.
     auto p = gates.flip(-1).cumsum(-1).flip(-1).clamp_max(double(p_max_ - 1));  // [B,H,Tq,Tk]
-    auto z = e_.size(0) == 1 ? torch::einsum("bihd,pd->bhip", {q, e_[0]})   // shared table
-                             : torch::einsum("bihd,hpd->bhip", {q, e_});    // [B,H,Tq,p_max]
+    auto z = e_.size(0) == 1 ? torch::einsum("bihd,pd->bhip", {q, e_[0]})       // shared table
+                             : torch::einsum("bihd,hpd->bhip", {q, e_});        // [B,H,Tq,p_max]
     auto lo = p.detach().floor(), hi = p.detach().ceil();
     auto w = p - lo;  // the gradient to the gates flows through the interpolation weight
     auto z_lo = z.gather(-1, lo.to(torch::kLong)), z_hi = z.gather(-1, hi.to(torch::kLong));
@@ -63,12 +63,14 @@ class CoPE : public Encoding {
 namespace detail {
 
 void add_cope(std::vector<EncodingInfo>& out) {
-  out.push_back({"cope", "additive",
-                 "CoPE: bias q_i.e[p_ij], p_ij = sum_{t=j..i} sigmoid(q_i.k_t/sqrt(D)) (counts gated tokens)",
-                 {{"p_max", "64", "number of learned position vectors; p is clamped to p_max - 1 (>= 1)"},
-                  {"per_head", "false", "one table e per head (default: one shared by the heads, as the authors)"}},
-                 {"e  [1 or H, p_max, D]  init 0 (starts as nope)"},
-                 [](const HeadShape& s, const PeOptions& o) { return std::make_shared<CoPE>(s, o); }});
+  out.push_back(
+      {"cope",
+       "additive",
+       "CoPE: bias q_i.e[p_ij], p_ij = sum_{t=j..i} sigmoid(q_i.k_t/sqrt(D)) (counts gated tokens)",
+       {{"p_max", "64", "number of learned position vectors; p is clamped to p_max - 1 (>= 1)"},
+        {"per_head", "false", "one table e per head (default: one shared by the heads, as the authors)"}},
+       {"e  [1 or H, p_max, D]  init 0 (starts as nope)"},
+       [](const HeadShape& s, const PeOptions& o) { return std::make_shared<CoPE>(s, o); }});
 }
 
 }  // namespace detail

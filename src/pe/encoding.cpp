@@ -1,11 +1,10 @@
 // The encoding base class: input validation, the default hooks, and the key cache.
-#include "pe/families.hpp"
-
 #include <fmt/format.h>
 
 #include <stdexcept>
 
 #include "kernels/cpu/finite.hpp"
+#include "pe/families.hpp"
 
 namespace grape {
 
@@ -14,9 +13,9 @@ namespace {
 // Contiguous fp32 CPU tensors (the usual q, k, x) take the one-pass kernel; others LibTorch's isfinite.
 void require_finite(const torch::Tensor& t, const char* what, const std::string& enc) {
   const bool kernel = t.scalar_type() == torch::kFloat32 && t.device().is_cpu() && t.is_contiguous();
-  if (kernel ? !kernels::cpu::all_finite(t.data_ptr<float>(), t.numel()) : !torch::isfinite(t).all().item<bool>())
-    throw std::invalid_argument(
-        fmt::format("{}: {} contains NaN or Inf values", enc, what));
+  if (kernel ? !kernels::cpu::all_finite(t.data_ptr<float>(), t.numel())
+             : !torch::isfinite(t).all().item<bool>())
+    throw std::invalid_argument(fmt::format("{}: {} contains NaN or Inf values", enc, what));
 }
 
 }  // namespace
@@ -29,9 +28,9 @@ std::string shape_string(const torch::Tensor& t) {
 
 Encoding::Encoding(std::string name, HeadShape shape) : name_(std::move(name)), shape_(shape) {
   if (shape_.heads < 1 || shape_.head_dim < 1 || shape_.model_dim < 1)
-    throw std::invalid_argument(fmt::format(
-        "{}: heads, head_dim and model_dim must be positive (got H={}, D={}, C={})", name_,
-        shape_.heads, shape_.head_dim, shape_.model_dim));
+    throw std::invalid_argument(
+        fmt::format("{}: heads, head_dim and model_dim must be positive (got H={}, D={}, C={})", name_,
+                    shape_.heads, shape_.head_dim, shape_.model_dim));
 }
 
 PeState Encoding::initial_state(int64_t batch, int64_t offset) const {
@@ -52,7 +51,7 @@ bool Encoding::linear_bias(const PeTokens&, const KeyCache&, LinearBiasTerms& ou
 }
 
 std::pair<torch::Tensor, torch::Tensor> Encoding::attention_qk(const PeTokens& queries,
-                                                              const KeyCache& keys) const {
+                                                               const KeyCache& keys) const {
   return {queries.q, keys.k};
 }
 
@@ -66,34 +65,32 @@ std::vector<std::string> Encoding::describe_parameters() const {
 PeTokens Encoding::encode(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& x,
                           PeState& state) {
   const auto& s = shape_;
-  if (!q.defined() || !k.defined())
-    throw std::invalid_argument(name_ + ": q and k are required");
+  if (!q.defined() || !k.defined()) throw std::invalid_argument(name_ + ": q and k are required");
   if (q.dim() != 4 || q.size(2) != s.heads || q.size(3) != s.head_dim)
-    throw std::invalid_argument(fmt::format("{}: q must be [B,T,H={},D={}], got {}", name_, s.heads,
-                                            s.head_dim, shape_string(q)));
+    throw std::invalid_argument(
+        fmt::format("{}: q must be [B,T,H={},D={}], got {}", name_, s.heads, s.head_dim, shape_string(q)));
   if (!q.sizes().equals(k.sizes()))
     throw std::invalid_argument(
         fmt::format("{}: q and k shapes differ: {} vs {}", name_, shape_string(q), shape_string(k)));
   if (q.scalar_type() != k.scalar_type())
     throw std::invalid_argument(fmt::format("{}: q and k dtypes differ: {} vs {}", name_,
-                                            c10::toString(q.scalar_type()),
-                                            c10::toString(k.scalar_type())));
+                                            c10::toString(q.scalar_type()), c10::toString(k.scalar_type())));
   if (!at::isFloatingType(q.scalar_type()))
-    throw std::invalid_argument(fmt::format("{}: q and k must be floating point, got {}", name_,
-                                            c10::toString(q.scalar_type())));
+    throw std::invalid_argument(
+        fmt::format("{}: q and k must be floating point, got {}", name_, c10::toString(q.scalar_type())));
   const auto params = parameters(true);
   if (!params.empty() && params.front().scalar_type() != q.scalar_type())
-    throw std::invalid_argument(fmt::format(
-        "{}: inputs are {} but the encoding's parameters are {}; convert one with .to()", name_,
-        c10::toString(q.scalar_type()), c10::toString(params.front().scalar_type())));
+    throw std::invalid_argument(
+        fmt::format("{}: inputs are {} but the encoding's parameters are {}; convert one with .to()", name_,
+                    c10::toString(q.scalar_type()), c10::toString(params.front().scalar_type())));
   require_finite(q, "q", name_);
   require_finite(k, "k", name_);
   if (properties().contextual) {
     if (!x.defined())
       throw std::invalid_argument(name_ + ": this encoding is contextual and needs the layer input x");
     if (x.dim() != 3 || x.size(0) != q.size(0) || x.size(1) != q.size(1) || x.size(2) != s.model_dim)
-      throw std::invalid_argument(fmt::format("{}: x must be [B={},T={},C={}], got {}", name_,
-                                              q.size(0), q.size(1), s.model_dim, shape_string(x)));
+      throw std::invalid_argument(fmt::format("{}: x must be [B={},T={},C={}], got {}", name_, q.size(0),
+                                              q.size(1), s.model_dim, shape_string(x)));
     if (x.scalar_type() != q.scalar_type())
       throw std::invalid_argument(fmt::format("{}: x dtype {} differs from q dtype {}", name_,
                                               c10::toString(x.scalar_type()),
@@ -185,8 +182,8 @@ void KeyCache::append(const PeTokens& chunk, const torch::Tensor& v_chunk) {
     return;
   }
   if (chunk.offset != offset + length)
-    throw std::invalid_argument(fmt::format(
-        "key cache: chunk starts at position {} but the cache ends at {}", chunk.offset, offset + length));
+    throw std::invalid_argument(fmt::format("key cache: chunk starts at position {} but the cache ends at {}",
+                                            chunk.offset, offset + length));
   if (!append_in_place(*this, chunk, v_chunk)) {
     buffers.reset();
     k = torch::cat({k, chunk.k}, 1);

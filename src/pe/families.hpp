@@ -1,10 +1,10 @@
 // Internal: shared helpers of the encoding families and the hooks that fill the registry.
 #pragma once
 
-#include "grape/pe.hpp"
-
 #include <string>
 #include <vector>
+
+#include "grape/pe.hpp"
 
 namespace grape::detail {
 
@@ -19,7 +19,7 @@ void add_path_integral(std::vector<EncodingInfo>& out);
 void add_context_extension(std::vector<EncodingInfo>& out);  // pi, ntk, dynamic-ntk, yarn, longrope
 void add_hdd_rope(std::vector<EncodingInfo>& out);
 void add_tape(std::vector<EncodingInfo>& out);
-void add_relative_bias(std::vector<EncodingInfo>& out);       // t5, kerple, fire
+void add_relative_bias(std::vector<EncodingInfo>& out);  // t5, kerple, fire
 void add_cope(std::vector<EncodingInfo>& out);
 
 // Options shared by every rotation: which coordinates pair up, and which way they turn.

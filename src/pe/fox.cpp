@@ -37,10 +37,10 @@ class FoX : public Encoding {
   }
   bool linear_bias(const PeTokens& queries, const KeyCache& keys, LinearBiasTerms& out) const override {
     // Re-based on the first cached key (in float64) so the float32 terms stay near the window's scale.
-    auto base = keys.key.at("c").select(1, 0).unsqueeze(1);                                  // [B,1,H]
+    auto base = keys.key.at("c").select(1, 0).unsqueeze(1);  // [B,1,H]
     out = {};
-    out.a = (queries.query.at("c") - base).permute({0, 2, 1}).to(w_.scalar_type());         // [B,H,Tq]
-    out.b = (base - keys.key.at("c")).permute({0, 2, 1}).to(w_.scalar_type());              // [B,H,Tk]
+    out.a = (queries.query.at("c") - base).permute({0, 2, 1}).to(w_.scalar_type());  // [B,H,Tq]
+    out.b = (base - keys.key.at("c")).permute({0, 2, 1}).to(w_.scalar_type());       // [B,H,Tk]
     return true;
   }
 
@@ -66,8 +66,10 @@ class FoX : public Encoding {
 namespace detail {
 
 void add_fox(std::vector<EncodingInfo>& out) {
-  out.push_back({"fox", "additive",
-                 "FoX forget gate: bias sum_{l=j+1..i} logsigmoid(w_h.x_l + b_h) (data-dependent decay)", {},
+  out.push_back({"fox",
+                 "additive",
+                 "FoX forget gate: bias sum_{l=j+1..i} logsigmoid(w_h.x_l + b_h) (data-dependent decay)",
+                 {},
                  {"w_f  [H, C]  init N(0, (0.5/sqrt(C))^2)", "b_f  [H]  init 0 (f = 0.5)"},
                  [](const HeadShape& s, const PeOptions& o) { return std::make_shared<FoX>(s, o); }});
 }

@@ -6,17 +6,16 @@
 // With k = 2 and the same rotation R = rot(theta_b) for every token this is RoPE exactly.
 #include "pe/hdd_rope.hpp"
 
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <fmt/format.h>
 
 #include <algorithm>
 #include <array>
-#include <type_traits>
 #include <cmath>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
-
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 
 #include "pe/families.hpp"
 
@@ -82,7 +81,8 @@ torch::Tensor skew_exp(const torch::Tensor& A) {
     // -tau+-^2 I, so exp(A) = exp(A+) exp(A-) with both factors in closed form.
     static const auto eps = half_levi_civita4();
     auto star = torch::einsum("ijkl,...kl->...ij", {eps.to(A.scalar_type()), A});
-    return torch::matmul(exp_of_complex_structure((A + star) / 2.0), exp_of_complex_structure((A - star) / 2.0));
+    return torch::matmul(exp_of_complex_structure((A + star) / 2.0),
+                         exp_of_complex_structure((A - star) / 2.0));
   }
   // Larger k: scaling and squaring, exp(A) = exp(A / 2^s)^(2^s) with |A / 2^s|_F <= 1/2 and the Taylor
   // series to degree 18 (remainder < 1e-22). torch::linalg_matrix_exp is not used: in LibTorch 1.13 its
@@ -99,13 +99,15 @@ torch::Tensor skew_exp(const torch::Tensor& A) {
 
 torch::Tensor cayley(const torch::Tensor& A) {
   auto I = torch::eye(A.size(-1), A.options()).expand(A.sizes());
-  return torch::linalg::solve(I - A, I + A, /*left=*/true);  // I - A is invertible for skew A (eigenvalues 1 - i lambda)
+  return torch::linalg::solve(I - A, I + A,
+                              /*left=*/true);  // I - A is invertible for skew A (eigenvalues 1 - i lambda)
 }
 
-// ---- The training path: plain loops over contiguous float64 buffers, with hand-written backwards -----------
-// Autograd through LibTorch ops on [N, T, k, k] tensors of 4x4 matrices spends its time in tiny kernels,
-// copies and index ops; the same math as loops over one token at a time is far faster (see docs/encodings.md,
-// hdd-rope, Cost). K > 0 fixes k at compile time so that the k x k loops unroll; K = 0 reads k at run time.
+// ---- The training path: plain loops over contiguous float64 buffers, with hand-written backwards
+// ----------- Autograd through LibTorch ops on [N, T, k, k] tensors of 4x4 matrices spends its time in tiny
+// kernels, copies and index ops; the same math as loops over one token at a time is far faster (see
+// docs/encodings.md, hdd-rope, Cost). K > 0 fixes k at compile time so that the k x k loops unroll; K = 0
+// reads k at run time.
 
 namespace {
 
@@ -119,7 +121,8 @@ inline void matmul_k(const double* a, const double* b, int64_t k_, double* out) 
   for (int64_t i = 0; i < k; ++i)
     for (int64_t j = 0; j < k; ++j) {
       double s = 0.0;
-      for (int64_t l = 0; l < k; ++l) s += (TA ? a[l * k + i] : a[i * k + l]) * (TB ? b[j * k + l] : b[l * k + j]);
+      for (int64_t l = 0; l < k; ++l)
+        s += (TA ? a[l * k + i] : a[i * k + l]) * (TB ? b[j * k + l] : b[l * k + j]);
       out[i * k + j] = s;
     }
 }
@@ -285,8 +288,8 @@ struct ScanShape {
 };
 
 template <int64_t K, typename scalar_t>
-void scan_forward(const ScanShape& s, const double* P0, const double* R, const scalar_t* q, const scalar_t* kv,
-                  double* Pall, double* PT, scalar_t* qo, scalar_t* ko) {
+void scan_forward(const ScanShape& s, const double* P0, const double* R, const scalar_t* q,
+                  const scalar_t* kv, double* Pall, double* PT, scalar_t* qo, scalar_t* ko) {
   const int64_t k = K ? K : s.k, kk = k * k, T = s.T, G = s.G;
   at::parallel_for(0, s.N, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t n = lo; n < hi; ++n) {
@@ -316,15 +319,17 @@ void scan_forward(const ScanShape& s, const double* P0, const double* R, const s
 // last product): dR_t = P_t^T B, dq_t = P_t^T dq~_t, and dL/dP_t = dPall_t + dq~_t q_t^T + dk~_t k_t^T +
 // B R_t^T; finally dP0 = dL/dP_0. Absent gradients (nullptr) are zero.
 template <int64_t K, typename scalar_t>
-void scan_backward(const ScanShape& s, const double* Pall, const double* R, const scalar_t* q, const scalar_t* kv,
-                   const double* dPall, const double* dPT, const scalar_t* dqo, const scalar_t* dko, double* dP0,
-                   double* dR, scalar_t* dq, scalar_t* dk) {
+void scan_backward(const ScanShape& s, const double* Pall, const double* R, const scalar_t* q,
+                   const scalar_t* kv, const double* dPall, const double* dPT, const scalar_t* dqo,
+                   const scalar_t* dko, double* dP0, double* dR, scalar_t* dq, scalar_t* dk) {
   const int64_t k = K ? K : s.k, kk = k * k, T = s.T, G = s.G;
   at::parallel_for(0, s.N, 1, [&](int64_t lo, int64_t hi) {
     std::vector<double> B(kk), next(kk);
     for (int64_t n = lo; n < hi; ++n) {
-      if (dPT) std::copy(dPT + n * kk, dPT + (n + 1) * kk, B.begin());
-      else std::fill(B.begin(), B.end(), 0.0);
+      if (dPT)
+        std::copy(dPT + n * kk, dPT + (n + 1) * kk, B.begin());
+      else
+        std::fill(B.begin(), B.end(), 0.0);
       for (int64_t t = T - 1; t >= 0; --t) {
         const int64_t at = (n * T + t) * kk;
         const double *P = Pall + at, *Rt = R + at;
@@ -336,7 +341,8 @@ void scan_backward(const ScanShape& s, const double* Pall, const double* R, cons
           const int64_t v = s.coord(n, t);
           for (int64_t i = 0; i < k; ++i) {
             const double gq = dqo ? double(dqo[v + i * G]) : 0.0, gk = dko ? double(dko[v + i * G]) : 0.0;
-            for (int64_t j = 0; j < k; ++j) next[i * k + j] += gq * double(q[v + j * G]) + gk * double(kv[v + j * G]);
+            for (int64_t j = 0; j < k; ++j)
+              next[i * k + j] += gq * double(q[v + j * G]) + gk * double(kv[v + j * G]);
           }
           for (int64_t j = 0; j < k; ++j) {
             double a = 0.0, b = 0.0;
@@ -357,9 +363,12 @@ void scan_backward(const ScanShape& s, const double* Pall, const double* R, cons
 // Calls f.template operator()<K>() with K = 2, 4 (unrolled) or 0 (any k).
 template <class F>
 void dispatch_k(int64_t k, F&& f) {
-  if (k == 2) f(std::integral_constant<int64_t, 2>{});
-  else if (k == 4) f(std::integral_constant<int64_t, 4>{});
-  else f(std::integral_constant<int64_t, 0>{});
+  if (k == 2)
+    f(std::integral_constant<int64_t, 2>{});
+  else if (k == 4)
+    f(std::integral_constant<int64_t, 4>{});
+  else
+    f(std::integral_constant<int64_t, 0>{});
 }
 
 template <class T>
@@ -394,15 +403,17 @@ class ScanFn : public torch::autograd::Function<ScanFn> {
     auto grad = [](const torch::Tensor& g, const torch::Tensor& like) {
       return g.defined() ? g.to(like.scalar_type()).contiguous() : g;
     };
-    auto dPall = grad(grads[0], Pall), dPT = grad(grads[1], P0), dqo = grad(grads[2], q), dko = grad(grads[3], k);
-    auto dP0 = torch::empty_like(P0), dR = torch::empty_like(R), dq = torch::empty_like(q), dk = torch::empty_like(k);
+    auto dPall = grad(grads[0], Pall), dPT = grad(grads[1], P0), dqo = grad(grads[2], q),
+         dko = grad(grads[3], k);
+    auto dP0 = torch::empty_like(P0), dR = torch::empty_like(R), dq = torch::empty_like(q),
+         dk = torch::empty_like(k);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "hdd_scan_backward", [&] {
       dispatch_k(s.k, [&](auto K) {
         scan_backward<decltype(K)::value, scalar_t>(
-            s, Pall.data_ptr<double>(), R.data_ptr<double>(), ptr_or_null<scalar_t>(q), ptr_or_null<scalar_t>(k),
-            ptr_or_null<double>(dPall), ptr_or_null<double>(dPT), ptr_or_null<scalar_t>(dqo),
-            ptr_or_null<scalar_t>(dko), dP0.data_ptr<double>(), dR.data_ptr<double>(), ptr_or_null<scalar_t>(dq),
-            ptr_or_null<scalar_t>(dk));
+            s, Pall.data_ptr<double>(), R.data_ptr<double>(), ptr_or_null<scalar_t>(q),
+            ptr_or_null<scalar_t>(k), ptr_or_null<double>(dPall), ptr_or_null<double>(dPT),
+            ptr_or_null<scalar_t>(dqo), ptr_or_null<scalar_t>(dko), dP0.data_ptr<double>(),
+            dR.data_ptr<double>(), ptr_or_null<scalar_t>(dq), ptr_or_null<scalar_t>(dk));
       });
     });
     if (!s.rotate) dq = dk = torch::Tensor();
@@ -422,11 +433,12 @@ class ScanFn : public torch::autograd::Function<ScanFn> {
 torch::Tensor skew_from_coefficients(const torch::Tensor& c, int64_t k) {
   const int64_t M = k * (k - 1) / 2;
   if (c.dim() < 1 || c.size(-1) != M)
-    throw std::invalid_argument(fmt::format("hdd-rope: {} plane coefficients need [..., {}], got {}", k, M,
-                                            shape_string(c)));
+    throw std::invalid_argument(
+        fmt::format("hdd-rope: {} plane coefficients need [..., {}], got {}", k, M, shape_string(c)));
   auto basis = torch::zeros({M, k * k}, c.options());
   for (int64_t i = 0, m = 0; i < k; ++i)
-    for (int64_t j = i + 1; j < k; ++j, ++m) basis.index_put_({m, j * k + i}, 1.0), basis.index_put_({m, i * k + j}, -1.0);
+    for (int64_t j = i + 1; j < k; ++j, ++m)
+      basis.index_put_({m, j * k + i}, 1.0), basis.index_put_({m, i * k + j}, -1.0);
   auto sizes = c.sizes().vec();
   sizes.back() = k;
   sizes.push_back(k);
@@ -437,8 +449,8 @@ torch::Tensor rotations(const torch::Tensor& c, int64_t k) {
   if (k != 2 && k != 4) return skew_exp(skew_from_coefficients(c.to(torch::kFloat64), k));
   const int64_t M = k * (k - 1) / 2;
   if (c.dim() < 1 || c.size(-1) != M)
-    throw std::invalid_argument(fmt::format("hdd-rope: {} plane coefficients need [..., {}], got {}", k, M,
-                                            shape_string(c)));
+    throw std::invalid_argument(
+        fmt::format("hdd-rope: {} plane coefficients need [..., {}], got {}", k, M, shape_string(c)));
   auto sizes = c.sizes().vec();
   sizes.back() = k;
   sizes.push_back(k);
@@ -450,21 +462,24 @@ std::array<torch::Tensor, 3> rotate_by_running_product(const torch::Tensor& P0, 
   const bool ok = P0.dim() == 5 && R.dim() == 6 && q.dim() == 4 && q.sizes().equals(k.sizes()) &&
                   q.scalar_type() == k.scalar_type() && P0.scalar_type() == torch::kFloat64 &&
                   R.scalar_type() == torch::kFloat64 && P0.size(3) == P0.size(4) &&
-                  R.sizes().slice(0, 3).equals(P0.sizes().slice(0, 3)) && R.sizes().slice(4).equals(P0.sizes().slice(3)) &&
-                  P0.size(0) == q.size(0) && P0.size(1) == q.size(2) && R.size(3) == q.size(1) &&
-                  P0.size(2) * P0.size(3) == q.size(3);
+                  R.sizes().slice(0, 3).equals(P0.sizes().slice(0, 3)) &&
+                  R.sizes().slice(4).equals(P0.sizes().slice(3)) && P0.size(0) == q.size(0) &&
+                  P0.size(1) == q.size(2) && R.size(3) == q.size(1) && P0.size(2) * P0.size(3) == q.size(3);
   if (!ok)
-    throw std::invalid_argument(fmt::format(
-        "hdd-rope: rotate_by_running_product needs float64 P0 [B,H,G,k,k] and R [B,H,G,T,k,k], and q, k [B,T,H,D = kG] "
-        "of one dtype; got P0 {}, R {}, q {} {}, k {} {}", shape_string(P0), shape_string(R), shape_string(q),
-        c10::toString(q.scalar_type()), shape_string(k), c10::toString(k.scalar_type())));
+    throw std::invalid_argument(
+        fmt::format("hdd-rope: rotate_by_running_product needs float64 P0 [B,H,G,k,k] and R [B,H,G,T,k,k], "
+                    "and q, k [B,T,H,D = kG] "
+                    "of one dtype; got P0 {}, R {}, q {} {}, k {} {}",
+                    shape_string(P0), shape_string(R), shape_string(q), c10::toString(q.scalar_type()),
+                    shape_string(k), c10::toString(k.scalar_type())));
   const int64_t kk = P0.size(3), T = R.size(3);
   auto out = ScanFn::apply(P0.reshape({-1, kk, kk}), R.reshape({-1, T, kk, kk}), q, k);
   return {out[2], out[3], out[1].view(P0.sizes())};
 }
 
 const std::vector<std::string>& scan_names() {
-  static const std::vector<std::string> names{"loop", "sequential", "hillis-steele", "brent-kung", "sklansky"};
+  static const std::vector<std::string> names{"loop", "sequential", "hillis-steele", "brent-kung",
+                                              "sklansky"};
   return names;
 }
 
@@ -485,7 +500,8 @@ torch::Tensor running_product(const torch::Tensor& M, const std::string& scan) {
   if (scan == "hillis-steele") {  // log2 T steps, each P_t <- P_{t-d} P_t for every t >= d
     auto P = M;
     for (int64_t d = 1; d < T; d *= 2)
-      P = torch::cat({P.narrow(dim, 0, d), torch::matmul(P.narrow(dim, 0, T - d), P.narrow(dim, d, T - d))}, dim);
+      P = torch::cat({P.narrow(dim, 0, d), torch::matmul(P.narrow(dim, 0, T - d), P.narrow(dim, d, T - d))},
+                     dim);
     return P;
   }
   if (scan == "sklansky") {
@@ -579,8 +595,8 @@ class HddRope : public Encoding {
     // (i, i + D/2) with i = g + j G, and turns at rope's theta_i = base^(-2i/D) (for odd k the spectrum is
     // spread over the G (k-1)/2 static planes the same way).
     static_plane_ = plane;
-    log_theta_ = register_buffer("log_theta", static_rate ? rope_log_theta(2 * G_ * P, base)
-                                                          : torch::empty({0}, torch::kFloat64));
+    log_theta_ = register_buffer(
+        "log_theta", static_rate ? rope_log_theta(2 * G_ * P, base) : torch::empty({0}, torch::kFloat64));
     // Zero projection and bias: a fresh model is the static rotation (RoPE, or NoPE with static_rate=false).
     w_a_ = register_parameter("w_a", torch::zeros({s.heads, G_, M_, s.model_dim}));
     b_a_ = register_parameter("b_a", torch::zeros({s.heads, G_, M_}));
@@ -607,7 +623,8 @@ class HddRope : public Encoding {
     auto coef = learned.to(torch::kFloat64);
     if (log_theta_.numel() > 0) {
       // theta rounded to the input dtype first, as rope does, so that k = 2 is rope in either precision.
-      auto theta = torch::exp(log_theta_.to(q.scalar_type())).to(torch::kFloat64).view({-1, G_}).t();  // [G,P]
+      auto theta =
+          torch::exp(log_theta_.to(q.scalar_type())).to(torch::kFloat64).view({-1, G_}).t();  // [G,P]
       // The Cayley map turns a plane by 2 atan(c): coefficient tan(theta/2) keeps the static part RoPE.
       if (cayley_) theta = torch::tan(theta / 2.0);
       coef = coef + torch::matmul(theta, static_plane_).view({1, 1, G_, 1, M_});
@@ -634,8 +651,7 @@ class HddRope : public Encoding {
   // The running product P [B,H,G,k,k] (float64) of every token seen: identity for a fresh state.
   torch::Tensor& running(PeState& st, int64_t B) const {
     auto& P = st.values["P"];
-    if (!P.defined())
-      P = torch::eye(k_, torch::kFloat64).expand({B, shape_.heads, G_, k_, k_}).clone();
+    if (!P.defined()) P = torch::eye(k_, torch::kFloat64).expand({B, shape_.heads, G_, k_, k_}).clone();
     const std::vector<int64_t> want{B, shape_.heads, G_, k_, k_};
     if (P.sizes().vec() != want)
       throw std::invalid_argument(fmt::format("hdd-rope: state P is {} but the input needs [{},{},{},{},{}]",
@@ -658,7 +674,8 @@ void add_hdd_rope(std::vector<EncodingInfo>& out) {
   std::string scans;
   for (const auto& n : hdd::scan_names()) scans += (scans.empty() ? "" : "|") + n;
   out.push_back(
-      {"hdd-rope", "multiplicative",
+      {"hdd-rope",
+       "multiplicative",
        "HDD-RoPE: rotate k-dim chunks of q,k by the running product of data-dependent SO(k) rotations "
        "exp(A(x_tau)), tau < t",
        {{"k", "4", "chunk size (D % k == 0); k(k-1)/2 rotation axes per chunk; k = 2 is RoPE's planes"},

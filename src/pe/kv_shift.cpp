@@ -19,7 +19,8 @@ std::pair<torch::Tensor, torch::Tensor> KVShiftImpl::forward(const torch::Tensor
   if (k_raw.dim() != 4 || !k_raw.sizes().equals(v_raw.sizes()) || k_raw.size(2) != shape.heads)
     throw std::invalid_argument("kv-shift: k and v must both be [B,T,H,D] with H = " +
                                 std::to_string(shape.heads));
-  if (x.dim() != 3 || x.size(0) != k_raw.size(0) || x.size(1) != k_raw.size(1) || x.size(2) != shape.model_dim)
+  if (x.dim() != 3 || x.size(0) != k_raw.size(0) || x.size(1) != k_raw.size(1) ||
+      x.size(2) != shape.model_dim)
     throw std::invalid_argument(fmt::format("kv-shift: x must be [B,T,C={}] matching k", shape.model_dim));
   auto mix = [&](const torch::Tensor& raw, const torch::Tensor& w, torch::Tensor& prev) {
     auto alpha = torch::sigmoid(torch::einsum("btc,hc->bth", {x, w})).unsqueeze(-1);  // [B,T,H,1]

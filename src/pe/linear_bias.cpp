@@ -85,7 +85,7 @@ class GrapeA : public Encoding {
   torch::Tensor omega() const { return torch::softplus(rho_) * slopes_; }  // [H]
   torch::Tensor bias(const PeTokens& queries, const KeyCache& keys) const override {
     auto dist = distance(queries, keys, rho_.scalar_type()).unsqueeze(0).unsqueeze(0);  // [1,1,Tq,Tk]
-    torch::Tensor gate;                                                                  // [B,H,Tq,Tk]
+    torch::Tensor gate;                                                                 // [B,H,Tq,Tk]
     if (query_gate_) gate = queries.query.at("gq").permute({0, 2, 1}).unsqueeze(-1);
     if (key_gate_) {
       auto gk = keys.key.at("gk").permute({0, 2, 1}).unsqueeze(-2);
@@ -124,21 +124,37 @@ class GrapeA : public Encoding {
 namespace detail {
 
 void add_linear_bias(std::vector<EncodingInfo>& out) {
-  out.push_back({"alibi", "additive", "ALiBi: bias -m_h (i - j) with the standard slope schedule", {}, {},
+  out.push_back({"alibi",
+                 "additive",
+                 "ALiBi: bias -m_h (i - j) with the standard slope schedule",
+                 {},
+                 {},
                  [](const HeadShape& s, const PeOptions& o) { return std::make_shared<ALiBi>(s, o); }});
   const std::string rho = "rho  [H]  init softplus^-1(1) = 0.5413249 (omega_h = softplus(rho_h) m_h)";
   const std::string v = "v  [H, D]  init N(0, 1/D) (query-gate direction, L2-normalised)";
   const std::string u = "u  [H, D]  init N(0, 1/D) (key-gate direction, L2-normalised)";
-  out.push_back({"grape-a-q", "additive", "GRAPE-A query-gated: bias -(i-j) omega_h softplus(v.q_i/sqrt(D))", {},
-                 {rho, v}, [](const HeadShape& s, const PeOptions& o) {
+  out.push_back({"grape-a-q",
+                 "additive",
+                 "GRAPE-A query-gated: bias -(i-j) omega_h softplus(v.q_i/sqrt(D))",
+                 {},
+                 {rho, v},
+                 [](const HeadShape& s, const PeOptions& o) {
                    return std::make_shared<GrapeA>(s, o, true, false, "grape-a-q");
                  }});
-  out.push_back({"grape-a-k", "additive", "GRAPE-A key-gated: bias -(i-j) omega_h softplus(u.k_j/sqrt(D))", {},
-                 {rho, u}, [](const HeadShape& s, const PeOptions& o) {
+  out.push_back({"grape-a-k",
+                 "additive",
+                 "GRAPE-A key-gated: bias -(i-j) omega_h softplus(u.k_j/sqrt(D))",
+                 {},
+                 {rho, u},
+                 [](const HeadShape& s, const PeOptions& o) {
                    return std::make_shared<GrapeA>(s, o, false, true, "grape-a-k");
                  }});
-  out.push_back({"grape-a-qk", "additive", "GRAPE-A query-key-gated: bias -(i-j) omega_h (gq_i + gk_j)", {},
-                 {rho, v, u}, [](const HeadShape& s, const PeOptions& o) {
+  out.push_back({"grape-a-qk",
+                 "additive",
+                 "GRAPE-A query-key-gated: bias -(i-j) omega_h (gq_i + gk_j)",
+                 {},
+                 {rho, v, u},
+                 [](const HeadShape& s, const PeOptions& o) {
                    return std::make_shared<GrapeA>(s, o, true, true, "grape-a-qk");
                  }});
 }

@@ -19,7 +19,8 @@ torch::Tensor rank2_rotate(const torch::Tensor& x, const torch::Tensor& a, const
   auto e = eta.unsqueeze(-1);
   auto al = dot(a, a), be = dot(b, b), ga = dot(a, b);
   auto delta = torch::clamp_min(al * be - ga * ga, 0.0);
-  const double tiny = x.scalar_type() == torch::kFloat64 ? 1e-16 : 1e-8;  // (z^2 below which the series is exact)
+  const double tiny =
+      x.scalar_type() == torch::kFloat64 ? 1e-16 : 1e-8;  // (z^2 below which the series is exact)
   auto small = (e * e * delta) < tiny;
   auto safe_delta = torch::where(small, torch::ones_like(delta), delta);
   auto s = torch::sqrt(safe_delta);
@@ -47,7 +48,8 @@ class GrapeMMix : public Encoding {
     const int64_t D = s.head_dim;
     rank_ = o.get_int("rank", std::min<int64_t>(D, 8));
     if (rank_ < 2 || rank_ % 2 != 0 || rank_ > D)
-      throw std::invalid_argument(fmt::format("grape-m-mix: rank must be even and in [2, D={}], got {}", D, rank_));
+      throw std::invalid_argument(
+          fmt::format("grape-m-mix: rank must be even and in [2, D={}], got {}", D, rank_));
     const int64_t M = o.get_int("generators", rank_ / 2);
     if (M < 1) throw std::invalid_argument(fmt::format("grape-m-mix: generators must be >= 1, got {}", M));
     const double base = o.get_double("base", 10000.0);
@@ -110,7 +112,7 @@ class GrapeMMix : public Encoding {
     const int64_t T = q.size(1), r = rank_, D = shape_.head_dim;
     // exp(n L_r) for each position, in float64: the relative law G(i)^T G(j) = G(j-i) holds to
     // float64 round-off however far the positions reach.
-    auto L = generator().to(torch::kFloat64);                                // [G,r,r]
+    auto L = generator().to(torch::kFloat64);  // [G,r,r]
     auto n = positions_f64(st.next_pos, T).view({T, 1, 1, 1});
     auto Gn = torch::linalg_matrix_exp(n * L.unsqueeze(0)).to(q.scalar_type());  // [T,G,r,r]
     Gn = Gn.expand({T, shape_.heads, r, r});  // a shared mixture (G = 1) serves every head
@@ -120,7 +122,8 @@ class GrapeMMix : public Encoding {
       auto xp = x.index_select(-1, perm_);
       auto mixed = torch::einsum("thij,bthj->bthi", {Gn, xp.narrow(-1, 0, r)});
       auto parts = std::vector<torch::Tensor>{mixed};
-      if (D > r) parts.push_back(rotate_pairs(xp.narrow(-1, r, D - r), rest_ang, layout_.pairing, layout_.sign));
+      if (D > r)
+        parts.push_back(rotate_pairs(xp.narrow(-1, r, D - r), rest_ang, layout_.pairing, layout_.sign));
       return torch::cat(parts, -1).index_select(-1, inv_perm_);
     };
     return {apply(q), apply(k)};
@@ -145,7 +148,8 @@ void add_mixture(std::vector<EncodingInfo>& out) {
       {"per_head", "false", "one mixture per head instead of shared"},
       {"log_freq_scale", "16", "s in omega = exp(log_omega/s)"}};
   for (auto& l : rotary_layout_options()) opts.push_back(l);
-  out.push_back({"grape-m-mix", "multiplicative",
+  out.push_back({"grape-m-mix",
+                 "multiplicative",
                  "GRAPE-M non-commuting mixture: exp(n sum_m omega_m L(a_m,b_m)) on r dims, RoPE on the rest",
                  opts,
                  {"gen_a, gen_b  [1 or H, M, r]  init canonical planes (m, m+r/2); extra ones random",

@@ -1,12 +1,12 @@
 // Parsing of `--set key=value` encoding options; every error names the key and the bad value.
-#include "grape/pe.hpp"
-
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
 #include <charconv>
 #include <cmath>
 #include <stdexcept>
+
+#include "grape/pe.hpp"
 
 namespace grape {
 
@@ -61,8 +61,8 @@ std::string PeOptions::get_choice(const std::string& key, const std::string& def
   if (it == values_.end()) return def;
   for (const auto& a : allowed)
     if (a == it->second) return a;
-  throw std::invalid_argument(fmt::format("option {}: '{}' is not one of {}", key, it->second,
-                                          fmt::join(allowed, "|")));
+  throw std::invalid_argument(
+      fmt::format("option {}: '{}' is not one of {}", key, it->second, fmt::join(allowed, "|")));
 }
 
 }  // namespace grape

@@ -81,7 +81,8 @@ class GrapeAP : public Encoding {
 namespace detail {
 
 void add_path_integral(std::vector<EncodingInfo>& out) {
-  out.push_back({"grape-ap", "additive",
+  out.push_back({"grape-ap",
+                 "additive",
                  "GRAPE-AP path integral: bias sum_{l=j+1..t} m_h logsigmoid(p_t . R_l p_hat_l / P)",
                  {{"probe_dim", "8", "P: probe dimension per head (even)"},
                   {"eps", "1e-6", "epsilon of the probe's RMS norm"},

@@ -34,8 +34,7 @@ const EncodingInfo& encoding_info(const std::string& name) {
     if (e.name == name) return e;
     names.push_back(e.name);
   }
-  throw std::invalid_argument(
-      fmt::format("unknown encoding '{}' (known: {})", name, fmt::join(names, ", ")));
+  throw std::invalid_argument(fmt::format("unknown encoding '{}' (known: {})", name, fmt::join(names, ", ")));
 }
 
 EncodingPtr make_encoding(const std::string& name, const HeadShape& shape, const PeOptions& options) {
@@ -48,8 +47,9 @@ EncodingPtr make_encoding(const std::string& name, const HeadShape& shape, const
       keys.push_back(o.key);
     }
     if (!known)
-      throw std::invalid_argument(fmt::format("unknown parameter '{}' for encoding '{}' (known: {})", key,
-                                              name, keys.empty() ? "none" : fmt::format("{}", fmt::join(keys, ", "))));
+      throw std::invalid_argument(
+          fmt::format("unknown parameter '{}' for encoding '{}' (known: {})", key, name,
+                      keys.empty() ? "none" : fmt::format("{}", fmt::join(keys, ", "))));
   }
   return info.make(shape, options);
 }

@@ -31,8 +31,9 @@ torch::Tensor distance_range(const PeTokens& queries, const KeyCache& keys) {
 torch::Tensor t5_buckets(const torch::Tensor& dist, int64_t num_buckets, int64_t max_distance) {
   const int64_t exact = num_buckets / 2;
   auto n = dist.to(torch::kFloat64).clamp_min(0.0);
-  auto far = exact + torch::floor(torch::log(n.clamp_min(1.0) / double(exact)) /
-                                  std::log(double(max_distance) / double(exact)) * double(num_buckets - exact));
+  auto far =
+      exact + torch::floor(torch::log(n.clamp_min(1.0) / double(exact)) /
+                           std::log(double(max_distance) / double(exact)) * double(num_buckets - exact));
   auto b = torch::where(n < double(exact), n, far.clamp_max(double(num_buckets - 1)));
   return b.to(torch::kLong);
 }
@@ -42,10 +43,12 @@ class T5 : public Encoding {
   T5(const HeadShape& s, const PeOptions& o) : Encoding("t5", s) {
     buckets_ = o.get_int("num_buckets", 32);
     max_distance_ = o.get_int("max_distance", 128);
-    if (buckets_ < 2) throw std::invalid_argument(fmt::format("t5: num_buckets must be >= 2, got {}", buckets_));
+    if (buckets_ < 2)
+      throw std::invalid_argument(fmt::format("t5: num_buckets must be >= 2, got {}", buckets_));
     if (max_distance_ <= buckets_ / 2)
-      throw std::invalid_argument(fmt::format(
-          "t5: max_distance must be > num_buckets/2 = {} (the exact buckets), got {}", buckets_ / 2, max_distance_));
+      throw std::invalid_argument(
+          fmt::format("t5: max_distance must be > num_buckets/2 = {} (the exact buckets), got {}",
+                      buckets_ / 2, max_distance_));
     // Zeros: the model starts as NoPE and the table learns from there (the gradient is not zero at init).
     table_ = register_parameter("table", torch::zeros({buckets_, s.heads}));
   }
@@ -56,7 +59,7 @@ class T5 : public Encoding {
   }
   torch::Tensor bias(const PeTokens& queries, const KeyCache& keys) const override {
     auto b = t5_buckets(distance(queries, keys, torch::kFloat64), buckets_, max_distance_);  // [Tq,Tk]
-    auto rows = table_.index_select(0, b.flatten()).view({b.size(0), b.size(1), -1});      // [Tq,Tk,H]
+    auto rows = table_.index_select(0, b.flatten()).view({b.size(0), b.size(1), -1});        // [Tq,Tk,H]
     return rows.permute({2, 0, 1}).unsqueeze(0);
   }
   // The table gathered by the bucket of each distance 0..W-1: [H, W] (its gradient reaches table_).
@@ -175,15 +178,15 @@ class Fire : public Encoding {
     const auto dt = log_c_.scalar_type();
     auto d = distance(queries, keys, dt);
     auto i = torch::arange(queries.offset, queries.offset + queries.length, torch::kFloat64).to(dt);
-    auto norm = torch::maximum(torch::exp(log_l_) * threshold_, i);                     // [Tq]
+    auto norm = torch::maximum(torch::exp(log_l_) * threshold_, i);  // [Tq]
     auto c = torch::exp(log_c_);
     auto psi = [&](const torch::Tensor& x) { return torch::log1p(c * torch::abs(x)); };
     return psi(d) / (psi(norm).unsqueeze(1) + kEps);
   }
   torch::Tensor bias(const PeTokens& queries, const KeyCache& keys) const override {
-    auto u = input(queries, keys).unsqueeze(-1);                          // [Tq,Tk,1]
-    auto h = torch::relu(u * w1_ + b1_);                                  // [Tq,Tk,W]
-    auto out = torch::matmul(h, w2_.t());                                 // [Tq,Tk,H]
+    auto u = input(queries, keys).unsqueeze(-1);  // [Tq,Tk,1]
+    auto h = torch::relu(u * w1_ + b1_);          // [Tq,Tk,W]
+    auto out = torch::matmul(h, w2_.t());         // [Tq,Tk,H]
     return out.permute({2, 0, 1}).unsqueeze(0);
   }
 
@@ -204,26 +207,32 @@ class Fire : public Encoding {
 namespace detail {
 
 void add_relative_bias(std::vector<EncodingInfo>& out) {
-  out.push_back({"t5", "additive", "T5 relative bias: learned table[bucket(i-j), h], log-spaced decoder buckets",
-                 {{"num_buckets", "32", "buckets (>= 2); the first num_buckets/2 are exact distances"},
-                  {"max_distance", "128", "distances >= max_distance share the last bucket (> num_buckets/2)"}},
-                 {"table  [num_buckets, H]  init 0 (starts as nope)"},
-                 [](const HeadShape& s, const PeOptions& o) { return std::make_shared<T5>(s, o); }});
-  out.push_back({"kerple", "additive", "KERPLE: bias -r1 log(1 + r2 (i-j)) or -r1 (i-j)^r2, r1, r2 > 0 per head",
+  out.push_back(
+      {"t5",
+       "additive",
+       "T5 relative bias: learned table[bucket(i-j), h], log-spaced decoder buckets",
+       {{"num_buckets", "32", "buckets (>= 2); the first num_buckets/2 are exact distances"},
+        {"max_distance", "128", "distances >= max_distance share the last bucket (> num_buckets/2)"}},
+       {"table  [num_buckets, H]  init 0 (starts as nope)"},
+       [](const HeadShape& s, const PeOptions& o) { return std::make_shared<T5>(s, o); }});
+  out.push_back({"kerple",
+                 "additive",
+                 "KERPLE: bias -r1 log(1 + r2 (i-j)) or -r1 (i-j)^r2, r1, r2 > 0 per head",
                  {{"variant", "log", "log: -r1 log(1 + r2 n); power: -r1 n^r2 with 0 < r2 < 2"}},
                  {"rho1  [H]  r1 = softplus(rho1), init r1 ~ U(0.01, 2)",
                   "rho2  [H]  r2 = softplus(rho2) (log) or 2 sigmoid(rho2) (power), init r2 ~ U(0.01, 1)"},
                  [](const HeadShape& s, const PeOptions& o) { return std::make_shared<Kerple>(s, o); }});
-  out.push_back({"fire", "additive",
-                 "FIRE: bias MLP(psi(i-j)/psi(max(L,i))), psi(x) = log(c|x|+1); relative for i < L",
-                 {{"mlp_width", "32", "hidden width W of the 1 -> W -> H ReLU MLP"},
-                  {"c", "0.1", "init of the learned c of psi (> 0)"},
-                  {"threshold", "512", "init of the learned threshold L (> 0)"}},
-                 {"mlp_w1  [W]  init U(-1, 1)", "mlp_b1  [W]  init U(-1, 1)",
-                  "mlp_w2  [H, W]  init U(-1/sqrt(W), 1/sqrt(W)) (no output bias: it cancels in the softmax)",
-                  "log_c  [1]  init log(option c) (c = exp(log_c))",
-                  "log_l  [1]  init 0 (L = threshold exp(log_l))"},
-                 [](const HeadShape& s, const PeOptions& o) { return std::make_shared<Fire>(s, o); }});
+  out.push_back(
+      {"fire",
+       "additive",
+       "FIRE: bias MLP(psi(i-j)/psi(max(L,i))), psi(x) = log(c|x|+1); relative for i < L",
+       {{"mlp_width", "32", "hidden width W of the 1 -> W -> H ReLU MLP"},
+        {"c", "0.1", "init of the learned c of psi (> 0)"},
+        {"threshold", "512", "init of the learned threshold L (> 0)"}},
+       {"mlp_w1  [W]  init U(-1, 1)", "mlp_b1  [W]  init U(-1, 1)",
+        "mlp_w2  [H, W]  init U(-1/sqrt(W), 1/sqrt(W)) (no output bias: it cancels in the softmax)",
+        "log_c  [1]  init log(option c) (c = exp(log_c))", "log_l  [1]  init 0 (L = threshold exp(log_l))"},
+       [](const HeadShape& s, const PeOptions& o) { return std::make_shared<Fire>(s, o); }});
 }
 
 }  // namespace detail

@@ -2,13 +2,14 @@
 // frequencies, and GRAPE-M with a learned commuting basis. All share rotate_pairs and one spectrum.
 // RoPE and GRAPE-M(-planes) take a context-extension method (pi, ntk, dynamic-ntk, yarn, longrope); its
 // math is in context_extension.cpp, these classes only ask it for angles and the q/k scale.
+#include "kernels/cpu/rotary.hpp"
+
 #include <fmt/format.h>
 
 #include <cmath>
 #include <numbers>
 #include <stdexcept>
 
-#include "kernels/cpu/rotary.hpp"
 #include "pe/context_extension.hpp"
 #include "pe/families.hpp"
 
@@ -115,12 +116,15 @@ torch::Tensor rotate_pairs(const torch::Tensor& x, const torch::Tensor& angles, 
   if (2 * P > D)
     throw std::invalid_argument(fmt::format("rotate_pairs: {} pairs do not fit in {} dims", P, D));
   bool fits = angles.dim() <= x.dim();
-  for (int64_t k = 2; fits && k <= angles.dim(); ++k) fits = angles.size(-k) == 1 || angles.size(-k) == x.size(-k);
+  for (int64_t k = 2; fits && k <= angles.dim(); ++k)
+    fits = angles.size(-k) == 1 || angles.size(-k) == x.size(-k);
   if (!fits)
-    throw std::invalid_argument(fmt::format("rotate_pairs: angles {} do not broadcast to x's leading dims + [P] (x {})",
-                                            shape_string(angles), shape_string(x)));
+    throw std::invalid_argument(
+        fmt::format("rotate_pairs: angles {} do not broadcast to x's leading dims + [P] (x {})",
+                    shape_string(angles), shape_string(x)));
   const bool kernel = x.scalar_type() == torch::kFloat32 && x.device().is_cpu() && angles.device().is_cpu() &&
-                      at::isFloatingType(angles.scalar_type()) && x.dim() - 1 <= kcpu::kRotaryMaxDims && P > 0;
+                      at::isFloatingType(angles.scalar_type()) && x.dim() - 1 <= kcpu::kRotaryMaxDims &&
+                      P > 0;
   if (!kernel) return rotate_pairs_composed(x, angles, pairing, sign);
   // c and s exactly as the composed form makes them: reduced and evaluated in the angles' precision.
   auto ang = torch::fmod(angles, 2.0 * std::numbers::pi);
@@ -156,9 +160,9 @@ torch::Tensor positions_f64(int64_t offset, int64_t length) {
 
 void require_even_head_dim(const std::string& enc, int64_t head_dim) {
   if (head_dim % 2 != 0)
-    throw std::invalid_argument(fmt::format(
-        "{}: head_dim must be even for a rotation (coordinates are rotated in pairs), got {}", enc,
-        head_dim));
+    throw std::invalid_argument(
+        fmt::format("{}: head_dim must be even for a rotation (coordinates are rotated in pairs), got {}",
+                    enc, head_dim));
 }
 
 torch::Tensor linear_init(std::vector<int64_t> shape, int64_t fan_in) {
@@ -217,10 +221,13 @@ class RoPE : public Encoding {
     return p;
   }
   // Frequencies [1,P]; dropped p-RoPE frequencies are exactly 0 (those pairs are never turned).
-  torch::Tensor theta(torch::ScalarType dtype) const { return torch::exp(log_theta_.to(dtype)) * keep_.to(dtype); }
+  torch::Tensor theta(torch::ScalarType dtype) const {
+    return torch::exp(log_theta_.to(dtype)) * keep_.to(dtype);
+  }
 
   // Dynamic NTK: rotate the queries and every cached (unrotated) key with the current length's spectrum.
-  std::pair<torch::Tensor, torch::Tensor> attention_qk(const PeTokens& queries, const KeyCache& keys) const override {
+  std::pair<torch::Tensor, torch::Tensor> attention_qk(const PeTokens& queries,
+                                                       const KeyCache& keys) const override {
     if (!ext_.dynamic()) return Encoding::attention_qk(queries, keys);
     const auto th = theta(queries.q.scalar_type());
     const int64_t l = queries.offset + queries.length;
@@ -266,8 +273,7 @@ class XPos : public Encoding {
     const int64_t D = s.head_dim, P = D / 2;
     log_theta_ = register_buffer("log_theta", rope_log_theta(D, base).unsqueeze(0));
     auto b = torch::arange(P, torch::kFloat64);
-    log_zeta_ = register_buffer("log_zeta",
-                                torch::log((2.0 * b + gamma_ * D) / ((1.0 + gamma_) * D)));
+    log_zeta_ = register_buffer("log_zeta", torch::log((2.0 * b + gamma_ * D) / ((1.0 + gamma_) * D)));
   }
   Properties properties() const override {
     Properties p;
@@ -283,8 +289,8 @@ class XPos : public Encoding {
     auto ang = position_angles(st.next_pos, T, torch::exp(log_theta_.to(q.scalar_type())));
     auto expo = ((positions_f64(st.next_pos, T) - center_) / scale_base_).view({1, T, 1, 1});
     auto per_pair = torch::exp(expo * log_zeta_.to(torch::kFloat64));  // [1,T,1,P]
-    auto per_dim = layout_.pairing == "half" ? torch::cat({per_pair, per_pair}, -1)
-                                             : per_pair.repeat_interleave(2, -1);
+    auto per_dim =
+        layout_.pairing == "half" ? torch::cat({per_pair, per_pair}, -1) : per_pair.repeat_interleave(2, -1);
     auto sq = per_dim.to(q.scalar_type()), sk = per_dim.reciprocal().to(q.scalar_type());
     return {rotate_pairs(q, ang, layout_.pairing, layout_.sign) * sq,
             rotate_pairs(k, ang, layout_.pairing, layout_.sign) * sk};
@@ -311,8 +317,9 @@ class GrapeM : public Encoding {
     if (scale_ <= 0.0)
       throw std::invalid_argument(fmt::format("{}: log_freq_scale must be > 0, got {}", name_, scale_));
     const int64_t G = o.get_bool("per_head", false) ? s.heads : 1;
-    lambda_ = register_parameter("lambda",
-                                 (rope_log_theta(s.head_dim, base) * scale_).to(torch::kFloat32).unsqueeze(0).repeat({G, 1}));
+    lambda_ = register_parameter(
+        "lambda",
+        (rope_log_theta(s.head_dim, base) * scale_).to(torch::kFloat32).unsqueeze(0).repeat({G, 1}));
     // The method acts on the learned theta_d per index d (e.g. NTK: theta_d s^(-2d/(D-2))).
     ext_ = parse_context_extension(o, name_, s.head_dim);
   }
@@ -326,7 +333,8 @@ class GrapeM : public Encoding {
 
   // Dynamic NTK: encode left q and k unrotated (in the basis's local frame for grape-m-planes, where
   // B R B^T q . B R B^T k = R B^T q . R B^T k); rotate them here with the current length's spectrum.
-  std::pair<torch::Tensor, torch::Tensor> attention_qk(const PeTokens& queries, const KeyCache& keys) const override {
+  std::pair<torch::Tensor, torch::Tensor> attention_qk(const PeTokens& queries,
+                                                       const KeyCache& keys) const override {
     if (!ext_.dynamic()) return Encoding::attention_qk(queries, keys);
     const int64_t l = queries.offset + queries.length;
     return {rotate(queries.q, queries.offset, l), rotate(keys.k, keys.offset, l)};
@@ -372,7 +380,7 @@ class GrapeMPlanes : public GrapeM {
                         PeState& st) override {
     auto B = basis();
     auto apply = [&](const torch::Tensor& x) {
-      auto local = torch::einsum("bthd,hde->bthe", {x, B});          // B^T x per head
+      auto local = torch::einsum("bthd,hde->bthe", {x, B});  // B^T x per head
       if (ext_.dynamic()) return local;  // attention_qk rotates the local frame (see GrapeM)
       return torch::einsum("bthe,hde->bthd", {encode_one(local, st.next_pos), B});  // B (R(n) B^T x)
     };
@@ -400,15 +408,18 @@ void add_rotary(std::vector<EncodingInfo>& out) {
     if (extendable) extra.insert(extra.end(), extension.begin(), extension.end());
     return extra;
   };
-  out.push_back({"rope", "multiplicative",
-                 "RoPE: rotate planes of q,k by n*theta_i, theta_i = base^(-2i/r); partial rotary and p-RoPE",
-                 with({{"base", "10000", "frequency base"},
-                       {"fraction", "1", "partial rotary: rotate only the first fraction*D dims (GPT-NeoX)"},
-                       {"p", "1", "p-RoPE: keep the highest-frequency fraction p of frequencies, zero the rest"}},
-                      true),
-                 {},
-                 [](const HeadShape& s, const PeOptions& o) { return std::make_shared<RoPE>(s, o); }});
-  out.push_back({"xpos", "multiplicative",
+  out.push_back(
+      {"rope",
+       "multiplicative",
+       "RoPE: rotate planes of q,k by n*theta_i, theta_i = base^(-2i/r); partial rotary and p-RoPE",
+       with({{"base", "10000", "frequency base"},
+             {"fraction", "1", "partial rotary: rotate only the first fraction*D dims (GPT-NeoX)"},
+             {"p", "1", "p-RoPE: keep the highest-frequency fraction p of frequencies, zero the rest"}},
+            true),
+       {},
+       [](const HeadShape& s, const PeOptions& o) { return std::make_shared<RoPE>(s, o); }});
+  out.push_back({"xpos",
+                 "multiplicative",
                  "xPos: RoPE with a per-frequency decay zeta^((i-j)/S) (fixed centre, exact when decoding)",
                  with({{"base", "10000", "frequency base"},
                        {"gamma", "0.4", "zeta_b = (2b + gamma*D) / ((1+gamma)*D)"},
@@ -416,7 +427,8 @@ void add_rotary(std::vector<EncodingInfo>& out) {
                        {"center", "0", "c: fixed centre of the q/k scales (numerical range only)"}}),
                  {},
                  [](const HeadShape& s, const PeOptions& o) { return std::make_shared<XPos>(s, o); }});
-  out.push_back({"grape-m", "multiplicative",
+  out.push_back({"grape-m",
+                 "multiplicative",
                  "GRAPE-M: RoPE planes with learned log-frequencies theta = exp(lambda/16), RoPE init",
                  with({{"base", "10000", "base of the RoPE spectrum used at init"},
                        {"per_head", "false", "one frequency vector per head instead of shared"},
@@ -424,16 +436,17 @@ void add_rotary(std::vector<EncodingInfo>& out) {
                       true),
                  {"lambda  [1 or H, D/2]  init s*log(base^(-2i/D))"},
                  [](const HeadShape& s, const PeOptions& o) { return std::make_shared<GrapeM>(s, o); }});
-  out.push_back({"grape-m-planes", "multiplicative",
-                 "GRAPE-M with learned commuting planes: B R(n) B^T, B = exp(S - S^T) in SO(D)",
-                 with({{"base", "10000", "base of the RoPE spectrum used at init"},
-                       {"per_head", "false", "one frequency vector per head instead of shared"},
-                       {"per_head_basis", "false", "one basis per head instead of shared"},
-                       {"log_freq_scale", "16", "s in theta = exp(lambda/s)"}},
-                      true),
-                 {"lambda  [1 or H, D/2]  init s*log(base^(-2i/D))",
-                  "basis_logits  [1 or H, D, D]  init 0 (B = I)"},
-                 [](const HeadShape& s, const PeOptions& o) { return std::make_shared<GrapeMPlanes>(s, o); }});
+  out.push_back(
+      {"grape-m-planes",
+       "multiplicative",
+       "GRAPE-M with learned commuting planes: B R(n) B^T, B = exp(S - S^T) in SO(D)",
+       with({{"base", "10000", "base of the RoPE spectrum used at init"},
+             {"per_head", "false", "one frequency vector per head instead of shared"},
+             {"per_head_basis", "false", "one basis per head instead of shared"},
+             {"log_freq_scale", "16", "s in theta = exp(lambda/s)"}},
+            true),
+       {"lambda  [1 or H, D/2]  init s*log(base^(-2i/D))", "basis_logits  [1 or H, D, D]  init 0 (B = I)"},
+       [](const HeadShape& s, const PeOptions& o) { return std::make_shared<GrapeMPlanes>(s, o); }});
 }
 
 }  // namespace detail

@@ -53,18 +53,22 @@ Properties TapeEncoding::properties() const {
 torch::Tensor TapeEncoding::initial_stream(int64_t batch, int64_t offset, int64_t length,
                                            torch::ScalarType dtype) const {
   if (batch < 1 || length < 0 || offset < 0)
-    throw std::invalid_argument(fmt::format("tape: bad stream request B={} offset={} T={}", batch, offset, length));
-  auto pos = positions_f64(offset, length).unsqueeze(1) + shift_;                    // [T,1]
-  auto ang = torch::fmod(pos * torch::exp(log_theta_.to(torch::kFloat64)).unsqueeze(0), 2.0 * std::numbers::pi);
-  auto E = torch::cat({torch::cos(ang), torch::sin(ang)}, -1).to(dtype);            // [T,D]
+    throw std::invalid_argument(
+        fmt::format("tape: bad stream request B={} offset={} T={}", batch, offset, length));
+  auto pos = positions_f64(offset, length).unsqueeze(1) + shift_;  // [T,1]
+  auto ang =
+      torch::fmod(pos * torch::exp(log_theta_.to(torch::kFloat64)).unsqueeze(0), 2.0 * std::numbers::pi);
+  auto E = torch::cat({torch::cos(ang), torch::sin(ang)}, -1).to(dtype);  // [T,D]
   return E.view({1, length, 1, shape_.head_dim}).expand({batch, length, shape_.heads, shape_.head_dim});
 }
 
-torch::Tensor TapeEncoding::check_stream(const torch::Tensor& E, int64_t B, int64_t T, const char* what) const {
+torch::Tensor TapeEncoding::check_stream(const torch::Tensor& E, int64_t B, int64_t T,
+                                         const char* what) const {
   if (!E.defined() || E.dim() != 4 || E.size(0) != B || E.size(1) != T || E.size(2) != shape_.heads ||
       E.size(3) != shape_.head_dim)
     throw std::invalid_argument(fmt::format("tape: {} must be [B={},T={},H={},D={}], got {}", what, B, T,
-                                            shape_.heads, shape_.head_dim, E.defined() ? shape_string(E) : "none"));
+                                            shape_.heads, shape_.head_dim,
+                                            E.defined() ? shape_string(E) : "none"));
   return E;
 }
 
@@ -107,27 +111,29 @@ torch::Tensor TapeEncoding::mlp_update(const torch::Tensor& E, const torch::Tens
   require_updates();
   if (!y.defined() || y.dim() != 3 || y.size(0) != E.size(0) || y.size(1) != E.size(1) ||
       y.size(2) != shape_.model_dim)
-    throw std::invalid_argument(fmt::format("tape: the MLP output must be [B,T,C={}], got {}", shape_.model_dim,
-                                            y.defined() ? shape_string(y) : "none"));
+    throw std::invalid_argument(fmt::format("tape: the MLP output must be [B,T,C={}], got {}",
+                                            shape_.model_dim, y.defined() ? shape_string(y) : "none"));
   auto G = torch::silu(torch::einsum("btc,ic->bti", {y, Wx}));  // [B,T,I] token-conditioned gate
-  auto U = torch::einsum("im,btmd->btid", {W1, E});               // heads -> I, the same for every (b, re/im)
+  auto U = torch::einsum("im,btmd->btid", {W1, E});             // heads -> I, the same for every (b, re/im)
   return E + torch::einsum("mi,btid->btmd", {W2, G.unsqueeze(-1) * U});
 }
 
 namespace detail {
 
 void add_tape(std::vector<EncodingInfo>& out) {
-  out.push_back({"tape", "multiplicative",
-                 "TAPE: per-token position state E through the layers (RoPE at layer 0), updated by attention and "
-                 "the MLP; equivariant to rotations of E",
-                 {{"base", "10000", "RoPE base of E^(0)"},
-                  {"shift", "0", "start positions of E^(0) at this offset (outputs are invariant to it)"},
-                  {"mode", "paper", "paper: A mixes heads; code_compat: head m scaled by the row sum of A"},
-                  {"hidden", "4H", "I, width of the position MLP"},
-                  {"updates", "true", "false: E is used but never updated (the model sets it for its last layer)"}},
-                 {"W1  [I, H]  init 0", "Wx  [I, C]  init N(0, 0.02^2)", "W2  [H, I]  init N(0, 0.02^2)",
-                  "A  [H, H]  init 0  (none of the four in the model's last layer)"},
-                 [](const HeadShape& s, const PeOptions& o) { return std::make_shared<TapeEncoding>(s, o); }});
+  out.push_back(
+      {"tape",
+       "multiplicative",
+       "TAPE: per-token position state E through the layers (RoPE at layer 0), updated by attention and "
+       "the MLP; equivariant to rotations of E",
+       {{"base", "10000", "RoPE base of E^(0)"},
+        {"shift", "0", "start positions of E^(0) at this offset (outputs are invariant to it)"},
+        {"mode", "paper", "paper: A mixes heads; code_compat: head m scaled by the row sum of A"},
+        {"hidden", "4H", "I, width of the position MLP"},
+        {"updates", "true", "false: E is used but never updated (the model sets it for its last layer)"}},
+       {"W1  [I, H]  init 0", "Wx  [I, C]  init N(0, 0.02^2)", "W2  [H, I]  init N(0, 0.02^2)",
+        "A  [H, H]  init 0  (none of the four in the model's last layer)"},
+       [](const HeadShape& s, const PeOptions& o) { return std::make_shared<TapeEncoding>(s, o); }});
 }
 
 }  // namespace detail

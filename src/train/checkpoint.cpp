@@ -94,8 +94,9 @@ std::string write_checkpoint(const std::string& run_dir, int64_t step, Transform
 
     state["format"] = kCheckpointFormat;
     state["step"] = step;
-    state["checksums"] = {{"model.safetensors", checksum(io::read_file((tmp / "model.safetensors").string()))},
-                          {"optimizer.pt", checksum(opt_bytes.str())}};
+    state["checksums"] = {
+        {"model.safetensors", checksum(io::read_file((tmp / "model.safetensors").string()))},
+        {"optimizer.pt", checksum(opt_bytes.str())}};
     io::write_file_atomic((tmp / "state.json").string(), state.dump(2) + "\n");
   } catch (const std::exception& e) {
     // A full disk (or any failed write): nothing of this checkpoint may look complete, and the previous
@@ -138,10 +139,10 @@ json read_checkpoint_state(const std::string& dir) {
     throw std::runtime_error(fmt::format("{}: state.json lacks its checksums or step", dir));
   for (const auto& [file, sum] : state["checksums"].items()) {
     const auto file_path = (fs::path(dir) / file).string();
-    if (!fs::exists(file_path))
-      throw std::runtime_error(fmt::format("{}: {} is missing", dir, file));
+    if (!fs::exists(file_path)) throw std::runtime_error(fmt::format("{}: {} is missing", dir, file));
     if (!sum.is_string() || checksum(io::read_file(file_path)) != sum.get<std::string>())
-      throw std::runtime_error(fmt::format("{}/{}: checksum mismatch: the file is corrupt or truncated", dir, file));
+      throw std::runtime_error(
+          fmt::format("{}/{}: checksum mismatch: the file is corrupt or truncated", dir, file));
   }
   return state;
 }
@@ -162,10 +163,12 @@ ResumePoint find_resume_checkpoint(const std::string& run_dir) {
   if (fs::exists(root / "latest")) {
     latest = read_latest_name(root);
     if (latest.rfind("step_", 0) != 0 || latest.find('/') != std::string::npos) {
-      point.skipped.push_back(fmt::format("{}: names '{}', not a checkpoint", (root / "latest").string(), latest));
+      point.skipped.push_back(
+          fmt::format("{}: names '{}', not a checkpoint", (root / "latest").string(), latest));
       latest.clear();
     } else if (!fs::is_directory(root / latest)) {
-      point.skipped.push_back(fmt::format("{}: names {}, which does not exist", (root / "latest").string(), latest));
+      point.skipped.push_back(
+          fmt::format("{}: names {}, which does not exist", (root / "latest").string(), latest));
     } else {
       names.erase(std::remove(names.begin(), names.end(), latest), names.end());
       names.insert(names.begin(), latest);
@@ -179,7 +182,8 @@ ResumePoint find_resume_checkpoint(const std::string& run_dir) {
     try {
       const auto state = read_checkpoint_state(dir);
       if (step_name(state["step"].get<int64_t>()) != name)
-        throw std::runtime_error(fmt::format("{}: state.json is for step {}", dir, state["step"].get<int64_t>()));
+        throw std::runtime_error(
+            fmt::format("{}: state.json is for step {}", dir, state["step"].get<int64_t>()));
       point.dir = dir;
       point.step = state["step"].get<int64_t>();
       return point;
@@ -218,8 +222,8 @@ void load_optimizer(torch::optim::AdamW& optimizer, const std::string& dir) {
   try {
     torch::load(optimizer, in);
   } catch (const c10::Error& e) {
-    throw std::runtime_error(fmt::format("{}: cannot load the optimizer state: {}", path,
-                                         e.what_without_backtrace()));
+    throw std::runtime_error(
+        fmt::format("{}: cannot load the optimizer state: {}", path, e.what_without_backtrace()));
   }
 }
 
@@ -277,11 +281,13 @@ std::unique_ptr<data::Tokenizer> run_tokenizer(const RunInfo& run) {
 std::string latest_checkpoint(const std::string& run_dir) {
   const fs::path root = fs::path(run_dir) / "checkpoints";
   const fs::path latest = root / "latest";
-  if (!fs::exists(latest)) throw std::runtime_error(fmt::format("{}: the run has no checkpoint yet", run_dir));
+  if (!fs::exists(latest))
+    throw std::runtime_error(fmt::format("{}: the run has no checkpoint yet", run_dir));
   const std::string name = read_latest_name(root);
   const fs::path dir = root / name;
   if (name.rfind("step_", 0) != 0 || !fs::is_directory(dir))
-    throw std::runtime_error(fmt::format("{}: points at '{}', which is not a checkpoint", latest.string(), name));
+    throw std::runtime_error(
+        fmt::format("{}: points at '{}', which is not a checkpoint", latest.string(), name));
   return dir.string();
 }
 
@@ -298,18 +304,23 @@ void load_weights(Transformer& model, const std::string& dir) {
   for (const auto& p : params) {
     auto it = tensors.find(p.key());
     if (it == tensors.end())
-      throw std::runtime_error(fmt::format("{}: tensor '{}' is missing (the checkpoint is for another model "
-                                           "shape or encoding options)", path, p.key()));
+      throw std::runtime_error(
+          fmt::format("{}: tensor '{}' is missing (the checkpoint is for another model "
+                      "shape or encoding options)",
+                      path, p.key()));
     if (!it->second.sizes().equals(p.value().sizes()))
-      throw std::runtime_error(fmt::format("{}: tensor '{}' has shape {} in the checkpoint, the model expects {}",
-                                           path, p.key(), shape_string(it->second), shape_string(p.value())));
+      throw std::runtime_error(
+          fmt::format("{}: tensor '{}' has shape {} in the checkpoint, the model expects {}", path, p.key(),
+                      shape_string(it->second), shape_string(p.value())));
     p.value().copy_(it->second);
   }
   if (tensors.size() != params.size()) {
     for (const auto& [name, t] : tensors)
       if (!params.contains(name))
-        throw std::runtime_error(fmt::format("{}: unexpected tensor '{}' (the checkpoint is for another model "
-                                             "shape or encoding options)", path, name));
+        throw std::runtime_error(
+            fmt::format("{}: unexpected tensor '{}' (the checkpoint is for another model "
+                        "shape or encoding options)",
+                        path, name));
   }
 }
 

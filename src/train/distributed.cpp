@@ -6,12 +6,6 @@
 #ifndef USE_C10D_GLOO
 #define USE_C10D_GLOO 1
 #endif
-#include <torch/csrc/autograd/function.h>
-#include <torch/csrc/autograd/utils/lambda_post_hook.h>
-#include <torch/csrc/autograd/variable.h>
-#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
-#include <torch/csrc/distributed/c10d/TCPStore.hpp>
-
 #include "grape/distributed.hpp"
 
 #include <arpa/inet.h>
@@ -20,6 +14,9 @@
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/utils/lambda_post_hook.h>
+#include <torch/csrc/autograd/variable.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -29,6 +26,8 @@
 #include <mutex>
 #include <stdexcept>
 #include <thread>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include "grape/io.hpp"
 
@@ -53,7 +52,8 @@ int env_int(const char* name, int lo, int hi) {
     if (used != v->size() || x < lo || x > hi) throw std::out_of_range(*v);
     return int(x);
   } catch (const std::logic_error&) {
-    throw std::invalid_argument(fmt::format("distributed job: {}='{}' is not an integer in [{}, {}]", name, *v, lo, hi));
+    throw std::invalid_argument(
+        fmt::format("distributed job: {}='{}' is not an integer in [{}, {}]", name, *v, lo, hi));
   }
 }
 
@@ -82,7 +82,8 @@ std::chrono::milliseconds default_timeout() {
       seconds = std::stod(*v, &used);
       if (used != v->size() || !(seconds > 0)) throw std::out_of_range(*v);
     } catch (const std::logic_error&) {
-      throw std::invalid_argument(fmt::format("GRAPE_DIST_TIMEOUT='{}' is not a positive number of seconds", *v));
+      throw std::invalid_argument(
+          fmt::format("GRAPE_DIST_TIMEOUT='{}' is not a positive number of seconds", *v));
     }
   }
   return std::chrono::milliseconds(int64_t(seconds * 1000));
@@ -100,13 +101,15 @@ struct Group::Impl {
     try {
       work->wait();
     } catch (const c10::Error& e) {
-      throw std::runtime_error(fmt::format("rank {}: {} with the other ranks failed ({}); another rank died, "
-                                           "hung past GRAPE_DIST_TIMEOUT or the network failed",
-                                           env.rank, what, e.what_without_backtrace()));
+      throw std::runtime_error(
+          fmt::format("rank {}: {} with the other ranks failed ({}); another rank died, "
+                      "hung past GRAPE_DIST_TIMEOUT or the network failed",
+                      env.rank, what, e.what_without_backtrace()));
     } catch (const std::exception& e) {
-      throw std::runtime_error(fmt::format("rank {}: {} with the other ranks failed ({}); another rank died, "
-                                           "hung past GRAPE_DIST_TIMEOUT or the network failed",
-                                           env.rank, what, e.what()));
+      throw std::runtime_error(
+          fmt::format("rank {}: {} with the other ranks failed ({}); another rank died, "
+                      "hung past GRAPE_DIST_TIMEOUT or the network failed",
+                      env.rank, what, e.what()));
     }
   }
 };
@@ -133,8 +136,8 @@ Group::~Group() = default;
 
 std::shared_ptr<Group> Group::join(const Env& env, std::chrono::milliseconds timeout) {
   if (env.world_size < 1 || env.rank < 0 || env.rank >= env.world_size)
-    throw std::invalid_argument(fmt::format("distributed job: rank {} is outside world size {}", env.rank,
-                                            env.world_size));
+    throw std::invalid_argument(
+        fmt::format("distributed job: rank {} is outside world size {}", env.rank, env.world_size));
   // Writing to a peer that died raises SIGPIPE, whose default action kills this process before Gloo can
   // report the error; Python ignores SIGPIPE, which is why PyTorch's workers never see it.
   std::signal(SIGPIPE, SIG_IGN);
@@ -152,12 +155,13 @@ std::shared_ptr<Group> Group::join(const Env& env, std::chrono::milliseconds tim
     opts->devices.push_back(gloo_device(env));
     impl->pg = c10::make_intrusive<c10d::ProcessGroupGloo>(impl->store, env.rank, env.world_size, opts);
   } catch (const c10::Error& e) {
-    throw std::runtime_error(fmt::format("rank {}: cannot join the job at {}:{} (world size {}): {}", env.rank,
-                                         env.master_addr, env.master_port, env.world_size,
+    throw std::runtime_error(fmt::format("rank {}: cannot join the job at {}:{} (world size {}): {}",
+                                         env.rank, env.master_addr, env.master_port, env.world_size,
                                          e.what_without_backtrace()));
   } catch (const std::exception& e) {
-    throw std::runtime_error(fmt::format("rank {}: cannot join the job at {}:{} (world size {}): {}", env.rank,
-                                         env.master_addr, env.master_port, env.world_size, e.what()));
+    throw std::runtime_error(fmt::format("rank {}: cannot join the job at {}:{} (world size {}): {}",
+                                         env.rank, env.master_addr, env.master_port, env.world_size,
+                                         e.what()));
   }
   return std::shared_ptr<Group>(new Group(std::move(impl)));
 }
@@ -197,8 +201,8 @@ struct GradientSync::Impl {
   struct Bucket {
     std::vector<size_t> params;  // indices into `params`
     std::vector<int64_t> offsets;
-    torch::Tensor buffer;        // flat fp32
-    size_t pending = 0;          // gradients not yet accumulated in this backward
+    torch::Tensor buffer;  // flat fp32
+    size_t pending = 0;    // gradients not yet accumulated in this backward
     bool ready = false, launched = false;
     std::vector<bool> had_grad;  // per member: was its gradient defined on this rank
     c10::intrusive_ptr<c10d::Work> work;
@@ -248,7 +252,8 @@ struct GradientSync::Impl {
   }
 };
 
-GradientSync::GradientSync(std::shared_ptr<Group> group, std::vector<torch::Tensor> params, int64_t bucket_bytes)
+GradientSync::GradientSync(std::shared_ptr<Group> group, std::vector<torch::Tensor> params,
+                           int64_t bucket_bytes)
     : impl_(std::make_unique<Impl>()) {
   if (!group) throw std::invalid_argument("GradientSync: no process group");
   auto& s = *impl_;
@@ -271,7 +276,8 @@ GradientSync::GradientSync(std::shared_ptr<Group> group, std::vector<torch::Tens
     fill.back() += p.numel();
     s.bucket_of[r] = s.buckets.size() - 1;
   }
-  for (size_t i = 0; i < s.buckets.size(); ++i) s.buckets[i].buffer = torch::zeros({fill[i]}, torch::kFloat32);
+  for (size_t i = 0; i < s.buckets.size(); ++i)
+    s.buckets[i].buffer = torch::zeros({fill[i]}, torch::kFloat32);
   Impl* self = impl_.get();
   for (size_t i = 0; i < s.params.size(); ++i) {
     auto acc = torch::autograd::impl::grad_accumulator(s.params[i]);
@@ -349,7 +355,8 @@ std::vector<std::string> own_arguments_without(const std::string& name) {
 
 int free_port() {
   const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) throw std::runtime_error(fmt::format("cannot find a free port: socket: {}", std::strerror(errno)));
+  if (fd < 0)
+    throw std::runtime_error(fmt::format("cannot find a free port: socket: {}", std::strerror(errno)));
   sockaddr_in a{};
   a.sin_family = AF_INET;
   a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
@@ -385,7 +392,8 @@ int launch_local(int nproc, const std::vector<std::string>& args,
                  const std::vector<std::pair<std::string, std::string>>& extra_env) {
   if (nproc < 1) throw std::invalid_argument(fmt::format("--nproc must be >= 1, got {}", nproc));
   if (env_value("RANK"))
-    throw std::invalid_argument("--nproc starts its own workers; this process is already a worker (RANK is set)");
+    throw std::invalid_argument(
+        "--nproc starts its own workers; this process is already a worker (RANK is set)");
   const int port = free_port();
   // Everything the children need is built before fork: between fork and exec only system calls.
   std::vector<std::string> argv_s(args.begin(), args.end());
@@ -446,7 +454,8 @@ int launch_local(int nproc, const std::vector<std::string>& args,
     pids[size_t(r)] = pid;
   }
   std::fprintf(stderr, "grape: started %d workers on 127.0.0.1:%d:", nproc, port);
-  for (int r = 0; r < nproc; ++r) std::fprintf(stderr, " rank %d pid %d%s", r, int(pids[size_t(r)]), r + 1 < nproc ? "," : "\n");
+  for (int r = 0; r < nproc; ++r)
+    std::fprintf(stderr, " rank %d pid %d%s", r, int(pids[size_t(r)]), r + 1 < nproc ? "," : "\n");
   std::fflush(stderr);
 
   std::vector<int> status(size_t(nproc), 0);
@@ -510,7 +519,9 @@ int launch_local(int nproc, const std::vector<std::string>& args,
   std::string report = "grape: the job failed:";
   for (int r = 0; r < nproc; ++r)
     report += fmt::format(" rank {} {}{};", r, fate(status[size_t(r)]),
-                          r == first_failed ? " (first)" : stopped_by_us[size_t(r)] ? " (stopped by the launcher)" : "");
+                          r == first_failed          ? " (first)"
+                          : stopped_by_us[size_t(r)] ? " (stopped by the launcher)"
+                                                     : "");
   report.back() = '\n';
   std::fputs(report.c_str(), stderr);
   return 1;

@@ -1,11 +1,11 @@
 // Evaluation: validation loss at the training context and beyond (length extrapolation), and exact-match
 // accuracy on synthetic tasks (teacher-forced argmax over the answer, which equals greedy decoding's answer).
 #include <fmt/format.h>
-#include <nlohmann/json.hpp>
 
 #include <cmath>
 #include <limits>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <stdexcept>
 
 #include "grape/train.hpp"
@@ -42,7 +42,8 @@ std::vector<TaskResult> task_accuracy(Transformer& model, const std::vector<data
     auto pred = model->forward(x).argmax(-1).squeeze(0);  // prediction of token t+1 at t
     const int64_t p = int64_t(ex.prompt.size());
     bool ok = true;
-    for (size_t i = 0; i < ex.answer.size() && ok; ++i) ok = pred[p - 1 + int64_t(i)].item<int64_t>() == ex.answer[i];
+    for (size_t i = 0; i < ex.answer.size() && ok; ++i)
+      ok = pred[p - 1 + int64_t(i)].item<int64_t>() == ex.answer[i];
     auto& r = by_label[ex.label];
     r.label = ex.label;
     r.total += 1;
@@ -86,19 +87,21 @@ EvalReport evaluate(Transformer& model, const data::DataSource& data, const std:
 }
 
 std::string eval_table(const EvalReport& report) {
-  std::string out = fmt::format("{:>8} {:>8} {:>10} {:>12} {:>10}\n", "factor", "context", "val loss", "perplexity",
-                                "tokens");
+  std::string out = fmt::format("{:>8} {:>8} {:>10} {:>12} {:>10}\n", "factor", "context", "val loss",
+                                "perplexity", "tokens");
   for (const auto& r : report.lengths) {
     if (!r.error.empty())
-      out += fmt::format("{:>7}x {:>8} {:>10} {:>12} {:>10}  ({})\n", r.factor, r.context, "n/a", "n/a", 0, r.error);
+      out += fmt::format("{:>7}x {:>8} {:>10} {:>12} {:>10}  ({})\n", r.factor, r.context, "n/a", "n/a", 0,
+                         r.error);
     else
-      out += fmt::format("{:>7}x {:>8} {:>10.4f} {:>12.3f} {:>10}\n", r.factor, r.context, r.loss, r.perplexity,
-                         r.tokens);
+      out += fmt::format("{:>7}x {:>8} {:>10.4f} {:>12.3f} {:>10}\n", r.factor, r.context, r.loss,
+                         r.perplexity, r.tokens);
   }
   if (!report.tasks.empty()) {
     out += fmt::format("\n{:<28} {:>10} {:>8}\n", "task", "accuracy", "n");
     for (const auto& t : report.tasks)
-      out += fmt::format("{:<28} {:>9.1f}% {:>8}\n", t.label, 100.0 * double(t.correct) / double(t.total), t.total);
+      out += fmt::format("{:<28} {:>9.1f}% {:>8}\n", t.label, 100.0 * double(t.correct) / double(t.total),
+                         t.total);
   }
   return out;
 }
@@ -118,7 +121,9 @@ std::string eval_json(const EvalReport& report) {
   }
   j["tasks"] = nlohmann::json::array();
   for (const auto& t : report.tasks)
-    j["tasks"].push_back({{"label", t.label}, {"correct", t.correct}, {"total", t.total},
+    j["tasks"].push_back({{"label", t.label},
+                          {"correct", t.correct},
+                          {"total", t.total},
                           {"accuracy", double(t.correct) / double(t.total)}});
   return j.dump(2);
 }

@@ -14,7 +14,8 @@ namespace grape::train {
 
 int32_t sample_token(const torch::Tensor& logits, const SamplingOptions& opts, std::mt19937_64& rng) {
   auto l = logits.to(torch::kFloat64).contiguous();
-  if (l.dim() != 1) throw std::invalid_argument("sample_token: logits must be [V], got " + shape_string(logits));
+  if (l.dim() != 1)
+    throw std::invalid_argument("sample_token: logits must be [V], got " + shape_string(logits));
   const int64_t V = l.size(0);
   const double* z = l.data_ptr<double>();
   if (opts.temperature <= 0) return int32_t(std::max_element(z, z + V) - z);  // greedy
@@ -25,7 +26,8 @@ int32_t sample_token(const torch::Tensor& logits, const SamplingOptions& opts, s
   if (opts.top_k > 0 && opts.top_k < V) ids.resize(size_t(opts.top_k));
   std::vector<double> p(ids.size());
   double total = 0;
-  for (size_t i = 0; i < ids.size(); ++i) total += p[i] = std::exp((z[ids[i]] - z[ids[0]]) / opts.temperature);
+  for (size_t i = 0; i < ids.size(); ++i)
+    total += p[i] = std::exp((z[ids[i]] - z[ids[0]]) / opts.temperature);
   if (opts.top_p < 1.0) {  // the smallest prefix whose mass reaches top_p
     double mass = 0;
     size_t keep = 0;
@@ -42,7 +44,8 @@ int32_t sample_token(const torch::Tensor& logits, const SamplingOptions& opts, s
   return ids[p.size() - 1];
 }
 
-std::vector<std::vector<int32_t>> generate(Transformer& model, const std::vector<std::vector<int32_t>>& prompts,
+std::vector<std::vector<int32_t>> generate(Transformer& model,
+                                           const std::vector<std::vector<int32_t>>& prompts,
                                            const SamplingOptions& opts,
                                            const std::function<void(size_t, int32_t)>& on_token) {
   if (opts.max_tokens < 0) throw std::invalid_argument("generate: max_tokens must be >= 0");
@@ -59,7 +62,8 @@ std::vector<std::vector<int32_t>> generate(Transformer& model, const std::vector
   std::vector<int32_t> next(n);
   // Prefill each prompt into its own cache.
   for (size_t i = 0; i < n; ++i) {
-    if (prompts[i].empty()) throw std::invalid_argument("generate: an empty prompt (start it with end-of-text)");
+    if (prompts[i].empty())
+      throw std::invalid_argument("generate: an empty prompt (start it with end-of-text)");
     caches[i] = model->new_cache();
     std::vector<int64_t> ids(prompts[i].begin(), prompts[i].end());
     std::vector<SequenceCache*> one = {&caches[i]};
@@ -84,7 +88,8 @@ std::vector<std::vector<int32_t>> generate(Transformer& model, const std::vector
     }
     if (active.empty()) break;
     auto logits = model->forward_cached(torch::tensor(tokens, torch::kInt64).unsqueeze(1), active);
-    for (size_t r = 0; r < rows.size(); ++r) next[size_t(rows[r])] = sample_token(logits[int64_t(r)][0], opts, rng);
+    for (size_t r = 0; r < rows.size(); ++r)
+      next[size_t(rows[r])] = sample_token(logits[int64_t(r)][0], opts, rng);
   }
   return out;
 }
@@ -97,7 +102,8 @@ double decode_tokens_per_s(Transformer& model, int64_t batch, int64_t prompt_len
   std::vector<SequenceCache*> ptrs;
   for (auto& c : caches) ptrs.push_back(&c);
   const int64_t V = model->config().vocab_size;
-  auto prompt = torch::arange(prompt_len, torch::kInt64).remainder(V).unsqueeze(0).expand({batch, prompt_len});
+  auto prompt =
+      torch::arange(prompt_len, torch::kInt64).remainder(V).unsqueeze(0).expand({batch, prompt_len});
   auto logits = model->forward_cached(prompt.contiguous(), ptrs);
   auto next = logits.select(1, prompt_len - 1).argmax(-1, true);
   const auto t0 = std::chrono::steady_clock::now();

@@ -1,12 +1,12 @@
 // `grape compare`: the same model, data, seed and budget for each encoding; then one report directory with
 // results.json, report.md and two gnuplot PNGs (loss curves; perplexity vs evaluation context).
 #include <fmt/format.h>
-#include <nlohmann/json.hpp>
 
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <stdexcept>
 
@@ -35,18 +35,23 @@ void read_curves(const std::string& run_dir, RunResult& r) {
   while (std::getline(in, line)) {
     if (line.empty()) continue;
     auto rec = json::parse(line);
-    if (rec.contains("loss")) r.loss_curve.emplace_back(rec["step"].get<int64_t>(), rec["loss"].get<double>());
-    if (rec.contains("val_loss")) r.val_curve.emplace_back(rec["step"].get<int64_t>(), rec["val_loss"].get<double>());
+    if (rec.contains("loss"))
+      r.loss_curve.emplace_back(rec["step"].get<int64_t>(), rec["loss"].get<double>());
+    if (rec.contains("val_loss"))
+      r.val_curve.emplace_back(rec["step"].get<int64_t>(), rec["val_loss"].get<double>());
   }
 }
 
-std::string fmt_or_na(const LengthResult& l) { return l.error.empty() ? fmt::format("{:.2f}", l.perplexity) : "n/a"; }
+std::string fmt_or_na(const LengthResult& l) {
+  return l.error.empty() ? fmt::format("{:.2f}", l.perplexity) : "n/a";
+}
 
 }  // namespace
 
 namespace detail {
 
-// A run directory left by an earlier report with the same --out is continued, but only with the same settings.
+// A run directory left by an earlier report with the same --out is continued, but only with the same
+// settings.
 TrainSummary train_or_continue(const ModelConfig& model, const TrainConfig& train, const std::string& run_dir,
                                bool quiet, const std::string& what) {
   TrainOptions topts;
@@ -60,7 +65,8 @@ TrainSummary train_or_continue(const ModelConfig& model, const TrainConfig& trai
     TrainConfig t = train;
     t.steps = run.train.steps;
     if (run.model.to_json() != m.to_json() || run.train.to_json() != t.to_json())
-      throw std::runtime_error(fmt::format("{} holds a run with other settings; choose another --out", run_dir));
+      throw std::runtime_error(
+          fmt::format("{} holds a run with other settings; choose another --out", run_dir));
     try {
       latest_checkpoint(run_dir);
       topts.resume = true;
@@ -69,7 +75,8 @@ TrainSummary train_or_continue(const ModelConfig& model, const TrainConfig& trai
     }
   }
   auto summary = run_training(model, train, topts);
-  if (summary.interrupted) throw std::runtime_error(fmt::format("{}: interrupted; run it again to continue", what));
+  if (summary.interrupted)
+    throw std::runtime_error(fmt::format("{}: interrupted; run it again to continue", what));
   return summary;
 }
 
@@ -89,10 +96,12 @@ bool plot(const fs::path& dir, const std::string& name, const std::string& body,
   const fs::path png = dir / name, tmp = dir / ("." + name + ".tmp");
   // Paths in the script are relative to the report directory, so `gnuplot NAME.gp` there redraws it.
   const std::string script = "set terminal pngcairo size " + size + " font 'sans,11'\nset output " +
-                             gnuplot_quote(tmp.filename().string()) + "\nset grid\nset key outside right top\n" + body;
+                             gnuplot_quote(tmp.filename().string()) +
+                             "\nset grid\nset key outside right top\n" + body;
   const std::string script_name = fs::path(name).stem().string() + ".gp";
   io::write_file_atomic((dir / script_name).string(), script);
-  const std::string cmd = "cd " + shell_quote(dir.string()) + " && gnuplot " + shell_quote(script_name) + " 2>/dev/null";
+  const std::string cmd =
+      "cd " + shell_quote(dir.string()) + " && gnuplot " + shell_quote(script_name) + " 2>/dev/null";
   if (std::system(cmd.c_str()) != 0 || !fs::exists(tmp)) {
     fs::remove(tmp);
     return false;
@@ -101,7 +110,8 @@ bool plot(const fs::path& dir, const std::string& name, const std::string& body,
   return true;
 }
 
-std::string markdown_table(const std::vector<std::string>& header, const std::vector<std::vector<std::string>>& rows) {
+std::string markdown_table(const std::vector<std::string>& header,
+                           const std::vector<std::vector<std::string>>& rows) {
   std::string md, rule;
   for (size_t c = 0; c < header.size(); ++c) {
     md += "| " + header[c] + " ";
@@ -110,7 +120,8 @@ std::string markdown_table(const std::vector<std::string>& header, const std::ve
   md += "|\n" + rule + "|\n";
   for (const auto& row : rows) {
     if (row.size() != header.size())
-      throw std::logic_error(fmt::format("markdown_table: a row of {} cells under {} columns", row.size(), header.size()));
+      throw std::logic_error(
+          fmt::format("markdown_table: a row of {} cells under {} columns", row.size(), header.size()));
     for (const auto& cell : row) md += "| " + cell + " ";
     md += "|\n";
   }
@@ -168,7 +179,8 @@ std::string run_comparison(const CompareOptions& opts) {
 
   // Plots: data files, then gnuplot.
   std::string loss_plot = "set xlabel 'step'\nset ylabel 'train loss (nats/token, EMA 0.9)'\nplot ";
-  std::string ppl_plot = "set logscale x 2\nset xlabel 'evaluation context (tokens)'\nset ylabel 'validation perplexity'\nplot ";
+  std::string ppl_plot =
+      "set logscale x 2\nset xlabel 'evaluation context (tokens)'\nset ylabel 'validation perplexity'\nplot ";
   for (size_t i = 0; i < results.size(); ++i) {
     const auto& r = results[i];
     std::string loss_dat, ppl_dat;
@@ -183,8 +195,10 @@ std::string run_comparison(const CompareOptions& opts) {
     io::write_file_atomic((out / loss_file).string(), loss_dat);
     io::write_file_atomic((out / ppl_file).string(), ppl_dat);
     const std::string sep = i + 1 < results.size() ? ", \\\n     " : "\n";
-    loss_plot += detail::gnuplot_quote(loss_file) + " using 1:2 with lines lw 2 title " + detail::gnuplot_quote(r.pe) + sep;
-    ppl_plot += detail::gnuplot_quote(ppl_file) + " using 1:2 with linespoints lw 2 pt 7 title " + detail::gnuplot_quote(r.pe) + sep;
+    loss_plot += detail::gnuplot_quote(loss_file) + " using 1:2 with lines lw 2 title " +
+                 detail::gnuplot_quote(r.pe) + sep;
+    ppl_plot += detail::gnuplot_quote(ppl_file) + " using 1:2 with linespoints lw 2 pt 7 title " +
+                detail::gnuplot_quote(r.pe) + sep;
   }
   const bool have_loss_png = detail::plot(out, "loss.png", loss_plot);
   const bool have_ppl_png = detail::plot(out, "perplexity.png", ppl_plot);
@@ -204,7 +218,8 @@ std::string run_comparison(const CompareOptions& opts) {
   header.insert(header.end(), {"train tokens/s", "decode tokens/s"});
   std::vector<std::vector<std::string>> rows;
   for (const auto& r : results) {
-    std::vector<std::string> row = {r.pe, std::to_string(r.train.parameters), fmt::format("{:.4f}", r.train.val_loss)};
+    std::vector<std::string> row = {r.pe, std::to_string(r.train.parameters),
+                                    fmt::format("{:.4f}", r.train.val_loss)};
     for (const auto& l : r.eval.lengths) row.push_back(fmt_or_na(l));
     row.push_back(fmt::format("{:.0f}", r.train.tokens_per_s));
     row.push_back(fmt::format("{:.1f}", r.decode_tokens_per_s));
@@ -219,7 +234,8 @@ std::string run_comparison(const CompareOptions& opts) {
   for (const auto& r : results)
     for (const auto& l : r.eval.lengths)
       if (!l.error.empty()) md += fmt::format("- {} at {}x: {}\n", r.pe, l.factor, l.error);
-  md += have_loss_png ? "![training loss](loss.png)\n\n" : "(loss.png not drawn: gnuplot failed or is missing)\n\n";
+  md += have_loss_png ? "![training loss](loss.png)\n\n"
+                      : "(loss.png not drawn: gnuplot failed or is missing)\n\n";
   md += have_ppl_png ? "![perplexity vs context](perplexity.png)\n"
                      : "(perplexity.png not drawn: gnuplot failed or is missing)\n";
   io::write_file_atomic((out / "report.md").string(), md);

@@ -27,6 +27,7 @@ bool plot(const std::filesystem::path& dir, const std::string& name, const std::
           const std::string& size = "900,560");
 
 // A markdown table: the first column left-aligned, the others right-aligned (numbers).
-std::string markdown_table(const std::vector<std::string>& header, const std::vector<std::vector<std::string>>& rows);
+std::string markdown_table(const std::vector<std::string>& header,
+                           const std::vector<std::vector<std::string>>& rows);
 
 }  // namespace grape::train::detail

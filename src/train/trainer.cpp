@@ -32,16 +32,26 @@ using FieldPtr = std::variant<int64_t TrainConfig::*, double TrainConfig::*, uin
                               std::string TrainConfig::*>;
 const std::vector<std::pair<std::string, FieldPtr>>& train_fields() {
   static const std::vector<std::pair<std::string, FieldPtr>> fields = {
-      {"steps", &TrainConfig::steps},         {"batch", &TrainConfig::batch},
-      {"accum", &TrainConfig::accum},         {"lr", &TrainConfig::lr},
-      {"min_lr", &TrainConfig::min_lr},       {"warmup", &TrainConfig::warmup},
-      {"weight_decay", &TrainConfig::weight_decay}, {"beta1", &TrainConfig::beta1},
-      {"beta2", &TrainConfig::beta2},         {"adam_eps", &TrainConfig::adam_eps},
-      {"grad_clip", &TrainConfig::grad_clip}, {"eval_every", &TrainConfig::eval_every},
-      {"eval_batches", &TrainConfig::eval_batches}, {"ckpt_every", &TrainConfig::ckpt_every},
-      {"keep_last", &TrainConfig::keep_last}, {"log_every", &TrainConfig::log_every},
-      {"seed", &TrainConfig::seed},           {"data", &TrainConfig::data},
-      {"tokenizer", &TrainConfig::tokenizer}, {"val_fraction", &TrainConfig::val_fraction},
+      {"steps", &TrainConfig::steps},
+      {"batch", &TrainConfig::batch},
+      {"accum", &TrainConfig::accum},
+      {"lr", &TrainConfig::lr},
+      {"min_lr", &TrainConfig::min_lr},
+      {"warmup", &TrainConfig::warmup},
+      {"weight_decay", &TrainConfig::weight_decay},
+      {"beta1", &TrainConfig::beta1},
+      {"beta2", &TrainConfig::beta2},
+      {"adam_eps", &TrainConfig::adam_eps},
+      {"grad_clip", &TrainConfig::grad_clip},
+      {"eval_every", &TrainConfig::eval_every},
+      {"eval_batches", &TrainConfig::eval_batches},
+      {"ckpt_every", &TrainConfig::ckpt_every},
+      {"keep_last", &TrainConfig::keep_last},
+      {"log_every", &TrainConfig::log_every},
+      {"seed", &TrainConfig::seed},
+      {"data", &TrainConfig::data},
+      {"tokenizer", &TrainConfig::tokenizer},
+      {"val_fraction", &TrainConfig::val_fraction},
   };
   return fields;
 }
@@ -51,9 +61,12 @@ T parse_number(const std::string& key, const std::string& value) {
   try {
     size_t used = 0;
     T v;
-    if constexpr (std::is_same_v<T, double>) v = std::stod(value, &used);
-    else if constexpr (std::is_same_v<T, uint64_t>) v = std::stoull(value, &used);
-    else v = std::stoll(value, &used);
+    if constexpr (std::is_same_v<T, double>)
+      v = std::stod(value, &used);
+    else if constexpr (std::is_same_v<T, uint64_t>)
+      v = std::stoull(value, &used);
+    else
+      v = std::stoll(value, &used);
     if (used != value.size()) throw std::invalid_argument(value);
     if constexpr (std::is_same_v<T, uint64_t>)
       if (!value.empty() && value[0] == '-') throw std::invalid_argument(value);
@@ -72,8 +85,10 @@ void TrainConfig::set(const std::string& key, const std::string& value) {
     std::visit(
         [&](auto ptr) {
           using V = std::remove_reference_t<decltype(this->*ptr)>;
-          if constexpr (std::is_same_v<V, std::string>) this->*ptr = value;
-          else this->*ptr = parse_number<V>(key, value);
+          if constexpr (std::is_same_v<V, std::string>)
+            this->*ptr = value;
+          else
+            this->*ptr = parse_number<V>(key, value);
         },
         field);
     return;
@@ -105,15 +120,16 @@ void TrainConfig::validate() const {
   positive("log_every", double(log_every));
   positive("adam_eps", adam_eps);
   if (!(beta1 >= 0 && beta1 < 1) || !(beta2 >= 0 && beta2 < 1))
-    throw std::invalid_argument(fmt::format("train settings beta1, beta2 must be in [0, 1), got {}, {}", beta1, beta2));
+    throw std::invalid_argument(
+        fmt::format("train settings beta1, beta2 must be in [0, 1), got {}, {}", beta1, beta2));
   if (!(val_fraction > 0 && val_fraction < 1))
-    throw std::invalid_argument(fmt::format("train setting val_fraction must be in (0, 1), got {}", val_fraction));
+    throw std::invalid_argument(
+        fmt::format("train setting val_fraction must be in (0, 1), got {}", val_fraction));
 }
 
 std::string TrainConfig::to_json() const {
   json j = json::object();
-  for (const auto& [name, field] : train_fields())
-    std::visit([&](auto ptr) { j[name] = this->*ptr; }, field);
+  for (const auto& [name, field] : train_fields()) std::visit([&](auto ptr) { j[name] = this->*ptr; }, field);
   return j.dump(2);
 }
 
@@ -127,9 +143,13 @@ TrainConfig TrainConfig::from_json(const std::string& text) {
   if (!j.is_object()) throw std::invalid_argument("train config must be a JSON object");
   TrainConfig cfg;
   for (const auto& [key, value] : j.items()) {
-    if (value.is_string()) cfg.set(key, value.get<std::string>());
-    else if (value.is_number()) cfg.set(key, value.dump());
-    else throw std::invalid_argument(fmt::format("train setting {}: expected a number or string, got {}", key, value.dump()));
+    if (value.is_string())
+      cfg.set(key, value.get<std::string>());
+    else if (value.is_number())
+      cfg.set(key, value.dump());
+    else
+      throw std::invalid_argument(
+          fmt::format("train setting {}: expected a number or string, got {}", key, value.dump()));
   }
   return cfg;
 }
@@ -172,8 +192,10 @@ Trainer::Trainer(Transformer model, const TrainConfig& cfg) : model_(std::move(m
   std::vector<torch::Tensor> decay, no_decay;
   for (auto& p : model_->parameters()) (p.dim() >= 2 ? decay : no_decay).push_back(p);
   auto options = [&](double wd) {
-    return std::make_unique<torch::optim::AdamWOptions>(
-        torch::optim::AdamWOptions(cfg_.lr).betas({cfg_.beta1, cfg_.beta2}).eps(cfg_.adam_eps).weight_decay(wd));
+    return std::make_unique<torch::optim::AdamWOptions>(torch::optim::AdamWOptions(cfg_.lr)
+                                                            .betas({cfg_.beta1, cfg_.beta2})
+                                                            .eps(cfg_.adam_eps)
+                                                            .weight_decay(wd));
   };
   std::vector<torch::optim::OptimizerParamGroup> groups;
   groups.emplace_back(decay, options(cfg_.weight_decay));
@@ -231,8 +253,10 @@ Trainer::StepStats Trainer::step(const std::vector<data::Batch>& micro_batches, 
       }
       finite = false;  // the other ranks wait in the all-reduce: finish the step together, then all stop
     }
-    if (weight[i] == 1.0) (loss / n).backward();
-    else (loss * (weight[i] / n)).backward();
+    if (weight[i] == 1.0)
+      (loss / n).backward();
+    else
+      (loss * (weight[i] / n)).backward();
     stats.loss += value * weight[i] / n;
   }
   if (group_) {
@@ -242,16 +266,17 @@ Trainer::StepStats Trainer::step(const std::vector<data::Batch>& micro_batches, 
     stats.loss = t[0].item<double>() / world;
     if (t[1].item<double>() > 0) {
       optimizer_->zero_grad();
-      throw DivergedError(fmt::format("step {}: the loss is {} (diverged)", step + 1,
-                                           std::isfinite(stats.loss) ? std::string("not finite on a rank")
-                                                                     : fmt::format("{}", stats.loss)));
+      throw DivergedError(fmt::format(
+          "step {}: the loss is {} (diverged)", step + 1,
+          std::isfinite(stats.loss) ? std::string("not finite on a rank") : fmt::format("{}", stats.loss)));
     }
   }
   const double clip = cfg_.grad_clip > 0 ? cfg_.grad_clip : std::numeric_limits<double>::infinity();
   stats.grad_norm = torch::nn::utils::clip_grad_norm_(model_->parameters(), clip);
   if (!std::isfinite(stats.grad_norm)) {
     optimizer_->zero_grad();
-    throw DivergedError(fmt::format("step {}: the gradient norm is {} (diverged)", step + 1, stats.grad_norm));
+    throw DivergedError(
+        fmt::format("step {}: the gradient norm is {} (diverged)", step + 1, stats.grad_norm));
   }
   stats.lr = lr_at(cfg_, step);
   for (auto& group : optimizer_->param_groups())
@@ -293,15 +318,17 @@ class Progress {
                    (long long)step, (long long)total_, loss, tok_s, duration_text(eta_s).c_str());
       std::fflush(stderr);
     } else if (step % log_every_ == 0 || step == total_) {
-      std::printf("step %lld/%lld loss %.4f %.0f tok/s ETA %s\n", (long long)step, (long long)total_, loss, tok_s,
-                  duration_text(eta_s).c_str());
+      std::printf("step %lld/%lld loss %.4f %.0f tok/s ETA %s\n", (long long)step, (long long)total_, loss,
+                  tok_s, duration_text(eta_s).c_str());
       std::fflush(stdout);
     }
   }
   void message(const std::string& text) {
     if (quiet_) return;
-    if (tty_) std::fprintf(stderr, "\r%-100s\n", text.c_str());
-    else std::printf("%s\n", text.c_str());
+    if (tty_)
+      std::fprintf(stderr, "\r%-100s\n", text.c_str());
+    else
+      std::printf("%s\n", text.c_str());
     std::fflush(tty_ ? stderr : stdout);
   }
   void finish() {
@@ -327,7 +354,8 @@ data::Batch rank_share(const data::Batch& all, int rank, int64_t b) {
 
 }  // namespace
 
-TrainSummary run_training(const ModelConfig& model_cfg_in, const TrainConfig& cfg_in, const TrainOptions& opts) {
+TrainSummary run_training(const ModelConfig& model_cfg_in, const TrainConfig& cfg_in,
+                          const TrainOptions& opts) {
   if (opts.run_dir.empty()) throw std::invalid_argument("train: no run directory (--out)");
   const std::shared_ptr<dist::Group> group = opts.group && opts.group->size() > 1 ? opts.group : nullptr;
   const int rank = group ? group->rank() : 0;
@@ -345,9 +373,11 @@ TrainSummary run_training(const ModelConfig& model_cfg_in, const TrainConfig& cf
     tok = run_tokenizer(run);
     const auto point = detail::find_resume_checkpoint(opts.run_dir);
     if (lead) {
-      for (const auto& why : point.skipped) std::fprintf(stderr, "grape train: passed over: %s\n", why.c_str());
+      for (const auto& why : point.skipped)
+        std::fprintf(stderr, "grape train: passed over: %s\n", why.c_str());
       if (!point.skipped.empty() && !point.dir.empty())
-        std::fprintf(stderr, "grape train: falling back to the previous good checkpoint %s\n", point.dir.c_str());
+        std::fprintf(stderr, "grape train: falling back to the previous good checkpoint %s\n",
+                     point.dir.c_str());
       if (point.dir.empty())
         std::fprintf(stderr, "grape train: %s has no checkpoint yet; starting it again from step 0\n",
                      opts.run_dir.c_str());
@@ -355,8 +385,8 @@ TrainSummary run_training(const ModelConfig& model_cfg_in, const TrainConfig& cf
     resume_from = point.dir;
   } else {
     if (lead && fs::exists(fs::path(opts.run_dir) / "run.json"))
-      throw std::runtime_error(fmt::format("{} already holds a run; continue it with --resume or choose another --out",
-                                           opts.run_dir));
+      throw std::runtime_error(fmt::format(
+          "{} already holds a run; continue it with --resume or choose another --out", opts.run_dir));
     tok = data::make_tokenizer(cfg.tokenizer);
     model_cfg.vocab_size = tok->vocab_size();
   }
@@ -382,9 +412,11 @@ TrainSummary run_training(const ModelConfig& model_cfg_in, const TrainConfig& cf
     tokens_before = state.value("tokens", 0.0);
     const int64_t world_before = state.value("world_size", int64_t(1));
     if (lead && world_before != world)
-      std::fprintf(stderr, "grape train: note: the run was at %lld process(es), now %d: the batch per step changes "
-                   "from %lld to %lld sequences\n", (long long)world_before, world,
-                   (long long)(world_before * cfg.batch), (long long)(world * cfg.batch));
+      std::fprintf(stderr,
+                   "grape train: note: the run was at %lld process(es), now %d: the batch per step changes "
+                   "from %lld to %lld sequences\n",
+                   (long long)world_before, world, (long long)(world_before * cfg.batch),
+                   (long long)(world * cfg.batch));
   }
   if (group) {
     // Every rank must continue from the same step (they read the same run directory: on several hosts it
@@ -392,9 +424,10 @@ TrainSummary run_training(const ModelConfig& model_cfg_in, const TrainConfig& cf
     auto t = torch::tensor({double(start)}, torch::kFloat64);
     group->broadcast({t}, 0);
     if (int64_t(t.item<double>()) != start)
-      throw std::runtime_error(fmt::format("rank {}: resumes at step {} but rank 0 at step {} (is {} the same "
-                                           "directory on every host?)", rank, start, int64_t(t.item<double>()),
-                                           opts.run_dir));
+      throw std::runtime_error(
+          fmt::format("rank {}: resumes at step {} but rank 0 at step {} (is {} the same "
+                      "directory on every host?)",
+                      rank, start, int64_t(t.item<double>()), opts.run_dir));
   }
   if (lead) {
     if (opts.resume) {
@@ -440,8 +473,11 @@ TrainSummary run_training(const ModelConfig& model_cfg_in, const TrainConfig& cf
       const double elapsed = seconds();
       const double tok_s = tokens_per_step * double(done - start) / std::max(elapsed, 1e-9);
       if (lead)
-        detail::append_metrics(opts.run_dir, {{"step", done}, {"loss", stats.loss}, {"lr", stats.lr},
-                                              {"grad_norm", stats.grad_norm}, {"tokens_per_s", tok_s},
+        detail::append_metrics(opts.run_dir, {{"step", done},
+                                              {"loss", stats.loss},
+                                              {"lr", stats.lr},
+                                              {"grad_norm", stats.grad_norm},
+                                              {"tokens_per_s", tok_s},
                                               {"time_s", elapsed}});
       summary.final_loss = stats.loss;
       progress.update(done, stats.loss, tok_s, elapsed / double(done - start) * double(cfg.steps - done));
@@ -451,16 +487,18 @@ TrainSummary run_training(const ModelConfig& model_cfg_in, const TrainConfig& cf
       if (group) stop = group->any(stop);  // Ctrl-C may reach the ranks at different steps: stop together
       if (lead && ((cfg.eval_every > 0 && done % cfg.eval_every == 0) || last)) {
         // The same validation windows as one process with the whole batch (world x batch) reads.
-        summary.val_loss = validation_loss(model, *data, model_cfg.context, cfg.batch * world, cfg.eval_batches);
+        summary.val_loss =
+            validation_loss(model, *data, model_cfg.context, cfg.batch * world, cfg.eval_batches);
         detail::append_metrics(opts.run_dir, {{"step", done}, {"val_loss", summary.val_loss}});
         progress.message(fmt::format("step {}: val loss {:.4f} (perplexity {:.2f})", done, summary.val_loss,
                                      std::exp(summary.val_loss)));
       }
       if ((cfg.ckpt_every > 0 && done % cfg.ckpt_every == 0) || last || stop) {
         json state = {{"tokens", tokens_before + tokens_per_step * double(done - start)},
-                      {"loss", stats.loss}, {"world_size", world}};
-        last_checkpoint = lead ? detail::write_checkpoint(opts.run_dir, done, model, trainer.optimizer(), state,
-                                                          cfg.keep_last)
+                      {"loss", stats.loss},
+                      {"world_size", world}};
+        last_checkpoint = lead ? detail::write_checkpoint(opts.run_dir, done, model, trainer.optimizer(),
+                                                          state, cfg.keep_last)
                                : detail::checkpoint_path(opts.run_dir, done);
       }
       summary.steps = done;

@@ -62,14 +62,15 @@
 namespace grape::kernels::cpu {
 namespace {
 
-constexpr int64_t kBQ = 64;            // query rows per tile
-constexpr int64_t kBK = 64;            // keys per tile (one online-softmax step)
-constexpr int64_t kMR = 8;             // micro-kernel rows
-constexpr int64_t kNR = 16;            // micro-kernel columns: one AVX-512 or two AVX2 registers
-constexpr int64_t kDecodeBlock = 256;  // keys per decode task when the heads alone cannot keep the threads busy
-constexpr int64_t kDirectRows = 4;     // up to this many query rows, k and v rows are read in place, not packed
+constexpr int64_t kBQ = 64;  // query rows per tile
+constexpr int64_t kBK = 64;  // keys per tile (one online-softmax step)
+constexpr int64_t kMR = 8;   // micro-kernel rows
+constexpr int64_t kNR = 16;  // micro-kernel columns: one AVX-512 or two AVX2 registers
+// keys per decode task when the heads alone cannot keep the threads busy
+constexpr int64_t kDecodeBlock = 256;
+constexpr int64_t kDirectRows = 4;  // up to this many query rows, k and v rows are read in place, not packed
 constexpr int64_t kDiag = kBQ + kBK - 1;  // diagonals of a tile: the distinct distances of its pairs
-constexpr int64_t kAlign = 64;         // bytes: one cache line
+constexpr int64_t kAlign = 64;            // bytes: one cache line
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -84,9 +85,9 @@ int team_size(int64_t n_tasks) { return int(std::clamp<int64_t>(n_tasks, 1, omp_
 
 // exp(x) = 2^n e^r with n = round(x / ln2), |r| <= ln2 / 2; e^r by its degree-7 Taylor polynomial (truncation
 // < 1e-8 relative). The kernels only exponentiate differences to a running max or to the log-sum-exp (<= 0 up
-// to rounding), so the domain is x <= 88 (larger x is clamped to 88, keeping 2^n a normal float: one scale, no
-// overflow branch). Results below FLT_MIN are flushed to 0 (no subnormal slow paths; softmax cannot see them);
-// -inf gives 0; NaN gives NaN (the clamps pass it through, as does every later step).
+// to rounding), so the domain is x <= 88 (larger x is clamped to 88, keeping 2^n a normal float: one scale,
+// no overflow branch). Results below FLT_MIN are flushed to 0 (no subnormal slow paths; softmax cannot see
+// them); -inf gives 0; NaN gives NaN (the clamps pass it through, as does every later step).
 inline float exp_inline(float x) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693145751953125f;  // ln2's leading 15 bits: n * kLn2Hi is exact
@@ -188,7 +189,8 @@ void validate(const char* fn, const AttentionShape& s, const float* q, const flo
 
 void validate_bias(const char* fn, const LinearBias& bias) {
   if (bias.dist)
-    check(bias.W >= 1, fn, "a distance table needs W >= 1 entries per head (got " + std::to_string(bias.W) + ")");
+    check(bias.W >= 1, fn,
+          "a distance table needs W >= 1 entries per head (got " + std::to_string(bias.W) + ")");
   if (!bias.path()) return;
   check(bias.r && bias.m, fn, "a path bias (p given) needs r and m");
   check(bias.P >= 1, fn, "path-bias probe dim P must be >= 1 (got " + std::to_string(bias.P) + ")");
@@ -350,8 +352,8 @@ TileLogits tile_logits(const Geometry& g, const LinearBias& bias, int64_t b, int
 }
 
 // Row r of S: the raw dots -> logits, in place, over all kBK columns; the keys past the row's nv visible ones
-// get -inf. Fixed-length loops: the compiler unrolls them into whole vectors, and every later loop over the row
-// needs no remainder (the masked entries' exp is 0).
+// get -inf. Fixed-length loops: the compiler unrolls them into whole vectors, and every later loop over the
+// row needs no remainder (the masked entries' exp is 0).
 inline void logits_row(const TileLogits& t, int64_t r, int64_t nv, float* s) {
   const float scale = t.g->scale;
   if (!t.has_bias) {
@@ -410,7 +412,8 @@ GRAPE_INLINE float row_max(const float* s) {
 #endif
 }
 
-// s[j] = exp(s[j] - mx) over a row of kBK logits (masked -inf entries -> 0); returns their sum, as row_max does.
+// s[j] = exp(s[j] - mx) over a row of kBK logits (masked -inf entries -> 0); returns their sum, as row_max
+// does.
 GRAPE_INLINE float row_exp_sum(float* s, float mx) {
   float part[kNR] = {};
   for (int64_t k = 0; k < kBK; k += kNR)
@@ -499,8 +502,8 @@ GRAPE_INLINE void psi_row(const float* pt, const float* Rt, int64_t P, float mh,
 }
 
 // Exclusive suffix sums of a row of kBK values: ex[j] = sum_{l > j} x[l] (ex may be x); returns the row's
-// total. With AVX-512, per vector of kNR: shift by one lane, then a log-step in-register scan (lane i adds lane
-// i + 1, i + 2, i + 4, i + 8), plus the total of the vectors to its right; otherwise a serial loop.
+// total. With AVX-512, per vector of kNR: shift by one lane, then a log-step in-register scan (lane i adds
+// lane i + 1, i + 2, i + 4, i + 8), plus the total of the vectors to its right; otherwise a serial loop.
 GRAPE_INLINE float suffix_sums(const float* x, float* ex) {
 #if defined(__AVX512F__)
   static_assert(kNR == 16 && kBK % kNR == 0);
@@ -517,7 +520,8 @@ GRAPE_INLINE float suffix_sums(const float* x, float* ex) {
     e = _mm512_add_ps(e, shift(e, std::integral_constant<int, 4>{}));
     e = _mm512_add_ps(e, shift(e, std::integral_constant<int, 8>{}));
     _mm512_storeu_ps(ex + k, _mm512_add_ps(e, right));
-    right = _mm512_add_ps(right, _mm512_permutexvar_ps(zero, _mm512_add_ps(e, v)));  // + lane 0's inclusive sum
+    right =
+        _mm512_add_ps(right, _mm512_permutexvar_ps(zero, _mm512_add_ps(e, v)));  // + lane 0's inclusive sum
   }
   return _mm512_cvtss_f32(right);
 #else
@@ -547,7 +551,8 @@ void path_tile(const Geometry& g, const LinearBias& bias, int64_t b, int64_t h, 
       if (SG) std::fill(SG + r * kBK, SG + (r + 1) * kBK, 0.0f);
       continue;
     }
-    psi_row(bias.p + ((b * g.Tq + i0 + r) * g.H + h) * bias.P, Rt, bias.P, mh, nv, pb, SG ? SG + r * kBK : nullptr);
+    psi_row(bias.p + ((b * g.Tq + i0 + r) * g.H + h) * bias.P, Rt, bias.P, mh, nv, pb,
+            SG ? SG + r * kBK : nullptr);
     const float total = suffix_sums(pb, pb);  // psi is 0 past nv
     const double c = carry[r];
 #pragma omp simd
@@ -562,7 +567,8 @@ void path_tile(const Geometry& g, const LinearBias& bias, int64_t b, int64_t h, 
 // dp_t += sum_l G r_l (dPq rows [rows][P]) and dr_l += sum_t G p_t (drT [P][kBK]).
 GRAPE_SIMD
 void path_grad(const Geometry& g, const LinearBias& bias, int64_t b, int64_t h, int64_t i0, int64_t rows,
-               int64_t Mp, const float* dS, float* SG, double* carry_ds, const float* Rt, float* dPq, float* drT) {
+               int64_t Mp, const float* dS, float* SG, double* carry_ds, const float* Rt, float* dPq,
+               float* drT) {
   const int64_t P = bias.P;
   for (int64_t r = 0; r < Mp; ++r) {  // rows past `rows` have dS = SG = 0
     const float* ds = dS + r * kBK;
@@ -593,11 +599,11 @@ void path_grad(const Geometry& g, const LinearBias& bias, int64_t b, int64_t h, 
   }
 }
 
-// psi(t, l) of query row i of head (b, h) summed over the keys [l0, l1) (decode's path-bias pre-pass), per key
-// tile in fp32, the tiles in double. Rt [P][kBK] and psi [kBK]: scratch.
+// psi(t, l) of query row i of head (b, h) summed over the keys [l0, l1) (decode's path-bias pre-pass), per
+// key tile in fp32, the tiles in double. Rt [P][kBK] and psi [kBK]: scratch.
 GRAPE_SIMD
-double psi_sum(const Geometry& g, const LinearBias& bias, int64_t b, int64_t h, int64_t i, int64_t l0, int64_t l1,
-               float* Rt, float* psi) {
+double psi_sum(const Geometry& g, const LinearBias& bias, int64_t b, int64_t h, int64_t i, int64_t l0,
+               int64_t l1, float* Rt, float* psi) {
   const float* pt = bias.p + ((b * g.Tq + i) * g.H + h) * bias.P;
   double sum = 0.0;
   for (int64_t j0 = l0; j0 < l1; j0 += kBK) {
@@ -634,7 +640,8 @@ void softmax_step(const TileLogits& t, int64_t rows, int64_t Mp, int64_t Dp, flo
     mnew[r] = std::max(m[r], row_max(s));  // a NaN m (a poisoned row) stays NaN
   }
 #pragma omp simd
-  for (int64_t r = 0; r < Mp; ++r) alpha[r] = exp_inline(m[r] - mnew[r]);  // 0 on a row's first tile (m = -inf)
+  for (int64_t r = 0; r < Mp; ++r)
+    alpha[r] = exp_inline(m[r] - mnew[r]);  // 0 on a row's first tile (m = -inf)
   for (int64_t r = 0; r < Mp; ++r) {
     const int64_t nv = nvis[r];
     if (nv == 0) continue;
@@ -715,8 +722,8 @@ void dsoftmax_step(const TileLogits& t, int64_t rows, int64_t Mp, const float* l
 // Forward core, shared by attention_forward and attention_decode
 // ---------------------------------------------------------------------------------------------------------
 
-// Few query rows (decode): S[r][j] = q_r . k_j for the packed rows Q [rows][Dp] and the nk key rows krows read
-// in place; packing a key tile would cost more than the few products that reuse it.
+// Few query rows (decode): S[r][j] = q_r . k_j for the packed rows Q [rows][Dp] and the nk key rows krows
+// read in place; packing a key tile would cost more than the few products that reuse it.
 GRAPE_SIMD
 void dots_direct(int64_t rows, int64_t nk, int64_t D, int64_t Dp, const float* Q, const float* const* krows,
                  float* S) {
@@ -749,15 +756,15 @@ void pv_direct(int64_t rows, int64_t nk, int64_t D, int64_t Dp, const float* S, 
 
 struct ForwardWork {
   float *Q, *Kt, *V, *S, *O, *m, *l, *kb, *kd;
-  float* dt;              // distance table: the tile's entries by diagonal [kDiag]
-  float *Rt, *PB;         // path bias: key probes [P][kBK], the tile's bias [kBQ][kBK]
-  double* carry;          // path bias: per query row, psi summed over the key tiles already visited
-  const float** rows;     // scratch row pointers (kBQ or kBK of them)
+  float* dt;           // distance table: the tile's entries by diagonal [kDiag]
+  float *Rt, *PB;      // path bias: key probes [P][kBK], the tile's bias [kBQ][kBK]
+  double* carry;       // path bias: per query row, psi summed over the key tiles already visited
+  const float** rows;  // scratch row pointers (kBQ or kBK of them)
 
   static int64_t floats(int64_t Dp, int64_t P) {
     const int64_t pb = P > 0 ? kBQ * kBK : 0;
-    return Carver::size({kBQ * Dp, Dp * kBK, kBK * Dp, kBQ * kBK, kBQ * Dp, kBQ, kBQ, kBK, kBK, kDiag, P * kBK,
-                         pb, 2 * kBQ, int64_t(kBK * sizeof(void*) / sizeof(float))});
+    return Carver::size({kBQ * Dp, Dp * kBK, kBK * Dp, kBQ * kBK, kBQ * Dp, kBQ, kBQ, kBK, kBK, kDiag,
+                         P * kBK, pb, 2 * kBQ, int64_t(kBK * sizeof(void*) / sizeof(float))});
   }
   ForwardWork(float* mem, int64_t Dp, int64_t P) {
     Carver c{mem};
@@ -925,8 +932,8 @@ void attention_decode(const AttentionShape& s, const float* q, const float* k, c
   // With enough (batch, head, query tile) tasks for the threads (at most 20% idle), each task takes all its
   // keys; otherwise the keys are split into blocks of kDecodeBlock that threads take separately.
   const int64_t tasks = g.B * g.H * n_qt, max_threads = omp_get_max_threads();
-  const int64_t block = 4 * max_threads * ceil_div(tasks, max_threads) <= 5 * tasks ? round_up(g.Tk, kBK)
-                                                                                    : kDecodeBlock;
+  const int64_t block =
+      4 * max_threads * ceil_div(tasks, max_threads) <= 5 * tasks ? round_up(g.Tk, kBK) : kDecodeBlock;
   const int64_t n_blk = ceil_div(g.Tk, block);
   // Partial states per (b, h, query row, block): m, l and the unnormalised output row.
   const int64_t part = D + 2, n_rows = g.B * g.H * g.Tq;
@@ -1101,10 +1108,14 @@ struct OnePassWork {
 
   static int64_t floats(int64_t Tqp, int64_t Dp, int64_t P) {
     const int64_t pb = P > 0 ? kBQ * kBK : 0, pr = P > 0 ? 2 * Tqp : 0;
-    return Carver::size({Tqp * Dp, Tqp * Dp, Tqp * Dp, Tqp, Tqp, kBK * Dp, Dp * kBK, Dp * kBK, kBQ * kBK,
-                         kBQ * kBK, kBK * Dp, kBK * Dp, kBK, kBK, 2 * Tqp, 2 * Tqp, 2 * kBK, 2 * kBK, P * kBK, pb,
-                         pb, Tqp * P, P * kBK, pr, pr, kDiag, 2 * kDiag,
-                         int64_t(std::max(Tqp, kBK) * sizeof(void*) / sizeof(float))});
+    return Carver::size(
+        {Tqp * Dp,  Tqp * Dp,  Tqp * Dp,  Tqp,
+         Tqp,       kBK * Dp,  Dp * kBK,  Dp * kBK,
+         kBQ * kBK, kBQ * kBK, kBK * Dp,  kBK * Dp,
+         kBK,       kBK,       2 * Tqp,   2 * Tqp,
+         2 * kBK,   2 * kBK,   P * kBK,   pb,
+         pb,        Tqp * P,   P * kBK,   pr,
+         pr,        kDiag,     2 * kDiag, int64_t(std::max(Tqp, kBK) * sizeof(void*) / sizeof(float))});
   }
   OnePassWork(float* mem, int64_t Tqp, int64_t Dp, int64_t P) {
     const int64_t pb = P > 0 ? kBQ * kBK : 0, pr = P > 0 ? 2 * Tqp : 0;
@@ -1132,8 +1143,8 @@ struct BiasGrads {
 
 // The whole backward of head (b, h) in one pass over its key tiles: for each (query tile, key tile) pair
 // S = Q K^T, P, dP = dO V^T and dS are computed once and feed dV += P^T dO, dK += dS^T Q (this key tile's
-// accumulators) and dQ += dS K (the head's query accumulator): 5 tile products per pair. The key tiles go from
-// the last down, so that the path bias's per-row carries (psi and dS summed over later keys) accumulate.
+// accumulators) and dQ += dS K (the head's query accumulator): 5 tile products per pair. The key tiles go
+// from the last down, so that the path bias's per-row carries (psi and dS summed over later keys) accumulate.
 // gdist [W] (double), when non-null, accumulates this head's distance-table gradient.
 void backward_head(const Geometry& g, const float* q, const float* k, const float* v, const LinearBias& bias,
                    const float* dout, const float* lse, const float* delta, int64_t b, int64_t h, float* dq,
@@ -1190,8 +1201,7 @@ void backward_head(const Geometry& g, const float* q, const float* k, const floa
                       bg.dc ? w.row_c + i0 : nullptr, gdist ? w.diag : nullptr);
         if (gdist) scatter_dist_grad(g, bias.W, i0, j0, w.diag, gdist);
         if (path)
-          path_grad(g, bias, b, h, i0, rows, Mp, w.dS, w.SG, w.carry_ds + i0, w.Rt, w.dPq + i0 * P,
-                    w.drT);
+          path_grad(g, bias, b, h, i0, rows, Mp, w.dS, w.SG, w.carry_ds + i0, w.Rt, w.dPq + i0 * P, w.drT);
         gemm_tile(Np, Dp, rows, w.S, 1, kBK, dOt, Dp, w.dV, Dp, true);           // dV += P^T dO
         gemm_tile(Np, Dp, rows, w.dS, 1, kBK, Qt, Dp, w.dK, Dp, true);           // dK += dS^T Q
         gemm_tile(Mp, Dp, nk, w.dS, kBK, 1, w.K, Dp, w.dQ + i0 * Dp, Dp, true);  // dQ += dS K

@@ -23,8 +23,8 @@
 //
 // Layouts (all contiguous, row-major): q, out, dq: [B, Tq, H, D]; k, v, dk, dv: [B, Tk, H, D];
 // bias quantities a, c, da, dc: [B, H, Tq]; b, d, db, dd: [B, H, Tk]; lse, delta: [B, H, Tq];
-// path-bias probes p, dp: [B, Tq, H, P]; r, dr: [B, Tk, H, P]; slopes m: [H]; distance table dist, ddist: [H, W].
-// Positions: query i sits at q_offset + i, key j at k_offset + j; key j is visible to query i iff
+// path-bias probes p, dp: [B, Tq, H, P]; r, dr: [B, Tk, H, P]; slopes m: [H]; distance table dist, ddist: [H,
+// W]. Positions: query i sits at q_offset + i, key j at k_offset + j; key j is visible to query i iff
 // k_offset + j <= q_offset + i. Every query must see at least one key (q_offset >= k_offset).
 #pragma once
 
@@ -79,11 +79,12 @@ void attention_decode(const AttentionShape& s, const float* q, const float* k, c
                       const LinearBias& bias, float* out, float* lse);
 
 // Invalid shapes (a size < 1, q_offset < k_offset, non-finite scale), null required pointers, a path bias
-// without r, m or with P < 1 and a distance table with W < 1 throw std::invalid_argument. attention_backward fills a non-null da/db/dc/dd whose bias term is null with 0.
+// without r, m or with P < 1 and a distance table with W < 1 throw std::invalid_argument. attention_backward
+// fills a non-null da/db/dc/dd whose bias term is null with 0.
 
 // The kernels' vectorisable exp (fp32, relative error < 2.5e-7) for the arguments they exponentiate, logit
-// differences <= 0 up to rounding: x > 88 is clamped to 88; results below FLT_MIN are flushed to 0; -inf -> 0,
-// NaN -> NaN. Exposed for tests.
+// differences <= 0 up to rounding: x > 88 is clamped to 88; results below FLT_MIN are flushed to 0; -inf ->
+// 0, NaN -> NaN. Exposed for tests.
 float exp_f32(float x);
 
 }  // namespace grape::kernels::cpu

@@ -119,7 +119,8 @@ int64_t RotaryRows::rows() const {
   return n;
 }
 
-void rotary_forward(const RotaryRows& r, const float* x, const float* c, const float* s, bool inverse, float* y) {
+void rotary_forward(const RotaryRows& r, const float* x, const float* c, const float* s, bool inverse,
+                    float* y) {
   if (inverse)
     forward_impl<true>(r, x, c, s, y);
   else

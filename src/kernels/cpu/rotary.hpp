@@ -31,7 +31,8 @@ struct RotaryRows {
 
 // y = R(c, s) x, or with inverse the transposed turn R(c, -s) (the backward's dx = R^T dy). y must not
 // overlap x, c or s.
-void rotary_forward(const RotaryRows& r, const float* x, const float* c, const float* s, bool inverse, float* y);
+void rotary_forward(const RotaryRows& r, const float* x, const float* c, const float* s, bool inverse,
+                    float* y);
 
 // Gradients of the angles' cos and sin for the forward above, given x and dy = dL/dy, per (row, pair):
 //     dc = da' a + db' b,   ds = -da' b + db' a
