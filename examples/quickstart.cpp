@@ -1,5 +1,5 @@
 // The README's example: causal attention with GRAPE-M (learned frequencies), built as a test.
-#include <grape/pe.hpp>
+#include <grape/attention.hpp>
 #include <iostream>
 
 int main() {

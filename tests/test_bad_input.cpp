@@ -26,7 +26,8 @@ TEST(BadInput, OddHeadDimForEveryRotation) {
 }
 
 TEST(BadInput, UnknownEncodingAndParameterNames) {
-  expect_message([] { grape::make_encoding("ropee", kShape); }, "unknown encoding 'ropee' (known: nope,");
+  expect_message([] { grape::make_encoding("ropee", kShape); },
+                 "unknown encoding 'ropee' (known: learned, nope, sinusoidal,");
   expect_message(
       [] {
         grape::make_encoding("rope", kShape, PeOptions{{"bsae", "10"}});

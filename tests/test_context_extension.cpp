@@ -1,4 +1,4 @@
-// Context extension of RoPE-family spectra (pe-zoo-spec.md §5, invariants E-1..E-5 of §6): PI, NTK-aware,
+// Context extension of RoPE-family spectra (invariants E-1..E-5 of docs/encodings.md): PI, NTK-aware,
 // dynamic NTK (exact decoding across the training context), YaRN and LongRoPE, on rope's fixed spectrum
 // and grape-m's learned one; bad options; and `grape eval --extend` on a tiny trained run.
 #include <gtest/gtest.h>

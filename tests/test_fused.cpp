@@ -5,8 +5,8 @@
 
 #include <cmath>
 
+#include "grape/attention.hpp"
 #include "grape/model.hpp"
-#include "grape/pe.hpp"
 
 namespace {
 
@@ -76,22 +76,31 @@ std::vector<std::string> supported_encodings() {
   return out;
 }
 
-// Exactly the relative biases outside the kernel's bias family are unsupported: fire depends on the query
-// position as well as the distance, cope needs a query's whole row of gates before its softmax. The model
-// runs them on the reference attention; every other registered encoding runs fused (t5 and kerple through
-// the per-head table by distance).
-TEST(FusedAttention, EveryEncodingIsSupportedExceptFireAndCope) {
-  const std::vector<std::string> unsupported = {"fire", "cope"};
+// Support is what the encoding declares (Properties::kernel_bias), never probed: unsupported encodings are
+// refused by name (the model runs them on the reference attention), every other one runs fused. T5 and
+// KERPLE, whose biases are not linear in the distance, run through the per-head table by distance.
+TEST(FusedAttention, DeclaredKernelBiasDecidesSupport) {
   for (const char* n : {"t5", "kerple"})
     EXPECT_TRUE(grape::fused_supported(*grape::make_encoding(n, {2, 16, kModelDim}))) << n;
-  for (const auto& n : unsupported) EXPECT_NO_THROW(grape::encoding_info(n)) << n << " is registered";
-  auto names = supported_encodings();
+  int unsupported = 0;
   for (const auto& info : grape::encodings()) {
-    const bool fused = std::find(names.begin(), names.end(), info.name) != names.end();
-    const bool listed = std::find(unsupported.begin(), unsupported.end(), info.name) != unsupported.end();
-    EXPECT_EQ(fused, !listed) << info.name;
+    auto enc = info.make({2, 16, kModelDim}, {});
+    const auto kind = enc->properties().kernel_bias;
+    EXPECT_EQ(grape::fused_supported(*enc), kind != grape::KernelBias::unsupported) << info.name;
+    EXPECT_EQ(kind != grape::KernelBias::none, enc->properties().has_bias) << info.name;
+    if (kind != grape::KernelBias::unsupported) continue;
+    ++unsupported;
+    auto q = torch::randn({1, 3, 2, 16});
+    auto st = enc->initial_state(1);
+    auto tok = enc->encode(q, q, torch::randn({1, 3, kModelDim}), st);
+    try {
+      grape::fused_attend(*enc, tok, grape::KeyCache::from(tok, q));
+      ADD_FAILURE() << info.name << ": an unsupported bias was accepted";
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find("'" + info.name + "'"), std::string::npos) << e.what();
+    }
   }
-  EXPECT_EQ(names.size() + unsupported.size(), grape::encodings().size());
+  EXPECT_EQ(supported_encodings().size() + unsupported, grape::encodings().size());
 }
 
 TEST(FusedAttention, MatchesReferenceForEveryEncodingOverTheGrid) {
@@ -154,7 +163,7 @@ TEST(FusedAttention, NonContiguousInputsAreHandled) {
 
 // The path bias sum_{l=j+1..i} m_h logsigmoid(p_i . r_l / P) from the terms p, r, m, by a plain double loop
 // (queries and keys at the same positions): [B,H,T,T].
-torch::Tensor path_bias_from_terms(const grape::LinearBiasTerms& t) {
+torch::Tensor path_bias_from_terms(const grape::BiasTerms& t) {
   auto p = t.p.to(torch::kFloat64).contiguous(), r = t.r.to(torch::kFloat64).contiguous();
   auto m = t.m.to(torch::kFloat64).contiguous();
   const int64_t B = p.size(0), T = p.size(1), H = p.size(2), P = p.size(3);
@@ -177,11 +186,13 @@ torch::Tensor path_bias_from_terms(const grape::LinearBiasTerms& t) {
   return out;
 }
 
-// The per-token terms (linear family, path bias, distance table) reproduce the encoding's own bias below the
-// diagonal.
-TEST(FusedAttention, LinearBiasTermsReproduceTheBias) {
-  for (const char* pe :
-       {"alibi", "grape-a-q", "grape-a-k", "grape-a-qk", "fox", "grape-ap", "t5", "kerple"}) {
+// The per-token terms (linear family, path bias, distance table) of every encoding that declares some
+// reproduce the encoding's own bias below the diagonal.
+TEST(FusedAttention, BiasTermsReproduceTheBias) {
+  for (const auto& info : grape::encodings()) {
+    const std::string pe = info.name;
+    const auto kind = info.make({4, 16, kModelDim}, {})->properties().kernel_bias;
+    if (kind == grape::KernelBias::none || kind == grape::KernelBias::unsupported) continue;
     SCOPED_TRACE(pe);
     torch::manual_seed(9);
     auto enc = grape::make_encoding(pe, {4, 16, kModelDim});
@@ -191,8 +202,7 @@ TEST(FusedAttention, LinearBiasTermsReproduceTheBias) {
     auto st = enc->initial_state(2, 100);
     auto tok = enc->encode(q, k, x, st);
     auto cache = grape::KeyCache::from(tok);
-    grape::LinearBiasTerms t;
-    ASSERT_TRUE(enc->linear_bias(tok, cache, t));
+    const grape::BiasTerms t = enc->bias_terms(tok, cache);
     auto pos = torch::arange(100, 140, torch::kFloat64);
     auto dist = (pos.unsqueeze(1) - pos.unsqueeze(0)).view({1, 1, 40, 40});
     auto zero = torch::zeros({2, 4, 40}, torch::kFloat64);
@@ -200,9 +210,8 @@ TEST(FusedAttention, LinearBiasTermsReproduceTheBias) {
     auto bias =
         f(t.a).unsqueeze(-1) + f(t.b).unsqueeze(-2) + (f(t.c).unsqueeze(-1) + f(t.d).unsqueeze(-2)) * dist;
     if (t.p.defined()) bias = bias + path_bias_from_terms(t);
-    EXPECT_EQ(t.p.defined(), std::string(pe) == "grape-ap");
-    const bool table = std::string(pe) == "t5" || std::string(pe) == "kerple";
-    EXPECT_EQ(t.dist.defined(), table);
+    EXPECT_EQ(t.p.defined(), kind == grape::KernelBias::path_sum);
+    EXPECT_EQ(t.dist.defined(), kind == grape::KernelBias::distance_table);
     if (t.dist.defined()) {  // dist[h][min(i - j, W - 1)], W = 40 distances here
       ASSERT_EQ(t.dist.sizes(), (std::vector<int64_t>{4, 40}));
       auto idx = (pos.unsqueeze(1) - pos.unsqueeze(0)).clamp(0, 39).to(torch::kLong).flatten();
@@ -225,12 +234,13 @@ TEST(FusedAttention, BadInputIsAClearError) {
   EXPECT_THROW(grape::fused_attend(*enc, tok, cache), std::invalid_argument);
   cache.v = torch::randn({1, 5, 2, 16}, torch::kFloat64);
   EXPECT_THROW(grape::fused_attend(*enc, tok, cache), std::invalid_argument);
-  // Every registered encoding is supported now; a bias without per-token terms is still refused, by name.
+  // A bias declared unsupported is refused, by name.
   struct Opaque : grape::Encoding {
     Opaque() : grape::Encoding("opaque-bias", {2, 16, kModelDim}) {}
     grape::Properties properties() const override {
       grape::Properties p;
       p.has_bias = true;
+      p.kernel_bias = grape::KernelBias::unsupported;
       return p;
     }
     torch::Tensor bias(const grape::PeTokens& qs, const grape::KeyCache& ks) const override {
@@ -238,7 +248,7 @@ TEST(FusedAttention, BadInputIsAClearError) {
     }
 
    protected:
-    grape::PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor&,
+    grape::PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const grape::TokenContext&,
                                  grape::PeState&) override {
       return {q, k};
     }
@@ -267,16 +277,17 @@ TEST(FusedAttention, BadInputIsAClearError) {
     grape::Properties properties() const override {
       grape::Properties p;
       p.has_bias = true;
+      p.kernel_bias = grape::KernelBias::distance_table;
       return p;
     }
-    bool linear_bias(const grape::PeTokens&, const grape::KeyCache&,
-                     grape::LinearBiasTerms& out) const override {
+    grape::BiasTerms bias_terms(const grape::PeTokens&, const grape::KeyCache&) const override {
+      grape::BiasTerms out;
       out.dist = torch::zeros(shape);
-      return true;
+      return out;
     }
 
    protected:
-    grape::PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor&,
+    grape::PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const grape::TokenContext&,
                                  grape::PeState&) override {
       return {q, k};
     }

@@ -1,6 +1,6 @@
-// HDD-RoPE: the invariants H-1..H-5 of pe-zoo-spec.md §6 against independent references (hand-built
-// generators, torch::linalg_matrix_exp, rope, plain loops over the product R_s ... R_{t-1}), streaming,
-// gradients at the identity, and the refusal of bad input.
+// HDD-RoPE: the invariants H-1..H-5 (docs/encodings.md, "Invariant labels") against independent references
+// (hand-built generators, torch::linalg_matrix_exp, rope, plain loops over the product R_s ... R_{t-1}),
+// streaming, gradients at the identity, and the refusal of bad input.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "grape/pe.hpp"
+#include "grape/attention.hpp"
 #include "pe/hdd_rope.hpp"
 
 namespace grape {

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "grape/attention.hpp"
 #include "grape/model.hpp"
 
 namespace grape {
@@ -230,7 +231,8 @@ void check_ragged_batch(const std::string& name, bool kv) {
     // Alone: the same chunks with batch 1.
     auto cache = m->new_cache();
     std::vector<SequenceCache*> one{&cache};
-    std::vector<torch::Tensor> alone{m->forward_cached(seqs[b].narrow(1, 0, first), one)};
+    std::vector<torch::Tensor> alone;
+    alone.push_back(m->forward_cached(seqs[b].narrow(1, 0, first), one));
     if (lens[b] > first) alone.push_back(m->forward_cached(seqs[b].narrow(1, first, lens[b] - first), one));
     for (int64_t s = 0; s < steps; ++s)
       alone.push_back(m->forward_cached(seqs[b].narrow(1, lens[b] + s, 1), one));
@@ -289,9 +291,10 @@ torch::Tensor rms(const torch::Tensor& x, const torch::Tensor& g) {
   return x / torch::sqrt(x.pow(2).mean(-1, true) + 1e-5) * g;
 }
 
-// A 1-layer model with KV-shift against grape-spec.md §1.5 / §8 written out from its parameters: KV-shift
-// on the raw k, v (gates from x̂), QK-norm, then the encoding (fed x̂), reference attention, W_o, SwiGLU,
-// final norm, tied head. Pins the order of operations, which streaming == full cannot see.
+// A 1-layer model with KV-shift against docs/encodings.md ("KV-shift") and docs/training.md written out from
+// its parameters: KV-shift on the raw k, v (gates from x̂), QK-norm, then the encoding (fed x̂), reference
+// attention, W_o, SwiGLU, final norm, tied head. Pins the order of operations, which streaming == full cannot
+// see.
 TEST(ModelReference, OneLayerMatchesTheSpecComposedByHand) {
   for (const auto& name : {"rope", "grape-m-ctx", "fox", "grape-ap", "grape-a-qk", "sinusoidal", "learned"}) {
     SCOPED_TRACE(name);

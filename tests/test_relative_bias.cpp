@@ -1,4 +1,4 @@
-// T5, KERPLE, FIRE and CoPE against hand-computed values and the spec's invariants (pe-zoo-spec §6: A-2,
+// T5, KERPLE, FIRE and CoPE against hand-computed values and the invariants of docs/encodings.md (A-2,
 // C-1..C-4), their refusal of bad options, the fused kernel's refusal, and a few training steps.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
@@ -10,8 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "grape/attention.hpp"
 #include "grape/model.hpp"
-#include "grape/pe.hpp"
 
 namespace grape {
 namespace {

@@ -1,4 +1,4 @@
-// TAPE (pe-zoo-spec.md §1, invariants T-1..T-7): the model at init equals its RoPE backbone; token outputs
+// TAPE (invariants T-1..T-7 of docs/encodings.md): the model at init equals its RoPE backbone; token outputs
 // are invariant to a global position shift; one layer is equivariant to rotations of E; the attention
 // update's two modes; streaming with cached (K~, V, E) equals the full forward; gradients by finite
 // differences; fused == reference.
@@ -116,7 +116,8 @@ TEST(Tape, TokenOutputsAreInvariantToAGlobalPositionShift) {
 TEST(Tape, OneLayerIsEquivariantToRotationsOfE) {
   torch::manual_seed(4);
   const HeadShape s{3, 8, 12};
-  TapeEncoding enc(s, {});
+  auto enc_ptr = make_encoding("tape", s);
+  auto& enc = *enc_ptr;
   {
     torch::NoGradGuard ng;
     for (auto& p : enc.parameters()) p.add_(torch::randn_like(p) * 0.3);
@@ -136,20 +137,21 @@ TEST(Tape, OneLayerIsEquivariantToRotationsOfE) {
   };
   auto logits = [&](const torch::Tensor& stream) {
     auto st = enc.initial_state(B, 0);
-    auto tok = enc.encode_with_stream(q, k, stream, st);
+    auto tok = enc.encode(q, k, TokenContext({}, stream), st);
     return attention_logits(enc, tok, KeyCache::from(tok));
   };
   EXPECT_LE(max_diff(logits(rotate(E)), logits(E)), 1e-12);
   EXPECT_GE(max_diff(logits(E), logits(torch::randn_like(E))), 1e-3);  // E does matter
-  EXPECT_LE(max_diff(enc.attention_update(rotate(E), rotate(Et)), rotate(enc.attention_update(E, Et))),
-            1e-12);
-  EXPECT_LE(max_diff(enc.mlp_update(rotate(E), y), rotate(enc.mlp_update(E, y))), 1e-12);
+  EXPECT_LE(
+      max_diff(enc.stream_after_attention(rotate(E), rotate(Et)), rotate(enc.stream_after_attention(E, Et))),
+      1e-12);
+  EXPECT_LE(max_diff(enc.stream_after_mlp(rotate(E), y), rotate(enc.stream_after_mlp(E, y))), 1e-12);
   // Without the update terms the identity: E + 0.
   torch::NoGradGuard ng;
-  enc.A.zero_();
-  enc.W1.zero_();
-  EXPECT_EQ(max_diff(enc.attention_update(E, Et), E), 0.0);
-  EXPECT_EQ(max_diff(enc.mlp_update(E, y), E), 0.0);
+  enc.named_parameters()["A"].zero_();
+  enc.named_parameters()["W1"].zero_();
+  EXPECT_EQ(max_diff(enc.stream_after_attention(E, Et), E), 0.0);
+  EXPECT_EQ(max_diff(enc.stream_after_mlp(E, y), E), 0.0);
 }
 
 // T-7 and the paper's mode: A mixes heads (E_m += sum_e A[m,e] E~_e) or, code_compat, scales head m by the
@@ -159,15 +161,17 @@ TEST(Tape, AttentionUpdateModes) {
   auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
   auto E = torch::randn({1, 4, 3, 6}, f64), Et = torch::randn({1, 4, 3, 6}, f64);
   for (const char* mode : {"paper", "code_compat"}) {
-    TapeEncoding enc(s, PeOptions{{"mode", mode}});
+    auto enc_ptr = make_encoding("tape", s, PeOptions{{"mode", mode}});
+    auto& enc = *enc_ptr;
     enc.to(torch::kFloat64);
     torch::NoGradGuard ng;
-    enc.A.copy_(torch::randn({3, 3}, f64));
-    auto got = enc.attention_update(E, Et);
+    auto A = enc.named_parameters()["A"];
+    A.copy_(torch::randn({3, 3}, f64));
+    auto got = enc.stream_after_attention(E, Et);
     auto want = E.clone();
     for (int64_t m = 0; m < 3; ++m)
       for (int64_t e = 0; e < 3; ++e) {
-        auto a = enc.A[m][e].item<double>();
+        auto a = A[m][e].item<double>();
         want.select(2, m) += a * (std::string(mode) == "paper" ? Et.select(2, e) : Et.select(2, m));
       }
     EXPECT_LE(max_diff(got, want), 1e-12) << mode;
@@ -225,7 +229,8 @@ TEST(Tape, FusedEqualsReferenceWithGradients) {
 TEST(Tape, GradientsMatchFiniteDifferences) {
   torch::manual_seed(13);
   const HeadShape s{3, 8, 12};
-  TapeEncoding enc(s, {});
+  auto enc_ptr = make_encoding("tape", s);
+  auto& enc = *enc_ptr;
   auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
   {
     torch::NoGradGuard ng;
@@ -243,12 +248,12 @@ TEST(Tape, GradientsMatchFiniteDifferences) {
   auto wy = torch::randn({B, T, 3, 8}, f64), wE = torch::randn({B, T, 3, 8}, f64);
   auto loss = [&] {
     auto st = enc.initial_state(B, 0);
-    auto tok = enc.encode_with_stream(xs[0].second, xs[1].second, xs[3].second, st);
+    auto tok = enc.encode(xs[0].second, xs[1].second, TokenContext({}, xs[3].second), st);
     auto keys = KeyCache::from(tok, xs[2].second);
     auto p = torch::softmax(attention_logits(enc, tok, keys), -1);
     auto y = torch::einsum("bhij,bjhd->bihd", {p, keys.v});
     auto Et = torch::einsum("bhij,bjhd->bihd", {p, keys.key.at("E")});
-    auto E2 = enc.mlp_update(enc.attention_update(xs[3].second, Et), xs[4].second);
+    auto E2 = enc.stream_after_mlp(enc.stream_after_attention(xs[3].second, Et), xs[4].second);
     return (y * wy).sum() + (E2 * wE).sum();
   };
   loss().backward();
@@ -271,19 +276,21 @@ TEST(Tape, GradientsMatchFiniteDifferences) {
 
 TEST(Tape, BadInputIsRefusedClearly) {
   const HeadShape s{2, 8, 10};
-  EXPECT_THROW(TapeEncoding({2, 7, 10}, {}), std::invalid_argument);  // odd head_dim
-  EXPECT_THROW(TapeEncoding(s, PeOptions{{"mode", "both"}}), std::invalid_argument);
-  EXPECT_THROW(TapeEncoding(s, PeOptions{{"hidden", "0"}}), std::invalid_argument);
-  TapeEncoding enc(s, {});
+  EXPECT_THROW(make_encoding("tape", {2, 7, 10}), std::invalid_argument);  // odd head_dim
+  EXPECT_THROW(make_encoding("tape", s, PeOptions{{"mode", "both"}}), std::invalid_argument);
+  EXPECT_THROW(make_encoding("tape", s, PeOptions{{"hidden", "0"}}), std::invalid_argument);
+  auto enc_ptr = make_encoding("tape", s);
+  auto& enc = *enc_ptr;
   auto q = torch::randn({1, 5, 2, 8});
   auto st = enc.initial_state(1, 0);
   try {
-    enc.encode_with_stream(q, q, torch::randn({1, 4, 2, 8}), st);
+    enc.encode(q, q, TokenContext({}, torch::randn({1, 4, 2, 8})), st);
     FAIL() << "a stream of the wrong length was accepted";
   } catch (const std::invalid_argument& e) {
     EXPECT_NE(std::string(e.what()).find("position state E"), std::string::npos) << e.what();
   }
-  EXPECT_THROW(enc.mlp_update(torch::randn({1, 5, 2, 8}), torch::randn({1, 5, 9})), std::invalid_argument);
+  EXPECT_THROW(enc.stream_after_mlp(torch::randn({1, 5, 2, 8}), torch::randn({1, 5, 9})),
+               std::invalid_argument);
 }
 
 }  // namespace

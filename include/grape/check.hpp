@@ -6,15 +6,9 @@
 #include <string>
 #include <vector>
 
-namespace grape::check {
+#include "grape/law_result.hpp"
 
-struct LawResult {
-  std::string encoding;
-  std::string law;
-  double error = 0.0;  // the measured deviation (max abs, or relative where the law says so)
-  double tolerance = 0.0;
-  bool passed = false;
-};
+namespace grape::check {
 
 // Runs every law that applies to `encoding` (see docs/encodings.md, "How it is tested"). Learnable
 // parameters are perturbed away from their init first, so laws are not checked only at a special point.

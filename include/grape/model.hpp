@@ -1,4 +1,4 @@
-// The LLaMA-style decoder language model whose position encoding is one option (grape-spec.md §1):
+// The LLaMA-style decoder language model whose position encoding is one option (docs/training.md):
 // tied token embedding, pre-RMSNorm blocks  x += Attn(RMSNorm(x)); x += SwiGLU(RMSNorm(x)),  RMSNorm on
 // each head's q and k (gain shared across heads), no biases, final RMSNorm, optional KV-shift.
 // Full forward passes and streaming decoding with a per-sequence KV cache run the same math, so they
@@ -75,7 +75,7 @@ class BlockImpl;  // one transformer block (defined in src/nn/model.cpp)
 
 class TransformerImpl : public torch::nn::Module {
  public:
-  explicit TransformerImpl(const ModelConfig& config);  // validates; initialises as grape-spec.md §1.1
+  explicit TransformerImpl(const ModelConfig& config);  // validates; initialises as docs/training.md says
 
   const ModelConfig& config() const { return config_; }
   int64_t num_parameters() const;  // tied embedding counted once
@@ -107,7 +107,8 @@ class TransformerImpl : public torch::nn::Module {
   std::vector<std::shared_ptr<BlockImpl>> blocks_;
   RMSNorm norm_f_{nullptr};
   EncodingPtr embed_pe_;
-  // TAPE's layer-0 position state of rows starting at `offsets`, [B,T,H,D]; undefined for other encodings.
+  // The layer-0 position state of rows starting at `offsets`, [B,T,H,D], when the encoding carries one
+  // (Properties::reads_stream, TAPE); undefined otherwise.
   torch::Tensor initial_stream(const std::vector<int64_t>& offsets, int64_t T, torch::ScalarType dtype)
       const;  // the encoding when it embeds (sinusoidal, learned), applied once after wte
 };

@@ -39,6 +39,17 @@ struct PeTokens {
   int64_t length = 0;  // T
 };
 
+// The per-token inputs an encoding may read besides q and k, for one chunk of T tokens. Every encoding gets
+// the same context; each reads what its Properties say it needs (contextual: x; reads_stream: stream).
+struct TokenContext {
+  torch::Tensor x;  // [B,T,C] the layer input (the pre-attention RMSNorm output in the model)
+  torch::Tensor
+      stream;  // [B,T,H,D] this layer's position state (TAPE); undefined: the encoding's initial one
+  TokenContext() = default;
+  TokenContext(torch::Tensor x_) : x(std::move(x_)) {}  // NOLINT: implicit, encode(q, k, x, state) reads well
+  TokenContext(torch::Tensor x_, torch::Tensor stream_) : x(std::move(x_)), stream(std::move(stream_)) {}
+};
+
 // Running state of one batch of sequences across chunks (positions, running phases, cumulative sums).
 struct PeState {
   int64_t next_pos = 0;  // absolute position of the next token
@@ -68,22 +79,32 @@ struct KeyCache {
   std::shared_ptr<Buffers> buffers;
 };
 
-// A bias the fused kernels compute per tile from per-token terms: the linear family
-//     a_i + b_j + (c_i + d_j) (pos_i - pos_j)
-// with a, c [B,H,Tq] per query, b, d [B,H,Tk] per key, plus GRAPE-AP's path-integral bias
-//     sum_{l=j+1..i} m_h logsigmoid(p_i . r_l / P)   (key positions l <= pos_i only)
-// with p [B,Tq,H,P] per query, r [B,Tk,H,P] per key, m [H] per head (no gradient reaches m). An undefined
-// tensor is a zero term (p undefined: no path bias). ALiBi is c = -m_h, GRAPE-A c = -omega gq and/or
-// d = -omega gk, FoX a = C_i, b = -C_j (C re-based to stay small), GRAPE-AP p, r, m. Plus a per-head
-// function of the distance given as a table: + dist[h][min(pos_i - pos_j, W - 1)] (T5: its buckets gathered,
-// KERPLE: its kernel, for distances 0..W-1 with W = last query position - first key position + 1).
-struct LinearBiasTerms {
+// How the fused kernels compute an encoding's bias. Rotations need nothing here: `encode` applies them (an
+// O(T D) pre-pass) and the kernel sees the rotated q~ and k~.
+enum class KernelBias {
+  none,            // no bias
+  linear,          // a_i + b_j + (c_i + d_j) (pos_i - pos_j): ALiBi, GRAPE-A, FoX
+  distance_table,  // a per-head function of pos_i - pos_j given as a table: T5, KERPLE, Sandwich
+  path_sum,        // GRAPE-AP's path integral of per-token probes
+  unsupported,     // not computable per tile (FIRE depends on i as well, CoPE needs whole rows first)
+};
+const char* to_string(KernelBias kind);
+
+// The bias as per-token terms the fused kernels compute per tile (the kind the encoding declares):
+//   linear          a_i + b_j + (c_i + d_j) (pos_i - pos_j), a, c [B,H,Tq] per query, b, d [B,H,Tk] per key;
+//   path_sum        sum_{l=j+1..i} m_h logsigmoid(p_i . r_l / P) over key positions l <= pos_i, with p
+//                   [B,Tq,H,P] per query, r [B,Tk,H,P] per key, m [H] per head (no gradient reaches m);
+//   distance_table  dist[h][min(pos_i - pos_j, W - 1)], dist [H,W] covering distances 0..W-1 with W = last
+//                   query position - first key position + 1 (gradients flow to whatever built it).
+// An undefined tensor is a zero term. ALiBi is c = -m_h, GRAPE-A c = -omega gq and/or d = -omega gk, FoX
+// a = C_i, b = -C_j (C re-based to stay small), GRAPE-AP p, r, m; T5 its gathered buckets, KERPLE its kernel.
+struct BiasTerms {
   torch::Tensor a, b, c, d;
   torch::Tensor p, r, m;
-  torch::Tensor dist;  // [H, W] per-head bias by distance (gradient flows to whatever built it)
+  torch::Tensor dist;
 };
 
-// Which hooks and laws apply; `grape check` and the tests read this.
+// Which hooks and laws apply; the model, `grape check` and the tests read this, never the encoding's type.
 struct Properties {
   bool embeds = false;          // (c) adds to token embeddings
   bool rotates = false;         // q, k are rotated: norms are preserved
@@ -92,7 +113,10 @@ struct Properties {
   bool contextual = false;      // (d) needs the layer input x
   bool relative = false;        // logits depend on positions only through i - j
   bool phase_relative = false;  // relative in a data-dependent phase (the state "phi")
-  bool signed_bias = false;  // the bias is learned freely (t5, fire, cope): no "0 on the diagonal, <= 0" law
+  bool signed_bias = false;   // the bias is learned freely (t5, fire, cope): no "0 on the diagonal, <= 0" law
+  bool reads_stream = false;  // (e) reads a position state carried through the layers (TAPE)
+  bool updates_stream = false;  // (e) and updates it after attention and the MLP (not in the last layer)
+  KernelBias kernel_bias = KernelBias::none;  // how the fused kernels compute the bias (none iff !has_bias)
 };
 
 // Base class of every encoding. Subclasses register their learnable parameters as usual.
@@ -111,18 +135,19 @@ class Encoding : public torch::nn::Module {
   // (c) h: [B,T,C] token embeddings of tokens offset..offset+T-1; returns h + PE. Default: identity.
   virtual torch::Tensor embed(const torch::Tensor& h, int64_t offset) const;
 
-  // (a)+(d) Encode one chunk. q, k: [B,T,H,D] (after QK-norm); x: [B,T,C] layer input, required when
-  // properties().contextual. Positions are state.next_pos.., and the state advances by T.
-  // Checks shapes, dtypes and finiteness and throws std::invalid_argument naming the problem.
-  PeTokens encode(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& x, PeState& state);
+  // (a)+(d) Encode one chunk. q, k: [B,T,H,D] (after QK-norm); ctx.x [B,T,C] is required when
+  // properties().contextual, ctx.stream [B,T,H,D] is read when properties().reads_stream (undefined: the
+  // initial stream). Positions are state.next_pos.., and the state advances by T. Checks shapes, dtypes and
+  // finiteness and throws std::invalid_argument naming the problem.
+  PeTokens encode(const torch::Tensor& q, const torch::Tensor& k, const TokenContext& ctx, PeState& state);
 
   // (b) bias [B,H,Tq,Tk] of a chunk of queries against cached keys, before the causal mask. Undefined
   // tensor when the encoding has no bias. Entries above the diagonal are unspecified (masked later).
   virtual torch::Tensor bias(const PeTokens& queries, const KeyCache& keys) const;
 
-  // The bias as the per-token terms the fused kernels compute per tile (see LinearBiasTerms). Returns false
-  // when the encoding's bias is not of that form; encodings without a bias return true with no terms.
-  virtual bool linear_bias(const PeTokens& queries, const KeyCache& keys, LinearBiasTerms& out) const;
+  // The bias as the per-token terms of properties().kernel_bias (see BiasTerms); empty terms when the
+  // encoding has no bias. Throws std::invalid_argument when the kind is `unsupported`.
+  virtual BiasTerms bias_terms(const PeTokens& queries, const KeyCache& keys) const;
 
   // The queries and keys the attention dot product uses, [B,Tq,H,D] and [B,Tk,H,D]. Default: exactly what
   // encode returned and the cache holds. Dynamic NTK caches pre-rotation keys and rotates queries and keys
@@ -130,12 +155,22 @@ class Encoding : public torch::nn::Module {
   virtual std::pair<torch::Tensor, torch::Tensor> attention_qk(const PeTokens& queries,
                                                                const KeyCache& keys) const;
 
+  // (e) A position state carried through the layers beside the hidden state (properties().reads_stream;
+  // TAPE). The cache keeps each key's state as key["E"]; attention averages it with the weights of v (E~).
+  // The state of layer 0 for tokens offset..offset+T-1, [B,T,H,D]. Default: undefined (no stream).
+  virtual torch::Tensor initial_stream(int64_t batch, int64_t offset, int64_t length,
+                                       torch::ScalarType dtype) const;
+  // The state after attention, from E and the average E~ of the keys' states. Default: E.
+  virtual torch::Tensor stream_after_attention(const torch::Tensor& E, const torch::Tensor& E_tilde) const;
+  // The state after the MLP, whose output (before the residual) is y [B,T,C]. Default: E.
+  virtual torch::Tensor stream_after_mlp(const torch::Tensor& E, const torch::Tensor& y) const;
+
   // One line per learnable parameter with its actual shape, for `grape encodings NAME`.
   std::vector<std::string> describe_parameters() const;
 
  protected:
   // Subclasses implement the per-chunk math on validated inputs.
-  virtual PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& x,
+  virtual PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const TokenContext& ctx,
                                 PeState& state) = 0;
 
   std::string name_;
@@ -143,6 +178,10 @@ class Encoding : public torch::nn::Module {
 };
 
 using EncodingPtr = std::shared_ptr<Encoding>;
+
+// Causal pre-softmax logits [B,H,Tq,Tk] an encoding defines: q~.k~/sqrt(D) + bias, -inf where the key
+// position > the query position. Composed of LibTorch ops: the oracle of every faster path.
+torch::Tensor attention_logits(const Encoding& enc, const PeTokens& queries, const KeyCache& keys);
 
 // key=value settings of an encoding (from `--set key=value`); parsing errors name the key.
 class PeOptions {
@@ -172,42 +211,29 @@ struct OptionSpec {
   std::string help;
 };
 
-// A registry entry: the CLI name, a one-line summary, options and a factory.
+struct LawTable;  // src/pe/laws.hpp: the rows `grape check` prints
+
+// A registry entry: the CLI name, a one-line summary, options, a factory and the encoding's own laws.
+// Each family file registers its entries (detail::Registration in src/pe/families.hpp); nothing else lists
+// them.
 struct EncodingInfo {
   std::string name;
-  std::string family;  // "absolute", "multiplicative", "additive"
+  std::string family;  // "absolute", "multiplicative", "context extension", "additive"
   std::string summary;
   std::vector<OptionSpec> options;
   std::vector<std::string> parameters;  // learnable parameters: "name  shape  init"
   std::function<EncodingPtr(const HeadShape&, const PeOptions&)> make;
+  // Its reductions and special laws (e.g. grape-m at init == rope), added to the generic ones `grape check`
+  // runs for every encoding (src/check/laws.cpp). Optional.
+  std::function<void(LawTable&)> laws;
 };
 
-const std::vector<EncodingInfo>& encodings();                // every registered encoding, in display order
+// Every registered encoding, in display order: by family (absolute, multiplicative, context extension,
+// additive), then by name.
+const std::vector<EncodingInfo>& encodings();
 const EncodingInfo& encoding_info(const std::string& name);  // throws, listing the known names
 // Builds an encoding; unknown names and unknown or malformed options throw std::invalid_argument.
 EncodingPtr make_encoding(const std::string& name, const HeadShape& shape, const PeOptions& options = {});
-
-// ---- reference attention (LibTorch-composed: the oracle for fused kernels) -------------------------
-
-// Causal pre-softmax logits [B,H,Tq,Tk]: q~.k~/sqrt(D) + bias, -inf where key position > query position.
-torch::Tensor attention_logits(const Encoding& enc, const PeTokens& queries, const KeyCache& keys);
-
-// Full causal attention over one chunk starting at `state`: returns y [B,T,H,D].
-torch::Tensor reference_attention(Encoding& enc, const torch::Tensor& q, const torch::Tensor& k,
-                                  const torch::Tensor& v, const torch::Tensor& x, PeState& state);
-
-// ---- fused attention (src/kernels/cpu, bound in src/nn/fused_attention.cpp) --------------------------
-
-// Whether the fused kernel computes this encoding's attention (its bias has LinearBiasTerms: the linear
-// family, GRAPE-AP's path sum or a table by distance).
-bool fused_supported(const Encoding& enc);
-// softmax(q~.k~/sqrt(D) + bias, causal) v of encoded queries against a cache, y [B,Tq,H,D], by the fused
-// CPU kernel (float32; O(T) extra memory; differentiable w.r.t. q~, k~, v and the bias terms). Throws
-// std::invalid_argument when the encoding is not supported or the tensors are not float32.
-torch::Tensor fused_attend(const Encoding& enc, const PeTokens& queries, const KeyCache& keys);
-// Same contract as reference_attention, with fused_attend in place of the composed softmax.
-torch::Tensor fused_attention(Encoding& enc, const torch::Tensor& q, const torch::Tensor& k,
-                              const torch::Tensor& v, const torch::Tensor& x, PeState& state);
 
 // ---- KV-shift: a data-dependent 2-tap mix of the raw key/value projections, usable with any encoding --
 struct KVShiftState {
@@ -224,49 +250,6 @@ class KVShiftImpl : public torch::nn::Module {
   torch::Tensor w_k, w_v;  // [H,C] gate weights, alpha = sigmoid(w . x)
 };
 TORCH_MODULE(KVShift);
-
-// ---- TAPE: a position state carried through the layers beside the hidden state (src/pe/tape.cpp) ------
-// Each token has a position state E [B,T,H,D] per layer: D/2 complex numbers z_b = E[b] + i E[b+D/2] per head
-// (the 2x2 blocks [[c,-s],[s,c]] of the TAPE paper stored once, so the rotate_half duplicate never drifts).
-// q, k are multiplied by z (a rotation at layer 0, where E is RoPE's cos/sin table at the token's position);
-// attention averages E with the same weights as v (E~), and E += A(E~); after the MLP, with its output y,
-// E += W2 (SiLU(y Wx) * (W1 E)). Every update is linear in E with coefficients from x only, so a global
-// rotation of every z_b (a position shift) leaves token outputs unchanged. With W1 = 0 and A = 0 (the init)
-// E never changes and the model equals its RoPE backbone. The model drives the stream through this class.
-class TapeEncoding : public Encoding {
- public:
-  TapeEncoding(const HeadShape& shape, const PeOptions& options);
-  Properties properties() const override;
-
-  // E^(0) of tokens offset..offset+T-1 (positions shifted by the `shift` option): [B,T,H,D].
-  torch::Tensor initial_stream(int64_t batch, int64_t offset, int64_t length, torch::ScalarType dtype) const;
-  // encode() with this layer's position state of the chunk, stream [B,T,H,D]. The key map keeps it as "E"
-  // (cached beside the keys: attention averages it). Plain encode() uses initial_stream (layer 0, = RoPE).
-  PeTokens encode_with_stream(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& stream,
-                              PeState& state);
-  // E + A(E~): mode paper mixes heads with A [H,H]; mode code_compat scales head m by sum_e A[m,e].
-  torch::Tensor attention_update(const torch::Tensor& E, const torch::Tensor& E_tilde) const;
-  // E + W2 (SiLU(y Wx^T) * (W1 E)), y [B,T,C] the MLP output (before the residual).
-  torch::Tensor mlp_update(const torch::Tensor& E, const torch::Tensor& y) const;
-
-  // Whether this layer updates E (option `updates`; the model's last layer does not: nothing reads it).
-  bool has_updates() const { return updates_; }
-
-  torch::Tensor W1, Wx, W2, A;  // [I,H] zero, [I,C] N(0,0.02^2), [H,I] N(0,0.02^2), [H,H] zero
-
- protected:
-  PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& x,
-                        PeState& state) override;
-
- private:
-  torch::Tensor check_stream(const torch::Tensor& E, int64_t B, int64_t T, const char* what) const;
-  void require_updates() const;
-  bool updates_ = true;
-  torch::Tensor log_theta_;  // [D/2] RoPE log-frequencies (float64 buffer)
-  double shift_ = 0;
-  bool code_compat_ = false;
-  torch::Tensor pending_;  // the stream handed to encode_with_stream for the current call
-};
 
 // "[2,16,4,32]": the shape of a tensor as error messages print it.
 std::string shape_string(const torch::Tensor& t);

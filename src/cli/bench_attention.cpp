@@ -25,8 +25,8 @@
 #include <string>
 #include <vector>
 
+#include "grape/attention.hpp"
 #include "grape/io.hpp"
-#include "grape/pe.hpp"
 
 namespace grape::cli {
 namespace {

@@ -11,6 +11,7 @@
 #include "cli/bench_attention.hpp"
 #include "cli/commands.hpp"
 #include "cli/run_flags.hpp"
+#include "grape/attention.hpp"
 #include "grape/distributed.hpp"
 #include "grape/io.hpp"
 

@@ -5,6 +5,23 @@
 #include "grape/pe.hpp"
 
 namespace grape::cli {
+namespace {
+
+// What an encoding does around attention, from its declared Properties: the hooks it uses and how the fused
+// kernels compute its bias.
+std::string hooks(const Encoding& enc) {
+  const auto p = enc.properties();
+  std::vector<std::string> h;
+  if (p.embeds) h.push_back("embed");
+  if (p.rotates) h.push_back("encode: rotate q, k");
+  if (p.scales) h.push_back("encode: scale q, k");
+  if (p.contextual) h.push_back("reads x");
+  if (p.reads_stream) h.push_back(p.updates_stream ? "position stream (read, updated)" : "position stream");
+  if (p.has_bias) h.push_back(fmt::format("bias (fused: {})", to_string(p.kernel_bias)));
+  return h.empty() ? "none (attention without position)" : fmt::format("{}", fmt::join(h, ", "));
+}
+
+}  // namespace
 
 void add_encodings_command(CLI::App& app) {
   auto* cmd = app.add_subcommand("encodings", "list the encodings, or show one in detail");
@@ -15,9 +32,10 @@ void add_encodings_command(CLI::App& app) {
       for (const auto& e : encodings()) {
         std::vector<std::string> opts;
         for (const auto& o : e.options) opts.push_back(fmt::format("{}={}", o.key, o.default_value));
-        fmt::print("{:<15} {:<15} {}\n", e.name, e.family, e.summary);
-        if (!opts.empty()) fmt::print("{:<31} options: {}\n", "", fmt::join(opts, " "));
-        for (const auto& p : e.parameters) fmt::print("{:<31} param:   {}\n", "", p);
+        fmt::print("{:<15} {:<17} {}\n", e.name, e.family, e.summary);
+        fmt::print("{:<33} hooks:   {}\n", "", hooks(*make_encoding(e.name, {8, 64, 512})));
+        if (!opts.empty()) fmt::print("{:<33} options: {}\n", "", fmt::join(opts, " "));
+        for (const auto& p : e.parameters) fmt::print("{:<33} param:   {}\n", "", p);
       }
       return;
     }
@@ -39,9 +57,9 @@ void add_encodings_command(CLI::App& app) {
       return n;
     }());
     for (const auto& line : enc->describe_parameters()) fmt::print("  {}\n", line);
-    fmt::print("\nhooks: embed={} rotate={} scale={} bias={} contextual={} relative={}\n", props.embeds,
-               props.rotates, props.scales, props.has_bias, props.contextual,
-               props.relative || props.phase_relative);
+    fmt::print("\nhooks: {}\n", hooks(*enc));
+    fmt::print("laws: relative={} norm-preserving={}\n", props.relative || props.phase_relative,
+               props.rotates);
   });
 }
 

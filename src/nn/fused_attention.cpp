@@ -1,12 +1,12 @@
 // The LibTorch binding of the fused CPU attention kernels (src/kernels/cpu/attention.hpp): checks tensors,
 // makes them contiguous float32, and wraps forward/backward in an autograd Function. Thin on purpose: the
-// math lives in the kernels, the encoding's per-token terms come from Encoding::linear_bias.
+// math lives in the kernels, the encoding's per-token terms come from Encoding::bias_terms.
 #include <fmt/format.h>
 
 #include <cmath>
 #include <stdexcept>
 
-#include "grape/pe.hpp"
+#include "grape/attention.hpp"
 #include "kernels/cpu/attention.hpp"
 
 namespace grape {
@@ -104,18 +104,7 @@ void check_float32(const torch::Tensor& t, const char* what) {
 
 }  // namespace
 
-bool fused_supported(const Encoding& enc) {
-  // Probe the hook on a one-token chunk: only the form of the bias matters, not its values.
-  if (!enc.properties().has_bias) return true;
-  const auto& s = enc.shape();
-  torch::NoGradGuard no_grad;
-  auto probe = torch::zeros({1, 1, s.heads, s.head_dim});
-  auto x = torch::zeros({1, 1, s.model_dim});
-  auto state = enc.initial_state(1, 0);
-  auto tokens = const_cast<Encoding&>(enc).encode(probe, probe, x, state);
-  LinearBiasTerms terms;
-  return enc.linear_bias(tokens, KeyCache::from(tokens), terms);
-}
+bool fused_supported(const Encoding& enc) { return enc.properties().kernel_bias != KernelBias::unsupported; }
 
 torch::Tensor fused_attend(const Encoding& enc, const PeTokens& queries, const KeyCache& keys) {
   const auto [q, k] = enc.attention_qk(queries, keys);
@@ -132,12 +121,20 @@ torch::Tensor fused_attend(const Encoding& enc, const PeTokens& queries, const K
         fmt::format("fused attention: the first query (position {}) precedes every cached "
                     "key (from position {})",
                     queries.offset, keys.offset));
-  LinearBiasTerms t;
-  if (!enc.linear_bias(queries, keys, t))
+  const auto kind = enc.properties().kernel_bias;
+  if (kind == KernelBias::unsupported)
     throw std::invalid_argument(
-        fmt::format("fused attention: the bias of '{}' is not in the linear family the "
-                    "fused kernel computes; use the reference attention",
+        fmt::format("fused attention: the bias of '{}' is not one the fused kernels "
+                    "compute; use the reference attention",
                     enc.name()));
+  const BiasTerms t = enc.bias_terms(queries, keys);
+  const bool linear = t.a.defined() || t.b.defined() || t.c.defined() || t.d.defined();
+  if (linear != (kind == KernelBias::linear) || t.p.defined() != (kind == KernelBias::path_sum) ||
+      t.dist.defined() != (kind == KernelBias::distance_table))
+    throw std::invalid_argument(
+        fmt::format("fused attention: the bias terms of '{}' do not match its declared "
+                    "kernel bias '{}'",
+                    enc.name(), to_string(kind)));
   if (t.p.defined()) {  // the path bias: p [B,Tq,H,P], r [B,Tk,H,P], m [H]
     const bool ok = t.r.defined() && t.m.defined() && t.p.dim() == 4 && t.r.dim() == 4 && t.m.dim() == 1 &&
                     t.p.size(0) == q.size(0) && t.p.size(1) == q.size(1) && t.p.size(2) == q.size(2) &&
@@ -160,8 +157,8 @@ torch::Tensor fused_attend(const Encoding& enc, const PeTokens& queries, const K
 }
 
 torch::Tensor fused_attention(Encoding& enc, const torch::Tensor& q, const torch::Tensor& k,
-                              const torch::Tensor& v, const torch::Tensor& x, PeState& state) {
-  auto tokens = enc.encode(q, k, x, state);
+                              const torch::Tensor& v, const TokenContext& ctx, PeState& state) {
+  auto tokens = enc.encode(q, k, ctx, state);
   return fused_attend(enc, tokens, KeyCache::from(tokens, v));
 }
 

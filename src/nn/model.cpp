@@ -1,4 +1,4 @@
-// The decoder language model (grape-spec.md §1.1, §1.5, §8): tied embedding, pre-RMSNorm blocks with
+// The decoder language model (docs/training.md, "The model"): tied embedding, pre-RMSNorm blocks with
 // QK-normalised multi-head attention and a SwiGLU MLP, final RMSNorm, LM head = embedding^T.
 // forward() and forward_cached() share one block implementation; they differ only in which rows share a
 // position-encoding state and a key cache (all rows at once vs one row per sequence).
@@ -10,6 +10,8 @@
 #include <cmath>
 #include <stdexcept>
 #include <unordered_set>
+
+#include "grape/attention.hpp"
 
 namespace grape {
 namespace {
@@ -75,8 +77,8 @@ class BlockImpl : public torch::nn::Module {
     }
     if (c.kv_shift) kv_shift_ = register_module("kv_shift", KVShift(c.head_shape()));
     register_module("pe", pe_);
-    tape_ = std::dynamic_pointer_cast<TapeEncoding>(pe_);
-    fused_ = c.attention == "fused" && fused_supported(*pe_);
+    props_ = pe_->properties();
+    impl_ = parse_attention_impl(c.attention);
     norm2_ = register_module("norm2", RMSNorm(C, c.norm_eps));
     w1_ = linear("w1", C, hidden);
     w2_ = linear("w2", C, hidden);
@@ -84,7 +86,8 @@ class BlockImpl : public torch::nn::Module {
   }
 
   // x [B,T,C] → x + Attn(RMSNorm(x)) + MLP(...); `groups` partition the rows and carry their state.
-  // stream: TAPE's position state E [B,T,H,D] of these tokens, read and updated in place (else null).
+  // stream: the position state E [B,T,H,D] of these tokens when the encoding carries one (TAPE), read and
+  // updated in place (else null).
   torch::Tensor forward(const torch::Tensor& x, const std::vector<RowGroup>& groups, torch::Tensor* stream) {
     const int64_t B = x.size(0), T = x.size(1);
     auto xh = norm1_(x);  // x̂: the projections, the gates and contextual encodings all read it
@@ -100,24 +103,19 @@ class BlockImpl : public torch::nn::Module {
         qg = q_norm_(qg);
         kg = k_norm_(kg);
       }
-      // TAPE encodes with this layer's position state E of the rows; every other encoding from x.
-      auto Eg = tape_ ? stream->narrow(0, g.row, g.rows) : torch::Tensor();
-      auto tokens = tape_ ? tape_->encode_with_stream(qg, kg, Eg, *g.pe) : pe_->encode(qg, kg, xg, *g.pe);
+      auto Eg = props_.reads_stream ? stream->narrow(0, g.row, g.rows) : torch::Tensor();
+      auto tokens = pe_->encode(qg, kg, TokenContext(xg, Eg), *g.pe);
       g.keys->append(tokens, vg);  // the cache keeps exactly what encode returned, plus v
-      if (updates_stream()) {
-        auto [y, E_tilde] = attend_with_stream(tokens, *g.keys);  // E~ = sum_j alpha_ij E_j
-        ys.push_back(y);
-        streams.push_back(tape_->attention_update(Eg, E_tilde));
-      } else {
-        ys.push_back(attend(tokens, *g.keys));
-      }
+      auto out = attend(*pe_, tokens, *g.keys, impl_, /*average_stream=*/props_.updates_stream);
+      ys.push_back(out.y);
+      if (props_.updates_stream) streams.push_back(pe_->stream_after_attention(Eg, out.stream));
     }
     auto y = ys.size() == 1 ? ys[0] : torch::cat(ys, 0);
     auto h = x + wo_(y.reshape({B, T, H_ * D_}));
     auto hn = norm2_(h);
     auto mlp = w_out_(torch::silu(w1_(hn)) * w2_(hn));  // SwiGLU
-    if (updates_stream())
-      *stream = tape_->mlp_update(streams.size() == 1 ? streams[0] : torch::cat(streams, 0), mlp);
+    if (props_.updates_stream)
+      *stream = pe_->stream_after_mlp(streams.size() == 1 ? streams[0] : torch::cat(streams, 0), mlp);
     return h + mlp;
   }
 
@@ -126,40 +124,10 @@ class BlockImpl : public torch::nn::Module {
   torch::nn::Linear& w_out() { return w_out_; }
 
  private:
-  // softmax(q~.k~/sqrt(D) + bias, causal) v of a chunk of queries against the cache: y [b,T,H,D].
-  // Fused kernel (O(T) memory) when configured and supported, else the reference (materialised) path.
-  torch::Tensor attend(const PeTokens& queries, const KeyCache& keys) const {
-    if (use_fused(queries)) return fused_attend(*pe_, queries, keys);
-    return torch::einsum("bhij,bjhd->bihd", {probabilities(queries, keys), keys.v});
-  }
-
-  // TAPE: y and E~ with one set of attention weights. The fused kernel runs twice (values v, then E: both
-  // [B,T,H,D]); the reference path forms the probabilities once.
-  std::pair<torch::Tensor, torch::Tensor> attend_with_stream(const PeTokens& queries,
-                                                             const KeyCache& keys) const {
-    KeyCache stream_keys = keys;
-    stream_keys.v = keys.key.at("E");
-    if (use_fused(queries)) return {attend(queries, keys), attend(queries, stream_keys)};
-    auto p = probabilities(queries, keys);
-    return {torch::einsum("bhij,bjhd->bihd", {p, keys.v}),
-            torch::einsum("bhij,bjhd->bihd", {p, stream_keys.v})};
-  }
-
-  bool use_fused(const PeTokens& queries) const {
-    return fused_ && queries.q.scalar_type() == torch::kFloat32;
-  }
-  // The reference path's causal attention weights [b,H,Tq,Tk], softmax in at least fp32.
-  torch::Tensor probabilities(const PeTokens& queries, const KeyCache& keys) const {
-    auto logits = attention_logits(*pe_, queries, keys);
-    return torch::softmax(logits, -1, compute_dtype(keys.v.scalar_type())).to(keys.v.scalar_type());
-  }
-  // Whether this layer updates TAPE's position state (not in the last layer, where nothing reads it).
-  bool updates_stream() const { return tape_ && tape_->has_updates(); }
-
   int64_t H_, D_;
   EncodingPtr pe_;
-  std::shared_ptr<TapeEncoding> tape_;  // set when the encoding carries a position stream
-  bool fused_ = false;  // config.attention == "fused" and the kernel computes this encoding's bias
+  Properties props_;    // what the encoding reads (x, a position stream) and whether it updates the stream
+  AttentionImpl impl_;  // fused where the kernels compute the encoding, or always the reference
   RMSNorm norm1_{nullptr}, norm2_{nullptr}, q_norm_{nullptr}, k_norm_{nullptr};
   torch::nn::Linear wq_{nullptr}, wk_{nullptr}, wv_{nullptr}, wo_{nullptr};
   torch::nn::Linear w1_{nullptr}, w2_{nullptr}, w_out_{nullptr};
@@ -176,11 +144,12 @@ TransformerImpl::TransformerImpl(const ModelConfig& config) : config_(config) {
   const bool embeds = probe->properties().embeds;
   if (embeds) embed_pe_ = register_module("pe", probe);
   auto list = register_module("blocks", torch::nn::ModuleList());
-  // TAPE's last layer would update a position state nobody reads: it is built without those parameters.
-  const bool tape = std::dynamic_pointer_cast<TapeEncoding>(probe) != nullptr;
+  // The last layer of an encoding that updates a position state (TAPE) would update one nobody reads: it
+  // is built with the option updates=false, which such encodings accept (and then have no update weights).
+  const bool updates_stream = probe->properties().updates_stream;
   for (int64_t l = 0; l < c.n_layer; ++l) {
     PeOptions opts(c.pe_options);
-    if (tape && l == c.n_layer - 1) opts.set("updates", "false");
+    if (updates_stream && l == c.n_layer - 1) opts.set("updates", "false");
     auto pe = embeds ? make_encoding("nope", shape)
                      : (l == 0 && !opts.has("updates") ? probe : make_encoding(c.pe, shape, opts));
     blocks_.push_back(std::make_shared<BlockImpl>(c, pe));
@@ -188,7 +157,7 @@ TransformerImpl::TransformerImpl(const ModelConfig& config) : config_(config) {
   }
   norm_f_ = register_module("norm_f", RMSNorm(c.n_embd, c.norm_eps));
 
-  // grape-spec.md §1.1: every linear weight N(0, (0.5/sqrt(C))^2), the two residual outputs scaled down
+  // The paper's init: every linear weight N(0, (0.5/sqrt(C))^2), the two residual outputs scaled down
   // by sqrt(n_layer), the tied embedding N(0, embed_std^2). Encodings and KV-shift keep their own init.
   torch::NoGradGuard no_grad;
   const double sd = 0.5 / std::sqrt(double(c.n_embd)), sd_out = sd / std::sqrt(double(c.n_layer));
@@ -214,13 +183,13 @@ int64_t TransformerImpl::num_parameters() const {
 
 torch::Tensor TransformerImpl::initial_stream(const std::vector<int64_t>& offsets, int64_t T,
                                               torch::ScalarType dtype) const {
-  auto tape = std::dynamic_pointer_cast<TapeEncoding>(blocks_.front()->pe());
-  if (!tape) return {};
+  const auto& pe = blocks_.front()->pe();
+  if (!pe->properties().reads_stream) return {};
   const int64_t B = int64_t(offsets.size());
   if (std::all_of(offsets.begin(), offsets.end(), [&](int64_t o) { return o == offsets[0]; }))
-    return tape->initial_stream(B, offsets[0], T, dtype);  // one table, broadcast over the batch
-  std::vector<torch::Tensor> rows;                         // each row starts at its own position
-  for (int64_t off : offsets) rows.push_back(tape->initial_stream(1, off, T, dtype));
+    return pe->initial_stream(B, offsets[0], T, dtype);  // one table, broadcast over the batch
+  std::vector<torch::Tensor> rows;                       // each row starts at its own position
+  for (int64_t off : offsets) rows.push_back(pe->initial_stream(1, off, T, dtype));
   return rows.size() == 1 ? rows[0] : torch::cat(rows, 0);
 }
 

@@ -7,6 +7,7 @@
 #include <stdexcept>
 
 #include "pe/families.hpp"
+#include "pe/laws.hpp"
 
 namespace grape {
 namespace {
@@ -22,7 +23,7 @@ class Absolute : public Encoding {
   }
 
  protected:
-  PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor&,
+  PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const TokenContext&,
                         PeState&) override {
     return {q, k};
   }
@@ -89,9 +90,40 @@ class Learned : public Absolute {
   torch::Tensor table_;
 };
 
-}  // namespace
+void learned_laws(LawTable& t) {
+  using namespace laws;
+  const auto f64 = torch::kFloat64;
+  const uint64_t seed = t.seed;
+  auto fresh = [&](const std::string& name, PeOptions o = {}) { return build(name, f64, seed, o, false); };
+  // The table row of each absolute position is added as it is, and positions past the table are refused.
+  auto e = fresh("learned", PeOptions{{"max_len", "40"}});
+  auto zeros = torch::zeros({1, 6, kShape.model_dim}, f64);
+  t.add("embed adds table rows offset..",
+        max_diff(e->embed(zeros, 30).squeeze(0), param(e, "table").narrow(0, 30, 6)), 0.0);
+  bool refused = false;
+  try {
+    e->embed(zeros, 36);
+  } catch (const std::invalid_argument&) {
+    refused = true;
+  }
+  t.add("position >= max_len refused (1 = not refused)", refused ? 0.0 : 1.0, 0.0);
+}
 
-namespace detail {
+void sinusoidal_laws(LawTable& t) {
+  using namespace laws;
+  const auto f64 = torch::kFloat64;
+  const uint64_t seed = t.seed;
+  auto fresh = [&](const std::string& name, PeOptions o = {}) { return build(name, f64, seed, o, false); };
+  auto e = fresh("sinusoidal");
+  auto zeros = torch::zeros({1, 64, kShape.model_dim}, f64);
+  auto pe = e->embed(zeros, 3).squeeze(0);  // [64, C]
+  t.add("|PE(n)|^2 == C/2", (pe.pow(2).sum(-1) - kShape.model_dim / 2.0).abs().max().item<double>(), 1e-12);
+  // PE(n + k) is a fixed per-pair rotation of PE(n): |PE(n+k) - PE(m+k)| == |PE(n) - PE(m)|.
+  auto a = pe.narrow(0, 0, 32), b = pe.narrow(0, 5, 32);
+  auto pairwise = [](const torch::Tensor& x) { return (x.unsqueeze(0) - x.unsqueeze(1)).norm(2, -1); };
+  auto d0 = pairwise(a), d1 = pairwise(b);
+  t.add("PE(n+k) = rotation of PE(n)", max_diff(d0, d1), 1e-12);
+}
 
 void add_absolute(std::vector<EncodingInfo>& out) {
   out.push_back({"nope",
@@ -105,14 +137,18 @@ void add_absolute(std::vector<EncodingInfo>& out) {
                  "sinusoidal absolute embedding added at the input (Vaswani et al.)",
                  {{"base", "10000", "frequency base"}},
                  {},
-                 [](const HeadShape& s, const PeOptions& o) { return std::make_shared<Sinusoidal>(s, o); }});
+                 [](const HeadShape& s, const PeOptions& o) { return std::make_shared<Sinusoidal>(s, o); },
+                 sinusoidal_laws});
   out.push_back({"learned",
                  "absolute",
                  "learned absolute embedding table added at the input (GPT-2)",
                  {{"max_len", "1024", "rows of the table; longer sequences are refused"}},
                  {"table  [max_len, C]  init N(0, 0.02^2)"},
-                 [](const HeadShape& s, const PeOptions& o) { return std::make_shared<Learned>(s, o); }});
+                 [](const HeadShape& s, const PeOptions& o) { return std::make_shared<Learned>(s, o); },
+                 learned_laws});
 }
 
-}  // namespace detail
+const detail::Registration registration(add_absolute);
+
+}  // namespace
 }  // namespace grape

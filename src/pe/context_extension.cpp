@@ -1,6 +1,6 @@
-// Context extension of RoPE-family spectra (pe-zoo-spec.md §5): the one place the methods' math lives.
-// Every method is written per frequency index d on the encoding's own frequencies theta_d, so it applies
-// unchanged to RoPE's fixed spectrum and to GRAPE-M's learned one:
+// Context extension of RoPE-family spectra (docs/encodings.md, "Context extension"): the one place the
+// methods' math lives. Every method is written per frequency index d on the encoding's own frequencies
+// theta_d, so it applies unchanged to RoPE's fixed spectrum and to GRAPE-M's learned one:
 //   pi           theta_d / s                                     (positions n -> n/s)
 //   ntk          theta_d * s^(-2d/(r-2))                         (= base b' = b s^(r/(r-2)))
 //   dynamic-ntk  ntk with s -> s l/L - (s-1) for the current length l > L; plain for l <= L
@@ -17,6 +17,8 @@
 #include <numbers>
 #include <sstream>
 #include <stdexcept>
+
+#include "pe/laws.hpp"
 
 namespace grape::detail {
 
@@ -209,8 +211,7 @@ std::vector<OptionSpec> context_extension_options(const std::string& fixed_metho
                                                   const std::string& default_factor) {
   std::vector<OptionSpec> out;
   if (fixed_method.empty())
-    out.push_back(
-        {"extend", "none", "context extension: none|pi|ntk|dynamic-ntk|yarn|longrope (pe-zoo-spec §5)"});
+    out.push_back({"extend", "none", "context extension: none|pi|ntk|dynamic-ntk|yarn|longrope"});
   out.push_back({"factor", default_factor, "s = L'/L, the extension factor"});
   out.push_back({"original_context", "128", "L, the training context (dynamic-ntk, yarn)"});
   const bool all = fixed_method.empty();
@@ -227,6 +228,106 @@ std::vector<OptionSpec> context_extension_options(const std::string& fixed_metho
     out.push_back({"longrope_start", "0", "longrope: n_hat, positions below it are not interpolated"});
   }
   return out;
+}
+
+namespace {
+
+void context_extension_laws(LawTable& t) {
+  using namespace laws;
+  const auto f64 = torch::kFloat64;
+  const uint64_t seed = t.seed;
+  const std::string& n = t.encoding;
+  auto in = random_inputs(f64, seed);
+  auto fresh = [&](const std::string& name, PeOptions o = {}) { return build(name, f64, seed, o, false); };
+  // Context extension, invariants E-1..E-5 (docs/encodings.md, "Invariant labels"). encode_of: q~ of `e` for
+  // q at positions offset..
+  auto encode_of = [&](const EncodingPtr& e, const torch::Tensor& q, int64_t offset) {
+    auto st = e->initial_state(q.size(0), offset);
+    return e->encode(q, q, torch::Tensor(), st).q;
+  };
+  // The extended frequencies theta'_d, read back by atan2 from the turn of unit vectors at position 1.
+  auto spectrum_of = [&](const EncodingPtr& e) {
+    const int64_t P = kShape.head_dim / 2;
+    auto unit = torch::zeros({1, 1, kShape.heads, kShape.head_dim}, f64);
+    unit.narrow(-1, 0, P).fill_(1.0);
+    auto r = encode_of(e, unit, 1)[0][0][0];
+    return torch::atan2(r.narrow(0, P, P), r.narrow(0, 0, P));
+  };
+  auto theta = torch::exp(-(2.0 * torch::arange(kShape.head_dim / 2, f64) / double(kShape.head_dim)) *
+                          std::log(10000.0));
+  const int64_t P = kShape.head_dim / 2;
+  if (n == "pi") {
+    t.add("E-1: factor=1 == rope", logits_gap(fresh("pi", PeOptions{{"factor", "1"}}), fresh("rope"), in, 5),
+          0.0);
+    // PI at s = 2, position 2m == RoPE at position m.
+    auto even = torch::arange(0, kLen, 2);
+    t.add("E-1: s=2 at 2m == rope at m",
+          max_diff(encode_of(fresh("pi"), in.q, 0).index_select(1, even),
+                   encode_of(fresh("rope"), in.q.index_select(1, even), 0)),
+          1e-12);
+  } else if (n == "ntk") {
+    t.add("E-2: factor=1 == rope", logits_gap(fresh("ntk", PeOptions{{"factor", "1"}}), fresh("rope"), in, 5),
+          0.0);
+    auto th = spectrum_of(fresh("ntk", PeOptions{{"factor", "3"}}));
+    t.add("E-2: theta'_0 == theta_0", std::abs(th[0].item<double>() - theta[0].item<double>()), 1e-12);
+    t.add("E-2: theta'_(D/2-1) == theta_(D/2-1)/s",
+          std::abs(th[P - 1].item<double>() - theta[P - 1].item<double>() / 3.0), 1e-12);
+  } else if (n == "dynamic-ntk") {
+    t.add("E-3: l <= L == rope (bit-exact)",
+          logits_gap(fresh("dynamic-ntk", PeOptions{{"original_context", std::to_string(kLen)}}),
+                     fresh("rope"), in),
+          0.0);
+    // Past L the spectrum is NTK's with s -> s l/L - (s-1): here 2*13/5 - 1 = 4.2.
+    t.add("E-3: l > L == ntk(s l/L - (s-1))",
+          logits_gap(fresh("dynamic-ntk", PeOptions{{"original_context", "5"}}),
+                     fresh("ntk", PeOptions{{"factor", "4.2"}}), in),
+          1e-12);
+    // A decode crossing L (cache of unrotated keys) equals a full recompute of each prefix.
+    auto e = fresh("dynamic-ntk", PeOptions{{"original_context", "5"}});
+    auto st = e->initial_state(kBatch, 0);
+    KeyCache cache;
+    double err = 0.0;
+    int64_t start = 0;
+    for (int64_t len : {3, 1, 1, 1, 4, 1, 2}) {
+      auto sl = [&](const torch::Tensor& x, int64_t n0, int64_t n1) { return x.narrow(1, n0, n1); };
+      auto tok = e->encode(sl(in.q, start, len), sl(in.k, start, len), torch::Tensor(), st);
+      cache.append(tok);
+      Inputs prefix{sl(in.q, 0, start + len), sl(in.k, 0, start + len), in.v, in.x};
+      auto full = logits_at(*e, prefix, 0);
+      err = std::max(err, max_diff(attention_logits(*e, tok, cache), full.narrow(2, start, len)));
+      start += len;
+    }
+    t.add("E-3: decode across L == prefix recompute", err, 1e-10);
+  } else if (n == "yarn") {
+    t.add("E-4: factor=1 == rope",
+          logits_gap(fresh("yarn", PeOptions{{"factor", "1"}}), fresh("rope"), in, 5), 0.0);
+    const double m = 0.1 * std::log(4.0) + 1.0;
+    auto yarn = fresh("yarn", PeOptions{{"factor", "4"}});
+    auto parts = fresh("yarn", PeOptions{{"factor", "4"}, {"yarn_mscale", "1"}});
+    t.add("E-4: logits == by-parts logits * mscale^2",
+          max_diff(logits_at(*yarn, in, 3), logits_at(*parts, in, 3) * (m * m)), 1e-12);
+    t.add("E-4: |q~| == (0.1 ln s + 1) |q|",
+          max_diff(encode_of(yarn, in.q, 3).norm(2, -1), in.q.norm(2, -1) * m), 1e-12);
+    // L = 1000, D = 12: pairs 0, 1 turn > 32 times within L (kept), pairs 4, 5 < 1 time (theta/s).
+    auto th = spectrum_of(fresh("yarn", PeOptions{{"factor", "4"}, {"original_context", "1000"}}));
+    t.add("E-4: r(d) > beta unchanged", max_diff(th.narrow(0, 0, 2), theta.narrow(0, 0, 2)), 1e-12);
+    t.add("E-4: r(d) < alpha == theta/s", max_diff(th.narrow(0, 4, 2), theta.narrow(0, 4, 2) / 4.0), 1e-12);
+  } else if (n == "longrope") {
+    t.add("E-5: lambda = s, n_hat = 0 == pi",
+          logits_gap(fresh("longrope", PeOptions{{"factor", "3"}}), fresh("pi", PeOptions{{"factor", "3"}}),
+                     in, 5),
+          0.0);
+    t.add("E-5: lambda = 1 == rope",
+          logits_gap(fresh("longrope", PeOptions{{"factor", "1"}}), fresh("rope"), in, 5), 0.0);
+    // n_hat = 5: positions 0..4 as rope, 5.. as pi.
+    auto lr = encode_of(fresh("longrope", PeOptions{{"factor", "3"}, {"longrope_start", "5"}}), in.q, 0);
+    t.add("E-5: positions < n_hat unscaled",
+          max_diff(lr.narrow(1, 0, 5), encode_of(fresh("rope"), in.q, 0).narrow(1, 0, 5)), 0.0);
+    t.add("E-5: positions >= n_hat interpolated",
+          max_diff(lr.narrow(1, 5, kLen - 5),
+                   encode_of(fresh("pi", PeOptions{{"factor", "3"}}), in.q, 0).narrow(1, 5, kLen - 5)),
+          0.0);
+  }
 }
 
 void add_context_extension(std::vector<EncodingInfo>& out) {
@@ -250,11 +351,19 @@ void add_context_extension(std::vector<EncodingInfo>& out) {
     opts.push_back({"base", "10000", "frequency base"});
     opts.push_back({"fraction", "1", "partial rotary: rotate only the first fraction*D dims"});
     opts.insert(opts.end(), layout.begin(), layout.end());
-    out.push_back(
-        {method, "multiplicative", n.summary, opts, {}, [method](const HeadShape& s, const PeOptions& o) {
-           return make_extended_rope(s, o, method, method, 2.0);
-         }});
+    out.push_back({method,
+                   "context extension",
+                   n.summary,
+                   opts,
+                   {},
+                   [method](const HeadShape& s, const PeOptions& o) {
+                     return make_extended_rope(s, o, method, method, 2.0);
+                   },
+                   context_extension_laws});
   }
 }
 
+const Registration registration(add_context_extension);
+
+}  // namespace
 }  // namespace grape::detail

@@ -1,7 +1,7 @@
-// Internal: context extension of a RoPE-family spectrum (pe-zoo-spec.md §5): Position Interpolation,
-// NTK-aware scaling, dynamic NTK, YaRN (NTK-by-parts + attention temperature) and LongRoPE. All the math
-// of the methods lives in context_extension.cpp; rotary.cpp (rope, grape-m, grape-m-planes and the named
-// encodings pi, ntk, dynamic-ntk, yarn, longrope) only asks it for angles and the q/k scale.
+// Internal: context extension of a RoPE-family spectrum (docs/encodings.md, "Context extension"): Position
+// Interpolation, NTK-aware scaling, dynamic NTK, YaRN (NTK-by-parts + attention temperature) and LongRoPE.
+// All the math of the methods lives in context_extension.cpp; rotary.cpp (rope, grape-m, grape-m-planes and
+// the named encodings pi, ntk, dynamic-ntk, yarn, longrope) only asks it for angles and the q/k scale.
 #pragma once
 
 #include <string>

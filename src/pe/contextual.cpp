@@ -7,6 +7,7 @@
 #include <stdexcept>
 
 #include "pe/families.hpp"
+#include "pe/laws.hpp"
 
 namespace grape {
 namespace {
@@ -41,8 +42,9 @@ class GrapeMCtx : public Encoding {
   }
 
  protected:
-  PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& x,
+  PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const TokenContext& ctx,
                         PeState& st) override {
+    const torch::Tensor& x = ctx.x;
     const int64_t B = q.size(0), T = q.size(1);
     auto& phi0 = running_sum(st, "phi", B, groups_, name_);
     auto omega = torch::sigmoid((torch::einsum("btc,gc->btg", {x, w_}) + b_) / gate_scale_);  // [B,T,G]
@@ -61,9 +63,21 @@ class GrapeMCtx : public Encoding {
   torch::Tensor w_, b_, lambda_;
 };
 
-}  // namespace
-
-namespace detail {
+void grape_m_ctx_laws(LawTable& t) {
+  using namespace laws;
+  const auto f64 = torch::kFloat64;
+  const uint64_t seed = t.seed;
+  auto in = random_inputs(f64, seed);
+  auto fresh = [&](const std::string& name, PeOptions o = {}) { return build(name, f64, seed, o, false); };
+  // w = 0: every step is c = sigmoid(b/16), so the phase is c*n: RoPE with frequencies scaled by c.
+  auto ctx = fresh("grape-m-ctx");
+  const double c = 1.0 / (1.0 + std::exp(-param(ctx, "b_omega").item<double>() / 16.0));
+  auto st = ctx->initial_state(kBatch, 0);
+  auto tok = ctx->encode(in.q, in.k, in.x, st);
+  auto theta = torch::exp(param(ctx, "lambda").detach());
+  auto ang = (torch::arange(kLen, f64) * c).view({1, kLen, 1, 1}) * theta;
+  t.add("w=0 == rope with theta*sigmoid(b/16)", max_diff(tok.q, rotate_pairs(in.q, ang, "half")), 1e-12);
+}
 
 void add_contextual(std::vector<EncodingInfo>& out) {
   auto opts =
@@ -77,8 +91,11 @@ void add_contextual(std::vector<EncodingInfo>& out) {
                  opts,
                  {"w_omega  [1 or H, C]  init 0", "b_omega  [1 or H]  init softplus^-1(1e-3) = -6.9072552",
                   "lambda  [D/2]  init log(base^(-2i/D)), theta = exp(lambda)"},
-                 [](const HeadShape& s, const PeOptions& o) { return std::make_shared<GrapeMCtx>(s, o); }});
+                 [](const HeadShape& s, const PeOptions& o) { return std::make_shared<GrapeMCtx>(s, o); },
+                 grape_m_ctx_laws});
 }
 
-}  // namespace detail
+const detail::Registration registration(add_contextual);
+
+}  // namespace
 }  // namespace grape

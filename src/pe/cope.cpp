@@ -11,6 +11,7 @@
 #include <stdexcept>
 
 #include "pe/families.hpp"
+#include "pe/laws.hpp"
 
 namespace grape {
 namespace {
@@ -28,6 +29,7 @@ class CoPE : public Encoding {
     Properties p;
     // Positions enter only through the causal mask, so shifting all of them changes nothing: relative.
     p.has_bias = p.relative = p.signed_bias = true;
+    p.kernel_bias = KernelBias::unsupported;  // a query's gates sum over its whole row before the softmax
     return p;
   }
   torch::Tensor bias(const PeTokens& queries, const KeyCache& keys) const override {
@@ -48,7 +50,7 @@ class CoPE : public Encoding {
   }
 
  protected:
-  PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor&,
+  PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const TokenContext&,
                         PeState&) override {
     return {q, k};
   }
@@ -58,9 +60,19 @@ class CoPE : public Encoding {
   torch::Tensor e_;
 };
 
-}  // namespace
-
-namespace detail {
+void cope_laws(LawTable& t) {
+  using namespace laws;
+  const auto f64 = torch::kFloat64;
+  const uint64_t seed = t.seed;
+  auto in = random_inputs(f64, seed);
+  auto fresh = [&](const std::string& name, PeOptions o = {}) { return build(name, f64, seed, o, false); };
+  auto e = build("cope", f64, seed);
+  {
+    torch::NoGradGuard ng;
+    param(e, "e").zero_();
+  }
+  t.add("e = 0 == nope", logits_gap(e, fresh("nope"), in, 5), 0.0);
+}
 
 void add_cope(std::vector<EncodingInfo>& out) {
   out.push_back(
@@ -70,8 +82,11 @@ void add_cope(std::vector<EncodingInfo>& out) {
        {{"p_max", "64", "number of learned position vectors; p is clamped to p_max - 1 (>= 1)"},
         {"per_head", "false", "one table e per head (default: one shared by the heads, as the authors)"}},
        {"e  [1 or H, p_max, D]  init 0 (starts as nope)"},
-       [](const HeadShape& s, const PeOptions& o) { return std::make_shared<CoPE>(s, o); }});
+       [](const HeadShape& s, const PeOptions& o) { return std::make_shared<CoPE>(s, o); },
+       cope_laws});
 }
 
-}  // namespace detail
+const detail::Registration registration(add_cope);
+
+}  // namespace
 }  // namespace grape

@@ -1,6 +1,9 @@
 // The encoding base class: input validation, the default hooks, and the key cache.
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
+#include <cmath>
+#include <limits>
 #include <stdexcept>
 
 #include "kernels/cpu/finite.hpp"
@@ -20,11 +23,7 @@ void require_finite(const torch::Tensor& t, const char* what, const std::string&
 
 }  // namespace
 
-std::string shape_string(const torch::Tensor& t) {
-  std::string s = "[";
-  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? "," : "") + std::to_string(t.size(i));
-  return s + "]";
-}
+std::string shape_string(const torch::Tensor& t) { return fmt::format("[{}]", fmt::join(t.sizes(), ",")); }
 
 Encoding::Encoding(std::string name, HeadShape shape) : name_(std::move(name)), shape_(shape) {
   if (shape_.heads < 1 || shape_.head_dim < 1 || shape_.model_dim < 1)
@@ -45,14 +44,54 @@ torch::Tensor Encoding::embed(const torch::Tensor& h, int64_t offset) const { re
 
 torch::Tensor Encoding::bias(const PeTokens&, const KeyCache&) const { return {}; }
 
-bool Encoding::linear_bias(const PeTokens&, const KeyCache&, LinearBiasTerms& out) const {
-  out = {};
-  return !properties().has_bias;  // a bias without a linear-family form must say so by overriding
+const char* to_string(KernelBias kind) {
+  switch (kind) {
+    case KernelBias::none:
+      return "none";
+    case KernelBias::linear:
+      return "linear";
+    case KernelBias::distance_table:
+      return "distance table";
+    case KernelBias::path_sum:
+      return "path sum";
+    case KernelBias::unsupported:
+      return "unsupported";
+  }
+  return "?";
+}
+
+BiasTerms Encoding::bias_terms(const PeTokens&, const KeyCache&) const {
+  const auto kind = properties().kernel_bias;
+  if (kind != KernelBias::none)
+    throw std::invalid_argument(
+        fmt::format("{}: its bias is declared '{}' but it gives no terms for the fused "
+                    "kernels",
+                    name_, to_string(kind)));
+  return {};
 }
 
 std::pair<torch::Tensor, torch::Tensor> Encoding::attention_qk(const PeTokens& queries,
                                                                const KeyCache& keys) const {
   return {queries.q, keys.k};
+}
+
+torch::Tensor Encoding::initial_stream(int64_t, int64_t, int64_t, torch::ScalarType) const { return {}; }
+
+torch::Tensor Encoding::stream_after_attention(const torch::Tensor& E, const torch::Tensor&) const {
+  return E;
+}
+
+torch::Tensor Encoding::stream_after_mlp(const torch::Tensor& E, const torch::Tensor&) const { return E; }
+
+torch::Tensor attention_logits(const Encoding& enc, const PeTokens& queries, const KeyCache& keys) {
+  const double scale = 1.0 / std::sqrt(double(queries.q.size(-1)));
+  auto [q, k] = enc.attention_qk(queries, keys);
+  auto logits = torch::einsum("bihd,bjhd->bhij", {q, k}) * scale;
+  auto b = enc.bias(queries, keys);
+  if (b.defined()) logits = logits + b;
+  auto qi = torch::arange(queries.offset, queries.offset + queries.length).unsqueeze(1);
+  auto kj = torch::arange(keys.offset, keys.offset + keys.length).unsqueeze(0);
+  return logits.masked_fill(kj > qi, -std::numeric_limits<double>::infinity());
 }
 
 std::vector<std::string> Encoding::describe_parameters() const {
@@ -62,8 +101,9 @@ std::vector<std::string> Encoding::describe_parameters() const {
   return lines;
 }
 
-PeTokens Encoding::encode(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& x,
+PeTokens Encoding::encode(const torch::Tensor& q, const torch::Tensor& k, const TokenContext& ctx,
                           PeState& state) {
+  const torch::Tensor& x = ctx.x;
   const auto& s = shape_;
   if (!q.defined() || !k.defined()) throw std::invalid_argument(name_ + ": q and k are required");
   if (q.dim() != 4 || q.size(2) != s.heads || q.size(3) != s.head_dim)
@@ -97,7 +137,15 @@ PeTokens Encoding::encode(const torch::Tensor& q, const torch::Tensor& k, const 
                                               c10::toString(q.scalar_type())));
     require_finite(x, "x", name_);
   }
-  PeTokens out = encode_chunk(q, k, x, state);
+  if (properties().reads_stream && ctx.stream.defined()) {
+    const auto& E = ctx.stream;
+    if (E.dim() != 4 || E.size(0) != q.size(0) || E.size(1) != q.size(1) || E.size(2) != s.heads ||
+        E.size(3) != s.head_dim)
+      throw std::invalid_argument(
+          fmt::format("{}: the position state E must be [B={},T={},H={},D={}], got {}", name_, q.size(0),
+                      q.size(1), s.heads, s.head_dim, shape_string(E)));
+  }
+  PeTokens out = encode_chunk(q, k, ctx, state);
   out.offset = state.next_pos;
   out.length = q.size(1);
   state.next_pos += q.size(1);

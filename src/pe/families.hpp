@@ -1,4 +1,4 @@
-// Internal: shared helpers of the encoding families and the hooks that fill the registry.
+// Internal: shared helpers of the encoding families and their registration.
 #pragma once
 
 #include <string>
@@ -8,19 +8,12 @@
 
 namespace grape::detail {
 
-// Each family file appends its encodings to the registry, in display order.
-void add_absolute(std::vector<EncodingInfo>& out);
-void add_rotary(std::vector<EncodingInfo>& out);
-void add_mixture(std::vector<EncodingInfo>& out);
-void add_contextual(std::vector<EncodingInfo>& out);
-void add_linear_bias(std::vector<EncodingInfo>& out);
-void add_fox(std::vector<EncodingInfo>& out);
-void add_path_integral(std::vector<EncodingInfo>& out);
-void add_context_extension(std::vector<EncodingInfo>& out);  // pi, ntk, dynamic-ntk, yarn, longrope
-void add_hdd_rope(std::vector<EncodingInfo>& out);
-void add_tape(std::vector<EncodingInfo>& out);
-void add_relative_bias(std::vector<EncodingInfo>& out);  // t5, kerple, fire
-void add_cope(std::vector<EncodingInfo>& out);
+// Adds a family file's encodings to the registry when the program starts: each family file holds one
+// `const Registration registration(add_its_encodings);`, so a new encoding touches no other source file.
+// (The pe library is linked whole, see CMakeLists.txt, so no linker drops a file nothing else calls.)
+struct Registration {
+  explicit Registration(void (*add)(std::vector<EncodingInfo>& out));
+};
 
 // Options shared by every rotation: which coordinates pair up, and which way they turn.
 struct RotaryLayout {

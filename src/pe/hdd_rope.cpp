@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "pe/families.hpp"
+#include "pe/laws.hpp"
 
 namespace grape {
 
@@ -614,8 +615,9 @@ class HddRope : public Encoding {
   }
 
  protected:
-  PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& x,
+  PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const TokenContext& ctx,
                         PeState& st) override {
+    const torch::Tensor& x = ctx.x;
     const int64_t B = q.size(0), T = q.size(1), H = shape_.heads, D = shape_.head_dim;
     auto& P0 = running(st, B);
     // Generator coefficients [B,H,G,T,M] in float64: static rate + (W_a x_t + b_a) / s.
@@ -666,9 +668,40 @@ class HddRope : public Encoding {
   torch::Tensor static_plane_, log_theta_, w_a_, b_a_;
 };
 
-}  // namespace
-
-namespace detail {
+void hdd_rope_laws(LawTable& t) {
+  using namespace laws;
+  const auto f64 = torch::kFloat64;
+  const uint64_t seed = t.seed;
+  const std::string& n = t.encoding;
+  auto in = random_inputs(f64, seed);
+  auto fresh = [&](const std::string& name, PeOptions o = {}) { return build(name, f64, seed, o, false); };
+  // H-3: a fresh model turns every token by the static rate, i.e. RoPE: k = 2 (RoPE's planes), k = 4
+  // (RoPE's planes inside the chunks), and the Cayley map (static coefficient tan(theta/2)).
+  auto rope = fresh("rope");
+  auto st = rope->initial_state(kBatch, 0);
+  auto want = rope->encode(in.q, in.k, in.x, st);
+  for (auto [k, map] :
+       std::vector<std::pair<std::string, std::string>>{{"2", "exp"}, {"4", "exp"}, {"4", "cayley"}}) {
+    auto e = fresh("hdd-rope", PeOptions{{"k", k}, {"map", map}});
+    auto st2 = e->initial_state(kBatch, 0);
+    auto got = e->encode(in.q, in.k, in.x, st2);
+    t.add(fmt::format("k={} {} at init == rope (q~,k~,logits)", k, map),
+          std::max({max_diff(got.q, want.q), max_diff(got.k, want.k), logits_gap(e, rope, in)}), 1e-12);
+  }
+  // H-4: every scan gives the sequential running product (perturbed, non-commuting rotations).
+  auto seq = build(n, f64, seed, PeOptions{{"scan", "sequential"}});
+  for (auto scan : {"loop", "hillis-steele", "brent-kung", "sklansky"})
+    t.add(fmt::format("scan={} == sequential", scan),
+          logits_gap(build(n, f64, seed, PeOptions{{"scan", scan}}), seq, in), 1e-12);
+  // H-2: a prefix cancels: score(t, s) depends only on the tokens s..t-1.
+  auto e = build(n, f64, seed);
+  auto pre = random_inputs(f64, seed + 1, 4);
+  Inputs longer{torch::cat({pre.q, in.q}, 1), torch::cat({pre.k, in.k}, 1), torch::cat({pre.v, in.v}, 1),
+                torch::cat({pre.x, in.x}, 1)};
+  t.add("prefix of 4 tokens cancels",
+        max_diff(logits_at(*e, longer, 0).narrow(2, 4, kLen).narrow(3, 4, kLen), logits_at(*e, in, 0)),
+        1e-12);
+}
 
 void add_hdd_rope(std::vector<EncodingInfo>& out) {
   std::string scans;
@@ -686,8 +719,11 @@ void add_hdd_rope(std::vector<EncodingInfo>& out) {
         {"rate_scale", "16", "s in A = static + (W_a x + b_a)/s (slows Adam's step on the rates)"}},
        {"w_a  [H, D/k, k(k-1)/2, C]  init 0 (a fresh model is the static rotation: RoPE)",
         "b_a  [H, D/k, k(k-1)/2]  init 0"},
-       [](const HeadShape& s, const PeOptions& o) { return std::make_shared<HddRope>(s, o); }});
+       [](const HeadShape& s, const PeOptions& o) { return std::make_shared<HddRope>(s, o); },
+       hdd_rope_laws});
 }
 
-}  // namespace detail
+const detail::Registration registration(add_hdd_rope);
+
+}  // namespace
 }  // namespace grape

@@ -6,6 +6,7 @@
 #include <stdexcept>
 
 #include "pe/families.hpp"
+#include "pe/laws.hpp"
 
 namespace grape {
 
@@ -43,20 +44,21 @@ class ALiBi : public Encoding {
   Properties properties() const override {
     Properties p;
     p.has_bias = p.relative = true;
+    p.kernel_bias = KernelBias::linear;
     return p;
   }
   torch::Tensor bias(const PeTokens& queries, const KeyCache& keys) const override {
     auto dist = distance(queries, keys, slopes_.scalar_type());
     return -(slopes_.view({1, -1, 1, 1}) * dist.unsqueeze(0).unsqueeze(0));
   }
-  bool linear_bias(const PeTokens& queries, const KeyCache&, LinearBiasTerms& out) const override {
-    out = {};
+  BiasTerms bias_terms(const PeTokens& queries, const KeyCache&) const override {
+    BiasTerms out;
     out.c = (-slopes_).view({1, -1, 1}).expand({queries.q.size(0), -1, queries.length});
-    return true;
+    return out;
   }
 
  protected:
-  PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor&,
+  PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const TokenContext&,
                         PeState&) override {
     return {q, k};
   }
@@ -80,6 +82,7 @@ class GrapeA : public Encoding {
   Properties properties() const override {
     Properties p;
     p.has_bias = p.relative = true;
+    p.kernel_bias = KernelBias::linear;
     return p;
   }
   torch::Tensor omega() const { return torch::softplus(rho_) * slopes_; }  // [H]
@@ -93,12 +96,12 @@ class GrapeA : public Encoding {
     }
     return -(omega().view({1, -1, 1, 1}) * dist * gate);
   }
-  bool linear_bias(const PeTokens& queries, const KeyCache& keys, LinearBiasTerms& out) const override {
-    out = {};
+  BiasTerms bias_terms(const PeTokens& queries, const KeyCache& keys) const override {
+    BiasTerms out;
     auto w = omega().view({1, -1, 1});
     if (query_gate_) out.c = -(w * queries.query.at("gq").permute({0, 2, 1}));  // [B,H,Tq]
     if (key_gate_) out.d = -(w * keys.key.at("gk").permute({0, 2, 1}));         // [B,H,Tk]
-    return true;
+    return out;
   }
 
  protected:
@@ -106,7 +109,7 @@ class GrapeA : public Encoding {
     auto unit = dir / torch::clamp_min(dir.norm(2, -1, true), 1e-6);
     return torch::softplus(torch::einsum("bthd,hd->bth", {x, unit}) / std::sqrt(double(x.size(-1))));
   }
-  PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor&,
+  PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const TokenContext&,
                         PeState&) override {
     PeTokens out{q, k};
     if (query_gate_) out.query["gq"] = gate(q, v_);
@@ -119,9 +122,24 @@ class GrapeA : public Encoding {
   torch::Tensor slopes_, rho_, u_, v_;
 };
 
-}  // namespace
-
-namespace detail {
+void grape_a_laws(LawTable& t) {
+  using namespace laws;
+  const auto f64 = torch::kFloat64;
+  const uint64_t seed = t.seed;
+  const std::string& n = t.encoding;
+  auto in = random_inputs(f64, seed);
+  // Zero gate directions: every gate is softplus(0) = ln 2, so this is ALiBi with slopes ln2 softplus(rho)
+  // m.
+  auto e = build(n, f64, seed);
+  {
+    torch::NoGradGuard ng;
+    for (auto& p : e->named_parameters())
+      if (p.key() == "u" || p.key() == "v") p.value().zero_();
+  }
+  const double gates = n == "grape-a-qk" ? 2.0 : 1.0;
+  auto factor = torch::softplus(param(e, "rho").detach()) * std::log(2.0) * gates;
+  t.add("constant gates == alibi", max_diff(logits_at(*e, in, 0), scaled_alibi_logits(factor, in)), 1e-12);
+}
 
 void add_linear_bias(std::vector<EncodingInfo>& out) {
   out.push_back({"alibi",
@@ -140,7 +158,8 @@ void add_linear_bias(std::vector<EncodingInfo>& out) {
                  {rho, v},
                  [](const HeadShape& s, const PeOptions& o) {
                    return std::make_shared<GrapeA>(s, o, true, false, "grape-a-q");
-                 }});
+                 },
+                 grape_a_laws});
   out.push_back({"grape-a-k",
                  "additive",
                  "GRAPE-A key-gated: bias -(i-j) omega_h softplus(u.k_j/sqrt(D))",
@@ -148,7 +167,8 @@ void add_linear_bias(std::vector<EncodingInfo>& out) {
                  {rho, u},
                  [](const HeadShape& s, const PeOptions& o) {
                    return std::make_shared<GrapeA>(s, o, false, true, "grape-a-k");
-                 }});
+                 },
+                 grape_a_laws});
   out.push_back({"grape-a-qk",
                  "additive",
                  "GRAPE-A query-key-gated: bias -(i-j) omega_h (gq_i + gk_j)",
@@ -156,8 +176,11 @@ void add_linear_bias(std::vector<EncodingInfo>& out) {
                  {rho, v, u},
                  [](const HeadShape& s, const PeOptions& o) {
                    return std::make_shared<GrapeA>(s, o, true, true, "grape-a-qk");
-                 }});
+                 },
+                 grape_a_laws});
 }
 
-}  // namespace detail
+const detail::Registration registration(add_linear_bias);
+
+}  // namespace
 }  // namespace grape

@@ -7,6 +7,7 @@
 #include <stdexcept>
 
 #include "pe/families.hpp"
+#include "pe/laws.hpp"
 
 namespace grape {
 
@@ -107,7 +108,7 @@ class GrapeMMix : public Encoding {
   int64_t rank() const { return rank_; }
 
  protected:
-  PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor&,
+  PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const TokenContext&,
                         PeState& st) override {
     const int64_t T = q.size(1), r = rank_, D = shape_.head_dim;
     // exp(n L_r) for each position, in float64: the relative law G(i)^T G(j) = G(j-i) holds to
@@ -136,9 +137,41 @@ class GrapeMMix : public Encoding {
   torch::Tensor perm_, inv_perm_, rest_log_theta_, gen_a_, gen_b_, log_omega_;
 };
 
-}  // namespace
-
-namespace detail {
+void grape_m_mix_laws(LawTable& t) {
+  using namespace laws;
+  const auto f64 = torch::kFloat64;
+  const uint64_t seed = t.seed;
+  auto in32 = random_inputs(torch::kFloat32, seed);
+  auto fresh32 = [&](const std::string& name, PeOptions o = {}) {
+    return build(name, torch::kFloat32, seed, o, false);
+  };
+  t.add("rank=4 at init == rope (fp32)",
+        logits_gap(fresh32("grape-m-mix", PeOptions{{"rank", "4"}}), fresh32("rope"), in32, 6), 1e-5);
+  t.add("rank=D at init == rope (fp32)",
+        logits_gap(fresh32("grape-m-mix", PeOptions{{"rank", "12"}}), fresh32("rope"), in32, 6), 1e-5);
+  t.add("per_head at init == rope (fp32)",
+        logits_gap(fresh32("grape-m-mix", PeOptions{{"per_head", "true"}}), fresh32("rope"), in32, 6), 1e-5);
+  // Non-commuting: the perturbed generators do not commute, yet the law tests above hold.
+  auto mix = build("grape-m-mix", f64, seed);
+  auto a = param(mix, "gen_a").detach(), b = param(mix, "gen_b").detach();
+  auto L0 = torch::outer(a[0][0], b[0][0]) - torch::outer(b[0][0], a[0][0]);
+  auto L1 = torch::outer(a[0][1], b[0][1]) - torch::outer(b[0][1], a[0][1]);
+  double comm = (L0.matmul(L1) - L1.matmul(L0)).norm().item<double>();
+  t.add("generators do not commute: 1e-3 / |[L0,L1]|", 1e-3 / comm, 1.0);
+  // Rodrigues closed form == dense matrix exponential, on random and nearly parallel planes.
+  torch::manual_seed(seed);
+  double err = 0.0;
+  for (double tilt : {1.0, 1e-6, 0.0}) {
+    auto av = torch::randn({5, 7}, f64);
+    auto bv = av + tilt * torch::randn({5, 7}, f64);
+    auto eta = torch::randn({5}, f64) * 3.0;
+    auto x = torch::randn({5, 7}, f64);
+    auto Lm = torch::einsum("ni,nj->nij", {av, bv}) - torch::einsum("ni,nj->nij", {bv, av});
+    auto dense = torch::einsum("nij,nj->ni", {torch::linalg_matrix_exp(Lm * eta.view({5, 1, 1})), x});
+    err = std::max(err, max_diff(rank2_rotate(x, av, bv, eta), dense));
+  }
+  t.add("rodrigues == matrix_exp", err, 1e-12);
+}
 
 void add_mixture(std::vector<EncodingInfo>& out) {
   auto opts = std::vector<OptionSpec>{
@@ -154,8 +187,11 @@ void add_mixture(std::vector<EncodingInfo>& out) {
                  opts,
                  {"gen_a, gen_b  [1 or H, M, r]  init canonical planes (m, m+r/2); extra ones random",
                   "log_omega  [1 or H, M]  init s*log(theta_RoPE,m); extra ones s*log(1e-4)"},
-                 [](const HeadShape& s, const PeOptions& o) { return std::make_shared<GrapeMMix>(s, o); }});
+                 [](const HeadShape& s, const PeOptions& o) { return std::make_shared<GrapeMMix>(s, o); },
+                 grape_m_mix_laws});
 }
 
-}  // namespace detail
+const detail::Registration registration(add_mixture);
+
+}  // namespace
 }  // namespace grape

@@ -7,6 +7,7 @@
 #include <stdexcept>
 
 #include "pe/families.hpp"
+#include "pe/laws.hpp"
 
 namespace grape {
 
@@ -40,6 +41,7 @@ class GrapeAP : public Encoding {
   Properties properties() const override {
     Properties p;
     p.has_bias = p.contextual = true;  // not translation invariant: psi rotates with the key position
+    p.kernel_bias = KernelBias::path_sum;
     return p;
   }
   torch::Tensor bias(const PeTokens& queries, const KeyCache& keys) const override {
@@ -48,17 +50,18 @@ class GrapeAP : public Encoding {
     return path_sum_bias(psi, queries.offset, keys.offset);
   }
   // The fused kernels compute the same path sum per tile from the probes and slopes.
-  bool linear_bias(const PeTokens& queries, const KeyCache& keys, LinearBiasTerms& out) const override {
-    out = {};
+  BiasTerms bias_terms(const PeTokens& queries, const KeyCache& keys) const override {
+    BiasTerms out;
     out.p = queries.query.at("p");
     out.r = keys.key.at("r");
     out.m = slopes_;
-    return true;
+    return out;
   }
 
  protected:
-  PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& x,
+  PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const TokenContext& ctx,
                         PeState& st) override {
+    const torch::Tensor& x = ctx.x;
     const int64_t B = x.size(0), T = x.size(1);
     auto p = torch::einsum("btc,pc->btp", {x, w_p_}).view({B, T, shape_.heads, probe_});
     auto p_hat = p * torch::rsqrt(p.pow(2).mean(-1, true) + eps_);
@@ -76,9 +79,22 @@ class GrapeAP : public Encoding {
   torch::Tensor slopes_, w_p_;
 };
 
-}  // namespace
-
-namespace detail {
+void grape_ap_laws(LawTable& t) {
+  using namespace laws;
+  const auto f64 = torch::kFloat64;
+  const uint64_t seed = t.seed;
+  auto in = random_inputs(f64, seed);
+  // W_p = 0: p = 0, psi = -ln2 m_h: ALiBi with slopes ln2 m_h.
+  auto e = build("grape-ap", f64, seed);
+  {
+    torch::NoGradGuard ng;
+    param(e, "w_p").zero_();
+  }
+  t.add("W_p=0 == alibi(ln2 m)",
+        max_diff(logits_at(*e, in, 0),
+                 scaled_alibi_logits(torch::full({kShape.heads}, std::log(2.0), f64), in)),
+        1e-12);
+}
 
 void add_path_integral(std::vector<EncodingInfo>& out) {
   out.push_back({"grape-ap",
@@ -88,8 +104,11 @@ void add_path_integral(std::vector<EncodingInfo>& out) {
                   {"eps", "1e-6", "epsilon of the probe's RMS norm"},
                   {"orientation", "standard", "turn direction of R_l (standard|grape)"}},
                  {"w_p  [H*P, C]  init N(0, (0.5/sqrt(C))^2)"},
-                 [](const HeadShape& s, const PeOptions& o) { return std::make_shared<GrapeAP>(s, o); }});
+                 [](const HeadShape& s, const PeOptions& o) { return std::make_shared<GrapeAP>(s, o); },
+                 grape_ap_laws});
 }
 
-}  // namespace detail
+const detail::Registration registration(add_path_integral);
+
+}  // namespace
 }  // namespace grape

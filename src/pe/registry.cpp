@@ -1,28 +1,46 @@
-// The registry of encodings: names, summaries, options, and construction with validated options.
+// The registry of encodings: filled by each family file's Registration, read in display order.
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <algorithm>
 #include <stdexcept>
 
 #include "pe/families.hpp"
 
 namespace grape {
+namespace {
+
+// Everything registered so far, in registration (link) order. A function-local static: family files
+// register during static initialisation, whose order across files is unspecified.
+std::vector<EncodingInfo>& registered() {
+  static std::vector<EncodingInfo> all;
+  return all;
+}
+
+int family_rank(const std::string& family) {
+  static const std::vector<std::string> order = {"absolute", "multiplicative", "context extension",
+                                                 "additive"};
+  auto it = std::find(order.begin(), order.end(), family);
+  if (it == order.end())
+    throw std::logic_error(
+        fmt::format("encoding family '{}' is not one of {}", family, fmt::join(order, ", ")));
+  return int(it - order.begin());
+}
+
+}  // namespace
+
+detail::Registration::Registration(void (*add)(std::vector<EncodingInfo>& out)) { add(registered()); }
 
 const std::vector<EncodingInfo>& encodings() {
   static const std::vector<EncodingInfo> all = [] {
-    std::vector<EncodingInfo> v;
-    detail::add_absolute(v);
-    detail::add_rotary(v);
-    detail::add_context_extension(v);
-    detail::add_mixture(v);
-    detail::add_contextual(v);
-    detail::add_hdd_rope(v);
-    detail::add_tape(v);
-    detail::add_linear_bias(v);
-    detail::add_relative_bias(v);
-    detail::add_cope(v);
-    detail::add_fox(v);
-    detail::add_path_integral(v);
+    auto v = registered();
+    std::sort(v.begin(), v.end(), [](const EncodingInfo& a, const EncodingInfo& b) {
+      const int fa = family_rank(a.family), fb = family_rank(b.family);
+      return fa != fb ? fa < fb : a.name < b.name;
+    });
+    for (size_t i = 1; i < v.size(); ++i)
+      if (v[i].name == v[i - 1].name)
+        throw std::logic_error(fmt::format("encoding '{}' is registered twice", v[i].name));
     return v;
   }();
   return all;

@@ -1,7 +1,7 @@
 // Relative biases that are not linear in the distance: T5's bucketed table, KERPLE's log/power kernels and
 // FIRE's MLP of a log-normalised distance. Each is a function of the positions only, formed per call from the
 // query and key offsets, so the KV cache holds plain keys. T5 and KERPLE depend on i - j alone, so the fused
-// kernels compute them from a per-head table by distance (linear_bias); FIRE also depends on i and runs on
+// kernels compute them from a per-head table by distance (bias_terms); FIRE also depends on i and runs on
 // the reference attention.
 #include <fmt/format.h>
 
@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "pe/families.hpp"
+#include "pe/laws.hpp"
 
 namespace grape {
 namespace {
@@ -18,7 +19,7 @@ namespace {
 using namespace detail;
 
 // Distances 0..W-1 with W = last query position - first key position + 1: every distance a visible pair of
-// this call can have, for the fused kernels' per-head table (LinearBiasTerms::dist). [W], float64.
+// this call can have, for the fused kernels' per-head table (BiasTerms::dist). [W], float64.
 torch::Tensor distance_range(const PeTokens& queries, const KeyCache& keys) {
   const int64_t W = queries.offset + queries.length - keys.offset;
   return torch::arange(std::max<int64_t>(W, 1), torch::kFloat64);
@@ -55,6 +56,7 @@ class T5 : public Encoding {
   Properties properties() const override {
     Properties p;
     p.has_bias = p.relative = p.signed_bias = true;
+    p.kernel_bias = KernelBias::distance_table;
     return p;
   }
   torch::Tensor bias(const PeTokens& queries, const KeyCache& keys) const override {
@@ -63,14 +65,15 @@ class T5 : public Encoding {
     return rows.permute({2, 0, 1}).unsqueeze(0);
   }
   // The table gathered by the bucket of each distance 0..W-1: [H, W] (its gradient reaches table_).
-  bool linear_bias(const PeTokens& queries, const KeyCache& keys, LinearBiasTerms& out) const override {
+  BiasTerms bias_terms(const PeTokens& queries, const KeyCache& keys) const override {
     auto b = t5_buckets(distance_range(queries, keys), buckets_, max_distance_);  // [W]
+    BiasTerms out;
     out.dist = table_.index_select(0, b).t();
-    return true;
+    return out;
   }
 
  protected:
-  PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor&,
+  PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const TokenContext&,
                         PeState&) override {
     return {q, k};
   }
@@ -101,6 +104,7 @@ class Kerple : public Encoding {
   Properties properties() const override {
     Properties p;
     p.has_bias = p.relative = true;
+    p.kernel_bias = KernelBias::distance_table;
     return p;
   }
   torch::Tensor r1() const { return torch::softplus(rho1_); }
@@ -110,9 +114,10 @@ class Kerple : public Encoding {
     return of_distance(n).unsqueeze(0);                                    // [1,H,Tq,Tk]
   }
   // The kernel at distances 0..W-1: [H, W] (its gradient reaches rho1, rho2).
-  bool linear_bias(const PeTokens& queries, const KeyCache& keys, LinearBiasTerms& out) const override {
+  BiasTerms bias_terms(const PeTokens& queries, const KeyCache& keys) const override {
+    BiasTerms out;
     out.dist = of_distance(distance_range(queries, keys).to(rho1_.scalar_type()));
-    return true;
+    return out;
   }
   // The bias of distances n >= 0 of any shape, per head: [H, n's shape].
   torch::Tensor of_distance(const torch::Tensor& n) const {
@@ -128,7 +133,7 @@ class Kerple : public Encoding {
   }
 
  protected:
-  PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor&,
+  PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const TokenContext&,
                         PeState&) override {
     return {q, k};
   }
@@ -170,7 +175,8 @@ class Fire : public Encoding {
   }
   Properties properties() const override {
     Properties p;
-    p.has_bias = p.signed_bias = true;  // not relative: beyond L the query position normalises
+    p.has_bias = p.signed_bias = true;        // not relative: beyond L the query position normalises
+    p.kernel_bias = KernelBias::unsupported;  // depends on i as well as i - j
     return p;
   }
   // The MLP's input u(i, j) in [0, 1] (for j <= i), [Tq,Tk].
@@ -191,7 +197,7 @@ class Fire : public Encoding {
   }
 
  protected:
-  PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor&,
+  PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const TokenContext&,
                         PeState&) override {
     return {q, k};
   }
@@ -202,9 +208,76 @@ class Fire : public Encoding {
   torch::Tensor w1_, b1_, w2_, log_c_, log_l_;
 };
 
-}  // namespace
+void t5_laws(LawTable& t) {
+  using namespace laws;
+  const auto f64 = torch::kFloat64;
+  const uint64_t seed = t.seed;
+  auto in = random_inputs(f64, seed);
+  auto fresh = [&](const std::string& name, PeOptions o = {}) { return build(name, f64, seed, o, false); };
+  // A table -m_h b, with every distance (< 13) in the exact buckets (< 16), is ALiBi.
+  auto e = fresh("t5");
+  {
+    torch::NoGradGuard ng;
+    auto slopes = torch::tensor(alibi_slopes(kShape.heads), f64);
+    param(e, "table").copy_(-torch::arange(32, f64).unsqueeze(1) * slopes.unsqueeze(0));
+  }
+  t.add("table -m_h b == alibi",
+        max_diff(logits_at(*e, in, 4), scaled_alibi_logits(torch::ones({kShape.heads}, f64), in)), 1e-12);
+}
 
-namespace detail {
+void kerple_laws(LawTable& t) {
+  using namespace laws;
+  const auto f64 = torch::kFloat64;
+  const uint64_t seed = t.seed;
+  auto in = random_inputs(f64, seed);
+  // Log form against -r1 log1p(r2 n) written out per entry; power form with r2 = 2 sigmoid(0) = 1 is ALiBi.
+  auto e = build("kerple", f64, seed);
+  auto r1 = torch::softplus(param(e, "rho1").detach()), r2 = torch::softplus(param(e, "rho2").detach());
+  auto st = e->initial_state(kBatch, 30);
+  auto tok = e->encode(in.q, in.k, in.x, st);
+  auto b = e->bias(tok, KeyCache::from(tok));
+  double err = 0.0;
+  for (int64_t h = 0; h < kShape.heads; ++h)
+    for (int64_t i = 0; i < kLen; ++i)
+      for (int64_t j = 0; j <= i; ++j)
+        err =
+            std::max(err, std::abs(b[0][h][i][j].item<double>() +
+                                   r1[h].item<double>() * std::log1p(r2[h].item<double>() * double(i - j))));
+  t.add("log: bias == -r1 log1p(r2 (i-j))", err, 1e-12);
+  auto p = build("kerple", f64, seed, PeOptions{{"variant", "power"}});
+  {
+    torch::NoGradGuard ng;
+    param(p, "rho2").zero_();
+  }
+  auto slopes = torch::tensor(alibi_slopes(kShape.heads), f64);
+  auto factor = torch::softplus(param(p, "rho1").detach()) / slopes;
+  t.add("power, r2 = 1 == alibi(r1)", max_diff(logits_at(*p, in, 0), scaled_alibi_logits(factor, in)), 1e-12);
+}
+
+void fire_laws(LawTable& t) {
+  using namespace laws;
+  const auto f64 = torch::kFloat64;
+  const uint64_t seed = t.seed;
+  auto in = random_inputs(f64, seed);
+  auto fresh = [&](const std::string& name, PeOptions o = {}) { return build(name, f64, seed, o, false); };
+  auto e = build("fire", f64, seed);
+  {
+    torch::NoGradGuard ng;
+    param(e, "mlp_w2").zero_();
+  }
+  t.add("zero output layer == nope", logits_gap(e, fresh("nope"), in, 3), 0.0);
+  // Relative below the threshold L = 512, not beyond it (the query position normalises there).
+  auto r = build("fire", f64, seed);
+  {
+    torch::NoGradGuard ng;
+    param(r, "log_l").zero_();
+  }
+  auto base = logits_at(*r, in, 0);
+  t.add("i < L: shift by 17, 300 == unshifted",
+        std::max(max_diff(base, logits_at(*r, in, 17)), max_diff(base, logits_at(*r, in, 300))), 1e-12);
+  t.add("i > L: shift changes logits: 1e-6 / |diff|",
+        1e-6 / max_diff(logits_at(*r, in, 600), logits_at(*r, in, 700)), 1.0);
+}
 
 void add_relative_bias(std::vector<EncodingInfo>& out) {
   out.push_back(
@@ -214,14 +287,16 @@ void add_relative_bias(std::vector<EncodingInfo>& out) {
        {{"num_buckets", "32", "buckets (>= 2); the first num_buckets/2 are exact distances"},
         {"max_distance", "128", "distances >= max_distance share the last bucket (> num_buckets/2)"}},
        {"table  [num_buckets, H]  init 0 (starts as nope)"},
-       [](const HeadShape& s, const PeOptions& o) { return std::make_shared<T5>(s, o); }});
+       [](const HeadShape& s, const PeOptions& o) { return std::make_shared<T5>(s, o); },
+       t5_laws});
   out.push_back({"kerple",
                  "additive",
                  "KERPLE: bias -r1 log(1 + r2 (i-j)) or -r1 (i-j)^r2, r1, r2 > 0 per head",
                  {{"variant", "log", "log: -r1 log(1 + r2 n); power: -r1 n^r2 with 0 < r2 < 2"}},
                  {"rho1  [H]  r1 = softplus(rho1), init r1 ~ U(0.01, 2)",
                   "rho2  [H]  r2 = softplus(rho2) (log) or 2 sigmoid(rho2) (power), init r2 ~ U(0.01, 1)"},
-                 [](const HeadShape& s, const PeOptions& o) { return std::make_shared<Kerple>(s, o); }});
+                 [](const HeadShape& s, const PeOptions& o) { return std::make_shared<Kerple>(s, o); },
+                 kerple_laws});
   out.push_back(
       {"fire",
        "additive",
@@ -232,8 +307,11 @@ void add_relative_bias(std::vector<EncodingInfo>& out) {
        {"mlp_w1  [W]  init U(-1, 1)", "mlp_b1  [W]  init U(-1, 1)",
         "mlp_w2  [H, W]  init U(-1/sqrt(W), 1/sqrt(W)) (no output bias: it cancels in the softmax)",
         "log_c  [1]  init log(option c) (c = exp(log_c))", "log_l  [1]  init 0 (L = threshold exp(log_l))"},
-       [](const HeadShape& s, const PeOptions& o) { return std::make_shared<Fire>(s, o); }});
+       [](const HeadShape& s, const PeOptions& o) { return std::make_shared<Fire>(s, o); },
+       fire_laws});
 }
 
-}  // namespace detail
+const detail::Registration registration(add_relative_bias);
+
+}  // namespace
 }  // namespace grape

@@ -12,6 +12,7 @@
 
 #include "pe/context_extension.hpp"
 #include "pe/families.hpp"
+#include "pe/laws.hpp"
 
 namespace grape {
 
@@ -236,7 +237,7 @@ class RoPE : public Encoding {
   }
 
  protected:
-  PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor&,
+  PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const TokenContext&,
                         PeState& st) override {
     if (ext_.dynamic()) return {q, k};  // the cache keeps pre-rotation keys; attention_qk rotates
     const int64_t T = q.size(1);
@@ -283,7 +284,7 @@ class XPos : public Encoding {
   }
 
  protected:
-  PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor&,
+  PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const TokenContext&,
                         PeState& st) override {
     const int64_t T = q.size(1);
     auto ang = position_angles(st.next_pos, T, torch::exp(log_theta_.to(q.scalar_type())));
@@ -350,7 +351,7 @@ class GrapeM : public Encoding {
     if (ext_.dynamic()) return x;
     return ext_.temper(rotate(x, offset, offset + x.size(1)));
   }
-  PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor&,
+  PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const TokenContext&,
                         PeState& st) override {
     return {encode_one(q, st.next_pos), encode_one(k, st.next_pos)};
   }
@@ -376,7 +377,7 @@ class GrapeMPlanes : public GrapeM {
   }
 
  protected:
-  PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor&,
+  PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const TokenContext&,
                         PeState& st) override {
     auto B = basis();
     auto apply = [&](const torch::Tensor& x) {
@@ -400,6 +401,79 @@ EncodingPtr make_extended_rope(const HeadShape& s, const PeOptions& o, const std
   return std::make_shared<RoPE>(s, o, name, fixed_method, default_factor);
 }
 
+}  // namespace detail
+
+namespace {
+
+void rope_laws(LawTable& t) {
+  using namespace laws;
+  const auto f64 = torch::kFloat64;
+  const uint64_t seed = t.seed;
+  auto in = random_inputs(f64, seed);
+  auto fresh = [&](const std::string& name, PeOptions o = {}) { return build(name, f64, seed, o, false); };
+  t.add("fraction=1, p=1 == rope",
+        logits_gap(fresh("rope", PeOptions{{"fraction", "1"}, {"p", "1"}}), fresh("rope"), in, 5), 0.0);
+  t.add("p=0 == nope", logits_gap(fresh("rope", PeOptions{{"p", "0"}}), fresh("nope"), in, 5), 0.0);
+  // Interleaved pairing is half pairing conjugated by the fixed permutation (2i -> i, 2i+1 -> i+D/2).
+  const int64_t D = kShape.head_dim;
+  std::vector<int64_t> perm(D);
+  for (int64_t i = 0; i < D / 2; ++i) perm[i] = 2 * i, perm[i + D / 2] = 2 * i + 1;
+  auto idx = torch::tensor(perm);
+  Inputs permuted{in.q.index_select(-1, idx), in.k.index_select(-1, idx), in.v, in.x};
+  t.add("interleaved == permuted half",
+        max_diff(logits_at(*fresh("rope", PeOptions{{"pairing", "interleaved"}}), in, 3),
+                 logits_at(*fresh("rope"), permuted, 3)),
+        1e-12);
+  // Partial rotary leaves the unrotated dims alone.
+  auto part = fresh("rope", PeOptions{{"fraction", "0.5"}});
+  auto st = part->initial_state(kBatch, 7);
+  auto tok = part->encode(in.q, in.k, in.x, st);
+  t.add("fraction=0.5: last D/2 dims untouched",
+        max_diff(tok.q.narrow(-1, D / 2, D / 2), in.q.narrow(-1, D / 2, D / 2)), 0.0);
+}
+
+void xpos_laws(LawTable& t) {
+  using namespace laws;
+  const auto f64 = torch::kFloat64;
+  const uint64_t seed = t.seed;
+  auto in = random_inputs(f64, seed);
+  auto fresh = [&](const std::string& name, PeOptions o = {}) { return build(name, f64, seed, o, false); };
+  t.add("scale_base=1e30 == rope",
+        logits_gap(fresh("xpos", PeOptions{{"scale_base", "1e30"}}), fresh("rope"), in, 9), 1e-12);
+}
+
+void grape_m_laws(LawTable& t) {
+  using namespace laws;
+  const uint64_t seed = t.seed;
+  auto in32 = random_inputs(torch::kFloat32, seed);
+  auto fresh32 = [&](const std::string& name, PeOptions o = {}) {
+    return build(name, torch::kFloat32, seed, o, false);
+  };
+  for (auto pairing : {"half", "interleaved"}) {
+    PeOptions o{{"pairing", pairing}};
+    t.add(fmt::format("at init == rope ({}, fp32)", pairing),
+          logits_gap(fresh32("grape-m", o), fresh32("rope", o), in32, 11), 0.0);
+  }
+  t.add("per_head at init == rope (fp32)",
+        logits_gap(fresh32("grape-m", PeOptions{{"per_head", "true"}}), fresh32("rope"), in32, 11), 0.0);
+}
+
+void grape_m_planes_laws(LawTable& t) {
+  using namespace laws;
+  const auto f64 = torch::kFloat64;
+  const uint64_t seed = t.seed;
+  auto in = random_inputs(f64, seed);
+  auto fresh = [&](const std::string& name, PeOptions o = {}) { return build(name, f64, seed, o, false); };
+  auto planes = build("grape-m-planes", f64, seed);  // perturbed frequencies ...
+  auto gm = fresh("grape-m");
+  {
+    torch::NoGradGuard ng;
+    param(planes, "basis_logits").zero_();  // ... but the identity basis
+    param(gm, "lambda").copy_(param(planes, "lambda"));
+  }
+  t.add("identity basis == grape-m", logits_gap(planes, gm, in, 4), 1e-13);
+}
+
 void add_rotary(std::vector<EncodingInfo>& out) {
   auto layout = rotary_layout_options();
   const auto extension = context_extension_options();
@@ -417,7 +491,8 @@ void add_rotary(std::vector<EncodingInfo>& out) {
              {"p", "1", "p-RoPE: keep the highest-frequency fraction p of frequencies, zero the rest"}},
             true),
        {},
-       [](const HeadShape& s, const PeOptions& o) { return std::make_shared<RoPE>(s, o); }});
+       [](const HeadShape& s, const PeOptions& o) { return std::make_shared<RoPE>(s, o); },
+       rope_laws});
   out.push_back({"xpos",
                  "multiplicative",
                  "xPos: RoPE with a per-frequency decay zeta^((i-j)/S) (fixed centre, exact when decoding)",
@@ -426,7 +501,8 @@ void add_rotary(std::vector<EncodingInfo>& out) {
                        {"scale_base", "512", "S: decay length scale"},
                        {"center", "0", "c: fixed centre of the q/k scales (numerical range only)"}}),
                  {},
-                 [](const HeadShape& s, const PeOptions& o) { return std::make_shared<XPos>(s, o); }});
+                 [](const HeadShape& s, const PeOptions& o) { return std::make_shared<XPos>(s, o); },
+                 xpos_laws});
   out.push_back({"grape-m",
                  "multiplicative",
                  "GRAPE-M: RoPE planes with learned log-frequencies theta = exp(lambda/16), RoPE init",
@@ -435,7 +511,8 @@ void add_rotary(std::vector<EncodingInfo>& out) {
                        {"log_freq_scale", "16", "s in theta = exp(lambda/s)"}},
                       true),
                  {"lambda  [1 or H, D/2]  init s*log(base^(-2i/D))"},
-                 [](const HeadShape& s, const PeOptions& o) { return std::make_shared<GrapeM>(s, o); }});
+                 [](const HeadShape& s, const PeOptions& o) { return std::make_shared<GrapeM>(s, o); },
+                 grape_m_laws});
   out.push_back(
       {"grape-m-planes",
        "multiplicative",
@@ -446,8 +523,11 @@ void add_rotary(std::vector<EncodingInfo>& out) {
              {"log_freq_scale", "16", "s in theta = exp(lambda/s)"}},
             true),
        {"lambda  [1 or H, D/2]  init s*log(base^(-2i/D))", "basis_logits  [1 or H, D, D]  init 0 (B = I)"},
-       [](const HeadShape& s, const PeOptions& o) { return std::make_shared<GrapeMPlanes>(s, o); }});
+       [](const HeadShape& s, const PeOptions& o) { return std::make_shared<GrapeMPlanes>(s, o); },
+       grape_m_planes_laws});
 }
 
-}  // namespace detail
+const detail::Registration registration(add_rotary);
+
+}  // namespace
 }  // namespace grape
