@@ -1,10 +1,12 @@
 # The two commands of the README:
 #   make demo   installs what is needed, builds (Release) and runs the main job
-#   make test   installs what is needed, builds and runs the whole test suite
+#   make test   installs what is needed, checks the formatting, builds (warnings are errors), runs the whole
+#               test suite, then builds and runs the torch-free kernel and file-format tests under
+#               AddressSanitizer + UndefinedBehaviorSanitizer (scripts/sanitize.sh)
 BUILD ?= build
 JOBS  ?= $(shell nproc)
 
-.PHONY: demo test setup configure build clean
+.PHONY: demo test setup configure build format-check sanitize clean
 
 setup:
 	@bash scripts/setup.sh
@@ -19,8 +21,15 @@ demo: configure
 	@cmake --build $(BUILD) -j $(JOBS) --target grape_cli
 	$(BUILD)/grape compare --out grape-compare
 
-test: build
+format-check: setup
+	@bash scripts/check_format.sh
+
+sanitize: setup
+	@bash scripts/sanitize.sh
+
+test: format-check build
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
+	@bash scripts/sanitize.sh
 
 clean:
-	rm -rf $(BUILD)
+	rm -rf $(BUILD) build-sanitize

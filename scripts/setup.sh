@@ -4,6 +4,7 @@ set -euo pipefail
 
 PACKAGES=(
   cmake g++ make ccache pkg-config
+  clang-format                        # the formatting check of `make test` (.clang-format)
   libtorch-dev libopenblas0-openmp    # tensors/autograd; OpenBLAS on LibTorch's OpenMP threads (see CMakeLists)
   libgtest-dev libgmock-dev           # tests
   libbenchmark-dev                    # benchmarks
