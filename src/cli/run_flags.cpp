@@ -45,14 +45,6 @@ void add_run_flags(CLI::App* cmd, RunFlags& f, bool with_pe) {
 
 namespace {
 
-// "key=value" → (key, value), or a clear error naming the flag.
-std::pair<std::string, std::string> split_assignment(const std::string& flag, const std::string& s) {
-  const auto eq = s.find('=');
-  if (eq == std::string::npos || eq == 0)
-    throw std::invalid_argument(fmt::format("{} expects key=value, got '{}'", flag, s));
-  return {s.substr(0, eq), s.substr(eq + 1)};
-}
-
 // A TOML table as the equivalent JSON object (configs hold tables, strings, numbers and booleans only).
 nlohmann::json toml_to_json(const toml::table& table, const std::string& file) {
   nlohmann::json out = nlohmann::json::object();
@@ -136,7 +128,7 @@ std::pair<ModelConfig, train::TrainConfig> resolve_run_flags(const RunFlags& f) 
     }
   }
   for (const auto& s : f.sets) {
-    auto [key, value] = split_assignment("--set", s);
+    auto [key, value] = split_key_value(s, "--set");
     if (is_train_field(key))
       tr.set(key, value);
     else
@@ -147,7 +139,7 @@ std::pair<ModelConfig, train::TrainConfig> resolve_run_flags(const RunFlags& f) 
     model.pe_options.clear();  // options of the preset's encoding do not carry over
   }
   for (const auto& s : f.pe_sets) {
-    auto [key, value] = split_assignment("--pe-set", s);
+    auto [key, value] = split_key_value(s, "--pe-set");
     model.pe_options[key] = value;
   }
   if (f.kv_shift) model.kv_shift = true;
