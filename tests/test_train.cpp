@@ -8,6 +8,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -106,6 +107,46 @@ TEST(TrainConfigTest, JsonRoundTripAndClearErrors) {
   c.steps = 0;
   EXPECT_THROW(c.validate(), std::invalid_argument);
   EXPECT_THROW(TrainConfig::from_json("{\"lr\": [1]}"), std::invalid_argument);
+  // The messages name the config (or the file) and the key.
+  auto message = [](const std::function<void()>& fn) {
+    try {
+      fn();
+    } catch (const std::invalid_argument& e) {
+      return std::string(e.what());
+    }
+    return std::string("(no error)");
+  };
+  EXPECT_EQ(message([&] { c.set("steps", "12x"); }), "train config: steps='12x' is not an integer");
+  EXPECT_EQ(message([&] { c.set("seed", "-1"); }), "train config: seed='-1' is not an integer >= 0");
+  EXPECT_EQ(message([&] { c.set("lr", "fast", "run.toml [train]"); }),
+            "run.toml [train]: lr='fast' is not a finite number");
+  EXPECT_EQ(message([] {
+              TrainConfig t;
+              t.beta1 = 1;
+              t.validate();
+            }),
+            "train config: beta1 must be in [0, 1), got 1");
+  EXPECT_EQ(message([] { TrainConfig::from_json(R"({"lr": "3e-4"})"); }),
+            "train config JSON: field 'lr' must be a number, got string (\"3e-4\")");
+  EXPECT_EQ(message([] { TrainConfig::from_json(R"({"steps": 0})"); }),
+            "train config: steps must be >= 1, got 0");
+  EXPECT_NE(message([] {
+              TrainConfig().set_section(R"({"learning_rate": 1})", "c.toml [train]");
+            }).find("c.toml [train]: unknown setting 'learning_rate' (known: steps, batch"),
+            std::string::npos);
+  TrainConfig from_file;
+  from_file.set_section(R"({"lr": "3e-4", "steps": 7, "data": "synthetic:copy"})", "c.toml [train]");
+  EXPECT_DOUBLE_EQ(from_file.lr, 3e-4);
+  EXPECT_EQ(from_file.steps, 7);
+  // Every field: listed with its default, which set() takes back unchanged.
+  for (const auto& f : TrainConfig::fields()) {
+    TrainConfig t;
+    t.set(f.name, f.default_value);
+    EXPECT_EQ(t.to_json(), TrainConfig().to_json()) << f.name << "=" << f.default_value;
+    EXPECT_TRUE(TrainConfig::has_key(f.name));
+    EXPECT_FALSE(grape::ModelConfig::has_key(f.name)) << f.name << " is in both tables";
+  }
+  EXPECT_EQ(TrainConfig::fields().size(), 20u);
 }
 
 TEST(TrainSampling, GreedyTopKTopPAndTheDistribution) {
@@ -396,6 +437,38 @@ TEST_F(Train, ConfigFilesTomlAndJsonThenFlagsOverride) {
   r = run_cli("train --config " + path("bad2.toml") + " --out " + path("b"));
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.output.find("layers"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find(path("bad2.toml") + " [model]: unknown setting 'layers'"), std::string::npos)
+      << r.output;
+  // A bad value names the file, the section and the key.
+  grape::io::write_file_atomic(path("bad3.toml"), "[model]\nn_layer = \"abc\"\n");
+  r = run_cli("train --config " + path("bad3.toml") + " --out " + path("b"));
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.output.find(path("bad3.toml") + " [model]: n_layer='abc' is not an integer"), std::string::npos)
+      << r.output;
+  grape::io::write_file_atomic(path("bad4.json"), R"({"train": {"warmup": -1}})");
+  r = run_cli("train --config " + path("bad4.json") + " --out " + path("b"));
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.output.find("train config: warmup must be >= 0, got -1"), std::string::npos) << r.output;
+}
+
+TEST_F(Train, SetHelpListsEveryFieldWithItsDefaultAndUnknownKeysListBothConfigs) {
+  auto r = run_cli("train --help");
+  ASSERT_EQ(r.code, 0) << r.output;
+  for (const char* line : {"n_layer=4", "transformer blocks (>= 1)", "pe.OPTION=", "attention=fused",
+                           "lr=0.001", "seed=42", "val_fraction=0.1", "data=bible"})
+    EXPECT_NE(r.output.find(line), std::string::npos) << line << "\n" << r.output;
+  r = run_cli("train --set n_layers=3 --out " + path("a"));
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.output.find("--set: unknown setting 'n_layers' (model: preset, vocab_size, n_layer"),
+            std::string::npos)
+      << r.output;
+  EXPECT_NE(r.output.find("; train: steps, batch"), std::string::npos) << r.output;
+  r = run_cli("train --set lr=fast --out " + path("a"));
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.output.find("--set: lr='fast' is not a finite number"), std::string::npos) << r.output;
+  r = run_cli("train --set n_layer --out " + path("a"));
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.output.find("--set 'n_layer' must look like key=value"), std::string::npos) << r.output;
 }
 
 TEST_F(Train, SyntheticTaskRunReportsExactMatchAccuracy) {

@@ -266,6 +266,8 @@ RunInfo read_run(const std::string& dir) {
     info.train = TrainConfig::from_json(run.at("train").dump());
   } catch (const json::exception& e) {
     throw std::runtime_error(fmt::format("{}: {}", path, e.what()));
+  } catch (const std::invalid_argument& e) {  // a field the tables refuse: say which file holds it
+    throw std::invalid_argument(fmt::format("{}: {}", path, e.what()));
   }
   return info;
 }

@@ -1,6 +1,6 @@
-// Training: the config, the schedule, one AdamW step, and the loop that logs, validates, checkpoints and
-// resumes. A run is a pure function of its configs: batches depend only on (seed, step, micro-batch), so a
-// resumed run repeats the uninterrupted one step for step.
+// Training: the schedule, one AdamW step, and the loop that logs, validates, checkpoints and resumes (the
+// config is in config.cpp). A run is a pure function of its configs: batches depend only on (seed, step,
+// micro-batch), so a resumed run repeats the uninterrupted one step for step.
 #include <fmt/format.h>
 #include <unistd.h>
 
@@ -13,7 +13,6 @@
 #include <limits>
 #include <numbers>
 #include <stdexcept>
-#include <variant>
 
 #include "grape/distributed.hpp"
 #include "grape/io.hpp"
@@ -23,136 +22,6 @@ namespace grape::train {
 
 namespace fs = std::filesystem;
 using nlohmann::json;
-
-// ---- config ------------------------------------------------------------------------------------------
-
-namespace {
-
-using FieldPtr = std::variant<int64_t TrainConfig::*, double TrainConfig::*, uint64_t TrainConfig::*,
-                              std::string TrainConfig::*>;
-const std::vector<std::pair<std::string, FieldPtr>>& train_fields() {
-  static const std::vector<std::pair<std::string, FieldPtr>> fields = {
-      {"steps", &TrainConfig::steps},
-      {"batch", &TrainConfig::batch},
-      {"accum", &TrainConfig::accum},
-      {"lr", &TrainConfig::lr},
-      {"min_lr", &TrainConfig::min_lr},
-      {"warmup", &TrainConfig::warmup},
-      {"weight_decay", &TrainConfig::weight_decay},
-      {"beta1", &TrainConfig::beta1},
-      {"beta2", &TrainConfig::beta2},
-      {"adam_eps", &TrainConfig::adam_eps},
-      {"grad_clip", &TrainConfig::grad_clip},
-      {"eval_every", &TrainConfig::eval_every},
-      {"eval_batches", &TrainConfig::eval_batches},
-      {"ckpt_every", &TrainConfig::ckpt_every},
-      {"keep_last", &TrainConfig::keep_last},
-      {"log_every", &TrainConfig::log_every},
-      {"seed", &TrainConfig::seed},
-      {"data", &TrainConfig::data},
-      {"tokenizer", &TrainConfig::tokenizer},
-      {"val_fraction", &TrainConfig::val_fraction},
-  };
-  return fields;
-}
-
-template <typename T>
-T parse_number(const std::string& key, const std::string& value) {
-  try {
-    size_t used = 0;
-    T v;
-    if constexpr (std::is_same_v<T, double>)
-      v = std::stod(value, &used);
-    else if constexpr (std::is_same_v<T, uint64_t>)
-      v = std::stoull(value, &used);
-    else
-      v = std::stoll(value, &used);
-    if (used != value.size()) throw std::invalid_argument(value);
-    if constexpr (std::is_same_v<T, uint64_t>)
-      if (!value.empty() && value[0] == '-') throw std::invalid_argument(value);
-    return v;
-  } catch (const std::logic_error&) {
-    throw std::invalid_argument(fmt::format("train setting {}: '{}' is not a valid {}", key, value,
-                                            std::is_same_v<T, double> ? "number" : "integer"));
-  }
-}
-
-}  // namespace
-
-void TrainConfig::set(const std::string& key, const std::string& value) {
-  for (const auto& [name, field] : train_fields()) {
-    if (name != key) continue;
-    std::visit(
-        [&](auto ptr) {
-          using V = std::remove_reference_t<decltype(this->*ptr)>;
-          if constexpr (std::is_same_v<V, std::string>)
-            this->*ptr = value;
-          else
-            this->*ptr = parse_number<V>(key, value);
-        },
-        field);
-    return;
-  }
-  std::string known;
-  for (const auto& f : train_fields()) known += (known.empty() ? "" : ", ") + f.first;
-  throw std::invalid_argument(fmt::format("unknown train setting '{}' (known: {})", key, known));
-}
-
-void TrainConfig::validate() const {
-  auto positive = [](const char* name, double v) {
-    if (!(v > 0)) throw std::invalid_argument(fmt::format("train setting {} must be > 0, got {}", name, v));
-  };
-  auto non_negative = [](const char* name, double v) {
-    if (!(v >= 0)) throw std::invalid_argument(fmt::format("train setting {} must be >= 0, got {}", name, v));
-  };
-  positive("steps", double(steps));
-  positive("batch", double(batch));
-  positive("accum", double(accum));
-  positive("lr", lr);
-  non_negative("min_lr", min_lr);
-  non_negative("warmup", double(warmup));
-  non_negative("weight_decay", weight_decay);
-  non_negative("grad_clip", grad_clip);
-  non_negative("eval_every", double(eval_every));
-  positive("eval_batches", double(eval_batches));
-  non_negative("ckpt_every", double(ckpt_every));
-  positive("keep_last", double(keep_last));
-  positive("log_every", double(log_every));
-  positive("adam_eps", adam_eps);
-  if (!(beta1 >= 0 && beta1 < 1) || !(beta2 >= 0 && beta2 < 1))
-    throw std::invalid_argument(
-        fmt::format("train settings beta1, beta2 must be in [0, 1), got {}, {}", beta1, beta2));
-  if (!(val_fraction > 0 && val_fraction < 1))
-    throw std::invalid_argument(
-        fmt::format("train setting val_fraction must be in (0, 1), got {}", val_fraction));
-}
-
-std::string TrainConfig::to_json() const {
-  json j = json::object();
-  for (const auto& [name, field] : train_fields()) std::visit([&](auto ptr) { j[name] = this->*ptr; }, field);
-  return j.dump(2);
-}
-
-TrainConfig TrainConfig::from_json(const std::string& text) {
-  json j;
-  try {
-    j = json::parse(text);
-  } catch (const json::exception& e) {
-    throw std::invalid_argument(fmt::format("train config is not valid JSON: {}", e.what()));
-  }
-  if (!j.is_object()) throw std::invalid_argument("train config must be a JSON object");
-  TrainConfig cfg;
-  for (const auto& [key, value] : j.items()) {
-    if (value.is_string())
-      cfg.set(key, value.get<std::string>());
-    else if (value.is_number())
-      cfg.set(key, value.dump());
-    else
-      throw std::invalid_argument(
-          fmt::format("train setting {}: expected a number or string, got {}", key, value.dump()));
-  }
-  return cfg;
-}
 
 // ---- schedule and data order -----------------------------------------------------------------------
 
