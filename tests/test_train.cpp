@@ -18,6 +18,7 @@
 #include "grape/io.hpp"
 #include "grape/train.hpp"
 #include "run_dir_fixture.hpp"
+#include "train/run_files.hpp"
 
 namespace {
 
@@ -222,6 +223,45 @@ TEST_F(Train, ResumedRunRepeatsTheUninterruptedOneExactly) {
   auto wb = grape::io::read_safetensors(path("split/checkpoints/step_00000012/model.safetensors"));
   ASSERT_EQ(wa.size(), wb.size());
   for (const auto& [name, t] : wa) EXPECT_TRUE(torch::equal(t, wb.at(name))) << name;
+}
+
+// Reads of checkpoint files by read_checkpoint since `before` (the library counts them per path).
+std::map<std::string, int> reads_since(const std::map<std::string, int>& before) {
+  std::map<std::string, int> out;
+  for (const auto& [file, n] : grape::train::detail::checkpoint_file_reads()) {
+    const int d = n - (before.count(file) ? before.at(file) : 0);
+    if (d != 0)
+      out[fs::path(file).parent_path().filename().string() + "/" + fs::path(file).filename().string()] = d;
+  }
+  return out;
+}
+
+TEST_F(Train, ResumeAndLoadingReadEachCheckpointFileOnce) {
+  cfg.ckpt_every = 2;
+  train("run", false, /*stop_after=*/4);
+  using Reads = std::map<std::string, int>;
+  auto before = grape::train::detail::checkpoint_file_reads();
+  train("run", /*resume=*/true, /*stop_after=*/6);
+  EXPECT_EQ(reads_since(before), (Reads{{"step_00000004/state.json", 1},
+                                        {"step_00000004/model.safetensors", 1},
+                                        {"step_00000004/optimizer.pt", 1}}));
+  // A damaged latest checkpoint is read as far as its damage, the previous one once.
+  std::string bytes = grape::io::read_file(path("run/checkpoints/step_00000006/model.safetensors"));
+  bytes[bytes.size() / 2] ^= 0x10;
+  grape::io::write_file_atomic(path("run/checkpoints/step_00000006/model.safetensors"), bytes);
+  before = grape::train::detail::checkpoint_file_reads();
+  train("run", /*resume=*/true, /*stop_after=*/8);
+  EXPECT_EQ(reads_since(before), (Reads{{"step_00000006/state.json", 1},
+                                        {"step_00000006/model.safetensors", 1},
+                                        {"step_00000004/state.json", 1},
+                                        {"step_00000004/model.safetensors", 1},
+                                        {"step_00000004/optimizer.pt", 1}}));
+  // Loading a model for eval/generate: each file once as well.
+  before = grape::train::detail::checkpoint_file_reads();
+  grape::train::load_model(grape::train::read_run(path("run")));
+  EXPECT_EQ(reads_since(before), (Reads{{"step_00000008/state.json", 1},
+                                        {"step_00000008/model.safetensors", 1},
+                                        {"step_00000008/optimizer.pt", 1}}));
 }
 
 TEST_F(Train, CorruptOrMismatchedCheckpointsAreRefusedByName) {
