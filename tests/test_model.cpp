@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <functional>
@@ -614,8 +615,57 @@ TEST(ModelConfig, SetParsesEveryFieldAndNamesErrors) {
   expect_invalid([&] { c.set("kv_shift", "maybe"); }, {"kv_shift='maybe'", "boolean"});
   expect_invalid([&] { c.set("pe", "ropee"); }, {"unknown encoding 'ropee'", "rope"});
   expect_invalid([&] { c.set("n_layers", "2"); },
-                 {"unknown model setting 'n_layers'", "n_layer", "pe.OPTION"});
+                 {"model config: unknown setting 'n_layers'", "n_layer", "pe.OPTION"});
   expect_invalid([&] { c.set("preset", "huge"); }, {"unknown model preset 'huge'"});
+}
+
+TEST(ModelConfig, OneTableDrivesSetJsonAndTheHelp) {
+  // Every field of the table is listed with the default of a default-constructed config, in a form that set()
+  // takes back unchanged; options fields are listed as set() takes them (pe.OPTION).
+  const ModelConfig defaults;
+  std::vector<std::string> names;
+  for (const auto& f : ModelConfig::fields()) {
+    names.push_back(f.name);
+    EXPECT_FALSE(f.help.empty()) << f.name;
+    if (f.name == "pe.OPTION") continue;
+    ModelConfig c;
+    c.set(f.name, f.default_value);
+    EXPECT_EQ(c.to_json(), defaults.to_json()) << f.name << "=" << f.default_value;
+  }
+  EXPECT_EQ(names.front(), "preset");
+  EXPECT_NE(std::find(names.begin(), names.end(), "pe.OPTION"), names.end());
+  EXPECT_EQ(names.size(), 14u);  // every member of ModelConfig
+  EXPECT_TRUE(ModelConfig::has_key("n_layer"));
+  EXPECT_TRUE(ModelConfig::has_key("pe.base"));
+  EXPECT_FALSE(ModelConfig::has_key("pe."));
+  EXPECT_FALSE(ModelConfig::has_key("pe_options"));  // options are set one at a time
+  EXPECT_FALSE(ModelConfig::has_key("lr"));
+  expect_invalid([] { ModelConfig().set("attention", "fast"); },
+                 {"model config: attention='fast' is not one of fused|reference"});
+}
+
+TEST(ModelConfig, ConfigFileSectionsNameTheFileAndTheKey) {
+  // Typed or text values; the preset is applied first whatever the order, options one by one.
+  ModelConfig c;
+  c.set_section(R"({"n_layer": 2, "preset": "small", "pe_options": {"base": 500}, "kv_shift": "true"})",
+                "run.toml [model]");
+  EXPECT_EQ(c.preset, "small");
+  EXPECT_EQ(c.n_embd, 384);  // from the preset
+  EXPECT_EQ(c.n_layer, 2);   // not undone by the preset
+  EXPECT_EQ(c.pe_options.at("base"), "500");
+  EXPECT_TRUE(c.kv_shift);
+  expect_invalid([] { ModelConfig().set_section(R"({"n_layer": "abc"})", "run.toml [model]"); },
+                 {"run.toml [model]: n_layer='abc' is not an integer"});
+  expect_invalid([] { ModelConfig().set_section(R"({"n_layer": 2.5})", "run.toml [model]"); },
+                 {"run.toml [model]: n_layer='2.5' is not an integer"});
+  expect_invalid([] { ModelConfig().set_section(R"({"layers": 3})", "run.toml [model]"); },
+                 {"run.toml [model]: unknown setting 'layers'", "n_layer", "pe_options"});
+  expect_invalid([] { ModelConfig().set_section(R"({"pe": "ropee"})", "c.json [model]"); },
+                 {"c.json [model]: pe: unknown encoding 'ropee'"});
+  expect_invalid([] { ModelConfig().set_section(R"({"preset": "huge"})", "c.json [model]"); },
+                 {"c.json [model]: preset: unknown model preset 'huge'"});
+  expect_invalid([] { ModelConfig().set_section(R"({"pe_options": 3})", "c.json [model]"); },
+                 {"c.json [model]: pe_options must be a table of options"});
 }
 
 TEST(ModelConfig, ValidateNamesTheField) {
@@ -626,9 +676,9 @@ TEST(ModelConfig, ValidateNamesTheField) {
     expect_invalid([&] { Transformer m(c); }, parts);  // the model validates too
   };
   bad([](ModelConfig& c) { c.n_embd = 130; }, {"n_embd=130", "n_head=4"});
-  bad([](ModelConfig& c) { c.n_layer = 0; }, {"n_layer must be positive"});
-  bad([](ModelConfig& c) { c.n_head = -1; }, {"n_head must be positive"});
-  bad([](ModelConfig& c) { c.context = 0; }, {"context must be positive"});
+  bad([](ModelConfig& c) { c.n_layer = 0; }, {"model config: n_layer must be >= 1, got 0"});
+  bad([](ModelConfig& c) { c.n_head = -1; }, {"n_head must be >= 1, got -1"});
+  bad([](ModelConfig& c) { c.context = 0; }, {"context must be >= 1"});
   bad([](ModelConfig& c) { c.vocab_size = 1; }, {"vocab_size must be >= 2"});
   bad([](ModelConfig& c) { c.mlp_hidden = -5; }, {"mlp_hidden"});
   bad([](ModelConfig& c) { c.norm_eps = 0; }, {"norm_eps"});

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -17,6 +18,7 @@
 #include "grape/io.hpp"
 #include "grape/train.hpp"
 #include "run_dir_fixture.hpp"
+#include "train/run_files.hpp"
 
 namespace {
 
@@ -106,6 +108,46 @@ TEST(TrainConfigTest, JsonRoundTripAndClearErrors) {
   c.steps = 0;
   EXPECT_THROW(c.validate(), std::invalid_argument);
   EXPECT_THROW(TrainConfig::from_json("{\"lr\": [1]}"), std::invalid_argument);
+  // The messages name the config (or the file) and the key.
+  auto message = [](const std::function<void()>& fn) {
+    try {
+      fn();
+    } catch (const std::invalid_argument& e) {
+      return std::string(e.what());
+    }
+    return std::string("(no error)");
+  };
+  EXPECT_EQ(message([&] { c.set("steps", "12x"); }), "train config: steps='12x' is not an integer");
+  EXPECT_EQ(message([&] { c.set("seed", "-1"); }), "train config: seed='-1' is not an integer >= 0");
+  EXPECT_EQ(message([&] { c.set("lr", "fast", "run.toml [train]"); }),
+            "run.toml [train]: lr='fast' is not a finite number");
+  EXPECT_EQ(message([] {
+              TrainConfig t;
+              t.beta1 = 1;
+              t.validate();
+            }),
+            "train config: beta1 must be in [0, 1), got 1");
+  EXPECT_EQ(message([] { TrainConfig::from_json(R"({"lr": "3e-4"})"); }),
+            "train config JSON: field 'lr' must be a number, got string (\"3e-4\")");
+  EXPECT_EQ(message([] { TrainConfig::from_json(R"({"steps": 0})"); }),
+            "train config: steps must be >= 1, got 0");
+  EXPECT_NE(message([] {
+              TrainConfig().set_section(R"({"learning_rate": 1})", "c.toml [train]");
+            }).find("c.toml [train]: unknown setting 'learning_rate' (known: steps, batch"),
+            std::string::npos);
+  TrainConfig from_file;
+  from_file.set_section(R"({"lr": "3e-4", "steps": 7, "data": "synthetic:copy"})", "c.toml [train]");
+  EXPECT_DOUBLE_EQ(from_file.lr, 3e-4);
+  EXPECT_EQ(from_file.steps, 7);
+  // Every field: listed with its default, which set() takes back unchanged.
+  for (const auto& f : TrainConfig::fields()) {
+    TrainConfig t;
+    t.set(f.name, f.default_value);
+    EXPECT_EQ(t.to_json(), TrainConfig().to_json()) << f.name << "=" << f.default_value;
+    EXPECT_TRUE(TrainConfig::has_key(f.name));
+    EXPECT_FALSE(grape::ModelConfig::has_key(f.name)) << f.name << " is in both tables";
+  }
+  EXPECT_EQ(TrainConfig::fields().size(), 20u);
 }
 
 TEST(TrainSampling, GreedyTopKTopPAndTheDistribution) {
@@ -181,6 +223,45 @@ TEST_F(Train, ResumedRunRepeatsTheUninterruptedOneExactly) {
   auto wb = grape::io::read_safetensors(path("split/checkpoints/step_00000012/model.safetensors"));
   ASSERT_EQ(wa.size(), wb.size());
   for (const auto& [name, t] : wa) EXPECT_TRUE(torch::equal(t, wb.at(name))) << name;
+}
+
+// Reads of checkpoint files by read_checkpoint since `before` (the library counts them per path).
+std::map<std::string, int> reads_since(const std::map<std::string, int>& before) {
+  std::map<std::string, int> out;
+  for (const auto& [file, n] : grape::train::detail::checkpoint_file_reads()) {
+    const int d = n - (before.count(file) ? before.at(file) : 0);
+    if (d != 0)
+      out[fs::path(file).parent_path().filename().string() + "/" + fs::path(file).filename().string()] = d;
+  }
+  return out;
+}
+
+TEST_F(Train, ResumeAndLoadingReadEachCheckpointFileOnce) {
+  cfg.ckpt_every = 2;
+  train("run", false, /*stop_after=*/4);
+  using Reads = std::map<std::string, int>;
+  auto before = grape::train::detail::checkpoint_file_reads();
+  train("run", /*resume=*/true, /*stop_after=*/6);
+  EXPECT_EQ(reads_since(before), (Reads{{"step_00000004/state.json", 1},
+                                        {"step_00000004/model.safetensors", 1},
+                                        {"step_00000004/optimizer.pt", 1}}));
+  // A damaged latest checkpoint is read as far as its damage, the previous one once.
+  std::string bytes = grape::io::read_file(path("run/checkpoints/step_00000006/model.safetensors"));
+  bytes[bytes.size() / 2] ^= 0x10;
+  grape::io::write_file_atomic(path("run/checkpoints/step_00000006/model.safetensors"), bytes);
+  before = grape::train::detail::checkpoint_file_reads();
+  train("run", /*resume=*/true, /*stop_after=*/8);
+  EXPECT_EQ(reads_since(before), (Reads{{"step_00000006/state.json", 1},
+                                        {"step_00000006/model.safetensors", 1},
+                                        {"step_00000004/state.json", 1},
+                                        {"step_00000004/model.safetensors", 1},
+                                        {"step_00000004/optimizer.pt", 1}}));
+  // Loading a model for eval/generate: each file once as well.
+  before = grape::train::detail::checkpoint_file_reads();
+  grape::train::load_model(grape::train::read_run(path("run")));
+  EXPECT_EQ(reads_since(before), (Reads{{"step_00000008/state.json", 1},
+                                        {"step_00000008/model.safetensors", 1},
+                                        {"step_00000008/optimizer.pt", 1}}));
 }
 
 TEST_F(Train, CorruptOrMismatchedCheckpointsAreRefusedByName) {
@@ -396,6 +477,38 @@ TEST_F(Train, ConfigFilesTomlAndJsonThenFlagsOverride) {
   r = run_cli("train --config " + path("bad2.toml") + " --out " + path("b"));
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.output.find("layers"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find(path("bad2.toml") + " [model]: unknown setting 'layers'"), std::string::npos)
+      << r.output;
+  // A bad value names the file, the section and the key.
+  grape::io::write_file_atomic(path("bad3.toml"), "[model]\nn_layer = \"abc\"\n");
+  r = run_cli("train --config " + path("bad3.toml") + " --out " + path("b"));
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.output.find(path("bad3.toml") + " [model]: n_layer='abc' is not an integer"), std::string::npos)
+      << r.output;
+  grape::io::write_file_atomic(path("bad4.json"), R"({"train": {"warmup": -1}})");
+  r = run_cli("train --config " + path("bad4.json") + " --out " + path("b"));
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.output.find("train config: warmup must be >= 0, got -1"), std::string::npos) << r.output;
+}
+
+TEST_F(Train, SetHelpListsEveryFieldWithItsDefaultAndUnknownKeysListBothConfigs) {
+  auto r = run_cli("train --help");
+  ASSERT_EQ(r.code, 0) << r.output;
+  for (const char* line : {"n_layer=4", "transformer blocks (>= 1)", "pe.OPTION=", "attention=fused",
+                           "lr=0.001", "seed=42", "val_fraction=0.1", "data=bible"})
+    EXPECT_NE(r.output.find(line), std::string::npos) << line << "\n" << r.output;
+  r = run_cli("train --set n_layers=3 --out " + path("a"));
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.output.find("--set: unknown setting 'n_layers' (model: preset, vocab_size, n_layer"),
+            std::string::npos)
+      << r.output;
+  EXPECT_NE(r.output.find("; train: steps, batch"), std::string::npos) << r.output;
+  r = run_cli("train --set lr=fast --out " + path("a"));
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.output.find("--set: lr='fast' is not a finite number"), std::string::npos) << r.output;
+  r = run_cli("train --set n_layer --out " + path("a"));
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.output.find("--set 'n_layer' must look like key=value"), std::string::npos) << r.output;
 }
 
 TEST_F(Train, SyntheticTaskRunReportsExactMatchAccuracy) {

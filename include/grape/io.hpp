@@ -26,6 +26,11 @@ void write_npy(const std::string& path, const torch::Tensor& tensor);
 // Only F32 tensors are accepted on read; any other dtype is refused with its name in the message.
 std::map<std::string, torch::Tensor> read_safetensors(const std::string& path,
                                                       std::map<std::string, std::string>* metadata = nullptr);
+// The same from a file's bytes already in memory (read once, e.g. to verify a checksum first); `name`
+// stands for the file in error messages.
+std::map<std::string, torch::Tensor> parse_safetensors(
+    const std::string& bytes, const std::string& name,
+    std::map<std::string, std::string>* metadata = nullptr);
 // Writes float32 tensors (others are refused), sorted by name, with optional string metadata, atomically.
 void write_safetensors(const std::string& path, const std::map<std::string, torch::Tensor>& tensors,
                        const std::map<std::string, std::string>& metadata = {});

@@ -15,6 +15,16 @@
 
 namespace grape {
 
+// One field of a config as a user meets it: a `--set NAME=VALUE` key, a key of a --config file section and
+// of run.json. Each config's table of fields (src/nn/config_fields.hpp) is the one place a field is declared;
+// this is its description for help texts.
+struct ConfigField {
+  std::string name;           // "n_layer"; an options field is set as "PREFIX.KEY" (pe.OPTION)
+  std::string kind;           // "integer", "number", "boolean", "text", the choices "fused|reference", ...
+  std::string default_value;  // of a default-constructed config, as --set takes it
+  std::string help;           // one line, with the allowed range
+};
+
 struct ModelConfig {
   std::string preset = "tiny";
   int64_t vocab_size = 257;  // from the tokenizer
@@ -35,15 +45,23 @@ struct ModelConfig {
   int64_t hidden() const { return mlp_hidden > 0 ? mlp_hidden : (8 * n_embd) / 3; }
   HeadShape head_shape() const { return {n_head, head_dim(), n_embd}; }
 
-  // Throws std::invalid_argument naming the field: non-positive sizes, C not divisible by n_head, an
+  // Throws std::invalid_argument naming the field: a value outside its range, C not divisible by n_head, an
   // unknown encoding or encoding option (checked by building it), ...
   void validate() const;
-  // Sets one field from text, as `--set n_layer=6` or `--pe-set base=500000` give it; unknown keys throw
-  // listing the known ones. Keys "pe.NAME" set encoding options. "preset" loads that preset (every
-  // field), so set it before the others.
-  void set(const std::string& key, const std::string& value);
-  std::string to_json() const;                            // every field, pretty-printed
-  static ModelConfig from_json(const std::string& text);  // unknown or mistyped fields throw
+  // Sets one field from text, as `--set n_layer=6` or `--pe-set base=500000` give it. Keys "pe.NAME" set
+  // encoding options; "preset" loads that preset (every field), so set it before the others. Errors start
+  // with `where` and name the key: "model config: n_layer='6x' is not an integer"; an unknown key lists the
+  // known ones.
+  void set(const std::string& key, const std::string& value, const std::string& where = "model config");
+  // Sets the fields of a config file's [model] section, given as a JSON object: values typed (6, true) or
+  // text ("6"), pe_options an object of options; "preset" is applied first. `where` names the file and
+  // section in errors ("run.toml [model]").
+  void set_section(const std::string& section_json, const std::string& where);
+  std::string to_json() const;  // every field, pretty-printed (run.json)
+  // The inverse of to_json: every value of its own JSON type; unknown or mistyped fields throw.
+  static ModelConfig from_json(const std::string& text);
+  static const std::vector<ConfigField>& fields();  // in declaration order, for help texts
+  static bool has_key(const std::string& key);      // whether set() takes it (a field or pe.OPTION)
 };
 
 // "tiny" (CPU demo and tests), "small", "medium" (353M, paper), "large" (770M, paper).

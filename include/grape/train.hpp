@@ -50,10 +50,15 @@ struct TrainConfig {
   std::string tokenizer = "byte";
   double val_fraction = 0.1;
 
+  // As ModelConfig's (src/train/config.cpp holds the table of fields): errors start with `where` and name
+  // the key, "train config: steps='12x' is not an integer"; unknown keys list the known ones.
   void validate() const;
-  void set(const std::string& key, const std::string& value);  // unknown keys throw listing the known ones
+  void set(const std::string& key, const std::string& value, const std::string& where = "train config");
+  void set_section(const std::string& section_json, const std::string& where);  // a config file's [train]
   std::string to_json() const;
-  static TrainConfig from_json(const std::string& text);
+  static TrainConfig from_json(const std::string& text);  // validated; values of their own JSON types
+  static const std::vector<ConfigField>& fields();
+  static bool has_key(const std::string& key);
 };
 
 // Learning rate at `step` (0-based): linear warmup to lr over `warmup` steps, cosine to min_lr at `steps`.

@@ -32,9 +32,8 @@ ModelConfig bench_model(const BenchArgs& a, const std::string& preset) {
   ModelConfig m = model_preset(preset);
   m.pe = a.pe;
   for (const auto& s : a.pe_sets) {
-    const auto eq = s.find('=');
-    if (eq == std::string::npos) throw std::invalid_argument("--pe-set expects key=value, got '" + s + "'");
-    m.pe_options[s.substr(0, eq)] = s.substr(eq + 1);
+    auto [key, value] = split_key_value(s, "--pe-set");
+    m.pe_options[key] = value;
   }
   if (a.context > 0) m.context = a.context;
   m.attention = a.attention;

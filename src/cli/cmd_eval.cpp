@@ -62,10 +62,8 @@ std::map<std::string, std::string> apply_extension(train::RunInfo& run, const st
     if (!opts.count("original_context")) opts["original_context"] = std::to_string(run.model.context);
   }
   for (const auto& s : sets) {
-    const auto eq = s.find('=');
-    if (eq == std::string::npos || eq == 0)
-      throw std::invalid_argument(fmt::format("--extend-set '{}' must look like key=value", s));
-    opts[s.substr(0, eq)] = s.substr(eq + 1);
+    auto [key, value] = split_key_value(s, "--extend-set");
+    opts[key] = value;
   }
   std::map<std::string, std::string> shown;
   for (const auto& [k, v] : opts)

@@ -2,6 +2,7 @@
 #include "cli/run_flags.hpp"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <toml++/toml.h>
 
 #include <nlohmann/json.hpp>
@@ -12,45 +13,41 @@
 
 namespace grape::cli {
 
-void add_run_flags(CLI::App* cmd, RunFlags& f, bool with_pe) {
-  cmd->add_option("--preset", f.preset, "model preset: tiny, small, medium, large")->capture_default_str();
-  cmd->add_option("--config", f.config_file,
-                  "config file applied after the preset: .json {\"model\": {...}, \"train\": {...}} or .toml "
-                  "with [model] and [train] tables");
-  cmd->add_option("--set", f.sets, "override a model or training field: key=value (e.g. n_layer=6, lr=3e-4)");
-  if (with_pe) {
-    cmd->add_option("--pe", f.pe, "position encoding (see `grape encodings`)");
-    cmd->add_option("--pe-set", f.pe_sets, "encoding option key=value (see `grape encodings NAME`)");
-  }
-  cmd->add_flag("--kv-shift", f.kv_shift, "add KV-shift to every layer");
-  cmd->add_option("--attention", f.attention, "fused (CPU kernels, default) or reference (LibTorch-composed)")
-      ->check(CLI::IsMember({"fused", "reference"}));
-  cmd->add_option("--context", f.context, "training context length")->check(CLI::PositiveNumber);
-  cmd->add_option("--steps", f.steps, "optimizer steps")->check(CLI::PositiveNumber);
-  cmd->add_option("--batch", f.batch, "sequences per micro-batch")->check(CLI::PositiveNumber);
-  cmd->add_option("--accum", f.accum, "micro-batches per step (gradient accumulation)")
-      ->check(CLI::PositiveNumber);
-  cmd->add_option("--lr", f.lr, "peak learning rate")->check(CLI::PositiveNumber);
-  cmd->add_option("--min-lr", f.min_lr, "final learning rate of the cosine decay")
-      ->check(CLI::NonNegativeNumber);
-  cmd->add_option("--warmup", f.warmup, "linear warmup steps")->check(CLI::NonNegativeNumber);
-  cmd->add_option("--eval-every", f.eval_every, "validate every N steps (0: at the end only)")
-      ->check(CLI::NonNegativeNumber);
-  cmd->add_option("--ckpt-every", f.ckpt_every, "checkpoint every N steps (0: at the end only)")
-      ->check(CLI::NonNegativeNumber);
-  cmd->add_option("--seed", f.seed, "seed of initialisation and data order")->check(CLI::NonNegativeNumber);
-  cmd->add_option("--data", f.data, "bible | FILE.txt | DIR | FILE.bin | synthetic:NAME[:k=v,...]");
-  cmd->add_option("--tokenizer", f.tokenizer, "byte | PATH.model (SentencePiece)");
-}
-
 namespace {
 
-// "key=value" → (key, value), or a clear error naming the flag.
-std::pair<std::string, std::string> split_assignment(const std::string& flag, const std::string& s) {
-  const auto eq = s.find('=');
-  if (eq == std::string::npos || eq == 0)
-    throw std::invalid_argument(fmt::format("{} expects key=value, got '{}'", flag, s));
-  return {s.substr(0, eq), s.substr(eq + 1)};
+// The --set help: every field of both configs with its default, from their tables.
+std::string set_help() {
+  std::string help =
+      "a model or training field, key=value (repeatable; the same keys as the [model] and [train] "
+      "sections of --config). The fields and their defaults:";
+  auto section = [&](const char* title, const std::vector<ConfigField>& fields) {
+    help += fmt::format("\n {}:", title);
+    for (const auto& f : fields)
+      help += fmt::format("\n   {:<22} {}",
+                          f.name + "=" + (f.default_value.empty() ? "VALUE" : f.default_value), f.help);
+  };
+  section("model (the tiny preset)", ModelConfig::fields());
+  section("train", train::TrainConfig::fields());
+  return help;
+}
+
+std::string field_names(const std::vector<ConfigField>& fields) {
+  std::vector<std::string> names;
+  for (const auto& f : fields) names.push_back(f.name);
+  return fmt::format("{}", fmt::join(names, ", "));
+}
+
+// `--set key=value`: the tables say which config the key belongs to.
+void apply_set(ModelConfig& model, train::TrainConfig& train, const std::string& assignment) {
+  const auto [key, value] = split_key_value(assignment, "--set");
+  if (train::TrainConfig::has_key(key))
+    train.set(key, value, "--set");
+  else if (ModelConfig::has_key(key))
+    model.set(key, value, "--set");
+  else
+    throw std::invalid_argument(fmt::format("--set: unknown setting '{}' (model: {}; train: {})", key,
+                                            field_names(ModelConfig::fields()),
+                                            field_names(train::TrainConfig::fields())));
 }
 
 // A TOML table as the equivalent JSON object (configs hold tables, strings, numbers and booleans only).
@@ -95,17 +92,38 @@ nlohmann::json read_config_file(const std::string& path) {
   }
 }
 
-bool is_train_field(const std::string& key) {
-  train::TrainConfig probe;
-  try {
-    probe.set(key, "1");
-  } catch (const std::invalid_argument& e) {
-    return std::string(e.what()).rfind("unknown train setting", 0) != 0;
-  }
-  return true;
-}
-
 }  // namespace
+
+void add_run_flags(CLI::App* cmd, RunFlags& f, bool with_pe) {
+  cmd->add_option("--preset", f.preset, "model preset: tiny, small, medium, large")->capture_default_str();
+  cmd->add_option("--config", f.config_file,
+                  "config file applied after the preset: .json {\"model\": {...}, \"train\": {...}} or .toml "
+                  "with [model] and [train] tables");
+  cmd->add_option("--set", f.sets, set_help());
+  if (with_pe) {
+    cmd->add_option("--pe", f.pe, "position encoding (see `grape encodings`)");
+    cmd->add_option("--pe-set", f.pe_sets, "encoding option key=value (see `grape encodings NAME`)");
+  }
+  cmd->add_flag("--kv-shift", f.kv_shift, "add KV-shift to every layer");
+  cmd->add_option("--attention", f.attention, "fused (CPU kernels, default) or reference (LibTorch-composed)")
+      ->check(CLI::IsMember({"fused", "reference"}));
+  cmd->add_option("--context", f.context, "training context length")->check(CLI::PositiveNumber);
+  cmd->add_option("--steps", f.steps, "optimizer steps")->check(CLI::PositiveNumber);
+  cmd->add_option("--batch", f.batch, "sequences per micro-batch")->check(CLI::PositiveNumber);
+  cmd->add_option("--accum", f.accum, "micro-batches per step (gradient accumulation)")
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--lr", f.lr, "peak learning rate")->check(CLI::PositiveNumber);
+  cmd->add_option("--min-lr", f.min_lr, "final learning rate of the cosine decay")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--warmup", f.warmup, "linear warmup steps")->check(CLI::NonNegativeNumber);
+  cmd->add_option("--eval-every", f.eval_every, "validate every N steps (0: at the end only)")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--ckpt-every", f.ckpt_every, "checkpoint every N steps (0: at the end only)")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--seed", f.seed, "seed of initialisation and data order")->check(CLI::NonNegativeNumber);
+  cmd->add_option("--data", f.data, "bible | FILE.txt | DIR | FILE.bin | synthetic:NAME[:k=v,...]");
+  cmd->add_option("--tokenizer", f.tokenizer, "byte | PATH.model (SentencePiece)");
+}
 
 std::pair<ModelConfig, train::TrainConfig> resolve_run_flags(const RunFlags& f) {
   ModelConfig model = model_preset(f.preset);
@@ -120,34 +138,20 @@ std::pair<ModelConfig, train::TrainConfig> resolve_run_flags(const RunFlags& f) 
             fmt::format("{}: unknown section '{}' (expected model, train)", f.config_file, key));
       if (!value.is_object())
         throw std::invalid_argument(fmt::format("{}: section '{}' must be an object", f.config_file, key));
-      for (const auto& [k, v] : value.items()) {
-        const std::string text = v.is_string() ? v.get<std::string>() : v.dump();
-        if (key == "model") {
-          if (k == "pe_options" && v.is_object()) {
-            for (const auto& [ok, ov] : v.items())
-              model.set("pe." + ok, ov.is_string() ? ov.get<std::string>() : ov.dump());
-          } else {
-            model.set(k, text);
-          }
-        } else {
-          tr.set(k, text);
-        }
-      }
+      const std::string where = fmt::format("{} [{}]", f.config_file, key);
+      if (key == "model")
+        model.set_section(value.dump(), where);
+      else
+        tr.set_section(value.dump(), where);
     }
   }
-  for (const auto& s : f.sets) {
-    auto [key, value] = split_assignment("--set", s);
-    if (is_train_field(key))
-      tr.set(key, value);
-    else
-      model.set(key, value);
-  }
+  for (const auto& s : f.sets) apply_set(model, tr, s);
   if (!f.pe.empty() && f.pe != model.pe) {
     model.pe = f.pe;
     model.pe_options.clear();  // options of the preset's encoding do not carry over
   }
   for (const auto& s : f.pe_sets) {
-    auto [key, value] = split_assignment("--pe-set", s);
+    auto [key, value] = split_key_value(s, "--pe-set");
     model.pe_options[key] = value;
   }
   if (f.kv_shift) model.kv_shift = true;

@@ -93,7 +93,11 @@ std::string shape_text(const std::vector<std::int64_t>& shape) {
 
 std::map<std::string, torch::Tensor> read_safetensors(const std::string& path,
                                                       std::map<std::string, std::string>* metadata) {
-  const std::string file = read_file(path);
+  return parse_safetensors(read_file(path), path, metadata);
+}
+
+std::map<std::string, torch::Tensor> parse_safetensors(const std::string& file, const std::string& path,
+                                                       std::map<std::string, std::string>* metadata) {
   if (file.size() < 8)
     fail(path, "not a .safetensors file (" + std::to_string(file.size()) +
                    " bytes, shorter than the 8-byte header length)");

@@ -29,8 +29,7 @@ std::string checksum(const std::string& bytes) {
 
 std::string step_name(int64_t step) { return fmt::format("step_{:08d}", step); }
 
-json parse_json_file(const std::string& path) {
-  auto text = io::read_file(path);
+json parse_json(const std::string& text, const std::string& path) {
   try {
     return json::parse(text);
   } catch (const json::exception& e) {
@@ -126,10 +125,30 @@ std::string write_checkpoint(const std::string& run_dir, int64_t step, Transform
   return final_dir.string();
 }
 
-json read_checkpoint_state(const std::string& dir) {
+namespace {
+std::map<std::string, int> g_checkpoint_reads;  // read_checkpoint's files by path (the test hook)
+}  // namespace
+
+const std::map<std::string, int>& checkpoint_file_reads() { return g_checkpoint_reads; }
+
+const std::string& LoadedCheckpoint::file(const std::string& name) const {
+  const auto it = files.find(name);
+  if (it == files.end())
+    throw std::runtime_error(fmt::format("{}: state.json has no checksum of {}", dir, name));
+  return it->second;
+}
+
+LoadedCheckpoint read_checkpoint(const std::string& dir) {
+  auto read = [](const std::string& path) {
+    ++g_checkpoint_reads[path];
+    return io::read_file(path);
+  };
   const auto path = (fs::path(dir) / "state.json").string();
   if (!fs::exists(path)) throw std::runtime_error(fmt::format("{}: not a checkpoint (no state.json)", dir));
-  auto state = parse_json_file(path);
+  LoadedCheckpoint ck;
+  ck.dir = dir;
+  ck.state = parse_json(read(path), path);
+  const json& state = ck.state;
   if (!state.is_object() || !state.contains("format") || state["format"] != kCheckpointFormat)
     throw std::runtime_error(fmt::format("{}: unsupported checkpoint format {} (this grape reads {})", dir,
                                          state.is_object() ? state.value("format", json()).dump() : "?",
@@ -137,14 +156,17 @@ json read_checkpoint_state(const std::string& dir) {
   if (!state.contains("checksums") || !state["checksums"].is_object() || !state.contains("step") ||
       !state["step"].is_number_integer())
     throw std::runtime_error(fmt::format("{}: state.json lacks its checksums or step", dir));
+  ck.step = state["step"].get<int64_t>();
   for (const auto& [file, sum] : state["checksums"].items()) {
     const auto file_path = (fs::path(dir) / file).string();
     if (!fs::exists(file_path)) throw std::runtime_error(fmt::format("{}: {} is missing", dir, file));
-    if (!sum.is_string() || checksum(io::read_file(file_path)) != sum.get<std::string>())
+    std::string bytes = read(file_path);
+    if (!sum.is_string() || checksum(bytes) != sum.get<std::string>())
       throw std::runtime_error(
           fmt::format("{}/{}: checksum mismatch: the file is corrupt or truncated", dir, file));
+    ck.files[file] = std::move(bytes);
   }
-  return state;
+  return ck;
 }
 
 ResumePoint find_resume_checkpoint(const std::string& run_dir) {
@@ -180,12 +202,10 @@ ResumePoint find_resume_checkpoint(const std::string& run_dir) {
     if (!latest.empty() && name > latest) continue;
     const std::string dir = (root / name).string();
     try {
-      const auto state = read_checkpoint_state(dir);
-      if (step_name(state["step"].get<int64_t>()) != name)
-        throw std::runtime_error(
-            fmt::format("{}: state.json is for step {}", dir, state["step"].get<int64_t>()));
-      point.dir = dir;
-      point.step = state["step"].get<int64_t>();
+      auto ck = read_checkpoint(dir);
+      if (step_name(ck.step) != name)
+        throw std::runtime_error(fmt::format("{}: state.json is for step {}", dir, ck.step));
+      point.checkpoint = std::move(ck);
       return point;
     } catch (const std::exception& e) {
       point.skipped.push_back(e.what());
@@ -216,9 +236,9 @@ void remove_stale_temporaries(const std::string& run_dir) {
   }
 }
 
-void load_optimizer(torch::optim::AdamW& optimizer, const std::string& dir) {
-  const auto path = (fs::path(dir) / "optimizer.pt").string();
-  std::istringstream in(io::read_file(path));
+void load_optimizer(torch::optim::AdamW& optimizer, const LoadedCheckpoint& ck) {
+  const auto path = (fs::path(ck.dir) / "optimizer.pt").string();
+  std::istringstream in(ck.file("optimizer.pt"));
   try {
     torch::load(optimizer, in);
   } catch (const c10::Error& e) {
@@ -258,7 +278,7 @@ RunInfo read_run(const std::string& dir) {
   const auto path = (fs::path(dir) / "run.json").string();
   if (!fs::exists(path))
     throw std::runtime_error(fmt::format("{}: not a grape run directory (no run.json)", dir));
-  auto run = parse_json_file(path);
+  auto run = parse_json(io::read_file(path), path);
   RunInfo info;
   info.dir = dir;
   try {
@@ -266,6 +286,8 @@ RunInfo read_run(const std::string& dir) {
     info.train = TrainConfig::from_json(run.at("train").dump());
   } catch (const json::exception& e) {
     throw std::runtime_error(fmt::format("{}: {}", path, e.what()));
+  } catch (const std::invalid_argument& e) {  // a field the tables refuse: say which file holds it
+    throw std::invalid_argument(fmt::format("{}: {}", path, e.what()));
   }
   return info;
 }
@@ -292,10 +314,13 @@ std::string latest_checkpoint(const std::string& run_dir) {
 }
 
 void load_weights(Transformer& model, const std::string& dir) {
-  detail::read_checkpoint_state(dir);  // format and checksums first: a corrupt file gets that message
+  detail::load_weights(model, detail::read_checkpoint(dir));
+}
+
+void detail::load_weights(Transformer& model, const LoadedCheckpoint& ck) {
   std::map<std::string, std::string> meta;
-  const auto path = (fs::path(dir) / "model.safetensors").string();
-  auto tensors = io::read_safetensors(path, &meta);
+  const auto path = (fs::path(ck.dir) / "model.safetensors").string();
+  auto tensors = io::parse_safetensors(ck.file("model.safetensors"), path, &meta);
   if (meta.count("pe") && meta["pe"] != model->config().pe)
     throw std::runtime_error(fmt::format("{}: checkpoint was trained with encoding '{}', the model uses '{}'",
                                          path, meta["pe"], model->config().pe));

@@ -1,5 +1,6 @@
-// Pieces shared by the report writers (`grape compare` in report.cpp, the extrapolation study in study.cpp):
-// training a run or continuing an interrupted one, gnuplot PNGs, markdown tables. Internal to src/train.
+// Pieces shared by the report writers (`grape compare` in compare.cpp, the extrapolation study in study.cpp):
+// training a run or continuing an interrupted one, gnuplot PNGs, markdown tables (report_util.cpp).
+// Internal to src/train.
 #pragma once
 
 #include <filesystem>

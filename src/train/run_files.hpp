@@ -1,7 +1,9 @@
 // Internal: the files of a run directory (see include/grape/train.hpp for the layout).
 #pragma once
 
+#include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -24,24 +26,37 @@ std::string write_checkpoint(const std::string& run_dir, int64_t step, Transform
 // checkpoints/step_NNNNNNNN of a run.
 std::string checkpoint_path(const std::string& run_dir, int64_t step);
 
-// state.json of a checkpoint, after checking its format version and the checksums of its files.
-nlohmann::json read_checkpoint_state(const std::string& checkpoint_dir);
-
-// The checkpoint a resumed run continues from: the one `latest` names if it passes read_checkpoint_state,
-// else the newest older one that does (each one passed over is listed in `skipped` with the reason).
-// dir is empty when the run has no checkpoint at all (it starts again from step 0); when there are
-// checkpoints but none is usable, throws listing why each was refused.
-struct ResumePoint {
+// A checkpoint as read from disk, each file once: state.json and the bytes of the files it checksums,
+// verified (format version, step, FNV-1a checksums) before anything uses them. Loading the weights and the
+// optimizer parses these bytes, so no file is read or checksummed twice.
+struct LoadedCheckpoint {
   std::string dir;
   int64_t step = 0;
+  nlohmann::json state;
+  std::map<std::string, std::string> files;  // "model.safetensors", "optimizer.pt" -> their verified bytes
+  const std::string& file(const std::string& name) const;  // throws naming the checkpoint when absent
+};
+// Reads and verifies a checkpoint directory; throws naming the directory or the damaged file.
+LoadedCheckpoint read_checkpoint(const std::string& checkpoint_dir);
+// Test hook: how many times read_checkpoint has read each file (by path) in this process.
+const std::map<std::string, int>& checkpoint_file_reads();
+
+// The checkpoint a resumed run continues from: the one `latest` names if it passes read_checkpoint, else
+// the newest older one that does (each one passed over is listed in `skipped` with the reason).
+// `checkpoint` is empty when the run has no checkpoint at all (it starts again from step 0); when there are
+// checkpoints but none is usable, throws listing why each was refused.
+struct ResumePoint {
+  std::optional<LoadedCheckpoint> checkpoint;
   std::vector<std::string> skipped;
 };
 ResumePoint find_resume_checkpoint(const std::string& run_dir);
 // Removes the temporaries of writes that a killed process left behind (never a complete file).
 void remove_stale_temporaries(const std::string& run_dir);
-void load_optimizer(torch::optim::AdamW& optimizer, const std::string& checkpoint_dir);
+// The weights (as load_weights checks them) and the AdamW state of a checkpoint read by read_checkpoint.
+void load_weights(Transformer& model, const LoadedCheckpoint& checkpoint);
+void load_optimizer(torch::optim::AdamW& optimizer, const LoadedCheckpoint& checkpoint);
 
-// Appends one JSON line to metrics.jsonl; rewrite_metrics keeps only records with step <= last_step.
+// Appends one JSON line to metrics.jsonl; truncate_metrics keeps only records with step <= last_step.
 void append_metrics(const std::string& run_dir, const nlohmann::json& record);
 void truncate_metrics(const std::string& run_dir, int64_t last_step);
 

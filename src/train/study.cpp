@@ -168,177 +168,205 @@ std::string fmt_acc(int64_t correct, int64_t total) {
   return total > 0 ? fmt::format("{:.0f}%", 100.0 * double(correct) / double(total)) : "n/a";
 }
 
-}  // namespace
-
-std::string run_extrapolation_study(const StudyOptions& opts) {
-  validate(opts);
-  const auto refused = check_extensions(opts);
-  const auto t_start = std::chrono::steady_clock::now();
-  const int64_t T = opts.model.context;
-  const fs::path out(opts.out_dir);
-  fs::create_directories(out / "runs" / "lm");
-  fs::create_directories(out / "runs" / "needle");
-
-  TrainConfig needle_train = opts.train;
-  needle_train.data = needle_train_spec(T - kNeedleOverhead);  // one example per window
-  if (opts.needle_steps > 0) needle_train.steps = opts.needle_steps;
-
-  std::vector<Variant> variants;
+// Everything the study measures, filled in encoding by encoding, then written out.
+struct Study {
+  TrainConfig needle_train;       // the settings of the needle runs
+  std::vector<Variant> variants;  // (encoding, method) in report order
   std::vector<RunRecord> runs;
   std::vector<PplPoint> ppl;
   std::vector<NeedleCell> needle;
   std::vector<std::string> notes;
-  double train_seconds = 0, eval_seconds = 0;
+  double train_seconds = 0, eval_seconds = 0, total_seconds = 0;
+};
 
-  for (const auto& pe : opts.pes) {
-    ModelConfig model_cfg = opts.model;
-    model_cfg.pe = pe;
-    model_cfg.pe_options.clear();
-    std::vector<std::string> methods;  // the extension methods this encoding is evaluated with
-    if (has_extend_option(pe))
-      for (const auto& m : opts.extend) {
-        auto it = refused.find(pe);
-        if (it != refused.end() && it->second.count(m)) {
-          notes.push_back(fmt::format("{} does not take extension '{}': {}", pe, m, it->second.at(m)));
-          continue;
-        }
-        methods.push_back(m);
-      }
-    variants.push_back({pe, kBase});
-    for (const auto& m : methods) variants.push_back({pe, m});
+// The variants the needle grid reports: every one, or only the plain models (--no-needle-extend).
+std::vector<Variant> needle_variants_of(const StudyOptions& opts, const Study& s) {
+  std::vector<Variant> out;
+  for (const auto& v : s.variants)
+    if (v.method == kBase || opts.needle_extend) out.push_back(v);
+  return out;
+}
 
-    // -- language model: perplexity vs length --
-    const std::string lm_dir = (out / "runs" / "lm" / pe).string();
-    if (!opts.quiet) std::printf("\n== %s: language model ==\n", pe.c_str());
-    RunRecord lm{pe, "lm"};
-    auto t0 = std::chrono::steady_clock::now();
-    lm.train = detail::train_or_continue(model_cfg, opts.train, lm_dir, opts.quiet, "study");
-    train_seconds += seconds_since(t0);
-    t0 = std::chrono::steady_clock::now();
-    {
-      auto run = read_run(lm_dir);
-      auto tok = run_tokenizer(run);
-      data::DataOptions dopt;
-      dopt.val_fraction = run.train.val_fraction;
-      auto data = data::open_data(run.train.data, *tok, dopt);
-      auto model = load_model(run);
-      for (const auto& r : evaluate(model, *data, opts.factors, opts.eval_tokens, 0).lengths)
-        ppl.push_back({pe, kBase, r});
-      for (const auto& m : methods)
-        for (int64_t f : opts.factors) {
-          if (f < 2) continue;  // an extension by 1 is the model itself
-          LengthResult r;
-          r.factor = f;
-          r.context = T * f;
-          try {
-            RunInfo ext = run;
-            ext.model.pe_options = extension_options(run.model.pe_options, m, f, T);
-            auto em = load_model(ext);
-            r = evaluate(em, *data, {f}, opts.eval_tokens, 0).lengths.at(0);
-          } catch (const std::exception& e) {  // e.g. the encoding cannot be extended this way
-            r.loss = r.perplexity = std::numeric_limits<double>::quiet_NaN();
-            r.error = e.what();
-          }
-          ppl.push_back({pe, m, r});
-        }
+// The extension methods an encoding is evaluated with; the ones it refuses become notes.
+std::vector<std::string> methods_for(const StudyOptions& opts, const std::string& pe,
+                                     const std::map<std::string, std::map<std::string, std::string>>& refused,
+                                     std::vector<std::string>& notes) {
+  std::vector<std::string> methods;
+  if (!has_extend_option(pe)) return methods;
+  for (const auto& m : opts.extend) {
+    auto it = refused.find(pe);
+    if (it != refused.end() && it->second.count(m)) {
+      notes.push_back(fmt::format("{} does not take extension '{}': {}", pe, m, it->second.at(m)));
+      continue;
     }
-    lm.eval_seconds = seconds_since(t0);
-    eval_seconds += lm.eval_seconds;
-    if (!opts.quiet)
-      for (const auto& p : ppl)
-        if (p.pe == pe)
-          std::printf("  %-14s %3lldx  ppl %s%s\n", p.method.c_str(), (long long)p.r.factor,
-                      fmt_ppl(p.r).c_str(), p.r.error.empty() ? "" : ("  (" + p.r.error + ")").c_str());
-    runs.push_back(std::move(lm));
-
-    // -- needle: retrieval accuracy over depths x lengths --
-    const std::string needle_dir = (out / "runs" / "needle" / pe).string();
-    if (!opts.quiet) std::printf("\n== %s: needle ==\n", pe.c_str());
-    RunRecord nr{pe, "needle"};
-    t0 = std::chrono::steady_clock::now();
-    nr.train = detail::train_or_continue(model_cfg, needle_train, needle_dir, opts.quiet, "study");
-    train_seconds += seconds_since(t0);
-    t0 = std::chrono::steady_clock::now();
-    {
-      auto run = read_run(needle_dir);
-      auto tok = run_tokenizer(run);
-      auto base_model = load_model(run);
-      std::vector<std::string> needle_methods = {kBase};
-      if (opts.needle_extend) needle_methods.insert(needle_methods.end(), methods.begin(), methods.end());
-      for (const auto& m : needle_methods)
-        for (int64_t f : opts.factors) {
-          if (m != kBase && f < 2) continue;
-          Transformer em{nullptr};
-          std::string load_error;
-          if (m != kBase) {
-            try {
-              RunInfo ext = run;
-              ext.model.pe_options = extension_options(run.model.pe_options, m, f, T);
-              em = load_model(ext);
-            } catch (const std::exception& e) {
-              load_error = e.what();
-            }
-          }
-          Transformer& model = m == kBase ? base_model : em;
-          for (double d : opts.depths) {
-            NeedleCell c{pe, m, d, f, T * f - kNeedleOverhead};
-            c.error = load_error;
-            if (c.error.empty()) {
-              try {
-                auto src = data::open_data(needle_eval_spec(c.length, d), *tok);
-                for (const auto& t : evaluate(model, *src, {}, 0, opts.needle_examples).tasks) {
-                  c.correct += t.correct;
-                  c.total += t.total;
-                }
-              } catch (const std::exception& e) {  // a length the encoding cannot handle
-                c.error = e.what();
-              }
-            }
-            needle.push_back(c);
-          }
-        }
-    }
-    nr.eval_seconds = seconds_since(t0);
-    eval_seconds += nr.eval_seconds;
-    if (!opts.quiet)
-      for (const auto& c : needle)
-        if (c.pe == pe)
-          std::printf(
-              "  %-14s %3lldx depth %.2f  %s\n", c.method.c_str(), (long long)c.factor, c.depth,
-              c.error.empty() ? fmt_acc(c.correct, c.total).c_str() : ("n/a (" + c.error + ")").c_str());
-    runs.push_back(std::move(nr));
+    methods.push_back(m);
   }
-  const double total_seconds = seconds_since(t_start);
+  return methods;
+}
 
+// Phase 1, training: one run of the study trained (or continued), its time added to the training total.
+RunRecord train_run(const StudyOptions& opts, const ModelConfig& model_cfg, const TrainConfig& train,
+                    const std::string& pe, const std::string& kind, const std::string& dir, Study& s) {
+  RunRecord r{pe, kind};
+  const auto t0 = std::chrono::steady_clock::now();
+  r.train = detail::train_or_continue(model_cfg, train, dir, opts.quiet, "study");
+  s.train_seconds += seconds_since(t0);
+  return r;
+}
+
+// Phase 2, perplexity: the language model's validation perplexity at each length, plain and extended.
+std::vector<PplPoint> evaluate_perplexity(const StudyOptions& opts, const std::string& pe,
+                                          const std::vector<std::string>& methods,
+                                          const std::string& lm_dir) {
+  const int64_t T = opts.model.context;
+  std::vector<PplPoint> out;
+  auto run = read_run(lm_dir);
+  auto tok = run_tokenizer(run);
+  data::DataOptions dopt;
+  dopt.val_fraction = run.train.val_fraction;
+  auto data = data::open_data(run.train.data, *tok, dopt);
+  auto model = load_model(run);
+  for (const auto& r : evaluate(model, *data, opts.factors, opts.eval_tokens, 0).lengths)
+    out.push_back({pe, kBase, r});
+  for (const auto& m : methods)
+    for (int64_t f : opts.factors) {
+      if (f < 2) continue;  // an extension by 1 is the model itself
+      LengthResult r;
+      r.factor = f;
+      r.context = T * f;
+      try {
+        RunInfo ext = run;
+        ext.model.pe_options = extension_options(run.model.pe_options, m, f, T);
+        auto em = load_model(ext);
+        r = evaluate(em, *data, {f}, opts.eval_tokens, 0).lengths.at(0);
+      } catch (const std::exception& e) {  // e.g. the encoding cannot be extended this way
+        r.loss = r.perplexity = std::numeric_limits<double>::quiet_NaN();
+        r.error = e.what();
+      }
+      out.push_back({pe, m, r});
+    }
+  return out;
+}
+
+// Phase 3, needle grid: exact-match retrieval over depths x lengths, plain and with each method.
+std::vector<NeedleCell> evaluate_needle(const StudyOptions& opts, const std::string& pe,
+                                        const std::vector<std::string>& methods,
+                                        const std::string& needle_dir) {
+  const int64_t T = opts.model.context;
+  std::vector<NeedleCell> out;
+  auto run = read_run(needle_dir);
+  auto tok = run_tokenizer(run);
+  auto base_model = load_model(run);
+  std::vector<std::string> needle_methods = {kBase};
+  if (opts.needle_extend) needle_methods.insert(needle_methods.end(), methods.begin(), methods.end());
+  for (const auto& m : needle_methods)
+    for (int64_t f : opts.factors) {
+      if (m != kBase && f < 2) continue;
+      Transformer em{nullptr};
+      std::string load_error;
+      if (m != kBase) {
+        try {
+          RunInfo ext = run;
+          ext.model.pe_options = extension_options(run.model.pe_options, m, f, T);
+          em = load_model(ext);
+        } catch (const std::exception& e) {
+          load_error = e.what();
+        }
+      }
+      Transformer& model = m == kBase ? base_model : em;
+      for (double d : opts.depths) {
+        NeedleCell c{pe, m, d, f, T * f - kNeedleOverhead};
+        c.error = load_error;
+        if (c.error.empty()) {
+          try {
+            auto src = data::open_data(needle_eval_spec(c.length, d), *tok);
+            for (const auto& t : evaluate(model, *src, {}, 0, opts.needle_examples).tasks) {
+              c.correct += t.correct;
+              c.total += t.total;
+            }
+          } catch (const std::exception& e) {  // a length the encoding cannot handle
+            c.error = e.what();
+          }
+        }
+        out.push_back(c);
+      }
+    }
+  return out;
+}
+
+// One encoding: its language model trained and evaluated, then its needle model (printing as it goes).
+void study_encoding(const StudyOptions& opts, const std::string& pe, const std::vector<std::string>& methods,
+                    Study& s) {
+  ModelConfig model_cfg = opts.model;
+  model_cfg.pe = pe;
+  model_cfg.pe_options.clear();
+  const fs::path runs = fs::path(opts.out_dir) / "runs";
+
+  // -- language model: perplexity vs length --
+  const std::string lm_dir = (runs / "lm" / pe).string();
+  if (!opts.quiet) std::printf("\n== %s: language model ==\n", pe.c_str());
+  RunRecord lm = train_run(opts, model_cfg, opts.train, pe, "lm", lm_dir, s);
+  auto t0 = std::chrono::steady_clock::now();
+  const auto ppl = evaluate_perplexity(opts, pe, methods, lm_dir);
+  lm.eval_seconds = seconds_since(t0);
+  s.eval_seconds += lm.eval_seconds;
+  if (!opts.quiet)
+    for (const auto& p : ppl)
+      std::printf("  %-14s %3lldx  ppl %s%s\n", p.method.c_str(), (long long)p.r.factor, fmt_ppl(p.r).c_str(),
+                  p.r.error.empty() ? "" : ("  (" + p.r.error + ")").c_str());
+  s.ppl.insert(s.ppl.end(), ppl.begin(), ppl.end());
+  s.runs.push_back(std::move(lm));
+
+  // -- needle: retrieval accuracy over depths x lengths --
+  const std::string needle_dir = (runs / "needle" / pe).string();
+  if (!opts.quiet) std::printf("\n== %s: needle ==\n", pe.c_str());
+  RunRecord nr = train_run(opts, model_cfg, s.needle_train, pe, "needle", needle_dir, s);
+  t0 = std::chrono::steady_clock::now();
+  const auto needle = evaluate_needle(opts, pe, methods, needle_dir);
+  nr.eval_seconds = seconds_since(t0);
+  s.eval_seconds += nr.eval_seconds;
+  if (!opts.quiet)
+    for (const auto& c : needle)
+      std::printf("  %-14s %3lldx depth %.2f  %s\n", c.method.c_str(), (long long)c.factor, c.depth,
+                  c.error.empty() ? fmt_acc(c.correct, c.total).c_str() : ("n/a (" + c.error + ")").c_str());
+  s.needle.insert(s.needle.end(), needle.begin(), needle.end());
+  s.runs.push_back(std::move(nr));
+}
+
+// Notes on what could not be measured: no extendable encoding, n/a points and cells.
+void add_unmeasured_notes(const StudyOptions& opts, Study& s) {
   if (std::none_of(opts.pes.begin(), opts.pes.end(), has_extend_option) && !opts.extend.empty())
-    notes.push_back(
+    s.notes.push_back(
         fmt::format("No encoding among {} offers context extension (an `extend` option), so no "
                     "extension method was evaluated.",
                     fmt::join(opts.pes, ", ")));
-  for (const auto& p : ppl)
+  for (const auto& p : s.ppl)
     if (!p.r.error.empty())
-      notes.push_back(fmt::format("{} at {}x: perplexity n/a: {}", Variant{p.pe, p.method}.title(),
-                                  p.r.factor, p.r.error));
-  for (const auto& c : needle)
+      s.notes.push_back(fmt::format("{} at {}x: perplexity n/a: {}", Variant{p.pe, p.method}.title(),
+                                    p.r.factor, p.r.error));
+  for (const auto& c : s.needle)
     if (!c.error.empty())
-      notes.push_back(fmt::format("{} needle at {}x, depth {}: n/a: {}", Variant{c.pe, c.method}.title(),
-                                  c.factor, c.depth, c.error));
+      s.notes.push_back(fmt::format("{} needle at {}x, depth {}: n/a: {}", Variant{c.pe, c.method}.title(),
+                                    c.factor, c.depth, c.error));
+}
 
-  // ---- results.json ----
+// Phase 4a, results.json: every number of the study.
+void write_results(const StudyOptions& opts, const Study& s) {
+  const fs::path out(opts.out_dir);
   json j;
   j["study"] = "extrapolation";
   j["command"] = opts.command;
   j["seed"] = opts.train.seed;
   j["model"] = json::parse(opts.model.to_json());
   j["train"] = json::parse(opts.train.to_json());
-  j["needle_train"] = json::parse(needle_train.to_json());
+  j["needle_train"] = json::parse(s.needle_train.to_json());
   j["factors"] = opts.factors;
   j["depths"] = opts.depths;
   j["extend"] = opts.extend;
   j["eval_tokens"] = opts.eval_tokens;
   j["needle_examples"] = opts.needle_examples;
   j["runs"] = json::array();
-  for (const auto& r : runs)
+  for (const auto& r : s.runs)
     j["runs"].push_back({{"pe", r.pe},
                          {"kind", r.kind},
                          {"parameters", r.train.parameters},
@@ -349,7 +377,7 @@ std::string run_extrapolation_study(const StudyOptions& opts) {
                          {"train_seconds", r.train.seconds},
                          {"eval_seconds", r.eval_seconds}});
   j["perplexity"] = json::array();
-  for (const auto& p : ppl) {
+  for (const auto& p : s.ppl) {
     json e = {{"pe", p.pe},
               {"method", p.method},
               {"factor", p.r.factor},
@@ -364,7 +392,7 @@ std::string run_extrapolation_study(const StudyOptions& opts) {
     j["perplexity"].push_back(e);
   }
   j["needle"] = json::array();
-  for (const auto& c : needle) {
+  for (const auto& c : s.needle) {
     json e = {{"pe", c.pe},         {"method", c.method},   {"depth", c.depth}, {"factor", c.factor},
               {"length", c.length}, {"correct", c.correct}, {"total", c.total}};
     if (c.error.empty())
@@ -373,13 +401,21 @@ std::string run_extrapolation_study(const StudyOptions& opts) {
       e["error"] = c.error;
     j["needle"].push_back(e);
   }
-  j["seconds"] = {{"total", total_seconds}, {"training", train_seconds}, {"evaluation", eval_seconds}};
+  j["seconds"] = {{"total", s.total_seconds}, {"training", s.train_seconds}, {"evaluation", s.eval_seconds}};
   io::write_file_atomic((out / "results.json").string(), j.dump(2) + "\n");
+}
 
-  // ---- plots ----
+struct Plots {
+  bool perplexity = false, extension = false, needle = false;  // which PNGs gnuplot drew
+};
+
+// Phase 4b, the plots: perplexity vs length (plain, extended) and one needle heat map per variant.
+Plots draw_plots(const StudyOptions& opts, const Study& s) {
+  const int64_t T = opts.model.context;
+  const fs::path out(opts.out_dir);
   auto ppl_of = [&](const Variant& v) {
     std::string dat;
-    for (const auto& p : ppl)
+    for (const auto& p : s.ppl)
       if (p.pe == v.pe && (p.method == v.method || (p.method == kBase && p.r.factor == 1)) &&
           p.r.error.empty())
         dat += fmt::format("{} {:.6f}\n", p.r.context, p.r.perplexity);
@@ -398,14 +434,14 @@ std::string run_extrapolation_study(const StudyOptions& opts) {
   bool any_ext = false;
   {
     std::vector<std::string> base_terms, ext_terms;
-    for (const auto& v : variants) {
+    for (const auto& v : s.variants) {
       const std::string file = file_name("ppl_", v);
       io::write_file_atomic((out / file).string(), ppl_of(v));
       const std::string term = detail::gnuplot_quote(file) + " using 1:2 with linespoints lw 2 pt 7" +
                                (v.method == kBase ? "" : " dt 2") + " title " +
                                detail::gnuplot_quote(v.title());
       if (v.method == kBase) base_terms.push_back(term);
-      const bool extendable = std::any_of(variants.begin(), variants.end(), [&](const Variant& w) {
+      const bool extendable = std::any_of(s.variants.begin(), s.variants.end(), [&](const Variant& w) {
         return w.pe == v.pe && w.method != kBase;
       });
       if (extendable) ext_terms.push_back(term);
@@ -414,13 +450,12 @@ std::string run_extrapolation_study(const StudyOptions& opts) {
     base_plot += fmt::format("{}\n", fmt::join(base_terms, ", \\\n     "));
     ext_plot += fmt::format("{}\n", fmt::join(ext_terms, ", \\\n     "));
   }
-  const bool have_ppl_png = detail::plot(out, "perplexity.png", base_plot);
-  const bool have_ext_png = any_ext && detail::plot(out, "perplexity_extension.png", ext_plot);
+  Plots drawn;
+  drawn.perplexity = detail::plot(out, "perplexity.png", base_plot);
+  drawn.extension = any_ext && detail::plot(out, "perplexity_extension.png", ext_plot);
 
   // One heat map per (encoding, method): x = length factor, y = depth, colour and label = accuracy.
-  std::vector<Variant> needle_variants;
-  for (const auto& v : variants)
-    if (v.method == kBase || opts.needle_extend) needle_variants.push_back(v);
+  const std::vector<Variant> needle_variants = needle_variants_of(opts, s);
   const size_t cols = std::min<size_t>(4, needle_variants.size());
   const size_t rows = (needle_variants.size() + cols - 1) / cols;
   std::string xtics, ytics;
@@ -440,7 +475,7 @@ std::string run_extrapolation_study(const StudyOptions& opts) {
     for (size_t fi = 0; fi < opts.factors.size(); ++fi) {
       for (size_t di = 0; di < opts.depths.size(); ++di) {
         double acc = std::nan("");
-        for (const auto& c : needle)
+        for (const auto& c : s.needle)
           if (c.pe == v.pe && c.method == v.method && c.factor == opts.factors[fi] &&
               c.depth == opts.depths[di] && c.error.empty())
             acc = c.accuracy();
@@ -457,10 +492,14 @@ std::string run_extrapolation_study(const StudyOptions& opts) {
                     detail::gnuplot_quote(v.title()), detail::gnuplot_quote(file));
   }
   heat += "unset multiplot\n";
-  const bool have_needle_png =
+  drawn.needle =
       detail::plot(out, "needle.png", heat, fmt::format("{},{}", 40 + 300 * cols, 60 + 250 * rows));
+  return drawn;
+}
 
-  // ---- report.md ----
+// Phase 4c, report.md: the command, the tables and the plots.
+std::string report_markdown(const StudyOptions& opts, const Study& s, const Plots& plots) {
+  const int64_t T = opts.model.context;
   const auto& m = opts.model;
   const auto& t = opts.train;
   std::string md = "# Length extrapolation study\n\n";
@@ -477,7 +516,8 @@ std::string run_extrapolation_study(const StudyOptions& opts) {
       "time "
       "{:.0f} s (training {:.0f} s, evaluation {:.0f} s) on this machine.\n\n",
       m.preset, m.n_layer, m.n_head, m.n_embd, T, t.steps, t.batch, t.accum, t.lr, t.min_lr, t.warmup, t.seed,
-      t.data, t.tokenizer, needle_train.data, needle_train.steps, total_seconds, train_seconds, eval_seconds);
+      t.data, t.tokenizer, s.needle_train.data, s.needle_train.steps, s.total_seconds, s.train_seconds,
+      s.eval_seconds);
 
   md += "## Perplexity vs evaluation length\n\n";
   md += fmt::format(
@@ -490,11 +530,11 @@ std::string run_extrapolation_study(const StudyOptions& opts) {
     std::vector<std::string> header = {"encoding", "extension"};
     for (int64_t f : opts.factors) header.push_back(fmt::format("{}x", f));
     std::vector<std::vector<std::string>> rows_md;
-    for (const auto& v : variants) {
+    for (const auto& v : s.variants) {
       std::vector<std::string> row = {v.pe, v.method == kBase ? "-" : v.method};
       for (int64_t f : opts.factors) {
         std::string cell = "-";
-        for (const auto& p : ppl)
+        for (const auto& p : s.ppl)
           if (p.pe == v.pe && p.method == v.method && p.r.factor == f) cell = fmt_ppl(p.r);
         row.push_back(cell);
       }
@@ -502,9 +542,9 @@ std::string run_extrapolation_study(const StudyOptions& opts) {
     }
     md += detail::markdown_table(header, rows_md) + "\n";
   }
-  md += have_ppl_png ? "![perplexity vs length](perplexity.png)\n\n"
-                     : "(perplexity.png not drawn: gnuplot failed or is missing)\n\n";
-  if (have_ext_png) md += "![perplexity with context extension](perplexity_extension.png)\n\n";
+  md += plots.perplexity ? "![perplexity vs length](perplexity.png)\n\n"
+                         : "(perplexity.png not drawn: gnuplot failed or is missing)\n\n";
+  if (plots.extension) md += "![perplexity with context extension](perplexity_extension.png)\n\n";
 
   md += "## Needle retrieval vs length and depth\n\n";
   md += fmt::format(
@@ -513,18 +553,18 @@ std::string run_extrapolation_study(const StudyOptions& opts) {
       "two-letter words, by models trained on the task at {} tokens (`{}`, uniform depths). Each cell of the "
       "heat "
       "map is {} examples; the table gives the mean over the depths {}.\n\n",
-      T, needle_train.data, opts.needle_examples, fmt::join(opts.depths, ", "));
+      T, s.needle_train.data, opts.needle_examples, fmt::join(opts.depths, ", "));
   {
     std::vector<std::string> header = {"encoding", "extension"};
     for (int64_t f : opts.factors) header.push_back(fmt::format("{}x", f));
     header.push_back("needle val loss");
     std::vector<std::vector<std::string>> rows_md;
-    for (const auto& v : needle_variants) {
+    for (const auto& v : needle_variants_of(opts, s)) {
       std::vector<std::string> row = {v.pe, v.method == kBase ? "-" : v.method};
       for (int64_t f : opts.factors) {
         int64_t correct = 0, total = 0;
         bool any = false;
-        for (const auto& c : needle)
+        for (const auto& c : s.needle)
           if (c.pe == v.pe && c.method == v.method && c.factor == f && c.error.empty()) {
             correct += c.correct;
             total += c.total;
@@ -533,7 +573,7 @@ std::string run_extrapolation_study(const StudyOptions& opts) {
         row.push_back(any ? fmt_acc(correct, total) : (v.method != kBase && f < 2 ? "-" : "n/a"));
       }
       std::string val = "-";
-      for (const auto& r : runs)
+      for (const auto& r : s.runs)
         if (r.pe == v.pe && r.kind == "needle" && v.method == kBase)
           val = fmt::format("{:.3f}", r.train.val_loss);
       row.push_back(val);
@@ -541,13 +581,13 @@ std::string run_extrapolation_study(const StudyOptions& opts) {
     }
     md += detail::markdown_table(header, rows_md) + "\n";
   }
-  md += have_needle_png ? "![needle accuracy heat map](needle.png)\n\n"
-                        : "(needle.png not drawn: gnuplot failed or is missing)\n\n";
+  md += plots.needle ? "![needle accuracy heat map](needle.png)\n\n"
+                     : "(needle.png not drawn: gnuplot failed or is missing)\n\n";
 
   md += "## Runs\n\n";
   {
     std::vector<std::vector<std::string>> rows_md;
-    for (const auto& r : runs)
+    for (const auto& r : s.runs)
       rows_md.push_back({r.pe, r.kind, std::to_string(r.train.parameters),
                          fmt::format("{:.4f}", r.train.final_loss), fmt::format("{:.4f}", r.train.val_loss),
                          fmt::format("{:.0f}", r.train.tokens_per_s), fmt::format("{:.0f}", r.train.seconds),
@@ -560,14 +600,43 @@ std::string run_extrapolation_study(const StudyOptions& opts) {
       "\nRun directories: `runs/lm/PE`, `runs/needle/PE` (`grape eval --run DIR` evaluates one further). "
       "Every "
       "number above is in `results.json`.\n";
-  if (!notes.empty()) {
+  if (!s.notes.empty()) {
     md += "\n## Notes\n\n";
-    for (const auto& n : notes) md += "- " + n + "\n";
+    for (const auto& n : s.notes) md += "- " + n + "\n";
   }
+  return md;
+}
+
+}  // namespace
+
+std::string run_extrapolation_study(const StudyOptions& opts) {
+  validate(opts);
+  const auto refused = check_extensions(opts);
+  const auto t_start = std::chrono::steady_clock::now();
+  const fs::path out(opts.out_dir);
+  fs::create_directories(out / "runs" / "lm");
+  fs::create_directories(out / "runs" / "needle");
+
+  Study s;
+  s.needle_train = opts.train;
+  s.needle_train.data = needle_train_spec(opts.model.context - kNeedleOverhead);  // one example per window
+  if (opts.needle_steps > 0) s.needle_train.steps = opts.needle_steps;
+  for (const auto& pe : opts.pes) {
+    const auto methods = methods_for(opts, pe, refused, s.notes);
+    s.variants.push_back({pe, kBase});
+    for (const auto& m : methods) s.variants.push_back({pe, m});
+    study_encoding(opts, pe, methods, s);
+  }
+  s.total_seconds = seconds_since(t_start);
+  add_unmeasured_notes(opts, s);
+
+  write_results(opts, s);
+  const Plots plots = draw_plots(opts, s);
+  const std::string md = report_markdown(opts, s, plots);
   io::write_file_atomic((out / "report.md").string(), md);
   if (!opts.quiet)
-    std::printf("\nstudy: %.0f s in all (training %.0f s, evaluation %.0f s)\n", total_seconds, train_seconds,
-                eval_seconds);
+    std::printf("\nstudy: %.0f s in all (training %.0f s, evaluation %.0f s)\n", s.total_seconds,
+                s.train_seconds, s.eval_seconds);
   return md;
 }
 

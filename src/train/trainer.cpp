@@ -1,6 +1,6 @@
-// Training: the config, the schedule, one AdamW step, and the loop that logs, validates, checkpoints and
-// resumes. A run is a pure function of its configs: batches depend only on (seed, step, micro-batch), so a
-// resumed run repeats the uninterrupted one step for step.
+// Training: the schedule, one AdamW step, and the loop that logs, validates, checkpoints and resumes (the
+// config is in config.cpp). A run is a pure function of its configs: batches depend only on (seed, step,
+// micro-batch), so a resumed run repeats the uninterrupted one step for step.
 #include <fmt/format.h>
 #include <unistd.h>
 
@@ -13,7 +13,6 @@
 #include <limits>
 #include <numbers>
 #include <stdexcept>
-#include <variant>
 
 #include "grape/distributed.hpp"
 #include "grape/io.hpp"
@@ -23,136 +22,6 @@ namespace grape::train {
 
 namespace fs = std::filesystem;
 using nlohmann::json;
-
-// ---- config ------------------------------------------------------------------------------------------
-
-namespace {
-
-using FieldPtr = std::variant<int64_t TrainConfig::*, double TrainConfig::*, uint64_t TrainConfig::*,
-                              std::string TrainConfig::*>;
-const std::vector<std::pair<std::string, FieldPtr>>& train_fields() {
-  static const std::vector<std::pair<std::string, FieldPtr>> fields = {
-      {"steps", &TrainConfig::steps},
-      {"batch", &TrainConfig::batch},
-      {"accum", &TrainConfig::accum},
-      {"lr", &TrainConfig::lr},
-      {"min_lr", &TrainConfig::min_lr},
-      {"warmup", &TrainConfig::warmup},
-      {"weight_decay", &TrainConfig::weight_decay},
-      {"beta1", &TrainConfig::beta1},
-      {"beta2", &TrainConfig::beta2},
-      {"adam_eps", &TrainConfig::adam_eps},
-      {"grad_clip", &TrainConfig::grad_clip},
-      {"eval_every", &TrainConfig::eval_every},
-      {"eval_batches", &TrainConfig::eval_batches},
-      {"ckpt_every", &TrainConfig::ckpt_every},
-      {"keep_last", &TrainConfig::keep_last},
-      {"log_every", &TrainConfig::log_every},
-      {"seed", &TrainConfig::seed},
-      {"data", &TrainConfig::data},
-      {"tokenizer", &TrainConfig::tokenizer},
-      {"val_fraction", &TrainConfig::val_fraction},
-  };
-  return fields;
-}
-
-template <typename T>
-T parse_number(const std::string& key, const std::string& value) {
-  try {
-    size_t used = 0;
-    T v;
-    if constexpr (std::is_same_v<T, double>)
-      v = std::stod(value, &used);
-    else if constexpr (std::is_same_v<T, uint64_t>)
-      v = std::stoull(value, &used);
-    else
-      v = std::stoll(value, &used);
-    if (used != value.size()) throw std::invalid_argument(value);
-    if constexpr (std::is_same_v<T, uint64_t>)
-      if (!value.empty() && value[0] == '-') throw std::invalid_argument(value);
-    return v;
-  } catch (const std::logic_error&) {
-    throw std::invalid_argument(fmt::format("train setting {}: '{}' is not a valid {}", key, value,
-                                            std::is_same_v<T, double> ? "number" : "integer"));
-  }
-}
-
-}  // namespace
-
-void TrainConfig::set(const std::string& key, const std::string& value) {
-  for (const auto& [name, field] : train_fields()) {
-    if (name != key) continue;
-    std::visit(
-        [&](auto ptr) {
-          using V = std::remove_reference_t<decltype(this->*ptr)>;
-          if constexpr (std::is_same_v<V, std::string>)
-            this->*ptr = value;
-          else
-            this->*ptr = parse_number<V>(key, value);
-        },
-        field);
-    return;
-  }
-  std::string known;
-  for (const auto& f : train_fields()) known += (known.empty() ? "" : ", ") + f.first;
-  throw std::invalid_argument(fmt::format("unknown train setting '{}' (known: {})", key, known));
-}
-
-void TrainConfig::validate() const {
-  auto positive = [](const char* name, double v) {
-    if (!(v > 0)) throw std::invalid_argument(fmt::format("train setting {} must be > 0, got {}", name, v));
-  };
-  auto non_negative = [](const char* name, double v) {
-    if (!(v >= 0)) throw std::invalid_argument(fmt::format("train setting {} must be >= 0, got {}", name, v));
-  };
-  positive("steps", double(steps));
-  positive("batch", double(batch));
-  positive("accum", double(accum));
-  positive("lr", lr);
-  non_negative("min_lr", min_lr);
-  non_negative("warmup", double(warmup));
-  non_negative("weight_decay", weight_decay);
-  non_negative("grad_clip", grad_clip);
-  non_negative("eval_every", double(eval_every));
-  positive("eval_batches", double(eval_batches));
-  non_negative("ckpt_every", double(ckpt_every));
-  positive("keep_last", double(keep_last));
-  positive("log_every", double(log_every));
-  positive("adam_eps", adam_eps);
-  if (!(beta1 >= 0 && beta1 < 1) || !(beta2 >= 0 && beta2 < 1))
-    throw std::invalid_argument(
-        fmt::format("train settings beta1, beta2 must be in [0, 1), got {}, {}", beta1, beta2));
-  if (!(val_fraction > 0 && val_fraction < 1))
-    throw std::invalid_argument(
-        fmt::format("train setting val_fraction must be in (0, 1), got {}", val_fraction));
-}
-
-std::string TrainConfig::to_json() const {
-  json j = json::object();
-  for (const auto& [name, field] : train_fields()) std::visit([&](auto ptr) { j[name] = this->*ptr; }, field);
-  return j.dump(2);
-}
-
-TrainConfig TrainConfig::from_json(const std::string& text) {
-  json j;
-  try {
-    j = json::parse(text);
-  } catch (const json::exception& e) {
-    throw std::invalid_argument(fmt::format("train config is not valid JSON: {}", e.what()));
-  }
-  if (!j.is_object()) throw std::invalid_argument("train config must be a JSON object");
-  TrainConfig cfg;
-  for (const auto& [key, value] : j.items()) {
-    if (value.is_string())
-      cfg.set(key, value.get<std::string>());
-    else if (value.is_number())
-      cfg.set(key, value.dump());
-    else
-      throw std::invalid_argument(
-          fmt::format("train setting {}: expected a number or string, got {}", key, value.dump()));
-  }
-  return cfg;
-}
 
 // ---- schedule and data order -----------------------------------------------------------------------
 
@@ -340,16 +209,69 @@ class Progress {
   bool quiet_, tty_;
 };
 
-}  // namespace
-
-namespace {
-
 // Rank r's rows of a batch drawn for all ranks: rows [r*b, (r+1)*b). The batch of `world` ranks is drawn
 // whole from the step's rng (as one process with batch world x b draws it) and each rank keeps its share,
 // so N ranks with batch b train on exactly the batches of one process with batch N x b.
 data::Batch rank_share(const data::Batch& all, int rank, int64_t b) {
   auto rows = [&](const torch::Tensor& t) { return t.defined() ? t.narrow(0, rank * b, b).contiguous() : t; };
   return {rows(all.x), rows(all.y), rows(all.mask)};
+}
+
+// What a run starts from: its configs and tokenizer, and on --resume the checkpoint it continues from.
+struct StartPoint {
+  ModelConfig model;
+  TrainConfig train;
+  std::unique_ptr<data::Tokenizer> tok;
+  std::optional<detail::LoadedCheckpoint> checkpoint;  // read and verified once; empty: from step 0
+};
+
+// A new run in opts.run_dir with these configs; the model's vocabulary comes from the tokenizer.
+StartPoint new_run(const ModelConfig& model_cfg, const TrainConfig& cfg, const TrainOptions& opts,
+                   bool lead) {
+  if (lead && fs::exists(fs::path(opts.run_dir) / "run.json"))
+    throw std::runtime_error(fmt::format(
+        "{} already holds a run; continue it with --resume or choose another --out", opts.run_dir));
+  StartPoint s{model_cfg, cfg, data::make_tokenizer(cfg.tokenizer), {}};
+  s.model.vocab_size = s.tok->vocab_size();
+  return s;
+}
+
+// --resume: the run's own settings (except an explicitly changed step budget) and its newest good
+// checkpoint; damaged ones are passed over, and the lead rank says which and why.
+StartPoint resume_run(const TrainOptions& opts, bool lead) {
+  const RunInfo run = read_run(opts.run_dir);
+  StartPoint s{run.model, run.train, run_tokenizer(run), {}};
+  if (opts.resume_steps > 0) s.train.steps = opts.resume_steps;
+  auto point = detail::find_resume_checkpoint(opts.run_dir);
+  if (lead) {
+    for (const auto& why : point.skipped) std::fprintf(stderr, "grape train: passed over: %s\n", why.c_str());
+    if (!point.skipped.empty() && point.checkpoint)
+      std::fprintf(stderr, "grape train: falling back to the previous good checkpoint %s\n",
+                   point.checkpoint->dir.c_str());
+    if (!point.checkpoint)
+      std::fprintf(stderr, "grape train: %s has no checkpoint yet; starting it again from step 0\n",
+                   opts.run_dir.c_str());
+  }
+  s.checkpoint = std::move(point.checkpoint);
+  return s;
+}
+
+// Loads a resumed run's weights and AdamW state; returns the step it continues after and the tokens seen.
+std::pair<int64_t, double> restore(Trainer& trainer, const detail::LoadedCheckpoint& ck,
+                                   const TrainConfig& cfg, const TrainOptions& opts, int world, bool lead) {
+  detail::load_weights(trainer.model(), ck);
+  detail::load_optimizer(trainer.optimizer(), ck);
+  if (ck.step > cfg.steps)
+    throw std::invalid_argument(fmt::format("{}: the run is at step {}, beyond the requested --steps {}",
+                                            opts.run_dir, ck.step, cfg.steps));
+  const int64_t world_before = ck.state.value("world_size", int64_t(1));
+  if (lead && world_before != world)
+    std::fprintf(stderr,
+                 "grape train: note: the run was at %lld process(es), now %d: the batch per step changes "
+                 "from %lld to %lld sequences\n",
+                 (long long)world_before, world, (long long)(world_before * cfg.batch),
+                 (long long)(world * cfg.batch));
+  return {ck.step, ck.state.value("tokens", 0.0)};
 }
 
 }  // namespace
@@ -361,63 +283,22 @@ TrainSummary run_training(const ModelConfig& model_cfg_in, const TrainConfig& cf
   const int rank = group ? group->rank() : 0;
   const int world = group ? group->size() : 1;
   const bool lead = rank == 0;  // the one rank that writes the run's files and prints
-  ModelConfig model_cfg = model_cfg_in;
-  TrainConfig cfg = cfg_in;
-  std::unique_ptr<data::Tokenizer> tok;
-  std::string resume_from;
-  if (opts.resume) {
-    const RunInfo run = read_run(opts.run_dir);
-    model_cfg = run.model;
-    cfg = run.train;  // the run's own settings, except an explicitly changed step budget
-    if (opts.resume_steps > 0) cfg.steps = opts.resume_steps;
-    tok = run_tokenizer(run);
-    const auto point = detail::find_resume_checkpoint(opts.run_dir);
-    if (lead) {
-      for (const auto& why : point.skipped)
-        std::fprintf(stderr, "grape train: passed over: %s\n", why.c_str());
-      if (!point.skipped.empty() && !point.dir.empty())
-        std::fprintf(stderr, "grape train: falling back to the previous good checkpoint %s\n",
-                     point.dir.c_str());
-      if (point.dir.empty())
-        std::fprintf(stderr, "grape train: %s has no checkpoint yet; starting it again from step 0\n",
-                     opts.run_dir.c_str());
-    }
-    resume_from = point.dir;
-  } else {
-    if (lead && fs::exists(fs::path(opts.run_dir) / "run.json"))
-      throw std::runtime_error(fmt::format(
-          "{} already holds a run; continue it with --resume or choose another --out", opts.run_dir));
-    tok = data::make_tokenizer(cfg.tokenizer);
-    model_cfg.vocab_size = tok->vocab_size();
-  }
+  StartPoint from = opts.resume ? resume_run(opts, lead) : new_run(model_cfg_in, cfg_in, opts, lead);
+  const ModelConfig& model_cfg = from.model;
+  const TrainConfig& cfg = from.train;
   cfg.validate();
   model_cfg.validate();
   data::DataOptions dopt;
   dopt.val_fraction = cfg.val_fraction;
-  auto data = data::open_data(cfg.data, *tok, dopt);
+  auto data = data::open_data(cfg.data, *from.tok, dopt);
 
   torch::manual_seed(cfg.seed);
   Transformer model(model_cfg);
   Trainer trainer(model, cfg);
   int64_t start = 0;
   double tokens_before = 0;
-  if (!resume_from.empty()) {
-    auto state = detail::read_checkpoint_state(resume_from);
-    load_weights(model, resume_from);
-    detail::load_optimizer(trainer.optimizer(), resume_from);
-    start = state.at("step").get<int64_t>();
-    if (start > cfg.steps)
-      throw std::invalid_argument(fmt::format("{}: the run is at step {}, beyond the requested --steps {}",
-                                              opts.run_dir, start, cfg.steps));
-    tokens_before = state.value("tokens", 0.0);
-    const int64_t world_before = state.value("world_size", int64_t(1));
-    if (lead && world_before != world)
-      std::fprintf(stderr,
-                   "grape train: note: the run was at %lld process(es), now %d: the batch per step changes "
-                   "from %lld to %lld sequences\n",
-                   (long long)world_before, world, (long long)(world_before * cfg.batch),
-                   (long long)(world * cfg.batch));
-  }
+  if (from.checkpoint)
+    std::tie(start, tokens_before) = restore(trainer, *from.checkpoint, cfg, opts, world, lead);
   if (group) {
     // Every rank must continue from the same step (they read the same run directory: on several hosts it
     // must be a shared file system).
@@ -434,7 +315,7 @@ TrainSummary run_training(const ModelConfig& model_cfg_in, const TrainConfig& cf
       detail::remove_stale_temporaries(opts.run_dir);
       detail::truncate_metrics(opts.run_dir, start);
     }
-    detail::write_run(opts.run_dir, model_cfg, cfg, *tok);  // on resume, records an extended budget
+    detail::write_run(opts.run_dir, model_cfg, cfg, *from.tok);  // on resume, records an extended budget
   }
   trainer.set_group(group);
 
@@ -450,7 +331,8 @@ TrainSummary run_training(const ModelConfig& model_cfg_in, const TrainConfig& cf
   const double tokens_per_step = double(cfg.batch * cfg.accum * model_cfg.context * world);
   const auto t0 = std::chrono::steady_clock::now();
   auto seconds = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
-  std::string last_checkpoint = resume_from;
+  std::string last_checkpoint = from.checkpoint ? from.checkpoint->dir : "";
+  from.checkpoint.reset();  // its bytes are loaded: free them before training
   try {
     for (int64_t step = start; step < cfg.steps; ++step) {
       std::vector<data::Batch> micro;
