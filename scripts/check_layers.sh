@@ -14,7 +14,7 @@ layer_of() {
     grape/check.hpp | check/*) echo check ;;
     grape/data.hpp | data/*) echo data ;;
     grape/train.hpp | grape/distributed.hpp | train/*) echo train ;;
-    grape/io.hpp | grape/formats.hpp | io/*) echo io ;;
+    grape/io.hpp | grape/formats.hpp | grape/settings_text.hpp | io/*) echo io ;;
     kernels/*) echo kernels ;;
     cli/*) echo cli ;;
     bench/*) echo bench ;;

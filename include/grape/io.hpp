@@ -1,4 +1,5 @@
-// File formats grape reads and writes: NumPy .npy, .safetensors, and atomic (temp + rename) writes.
+// File formats grape reads and writes, as torch tensors: NumPy .npy, .safetensors, and (from
+// grape/formats.hpp, which parses and encodes the bytes without LibTorch) read_file and write_file_atomic.
 // Every reader validates the whole file before returning and throws std::runtime_error whose message
 // names the file and the problem (bad magic, truncated, unsupported dtype, ...). Never a crash.
 #pragma once
@@ -8,14 +9,9 @@
 #include <map>
 #include <string>
 
+#include "grape/formats.hpp"
+
 namespace grape::io {
-
-// Writes `bytes` to `path` atomically: a temporary file beside it, fsync, then rename over `path`.
-// On any failure the temporary is removed, the old `path` is untouched, and std::runtime_error is thrown.
-void write_file_atomic(const std::string& path, const std::string& bytes);
-
-// Reads a whole file; throws std::runtime_error("cannot open 'path': <reason>") when missing/unreadable.
-std::string read_file(const std::string& path);
 
 // .npy, format versions 1.0, 2.0 and 3.0, little-endian float32 ('<f4'), C order only.
 torch::Tensor read_npy(const std::string& path);
@@ -28,7 +24,7 @@ std::map<std::string, torch::Tensor> read_safetensors(const std::string& path,
                                                       std::map<std::string, std::string>* metadata = nullptr);
 // The same from a file's bytes already in memory (read once, e.g. to verify a checksum first); `name`
 // stands for the file in error messages.
-std::map<std::string, torch::Tensor> parse_safetensors(
+std::map<std::string, torch::Tensor> safetensors_tensors(
     const std::string& bytes, const std::string& name,
     std::map<std::string, std::string>* metadata = nullptr);
 // Writes float32 tensors (others are refused), sorted by name, with optional string metadata, atomically.

@@ -19,6 +19,8 @@
 #include <string>
 #include <vector>
 
+#include "grape/settings_text.hpp"
+
 namespace grape {
 
 using TensorMap = std::map<std::string, torch::Tensor>;
@@ -183,17 +185,6 @@ using EncodingPtr = std::shared_ptr<Encoding>;
 // Causal pre-softmax logits [B,H,Tq,Tk] an encoding defines: q~.k~/sqrt(D) + bias, -inf where the key
 // position > the query position. Composed of LibTorch ops: the oracle of every faster path.
 torch::Tensor attention_logits(const Encoding& enc, const PeTokens& queries, const KeyCache& keys);
-
-// The text forms of every setting (encoding options, --set, --pe-set, config files, key=value lists), parsed
-// in one place. split_key_value: "key=value" -> {key, value}; `what` names the setting in the error
-// ("option 'base' must look like key=value"). The others parse the whole text ("6x", " 6" and "" are not
-// numbers) and give nullopt when it is not one; doubles must be finite; booleans are true/false, 1/0,
-// yes/no or on/off.
-std::pair<std::string, std::string> split_key_value(const std::string& text, const std::string& what);
-std::optional<int64_t> text_to_int(const std::string& text);
-std::optional<uint64_t> text_to_uint(const std::string& text);
-std::optional<double> text_to_double(const std::string& text);
-std::optional<bool> text_to_bool(const std::string& text);
 
 // key=value settings of an encoding (from `--set key=value`); parsing errors name the key.
 class PeOptions {

@@ -31,6 +31,7 @@
 #include <stdexcept>
 
 #include "grape/data.hpp"
+#include "grape/settings_text.hpp"
 
 namespace grape::data {
 
@@ -178,15 +179,12 @@ Task parse_task(const std::string& spec) {
     const std::string kv = options.substr(pos, end - pos);
     pos = end + 1;
     if (kv.empty()) continue;
-    const auto eq = kv.find('=');
-    const std::string key = kv.substr(0, eq);
+    const std::string key =
+        kv.substr(0, kv.find('='));  // named first: an unknown option lists the valid ones
     if (std::find(it->second.begin(), it->second.end(), key) == it->second.end())
       throw std::invalid_argument(fmt::format("synthetic task '{}' has no option '{}'; valid options: {}",
                                               name, key, fmt::join(it->second, ", ")));
-    if (eq == std::string::npos)
-      throw std::invalid_argument(
-          fmt::format("synthetic:{}: option '{}' must look like key=value", name, kv));
-    given[key] = kv.substr(eq + 1);
+    given[key] = split_key_value(kv, fmt::format("synthetic:{}: option", name)).second;
   }
   for (const auto& [key, v] : given) {
     if (key == "length")

@@ -1,4 +1,4 @@
-// Atomic whole-file writes (temp file + fsync + rename) and whole-file reads.
+// Atomic whole-file writes (temp file + fsync + rename) and whole-file reads (no LibTorch).
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -11,7 +11,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "grape/io.hpp"
+#include "grape/formats.hpp"
 
 namespace grape::io {
 

@@ -320,7 +320,7 @@ void load_weights(Transformer& model, const std::string& dir) {
 void detail::load_weights(Transformer& model, const LoadedCheckpoint& ck) {
   std::map<std::string, std::string> meta;
   const auto path = (fs::path(ck.dir) / "model.safetensors").string();
-  auto tensors = io::parse_safetensors(ck.file("model.safetensors"), path, &meta);
+  auto tensors = io::safetensors_tensors(ck.file("model.safetensors"), path, &meta);
   if (meta.count("pe") && meta["pe"] != model->config().pe)
     throw std::runtime_error(fmt::format("{}: checkpoint was trained with encoding '{}', the model uses '{}'",
                                          path, meta["pe"], model->config().pe));

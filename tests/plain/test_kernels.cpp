@@ -473,8 +473,9 @@ TEST(KernelBackward, OnePassAndTwoPassPathsMatchReference) {
             for (size_t n = 0; n < got.size(); ++n) {
               const double tol = 1e-3 * std::max(1.0, max_abs(*ref[n]));
               EXPECT_LE(max_err(got[n], *ref[n]), tol) << names[n];
-              if (!first.empty())  // the two thread counts (paths) agree
+              if (!first.empty()) {  // the two thread counts (paths) agree
                 EXPECT_LE(max_err(got[n], Vec(first[n].begin(), first[n].end())), tol) << names[n];
+              }
             }
             if (first.empty()) first = got;
           }
