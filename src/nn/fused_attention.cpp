@@ -30,10 +30,10 @@ torch::Tensor term(const torch::Tensor& t) {
   return t.defined() ? t.to(torch::kFloat32).contiguous() : torch::empty({0}, torch::kFloat32);
 }
 
-kc::LinearBias make_bias(const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& c,
-                         const torch::Tensor& d, const torch::Tensor& p, const torch::Tensor& r,
-                         const torch::Tensor& m, const torch::Tensor& dist) {
-  kc::LinearBias bias{ptr(a), ptr(b), ptr(c), ptr(d)};
+kc::BiasTerms make_bias(const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& c,
+                        const torch::Tensor& d, const torch::Tensor& p, const torch::Tensor& r,
+                        const torch::Tensor& m, const torch::Tensor& dist) {
+  kc::BiasTerms bias{ptr(a), ptr(b), ptr(c), ptr(d)};
   if (present(p)) bias.p = ptr(p), bias.r = ptr(r), bias.m = ptr(m), bias.P = p.size(3);
   if (present(dist)) bias.dist = ptr(dist), bias.W = dist.size(1);
   return bias;
@@ -48,16 +48,20 @@ class FusedAttentionFn : public torch::autograd::Function<FusedAttentionFn> {
     kc::AttentionShape s{q.size(0), q.size(2), q.size(1), k.size(1),
                          q.size(3), q_offset,  k_offset,  float(1.0 / std::sqrt(double(q.size(3))))};
     q = q.contiguous(), k = k.contiguous(), v = v.contiguous();
-    const kc::LinearBias bias = make_bias(a, b, c, d, p, r, m, dist);
     auto out = torch::empty_like(q);
     auto lse = torch::empty({s.B, s.H, s.Tq}, q.options());
     torch::NoGradGuard no_grad;
+    const kc::ForwardParams params{.shape = s,
+                                   .q = q.data_ptr<float>(),
+                                   .k = k.data_ptr<float>(),
+                                   .v = v.data_ptr<float>(),
+                                   .bias = make_bias(a, b, c, d, p, r, m, dist),
+                                   .out = out.data_ptr<float>(),
+                                   .lse = lse.data_ptr<float>()};
     if (s.Tq <= kDecodeMaxQueries && s.Tk >= kDecodeMinKeys)
-      kc::attention_decode(s, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), bias,
-                           out.data_ptr<float>(), lse.data_ptr<float>());
+      kc::attention_decode(params);
     else
-      kc::attention_forward(s, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), bias,
-                            out.data_ptr<float>(), lse.data_ptr<float>());
+      kc::attention_forward(params);
     ctx->save_for_backward({q, k, v, a, b, c, d, p, r, m, dist, out, lse});
     ctx->saved_data["q_offset"] = q_offset;
     ctx->saved_data["k_offset"] = k_offset;
@@ -83,11 +87,24 @@ class FusedAttentionFn : public torch::autograd::Function<FusedAttentionFn> {
     auto like = [](const torch::Tensor& t) { return present(t) ? torch::empty_like(t) : torch::Tensor(); };
     auto da = like(a), db = like(b), dc = like(c), dd = like(d), dp = like(p), dr = like(r);
     auto ddist = like(dist);
-    kc::attention_backward(s, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
-                           make_bias(a, b, c, d, p, r, m, dist), out.data_ptr<float>(),
-                           dout.data_ptr<float>(), lse.data_ptr<float>(), dq.data_ptr<float>(),
-                           dk.data_ptr<float>(), dv.data_ptr<float>(), mut(da), mut(db), mut(dc), mut(dd),
-                           mut(dp), mut(dr), mut(ddist));
+    kc::attention_backward({.shape = s,
+                            .q = q.data_ptr<float>(),
+                            .k = k.data_ptr<float>(),
+                            .v = v.data_ptr<float>(),
+                            .bias = make_bias(a, b, c, d, p, r, m, dist),
+                            .out = out.data_ptr<float>(),
+                            .dout = dout.data_ptr<float>(),
+                            .lse = lse.data_ptr<float>(),
+                            .dq = dq.data_ptr<float>(),
+                            .dk = dk.data_ptr<float>(),
+                            .dv = dv.data_ptr<float>(),
+                            .bias_grads = {.da = mut(da),
+                                           .db = mut(db),
+                                           .dc = mut(dc),
+                                           .dd = mut(dd),
+                                           .dp = mut(dp),
+                                           .dr = mut(dr),
+                                           .ddist = mut(ddist)}});
     // The slopes m are a fixed buffer: no gradient.
     return {dq, dk, dv, da, db, dc, dd, dp, dr, torch::Tensor(), ddist, torch::Tensor(), torch::Tensor()};
   }

@@ -187,7 +187,7 @@ void validate(const char* fn, const AttentionShape& s, const float* q, const flo
   check(q && k && v, fn, "q, k and v must not be null");
 }
 
-void validate_bias(const char* fn, const LinearBias& bias) {
+void validate_bias(const char* fn, const BiasTerms& bias) {
   if (bias.dist)
     check(bias.W >= 1, fn,
           "a distance table needs W >= 1 entries per head (got " + std::to_string(bias.W) + ")");
@@ -329,12 +329,12 @@ struct TileLogits {
   }
 };
 
-void pack_dist_tile(const Geometry& g, const LinearBias& bias, int64_t h, int64_t i0, int64_t j0, float* dt);
+void pack_dist_tile(const Geometry& g, const BiasTerms& bias, int64_t h, int64_t i0, int64_t j0, float* dt);
 
 // The logits of the tile of query rows from i0 and keys [j0, j0 + nk) of head (b, h); kb, kd are the packed
 // key quantities. With a distance table and a buffer dt [kDiag], the tile's table entries are packed there.
-TileLogits tile_logits(const Geometry& g, const LinearBias& bias, int64_t b, int64_t h, int64_t i0,
-                       int64_t j0, int64_t nk, const float* kb, const float* kd, float* dt = nullptr) {
+TileLogits tile_logits(const Geometry& g, const BiasTerms& bias, int64_t b, int64_t h, int64_t i0, int64_t j0,
+                       int64_t nk, const float* kb, const float* kd, float* dt = nullptr) {
   const int64_t qs = g.q_stat(b, h) + i0;
   const bool with_dist = bias.dist && dt;
   if (with_dist) pack_dist_tile(g, bias, h, i0, j0, dt);
@@ -438,7 +438,7 @@ GRAPE_INLINE float row_exp_sum(float* s, float mx) {
 // The table entries of the tile of query rows from i0 and keys from j0 of head h, one per diagonal: row r and
 // key j lie on diagonal e = j - r + kBQ - 1, at distance top - e with top = pos_{i0} - pos_{j0} + kBQ - 1. So
 // row r reads dt[kBQ - 1 - r + j], a contiguous slice. Negative distances (masked pairs) get 0.
-void pack_dist_tile(const Geometry& g, const LinearBias& bias, int64_t h, int64_t i0, int64_t j0, float* dt) {
+void pack_dist_tile(const Geometry& g, const BiasTerms& bias, int64_t h, int64_t i0, int64_t j0, float* dt) {
   const float* tab = bias.dist + h * bias.W;
   const int64_t top = (g.q_offset + i0) - (g.k_offset + j0) + kBQ - 1;
   for (int64_t e = 0; e < kDiag; ++e) {
@@ -463,7 +463,7 @@ void scatter_dist_grad(const Geometry& g, int64_t W, int64_t i0, int64_t j0, dou
 // ---------------------------------------------------------------------------------------------------------
 
 // The probes r of keys [j0, j0 + nk) of head (b, h), transposed: Rt [P][kBK], zero-padded.
-void pack_probe_keys(const Geometry& g, const LinearBias& bias, int64_t b, int64_t h, int64_t j0, int64_t nk,
+void pack_probe_keys(const Geometry& g, const BiasTerms& bias, int64_t b, int64_t h, int64_t j0, int64_t nk,
                      float* Rt) {
   const int64_t P = bias.P;
   std::fill(Rt, Rt + P * kBK, 0.0f);
@@ -540,7 +540,7 @@ GRAPE_INLINE float suffix_sums(const float* x, float* ex) {
 // carry[r] holds the row's psi summed over the later key tiles; then carry[r] += the tile's psi. With SG,
 // also m_h sigmoid(-x) / P per entry (0 where masked), for the backward.
 GRAPE_SIMD
-void path_tile(const Geometry& g, const LinearBias& bias, int64_t b, int64_t h, int64_t i0, int64_t rows,
+void path_tile(const Geometry& g, const BiasTerms& bias, int64_t b, int64_t h, int64_t i0, int64_t rows,
                int64_t Mp, int64_t j0, int64_t nk, const float* Rt, double* carry, float* PB, float* SG) {
   const float mh = bias.m[h];
   for (int64_t r = 0; r < Mp; ++r) {
@@ -566,7 +566,7 @@ void path_tile(const Geometry& g, const LinearBias& bias, int64_t b, int64_t h, 
 // summed over later key tiles, and is advanced here). G = dpsi * SG (in place of SG) feeds
 // dp_t += sum_l G r_l (dPq rows [rows][P]) and dr_l += sum_t G p_t (drT [P][kBK]).
 GRAPE_SIMD
-void path_grad(const Geometry& g, const LinearBias& bias, int64_t b, int64_t h, int64_t i0, int64_t rows,
+void path_grad(const Geometry& g, const BiasTerms& bias, int64_t b, int64_t h, int64_t i0, int64_t rows,
                int64_t Mp, const float* dS, float* SG, double* carry_ds, const float* Rt, float* dPq,
                float* drT) {
   const int64_t P = bias.P;
@@ -602,7 +602,7 @@ void path_grad(const Geometry& g, const LinearBias& bias, int64_t b, int64_t h, 
 // psi(t, l) of query row i of head (b, h) summed over the keys [l0, l1) (decode's path-bias pre-pass), per
 // key tile in fp32, the tiles in double. Rt [P][kBK] and psi [kBK]: scratch.
 GRAPE_SIMD
-double psi_sum(const Geometry& g, const LinearBias& bias, int64_t b, int64_t h, int64_t i, int64_t l0,
+double psi_sum(const Geometry& g, const BiasTerms& bias, int64_t b, int64_t h, int64_t i, int64_t l0,
                int64_t l1, float* Rt, float* psi) {
   const float* pt = bias.p + ((b * g.Tq + i) * g.H + h) * bias.P;
   double sum = 0.0;
@@ -784,7 +784,7 @@ struct ForwardWork {
 // are visited from the last one down (the softmax does not mind the order), so that the path bias's per-row
 // carry (psi summed over the keys after the tile) grows as it goes; it starts from carry0[r * carry_stride]
 // (psi summed over keys from kend on; decode), or 0.
-void flash_rows(const Geometry& g, const float* q, const float* k, const float* v, const LinearBias& bias,
+void flash_rows(const Geometry& g, const float* q, const float* k, const float* v, const BiasTerms& bias,
                 int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t kbeg, int64_t kend, ForwardWork& w,
                 const float* Kt_all = nullptr, const float* V_all = nullptr, const double* carry0 = nullptr,
                 int64_t carry_stride = 0) {
@@ -858,8 +858,11 @@ float exp_f32(float x) { return exp_inline(x); }
 // Forward
 // ---------------------------------------------------------------------------------------------------------
 
-void attention_forward(const AttentionShape& s, const float* q, const float* k, const float* v,
-                       const LinearBias& bias, float* out, float* lse) {
+void attention_forward(const ForwardParams& p) {
+  const AttentionShape& s = p.shape;
+  const float *q = p.q, *k = p.k, *v = p.v;
+  const BiasTerms& bias = p.bias;
+  float *out = p.out, *lse = p.lse;
   validate("attention_forward", s, q, k, v);
   validate_bias("attention_forward", bias);
   check(out && lse, "attention_forward", "out and lse must not be null");
@@ -922,8 +925,11 @@ void attention_forward(const AttentionShape& s, const float* q, const float* k, 
 // Decode: one task per (b, h, query tile), or the keys split into blocks whose softmax states are merged
 // ---------------------------------------------------------------------------------------------------------
 
-void attention_decode(const AttentionShape& s, const float* q, const float* k, const float* v,
-                      const LinearBias& bias, float* out, float* lse) {
+void attention_decode(const DecodeParams& p) {
+  const AttentionShape& s = p.shape;
+  const float *q = p.q, *k = p.k, *v = p.v;
+  const BiasTerms& bias = p.bias;
+  float *out = p.out, *lse = p.lse;
   validate("attention_decode", s, q, k, v);
   validate_bias("attention_decode", bias);
   check(out && lse, "attention_decode", "out and lse must not be null");
@@ -1071,7 +1077,7 @@ void pack_query_tile(const Geometry& g, const float* q, const float* dout, const
 }
 
 // Packs the key side of one key tile: K^T, V^T (and K row-major when want_k), and the key bias quantities.
-void pack_key_tile(const Geometry& g, const float* k, const float* v, const LinearBias& bias, int64_t b,
+void pack_key_tile(const Geometry& g, const float* k, const float* v, const BiasTerms& bias, int64_t b,
                    int64_t h, int64_t j0, int64_t nk, bool want_k, BackwardWork& w) {
   const int64_t ks = g.k_stat(b, h) + j0;
   row_pointers(k, g.Tk, g.H, g.D, b, h, j0, nk, w.rows);
@@ -1136,17 +1142,12 @@ struct OnePassWork {
   }
 };
 
-struct BiasGrads {
-  float *da, *db, *dc, *dd;  // null where not wanted
-  float *dp, *dr;            // path-bias probes; null where not wanted
-};
-
 // The whole backward of head (b, h) in one pass over its key tiles: for each (query tile, key tile) pair
 // S = Q K^T, P, dP = dO V^T and dS are computed once and feed dV += P^T dO, dK += dS^T Q (this key tile's
 // accumulators) and dQ += dS K (the head's query accumulator): 5 tile products per pair. The key tiles go
 // from the last down, so that the path bias's per-row carries (psi and dS summed over later keys) accumulate.
 // gdist [W] (double), when non-null, accumulates this head's distance-table gradient.
-void backward_head(const Geometry& g, const float* q, const float* k, const float* v, const LinearBias& bias,
+void backward_head(const Geometry& g, const float* q, const float* k, const float* v, const BiasTerms& bias,
                    const float* dout, const float* lse, const float* delta, int64_t b, int64_t h, float* dq,
                    float* dk, float* dv, const BiasGrads& bg, OnePassWork& w, double* gdist) {
   const int64_t Dp = g.Dp, n_qt = ceil_div(g.Tq, kBQ), n_kt = ceil_div(g.Tk, kBK), Tqp = n_qt * kBQ;
@@ -1229,10 +1230,14 @@ void backward_head(const Geometry& g, const float* q, const float* k, const floa
 
 }  // namespace
 
-void attention_backward(const AttentionShape& s, const float* q, const float* k, const float* v,
-                        const LinearBias& bias, const float* out, const float* dout, const float* lse,
-                        float* dq, float* dk, float* dv, float* da, float* db, float* dc, float* dd,
-                        float* dp, float* dr, float* ddist) {
+void attention_backward(const BackwardParams& p) {
+  const AttentionShape& s = p.shape;
+  const float *q = p.q, *k = p.k, *v = p.v;
+  const BiasTerms& bias = p.bias;
+  const float *out = p.out, *dout = p.dout, *lse = p.lse;
+  float *dq = p.dq, *dk = p.dk, *dv = p.dv;
+  float *da = p.bias_grads.da, *db = p.bias_grads.db, *dc = p.bias_grads.dc, *dd = p.bias_grads.dd;
+  float *dp = p.bias_grads.dp, *dr = p.bias_grads.dr, *ddist = p.bias_grads.ddist;
   validate("attention_backward", s, q, k, v);
   validate_bias("attention_backward", bias);
   check(out && dout && lse, "attention_backward", "out, dout and lse must not be null");
