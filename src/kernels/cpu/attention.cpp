@@ -11,8 +11,9 @@
 //   K, V:   [kBK][Dp]  row-major          S, P, dS: [kBQ][kBK]
 // with Dp = D rounded up to kNR. Every matrix product is one call of gemm_tile, a register-blocked
 // micro-kernel (kMR x 2 kNR with AVX-512, kMR x kNR otherwise) written as plain loops the compiler
-// vectorises (see GRAPE_SIMD for the instruction sets).
-// exp is exp_inline, a branch-free polynomial that vectorises (std::exp does not without -ffast-math).
+// vectorises (see GRAPE_SIMD for the instruction sets), or for decode's few rows dots_direct/pv_direct
+// (tile.hpp). exp is exp_inline (simd_math.hpp), a branch-free polynomial that vectorises (std::exp does not
+// without -ffast-math).
 //
 // Masking: within a key tile the keys a query row sees form a prefix (keys j <= i + q_offset - k_offset), so
 // every softmax loop simply runs over that prefix; key tiles beyond a query tile's causal frontier are
@@ -21,291 +22,25 @@
 
 #include <omp.h>
 
-#if defined(__AVX512F__)
-#pragma GCC diagnostic push  // GCC 12 warns inside its own headers' _mm512_undefined_ps (its bug 105593)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <immintrin.h>  // horizontal reductions and an in-register scan (lanes_reduce, suffix_sums)
-#pragma GCC diagnostic pop
-#endif
-
 #include <algorithm>
-#include <bit>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <memory>
-#include <new>
-#include <stdexcept>
-#include <string>
 
-// GRAPE_SIMD marks the hot tile functions. Built for a machine with AVX-512 (-march=native): use full 512-bit
-// vectors (GCC prefers 256 on most such CPUs; the kMR x kNR accumulators fit 8 zmm registers but not 16 ymm
-// ones). Built for baseline x86-64: compile them for AVX-512, AVX2 and baseline, picked at load time.
-#ifndef GRAPE_SIMD
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__AVX512F__)
-#define GRAPE_SIMD __attribute__((target("prefer-vector-width=512")))
-#elif defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && \
-    defined(__linux__) && !defined(__AVX2__)
-#define GRAPE_SIMD __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define GRAPE_SIMD
-#endif
-#endif
-
-#if defined(__GNUC__)
-#define GRAPE_INLINE inline __attribute__((always_inline))
-#else
-#define GRAPE_INLINE inline
-#endif
+#include "kernels/cpu/simd_math.hpp"
+#include "kernels/cpu/tile.hpp"
 
 namespace grape::kernels::cpu {
 namespace {
 
-constexpr int64_t kBQ = 64;  // query rows per tile
-constexpr int64_t kBK = 64;  // keys per tile (one online-softmax step)
-constexpr int64_t kMR = 8;   // micro-kernel rows
-constexpr int64_t kNR = 16;  // micro-kernel columns: one AVX-512 or two AVX2 registers
 // keys per decode task when the heads alone cannot keep the threads busy
 constexpr int64_t kDecodeBlock = 256;
 constexpr int64_t kDirectRows = 4;  // up to this many query rows, k and v rows are read in place, not packed
 constexpr int64_t kDiag = kBQ + kBK - 1;  // diagonals of a tile: the distinct distances of its pairs
-constexpr int64_t kAlign = 64;            // bytes: one cache line
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
-
-// Threads for a parallel region of n_tasks tasks: no idle team members (they would only spin at the barrier).
-int team_size(int64_t n_tasks) { return int(std::clamp<int64_t>(n_tasks, 1, omp_get_max_threads())); }
-
-// ---------------------------------------------------------------------------------------------------------
-// exp
-// ---------------------------------------------------------------------------------------------------------
-
-// exp(x) = 2^n e^r with n = round(x / ln2), |r| <= ln2 / 2; e^r by its degree-7 Taylor polynomial (truncation
-// < 1e-8 relative). The kernels only exponentiate differences to a running max or to the log-sum-exp (<= 0 up
-// to rounding), so the domain is x <= 88 (larger x is clamped to 88, keeping 2^n a normal float: one scale,
-// no overflow branch). Results below FLT_MIN are flushed to 0 (no subnormal slow paths; softmax cannot see
-// them); -inf gives 0; NaN gives NaN (the clamps pass it through, as does every later step).
-inline float exp_inline(float x) {
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693145751953125f;  // ln2's leading 15 bits: n * kLn2Hi is exact
-  constexpr float kLn2Lo = 1.42860682030941723212e-6f;
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
-  const float xc = std::min(std::max(x, -87.5f), 88.0f);  // n in [-126, 127]; std::max/min keep a NaN x
-  const float n = (xc * kLog2e + kRound) - kRound;
-  const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const float y = p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
-  return x < -87.33654475f ? 0.0f : y;  // ln(FLT_MIN)
-}
-
-// log(1 + e) for e in [0, 1] (NaN passes): e q(e) with q a degree-8 Chebyshev fit of log1p(e) / e on [0, 1]
-// (fit error < 4e-8 relative; in fp32 within 2.4e-7 relative, also for tiny e). No division (a vector divide
-// costs as much as the whole polynomial), branch-free, vectorises.
-inline float log1p_unit(float e) {
-  float q = 0.005126102141f;
-  q = q * e - 0.02907406468f;
-  q = q * e + 0.07751608674f;
-  q = q * e - 0.1360224762f;
-  q = q * e + 0.1907688074f;
-  q = q * e - 0.2483539899f;
-  q = q * e + 0.3331812171f;
-  q = q * e - 0.4999944498f;
-  q = q * e + 0.9999999659f;
-  return e * q;
-}
-
-// The path bias's edge potential, psi = m logsigmoid(x) = m (min(x, 0) - log1p(exp(-|x|))), and, when wanted,
-// m dlogsigmoid/dx = m sigmoid(-x) (= m e / (1 + e) for x >= 0, m / (1 + e) otherwise, e = exp(-|x|)).
-inline float psi_inline(float x, float m) {
-  const float e = exp_inline(-std::abs(x));
-  return m * (std::min(x, 0.0f) - log1p_unit(e));
-}
-inline void psi_grad_inline(float x, float m, float& psi, float& dpsi_dx) {
-  const float e = exp_inline(-std::abs(x));
-  psi = m * (std::min(x, 0.0f) - log1p_unit(e));
-  dpsi_dx = m * ((x >= 0.0f ? e : 1.0f) / (1.0f + e));
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Shapes, validation, workspaces
-// ---------------------------------------------------------------------------------------------------------
-
-struct Geometry {
-  int64_t B, H, Tq, Tk, D, Dp;
-  int64_t q_offset, k_offset;
-  int64_t delta;  // q_offset - k_offset: query i sees key j iff j <= i + delta
-  float scale;
-
-  explicit Geometry(const AttentionShape& s)
-      : B(s.B),
-        H(s.H),
-        Tq(s.Tq),
-        Tk(s.Tk),
-        D(s.D),
-        Dp(round_up(s.D, kNR)),
-        q_offset(s.q_offset),
-        k_offset(s.k_offset),
-        delta(s.q_offset - s.k_offset),
-        scale(s.scale) {}
-
-  const float* q_row(const float* x, int64_t b, int64_t h, int64_t i) const {
-    return x + ((b * Tq + i) * H + h) * D;
-  }
-  int64_t q_stat(int64_t b, int64_t h) const { return (b * H + h) * Tq; }  // [B,H,Tq] base of (b,h)
-  int64_t k_stat(int64_t b, int64_t h) const { return (b * H + h) * Tk; }  // [B,H,Tk] base of (b,h)
-  // Keys [0, key_end(i)) are visible to some query row < i (the causal frontier of rows [.., i)).
-  int64_t key_end(int64_t i) const { return std::clamp<int64_t>(i + delta, 0, Tk); }
-  // How many keys of the tile starting at key j0 (with nk keys) query row i sees: a prefix of the tile.
-  int64_t visible(int64_t i, int64_t j0, int64_t nk) const {
-    return std::clamp<int64_t>(i + delta - j0 + 1, 0, nk);
-  }
-};
-
-void check(bool ok, const char* fn, const std::string& what) {
-  if (!ok) throw std::invalid_argument(std::string("grape::kernels::cpu::") + fn + ": " + what);
-}
-
-void validate(const char* fn, const AttentionShape& s, const float* q, const float* k, const float* v) {
-  check(s.B >= 1 && s.H >= 1 && s.Tq >= 1 && s.Tk >= 1, fn,
-        "B, H, Tq and Tk must be >= 1 (got B=" + std::to_string(s.B) + " H=" + std::to_string(s.H) +
-            " Tq=" + std::to_string(s.Tq) + " Tk=" + std::to_string(s.Tk) + ")");
-  check(s.D >= 1, fn, "head dim D must be >= 1 (got " + std::to_string(s.D) + ")");
-  check(s.q_offset >= s.k_offset, fn,
-        "every query must see a key: need q_offset >= k_offset (got q_offset=" + std::to_string(s.q_offset) +
-            ", k_offset=" + std::to_string(s.k_offset) + ")");
-  check(std::isfinite(s.scale), fn, "scale must be finite");
-  check(q && k && v, fn, "q, k and v must not be null");
-}
-
-void validate_bias(const char* fn, const BiasTerms& bias) {
-  if (bias.dist)
-    check(bias.W >= 1, fn,
-          "a distance table needs W >= 1 entries per head (got " + std::to_string(bias.W) + ")");
-  if (!bias.path()) return;
-  check(bias.r && bias.m, fn, "a path bias (p given) needs r and m");
-  check(bias.P >= 1, fn, "path-bias probe dim P must be >= 1 (got " + std::to_string(bias.P) + ")");
-}
-
-// One cache-line-aligned float buffer, carved into per-thread workspaces before the parallel region (so that
-// nothing allocates, or throws, inside it).
-struct Arena {
-  struct Free {
-    void operator()(float* p) const { std::free(p); }
-  };
-  std::unique_ptr<float[], Free> mem;
-  int64_t per_thread = 0;
-
-  Arena(int64_t threads, int64_t floats) : per_thread(round_up(floats, kAlign / 4)) {
-    const size_t bytes = size_t(threads * per_thread) * sizeof(float);
-    mem.reset(static_cast<float*>(std::aligned_alloc(kAlign, std::max<size_t>(bytes, kAlign))));
-    if (!mem) throw std::bad_alloc();
-  }
-  float* thread(int t) const { return mem.get() + t * per_thread; }
-};
-
-// Hands out aligned sub-buffers of one thread's workspace.
-struct Carver {
-  float* p;
-  float* take(int64_t n) {
-    float* r = p;
-    p += round_up(n, kAlign / 4);
-    return r;
-  }
-  static int64_t size(std::initializer_list<int64_t> ns) {
-    int64_t total = 0;
-    for (int64_t n : ns) total += round_up(n, kAlign / 4);
-    return total;
-  }
-};
-
-// ---------------------------------------------------------------------------------------------------------
-// Packing: strided head rows -> contiguous zero-padded tiles
-// ---------------------------------------------------------------------------------------------------------
-
-// n token rows (D floats each) -> dst[rows][Dp] (row-major), zero past n rows and past D columns.
-void pack_rows(const float* const* src_rows, int64_t n, int64_t rows, int64_t D, int64_t Dp, float* dst) {
-  for (int64_t r = 0; r < rows; ++r) {
-    float* d = dst + r * Dp;
-    if (r < n) {
-      std::memcpy(d, src_rows[r], size_t(D) * sizeof(float));
-      std::fill(d + D, d + Dp, 0.0f);
-    } else {
-      std::fill(d, d + Dp, 0.0f);
-    }
-  }
-}
-
-// n token rows transposed -> dst[Dp][cols], zero past n columns and past D rows.
-void pack_cols(const float* const* src_rows, int64_t n, int64_t cols, int64_t D, int64_t Dp, float* dst) {
-  std::fill(dst, dst + Dp * cols, 0.0f);
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t d = 0; d < D; ++d) dst[d * cols + j] = src_rows[j][d];
-}
-
-// Pointers to the n token rows starting at t0 of head (b, h) of a [B,T,H,D] tensor.
-void row_pointers(const float* x, int64_t T, int64_t H, int64_t D, int64_t b, int64_t h, int64_t t0,
-                  int64_t n, const float** out) {
-  for (int64_t r = 0; r < n; ++r) out[r] = x + ((b * T + t0 + r) * H + h) * D;
-}
 
 // Per-key bias quantities of one key tile (zero where the term is absent or past the tile's end).
 void pack_key_bias(const float* src, int64_t n, float* dst) {
   for (int64_t j = 0; j < kBK; ++j) dst[j] = (src && j < n) ? src[j] : 0.0f;
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// The one matrix-product micro-kernel
-// ---------------------------------------------------------------------------------------------------------
-
-// One kMR x (NB kNR) block of C (+)= A B, held in registers across the whole K loop: per k, kMR broadcasts of
-// A and NB contiguous kNR-wide loads of B feed kMR * NB * kNR fused multiply-adds. Always inlined, so that it
-// is vectorised with gemm_tile's target options (GRAPE_SIMD).
-template <int NB>
-GRAPE_INLINE void gemm_block(int64_t K, const float* a, int64_t ars, int64_t aks, const float* b, int64_t ldb,
-                             float* C, int64_t ldc, bool accumulate) {
-  constexpr int64_t W = NB * kNR;
-  float acc[kMR][W];
-  for (int64_t r = 0; r < kMR; ++r)
-    for (int64_t c = 0; c < W; ++c) acc[r][c] = accumulate ? C[r * ldc + c] : 0.0f;
-  for (int64_t k = 0; k < K; ++k) {
-    for (int64_t r = 0; r < kMR; ++r) {
-      const float ar = a[r * ars + k * aks];
-#pragma omp simd
-      for (int64_t c = 0; c < W; ++c) acc[r][c] += ar * b[k * ldb + c];
-    }
-  }
-  for (int64_t r = 0; r < kMR; ++r)
-    for (int64_t c = 0; c < W; ++c) C[r * ldc + c] = acc[r][c];
-}
-
-// C[M x N] (+)= A B for tiles: A(r, k) = A[r * ars + k * aks] (so A may be read transposed), B row-major with
-// leading dimension ldb. M % kMR == 0 and N % kNR == 0 (the tiles are padded); K is any length.
-// With AVX-512 the columns go in blocks of 2 kNR (16 zmm accumulators: 10 loads per 16 FMAs, so the FMA
-// units rather than the load ports set the pace), with a kNR-wide tail; otherwise in blocks of kNR (the 8
-// x 16 accumulators fill 16 ymm registers).
-GRAPE_SIMD
-void gemm_tile(int64_t M, int64_t N, int64_t K, const float* A, int64_t ars, int64_t aks, const float* B,
-               int64_t ldb, float* C, int64_t ldc, bool accumulate) {
-  for (int64_t r0 = 0; r0 < M; r0 += kMR) {
-    const float* a = A + r0 * ars;
-    float* c = C + r0 * ldc;
-    int64_t n0 = 0;
-#if defined(__AVX512F__)
-    for (; n0 + 2 * kNR <= N; n0 += 2 * kNR)
-      gemm_block<2>(K, a, ars, aks, B + n0, ldb, c + n0, ldc, accumulate);
-#endif
-    for (; n0 < N; n0 += kNR) gemm_block<1>(K, a, ars, aks, B + n0, ldb, c + n0, ldc, accumulate);
-  }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -380,57 +115,6 @@ inline void logits_row(const TileLogits& t, int64_t r, int64_t nv, float* s) {
   for (int64_t j = 0; j < kBK; ++j) s[j] = j < nv ? s[j] : kNegInf;
 }
 
-#if defined(__AVX512F__)
-// op over the 16 lanes of v (a horizontal max or sum): halving folds by shuffles.
-template <class Op>
-GRAPE_INLINE float lanes_reduce(__m512 v, Op op) {
-  v = op(v, _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(1, 0, 3, 2)));
-  v = op(v, _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(2, 3, 0, 1)));
-  v = op(v, _mm512_permute_ps(v, _MM_SHUFFLE(1, 0, 3, 2)));
-  v = op(v, _mm512_permute_ps(v, _MM_SHUFFLE(2, 3, 0, 1)));
-  return _mm512_cvtss_f32(v);
-}
-#endif
-
-// Max of a row of kBK logits, skipping NaN (-inf if there is nothing else). With AVX-512 the horizontal step
-// is lanes_reduce (the compiler turns the plain loop's tail into scalar steps through memory); otherwise
-// kNR-wide partial maxima and a halving tree.
-GRAPE_INLINE float row_max(const float* s) {
-#if defined(__AVX512F__)
-  static_assert(kNR == 16 && kBK % kNR == 0);
-  __m512 mx = _mm512_set1_ps(kNegInf);
-  for (int64_t k = 0; k < kBK; k += kNR) mx = _mm512_max_ps(_mm512_loadu_ps(s + k), mx);  // NaN s: mx wins
-  return lanes_reduce(mx, [](__m512 a, __m512 b) { return _mm512_max_ps(a, b); });
-#else
-  float part[kNR];
-  for (int64_t c = 0; c < kNR; ++c) part[c] = kNegInf;
-  for (int64_t k = 0; k < kBK; k += kNR)
-    for (int64_t c = 0; c < kNR; ++c) part[c] = s[k + c] > part[c] ? s[k + c] : part[c];  // a NaN s loses
-  for (int64_t w = kNR / 2; w >= 1; w /= 2)
-    for (int64_t c = 0; c < w; ++c) part[c] = part[c + w] > part[c] ? part[c + w] : part[c];
-  return part[0];
-#endif
-}
-
-// s[j] = exp(s[j] - mx) over a row of kBK logits (masked -inf entries -> 0); returns their sum, as row_max
-// does.
-GRAPE_INLINE float row_exp_sum(float* s, float mx) {
-  float part[kNR] = {};
-  for (int64_t k = 0; k < kBK; k += kNR)
-#pragma omp simd
-    for (int64_t c = 0; c < kNR; ++c) {
-      s[k + c] = exp_inline(s[k + c] - mx);
-      part[c] += s[k + c];
-    }
-#if defined(__AVX512F__)
-  return lanes_reduce(_mm512_loadu_ps(part), [](__m512 a, __m512 b) { return _mm512_add_ps(a, b); });
-#else
-  for (int64_t w = kNR / 2; w >= 1; w /= 2)
-    for (int64_t c = 0; c < w; ++c) part[c] += part[c + w];
-  return part[0];
-#endif
-}
-
 // ---------------------------------------------------------------------------------------------------------
 // Per-head bias by distance: bias(i, j) += dist[h][min(pos_i - pos_j, W - 1)]
 // ---------------------------------------------------------------------------------------------------------
@@ -501,40 +185,6 @@ GRAPE_INLINE void psi_row(const float* pt, const float* Rt, int64_t P, float mh,
   }
 }
 
-// Exclusive suffix sums of a row of kBK values: ex[j] = sum_{l > j} x[l] (ex may be x); returns the row's
-// total. With AVX-512, per vector of kNR: shift by one lane, then a log-step in-register scan (lane i adds
-// lane i + 1, i + 2, i + 4, i + 8), plus the total of the vectors to its right; otherwise a serial loop.
-GRAPE_INLINE float suffix_sums(const float* x, float* ex) {
-#if defined(__AVX512F__)
-  static_assert(kNR == 16 && kBK % kNR == 0);
-  const __m512i zero = _mm512_setzero_si512();
-  auto shift = [&](__m512 v, auto lanes) {  // lane i <- lane i + lanes, 0 past the end
-    return _mm512_castsi512_ps(_mm512_alignr_epi32(zero, _mm512_castps_si512(v), decltype(lanes)::value));
-  };
-  __m512 right = _mm512_setzero_ps();  // the sum of the vectors to the right, in every lane
-  for (int64_t k = kBK - kNR; k >= 0; k -= kNR) {
-    const __m512 v = _mm512_loadu_ps(x + k);
-    __m512 e = shift(v, std::integral_constant<int, 1>{});
-    e = _mm512_add_ps(e, shift(e, std::integral_constant<int, 1>{}));
-    e = _mm512_add_ps(e, shift(e, std::integral_constant<int, 2>{}));
-    e = _mm512_add_ps(e, shift(e, std::integral_constant<int, 4>{}));
-    e = _mm512_add_ps(e, shift(e, std::integral_constant<int, 8>{}));
-    _mm512_storeu_ps(ex + k, _mm512_add_ps(e, right));
-    right =
-        _mm512_add_ps(right, _mm512_permutexvar_ps(zero, _mm512_add_ps(e, v)));  // + lane 0's inclusive sum
-  }
-  return _mm512_cvtss_f32(right);
-#else
-  float acc = 0.0f;
-  for (int64_t j = kBK - 1; j >= 0; --j) {
-    const float v = x[j];
-    ex[j] = acc;
-    acc += v;
-  }
-  return acc;
-#endif
-}
-
 // The path bias of a tile of query rows [i0, i0 + rows) (padded to Mp) against keys [j0, j0 + nk) of head
 // (b, h), whose probes are packed in Rt: PB[r][j] = carry[r] + sum_{j < l < nv(r)} psi(i0 + r, j0 + l), where
 // carry[r] holds the row's psi summed over the later key tiles; then carry[r] += the tile's psi. With SG,
@@ -553,7 +203,7 @@ void path_tile(const Geometry& g, const BiasTerms& bias, int64_t b, int64_t h, i
     }
     psi_row(bias.p + ((b * g.Tq + i0 + r) * g.H + h) * bias.P, Rt, bias.P, mh, nv, pb,
             SG ? SG + r * kBK : nullptr);
-    const float total = suffix_sums(pb, pb);  // psi is 0 past nv
+    const float total = suffix_sums<kBK>(pb, pb);  // psi is 0 past nv
     const double c = carry[r];
 #pragma omp simd
     for (int64_t j = 0; j < kBK; ++j) pb[j] = float(c + double(pb[j]));
@@ -574,7 +224,7 @@ void path_grad(const Geometry& g, const BiasTerms& bias, int64_t b, int64_t h, i
     const float* ds = dS + r * kBK;
     float* sg = SG + r * kBK;
     float ex[kBK];
-    const float total = suffix_sums(ds, ex);
+    const float total = suffix_sums<kBK>(ds, ex);
     const float cf = r < rows ? float(carry_ds[r]) : 0.0f;
 #pragma omp simd
     for (int64_t j = 0; j < kBK; ++j) sg[j] *= -(cf + (ex[j] + ds[j]));  // the inclusive suffix sum
@@ -637,7 +287,7 @@ void softmax_step(const TileLogits& t, int64_t rows, int64_t Mp, int64_t Dp, flo
       continue;
     }
     logits_row(t, r, nvis[r], s);
-    mnew[r] = std::max(m[r], row_max(s));  // a NaN m (a poisoned row) stays NaN
+    mnew[r] = std::max(m[r], row_max<kBK>(s));  // a NaN m (a poisoned row) stays NaN
   }
 #pragma omp simd
   for (int64_t r = 0; r < Mp; ++r)
@@ -654,7 +304,7 @@ void softmax_step(const TileLogits& t, int64_t rows, int64_t Mp, int64_t Dp, flo
       std::fill(s, s + kBK, 0.0f);
       continue;
     }
-    const float sum = row_exp_sum(s, mnew[r]);
+    const float sum = row_exp_sum<kBK>(s, mnew[r]);
     m[r] = mnew[r];
     l[r] = l[r] * alpha[r] + sum;
     if (alpha[r] != 1.0f) {
@@ -721,38 +371,6 @@ void dsoftmax_step(const TileLogits& t, int64_t rows, int64_t Mp, const float* l
 // ---------------------------------------------------------------------------------------------------------
 // Forward core, shared by attention_forward and attention_decode
 // ---------------------------------------------------------------------------------------------------------
-
-// Few query rows (decode): S[r][j] = q_r . k_j for the packed rows Q [rows][Dp] and the nk key rows krows
-// read in place; packing a key tile would cost more than the few products that reuse it.
-GRAPE_SIMD
-void dots_direct(int64_t rows, int64_t nk, int64_t D, int64_t Dp, const float* Q, const float* const* krows,
-                 float* S) {
-  for (int64_t j = 0; j < nk; ++j) {
-    const float* kj = krows[j];
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* q = Q + r * Dp;
-      float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t d = 0; d < D; ++d) sum += q[d] * kj[d];
-      S[r * kBK + j] = sum;
-    }
-  }
-}
-
-// And O[r] += sum_j P[r][j] v_j with the value rows read in place (P is 0 where masked).
-GRAPE_SIMD
-void pv_direct(int64_t rows, int64_t nk, int64_t D, int64_t Dp, const float* S, const float* const* vrows,
-               float* O) {
-  for (int64_t j = 0; j < nk; ++j) {
-    const float* vj = vrows[j];
-    for (int64_t r = 0; r < rows; ++r) {
-      const float p = S[r * kBK + j];
-      float* o = O + r * Dp;
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) o[d] += p * vj[d];
-    }
-  }
-}
 
 struct ForwardWork {
   float *Q, *Kt, *V, *S, *O, *m, *l, *kb, *kd;
@@ -863,8 +481,7 @@ void attention_forward(const ForwardParams& p) {
   const float *q = p.q, *k = p.k, *v = p.v;
   const BiasTerms& bias = p.bias;
   float *out = p.out, *lse = p.lse;
-  validate("attention_forward", s, q, k, v);
-  validate_bias("attention_forward", bias);
+  validate("attention_forward", s, q, k, v, bias);
   check(out && lse, "attention_forward", "out and lse must not be null");
   const Geometry g(s);
   const int64_t n_qt = ceil_div(g.Tq, kBQ);
@@ -930,8 +547,7 @@ void attention_decode(const DecodeParams& p) {
   const float *q = p.q, *k = p.k, *v = p.v;
   const BiasTerms& bias = p.bias;
   float *out = p.out, *lse = p.lse;
-  validate("attention_decode", s, q, k, v);
-  validate_bias("attention_decode", bias);
+  validate("attention_decode", s, q, k, v, bias);
   check(out && lse, "attention_decode", "out and lse must not be null");
   const Geometry g(s);
   const int64_t n_qt = ceil_div(g.Tq, kBQ), D = g.D;
@@ -1238,8 +854,7 @@ void attention_backward(const BackwardParams& p) {
   float *dq = p.dq, *dk = p.dk, *dv = p.dv;
   float *da = p.bias_grads.da, *db = p.bias_grads.db, *dc = p.bias_grads.dc, *dd = p.bias_grads.dd;
   float *dp = p.bias_grads.dp, *dr = p.bias_grads.dr, *ddist = p.bias_grads.ddist;
-  validate("attention_backward", s, q, k, v);
-  validate_bias("attention_backward", bias);
+  validate("attention_backward", s, q, k, v, bias);
   check(out && dout && lse, "attention_backward", "out, dout and lse must not be null");
   check(dq && dk && dv, "attention_backward", "dq, dk and dv must not be null");
   const Geometry g(s);
