@@ -26,6 +26,11 @@
 // path-bias probes p, dp: [B, Tq, H, P]; r, dr: [B, Tk, H, P]; slopes m: [H]; distance table dist, ddist: [H,
 // W]. Positions: query i sits at q_offset + i, key j at k_offset + j; key j is visible to query i iff
 // k_offset + j <= q_offset + i. Every query must see at least one key (q_offset >= k_offset).
+//
+// The implementation, by role (see docs/kernels.md): simd_math.hpp (exp, logsigmoid, row reductions),
+// tile.{hpp,cpp} (tile sizes, workspaces, packing, the matrix-product micro-kernels), tile_bias.{hpp,cpp}
+// (the three bias features behind one tile interface), attention_forward.cpp (forward and decode),
+// attention_backward.cpp (backward).
 #pragma once
 
 #include <cstdint>

@@ -22,15 +22,26 @@
 // ones). Built for baseline x86-64: compile them for AVX-512, AVX2 and baseline, picked at load time. It goes
 // on definitions only: on a header's declaration, GCC 12 makes every caller's file emit a resolver of its own
 // for clones that only the defining file has (undefined references at link time).
+//
+// GRAPE_SIMD_DEFAULT_WIDTH marks the two whose sums are split over vector lanes, so that the width sets their
+// summation order (the softmax backward's dS reductions, the path bias's gradient): the same clones in a
+// portable build, but the compiler's default width in a native one, the width they ran at before the kernel
+// split (GCC inlined them into callers without GRAPE_SIMD), so that their results stay the same to the bit.
 #ifndef GRAPE_SIMD
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__AVX512F__)
 #define GRAPE_SIMD __attribute__((target("prefer-vector-width=512")))
+#define GRAPE_SIMD_DEFAULT_WIDTH
 #elif defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && \
     defined(__linux__) && !defined(__AVX2__)
 #define GRAPE_SIMD __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define GRAPE_SIMD_DEFAULT_WIDTH GRAPE_SIMD
 #else
 #define GRAPE_SIMD
+#define GRAPE_SIMD_DEFAULT_WIDTH
 #endif
+#endif
+#ifndef GRAPE_SIMD_DEFAULT_WIDTH
+#define GRAPE_SIMD_DEFAULT_WIDTH
 #endif
 
 #if defined(__GNUC__)

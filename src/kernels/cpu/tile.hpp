@@ -11,7 +11,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
-#include <initializer_list>
 #include <memory>
 #include <string>
 
@@ -92,20 +91,38 @@ struct Arena {
   float* thread(int t) const { return mem.get() + t * per_thread; }
 };
 
-// Hands out aligned sub-buffers of one thread's workspace.
+// Hands out cache-line-aligned sub-buffers of one workspace, in order. Without memory it only counts: a
+// workspace's layout is one constructor taking a Carver, run once without memory to size the Arena
+// (workspace_floats) and then on each thread's memory to carve it.
 struct Carver {
-  float* p;
+  float* base = nullptr;
+  int64_t used = 0;  // floats handed out so far, each buffer rounded up to a cache line
+
   float* take(int64_t n) {
-    float* r = p;
-    p += round_up(n, kAlign / 4);
-    return r;
+    float* p = base ? base + used : nullptr;
+    used += round_up(n, kAlign / int64_t(sizeof(float)));
+    return p;
   }
-  static int64_t size(std::initializer_list<int64_t> ns) {
-    int64_t total = 0;
-    for (int64_t n : ns) total += round_up(n, kAlign / 4);
-    return total;
+  double* take_doubles(int64_t n) { return reinterpret_cast<double*>(take(2 * n)); }
+  const float** take_pointers(int64_t n) {
+    return reinterpret_cast<const float**>(take(n * int64_t(sizeof(void*) / sizeof(float))));
   }
 };
+
+// Floats of the workspace a Work lays out for these arguments (its constructor run on a counting Carver).
+template <class Work, class... Args>
+int64_t workspace_floats(const Args&... args) {
+  Carver c;
+  Work w(c, args...);
+  return c.used;
+}
+
+// The Work laid out on mem (one thread's share of an Arena sized by workspace_floats).
+template <class Work, class... Args>
+Work carve(float* mem, const Args&... args) {
+  Carver c{mem};
+  return Work(c, args...);
+}
 
 // ---------------------------------------------------------------------------------------------------------
 // Packing: strided head rows -> contiguous zero-padded tiles
