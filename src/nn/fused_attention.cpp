@@ -16,11 +16,6 @@ namespace kc = kernels::cpu;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-constexpr int64_t kDecodeMaxQueries = 16;  // few queries against a long cache: split the keys over threads
-constexpr int64_t kDecodeMinKeys = 256;
-
-// An absent bias term travels through the autograd Function as an empty tensor (LibTorch 1.13's custom
-// functions cannot take undefined inputs) and reaches the kernel as a null pointer.
 bool present(const torch::Tensor& t) { return t.defined() && t.numel() > 0; }
 const float* ptr(const torch::Tensor& t) { return present(t) ? t.data_ptr<float>() : nullptr; }
 float* mut(torch::Tensor& t) { return present(t) ? t.data_ptr<float>() : nullptr; }
@@ -30,66 +25,111 @@ torch::Tensor term(const torch::Tensor& t) {
   return t.defined() ? t.to(torch::kFloat32).contiguous() : torch::empty({0}, torch::kFloat32);
 }
 
-kc::LinearBias make_bias(const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& c,
-                         const torch::Tensor& d, const torch::Tensor& p, const torch::Tensor& r,
-                         const torch::Tensor& m, const torch::Tensor& dist) {
-  kc::LinearBias bias{ptr(a), ptr(b), ptr(c), ptr(d)};
-  if (present(p)) bias.p = ptr(p), bias.r = ptr(r), bias.m = ptr(m), bias.P = p.size(3);
-  if (present(dist)) bias.dist = ptr(dist), bias.W = dist.size(1);
-  return bias;
+// The encoding's bias terms as the kernel reads them (kc::BiasTerms), or their gradients. An absent term
+// travels through the autograd Function as an empty tensor (LibTorch 1.13's custom functions cannot take
+// undefined inputs) and reaches the kernel as a null pointer.
+struct BiasTensors {
+  torch::Tensor a, b, c, d;  // [B,H,Tq], [B,H,Tk], [B,H,Tq], [B,H,Tk]
+  torch::Tensor p, r, m;     // path bias: [B,Tq,H,P], [B,Tk,H,P], [H]
+  torch::Tensor dist;        // distance table [H,W]
+
+  // The one order in which the terms travel through the Function: its inputs, saved tensors and gradients.
+  std::vector<torch::Tensor> list() const { return {a, b, c, d, p, r, m, dist}; }
+  static BiasTensors from_list(torch::TensorList x) {
+    return {x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7]};
+  }
+
+  kc::BiasTerms terms() const {
+    kc::BiasTerms bias{ptr(a), ptr(b), ptr(c), ptr(d)};
+    if (present(p)) bias.p = ptr(p), bias.r = ptr(r), bias.m = ptr(m), bias.P = p.size(3);
+    if (present(dist)) bias.dist = ptr(dist), bias.W = dist.size(1);
+    return bias;
+  }
+  kc::BiasGrads grads() {
+    return {.da = mut(a),
+            .db = mut(b),
+            .dc = mut(c),
+            .dd = mut(d),
+            .dp = mut(p),
+            .dr = mut(r),
+            .ddist = mut(dist)};
+  }
+};
+
+// What the backward needs, by name; save() and load() fix its order in the context's list.
+struct Saved {
+  torch::Tensor q, k, v, out, lse;
+  BiasTensors bias;
+
+  void save(AutogradContext* ctx) const {
+    variable_list s{q, k, v, out, lse};
+    for (const auto& t : bias.list()) s.push_back(t);
+    ctx->save_for_backward(std::move(s));
+  }
+  static Saved load(AutogradContext* ctx) {
+    const variable_list s = ctx->get_saved_variables();
+    return {s[0], s[1], s[2], s[3], s[4], BiasTensors::from_list(torch::TensorList(s).slice(5))};
+  }
+};
+
+kc::AttentionShape attention_shape(const torch::Tensor& q, const torch::Tensor& k, int64_t q_offset,
+                                   int64_t k_offset) {
+  return {q.size(0), q.size(2), q.size(1), k.size(1),
+          q.size(3), q_offset,  k_offset,  float(1.0 / std::sqrt(double(q.size(3))))};
 }
 
 class FusedAttentionFn : public torch::autograd::Function<FusedAttentionFn> {
  public:
+  // terms: BiasTensors::list(); their gradients come back in the same order.
   static variable_list forward(AutogradContext* ctx, torch::Tensor q, torch::Tensor k, torch::Tensor v,
-                               torch::Tensor a, torch::Tensor b, torch::Tensor c, torch::Tensor d,
-                               torch::Tensor p, torch::Tensor r, torch::Tensor m, torch::Tensor dist,
-                               int64_t q_offset, int64_t k_offset) {
-    kc::AttentionShape s{q.size(0), q.size(2), q.size(1), k.size(1),
-                         q.size(3), q_offset,  k_offset,  float(1.0 / std::sqrt(double(q.size(3))))};
+                               torch::TensorList terms, int64_t q_offset, int64_t k_offset) {
+    const kc::AttentionShape s = attention_shape(q, k, q_offset, k_offset);
     q = q.contiguous(), k = k.contiguous(), v = v.contiguous();
-    const kc::LinearBias bias = make_bias(a, b, c, d, p, r, m, dist);
+    const BiasTensors bias = BiasTensors::from_list(terms);
     auto out = torch::empty_like(q);
     auto lse = torch::empty({s.B, s.H, s.Tq}, q.options());
     torch::NoGradGuard no_grad;
-    if (s.Tq <= kDecodeMaxQueries && s.Tk >= kDecodeMinKeys)
-      kc::attention_decode(s, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), bias,
-                           out.data_ptr<float>(), lse.data_ptr<float>());
-    else
-      kc::attention_forward(s, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), bias,
-                            out.data_ptr<float>(), lse.data_ptr<float>());
-    ctx->save_for_backward({q, k, v, a, b, c, d, p, r, m, dist, out, lse});
+    const kc::ForwardParams params{.shape = s,
+                                   .q = q.data_ptr<float>(),
+                                   .k = k.data_ptr<float>(),
+                                   .v = v.data_ptr<float>(),
+                                   .bias = bias.terms(),
+                                   .out = out.data_ptr<float>(),
+                                   .lse = lse.data_ptr<float>()};
+    kc::attention(params);  // the kernels pick decode or the tiled forward
+    Saved{q, k, v, out, lse, bias}.save(ctx);
     ctx->saved_data["q_offset"] = q_offset;
     ctx->saved_data["k_offset"] = k_offset;
     return {out};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto saved = ctx->get_saved_variables();
-    auto &q = saved[0], &k = saved[1], &v = saved[2], &a = saved[3], &b = saved[4], &c = saved[5],
-         &d = saved[6], &p = saved[7], &r = saved[8], &m = saved[9], &dist = saved[10], &out = saved[11],
-         &lse = saved[12];
-    kc::AttentionShape s{q.size(0),
-                         q.size(2),
-                         q.size(1),
-                         k.size(1),
-                         q.size(3),
-                         ctx->saved_data["q_offset"].toInt(),
-                         ctx->saved_data["k_offset"].toInt(),
-                         float(1.0 / std::sqrt(double(q.size(3))))};
+    const Saved saved = Saved::load(ctx);
+    const auto& [q, k, v, out, lse, bias] = saved;
     auto dout = grads[0].to(torch::kFloat32).contiguous();
     auto dq = torch::empty_like(q), dk = torch::empty_like(k), dv = torch::empty_like(v);
-    // A bias term gets a gradient only when it was given (an absent term is a constant zero).
+    // A bias term gets a gradient only when it was given (an absent term is a constant zero); the slopes m
+    // are a fixed buffer: no gradient.
     auto like = [](const torch::Tensor& t) { return present(t) ? torch::empty_like(t) : torch::Tensor(); };
-    auto da = like(a), db = like(b), dc = like(c), dd = like(d), dp = like(p), dr = like(r);
-    auto ddist = like(dist);
-    kc::attention_backward(s, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
-                           make_bias(a, b, c, d, p, r, m, dist), out.data_ptr<float>(),
-                           dout.data_ptr<float>(), lse.data_ptr<float>(), dq.data_ptr<float>(),
-                           dk.data_ptr<float>(), dv.data_ptr<float>(), mut(da), mut(db), mut(dc), mut(dd),
-                           mut(dp), mut(dr), mut(ddist));
-    // The slopes m are a fixed buffer: no gradient.
-    return {dq, dk, dv, da, db, dc, dd, dp, dr, torch::Tensor(), ddist, torch::Tensor(), torch::Tensor()};
+    BiasTensors dbias{like(bias.a), like(bias.b), like(bias.c),    like(bias.d),
+                      like(bias.p), like(bias.r), torch::Tensor(), like(bias.dist)};
+    kc::attention_backward({.shape = attention_shape(q, k, ctx->saved_data["q_offset"].toInt(),
+                                                     ctx->saved_data["k_offset"].toInt()),
+                            .q = q.data_ptr<float>(),
+                            .k = k.data_ptr<float>(),
+                            .v = v.data_ptr<float>(),
+                            .bias = bias.terms(),
+                            .out = out.data_ptr<float>(),
+                            .dout = dout.data_ptr<float>(),
+                            .lse = lse.data_ptr<float>(),
+                            .dq = dq.data_ptr<float>(),
+                            .dk = dk.data_ptr<float>(),
+                            .dv = dv.data_ptr<float>(),
+                            .bias_grads = dbias.grads()});
+    variable_list result{dq, dk, dv};
+    for (const auto& t : dbias.list()) result.push_back(t);
+    result.resize(result.size() + 2);  // q_offset, k_offset: not tensors
+    return result;
   }
 };
 
@@ -152,8 +192,10 @@ torch::Tensor fused_attend(const Encoding& enc, const PeTokens& queries, const K
         fmt::format("fused attention: the distance table of '{}' must be [H,W] with H = {} "
                     "and W >= 1 (got {})",
                     enc.name(), q.size(2), shape_string(t.dist)));
-  return FusedAttentionFn::apply(q, k, keys.v, term(t.a), term(t.b), term(t.c), term(t.d), term(t.p),
-                                 term(t.r), term(t.m), term(t.dist), queries.offset, keys.offset)[0];
+  const BiasTensors bias{term(t.a), term(t.b), term(t.c), term(t.d),
+                         term(t.p), term(t.r), term(t.m), term(t.dist)};
+  const auto terms = bias.list();
+  return FusedAttentionFn::apply(q, k, keys.v, torch::TensorList(terms), queries.offset, keys.offset)[0];
 }
 
 torch::Tensor fused_attention(Encoding& enc, const torch::Tensor& q, const torch::Tensor& k,

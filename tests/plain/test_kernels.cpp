@@ -238,12 +238,39 @@ struct FProblem {
         dist(to_f(p.dist)),
         P(p.P),
         W(p.W) {}
-  kc::LinearBias bias() const {
+  kc::BiasTerms bias() const {
     auto ptr = [](const FVec& x) { return x.empty() ? nullptr : x.data(); };
-    kc::LinearBias bias{ptr(a), ptr(b), ptr(c), ptr(d)};
+    kc::BiasTerms bias{ptr(a), ptr(b), ptr(c), ptr(d)};
     bias.p = ptr(pp), bias.r = ptr(pr), bias.m = ptr(pm), bias.P = P;
     bias.dist = ptr(dist), bias.W = W;
     return bias;
+  }
+  // The kernels' parameters: these inputs with the given shape, bias and outputs.
+  kc::ForwardParams forward(const kc::AttentionShape& s, const kc::BiasTerms& terms, FVec& out,
+                            FVec& lse) const {
+    return {.shape = s,
+            .q = q.data(),
+            .k = k.data(),
+            .v = v.data(),
+            .bias = terms,
+            .out = out.data(),
+            .lse = lse.data()};
+  }
+  kc::BackwardParams backward(const kc::AttentionShape& s, const kc::BiasTerms& terms, const FVec& out,
+                              const FVec& lse, FVec& dq, FVec& dk, FVec& dv,
+                              const kc::BiasGrads& grads) const {
+    return {.shape = s,
+            .q = q.data(),
+            .k = k.data(),
+            .v = v.data(),
+            .bias = terms,
+            .out = out.data(),
+            .dout = dout.data(),
+            .lse = lse.data(),
+            .dq = dq.data(),
+            .dk = dk.data(),
+            .dv = dv.data(),
+            .bias_grads = grads};
   }
 };
 
@@ -278,7 +305,7 @@ void check_problem(kc::AttentionShape s, BiasMask m, bool backward, uint32_t see
   const FProblem f(p);
   const RefForward ref = ref_forward(p);
   FVec out(p.q.size()), lse(s.B * s.H * s.Tq);
-  kc::attention_forward(s, f.q.data(), f.k.data(), f.v.data(), f.bias(), out.data(), lse.data());
+  kc::attention_forward(f.forward(s, f.bias(), out, lse));
   EXPECT_LE(max_err(out, ref.out) / std::max(1.0, max_abs(ref.out)), 1e-4);
   EXPECT_LE(max_err(lse, ref.lse), 1e-4);
   if (!backward) return;
@@ -286,10 +313,14 @@ void check_problem(kc::AttentionShape s, BiasMask m, bool backward, uint32_t see
   FVec dq(p.q.size()), dk(p.k.size()), dv(p.v.size());
   FVec da(s.B * s.H * s.Tq, -1.f), dc(da), db(s.B * s.H * s.Tk, -1.f), dd(db);  // -1: must be overwritten
   FVec dp(p.pp.size(), -1.f), dr(p.pr.size(), -1.f), ddist(p.dist.size(), -1.f);
-  kc::attention_backward(s, f.q.data(), f.k.data(), f.v.data(), f.bias(), out.data(), f.dout.data(),
-                         lse.data(), dq.data(), dk.data(), dv.data(), da.data(), db.data(), dc.data(),
-                         dd.data(), m.path ? dp.data() : nullptr, m.path ? dr.data() : nullptr,
-                         m.dist ? ddist.data() : nullptr);
+  kc::attention_backward(f.backward(s, f.bias(), out, lse, dq, dk, dv,
+                                    {.da = da.data(),
+                                     .db = db.data(),
+                                     .dc = dc.data(),
+                                     .dd = dd.data(),
+                                     .dp = m.path ? dp.data() : nullptr,
+                                     .dr = m.path ? dr.data() : nullptr,
+                                     .ddist = m.dist ? ddist.data() : nullptr}));
   auto expect_close = [](const char* name, const FVec& got, const Vec& ref) {
     EXPECT_LE(max_err(got, ref), 1e-3 * std::max(1.0, max_abs(ref))) << name;
   };
@@ -423,10 +454,9 @@ TEST(KernelForwardBackward, PartialBiasGradientsAndNullOutputs) {
   const Grads want = ref_backward(p, ref);
   FVec out(p.q.size()), lse(s.B * s.H * s.Tq), dq(out.size()), dk(p.k.size()), dv(p.v.size());
   FVec da(s.B * s.H * s.Tq, 5.f), dc(da), dd(s.B * s.H * s.Tk, 5.f);
-  kc::attention_forward(s, f.q.data(), f.k.data(), f.v.data(), f.bias(), out.data(), lse.data());
-  kc::attention_backward(s, f.q.data(), f.k.data(), f.v.data(), f.bias(), out.data(), f.dout.data(),
-                         lse.data(), dq.data(), dk.data(), dv.data(), da.data(), nullptr, dc.data(),
-                         dd.data());
+  kc::attention_forward(f.forward(s, f.bias(), out, lse));
+  kc::attention_backward(f.backward(s, f.bias(), out, lse, dq, dk, dv,
+                                    {.da = da.data(), .db = nullptr, .dc = dc.data(), .dd = dd.data()}));
   EXPECT_EQ(max_abs(Vec(da.begin(), da.end())), 0.0);
   EXPECT_EQ(max_abs(Vec(dd.begin(), dd.end())), 0.0);
   EXPECT_LE(max_err(dc, want.dc), 1e-3 * std::max(1.0, max_abs(want.dc)));
@@ -456,15 +486,20 @@ TEST(KernelBackward, OnePassAndTwoPassPathsMatchReference) {
             SCOPED_TRACE(describe(s, m) + " threads=" + std::to_string(threads));
             omp_set_num_threads(threads);
             FVec out(p.q.size()), lse(s.B * s.H * s.Tq);
-            kc::attention_forward(s, f.q.data(), f.k.data(), f.v.data(), f.bias(), out.data(), lse.data());
+            kc::attention_forward(f.forward(s, f.bias(), out, lse));
             EXPECT_LE(max_err(out, ref_fwd.out) / std::max(1.0, max_abs(ref_fwd.out)), 1e-4);
             EXPECT_LE(max_err(lse, ref_fwd.lse), 1e-4);
             FVec dq(p.q.size()), dk(p.k.size()), dv(p.v.size());
             FVec da(s.B * s.H * s.Tq, -1.f), dc(da), db(s.B * s.H * s.Tk, -1.f), dd(db);
             FVec dp(p.pp.size(), -1.f), dr(p.pr.size(), -1.f), ddist(p.dist.size(), -1.f);
-            kc::attention_backward(s, f.q.data(), f.k.data(), f.v.data(), f.bias(), out.data(), f.dout.data(),
-                                   lse.data(), dq.data(), dk.data(), dv.data(), da.data(), db.data(),
-                                   dc.data(), dd.data(), dp.data(), dr.data(), ddist.data());
+            kc::attention_backward(f.backward(s, f.bias(), out, lse, dq, dk, dv,
+                                              {.da = da.data(),
+                                               .db = db.data(),
+                                               .dc = dc.data(),
+                                               .dd = dd.data(),
+                                               .dp = dp.data(),
+                                               .dr = dr.data(),
+                                               .ddist = ddist.data()}));
             omp_set_num_threads(saved);
             const std::vector<FVec> got{dq, dk, dv, da, db, dc, dd, dp, dr, ddist};
             const std::vector<const Vec*> ref{&want.dq, &want.dk, &want.dv, &want.da, &want.db,
@@ -493,9 +528,9 @@ TEST(KernelForward, NanPropagatesAlongCausalOrder) {
   f.q[5 * 32 + 1] = std::numeric_limits<float>::quiet_NaN();
   f.v[9 * 32 + 3] = std::numeric_limits<float>::quiet_NaN();
   FVec out(p.q.size()), lse(s.Tq);
-  kc::attention_forward(s, f.q.data(), f.k.data(), f.v.data(), f.bias(), out.data(), lse.data());
+  kc::attention_forward(f.forward(s, f.bias(), out, lse));
   FVec out2(out), lse2(lse);  // decode propagates the same way
-  kc::attention_decode(s, f.q.data(), f.k.data(), f.v.data(), f.bias(), out2.data(), lse2.data());
+  kc::attention_decode(f.forward(s, f.bias(), out2, lse2));
   for (int64_t i = 0; i < s.Tq; ++i) {
     EXPECT_EQ(std::isnan(lse2[i]), i == 5) << i;
     EXPECT_EQ(std::isnan(lse[i]), i == 5) << i;
@@ -530,8 +565,8 @@ TEST(KernelDecode, MatchesForward) {
           const Problem p = make_problem(s, m, uint32_t(Tq * 10000 + Tk));
           const FProblem f(p);
           FVec out(p.q.size()), lse(s.B * s.H * s.Tq), out2(out), lse2(lse);
-          kc::attention_forward(s, f.q.data(), f.k.data(), f.v.data(), f.bias(), out.data(), lse.data());
-          kc::attention_decode(s, f.q.data(), f.k.data(), f.v.data(), f.bias(), out2.data(), lse2.data());
+          kc::attention_forward(f.forward(s, f.bias(), out, lse));
+          kc::attention_decode(f.forward(s, f.bias(), out2, lse2));
           double scale_out = 1.0, err_out = 0.0, scale_lse = 1.0, err_lse = 0.0;
           for (size_t i = 0; i < out.size(); ++i) {
             scale_out = std::max(scale_out, double(std::abs(out[i])));
@@ -558,14 +593,12 @@ TEST(KernelValidation, BadInvariantsThrow) {
   FVec out(p.q.size()), lse(16), dq(out), dk(out), dv(out);
   auto all_throw = [&](kc::AttentionShape s, const float* q, const char* what) {
     SCOPED_TRACE(what);
-    EXPECT_THROW(kc::attention_forward(s, q, f.k.data(), f.v.data(), {}, out.data(), lse.data()),
-                 std::invalid_argument);
-    EXPECT_THROW(kc::attention_decode(s, q, f.k.data(), f.v.data(), {}, out.data(), lse.data()),
-                 std::invalid_argument);
-    EXPECT_THROW(
-        kc::attention_backward(s, q, f.k.data(), f.v.data(), {}, out.data(), f.dout.data(), lse.data(),
-                               dq.data(), dk.data(), dv.data(), nullptr, nullptr, nullptr, nullptr),
-        std::invalid_argument);
+    kc::ForwardParams fp = f.forward(s, {}, out, lse);
+    kc::BackwardParams bp = f.backward(s, {}, out, lse, dq, dk, dv, {});
+    fp.q = bp.q = q;
+    EXPECT_THROW(kc::attention_forward(fp), std::invalid_argument);
+    EXPECT_THROW(kc::attention_decode(fp), std::invalid_argument);
+    EXPECT_THROW(kc::attention_backward(bp), std::invalid_argument);
   };
   auto with = [&](auto change) {
     kc::AttentionShape s = good;
@@ -581,44 +614,34 @@ TEST(KernelValidation, BadInvariantsThrow) {
   all_throw(with([](auto& s) { s.scale = std::numeric_limits<float>::quiet_NaN(); }), f.q.data(),
             "scale NaN");
   all_throw(good, nullptr, "null q");
-  EXPECT_THROW(kc::attention_forward(good, f.q.data(), f.k.data(), f.v.data(), {}, nullptr, lse.data()),
-               std::invalid_argument);
+  kc::ForwardParams no_out = f.forward(good, {}, out, lse);
+  no_out.out = nullptr;
+  EXPECT_THROW(kc::attention_forward(no_out), std::invalid_argument);
   // A path bias needs r, m and P >= 1.
-  kc::LinearBias path;
+  kc::BiasTerms path;
   path.p = f.q.data(), path.r = f.k.data(), path.m = f.v.data(), path.P = 4;
-  EXPECT_NO_THROW(
-      kc::attention_forward(good, f.q.data(), f.k.data(), f.v.data(), path, out.data(), lse.data()));
+  EXPECT_NO_THROW(kc::attention_forward(f.forward(good, path, out, lse)));
   for (int which = 0; which < 3; ++which) {
-    kc::LinearBias bad = path;
+    kc::BiasTerms bad = path;
     if (which == 0) bad.r = nullptr;
     if (which == 1) bad.m = nullptr;
     if (which == 2) bad.P = 0;
-    EXPECT_THROW(kc::attention_forward(good, f.q.data(), f.k.data(), f.v.data(), bad, out.data(), lse.data()),
-                 std::invalid_argument);
-    EXPECT_THROW(kc::attention_decode(good, f.q.data(), f.k.data(), f.v.data(), bad, out.data(), lse.data()),
-                 std::invalid_argument);
-    EXPECT_THROW(kc::attention_backward(good, f.q.data(), f.k.data(), f.v.data(), bad, out.data(),
-                                        f.dout.data(), lse.data(), dq.data(), dk.data(), dv.data(), nullptr,
-                                        nullptr, nullptr, nullptr),
+    EXPECT_THROW(kc::attention_forward(f.forward(good, bad, out, lse)), std::invalid_argument);
+    EXPECT_THROW(kc::attention_decode(f.forward(good, bad, out, lse)), std::invalid_argument);
+    EXPECT_THROW(kc::attention_backward(f.backward(good, bad, out, lse, dq, dk, dv, {})),
                  std::invalid_argument);
   }
   // A distance table needs W >= 1.
-  kc::LinearBias table;
+  kc::BiasTerms table;
   table.dist = f.q.data(), table.W = 0;
-  EXPECT_THROW(kc::attention_forward(good, f.q.data(), f.k.data(), f.v.data(), table, out.data(), lse.data()),
+  EXPECT_THROW(kc::attention_forward(f.forward(good, table, out, lse)), std::invalid_argument);
+  EXPECT_THROW(kc::attention_decode(f.forward(good, table, out, lse)), std::invalid_argument);
+  EXPECT_THROW(kc::attention_backward(f.backward(good, table, out, lse, dq, dk, dv, {})),
                std::invalid_argument);
-  EXPECT_THROW(kc::attention_decode(good, f.q.data(), f.k.data(), f.v.data(), table, out.data(), lse.data()),
-               std::invalid_argument);
-  EXPECT_THROW(
-      kc::attention_backward(good, f.q.data(), f.k.data(), f.v.data(), table, out.data(), f.dout.data(),
-                             lse.data(), dq.data(), dk.data(), dv.data(), nullptr, nullptr, nullptr, nullptr),
-      std::invalid_argument);
   table.W = 3;
-  EXPECT_NO_THROW(
-      kc::attention_forward(good, f.q.data(), f.k.data(), f.v.data(), table, out.data(), lse.data()));
+  EXPECT_NO_THROW(kc::attention_forward(f.forward(good, table, out, lse)));
   // The valid shape itself is accepted.
-  EXPECT_NO_THROW(
-      kc::attention_forward(good, f.q.data(), f.k.data(), f.v.data(), {}, out.data(), lse.data()));
+  EXPECT_NO_THROW(kc::attention_forward(f.forward(good, {}, out, lse)));
 }
 
 }  // namespace

@@ -26,13 +26,19 @@
 // path-bias probes p, dp: [B, Tq, H, P]; r, dr: [B, Tk, H, P]; slopes m: [H]; distance table dist, ddist: [H,
 // W]. Positions: query i sits at q_offset + i, key j at k_offset + j; key j is visible to query i iff
 // k_offset + j <= q_offset + i. Every query must see at least one key (q_offset >= k_offset).
+//
+// The implementation, by role (see docs/kernels.md): simd_math.hpp (exp, logsigmoid, row reductions),
+// tile.{hpp,cpp} (tile sizes, workspaces, packing, the matrix-product micro-kernels), tile_bias.{hpp,cpp}
+// (the three bias features behind one tile interface), attention_forward.cpp (forward and decode),
+// attention_backward.cpp (backward).
 #pragma once
 
 #include <cstdint>
 
 namespace grape::kernels::cpu {
 
-struct LinearBias {
+// The encoding's per-token bias terms; every pointer may be null (the term is absent).
+struct BiasTerms {
   const float* a = nullptr;  // per query [B,H,Tq] or null (= 0)
   const float* b = nullptr;  // per key   [B,H,Tk] or null
   const float* c = nullptr;  // per query [B,H,Tq] or null: slope on the distance
@@ -51,6 +57,20 @@ struct LinearBias {
   bool any() const { return a || b || c || d || p || dist; }
 };
 
+// Where the gradients of the bias terms go; null: not wanted. A wanted gradient whose term is absent is
+// written as 0 (an absent term is a constant zero). No gradient for the slopes m.
+struct BiasGrads {
+  float* da = nullptr;  // [B,H,Tq]
+  float* db = nullptr;  // [B,H,Tk]
+  float* dc = nullptr;  // [B,H,Tq]
+  float* dd = nullptr;  // [B,H,Tk]
+  float* dp = nullptr;  // [B,Tq,H,P], the path-bias probes
+  float* dr = nullptr;  // [B,Tk,H,P]
+  // [H, W]: dS summed over the pairs (of every batch) whose clamped distance is that entry. Its per-head or
+  // per-thread partial sums are kept in double and added in a fixed order.
+  float* ddist = nullptr;
+};
+
 struct AttentionShape {
   int64_t B = 1, H = 1, Tq = 1, Tk = 1, D = 64;
   int64_t q_offset = 0, k_offset = 0;
@@ -58,29 +78,46 @@ struct AttentionShape {
 };
 
 // out = softmax(scale q k^T + bias, causal) v; lse[b,h,i] = log sum_j exp(logit_ij) (natural log).
-void attention_forward(const AttentionShape& s, const float* q, const float* k, const float* v,
-                       const LinearBias& bias, float* out, float* lse);
-
-// Gradients from dout, recomputing the probabilities from lse. dq, dk, dv are overwritten; da/db/dc/dd are
-// written when non-null (and the matching bias term is present: a null bias term has gradient 0); likewise
-// dp [B,Tq,H,P] and dr [B,Tk,H,P], the gradients of the path-bias probes (0 without a path bias). With a
-// path bias the backward always takes the one-pass-per-head path. (No gradient for the slopes m.) ddist
-// [H, W], when non-null, gets the distance table's gradient: dS summed over the pairs (of every batch) whose
-// clamped distance is that entry (0 without a table). Its per-head or per-thread partial sums are kept in
-// double and added in a fixed order.
-void attention_backward(const AttentionShape& s, const float* q, const float* k, const float* v,
-                        const LinearBias& bias, const float* out, const float* dout, const float* lse,
-                        float* dq, float* dk, float* dv, float* da, float* db, float* dc, float* dd,
-                        float* dp = nullptr, float* dr = nullptr, float* ddist = nullptr);
+// attention() is the entry point: it picks attention_decode for a few queries against a long cache, else
+// attention_forward; the two give the same results and are exposed for tests.
+struct ForwardParams {
+  AttentionShape shape;
+  const float* q = nullptr;  // [B,Tq,H,D]
+  const float* k = nullptr;  // [B,Tk,H,D]
+  const float* v = nullptr;  // [B,Tk,H,D]
+  BiasTerms bias;
+  float* out = nullptr;  // [B,Tq,H,D], written
+  float* lse = nullptr;  // [B,H,Tq], written
+};
+void attention(const ForwardParams& p);
+void attention_forward(const ForwardParams& p);
 
 // Forward for a few queries (Tq small) against a long cache: the keys are split into blocks processed by
-// different threads, then the partial softmax states are merged. Same results as attention_forward.
-void attention_decode(const AttentionShape& s, const float* q, const float* k, const float* v,
-                      const LinearBias& bias, float* out, float* lse);
+// different threads, then the partial softmax states are merged. Same inputs and results as
+// attention_forward.
+using DecodeParams = ForwardParams;
+void attention_decode(const DecodeParams& p);
+
+// Gradients from dout, recomputing the probabilities from lse. dq, dk, dv are overwritten, and every
+// non-null pointer of bias_grads. With a path bias the backward always takes the one-pass-per-head path.
+struct BackwardParams {
+  AttentionShape shape;
+  const float* q = nullptr;  // the forward's inputs
+  const float* k = nullptr;
+  const float* v = nullptr;
+  BiasTerms bias;
+  const float* out = nullptr;   // the forward's outputs: [B,Tq,H,D]
+  const float* dout = nullptr;  // dL/dout [B,Tq,H,D]
+  const float* lse = nullptr;   // [B,H,Tq]
+  float* dq = nullptr;          // [B,Tq,H,D]
+  float* dk = nullptr;          // [B,Tk,H,D]
+  float* dv = nullptr;          // [B,Tk,H,D]
+  BiasGrads bias_grads;
+};
+void attention_backward(const BackwardParams& p);
 
 // Invalid shapes (a size < 1, q_offset < k_offset, non-finite scale), null required pointers, a path bias
-// without r, m or with P < 1 and a distance table with W < 1 throw std::invalid_argument. attention_backward
-// fills a non-null da/db/dc/dd whose bias term is null with 0.
+// without r, m or with P < 1 and a distance table with W < 1 throw std::invalid_argument.
 
 // The kernels' vectorisable exp (fp32, relative error < 2.5e-7) for the arguments they exponentiate, logit
 // differences <= 0 up to rounding: x > 88 is clamped to 88; results below FLT_MIN are flushed to 0; -inf ->

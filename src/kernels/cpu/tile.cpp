@@ -1,0 +1,113 @@
+// The tiling shared by the fused attention passes (see tile.hpp): validation, workspaces, packing and
+// decode's few-row products (the micro-kernel itself is defined in tile.hpp).
+#include "kernels/cpu/tile.hpp"
+
+#include <omp.h>
+
+#include <cmath>
+#include <cstring>
+#include <new>
+#include <stdexcept>
+
+namespace grape::kernels::cpu {
+
+int team_size(int64_t n_tasks) { return int(std::clamp<int64_t>(n_tasks, 1, omp_get_max_threads())); }
+
+// ---------------------------------------------------------------------------------------------------------
+// Validation
+// ---------------------------------------------------------------------------------------------------------
+
+void check(bool ok, const char* fn, const std::string& what) {
+  if (!ok) throw std::invalid_argument(std::string("grape::kernels::cpu::") + fn + ": " + what);
+}
+
+void validate(const char* fn, const AttentionShape& s, const float* q, const float* k, const float* v,
+              const BiasTerms& bias) {
+  check(s.B >= 1 && s.H >= 1 && s.Tq >= 1 && s.Tk >= 1, fn,
+        "B, H, Tq and Tk must be >= 1 (got B=" + std::to_string(s.B) + " H=" + std::to_string(s.H) +
+            " Tq=" + std::to_string(s.Tq) + " Tk=" + std::to_string(s.Tk) + ")");
+  check(s.D >= 1, fn, "head dim D must be >= 1 (got " + std::to_string(s.D) + ")");
+  check(s.q_offset >= s.k_offset, fn,
+        "every query must see a key: need q_offset >= k_offset (got q_offset=" + std::to_string(s.q_offset) +
+            ", k_offset=" + std::to_string(s.k_offset) + ")");
+  check(std::isfinite(s.scale), fn, "scale must be finite");
+  check(q && k && v, fn, "q, k and v must not be null");
+  if (bias.dist)
+    check(bias.W >= 1, fn,
+          "a distance table needs W >= 1 entries per head (got " + std::to_string(bias.W) + ")");
+  if (!bias.path()) return;
+  check(bias.r && bias.m, fn, "a path bias (p given) needs r and m");
+  check(bias.P >= 1, fn, "path-bias probe dim P must be >= 1 (got " + std::to_string(bias.P) + ")");
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Workspaces
+// ---------------------------------------------------------------------------------------------------------
+
+Arena::Arena(int64_t threads, int64_t floats) : per_thread(round_up(floats, kAlign / 4)) {
+  const size_t bytes = size_t(threads * per_thread) * sizeof(float);
+  mem.reset(static_cast<float*>(std::aligned_alloc(kAlign, std::max<size_t>(bytes, kAlign))));
+  if (!mem) throw std::bad_alloc();
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Packing
+// ---------------------------------------------------------------------------------------------------------
+
+void pack_rows(const float* const* src_rows, int64_t n, int64_t rows, int64_t D, int64_t Dp, float* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* d = dst + r * Dp;
+    if (r < n) {
+      std::memcpy(d, src_rows[r], size_t(D) * sizeof(float));
+      std::fill(d + D, d + Dp, 0.0f);
+    } else {
+      std::fill(d, d + Dp, 0.0f);
+    }
+  }
+}
+
+void pack_cols(const float* const* src_rows, int64_t n, int64_t cols, int64_t D, int64_t Dp, float* dst) {
+  std::fill(dst, dst + Dp * cols, 0.0f);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t d = 0; d < D; ++d) dst[d * cols + j] = src_rows[j][d];
+}
+
+void row_pointers(const float* x, int64_t T, int64_t H, int64_t D, int64_t b, int64_t h, int64_t t0,
+                  int64_t n, const float** out) {
+  for (int64_t r = 0; r < n; ++r) out[r] = x + ((b * T + t0 + r) * H + h) * D;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Decode's few-row products
+// ---------------------------------------------------------------------------------------------------------
+
+GRAPE_SIMD
+void dots_direct(int64_t rows, int64_t nk, int64_t D, int64_t Dp, const float* Q, const float* const* krows,
+                 float* S) {
+  for (int64_t j = 0; j < nk; ++j) {
+    const float* kj = krows[j];
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* q = Q + r * Dp;
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t d = 0; d < D; ++d) sum += q[d] * kj[d];
+      S[r * kBK + j] = sum;
+    }
+  }
+}
+
+GRAPE_SIMD
+void pv_direct(int64_t rows, int64_t nk, int64_t D, int64_t Dp, const float* S, const float* const* vrows,
+               float* O) {
+  for (int64_t j = 0; j < nk; ++j) {
+    const float* vj = vrows[j];
+    for (int64_t r = 0; r < rows; ++r) {
+      const float p = S[r * kBK + j];
+      float* o = O + r * Dp;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) o[d] += p * vj[d];
+    }
+  }
+}
+
+}  // namespace grape::kernels::cpu
