@@ -18,8 +18,9 @@ namespace detail {
 // A run directory left by an earlier report with the same --out is continued, but only with the same
 // settings.
 TrainSummary train_or_continue(const ModelConfig& model, const TrainConfig& train, const std::string& run_dir,
-                               bool quiet, const std::string& what) {
+                               bool quiet, const std::string& what, const std::string& command) {
   TrainOptions topts;
+  topts.command = command;
   topts.run_dir = run_dir;
   topts.quiet = quiet;
   topts.resume_steps = train.steps;
@@ -29,6 +30,8 @@ TrainSummary train_or_continue(const ModelConfig& model, const TrainConfig& trai
     m.vocab_size = run.model.vocab_size;
     TrainConfig t = train;
     t.steps = run.train.steps;
+    t.data = data::absolute_spec(t.data);  // as run.json records them
+    t.tokenizer = data::absolute_spec(t.tokenizer);
     if (run.model.to_json() != m.to_json() || run.train.to_json() != t.to_json())
       throw std::runtime_error(
           fmt::format("{} holds a run with other settings; choose another --out", run_dir));
