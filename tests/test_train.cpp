@@ -452,10 +452,40 @@ TEST_F(Train, CompareWritesResultsReportAndPlots) {
     ASSERT_GT(bytes.size(), 1000u) << png;
     EXPECT_EQ(bytes.substr(1, 3), "PNG") << png;
   }
-  // Running it again continues (here: finds every run finished) instead of starting over.
+  // Running it again finds it complete: the report stays as it was (it once became val loss 0.0000 and
+  // negative tokens/s).
+  const std::string results = grape::io::read_file(path("cmp/results.json"));
   auto again = run_cli("compare --pe rope,alibi --steps 4" + tiny_flags() +
                        " --factors 1,2 --eval-tokens 256 --out " + path("cmp") + " --quiet");
   ASSERT_EQ(again.code, 0) << again.output;
+  EXPECT_NE(again.output.find("grape compare: " + path("cmp") + " is complete"), std::string::npos)
+      << again.output;
+  EXPECT_EQ(grape::io::read_file(path("cmp/report.md")), md);
+  EXPECT_EQ(grape::io::read_file(path("cmp/results.json")), results);
+  // Another budget is refused, naming it, before anything trains (it once extended the old runs).
+  auto longer = run_cli("compare --pe rope,alibi --steps 6" + tiny_flags() +
+                        " --factors 1,2 --eval-tokens 256 --out " + path("cmp") + " --quiet");
+  EXPECT_EQ(longer.code, 1) << longer.output;
+  EXPECT_NE(
+      longer.output.find(path("cmp/runs/rope") + " holds a run of an earlier compare with other settings: "
+                                                 "steps=4 (asked: 6); choose another --out, or remove it"),
+      std::string::npos)
+      << longer.output;
+  EXPECT_EQ(grape::train::read_run(path("cmp/runs/rope")).train.steps, 4);
+  EXPECT_EQ(grape::train::latest_checkpoint(path("cmp/runs/rope")),
+            path("cmp/runs/rope/checkpoints/step_00000004"));
+  // Other evaluation settings reuse the finished runs: their numbers come from their logs, not garbage.
+  auto more = run_cli("compare --pe rope,alibi --steps 4" + tiny_flags() +
+                      " --factors 1 --eval-tokens 256 --out " + path("cmp") + " --quiet");
+  ASSERT_EQ(more.code, 0) << more.output;
+  auto j2 = nlohmann::json::parse(grape::io::read_file(path("cmp/results.json")));
+  for (size_t i = 0; i < 2; ++i) {
+    EXPECT_DOUBLE_EQ(j2["runs"][i]["val_loss"].get<double>(), j["runs"][i]["val_loss"].get<double>());
+    EXPECT_DOUBLE_EQ(j2["runs"][i]["final_train_loss"].get<double>(),
+                     j["runs"][i]["final_train_loss"].get<double>());
+    EXPECT_GT(j2["runs"][i]["train_tokens_per_s"].get<double>(), 0);
+    EXPECT_EQ(j2["runs"][i]["eval"]["lengths"].size(), 1u);
+  }
 }
 
 TEST_F(Train, ConfigFilesTomlAndJsonThenFlagsOverride) {

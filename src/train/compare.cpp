@@ -10,6 +10,7 @@
 #include <limits>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 
@@ -181,6 +182,22 @@ std::pair<bool, bool> write_plots(const fs::path& out, const std::vector<Encodin
   return {detail::plot(out, "loss.png", loss_plot), detail::plot(out, "perplexity.png", ppl_plot)};
 }
 
+// The report.md of a finished comparison in `out` whose results.json records these settings; empty when
+// there is none (a comparison still to run, interrupted, or asked with other settings).
+std::optional<std::string> finished_report(const fs::path& out, const json& settings) {
+  std::error_code ec;
+  if (!fs::is_regular_file(out / "results.json", ec) || !fs::is_regular_file(out / "report.md", ec))
+    return {};
+  json done;
+  try {
+    done = json::parse(io::read_file((out / "results.json").string()));
+  } catch (const json::exception&) {
+    return {};  // damaged: run it again
+  }
+  if (!done.is_object() || !done.contains("settings") || done["settings"] != settings) return {};
+  return io::read_file((out / "report.md").string());
+}
+
 std::string mean_sd(const Spread& s, const char* format) {
   if (s.n == 0) return "n/a";
   return fmt::format(fmt::runtime(format), s.mean) + " ± " + fmt::format(fmt::runtime(format), s.sd);
@@ -195,6 +212,23 @@ std::string run_comparison(const CompareOptions& opts) {
     throw std::invalid_argument(fmt::format("compare: seeds must be in 1..1000, got {}", opts.seeds));
   opts.train.validate();
   const fs::path out(opts.out_dir);
+  // Everything the report depends on: a finished comparison with the same settings is complete as it is.
+  json settings = {{"model", json::parse(opts.model.to_json())},
+                   {"train", json::parse(opts.train.to_json())},
+                   {"pe", opts.pes},
+                   {"seeds", opts.seeds},
+                   {"factors", opts.factors},
+                   {"eval_tokens", opts.eval_tokens},
+                   {"decode_tokens", opts.decode_tokens}};
+  settings["train"]["data"] = data::absolute_spec(opts.train.data);  // as the runs record them
+  settings["train"]["tokenizer"] = data::absolute_spec(opts.train.tokenizer);
+  if (const auto done = finished_report(out, settings)) {
+    std::fprintf(stderr,
+                 "grape compare: %s is complete (every run finished with these settings); its report is "
+                 "unchanged (remove the directory to run it again)\n",
+                 opts.out_dir.c_str());
+    return *done;
+  }
   fs::create_directories(out / "runs");
   const bool several = opts.seeds > 1;
   std::vector<EncodingResult> results;
@@ -216,6 +250,7 @@ std::string run_comparison(const CompareOptions& opts) {
   j["model"] = json::parse(opts.model.to_json());
   j["train"] = json::parse(opts.train.to_json());
   j["seeds"] = opts.seeds;
+  j["settings"] = settings;
   j["provenance"] = json::parse(provenance_json(opts.command));
   j["runs"] = json::array();
   for (const auto& r : results) {
