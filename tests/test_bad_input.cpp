@@ -27,12 +27,13 @@ TEST(BadInput, OddHeadDimForEveryRotation) {
 
 TEST(BadInput, UnknownEncodingAndParameterNames) {
   expect_message([] { grape::make_encoding("ropee", kShape); },
-                 "unknown encoding 'ropee' (known: learned, nope, sinusoidal,");
+                 "unknown encoding 'ropee' (did you mean 'rope'? known: learned, nope, sinusoidal,");
   expect_message(
       [] {
         grape::make_encoding("rope", kShape, PeOptions{{"bsae", "10"}});
       },
-      "unknown parameter 'bsae' for encoding 'rope' (known: base, fraction, p, pairing, orientation, extend, "
+      "unknown parameter 'bsae' for encoding 'rope' (did you mean 'base'? known: base, fraction, p, pairing, "
+      "orientation, extend, "
       "factor,");
   expect_message([] { grape::make_encoding("alibi", kShape, PeOptions{{"x", "1"}}); }, "(known: none)");
   expect_message([] { PeOptions::parse({"base"}); }, "must look like key=value");

@@ -137,3 +137,41 @@ TEST_F(Cli, EncodingsListsEveryEncodingWithItsParameters) {
 }
 
 }  // namespace
+
+// A .npy of float64 numbers, as numpy writes them by default (grape writes float32 only).
+void write_npy_f64(const std::string& path, const torch::Tensor& t) {
+  std::string header = "{'descr': '<f8', 'fortran_order': False, 'shape': (";
+  for (int64_t d : t.sizes()) header += std::to_string(d) + ", ";
+  header += "), }";
+  while ((10 + header.size() + 1) % 64 != 0) header += ' ';
+  header += '\n';
+  std::string bytes =
+      std::string("\x93NUMPY\x01\x00", 8) + char(header.size() & 255) + char(header.size() >> 8) + header;
+  auto d = t.to(torch::kFloat64).contiguous();
+  bytes.append(reinterpret_cast<const char*>(d.data_ptr<double>()), size_t(d.numel()) * 8);
+  std::ofstream(path, std::ios::binary) << bytes;
+}
+
+TEST_F(Cli, Float64InputsAreConvertedAndFlagsMatchTrain) {
+  // float64 .npy (numpy's default) gives the same logits as float32; --pe/--pe-set as in train.
+  write_npy_f64(path("q64.npy"), q);
+  write_npy_f64(path("k64.npy"), k);
+  auto a = grape_cli("pe logits --pe rope --pe-set base=500" + qk() + " --out " + path("a.npy"));
+  ASSERT_EQ(a.code, 0) << a.output;
+  auto b = grape_cli("pe logits --pe rope --pe-set base=500 --q " + path("q64.npy") + " --k " +
+                     path("k64.npy") + " --out " + path("b.npy"));
+  ASSERT_EQ(b.code, 0) << b.output;
+  EXPECT_TRUE(
+      torch::allclose(grape::io::read_npy(path("a.npy")), grape::io::read_npy(path("b.npy")), 1e-5, 1e-5));
+  std::string qi = grape::io::read_file(path("q64.npy"));
+  qi.replace(qi.find("<f8"), 3, "<i8");  // the same bytes as int64
+  std::ofstream(path("qi.npy"), std::ios::binary) << qi;
+  auto c = grape_cli("pe logits --pe rope --q " + path("qi.npy") + " --k " + path("k.npy") + " --out " +
+                     path("c.npy"));
+  EXPECT_EQ(c.code, 1);
+  EXPECT_NE(c.output.find(path("qi.npy") +
+                          ": unsupported dtype '<i8' (grape reads little-endian float32 '<f4', and "
+                          "float64 '<f8' converted to float32)"),
+            std::string::npos)
+      << c.output;
+}

@@ -436,7 +436,9 @@ TEST(ContextExtension, EvalExtendOnATrainedRun) {
   ASSERT_EQ(r.code, 0) << r.output;
   EXPECT_NE(r.output.find("context extension yarn (factor=2, original_context=16)"), std::string::npos)
       << r.output;
-  auto j = nlohmann::json::parse(io::read_file(run + "/eval.json"));
+  // Named by checkpoint and extension: a plain eval of the same checkpoint does not overwrite it.
+  auto j = nlohmann::json::parse(io::read_file(run + "/eval/step_00000003-extend-yarn-x2.json"));
+  EXPECT_EQ(j["step"], 3);
   EXPECT_EQ(j["extension"]["method"], "yarn");
   EXPECT_EQ(j["extension"]["options"]["factor"], "2");
   EXPECT_EQ(j["extension"]["options"]["original_context"], "16");

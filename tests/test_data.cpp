@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <regex>
 #include <set>
 #include <sstream>
@@ -696,4 +697,110 @@ TEST(DataSynthetic, BadSpecsListTheValidChoices) {
   msg = error_of<std::invalid_argument>([] { synthetic("synthetic:copy:length"); });
   EXPECT_NE(msg.find("key=value"), std::string::npos) << msg;
   EXPECT_EQ(synthetic_task_names(), (std::vector<std::string>{"copy", "mqar", "needle", "addition"}));
+}
+
+// ---- GPT-2 style BPE and pre-tokenized ids (issue 17) ------------------------------------------------
+
+namespace {
+// A GPT-2 style vocabulary: the 256 byte symbols (space is "Ġ"), merges "t h", "Ġ th", "Ġth e" and
+// <|endoftext|> last. Ids: bytes in GPT-2's symbol order, then th, Ġth, Ġthe, eot.
+struct TinyGpt2 {
+  std::string vocab_json, merges_txt, tokenizer_json;
+  std::map<std::string, int> ids;
+};
+std::string symbol_of(int b) {  // GPT-2's printable stand-in for byte b, as UTF-8
+  static std::vector<int> table = [] {
+    std::vector<int> t(256);
+    int next = 256;
+    for (int c = 0; c < 256; ++c) {
+      const bool direct = (c >= '!' && c <= '~') || (c >= 0xA1 && c <= 0xAC) || (c >= 0xAE && c <= 0xFF);
+      t[c] = direct ? c : next++;
+    }
+    return t;
+  }();
+  const int cp = table[b];
+  std::string s;
+  if (cp < 0x80)
+    s += char(cp);
+  else
+    s += char(0xC0 | (cp >> 6)), s += char(0x80 | (cp & 0x3F));
+  return s;
+}
+TinyGpt2 tiny_gpt2() {
+  TinyGpt2 t;
+  nlohmann::json vocab = nlohmann::json::object();
+  for (int b = 0; b < 256; ++b) vocab[symbol_of(b)] = b;
+  const std::string sp = symbol_of(' ');
+  vocab["th"] = 256;
+  vocab[sp + "th"] = 257;
+  vocab[sp + "the"] = 258;
+  vocab["<|endoftext|>"] = 259;
+  t.vocab_json = vocab.dump();
+  t.merges_txt = "#version: 0.2\nt h\n" + sp + " th\n" + sp + "th e\n";
+  nlohmann::json tj;
+  tj["model"] = {{"type", "BPE"}, {"vocab", vocab}, {"merges", {"t h", sp + " th", sp + "th e"}}};
+  tj["added_tokens"] = {{{"id", 259}, {"content", "<|endoftext|>"}, {"special", true}}};
+  t.tokenizer_json = tj.dump();
+  return t;
+}
+}  // namespace
+
+TEST(DataTokenizer, Gpt2BpeFromTokenizerJsonOrVocabAndMerges) {
+  TempDir dir("bpe");
+  const auto g = tiny_gpt2();
+  write_bytes(dir / "vocab.json", g.vocab_json);
+  write_bytes(dir / "merges.txt", g.merges_txt);
+  write_bytes(dir / "tokenizer.json", g.tokenizer_json);
+  for (const std::string& spec : {dir / "tokenizer.json", dir / "vocab.json" + "," + dir / "merges.txt"}) {
+    ASSERT_TRUE(is_bpe_spec(spec)) << spec;
+    auto tok = make_tokenizer(spec);
+    EXPECT_EQ(tok->kind(), "bpe");
+    EXPECT_EQ(tok->vocab_size(), 260);
+    EXPECT_EQ(tok->eot(), 259);
+    // " the" merges to one token, " this" to Ġth + i + s (a word keeps its leading space); every byte of
+    // other text stands alone.
+    EXPECT_EQ(tok->encode(" the this"), (std::vector<int32_t>{258, 257, 'i', 's'})) << spec;
+    EXPECT_EQ(tok->encode("this"), (std::vector<int32_t>{256, 'i', 's'})) << spec;
+    EXPECT_EQ(tok->encode("a\n"), (std::vector<int32_t>{'a', '\n'}));
+    for (const char* text : {" the this", "héllo\n  world's", "x\xff\xfe"})
+      EXPECT_EQ(tok->decode(tok->encode(text)), text);
+    EXPECT_EQ(tok->decode({258, 259, 256}), " theth");  // end-of-text decodes to nothing
+    // Stored in a run as tokenizer.json, and read back the same.
+    auto again = copy_tokenizer(*tok);
+    EXPECT_EQ(again->encode(" the this"), tok->encode(" the this"));
+  }
+  write_bytes(dir / "bad.json", R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}})");
+  EXPECT_NE(
+      error_of<std::runtime_error>([&] { make_tokenizer(dir / "bad.json"); }).find("byte 0 has no token"),
+      std::string::npos);
+}
+
+TEST(DataSource, Gpt2ShardsReadWithTheirOwnVocabulary) {
+  TempDir dir("gpt2bins");
+  fs::create_directories(dir.path / "d");
+  std::vector<int32_t> train(600), val(100);
+  for (int i = 0; i < 600; ++i) train[i] = (i * 7919) % 50000;
+  for (int i = 0; i < 100; ++i) val[i] = 50256 - i;
+  write_token_shard(dir / "d/gpt2_train_000001.bin", train);
+  write_token_shard(dir / "d/gpt2_val_000000.bin", val);
+  EXPECT_EQ(max_token_id(dir / "d"), 50256);
+  EXPECT_NE(error_of<std::invalid_argument>([&] {
+              max_token_id(dir / "missing.txt");
+            }).find("not .bin token files"),
+            std::string::npos);
+  // The byte tokenizer's 257 ids are too few; the ids' own vocabulary reads them.
+  auto byte = make_byte_tokenizer();
+  EXPECT_THROW(open_data(dir / "d", *byte, {0.1, dir / "cache"})->val_batches(1, 50, 1), std::exception);
+  auto ids = make_id_tokenizer(50304);
+  EXPECT_EQ(ids->kind(), "none");
+  auto data = open_data(dir / "d", *ids, {0.1, dir / "cache"});
+  auto v = data->val_batches(1, 50, 1);
+  EXPECT_EQ(row(v[0].x, 0)[0], 50256);
+  EXPECT_THROW(ids->encode("text"), std::invalid_argument);
+  // The fingerprint follows the tokens, not the path.
+  fs::copy(dir.path / "d", dir.path / "e");
+  EXPECT_EQ(open_data(dir / "e", *ids, {0.1, dir / "cache"})->fingerprint(), data->fingerprint());
+  val[3] = 1;
+  write_token_shard(dir / "e/gpt2_val_000000.bin", val);
+  EXPECT_NE(open_data(dir / "e", *ids, {0.1, dir / "cache"})->fingerprint(), data->fingerprint());
 }

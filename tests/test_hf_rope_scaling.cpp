@@ -425,7 +425,12 @@ TEST(HfRopeScaling, EvalAppliesADictionaryOrAConfigFile) {
       R"( --rope-scaling '{"rope_type":"yarn","factor":4,"original_max_position_embeddings":16}')" +
       " --factors 1,2 --tokens 256");
   ASSERT_EQ(r.code, 0) << r.output;
-  auto j = json::parse(io::read_file(run + "/eval.json"));
+  // The results file the command names (one per checkpoint and setting).
+  auto results_of = [](const std::string& out) {
+    const auto at = out.find("results: ");
+    return at == std::string::npos ? std::string() : out.substr(at + 9, out.find('\n', at) - at - 9);
+  };
+  auto j = json::parse(io::read_file(results_of(r.output)));
   EXPECT_EQ(j["extension"]["method"], "yarn");
   EXPECT_EQ(j["extension"]["options"]["yarn_ramp"], "hf");
   EXPECT_EQ(j["extension"]["rope_scaling"]["factor"], 4);
@@ -439,7 +444,8 @@ TEST(HfRopeScaling, EvalAppliesADictionaryOrAConfigFile) {
       R"( "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}})");
   auto c = testing::run_cli("eval --run " + run + " --rope-scaling " + config + " --factors 1 --tokens 256");
   ASSERT_EQ(c.code, 0) << c.output;
-  EXPECT_EQ(json::parse(io::read_file(run + "/eval.json"))["extension"]["method"], "llama3");
+  EXPECT_EQ(json::parse(io::read_file(results_of(c.output)))["extension"]["method"], "llama3");
+  EXPECT_NE(results_of(c.output), results_of(r.output));  // another setting, another file
 
   auto bad = testing::run_cli("eval --run " + run + R"( --rope-scaling '{"rope_type":"yarn","factor":0.5}')");
   EXPECT_NE(bad.code, 0);

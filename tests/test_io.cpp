@@ -96,10 +96,19 @@ TEST_F(IoTest, NpyReadsHandBuiltFiles) {
 }
 
 TEST_F(IoTest, NpyReadRefusalsNameTheFile) {
+  // float64 (numpy's default) is read as float32; integers are refused.
   const std::string f8 = file("f8.npy");
+  const double values[2] = {1.5, -2.25};
   write_file_atomic(f8, npy_v1("{'descr': '<f8', 'fortran_order': False, 'shape': (2,), }\n",
-                               f32_bytes({1.f, 2.f, 3.f, 4.f})));
-  expect_error([&] { read_npy(f8); }, f8 + ": unsupported dtype '<f8'");
+                               std::string(reinterpret_cast<const char*>(values), 16)));
+  const torch::Tensor t = read_npy(f8);
+  EXPECT_EQ(t.scalar_type(), torch::kFloat32);
+  EXPECT_EQ(t[0].item<float>(), 1.5f);
+  EXPECT_EQ(t[1].item<float>(), -2.25f);
+  const std::string i4 = file("i4.npy");
+  write_file_atomic(
+      i4, npy_v1("{'descr': '<i4', 'fortran_order': False, 'shape': (2,), }\n", f32_bytes({1.f, 2.f})));
+  expect_error([&] { read_npy(i4); }, i4 + ": unsupported dtype '<i4'");
   expect_error([&] { read_npy(file("missing.npy")); }, "cannot open '" + file("missing.npy") + "'");
 }
 

@@ -1,5 +1,6 @@
 // Training, checkpoints, resume, evaluation, generation and compare: the library functions and the CLI,
 // on a very small model and a small generated text so the whole file runs in well under a minute.
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <unistd.h>
@@ -369,7 +370,10 @@ TEST_F(Train, EvalAtLongerContextsAndGenerateFromTheRun) {
   train("run");
   auto r = run_cli("eval --run " + path("run") + " --factors 1,2,4 --tokens 512");
   ASSERT_EQ(r.code, 0) << r.output;
-  auto j = nlohmann::json::parse(grape::io::read_file(path("run/eval.json")));
+  // One file per checkpoint, named by its step, recording it (a later checkpoint's eval keeps this one).
+  auto j = nlohmann::json::parse(grape::io::read_file(path("run/eval/step_00000012.json")));
+  EXPECT_EQ(j["step"], 12);
+  EXPECT_NE(r.output.find("checkpoint step_00000012"), std::string::npos) << r.output;
   ASSERT_EQ(j["lengths"].size(), 3u);
   for (const auto& l : j["lengths"]) {
     EXPECT_TRUE(l.contains("loss")) << l.dump();
@@ -381,9 +385,16 @@ TEST_F(Train, EvalAtLongerContextsAndGenerateFromTheRun) {
   ASSERT_EQ(g.code, 0) << g.output;
   EXPECT_EQ(g.output.rfind("the lord", 0), 0u) << g.output;
   EXPECT_GT(g.output.size(), std::string("the lord").size() + 1) << g.output;
+  // The speed goes to stderr after the text, and the context note: past 16 tokens.
+  EXPECT_NE(g.output.find("\n20 tokens in "), std::string::npos) << g.output;
+  EXPECT_NE(g.output.find(" tokens/s (prompt of up to 9 tokens included)"), std::string::npos) << g.output;
+  EXPECT_NE(g.output.find("note: past 16 tokens the model read more than its training context"),
+            std::string::npos)
+      << g.output;
   // Same seed, same text.
   auto g2 = run_cli("generate --run " + path("run") + " --prompt 'the lord' --max-tokens 20 --seed 3");
-  EXPECT_EQ(g.output, g2.output);
+  EXPECT_EQ(g.output.substr(0, g.output.find("\n20 tokens in ")),
+            g2.output.substr(0, g2.output.find("\n20 tokens in ")));
 }
 
 TEST_F(Train, BatchedGenerationWithDifferentPromptLengthsEqualsEachAlone) {
@@ -441,10 +452,40 @@ TEST_F(Train, CompareWritesResultsReportAndPlots) {
     ASSERT_GT(bytes.size(), 1000u) << png;
     EXPECT_EQ(bytes.substr(1, 3), "PNG") << png;
   }
-  // Running it again continues (here: finds every run finished) instead of starting over.
+  // Running it again finds it complete: the report stays as it was (it once became val loss 0.0000 and
+  // negative tokens/s).
+  const std::string results = grape::io::read_file(path("cmp/results.json"));
   auto again = run_cli("compare --pe rope,alibi --steps 4" + tiny_flags() +
                        " --factors 1,2 --eval-tokens 256 --out " + path("cmp") + " --quiet");
   ASSERT_EQ(again.code, 0) << again.output;
+  EXPECT_NE(again.output.find("grape compare: " + path("cmp") + " is complete"), std::string::npos)
+      << again.output;
+  EXPECT_EQ(grape::io::read_file(path("cmp/report.md")), md);
+  EXPECT_EQ(grape::io::read_file(path("cmp/results.json")), results);
+  // Another budget is refused, naming it, before anything trains (it once extended the old runs).
+  auto longer = run_cli("compare --pe rope,alibi --steps 6" + tiny_flags() +
+                        " --factors 1,2 --eval-tokens 256 --out " + path("cmp") + " --quiet");
+  EXPECT_EQ(longer.code, 1) << longer.output;
+  EXPECT_NE(
+      longer.output.find(path("cmp/runs/rope") + " holds a run of an earlier compare with other settings: "
+                                                 "steps=4 (asked: 6); choose another --out, or remove it"),
+      std::string::npos)
+      << longer.output;
+  EXPECT_EQ(grape::train::read_run(path("cmp/runs/rope")).train.steps, 4);
+  EXPECT_EQ(grape::train::latest_checkpoint(path("cmp/runs/rope")),
+            path("cmp/runs/rope/checkpoints/step_00000004"));
+  // Other evaluation settings reuse the finished runs: their numbers come from their logs, not garbage.
+  auto more = run_cli("compare --pe rope,alibi --steps 4" + tiny_flags() +
+                      " --factors 1 --eval-tokens 256 --out " + path("cmp") + " --quiet");
+  ASSERT_EQ(more.code, 0) << more.output;
+  auto j2 = nlohmann::json::parse(grape::io::read_file(path("cmp/results.json")));
+  for (size_t i = 0; i < 2; ++i) {
+    EXPECT_DOUBLE_EQ(j2["runs"][i]["val_loss"].get<double>(), j["runs"][i]["val_loss"].get<double>());
+    EXPECT_DOUBLE_EQ(j2["runs"][i]["final_train_loss"].get<double>(),
+                     j["runs"][i]["final_train_loss"].get<double>());
+    EXPECT_GT(j2["runs"][i]["train_tokens_per_s"].get<double>(), 0);
+    EXPECT_EQ(j2["runs"][i]["eval"]["lengths"].size(), 1u);
+  }
 }
 
 TEST_F(Train, ConfigFilesTomlAndJsonThenFlagsOverride) {
@@ -499,8 +540,10 @@ TEST_F(Train, SetHelpListsEveryFieldWithItsDefaultAndUnknownKeysListBothConfigs)
     EXPECT_NE(r.output.find(line), std::string::npos) << line << "\n" << r.output;
   r = run_cli("train --set n_layers=3 --out " + path("a"));
   EXPECT_EQ(r.code, 1);
-  EXPECT_NE(r.output.find("--set: unknown setting 'n_layers' (model: preset, vocab_size, n_layer"),
-            std::string::npos)
+  EXPECT_NE(
+      r.output.find(
+          "--set: unknown setting 'n_layers' (did you mean 'n_layer'? model: preset, vocab_size, n_layer"),
+      std::string::npos)
       << r.output;
   EXPECT_NE(r.output.find("; train: steps, batch"), std::string::npos) << r.output;
   r = run_cli("train --set lr=fast --out " + path("a"));
@@ -582,3 +625,278 @@ TEST_F(Train, BadInputGetsOneClearLine) {
 }
 
 }  // namespace
+
+// ---- issue 17: the CLI as researchers expect ------------------------------------------------------------
+
+TEST_F(Train, ResumeRefusesConflictsKeepsTimeAndFindsItsDataFromAnywhere) {
+  // Started with a relative --data from the test directory: run.json records it absolute.
+  auto r = run_cli(
+      "train --set n_layer=1 --set n_embd=32 --set n_head=2 --context 16 --batch 4 --warmup 2 --lr 3e-3 "
+      "--set "
+      "eval_batches=2 --steps 4 --eval-every 2 --data text.txt --out run --quiet",
+      "cd " + dir.string() + " &&");
+  ASSERT_EQ(r.code, 0) << r.output;
+  auto run = grape::train::read_run(path("run"));
+  EXPECT_EQ(run.train.data, path("text.txt"));
+  EXPECT_FALSE(run.data_fingerprint.empty());
+  // A conflicting setting is refused, naming it (it once trained rope silently).
+  r = run_cli("train --resume --pe alibi --steps 6 --out " + path("run"));
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("--resume: " + path("run") + " was trained with pe=rope (asked: alibi)"),
+            std::string::npos)
+      << r.output;
+  r = run_cli("train --resume --set n_embd=64 --lr 1e-2 --out " + path("run"));
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("n_embd=32 (asked: 64), lr=0.003 (asked: 0.01)"), std::string::npos) << r.output;
+  // Resumed from another directory, with a new budget: time_s goes on from where it stopped.
+  r = run_cli("train --resume --steps 6 --out " + path("run") + " --quiet", "cd / &&");
+  ASSERT_EQ(r.code, 0) << r.output;
+  auto m = metrics("run");
+  double last_time = 0;
+  for (const auto& rec : m) {
+    EXPECT_GE(rec["time_s"].get<double>(), last_time) << rec.dump();
+    last_time = rec["time_s"].get<double>();
+  }
+  // The same data under another path is taken (checked by its tokens); other data is named in a warning.
+  fs::copy_file(path("text.txt"), path("copy.txt"));
+  r = run_cli("train --resume --steps 8 --data " + path("copy.txt") + " --out " + path("run"));
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(
+      r.output.find("the run's data is now " + path("copy.txt") + " (the same tokens as " + path("text.txt")),
+      std::string::npos)
+      << r.output;
+  grape::io::write_file_atomic(path("other.txt"), grape::io::read_file(path("text.txt")).substr(100));
+  r = run_cli("train --resume --steps 10 --data " + path("other.txt") + " --out " + path("run"));
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("warning: " + path("other.txt") + " is not the data this run was trained on"),
+            std::string::npos)
+      << r.output;
+  // Asked again, a finished run reports its own losses, not "val loss 0.0000".
+  const auto last_val = metrics("run").back();
+  ASSERT_EQ(last_val["split"], "val");
+  r = run_cli("train --resume --out " + path("run"));
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("already finished at step 10"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find(fmt::format("val loss {:.4f}", last_val["val_loss"].get<double>())),
+            std::string::npos)
+      << r.output;
+  EXPECT_EQ(r.output.find("val loss 0.0000"), std::string::npos) << r.output;
+  // run.json keeps every resume with its command.
+  auto j = nlohmann::json::parse(grape::io::read_file(path("run/run.json")));
+  ASSERT_EQ(j["resumed"].size(), 4u) << j.dump();
+  EXPECT_EQ(j["resumed"][0]["step"], 4);
+}
+
+TEST_F(Train, OutputsRecordSplitTokensProvenanceAndBitsPerByte) {
+  auto r = run_cli("train" + tiny_flags() + " --steps 4 --eval-every 2 --out " + path("run"));
+  ASSERT_EQ(r.code, 0) << r.output;
+  // Training and validation records tell themselves apart, and count the tokens seen (4 x 16 per step).
+  auto m = metrics("run");
+  ASSERT_EQ(m.size(), 6u);
+  EXPECT_EQ(m[0]["split"], "train");
+  EXPECT_EQ(m[0]["tokens"], 64);
+  EXPECT_EQ(m[2]["split"], "val");
+  EXPECT_EQ(m[2]["step"], 2);
+  EXPECT_EQ(m[2]["tokens"], 128);
+  // Byte tokenizer: the summary gives bits per byte = val loss / ln 2.
+  const double val = m.back()["val_loss"].get<double>();
+  EXPECT_NE(r.output.find(fmt::format("val loss {:.4f} ({:.4f} bits/byte)", val, val / std::log(2.0))),
+            std::string::npos)
+      << r.output;
+  // Where the numbers come from.
+  auto j = nlohmann::json::parse(grape::io::read_file(path("run/run.json")));
+  const auto& p = j["provenance"];
+  EXPECT_EQ(p["command"].get<std::string>().rfind("grape --threads 1 train --set n_layer=1", 0), 0u)
+      << p.dump();
+  EXPECT_EQ(p["git_commit"], grape::train::git_commit());
+  EXPECT_FALSE(p["host"].get<std::string>().empty());
+  EXPECT_NE(p["blas"].get<std::string>().find("threads"), std::string::npos) << p.dump();
+  EXPECT_EQ(p["threads"], 1);
+  // Eval: bits per byte beside nats per token.
+  r = run_cli("eval --run " + path("run") + " --factors 1 --tokens 256");
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("bits/byte"), std::string::npos) << r.output;
+  auto e = nlohmann::json::parse(grape::io::read_file(path("run/eval/step_00000004.json")));
+  EXPECT_NEAR(e["lengths"][0]["bits_per_byte"].get<double>(),
+              e["lengths"][0]["loss"].get<double>() / std::log(2.0), 1e-12);
+  // --steps ending inside the warmup is worth a warning.
+  r = run_cli("train" + tiny_flags() + " --steps 2 --out " + path("short"));
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("warning: --steps 2 ends inside the warmup (2 steps)"), std::string::npos)
+      << r.output;
+}
+
+TEST_F(Train, CliNamesVersionPrintConfigAndHelp) {
+  auto r = run_cli("trian");
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.output.find("unknown command 'trian' (did you mean 'train'?"), std::string::npos) << r.output;
+  r = run_cli("train --stpes 3");
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.output.find("unknown option --stpes (did you mean --steps?)"), std::string::npos) << r.output;
+  r = run_cli("train --pe rpoe --out " + path("x"));
+  EXPECT_NE(r.output.find("unknown encoding 'rpoe' (did you mean 'rope'?"), std::string::npos) << r.output;
+  r = run_cli("--version");
+  EXPECT_EQ(r.code, 0);
+  EXPECT_EQ(r.output, "grape " + grape::train::version() + "\n");
+  EXPECT_NE(r.output.find(grape::train::git_commit()), std::string::npos);
+  // --print-config: the settings run.json would record, and nothing written.
+  r = run_cli("train" + tiny_flags() + " --steps 3 --print-config --out " + path("p"));
+  ASSERT_EQ(r.code, 0) << r.output;
+  auto j = nlohmann::json::parse(r.output);
+  EXPECT_EQ(j["model"]["vocab_size"], 257);
+  EXPECT_EQ(j["model"]["n_embd"], 32);
+  EXPECT_EQ(j["train"]["steps"], 3);
+  EXPECT_EQ(j["train"]["data"], path("text.txt"));
+  EXPECT_FALSE(fs::exists(path("p")));
+  // Preset shapes in --help; the synthetic tasks with their options in `grape data`.
+  r = run_cli("train --help");
+  EXPECT_NE(r.output.find("small   6 layers, 6 heads, width 384, context 256"), std::string::npos)
+      << r.output;
+  r = run_cli("data");
+  ASSERT_EQ(r.code, 0) << r.output;
+  for (const char* s : {"copy", "length=16", "digits=3", "pairs=8", "depth=uniform", "loss=answer"})
+    EXPECT_NE(r.output.find(s), std::string::npos) << s << "\n" << r.output;
+  // compare: its own defaults are documented, and never override --set (they once did).
+  r = run_cli("compare --help");
+  EXPECT_NE(r.output.find("compare's own defaults"), std::string::npos) << r.output;
+  r = run_cli("compare --pe rope --set steps=7 --set lr=0.01 --set warmup=3 --print-config");
+  ASSERT_EQ(r.code, 0) << r.output;
+  j = nlohmann::json::parse(r.output);
+  EXPECT_EQ(j["train"]["steps"], 7);
+  EXPECT_DOUBLE_EQ(j["train"]["lr"].get<double>(), 0.01);
+  EXPECT_EQ(j["train"]["warmup"], 3);
+  EXPECT_DOUBLE_EQ(j["train"]["min_lr"].get<double>(), 3e-4);  // compare's default where nothing was given
+  r = run_cli("compare --pe rope --print-config");
+  j = nlohmann::json::parse(r.output);
+  EXPECT_EQ(j["train"]["steps"], 200);
+  EXPECT_DOUBLE_EQ(j["train"]["lr"].get<double>(), 3e-3);
+}
+
+TEST_F(Train, ListOptionsTakeListsAndExtendNeedsAFactor) {
+  auto r = run_cli("bench decode --preset tiny --pe rope,alibi --tokens 4 --batch 1");
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find(" rope "), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find(" alibi "), std::string::npos) << r.output;
+  r = run_cli("check --pe rope,alibi");
+  ASSERT_EQ(r.code, 0) << r.output;
+  train("run");
+  r = run_cli("eval --run " + path("run") + " --extend yarn");
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("--extend yarn needs --factor S"), std::string::npos) << r.output;
+}
+
+TEST_F(Train, GenerateCropSeesOnlyTheLastContextTokens) {
+  // With crop, each token is predicted from the last `crop` tokens at positions 0.. (as nanoGPT does): the
+  // same as a full forward pass over that window.
+  torch::manual_seed(0);
+  grape::Transformer net(model);
+  grape::train::SamplingOptions s;
+  s.temperature = 0;
+  s.max_tokens = 30;
+  s.crop = 8;
+  const std::vector<int32_t> prompt = {256, 't', 'h', 'e'};
+  const auto out = grape::train::generate(net, {prompt}, s)[0];
+  ASSERT_EQ(out.size(), 30u);
+  std::vector<int32_t> seq = prompt;
+  torch::NoGradGuard no_grad;
+  net->eval();
+  for (size_t t = 0; t < out.size(); ++t) {
+    const size_t n = std::min<size_t>(seq.size(), 8);
+    std::vector<int64_t> window(seq.end() - int64_t(n), seq.end());
+    auto logits = net->forward(torch::tensor(window, torch::kInt64).unsqueeze(0));
+    const int32_t next = int32_t(logits[0][int64_t(n) - 1].argmax().item<int64_t>());
+    ASSERT_EQ(out[t], next) << "token " << t;
+    seq.push_back(next);
+  }
+  s.crop = 1;
+  EXPECT_THROW(grape::train::generate(net, {prompt}, s), std::invalid_argument);
+}
+
+TEST_F(Train, PreTokenizedShardsTrainWithTheirVocabularyAndDecodeWithABpe) {
+  // GPT-2 ids up to 1000 (once refused: "token ID ... >= vocab size 257").
+  fs::create_directories(path("d"));
+  std::vector<int32_t> train(3000), val(600);
+  for (int i = 0; i < 3000; ++i) train[i] = (i * 37) % 1001;
+  for (int i = 0; i < 600; ++i) val[i] = (i * 11) % 1001;
+  grape::data::write_token_shard(path("d/x_train_000001.bin"), train);
+  grape::data::write_token_shard(path("d/x_val_000000.bin"), val);
+  const std::string flags =
+      " --set n_layer=1 --set n_embd=32 --set n_head=2 --context 16 --batch 4 --warmup 1"
+      " --steps 2 --set eval_batches=2 --tokenizer none --data " +
+      path("d");
+  auto r = run_cli("train" + flags + " --out " + path("a"));
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("the largest token id in " + path("d") + " is 1000; vocab_size = 1024"),
+            std::string::npos)
+      << r.output;
+  EXPECT_EQ(grape::train::read_run(path("a")).model.vocab_size, 1024);
+  EXPECT_EQ(grape::train::read_run(path("a")).tokenizer, "none");
+  // --set vocab_size is kept (it was silently overwritten by the tokenizer's).
+  r = run_cli("train" + flags + " --set vocab_size=50304 --out " + path("b") + " --quiet");
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_EQ(grape::train::read_run(path("b")).model.vocab_size, 50304);
+  r = run_cli("train" + flags + " --set vocab_size=500 --out " + path("c") + " --quiet");
+  EXPECT_EQ(r.code, 1) << r.output;
+  r = run_cli("eval --run " + path("a") + " --factors 1 --tokens 128");
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_EQ(r.output.find("bits/byte"), std::string::npos) << r.output;  // ids are not bytes
+  // generate needs the vocabulary the ids came from.
+  r = run_cli("generate --run " + path("a") + " --max-tokens 3");
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("give the vocabulary the data was tokenized with, e.g. --tokenizer"),
+            std::string::npos)
+      << r.output;
+  // A GPT-2 style vocabulary of the model's size: 256 bytes, 767 merges of "a" runs, end-of-text last.
+  nlohmann::json vocab = nlohmann::json::object(), merges = nlohmann::json::array();
+  auto symbol = [](int b) {
+    int next = 256;
+    for (int c = 0; c < b; ++c)
+      if (!((c >= '!' && c <= '~') || (c >= 0xA1 && c <= 0xAC) || (c >= 0xAE && c <= 0xFF))) ++next;
+    const bool direct = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
+    const int cp = direct ? b : next;
+    return cp < 0x80 ? std::string(1, char(cp))
+                     : std::string{char(0xC0 | (cp >> 6)), char(0x80 | (cp & 0x3F))};
+  };
+  for (int b = 0; b < 256; ++b) vocab[symbol(b)] = b;
+  for (int i = 2; i <= 768; ++i) {
+    vocab[std::string(size_t(i), 'a')] = 254 + i;
+    merges.push_back(std::string(size_t(i - 1), 'a') + " a");
+  }
+  vocab["<|endoftext|>"] = 1023;
+  grape::io::write_file_atomic(
+      path("tok.json"),
+      nlohmann::json{{"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", merges}}}}.dump());
+  r = run_cli("generate --run " + path("a") + " --tokenizer " + path("tok.json") +
+              " --prompt aaaa --max-tokens 3");
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_EQ(r.output.rfind("aaaa", 0), 0u) << r.output;
+  EXPECT_NE(r.output.find("3 tokens in "), std::string::npos) << r.output;
+}
+
+TEST_F(Train, CompareSeedsReportMeanSpreadAndValidationInThePlots) {
+  auto r = run_cli("compare --pe rope,alibi --steps 3 --seeds 2 --eval-every 3" + tiny_flags() +
+                   " --factors 1 --eval-tokens 128 --out " + path("cmp") + " --quiet");
+  ASSERT_EQ(r.code, 0) << r.output;
+  for (const char* run : {"cmp/runs/rope", "cmp/runs/rope-seed43", "cmp/runs/alibi", "cmp/runs/alibi-seed43"})
+    EXPECT_TRUE(fs::exists(path(run) + "/run.json")) << run;
+  EXPECT_EQ(grape::train::read_run(path("cmp/runs/rope-seed43")).train.seed, 43u);
+  auto j = nlohmann::json::parse(grape::io::read_file(path("cmp/results.json")));
+  ASSERT_EQ(j["runs"].size(), 2u);
+  for (const auto& run : j["runs"]) {
+    ASSERT_EQ(run["seeds"].size(), 2u) << run.dump();
+    const double a = run["seeds"][0]["val_loss"], b = run["seeds"][1]["val_loss"];
+    EXPECT_NE(a, b);  // other seeds, other runs
+    EXPECT_NEAR(run["spread"]["val_loss"]["mean"].get<double>(), (a + b) / 2, 1e-12);
+    EXPECT_NEAR(run["spread"]["val_loss"]["sd"].get<double>(), std::abs(a - b) / std::sqrt(2.0), 1e-12);
+  }
+  auto md = grape::io::read_file(path("cmp/report.md"));
+  EXPECT_NE(md.find(" ± "), std::string::npos) << md;
+  EXPECT_NE(md.find("val loss vs best"), std::string::npos) << md;
+  EXPECT_NE(md.find("pairs beyond the seed spread"), std::string::npos) << md;
+  EXPECT_NE(md.find("Command: `grape --threads 1 compare"), std::string::npos) << md;
+  // The validation points beside the training curve: step, mean and sd over the seeds.
+  auto val = grape::io::read_file(path("cmp/val_rope.dat"));
+  const double mean = j["runs"][0]["spread"]["val_loss"]["mean"],
+               sd = j["runs"][0]["spread"]["val_loss"]["sd"];
+  EXPECT_EQ(val, fmt::format("3 {:.6f} {:.6f}\n", mean, sd));
+}

@@ -20,9 +20,9 @@ namespace grape::data {
 class Tokenizer {
  public:
   virtual ~Tokenizer() = default;
-  virtual std::string kind() const = 0;    // "byte" or "sentencepiece"
+  virtual std::string kind() const = 0;    // "byte", "sentencepiece", "bpe" or "none"
   virtual int64_t vocab_size() const = 0;  // ids are 0..vocab_size-1, end-of-text included
-  virtual int64_t eot() const = 0;         // the end-of-text id, placed between documents
+  virtual int64_t eot() const = 0;  // the end-of-text id, placed between documents; -1: none (kind "none")
   virtual std::vector<int32_t> encode(std::string_view text) const = 0;   // never emits eot
   virtual std::string decode(const std::vector<int32_t>& ids) const = 0;  // eot decodes to ""
   // The text of one token, for printing generated tokens as they come (byte: one raw byte).
@@ -37,8 +37,19 @@ std::unique_ptr<Tokenizer> make_byte_tokenizer();
 std::unique_ptr<Tokenizer> load_sentencepiece(const std::string& model_path);
 // From a serialized SentencePiece model (Tokenizer::model_bytes of a run directory).
 std::unique_ptr<Tokenizer> sentencepiece_from_bytes(const std::string& model_bytes);
-// "byte" or a path to a .model file.
+// "none": the ids of pre-tokenized .bin data, 0..vocab_size-1, without text (encode and decode throw).
+std::unique_ptr<Tokenizer> make_id_tokenizer(int64_t vocab_size);
+// A GPT-2 style byte-level BPE vocabulary (what nanoGPT's and llm.c's GPT-2 .bin files were tokenized with):
+// a Hugging Face tokenizer.json, "VOCAB.json,MERGES.txt", or a directory holding either. Its end-of-text is
+// the token <|endoftext|> (-1 when the vocabulary has none). Kind "bpe"; model_bytes() is a tokenizer.json.
+std::unique_ptr<Tokenizer> load_bpe(const std::string& spec);
+std::unique_ptr<Tokenizer> bpe_from_bytes(const std::string& tokenizer_json);
+// Whether a --tokenizer spec names a BPE vocabulary (.json, "a,b", or a directory with those files).
+bool is_bpe_spec(const std::string& spec);
+// "byte", a BPE vocabulary (is_bpe_spec) or a SentencePiece .model file ("none" needs make_id_tokenizer).
 std::unique_ptr<Tokenizer> make_tokenizer(const std::string& spec);
+// An independent copy of any tokenizer (its model bytes loaded again).
+std::unique_ptr<Tokenizer> copy_tokenizer(const Tokenizer& tok);
 
 struct SentencePieceTraining {
   std::vector<std::string> inputs;  // text files
@@ -72,6 +83,7 @@ class TokenFile {
   int bytes_per_token() const { return width_; }
   std::string format() const;  // "llm.c v1", "llm.c v2" or "nanoGPT uint16"
   int64_t at(int64_t i) const;
+  int64_t max_id() const;  // the largest id in the file (reads it all)
   // Copies tokens [start, start+n) into out; throws naming the file and index if one is >= vocab.
   void copy(int64_t start, int64_t n, int64_t* out, int64_t vocab) const;
 
@@ -121,6 +133,9 @@ class DataSource {
   virtual std::vector<Batch> val_batches(int64_t batch, int64_t T, int64_t max_batches) const = 0;
   // Synthetic sources only: n held-out examples with answers (empty for text sources).
   virtual std::vector<TaskExample> task_examples(int64_t n, uint64_t seed) const { return {}; }
+  // Identifies the tokens (not the path): split sizes and a hash of tokens sampled across both splits; the
+  // same data under another name gives the same fingerprint (resume checks a moved --data with it).
+  virtual std::string fingerprint() const = 0;
 };
 
 // Opens a data spec:
@@ -135,7 +150,16 @@ class DataSource {
 std::unique_ptr<DataSource> open_data(const std::string& spec, const Tokenizer& tok,
                                       const DataOptions& options = {});
 
+// The largest token id in the .bin files of a data spec (a file or a directory of them; reads every file):
+// the vocabulary pre-tokenized data needs when there is no tokenizer to say it.
+int64_t max_token_id(const std::string& spec);
+// A path spec as an absolute, lexically normal path (a run then finds its data from any directory);
+// "bible", "synthetic:..." and paths that do not exist are returned unchanged.
+std::string absolute_spec(const std::string& spec);
+
 std::vector<std::string> synthetic_task_names();
+// The tasks with an example and their options with defaults and ranges (`grape data`, --data's help).
+std::string synthetic_tasks_help();
 
 // train_tokens() and val_tokens() of a synthetic source: examples are generated on demand, without end.
 inline constexpr int64_t kGeneratedTokens = int64_t{1} << 40;

@@ -38,9 +38,10 @@ struct F32Array {
 struct NpyFile {
   std::vector<std::int64_t> shape;
   std::string_view data;
+  int item_bytes = 4;  // 4: float32 ('<f4'); 8: float64 ('<f8', numpy's default)
 };
 
-// .npy, format versions 1.0, 2.0 and 3.0, little-endian float32 ('<f4'), C order only.
+// .npy, format versions 1.0, 2.0 and 3.0, little-endian float32 ('<f4') or float64 ('<f8'), C order only.
 // `file` holds the whole file's bytes; `path` only names it in error messages.
 NpyFile parse_npy(std::string_view file, const std::string& path);
 // The bytes of a .npy version 1.0 file holding `array`, header laid out as numpy writes it; `path` only

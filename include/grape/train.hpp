@@ -105,11 +105,15 @@ struct RunInfo {
   std::string dir;
   ModelConfig model;
   TrainConfig train;
+  std::string tokenizer;         // its kind: byte, sentencepiece, bpe or none
+  std::string data_fingerprint;  // DataSource::fingerprint() when the run started ("" for older runs)
+  std::string json;              // run.json as written (provenance: command, git commit, host, BLAS, resumes)
 };
 
 // Reads <dir>/run.json; clear errors for a missing or corrupt file.
 RunInfo read_run(const std::string& dir);
-// The tokenizer of a run (byte, or the run's own tokenizer.model).
+// The tokenizer of a run: byte, its own tokenizer.model (SentencePiece) or tokenizer.json (BPE), or for
+// tokenizer "none" the bare ids of its vocabulary.
 std::unique_ptr<data::Tokenizer> run_tokenizer(const RunInfo& run);
 // The newest complete checkpoint directory of a run; throws when there is none.
 std::string latest_checkpoint(const std::string& run_dir);
@@ -126,6 +130,16 @@ struct TrainOptions {
   bool quiet = false;        // no progress output
   int64_t stop_after = 0;    // stop as Ctrl-C would (checkpoint, `interrupted`) after this step; 0: never
   int64_t resume_steps = 0;  // with resume: a new step budget (changes the lr schedule); 0: the run's own
+  // With resume: the settings asked for (the run's own with the command line's flags applied, as
+  // run_training's model_cfg and cfg). Any that differs from the run's is refused with an error naming it,
+  // except the step budget, when to validate, log and checkpoint (eval_every, eval_batches, log_every,
+  // ckpt_every, keep_last), and data: another path to the same tokens (by fingerprint) is taken quietly,
+  // other tokens with a warning.
+  bool resume_with_settings = false;
+  // vocab_size was given (--set, a config file): kept, and refused when smaller than the tokenizer's.
+  // Otherwise it comes from the tokenizer, or for tokenizer "none" from the data's largest id.
+  bool vocab_size_given = false;
+  std::string command;  // the command line, recorded in run.json
   std::string run_dir;
   // Data-parallel group (null: one process). Each rank trains on its share of a batch of batch x ranks;
   // rank 0 writes run.json, metrics and checkpoints, every rank resumes from them.
@@ -133,7 +147,10 @@ struct TrainOptions {
 };
 struct TrainSummary {
   int64_t steps = 0;
+  // The last training and validation loss (NaN when the run has none yet); a run that was already
+  // finished reports those of its log.
   double final_loss = 0, val_loss = 0;
+  std::string tokenizer;    // the run's tokenizer kind ("byte": loss / ln 2 is bits per byte)
   double tokens_per_s = 0;  // training throughput over the run (this process)
   int64_t parameters = 0;
   double seconds = 0;
@@ -142,6 +159,26 @@ struct TrainSummary {
 };
 // Trains (or resumes) the run in opts.run_dir. Stops cleanly on Ctrl-C with a checkpoint.
 TrainSummary run_training(const ModelConfig& model_cfg, const TrainConfig& cfg, const TrainOptions& opts);
+// The configs a new run with these settings records in run.json (what --print-config shows): data and
+// tokenizer paths made absolute, vocab_size from the tokenizer (see TrainOptions::vocab_size_given). `note`
+// receives a line to print when the vocabulary was read from the data.
+std::pair<ModelConfig, TrainConfig> resolve_new_run(const ModelConfig& model_cfg, const TrainConfig& cfg,
+                                                    bool vocab_size_given, std::string* note = nullptr);
+// With resume_with_settings: the settings of `asked` that differ from the run's and may not change, as
+// "pe=rope (asked: alibi)"; empty when none does.
+std::vector<std::string> resume_conflicts(const RunInfo& run, const ModelConfig& asked_model,
+                                          const TrainConfig& asked_train);
+
+// ---- where results come from ----------------------------------------------------------------------
+
+std::string version();     // "0.1.0 (git 0123456789ab)": the project version and the commit it was built at
+std::string git_commit();  // the commit at build time ("...-dirty" with uncommitted changes; "unknown")
+// The BLAS behind LibTorch's matmuls, e.g. "OpenBLAS 0.3.21 ... (OpenMP threads)": its threading decides how
+// it shares the cores with LibTorch's OpenMP threads.
+std::string blas_description();
+// {"command", "version", "git_commit", "host", "blas", "threads", "time"} as JSON text: recorded in run.json,
+// results.json and reports.
+std::string provenance_json(const std::string& command);
 
 // Mean validation loss over up to max_batches windows of `context` tokens (no gradients).
 double validation_loss(Transformer& model, const data::DataSource& data, int64_t context, int64_t batch,
@@ -150,7 +187,8 @@ double validation_loss(Transformer& model, const data::DataSource& data, int64_t
 struct LengthResult {
   int64_t factor = 1, context = 0, tokens = 0;
   double loss = 0, perplexity = 0;
-  std::string error;  // set when this length cannot be evaluated (e.g. a learned table too short)
+  double bits_per_byte = -1;  // loss / ln 2 when every token is one byte (byte tokenizer); -1: not known
+  std::string error;          // set when this length cannot be evaluated (e.g. a learned table too short)
 };
 struct TaskResult {
   std::string label;
@@ -160,9 +198,10 @@ struct EvalReport {
   std::vector<LengthResult> lengths;
   std::vector<TaskResult> tasks;  // synthetic data only
 };
-// Validation loss at context x each factor, with about `tokens` validation tokens per length.
+// Validation loss at context x each factor, with about `tokens` validation tokens per length. With
+// byte_tokens (a byte-tokenizer run) each length also reports bits per byte.
 EvalReport evaluate(Transformer& model, const data::DataSource& data, const std::vector<int64_t>& factors,
-                    int64_t tokens, int64_t task_examples = 200);
+                    int64_t tokens, int64_t task_examples = 200, bool byte_tokens = false);
 std::string eval_table(const EvalReport& report);  // the table `grape eval` prints
 std::string eval_json(const EvalReport& report);
 
@@ -173,6 +212,10 @@ struct SamplingOptions {
   int64_t max_tokens = 256;
   uint64_t seed = 0;
   int64_t eot = -1;  // stop when this token is drawn (the tokenizer's end-of-text); -1: never
+  // > 0: the model sees at most the last `crop` tokens (as nanoGPT crops to its block size): when a
+  // sequence reaches it, its cache is rebuilt from its last crop - 1 tokens before each new one. 0: the
+  // cache keeps every token (positions beyond the training context are extrapolation).
+  int64_t crop = 0;
 };
 // Samples continuations of each prompt (batched, each with its own KV cache). on_token(row, id) is called
 // for every generated token as it comes. Returns the generated ids per prompt (eot not included).
@@ -190,6 +233,10 @@ struct CompareOptions {
   std::vector<std::string> pes;  // encodings, each with its default options
   ModelConfig model;             // pe is replaced per run
   TrainConfig train;
+  // Seeds per encoding: train.seed, train.seed + 1, ... (runs/PE, then runs/PE-seedS). With more than one,
+  // the report gives mean +- standard deviation over the seeds and marks which differences exceed it.
+  int64_t seeds = 1;
+  std::string command;  // the command line, recorded in results.json and report.md
   std::string out_dir = "grape-compare";
   std::vector<int64_t> factors = {1, 2, 4, 8};
   int64_t eval_tokens = 16384;

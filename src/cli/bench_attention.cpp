@@ -6,7 +6,6 @@
 #include "cli/bench_attention.hpp"
 
 #include <benchmark/benchmark.h>
-#include <dlfcn.h>
 #include <fmt/format.h>
 #include <malloc.h>
 #include <torch/torch.h>
@@ -27,6 +26,7 @@
 
 #include "grape/attention.hpp"
 #include "grape/io.hpp"
+#include "grape/train.hpp"
 
 namespace grape::cli {
 namespace {
@@ -189,18 +189,6 @@ struct Bench {
 // ---- the BLAS in use -----------------------------------------------------------------------------------
 
 }  // namespace
-
-std::string blas_description() {
-  // OpenBLAS's own entry points, looked up at run time: the BLAS is whatever libblas.so.3 resolved to.
-  using config_fn = char* (*)();
-  using parallel_fn = int (*)();
-  auto config = reinterpret_cast<config_fn>(dlsym(RTLD_DEFAULT, "openblas_get_config"));
-  auto parallel = reinterpret_cast<parallel_fn>(dlsym(RTLD_DEFAULT, "openblas_get_parallel"));
-  if (!config) return "not OpenBLAS (libblas.so.3 has no openblas_get_config)";
-  const int mode = parallel ? parallel() : -1;
-  const char* threads = mode == 0 ? "sequential" : mode == 1 ? "pthreads" : mode == 2 ? "OpenMP" : "unknown";
-  return fmt::format("{} ({} threads)", config(), threads);
-}
 
 namespace {
 
@@ -496,9 +484,12 @@ void run(const Args& a) {
 
   // ---- tables -------------------------------------------------------------------------------------------
   nlohmann::json out;
-  out["machine"] = {
-      {"threads", torch::get_num_threads()}, {"blas", blas_description()},    {"sgemm_n", kSgemmN},
-      {"sgemm_gflops", jnum(sgemm_gflops)},  {"copy_bytes", kCopyFloats * 4}, {"copy_gbps", jnum(copy_gbps)}};
+  out["machine"] = {{"threads", torch::get_num_threads()},
+                    {"blas", train::blas_description()},
+                    {"sgemm_n", kSgemmN},
+                    {"sgemm_gflops", jnum(sgemm_gflops)},
+                    {"copy_bytes", kCopyFloats * 4},
+                    {"copy_gbps", jnum(copy_gbps)}};
   out["options"] = {{"pe", a.pe},
                     {"T", a.T},
                     {"D", a.D},
@@ -509,7 +500,7 @@ void run(const Args& a) {
                     {"memory_t", a.memory_t},
                     {"decode_cache", a.decode_cache},
                     {"min_time", a.min_time}};
-  fmt::print("BLAS: {}\n", blas_description());
+  fmt::print("BLAS: {}\n", train::blas_description());
   fmt::print("machine: {0} threads, sgemm {1}x{1}x{1} {2:.1f} GFLOP/s, copy bandwidth {3:.2f} GB/s\n",
              torch::get_num_threads(), kSgemmN, sgemm_gflops, copy_gbps);
   fmt::print(

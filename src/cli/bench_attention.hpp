@@ -10,8 +10,4 @@ namespace grape::cli {
 // Adds the subcommand `attention` to the existing `bench` subcommand.
 void add_bench_attention(CLI::App* bench);
 
-// The BLAS behind LibTorch's matmuls, e.g. "OpenBLAS 0.3.21 ... (OpenMP threads)": its threading decides how
-// it shares the cores with LibTorch's OpenMP threads.
-std::string blas_description();
-
 }  // namespace grape::cli

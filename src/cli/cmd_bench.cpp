@@ -20,7 +20,7 @@ namespace {
 
 struct BenchArgs {
   std::vector<std::string> presets = {"tiny", "small"};
-  std::string pe = "rope";
+  std::vector<std::string> pes = {"rope"};
   std::string attention = "fused";
   std::vector<std::string> pe_sets;
   int64_t steps = 5, batch = 8, tokens = 64, context = 0;
@@ -28,9 +28,17 @@ struct BenchArgs {
   std::string json;
 };
 
-ModelConfig bench_model(const BenchArgs& a, const std::string& preset) {
+// The (preset, encoding) pairs measured, presets outermost.
+std::vector<std::pair<std::string, std::string>> cases(const BenchArgs& a) {
+  std::vector<std::pair<std::string, std::string>> out;
+  for (const auto& preset : a.presets)
+    for (const auto& pe : a.pes) out.emplace_back(preset, pe);
+  return out;
+}
+
+ModelConfig bench_model(const BenchArgs& a, const std::string& preset, const std::string& pe) {
   ModelConfig m = model_preset(preset);
-  m.pe = a.pe;
+  m.pe = pe;
   for (const auto& s : a.pe_sets) {
     auto [key, value] = split_key_value(s, "--pe-set");
     m.pe_options[key] = value;
@@ -45,8 +53,10 @@ void add_common(CLI::App* cmd, BenchArgs& a) {
   cmd->add_option("--preset", a.presets, "presets to measure (comma-separated)")
       ->delimiter(',')
       ->capture_default_str();
-  cmd->add_option("--pe", a.pe, "position encoding")->capture_default_str();
-  cmd->add_option("--pe-set", a.pe_sets, "encoding option key=value");
+  cmd->add_option("--pe", a.pes, "position encodings (comma-separated)")
+      ->delimiter(',')
+      ->capture_default_str();
+  cmd->add_option("--pe-set", a.pe_sets, "encoding option key=value (applied to each encoding)");
   cmd->add_option("--attention", a.attention, "fused or reference")
       ->check(CLI::IsMember({"fused", "reference"}))
       ->capture_default_str();
@@ -64,12 +74,12 @@ void finish(const BenchArgs& a, const std::string& table, const nlohmann::json& 
 // `column` names the fourth column (context for training, generated tokens for decoding); measure sets it.
 void measure_presets(const BenchArgs& a, const std::string& column,
                      const std::function<double(Transformer&, int64_t&)>& measure) {
-  std::string table = "attention: " + a.attention + "; BLAS: " + blas_description() + "\n" +
+  std::string table = "attention: " + a.attention + "; BLAS: " + train::blas_description() + "\n" +
                       fmt::format("{:<8} {:<12} {:>12} {:>8} {:>8} {:>12}\n", "preset", "pe", "parameters",
                                   "batch", column, "tokens/s");
   nlohmann::json rows = nlohmann::json::array();
-  for (const auto& preset : a.presets) {
-    auto m = bench_model(a, preset);
+  for (const auto& [preset, pe] : cases(a)) {
+    auto m = bench_model(a, preset, pe);
     torch::manual_seed(0);
     Transformer model(m);
     int64_t value = 0;
@@ -147,19 +157,19 @@ void bench_train_breakdown(const BenchArgs& a) {
       fmt::format(
           "BLAS: {}\ntraining step, batch {}; attention = n_layer x (forward + backward) of the attention "
           "alone, encoding included\n",
-          blas_description(), a.batch) +
+          train::blas_description(), a.batch) +
       fmt::format("{:<8} {:<10} {:>8} {:>11} {:>11} {:>8} {:>9} {:>9} {:>9} {:>8} {:>10}\n", "preset", "pe",
                   "context", "ref tok/s", "fused tok/s", "f/r", "step ref", "attn ref", "attn fus", "share",
                   "amdahl f/r");
   nlohmann::json rows = nlohmann::json::array();
-  for (const auto& preset : a.presets) {
+  for (const auto& [preset, pe] : cases(a)) {
     double tps[2] = {0, 0};  // reference, fused: the better of two alternating measurements each
     ModelConfig m;
     for (int round = 0; round < 2; ++round)
       for (int fused = 0; fused < 2; ++fused) {
         BenchArgs b = a;
         b.attention = fused ? "fused" : "reference";
-        m = bench_model(b, preset);
+        m = bench_model(b, preset, pe);
         torch::manual_seed(0);
         Transformer model(m);
         tps[fused] = std::max(tps[fused], train_tokens_per_s(b, model, nullptr));
@@ -196,11 +206,11 @@ void bench_train_worker(const BenchArgs& a, const dist::Env& env) {
   torch::set_num_threads(1);
   auto group = dist::Group::join(env);
   nlohmann::json rows = nlohmann::json::array();
-  for (const auto& preset : a.presets) {
-    auto m = bench_model(a, preset);
+  for (const auto& [preset, pe] : cases(a)) {
+    auto m = bench_model(a, preset, pe);
     torch::manual_seed(0);
     Transformer model(m);
-    rows.push_back({{"preset", preset}, {"tokens_per_s", train_tokens_per_s(a, model, group)}});
+    rows.push_back({{"preset", preset}, {"pe", pe}, {"tokens_per_s", train_tokens_per_s(a, model, group)}});
   }
   const char* out = std::getenv("GRAPE_BENCH_RESULT");
   if (group->rank() == 0 && out != nullptr) io::write_file_atomic(out, rows.dump() + "\n");
@@ -212,8 +222,8 @@ void bench_train_scaling(const BenchArgs& a) {
   torch::set_num_threads(1);
   std::vector<double> single;
   std::vector<int64_t> params, contexts;
-  for (const auto& preset : a.presets) {
-    auto m = bench_model(a, preset);
+  for (const auto& [preset, pe] : cases(a)) {
+    auto m = bench_model(a, preset, pe);
     torch::manual_seed(0);
     Transformer model(m);
     params.push_back(model->num_parameters());
@@ -237,13 +247,15 @@ void bench_train_scaling(const BenchArgs& a) {
                                   "parameters", "context", "1 proc tok/s",
                                   fmt::format("{} procs tok/s", a.nproc), "speed-up", "efficiency");
   nlohmann::json rows = nlohmann::json::array();
-  for (size_t i = 0; i < a.presets.size(); ++i) {
+  const auto all = cases(a);
+  for (size_t i = 0; i < all.size(); ++i) {
     const double n = multi.at(i).at("tokens_per_s").get<double>();
     const double speedup = n / single[i];
-    table += fmt::format("{:<8} {:<12} {:>12} {:>8} {:>16.1f} {:>16.1f} {:>8.2f}x {:>10.1f}%\n", a.presets[i],
-                         a.pe, params[i], contexts[i], single[i], n, speedup, 100.0 * speedup / a.nproc);
-    rows.push_back({{"preset", a.presets[i]},
-                    {"pe", a.pe},
+    table +=
+        fmt::format("{:<8} {:<12} {:>12} {:>8} {:>16.1f} {:>16.1f} {:>8.2f}x {:>10.1f}%\n", all[i].first,
+                    all[i].second, params[i], contexts[i], single[i], n, speedup, 100.0 * speedup / a.nproc);
+    rows.push_back({{"preset", all[i].first},
+                    {"pe", all[i].second},
                     {"parameters", params[i]},
                     {"context", contexts[i]},
                     {"batch_per_process", a.batch},

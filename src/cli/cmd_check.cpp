@@ -12,7 +12,8 @@ void add_check_command(CLI::App& app) {
       app.add_subcommand("check", "check every encoding's laws on random inputs (exit 1 on a failure)");
   auto names = std::make_shared<std::vector<std::string>>();
   auto seed = std::make_shared<uint64_t>(1234);
-  cmd->add_option("--encoding,-e", *names, "encodings to check (default: all)");
+  cmd->add_option("--pe,-e,--encoding", *names, "encodings to check, comma-separated (default: all)")
+      ->delimiter(',');
   cmd->add_option("--seed", *seed, "random seed of the inputs and perturbations");
   cmd->callback([names, seed] {
     if (names->empty())

@@ -3,25 +3,32 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "cli/commands.hpp"
 #include "cli/run_flags.hpp"
+#include "grape/pe.hpp"
 
 namespace grape::cli {
 
 namespace {
 
 // The default comparison: the README's first command. Sized to finish in about 6 minutes on 2 cores (tiny
-// preset, 200 steps of 16 x 128 tokens each); the short budget wants a higher lr and a short warmup.
+// preset, 200 steps of 16 x 128 tokens each); the short budget wants a higher lr and a short warmup. These
+// are defaults between the preset and the config file, --set and the flags: any of those overrides them.
 const std::vector<std::string> kDefaultComparison = {"rope", "alibi", "fox", "grape-m", "grape-ap"};
-void apply_compare_defaults(RunFlags& f) {
-  if (f.steps == 0) f.steps = 200;
-  if (f.warmup < 0) f.warmup = 20;
-  if (f.lr == 0) f.lr = 3e-3;
-  if (f.min_lr < 0) f.min_lr = 3e-4;
-  if (f.eval_every < 0) f.eval_every = 50;
+void compare_defaults(ModelConfig&, train::TrainConfig& t) {
+  t.steps = 200;
+  t.warmup = 20;
+  t.lr = 3e-3;
+  t.min_lr = 3e-4;
+  t.eval_every = 50;
 }
+const char* kCompareDefaultsText =
+    "compare's own defaults (the preset, --config, --set and flags override them): steps 200, warmup 20, lr "
+    "3e-3, min_lr 3e-4, eval_every 50 (train's: 1000, 100, 1e-3, 1e-4, 100); with --study extrapolation: "
+    "context 32, steps 400, batch 16, warmup 20, lr 3e-3, min_lr 3e-4, eval_every 0 (validation at the end)";
 
 // The default extrapolation study: eight encodings, two runs each (language model, needle), in about 20
 // minutes on 2 cores. The training context is short (32): the needle models learn retrieval within the
@@ -30,14 +37,14 @@ void apply_compare_defaults(RunFlags& f) {
 const std::vector<std::string> kDefaultStudy = {"nope",    "rope",     "alibi",    "fox",
                                                 "grape-m", "grape-ap", "hdd-rope", "tape"};
 constexpr int64_t kDefaultNeedleSteps = 400;
-void apply_study_defaults(RunFlags& f) {
-  if (f.context == 0) f.context = 32;
-  if (f.steps == 0) f.steps = 400;
-  if (f.batch == 0) f.batch = 16;
-  if (f.warmup < 0) f.warmup = 20;
-  if (f.lr == 0) f.lr = 3e-3;
-  if (f.min_lr < 0) f.min_lr = 3e-4;
-  if (f.eval_every < 0) f.eval_every = 0;
+void study_defaults(ModelConfig& m, train::TrainConfig& t) {
+  m.context = 32;
+  t.steps = 400;
+  t.batch = 16;
+  t.warmup = 20;
+  t.lr = 3e-3;
+  t.min_lr = 3e-4;
+  t.eval_every = 0;
 }
 
 // The command as given (options in CLI11's order), recorded in the study's report.
@@ -80,9 +87,16 @@ void add_compare_command(CLI::App& app) {
     std::vector<double> depths;
     int64_t needle_steps = 0, needle_examples = 0;
     bool no_needle_extend = false;
+    int64_t seeds = 1;
   };
   auto a = std::make_shared<Args>();
+  cmd->footer(kCompareDefaultsText);
   add_run_flags(cmd, a->flags, /*with_pe=*/false);
+  cmd->add_option(
+         "--seeds", a->seeds,
+         "runs per encoding, with seeds seed, seed+1, ...: the report gives mean +- sd over them and "
+         "which differences exceed that spread (default 1)")
+      ->check(CLI::Range(1, 100));
   cmd->add_option(
          "--pe", a->pes,
          "encodings to compare, comma-separated (default: rope,alibi,fox,grape-m,grape-ap; with --study "
@@ -123,9 +137,23 @@ void add_compare_command(CLI::App& app) {
           throw std::invalid_argument(
               fmt::format("compare: {} belongs to a study (add --study extrapolation)", name));
       train::CompareOptions opts;
-      apply_compare_defaults(a->flags);
-      std::tie(opts.model, opts.train) = resolve_run_flags(a->flags);
+      const auto r = resolve_run_flags(a->flags, compare_defaults);
+      opts.model = r.model;
+      opts.train = r.train;
       opts.pes = a->pes.empty() ? kDefaultComparison : a->pes;
+      opts.seeds = a->seeds;
+      opts.command = invocation();
+      if (a->flags.print_config) {
+        for (const auto& pe : opts.pes) encoding_info(pe);
+        nlohmann::json j;
+        j["model"] = nlohmann::json::parse(opts.model.to_json());
+        j["train"] = nlohmann::json::parse(opts.train.to_json());
+        j["pe"] = opts.pes;
+        j["seeds"] = opts.seeds;
+        j["out"] = a->out.empty() ? "grape-compare" : a->out;
+        fmt::print("{}\n", j.dump(2));
+        return;
+      }
       opts.out_dir = a->out.empty() ? "grape-compare" : a->out;
       if (!a->factors.empty()) opts.factors = a->factors;
       if (a->eval_tokens > 0) opts.eval_tokens = a->eval_tokens;
@@ -134,10 +162,22 @@ void add_compare_command(CLI::App& app) {
       fmt::print("\n{}\nreport: {}/report.md\n", md, opts.out_dir);
       return;
     }
+    if (a->seeds != 1)
+      throw std::invalid_argument("compare: --seeds is for the plain comparison, not a study");
     train::StudyOptions opts;
-    apply_study_defaults(a->flags);
-    std::tie(opts.model, opts.train) = resolve_run_flags(a->flags);
+    const auto r = resolve_run_flags(a->flags, study_defaults);
+    opts.model = r.model;
+    opts.train = r.train;
     opts.pes = a->pes.empty() ? kDefaultStudy : a->pes;
+    if (a->flags.print_config) {
+      nlohmann::json j;
+      j["model"] = nlohmann::json::parse(opts.model.to_json());
+      j["train"] = nlohmann::json::parse(opts.train.to_json());
+      j["pe"] = opts.pes;
+      j["out"] = a->out.empty() ? "grape-study" : a->out;
+      fmt::print("{}\n", j.dump(2));
+      return;
+    }
     opts.out_dir = a->out.empty() ? "grape-study" : a->out;
     if (!a->factors.empty()) opts.factors = a->factors;
     if (a->eval_tokens > 0) opts.eval_tokens = a->eval_tokens;

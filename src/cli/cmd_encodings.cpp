@@ -41,7 +41,10 @@ void add_encodings_command(CLI::App& app) {
     }
     const auto& e = encoding_info(*name);
     fmt::print("{} ({})\n  {}\n", e.name, e.family, e.summary);
-    fmt::print("\noptions (--set key=value):\n");
+    fmt::print(
+        "\noptions (--pe-set key=value for train, bench and pe logits; --set pe.key=value; "
+        "[model.pe_options] "
+        "in a --config file):\n");
     if (e.options.empty()) fmt::print("  none\n");
     for (const auto& o : e.options)
       fmt::print("  {:<16} default {:<10} {}\n", o.key, o.default_value, o.help);

@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.hpp"
+#include "grape/data.hpp"
 #include "grape/io.hpp"
 #include "grape/pe.hpp"
 #include "grape/train.hpp"
@@ -25,6 +26,13 @@ bool method_option(const std::string& key) {
          key == "mscale_all_dim" || key == "low_freq_factor" || key == "high_freq_factor";
 }
 
+// FNV-1a, 32 bits: a short stable tag of another data spec in an eval file's name.
+uint32_t fnv32(const std::string& s) {
+  uint32_t h = 2166136261u;
+  for (unsigned char c : s) h = (h ^ c) * 16777619u;
+  return h;
+}
+
 bool has_option(const EncodingInfo& info, const std::string& key) {
   for (const auto& o : info.options)
     if (o.key == key) return true;
@@ -36,8 +44,15 @@ bool has_option(const EncodingInfo& info, const std::string& key) {
 std::map<std::string, std::string> apply_extension(train::RunInfo& run, const std::string& method,
                                                    const std::map<std::string, std::string>& given) {
   if (std::find(kMethods.begin(), kMethods.end(), method) == kMethods.end())
+    throw std::invalid_argument(fmt::format("--extend: unknown method '{}' ({}known: {})", method,
+                                            did_you_mean(method, kMethods), fmt::join(kMethods, ", ")));
+  const bool factor_files =
+      std::any_of(given.begin(), given.end(), [](const auto& kv) { return kv.first.rfind("longrope_", 0) == 0; });
+  if (method != "none" && !given.count("factor") && !factor_files)  // LongRoPE's factors may stand for it
     throw std::invalid_argument(
-        fmt::format("--extend: unknown method '{}' (known: {})", method, fmt::join(kMethods, ", ")));
+        fmt::format("--extend {} needs --factor S, the extension factor (e.g. --factor 4 to stretch the "
+                    "training context {} to {})",
+                    method, run.model.context, 4 * run.model.context));
   const auto& info = encoding_info(run.model.pe);
   const bool selectable = has_option(info, "extend");  // rope, grape-m, grape-m-planes
   const bool fixed =
@@ -93,7 +108,7 @@ void add_eval_command(CLI::App& app) {
   auto* cmd = app.add_subcommand(
       "eval", "evaluate a trained run: perplexity at 1x, 2x, 4x, 8x context, task accuracy");
   struct Args {
-    std::string run, checkpoint, data, json;
+    std::string run, checkpoint, data, json, tokenizer;
     std::vector<int64_t> factors = {1, 2, 4, 8};
     int64_t tokens = 16384, examples = 200;
     std::string extend, factor, rope_scaling;
@@ -103,12 +118,17 @@ void add_eval_command(CLI::App& app) {
   cmd->add_option("--run", a->run, "run directory")->required();
   cmd->add_option("--checkpoint", a->checkpoint, "checkpoint directory (default: the run's latest)");
   cmd->add_option("--data", a->data, "evaluate on other data (default: the run's)");
+  cmd->add_option("--tokenizer", a->tokenizer,
+                  "a tokenizer for --data text when the run has none (tokenizer none); else the run's own");
   cmd->add_option("--factors", a->factors, "multiples of the training context")
       ->delimiter(',')
       ->capture_default_str();
   cmd->add_option("--tokens", a->tokens, "validation tokens per length")->capture_default_str();
   cmd->add_option("--examples", a->examples, "synthetic-task examples")->capture_default_str();
-  cmd->add_option("--json", a->json, "write the results as JSON here (default: RUN/eval.json)");
+  cmd->add_option("--json", a->json,
+                  "write the results as JSON here (default: RUN/eval/step_N.json for checkpoint step N, with "
+                  "-extend-METHOD-xS and -data-HASH when --extend, --rope-scaling or --data are given: one file "
+                  "per checkpoint and setting, never another's)");
   cmd->add_option(
       "--extend", a->extend,
       "apply a context extension to a rope/grape-m run: none|pi|ntk|dynamic-ntk|yarn|longrope|llama3");
@@ -143,26 +163,57 @@ void add_eval_command(CLI::App& app) {
       }
     }
     if (!a->extend.empty()) shown = apply_extension(run, a->extend, given);
-    auto model = train::load_model(run, a->checkpoint);
+    const std::string checkpoint = a->checkpoint.empty() ? train::latest_checkpoint(a->run) : a->checkpoint;
+    auto model = train::load_model(run, checkpoint);
     auto tok = train::run_tokenizer(run);
+    if (!a->tokenizer.empty()) {
+      if (run.tokenizer != "none")
+        throw std::invalid_argument(fmt::format("--tokenizer: the run has its own ({})", run.tokenizer));
+      tok = data::make_tokenizer(a->tokenizer);
+      if (tok->vocab_size() > run.model.vocab_size)
+        throw std::invalid_argument(fmt::format("--tokenizer {}: {} ids, more than the model's vocab_size {}",
+                                                a->tokenizer, tok->vocab_size(), run.model.vocab_size));
+    }
     data::DataOptions dopt;
     dopt.val_fraction = run.train.val_fraction;
-    auto data = data::open_data(a->data.empty() ? run.train.data : a->data, *tok, dopt);
-    auto report = train::evaluate(model, *data, a->factors, a->tokens, a->examples);
+    const std::string data_spec = a->data.empty() ? run.train.data : a->data;
+    auto data = data::open_data(data_spec, *tok, dopt);
+    auto report = train::evaluate(model, *data, a->factors, a->tokens, a->examples, run.tokenizer == "byte");
     std::string extension;
     if (!a->extend.empty()) {
       std::vector<std::string> kv;
       for (const auto& [k, v] : shown) kv.push_back(k + "=" + v);
       extension = fmt::format(", context extension {} ({})", a->extend, fmt::join(kv, ", "));
     }
-    fmt::print("{} ({}), training context {}{}\n{}", run.model.pe, data->describe(), run.model.context,
-               extension, train::eval_table(report));
+    // The checkpoint's step: from its directory name (step_NNNNNNNN), as the run wrote it.
+    const std::string ck_name = std::filesystem::path(checkpoint).lexically_normal().filename().string();
+    int64_t step = -1;
+    if (ck_name.rfind("step_", 0) == 0) step = text_to_int(ck_name.substr(5)).value_or(-1);
+    fmt::print("{} ({}), training context {}, checkpoint {}{}\n{}", run.model.pe, data->describe(),
+               run.model.context, ck_name, extension, train::eval_table(report));
     auto j = nlohmann::json::parse(train::eval_json(report));
+    j["step"] = step;
+    j["checkpoint"] = std::filesystem::absolute(checkpoint).lexically_normal().string();
+    j["data"] = data::absolute_spec(data_spec);
+    j["factors"] = a->factors;
+    j["tokens_per_length"] = a->tokens;
+    j["provenance"] = nlohmann::json::parse(train::provenance_json(invocation()));
     if (!a->extend.empty()) j["extension"] = {{"method", a->extend}, {"options", shown}};
     if (!a->rope_scaling.empty())
       j["extension"]["rope_scaling"] = nlohmann::json::parse(rope_scaling_text(a->rope_scaling));
-    const std::string path =
-        a->json.empty() ? (std::filesystem::path(a->run) / "eval.json").string() : a->json;
+    std::string path = a->json;
+    if (path.empty()) {
+      std::string name = ck_name;
+      if (!a->extend.empty())
+        name += fmt::format("-extend-{}-x{}", a->extend, shown.count("factor") ? shown.at("factor") : "1");
+      if (!a->rope_scaling.empty())
+        name += fmt::format("-rope-scaling-{:08x}", fnv32(rope_scaling_text(a->rope_scaling)));
+      if (!a->data.empty() && data::absolute_spec(a->data) != data::absolute_spec(run.train.data))
+        name += fmt::format("-data-{:08x}", fnv32(data::absolute_spec(a->data)));
+      const auto dir = std::filesystem::path(a->run) / "eval";
+      std::filesystem::create_directories(dir);
+      path = (dir / (name + ".json")).string();
+    }
     io::write_file_atomic(path, j.dump(2) + "\n");
     fmt::print("results: {}\n", path);
   });

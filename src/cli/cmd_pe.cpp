@@ -38,7 +38,7 @@ void load_weights(Encoding& enc, const std::string& path) {
 }
 
 void run_logits(const LogitsArgs& a) {
-  auto q = io::read_npy(a.q), k = io::read_npy(a.k);
+  auto q = io::read_npy(a.q), k = io::read_npy(a.k);  // float64 converted
   if (q.dim() != 3)
     throw std::invalid_argument(fmt::format("{}: q must be [T,H,D], got {}", a.q, shape_string(q)));
   if (!q.sizes().equals(k.sizes()))
@@ -76,11 +76,11 @@ void add_pe_command(CLI::App& app) {
   auto* cmd =
       pe->add_subcommand("logits", "causal pre-softmax logits [H,T,T] of q, k [T,H,D] as float32 .npy");
   auto a = std::make_shared<LogitsArgs>();
-  cmd->add_option("--encoding,-e", a->encoding, "encoding name (see `grape encodings`)")->required();
-  cmd->add_option("--set", a->sets, "encoding option key=value (repeatable)");
-  cmd->add_option("--q", a->q, "queries, float32 .npy [T,H,D]")->required();
-  cmd->add_option("--k", a->k, "keys, float32 .npy [T,H,D]")->required();
-  cmd->add_option("--x", a->x, "layer input, float32 .npy [T,C] (contextual encodings)");
+  cmd->add_option("--pe,-e,--encoding", a->encoding, "encoding name (see `grape encodings`)")->required();
+  cmd->add_option("--pe-set,--set", a->sets, "encoding option key=value (repeatable)");
+  cmd->add_option("--q", a->q, "queries, .npy [T,H,D] (float32; float64 is converted)")->required();
+  cmd->add_option("--k", a->k, "keys, .npy [T,H,D] (float32; float64 is converted)")->required();
+  cmd->add_option("--x", a->x, "layer input, .npy [T,C] (contextual encodings; float64 is converted)");
   cmd->add_option("--weights", a->weights, ".safetensors with parameters by name (others keep their init)");
   cmd->add_option("--offset", a->offset, "position of the first token")->check(CLI::NonNegativeNumber);
   cmd->add_option("--seed", a->seed, "seed of the parameters' random init");

@@ -50,8 +50,10 @@ void add_tokenizer_command(CLI::App& app) {
   auto* train =
       cmd->add_subcommand("train", "train a SentencePiece model (byte fallback: every text encodes)");
   train
-      ->add_option("--input", settings->inputs,
-                   "text files, one sentence per line (\"bible\": the Bible text)")
+      ->add_option(
+          "--input", settings->inputs,
+          "text files, one sentence per line (\"bible\": the Bible text; comma-separated or repeated)")
+      ->delimiter(',')
       ->required();
   train
       ->add_option("--vocab", settings->vocab_size,
@@ -71,7 +73,10 @@ void add_tokenizer_command(CLI::App& app) {
   };
   auto a = std::make_shared<EncodeArgs>();
   auto* encode = cmd->add_subcommand("encode", "print the token ids of a text");
-  encode->add_option("--tokenizer,-t", a->tokenizer, "\"byte\" or a .model file")->capture_default_str();
+  encode
+      ->add_option("--tokenizer,-t", a->tokenizer,
+                   "\"byte\", a SentencePiece .model, or a GPT-2 BPE tokenizer.json / vocab.json,merges.txt")
+      ->capture_default_str();
   encode->add_option("--text", a->text, "the text to encode")->required();
   encode->add_flag("--pieces", a->pieces, "also print each token's text");
   encode->callback([a] { run_encode(a->tokenizer, a->text, a->pieces); });

@@ -2,7 +2,10 @@
 // processes on this host instead (data-parallel); a process started with RANK/WORLD_SIZE/MASTER_ADDR/
 // MASTER_PORT in its environment (by --nproc, torchrun or a scheduler) joins that job as one rank.
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
+#include <cmath>
+#include <nlohmann/json.hpp>
 #include <thread>
 
 #include "cli/commands.hpp"
@@ -21,8 +24,9 @@ void add_train_command(CLI::App& app) {
   add_run_flags(cmd, *flags, /*with_pe=*/true);
   cmd->add_option("--out", *out, "run directory (default: runs/<pe>-<preset>)");
   cmd->add_flag("--resume", *resume,
-                "continue the run in --out from its latest checkpoint (its own settings; "
-                "--steps sets a new step budget)");
+                "continue the run in --out from its latest checkpoint, with its own settings: a flag that "
+                "contradicts them is refused, naming it; --steps sets a new budget, --data another path to "
+                "the same data (checked)");
   cmd->add_flag("--quiet", *quiet, "no progress output");
   cmd->add_option("--nproc", *nproc,
                   "data-parallel worker processes on this host (each takes --batch sequences "
@@ -47,29 +51,62 @@ void add_train_command(CLI::App& app) {
     opts.resume = *resume;
     opts.quiet = *quiet;
     opts.group = group;
-    ModelConfig model;
-    train::TrainConfig cfg;
+    opts.command = invocation();
+    ResolvedRun r;
     if (*resume) {
       if (out->empty()) throw std::invalid_argument("--resume needs --out RUN_DIR");
-      opts.resume_steps = flags->steps;  // only the step budget may change on resume
+      // The run's own settings with the flags given applied; run_training refuses any that conflicts.
+      const auto run = train::read_run(*out);
+      r = resolve_run_flags_on(*flags, run.model, run.train);
+      if (!r.vocab_size_given) r.model.vocab_size = run.model.vocab_size;
+      opts.resume_with_settings = true;
+      if (flags->print_config) {
+        if (const auto c = train::resume_conflicts(run, r.model, r.train); !c.empty())
+          throw std::invalid_argument(
+              fmt::format("--resume: {} was trained with {}", *out, fmt::join(c, ", ")));
+        auto j = nlohmann::json::parse(run.json);
+        const auto asked = nlohmann::json::parse(r.train.to_json());
+        for (const auto& [key, value] : asked.items())
+          if (key == "steps" || key == "eval_every" || key == "eval_batches" || key == "log_every" ||
+              key == "ckpt_every" || key == "keep_last")
+            j["train"][key] = value;
+        fmt::print("{}\n", j.dump(2));
+        return;
+      }
     } else {
-      std::tie(model, cfg) = resolve_run_flags(*flags);
+      r = resolve_run_flags(*flags);
+      opts.vocab_size_given = r.vocab_size_given;
+      if (flags->print_config) {
+        std::string note;
+        auto [m, t] = train::resolve_new_run(r.model, r.train, r.vocab_size_given, &note);
+        if (!note.empty()) fmt::print(stderr, "grape train: {}\n", note);
+        nlohmann::json j;
+        j["model"] = nlohmann::json::parse(m.to_json());
+        j["train"] = nlohmann::json::parse(t.to_json());
+        j["out"] = out->empty() ? fmt::format("runs/{}-{}", m.pe, m.preset) : *out;
+        fmt::print("{}\n", j.dump(2));
+        return;
+      }
     }
-    opts.run_dir = out->empty() ? fmt::format("runs/{}-{}", model.pe, model.preset) : *out;
+    opts.run_dir = out->empty() ? fmt::format("runs/{}-{}", r.model.pe, r.model.preset) : *out;
     train::TrainSummary s;
     try {
-      s = train::run_training(model, cfg, opts);
+      s = train::run_training(r.model, r.train, opts);
     } catch (const std::exception& e) {
       // Several workers print into one terminal: say which one.
       if (!group || std::string(e.what()).rfind("rank ", 0) == 0) throw;
       throw std::runtime_error(fmt::format("rank {}: {}", rank, e.what()));
     }
+    auto loss = [](double v) { return std::isfinite(v) ? fmt::format("{:.4f}", v) : std::string("n/a"); };
+    const std::string bpb = s.tokenizer == "byte" && std::isfinite(s.val_loss)
+                                ? fmt::format(" ({:.4f} bits/byte)", s.val_loss / std::log(2.0))
+                                : "";
     if (rank == 0)
       fmt::print(
-          "trained {} steps ({} parameters) in {:.1f} s, {:.0f} tokens/s; train loss {:.4f}, val loss "
-          "{:.4f}\n"
+          "trained {} steps ({} parameters) in {:.1f} s, {:.0f} tokens/s; train loss {}, val loss {}{}\n"
           "checkpoint: {}\n",
-          s.steps, s.parameters, s.seconds, s.tokens_per_s, s.final_loss, s.val_loss, s.checkpoint);
+          s.steps, s.parameters, s.seconds, s.tokens_per_s, loss(s.final_loss), loss(s.val_loss), bpb,
+          s.checkpoint);
     if (s.interrupted) throw CLI::RuntimeError(130);
   });
 }

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
+#include <string>
 
 namespace grape::cli {
 
@@ -14,5 +15,10 @@ void add_eval_command(CLI::App& app);
 void add_generate_command(CLI::App& app);
 void add_compare_command(CLI::App& app);
 void add_bench_command(CLI::App& app);
+void add_data_command(CLI::App& app);
+
+// The command line this process was started with, as a shell would read it back ("grape train --pe rope
+// ..."): recorded in run.json and reports.
+const std::string& invocation();
 
 }  // namespace grape::cli

@@ -40,14 +40,18 @@ std::string field_names(const std::vector<ConfigField>& fields) {
 // `--set key=value`: the tables say which config the key belongs to.
 void apply_set(ModelConfig& model, train::TrainConfig& train, const std::string& assignment) {
   const auto [key, value] = split_key_value(assignment, "--set");
-  if (train::TrainConfig::has_key(key))
+  if (train::TrainConfig::has_key(key)) {
     train.set(key, value, "--set");
-  else if (ModelConfig::has_key(key))
+  } else if (ModelConfig::has_key(key)) {
     model.set(key, value, "--set");
-  else
-    throw std::invalid_argument(fmt::format("--set: unknown setting '{}' (model: {}; train: {})", key,
-                                            field_names(ModelConfig::fields()),
+  } else {
+    std::vector<std::string> all;
+    for (const auto* fields : {&ModelConfig::fields(), &train::TrainConfig::fields()})
+      for (const auto& f : *fields) all.push_back(f.name);
+    throw std::invalid_argument(fmt::format("--set: unknown setting '{}' ({}model: {}; train: {})", key,
+                                            did_you_mean(key, all), field_names(ModelConfig::fields()),
                                             field_names(train::TrainConfig::fields())));
+  }
 }
 
 // A TOML table as the equivalent JSON object (configs hold tables, strings, numbers and booleans only).
@@ -94,8 +98,18 @@ nlohmann::json read_config_file(const std::string& path) {
 
 }  // namespace
 
+std::string preset_help() {
+  std::string help = "model preset (default tiny):";
+  for (const auto& name : model_preset_names()) {
+    const auto m = model_preset(name);
+    help += fmt::format("\n  {:<7} {} layers, {} heads, width {}, context {}{}", name, m.n_layer, m.n_head,
+                        m.n_embd, m.context, m.mlp_hidden > 0 ? fmt::format(", mlp {}", m.mlp_hidden) : "");
+  }
+  return help;
+}
+
 void add_run_flags(CLI::App* cmd, RunFlags& f, bool with_pe) {
-  cmd->add_option("--preset", f.preset, "model preset: tiny, small, medium, large")->capture_default_str();
+  cmd->add_option("--preset", f.preset, preset_help());
   cmd->add_option("--config", f.config_file,
                   "config file applied after the preset: .json {\"model\": {...}, \"train\": {...}} or .toml "
                   "with [model] and [train] tables");
@@ -121,13 +135,25 @@ void add_run_flags(CLI::App* cmd, RunFlags& f, bool with_pe) {
   cmd->add_option("--ckpt-every", f.ckpt_every, "checkpoint every N steps (0: at the end only)")
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--seed", f.seed, "seed of initialisation and data order")->check(CLI::NonNegativeNumber);
-  cmd->add_option("--data", f.data, "bible | FILE.txt | DIR | FILE.bin | synthetic:NAME[:k=v,...]");
-  cmd->add_option("--tokenizer", f.tokenizer, "byte | PATH.model (SentencePiece)");
+  cmd->add_option(
+      "--data", f.data,
+      "bible (default) | FILE.txt | DIR | FILE.bin | synthetic:TASK[:key=value,...] (`grape data` "
+      "lists the tasks and their options)");
+  cmd->add_option(
+      "--tokenizer", f.tokenizer,
+      "byte (default) | PATH.model (SentencePiece) | tokenizer.json or vocab.json,merges.txt (GPT-2 "
+      "byte-level BPE) | none (.bin token ids only; vocab_size from --set or the data's largest id)");
+  cmd->add_flag("--print-config,--dry-run", f.print_config,
+                "print the resolved settings (as run.json would record them) and exit without training");
 }
 
-std::pair<ModelConfig, train::TrainConfig> resolve_run_flags(const RunFlags& f) {
-  ModelConfig model = model_preset(f.preset);
-  train::TrainConfig tr;
+namespace {
+
+ResolvedRun resolve(const RunFlags& f, ModelConfig model, train::TrainConfig tr,
+                    const RunDefaults& defaults) {
+  ResolvedRun out;
+  if (!f.preset.empty()) model = model_preset(f.preset);
+  if (defaults) defaults(model, tr);
   if (!f.config_file.empty()) {
     const nlohmann::json j = read_config_file(f.config_file);
     if (!j.is_object())
@@ -139,13 +165,18 @@ std::pair<ModelConfig, train::TrainConfig> resolve_run_flags(const RunFlags& f) 
       if (!value.is_object())
         throw std::invalid_argument(fmt::format("{}: section '{}' must be an object", f.config_file, key));
       const std::string where = fmt::format("{} [{}]", f.config_file, key);
-      if (key == "model")
+      if (key == "model") {
         model.set_section(value.dump(), where);
-      else
+        out.vocab_size_given |= value.contains("vocab_size");
+      } else {
         tr.set_section(value.dump(), where);
+      }
     }
   }
-  for (const auto& s : f.sets) apply_set(model, tr, s);
+  for (const auto& s : f.sets) {
+    apply_set(model, tr, s);
+    out.vocab_size_given |= s.rfind("vocab_size=", 0) == 0;
+  }
   if (!f.pe.empty() && f.pe != model.pe) {
     model.pe = f.pe;
     model.pe_options.clear();  // options of the preset's encoding do not carry over
@@ -170,7 +201,20 @@ std::pair<ModelConfig, train::TrainConfig> resolve_run_flags(const RunFlags& f) 
   if (!f.tokenizer.empty()) tr.tokenizer = f.tokenizer;
   model.validate();
   tr.validate();
-  return {model, tr};
+  out.model = std::move(model);
+  out.train = std::move(tr);
+  return out;
+}
+
+}  // namespace
+
+ResolvedRun resolve_run_flags(const RunFlags& f, const RunDefaults& defaults) {
+  return resolve(f, model_preset("tiny"), train::TrainConfig{}, defaults);
+}
+
+ResolvedRun resolve_run_flags_on(const RunFlags& f, const ModelConfig& model,
+                                 const train::TrainConfig& train) {
+  return resolve(f, model, train, {});
 }
 
 }  // namespace grape::cli

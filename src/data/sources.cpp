@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <limits>
 #include <stdexcept>
 #include <tuple>
 
@@ -118,6 +119,25 @@ class TokenSource final : public DataSource {
   int64_t train_tokens() const override { return train.size(); }
   int64_t val_tokens() const override { return val.size(); }
 
+  std::string fingerprint() const override {
+    // FNV-1a over up to 4096 tokens at the start, middle and end of each split, after their sizes.
+    uint64_t h = 1469598103934665603ull;
+    auto mix = [&](uint64_t v) {
+      for (int b = 0; b < 8; ++b) h = (h ^ ((v >> (8 * b)) & 0xFF)) * 1099511628211ull;
+    };
+    std::vector<int64_t> buf;
+    for (const Stream* s : {&train, &val}) {
+      mix(uint64_t(s->size()));
+      const int64_t n = std::min<int64_t>(4096, s->size());
+      for (int64_t start : {int64_t(0), (s->size() - n) / 2, s->size() - n}) {
+        buf.resize(size_t(n));
+        s->copy(start, n, buf.data(), std::numeric_limits<int64_t>::max());
+        for (int64_t t : buf) mix(uint64_t(t));
+      }
+    }
+    return fmt::format("{} train + {} val tokens, {:016x}", train.size(), val.size(), h);
+  }
+
   Batch train_batch(int64_t batch, int64_t T, std::mt19937_64& rng) const override {
     check_shape(batch, T);
     require(train, "training", T);
@@ -179,6 +199,14 @@ void split_by_fraction(TokenSource& src, const Stream& all, double val_fraction)
 // Documents (the Bible, files) as one token stream, end-of-text before each, as GPT-2/nanoGPT data prep does.
 std::unique_ptr<DataSource> open_text(const std::string& name, const std::vector<std::string>& documents,
                                       const Tokenizer& tok, const DataOptions& options) {
+  if (tok.kind() == "none")
+    throw std::invalid_argument(fmt::format(
+        "data '{}' is text, and tokenizer 'none' reads token ids only: give .bin token files, or a tokenizer "
+        "(byte, a SentencePiece .model, a BPE tokenizer.json)",
+        name));
+  if (tok.eot() < 0)
+    throw std::invalid_argument(
+        fmt::format("data '{}': the tokenizer has no end-of-text token to separate documents with", name));
   auto src = std::make_unique<TokenSource>(name, tok);
   for (const auto& doc : documents) {
     if (doc.empty()) continue;
@@ -304,6 +332,38 @@ std::string bible_text(const DataOptions& options) {
                     code, text.size()));
   io::write_file_atomic(path, text);
   return text;
+}
+
+int64_t max_token_id(const std::string& spec) {
+  std::error_code ec;
+  const fs::path path(spec);
+  std::vector<fs::path> bins;
+  if (fs::is_directory(path, ec)) {
+    for (const auto& f : list_files(path))
+      if (f.extension() == ".bin") bins.push_back(f);
+  } else if (path.extension() == ".bin" && fs::exists(path, ec)) {
+    bins.push_back(path);
+  }
+  if (bins.empty())
+    throw std::invalid_argument(fmt::format(
+        "data '{}' is not .bin token files: only those can be read without a tokenizer (--tokenizer none)",
+        spec));
+  int64_t best = 0;
+  for (const auto& b : bins) best = std::max(best, TokenFile(b.string()).max_id());
+  return best;
+}
+
+std::string absolute_spec(const std::string& spec) {
+  if (spec.empty() || spec == "bible" || spec == "byte" || spec == "none" || spec.starts_with("synthetic"))
+    return spec;
+  if (spec.find(',') != std::string::npos) {  // VOCAB.json,MERGES.txt
+    const auto comma = spec.find(',');
+    return absolute_spec(spec.substr(0, comma)) + "," + absolute_spec(spec.substr(comma + 1));
+  }
+  std::error_code ec;
+  if (!fs::exists(spec, ec)) return spec;
+  const fs::path abs = fs::absolute(spec, ec);
+  return ec ? spec : abs.lexically_normal().string();
 }
 
 std::unique_ptr<DataSource> open_data(const std::string& spec, const Tokenizer& tok,

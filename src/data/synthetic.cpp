@@ -166,10 +166,10 @@ Task parse_task(const std::string& spec) {
   const std::string options = rest.find(':') == std::string::npos ? "" : rest.substr(rest.find(':') + 1);
   auto it = task_keys().find(name);
   if (it == task_keys().end())
-    throw std::invalid_argument(
-        fmt::format("unknown synthetic task '{}' in '{}'; valid tasks: {} "
-                    "(synthetic:NAME[:key=value,...])",
-                    name, spec, fmt::join(synthetic_task_names(), ", ")));
+    throw std::invalid_argument(fmt::format(
+        "unknown synthetic task '{}' in '{}'; {}valid tasks: {} "
+        "(synthetic:NAME[:key=value,...]; `grape data` lists their options)",
+        name, spec, did_you_mean(name, synthetic_task_names()), fmt::join(synthetic_task_names(), ", ")));
   Task t;
   t.name = name;
   t.length = name == "copy" ? 16 : 256;
@@ -182,8 +182,9 @@ Task parse_task(const std::string& spec) {
     const std::string key =
         kv.substr(0, kv.find('='));  // named first: an unknown option lists the valid ones
     if (std::find(it->second.begin(), it->second.end(), key) == it->second.end())
-      throw std::invalid_argument(fmt::format("synthetic task '{}' has no option '{}'; valid options: {}",
-                                              name, key, fmt::join(it->second, ", ")));
+      throw std::invalid_argument(fmt::format("synthetic task '{}' has no option '{}'; {}valid options: {}",
+                                              name, key, did_you_mean(key, it->second),
+                                              fmt::join(it->second, ", ")));
     given[key] = split_key_value(kv, fmt::format("synthetic:{}: option", name)).second;
   }
   for (const auto& [key, v] : given) {
@@ -219,6 +220,7 @@ class SyntheticSource final : public DataSource {
   }
   int64_t train_tokens() const override { return kGeneratedTokens; }
   int64_t val_tokens() const override { return kGeneratedTokens; }
+  std::string fingerprint() const override { return spec_ + " (" + tok_->kind() + ")"; }
 
   Batch train_batch(int64_t batch, int64_t T, std::mt19937_64& rng) const override {
     check_shape(batch, T);
@@ -297,19 +299,31 @@ class SyntheticSource final : public DataSource {
 
 std::vector<std::string> synthetic_task_names() { return {"copy", "mqar", "needle", "addition"}; }
 
+std::string synthetic_tasks_help() {
+  return "synthetic:NAME[:key=value,...], each example one line of text; exact-match accuracy in `grape "
+         "eval`\n"
+         "  copy       copy: qwhbe|qwhbe          length=16 letters to copy (1..4096)\n"
+         "  addition   391+845=1236               digits=3 digits per operand (1..18)\n"
+         "  mqar       a:3 k:9 x:1 ?k 9 ?a 3      pairs=8 key-value pairs (1..26), queries=min(4,pairs) "
+         "asked\n"
+         "  needle     qz mk [7319] wb ... lo|7319  length=256 prompt bytes (16..1048576), depth=uniform\n"
+         "                                        (0 = first word .. 1 = last; task examples: "
+         "0,.25,.5,.75,1)\n"
+         "  every task: loss=all (train on every token, default) or loss=answer (train on the answers only)\n"
+         "  e.g. --data synthetic:needle:length=512,depth=0.5  or  --data "
+         "synthetic:copy:length=32,loss=answer\n";
+}
+
 namespace detail {
 
 std::unique_ptr<DataSource> open_synthetic(const std::string& spec, const Tokenizer& tok) {
   Task task = parse_task(spec);
-  std::unique_ptr<Tokenizer> own;
-  if (tok.kind() == "byte") {
-    own = make_byte_tokenizer();
-  } else if (tok.kind() == "sentencepiece") {
-    own = sentencepiece_from_bytes(tok.model_bytes());
-  } else {
-    throw std::invalid_argument(fmt::format("synthetic data: unsupported tokenizer kind '{}'", tok.kind()));
-  }
-  return std::make_unique<SyntheticSource>(spec, std::move(task), std::move(own));
+  if (tok.kind() == "none" || tok.eot() < 0)
+    throw std::invalid_argument(fmt::format(
+        "synthetic data is text: tokenizer '{}' cannot encode it (use byte, SentencePiece or a BPE "
+        "vocabulary with <|endoftext|>)",
+        tok.kind()));
+  return std::make_unique<SyntheticSource>(spec, std::move(task), copy_tokenizer(tok));
 }
 
 }  // namespace detail

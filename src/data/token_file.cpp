@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <stdexcept>
@@ -116,6 +117,16 @@ int64_t TokenFile::at(int64_t i) const {
   if (i < 0 || i >= count_)
     throw std::out_of_range(fmt::format("'{}': token index {} is outside 0..{}", path_, i, count_ - 1));
   return load_le(data_ + i * width_, width_);
+}
+
+int64_t TokenFile::max_id() const {
+  uint32_t best = 0;
+  if (width_ == 2) {
+    for (int64_t i = 0; i < count_; ++i) best = std::max<uint32_t>(best, load_le(data_ + i * 2, 2));
+  } else {
+    for (int64_t i = 0; i < count_; ++i) best = std::max(best, load_le(data_ + i * 4, 4));
+  }
+  return best;
 }
 
 void TokenFile::copy(int64_t start, int64_t n, int64_t* out, int64_t vocab) const {

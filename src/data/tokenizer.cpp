@@ -42,6 +42,27 @@ class ByteTokenizer final : public Tokenizer {
   std::string model_bytes() const override { return {}; }
 };
 
+// ---- none: token ids without text ----------------------------------------------------------------------
+
+class IdTokenizer final : public Tokenizer {
+ public:
+  explicit IdTokenizer(int64_t vocab) : vocab_(vocab) {}
+  std::string kind() const override { return "none"; }
+  int64_t vocab_size() const override { return vocab_; }
+  int64_t eot() const override { return -1; }
+  std::vector<int32_t> encode(std::string_view) const override { throw std::invalid_argument(no_text()); }
+  std::string decode(const std::vector<int32_t>&) const override { throw std::invalid_argument(no_text()); }
+  std::string piece(int32_t) const override { throw std::invalid_argument(no_text()); }
+  std::string model_bytes() const override { return {}; }
+
+ private:
+  static std::string no_text() {
+    return "tokenizer 'none' has no text: it reads token ids from .bin files only (give a GPT-2 BPE "
+           "vocabulary, tokenizer.json or vocab.json,merges.txt, to encode or decode text)";
+  }
+  int64_t vocab_;
+};
+
 // ---- SentencePiece, opened privately --------------------------------------------------------------------
 //
 // Debian's libsentencepiece carries its own copy of protobuf (3.14) and exports its symbols; LibTorch loads
@@ -249,9 +270,26 @@ std::unique_ptr<Tokenizer> sentencepiece_from_bytes(const std::string& model_byt
   return std::make_unique<SentencePieceTokenizer>(model_bytes, "serialized SentencePiece model");
 }
 
+std::unique_ptr<Tokenizer> make_id_tokenizer(int64_t vocab_size) {
+  if (vocab_size < 2 || vocab_size > (int64_t(1) << 31))
+    throw std::invalid_argument(fmt::format("tokenizer 'none': vocab_size {} is not in 2..2^31", vocab_size));
+  return std::make_unique<IdTokenizer>(vocab_size);
+}
+
 std::unique_ptr<Tokenizer> make_tokenizer(const std::string& spec) {
   if (spec == "byte") return make_byte_tokenizer();
+  if (spec == "none")
+    throw std::invalid_argument("tokenizer 'none' needs the vocabulary size (make_id_tokenizer)");
+  if (is_bpe_spec(spec)) return load_bpe(spec);
   return load_sentencepiece(spec);
+}
+
+std::unique_ptr<Tokenizer> copy_tokenizer(const Tokenizer& tok) {
+  if (tok.kind() == "byte") return make_byte_tokenizer();
+  if (tok.kind() == "sentencepiece") return sentencepiece_from_bytes(tok.model_bytes());
+  if (tok.kind() == "bpe") return bpe_from_bytes(tok.model_bytes());
+  if (tok.kind() == "none") return make_id_tokenizer(tok.vocab_size());
+  throw std::invalid_argument(fmt::format("tokenizer kind '{}' cannot be copied", tok.kind()));
 }
 
 void train_sentencepiece(const SentencePieceTraining& s) {

@@ -13,13 +13,13 @@ torch::Tensor read_npy(const std::string& path) {
   const std::string file = read_file(path);
   const NpyFile npy = parse_npy(file, path);
   // A fresh tensor owns its memory; memcpy avoids assuming the file buffer is 4-byte aligned.
-  torch::Tensor out = torch::empty(npy.shape, torch::kFloat32);
+  torch::Tensor out = torch::empty(npy.shape, npy.item_bytes == 8 ? torch::kFloat64 : torch::kFloat32);
   if (!npy.data.empty()) {
     auto* dst = static_cast<char*>(out.data_ptr());
     std::memcpy(dst, npy.data.data(), npy.data.size());
-    detail::to_or_from_little_endian(dst, npy.data.size());
+    detail::to_or_from_little_endian(dst, npy.data.size(), size_t(npy.item_bytes));
   }
-  return out;
+  return out.to(torch::kFloat32);  // float64 (numpy's default) is converted: grape computes in float32
 }
 
 void write_npy(const std::string& path, const torch::Tensor& tensor) {

@@ -1,4 +1,5 @@
-// NumPy .npy parser and encoder for little-endian float32, C order (no LibTorch: see grape/formats.hpp).
+// NumPy .npy parser (little-endian float32 or float64) and encoder (float32), C order (no LibTorch: see
+// grape/formats.hpp).
 //
 // Layout (NumPy "format.rst"): the 6 bytes "\x93NUMPY", a major and a minor version byte, the header
 // length (uint16 LE for version 1.x, uint32 LE for 2.x and 3.x), then the header: a Python dict literal
@@ -207,13 +208,15 @@ NpyFile parse_npy(std::string_view file, const std::string& path) {
   const std::string_view header_text = file.substr(header_start, header_len);
   const Header h = HeaderParser(header_text, path).parse();
 
-  if (*h.descr != "<f4")
-    fail(path, "unsupported dtype '" + *h.descr + "' (grape reads little-endian float32 '<f4' only)");
+  if (*h.descr != "<f4" && *h.descr != "<f8")
+    fail(path, "unsupported dtype '" + *h.descr +
+                   "' (grape reads little-endian float32 '<f4', and float64 '<f8' converted to float32)");
+  const int item_bytes = *h.descr == "<f8" ? 8 : 4;
   if (*h.fortran_order) fail(path, "unsupported fortran_order True (grape reads C-order arrays only)");
 
   const std::optional<std::uint64_t> numel = checked_numel(*h.shape);
   if (!numel) fail(path, "shape " + shape_literal(*h.shape) + " is too large");
-  const std::uint64_t expected = *numel * 4;
+  const std::uint64_t expected = *numel * std::uint64_t(item_bytes);
   const std::uint64_t actual = file.size() - header_start - header_len;
   if (actual < expected)
     fail(path, "truncated data: expected " + std::to_string(expected) + " bytes for shape " +
@@ -221,7 +224,7 @@ NpyFile parse_npy(std::string_view file, const std::string& path) {
   if (actual > expected)
     fail(path, "unexpected trailing data: expected " + std::to_string(expected) + " bytes for shape " +
                    shape_literal(*h.shape) + ", found " + std::to_string(actual));
-  return {*h.shape, file.substr(header_start + header_len)};
+  return {*h.shape, file.substr(header_start + header_len), item_bytes};
 }
 
 std::string encode_npy(const F32Array& array, const std::string& path) {

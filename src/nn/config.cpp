@@ -104,8 +104,9 @@ ModelConfig model_preset(const std::string& name) {
     c.n_layer = 36, c.n_head = 10, c.n_embd = 1280, c.mlp_hidden = 3413, c.context = 4096,
     c.vocab_size = 50304;
   } else {
-    throw std::invalid_argument(
-        fmt::format("unknown model preset '{}' (known: {})", name, fmt::join(model_preset_names(), ", ")));
+    throw std::invalid_argument(fmt::format("unknown model preset '{}' ({}known: {})", name,
+                                            did_you_mean(name, model_preset_names()),
+                                            fmt::join(model_preset_names(), ", ")));
   }
   return c;
 }

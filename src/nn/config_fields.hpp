@@ -77,10 +77,21 @@ std::string set_name(const Field<C>& f) {
 
 // The keys set() takes, or (json_names) the keys of run.json and config-file sections, for error messages.
 template <class C>
-std::string known_keys(const Table<C>& table, bool json_names) {
+std::vector<std::string> key_names(const Table<C>& table, bool json_names) {
   std::vector<std::string> keys;
   for (const auto& f : table) keys.push_back(json_names ? std::string(f.name) : set_name(f));
-  return fmt::format("{}", fmt::join(keys, ", "));
+  return keys;
+}
+template <class C>
+std::string known_keys(const Table<C>& table, bool json_names) {
+  return fmt::format("{}", fmt::join(key_names(table, json_names), ", "));
+}
+// "unknown setting 'n_layers' (did you mean 'n_layer'? known: ...)".
+template <class C>
+std::string unknown_key(const Table<C>& table, const std::string& what, const std::string& key,
+                        bool json_names) {
+  return fmt::format("unknown {} '{}' ({}known: {})", what, key,
+                     did_you_mean(key, key_names(table, json_names)), known_keys(table, json_names));
 }
 
 template <class C>
@@ -121,8 +132,7 @@ void set_from_text(C& c, const Table<C>& table, const std::string& key, const st
                    const std::string& where) {
   const Field<C>* f = find_set_key(table, key);
   if (f == nullptr)
-    throw std::invalid_argument(
-        fmt::format("{}: unknown setting '{}' (known: {})", where, key, known_keys(table, false)));
+    throw std::invalid_argument(fmt::format("{}: {}", where, unknown_key(table, "setting", key, false)));
   auto bad = [&](const char* what) {
     throw std::invalid_argument(fmt::format("{}: {}='{}' is not {}", where, key, text, what));
   };
@@ -189,8 +199,7 @@ void read_json(C& c, const Table<C>& table, const json& j, const std::string& wh
   for (const auto& [key, v] : j.items()) {
     const Field<C>* f = find(table, key);
     if (f == nullptr)
-      throw std::invalid_argument(
-          fmt::format("{}: unknown field '{}' (known: {})", where, key, known_keys(table, true)));
+      throw std::invalid_argument(fmt::format("{}: {}", where, unknown_key(table, "field", key, true)));
     std::visit(Overloaded{
                    [&](int64_t C::*m) {
                      if (!v.is_number_integer()) wrong_type(key, "an integer", v);
@@ -237,8 +246,7 @@ template <class C>
 void set_section(C& c, const Table<C>& table, const json& section, const std::string& where) {
   for (const auto& [key, v] : section.items())
     if (find(table, key) == nullptr)
-      throw std::invalid_argument(
-          fmt::format("{}: unknown setting '{}' (known: {})", where, key, known_keys(table, true)));
+      throw std::invalid_argument(fmt::format("{}: {}", where, unknown_key(table, "setting", key, true)));
   for (const auto& f : table) {
     const auto it = section.find(f.name);
     if (it == section.end()) continue;

@@ -52,7 +52,8 @@ const EncodingInfo& encoding_info(const std::string& name) {
     if (e.name == name) return e;
     names.push_back(e.name);
   }
-  throw std::invalid_argument(fmt::format("unknown encoding '{}' (known: {})", name, fmt::join(names, ", ")));
+  throw std::invalid_argument(fmt::format("unknown encoding '{}' ({}known: {})", name,
+                                          did_you_mean(name, names), fmt::join(names, ", ")));
 }
 
 EncodingPtr make_encoding(const std::string& name, const HeadShape& shape, const PeOptions& options) {
@@ -65,9 +66,9 @@ EncodingPtr make_encoding(const std::string& name, const HeadShape& shape, const
       keys.push_back(o.key);
     }
     if (!known)
-      throw std::invalid_argument(
-          fmt::format("unknown parameter '{}' for encoding '{}' (known: {})", key, name,
-                      keys.empty() ? "none" : fmt::format("{}", fmt::join(keys, ", "))));
+      throw std::invalid_argument(fmt::format(
+          "unknown parameter '{}' for encoding '{}' ({}known: {})", key, name, did_you_mean(key, keys),
+          keys.empty() ? "none" : fmt::format("{}", fmt::join(keys, ", "))));
   }
   return info.make(shape, options);
 }

@@ -55,17 +55,24 @@ std::string read_latest_name(const fs::path& root) {
 
 namespace detail {
 
+std::string tokenizer_file(const std::string& kind) {
+  if (kind == "sentencepiece") return "tokenizer.model";
+  if (kind == "bpe") return "tokenizer.json";
+  return "";
+}
+
 void write_run(const std::string& dir, const ModelConfig& model, const TrainConfig& train,
-               const data::Tokenizer& tok) {
+               const data::Tokenizer& tok, const json& extra) {
   fs::create_directories(dir);
   json run;
   run["format"] = kCheckpointFormat;
   run["model"] = json::parse(model.to_json());
   run["train"] = json::parse(train.to_json());
   run["tokenizer"] = tok.kind();
+  for (const auto& [key, value] : extra.items()) run[key] = value;
   io::write_file_atomic((fs::path(dir) / "run.json").string(), run.dump(2) + "\n");
-  if (tok.kind() == "sentencepiece")
-    io::write_file_atomic((fs::path(dir) / "tokenizer.model").string(), tok.model_bytes());
+  if (const auto file = tokenizer_file(tok.kind()); !file.empty())
+    io::write_file_atomic((fs::path(dir) / file).string(), tok.model_bytes());
 }
 
 std::string checkpoint_path(const std::string& run_dir, int64_t step) {
@@ -254,6 +261,28 @@ void append_metrics(const std::string& run_dir, const json& record) {
   if (!out) throw std::runtime_error(fmt::format("cannot append to {}", path.string()));
 }
 
+std::pair<json, json> last_metrics(const std::string& run_dir, int64_t last_step) {
+  const auto path = (fs::path(run_dir) / "metrics.jsonl").string();
+  json train, val;
+  if (!fs::exists(path)) return {train, val};
+  std::istringstream in(io::read_file(path));
+  std::string line;
+  while (std::getline(in, line)) {
+    json rec;
+    try {
+      rec = json::parse(line);
+    } catch (const json::exception&) {
+      break;
+    }
+    if (!rec.is_object() || !rec.contains("step") || !rec["step"].is_number() ||
+        rec["step"].get<int64_t>() > last_step)
+      continue;
+    if (rec.contains("loss") && rec["loss"].is_number()) train = rec;
+    if (rec.contains("val_loss") && rec["val_loss"].is_number()) val = rec;
+  }
+  return {train, val};
+}
+
 void truncate_metrics(const std::string& run_dir, int64_t last_step) {
   const auto path = (fs::path(run_dir) / "metrics.jsonl").string();
   if (!fs::exists(path)) return;
@@ -284,6 +313,9 @@ RunInfo read_run(const std::string& dir) {
   try {
     info.model = ModelConfig::from_json(run.at("model").dump());
     info.train = TrainConfig::from_json(run.at("train").dump());
+    info.tokenizer = run.value("tokenizer", info.train.tokenizer == "byte" ? "byte" : "sentencepiece");
+    info.data_fingerprint = run.value("data_fingerprint", "");
+    info.json = run.dump();
   } catch (const json::exception& e) {
     throw std::runtime_error(fmt::format("{}: {}", path, e.what()));
   } catch (const std::invalid_argument& e) {  // a field the tables refuse: say which file holds it
@@ -293,10 +325,15 @@ RunInfo read_run(const std::string& dir) {
 }
 
 std::unique_ptr<data::Tokenizer> run_tokenizer(const RunInfo& run) {
-  if (run.train.tokenizer == "byte") return data::make_byte_tokenizer();
-  const auto own = fs::path(run.dir) / "tokenizer.model";
-  if (!fs::exists(own))
-    throw std::runtime_error(fmt::format("{}: the run's tokenizer.model is missing", run.dir));
+  if (run.tokenizer == "byte") return data::make_byte_tokenizer();
+  if (run.tokenizer == "none") return data::make_id_tokenizer(run.model.vocab_size);
+  const std::string file = detail::tokenizer_file(run.tokenizer);
+  if (file.empty())
+    throw std::runtime_error(
+        fmt::format("{}: unknown tokenizer kind '{}' in run.json", run.dir, run.tokenizer));
+  const auto own = fs::path(run.dir) / file;
+  if (!fs::exists(own)) throw std::runtime_error(fmt::format("{}: the run's {} is missing", run.dir, file));
+  if (run.tokenizer == "bpe") return data::bpe_from_bytes(io::read_file(own.string()));
   return data::load_sentencepiece(own.string());
 }
 

@@ -57,7 +57,7 @@ std::vector<TaskResult> task_accuracy(Transformer& model, const std::vector<data
 }  // namespace
 
 EvalReport evaluate(Transformer& model, const data::DataSource& data, const std::vector<int64_t>& factors,
-                    int64_t tokens, int64_t task_examples) {
+                    int64_t tokens, int64_t task_examples, bool byte_tokens) {
   const bool was_training = model->is_training();
   model->eval();
   EvalReport report;
@@ -74,6 +74,7 @@ EvalReport evaluate(Transformer& model, const data::DataSource& data, const std:
       r.loss = validation_loss(model, data, r.context, batch, batches);
       r.perplexity = std::exp(r.loss);
       r.tokens = batch * batches * r.context;
+      if (byte_tokens) r.bits_per_byte = r.loss / std::log(2.0);
     } catch (const std::exception& e) {  // e.g. a learned table shorter than the length, or too little data
       r.loss = r.perplexity = std::numeric_limits<double>::quiet_NaN();
       r.error = e.what();
@@ -87,16 +88,21 @@ EvalReport evaluate(Transformer& model, const data::DataSource& data, const std:
 }
 
 std::string eval_table(const EvalReport& report) {
-  std::string out = fmt::format("{:>8} {:>8} {:>10} {:>12} {:>10}\n", "factor", "context", "val loss",
-                                "perplexity", "tokens");
+  bool bpb = false;
+  for (const auto& r : report.lengths) bpb |= r.bits_per_byte >= 0;
+  const std::string bpb_head = bpb ? fmt::format(" {:>10}", "bits/byte") : "";
+  std::string out = fmt::format("{:>8} {:>8} {:>10} {:>12}{} {:>10}\n", "factor", "context", "val loss",
+                                "perplexity", bpb_head, "tokens");
   for (const auto& r : report.lengths) {
     if (!r.error.empty())
-      out += fmt::format("{:>7}x {:>8} {:>10} {:>12} {:>10}  ({})\n", r.factor, r.context, "n/a", "n/a", 0,
-                         r.error);
+      out += fmt::format("{:>7}x {:>8} {:>10} {:>12}{} {:>10}  ({})\n", r.factor, r.context, "n/a", "n/a",
+                         bpb ? fmt::format(" {:>10}", "n/a") : "", 0, r.error);
     else
-      out += fmt::format("{:>7}x {:>8} {:>10.4f} {:>12.3f} {:>10}\n", r.factor, r.context, r.loss,
-                         r.perplexity, r.tokens);
+      out += fmt::format("{:>7}x {:>8} {:>10.4f} {:>12.3f}{} {:>10}\n", r.factor, r.context, r.loss,
+                         r.perplexity, bpb ? fmt::format(" {:>10.4f}", r.bits_per_byte) : "", r.tokens);
   }
+  out += "(val loss in nats per token";
+  out += bpb ? "; bits/byte = val loss / ln 2, each token one byte)\n" : ")\n";
   if (!report.tasks.empty()) {
     out += fmt::format("\n{:<28} {:>10} {:>8}\n", "task", "accuracy", "n");
     for (const auto& t : report.tasks)
@@ -114,6 +120,7 @@ std::string eval_json(const EvalReport& report) {
     if (r.error.empty()) {
       e["loss"] = r.loss;
       e["perplexity"] = r.perplexity;
+      if (r.bits_per_byte >= 0) e["bits_per_byte"] = r.bits_per_byte;
     } else {
       e["error"] = r.error;
     }

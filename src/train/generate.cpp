@@ -52,6 +52,7 @@ std::vector<std::vector<int32_t>> generate(Transformer& model,
   if (!(opts.top_p > 0 && opts.top_p <= 1)) throw std::invalid_argument("generate: top_p must be in (0, 1]");
   if (!std::isfinite(opts.temperature) || opts.temperature < 0)
     throw std::invalid_argument("generate: temperature must be a finite number >= 0");
+  if (opts.crop < 0 || opts.crop == 1) throw std::invalid_argument("generate: crop must be 0 (off) or >= 2");
   torch::NoGradGuard no_grad;
   model->eval();
   const size_t n = prompts.size();
@@ -60,15 +61,22 @@ std::vector<std::vector<int32_t>> generate(Transformer& model,
   std::vector<bool> done(n, false);
   std::mt19937_64 rng(opts.seed);
   std::vector<int32_t> next(n);
-  // Prefill each prompt into its own cache.
+  std::vector<std::vector<int32_t>> history(prompts);  // with crop: what a rebuilt cache is made from
+  std::vector<int64_t> cached(n, 0);                   // tokens in each cache
+  // A fresh cache for row i holding `ids`; returns the logits of its last token.
+  auto prefill = [&](size_t i, std::vector<int64_t> ids) {
+    caches[i] = model->new_cache();
+    std::vector<SequenceCache*> one = {&caches[i]};
+    auto logits = model->forward_cached(torch::tensor(ids, torch::kInt64).unsqueeze(0), one);
+    cached[i] = int64_t(ids.size());
+    return logits[0][int64_t(ids.size()) - 1];
+  };
+  // Prefill each prompt into its own cache (with crop, only its last `crop` tokens).
   for (size_t i = 0; i < n; ++i) {
     if (prompts[i].empty())
       throw std::invalid_argument("generate: an empty prompt (start it with end-of-text)");
-    caches[i] = model->new_cache();
-    std::vector<int64_t> ids(prompts[i].begin(), prompts[i].end());
-    std::vector<SequenceCache*> one = {&caches[i]};
-    auto logits = model->forward_cached(torch::tensor(ids, torch::kInt64).unsqueeze(0), one);
-    next[i] = sample_token(logits[0][int64_t(ids.size()) - 1], opts, rng);
+    const size_t keep = opts.crop > 0 ? std::min(prompts[i].size(), size_t(opts.crop)) : prompts[i].size();
+    next[i] = sample_token(prefill(i, {prompts[i].end() - int64_t(keep), prompts[i].end()}), opts, rng);
   }
   for (int64_t t = 0; t < opts.max_tokens; ++t) {
     std::vector<SequenceCache*> active;
@@ -82,6 +90,12 @@ std::vector<std::vector<int32_t>> generate(Transformer& model,
       out[i].push_back(next[i]);
       if (on_token) on_token(i, next[i]);
       if (t + 1 == opts.max_tokens) continue;
+      if (opts.crop > 0) {
+        // The window is full: the next token is seen with the crop - 1 before it, at positions from 0.
+        if (cached[i] >= opts.crop) prefill(i, {history[i].end() - int64_t(opts.crop - 1), history[i].end()});
+        history[i].push_back(next[i]);
+        ++cached[i];
+      }
       active.push_back(&caches[i]);
       rows.push_back(int64_t(i));
       tokens.push_back(next[i]);

@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 
 #include <cstdlib>
+#include <nlohmann/json.hpp>
 #include <stdexcept>
 
 #include "grape/io.hpp"
@@ -18,20 +19,39 @@ namespace detail {
 // A run directory left by an earlier report with the same --out is continued, but only with the same
 // settings.
 TrainSummary train_or_continue(const ModelConfig& model, const TrainConfig& train, const std::string& run_dir,
-                               bool quiet, const std::string& what) {
+                               bool quiet, const std::string& what, const std::string& command) {
   TrainOptions topts;
+  topts.command = command;
   topts.run_dir = run_dir;
   topts.quiet = quiet;
-  topts.resume_steps = train.steps;
   if (fs::exists(fs::path(run_dir) / "run.json")) {
     auto run = read_run(run_dir);
     ModelConfig m = model;
     m.vocab_size = run.model.vocab_size;
     TrainConfig t = train;
-    t.steps = run.train.steps;
-    if (run.model.to_json() != m.to_json() || run.train.to_json() != t.to_json())
+    t.data = data::absolute_spec(t.data);  // as run.json records them
+    t.tokenizer = data::absolute_spec(t.tokenizer);
+    // Every setting must match, the step budget included: extending old runs under another schedule would
+    // compare them with runs trained under a different one.
+    std::vector<std::string> differ;
+    auto compare = [&](const std::string& have, const std::string& want) {
+      const auto h = nlohmann::json::parse(have), w = nlohmann::json::parse(want);
+      for (const auto& [key, value] : h.items())
+        if (!w.contains(key) || w[key] != value)
+          differ.push_back(
+              fmt::format("{}={} (asked: {})", key, value.dump(), w.contains(key) ? w[key].dump() : "-"));
+    };
+    compare(run.model.to_json(), m.to_json());
+    compare(run.train.to_json(), t.to_json());
+    if (!differ.empty()) {
+      std::string list;
+      for (const auto& d : differ) list += (list.empty() ? "" : ", ") + d;
       throw std::runtime_error(
-          fmt::format("{} holds a run with other settings; choose another --out", run_dir));
+          fmt::format("{} holds a run of an earlier {} with other settings: {}; choose another --out, or "
+                      "remove it to start "
+                      "fresh",
+                      run_dir, what, list));
+    }
     try {
       latest_checkpoint(run_dir);
       topts.resume = true;

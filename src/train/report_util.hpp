@@ -12,10 +12,11 @@
 namespace grape::train::detail {
 
 // Trains the run in run_dir with these settings, or continues it when an earlier, interrupted report left
-// it there (a finished run is found finished). A run there with other settings is refused (choose another
-// --out); one stopped before its first checkpoint is started over. Throws when interrupted by Ctrl-C.
+// it there (a finished run is found finished). A run there with other settings, the step budget included, is
+// refused, naming them (choose another --out); one stopped before its first checkpoint is started over.
+// Throws when interrupted by Ctrl-C. `command` is recorded in run.json.
 TrainSummary train_or_continue(const ModelConfig& model, const TrainConfig& train, const std::string& run_dir,
-                               bool quiet, const std::string& what);
+                               bool quiet, const std::string& what, const std::string& command = "");
 
 // A gnuplot single-quoted string ('' stands for ').
 std::string gnuplot_quote(const std::string& s);

@@ -13,9 +13,12 @@ namespace grape::train::detail {
 
 constexpr int kCheckpointFormat = 1;  // bumped when the checkpoint layout changes
 
-// Writes run.json (and tokenizer.model when the tokenizer has one), atomically.
+// Writes run.json (and the tokenizer's own file: tokenizer.model for SentencePiece, tokenizer.json for BPE),
+// atomically. `extra` holds run.json's other entries (provenance, resumes, data fingerprint).
 void write_run(const std::string& dir, const ModelConfig& model, const TrainConfig& train,
-               const data::Tokenizer& tok);
+               const data::Tokenizer& tok, const nlohmann::json& extra = nlohmann::json::object());
+// The file a run keeps its tokenizer in ("" for byte and none).
+std::string tokenizer_file(const std::string& kind);
 
 // Writes checkpoints/step_NNNNNNNN (weights, optimizer, state with checksums) into a temporary directory,
 // renames it into place, points `latest` at it, and removes all but the newest keep_last checkpoints.
@@ -59,5 +62,8 @@ void load_optimizer(torch::optim::AdamW& optimizer, const LoadedCheckpoint& chec
 // Appends one JSON line to metrics.jsonl; truncate_metrics keeps only records with step <= last_step.
 void append_metrics(const std::string& run_dir, const nlohmann::json& record);
 void truncate_metrics(const std::string& run_dir, int64_t last_step);
+// The last training record (with "loss") and the last validation record (with "val_loss") of
+// metrics.jsonl up to last_step; null when there is none.
+std::pair<nlohmann::json, nlohmann::json> last_metrics(const std::string& run_dir, int64_t last_step);
 
 }  // namespace grape::train::detail

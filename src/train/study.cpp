@@ -211,7 +211,7 @@ RunRecord train_run(const StudyOptions& opts, const ModelConfig& model_cfg, cons
                     const std::string& pe, const std::string& kind, const std::string& dir, Study& s) {
   RunRecord r{pe, kind};
   const auto t0 = std::chrono::steady_clock::now();
-  r.train = detail::train_or_continue(model_cfg, train, dir, opts.quiet, "study");
+  r.train = detail::train_or_continue(model_cfg, train, dir, opts.quiet, "study", opts.command);
   s.train_seconds += seconds_since(t0);
   return r;
 }

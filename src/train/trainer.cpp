@@ -224,34 +224,116 @@ struct StartPoint {
   TrainConfig train;
   std::unique_ptr<data::Tokenizer> tok;
   std::optional<detail::LoadedCheckpoint> checkpoint;  // read and verified once; empty: from step 0
+  json meta = json::object();  // run.json's entries besides the configs (provenance, resumes, fingerprint)
+  bool data_moved = false;     // resume: --data names another path than run.json
+  std::string data_before;     // resume: the data run.json named
 };
 
-// A new run in opts.run_dir with these configs; the model's vocabulary comes from the tokenizer.
+void warn(const std::string& text) { std::fprintf(stderr, "grape train: %s\n", text.c_str()); }
+
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// The tokenizer of a new run's settings, and its vocabulary size rule (TrainOptions::vocab_size_given).
+std::unique_ptr<data::Tokenizer> new_run_tokenizer(ModelConfig& model, const TrainConfig& cfg,
+                                                   bool vocab_size_given, std::string* note) {
+  std::unique_ptr<data::Tokenizer> tok;
+  if (cfg.tokenizer == "none") {
+    if (!vocab_size_given) {
+      const int64_t max_id = data::max_token_id(cfg.data);
+      model.vocab_size = round_up(max_id + 1, 64);
+      if (note)
+        *note = fmt::format(
+            "tokenizer none: the largest token id in {} is {}; vocab_size = {} (rounded up to a multiple of "
+            "64; --set vocab_size=N to choose)",
+            cfg.data, max_id, model.vocab_size);
+    }
+    return data::make_id_tokenizer(model.vocab_size);
+  }
+  tok = data::make_tokenizer(cfg.tokenizer);
+  if (!vocab_size_given) {
+    model.vocab_size = tok->vocab_size();
+  } else if (model.vocab_size < tok->vocab_size()) {
+    throw std::invalid_argument(fmt::format(
+        "vocab_size={} is smaller than the tokenizer's {} ids ({}); leave it out to take the tokenizer's",
+        model.vocab_size, tok->vocab_size(), cfg.tokenizer));
+  }
+  return tok;
+}
+
+// A new run in opts.run_dir with these configs.
 StartPoint new_run(const ModelConfig& model_cfg, const TrainConfig& cfg, const TrainOptions& opts,
                    bool lead) {
   if (lead && fs::exists(fs::path(opts.run_dir) / "run.json"))
     throw std::runtime_error(fmt::format(
         "{} already holds a run; continue it with --resume or choose another --out", opts.run_dir));
-  StartPoint s{model_cfg, cfg, data::make_tokenizer(cfg.tokenizer), {}};
-  s.model.vocab_size = s.tok->vocab_size();
+  StartPoint s{model_cfg, cfg, nullptr, {}};
+  s.train.data = data::absolute_spec(s.train.data);
+  s.train.tokenizer = data::absolute_spec(s.train.tokenizer);
+  std::string note;
+  s.tok = new_run_tokenizer(s.model, s.train, opts.vocab_size_given, &note);
+  if (lead && !note.empty() && !opts.quiet) warn(note);
+  s.meta["provenance"] = json::parse(provenance_json(opts.command));
   return s;
 }
 
-// --resume: the run's own settings (except an explicitly changed step budget) and its newest good
-// checkpoint; damaged ones are passed over, and the lead rank says which and why.
-StartPoint resume_run(const TrainOptions& opts, bool lead) {
+// Train fields a resumed run may change: the budget and when to validate, log and checkpoint (data is
+// checked on its own).
+bool may_change_on_resume(const std::string& key) {
+  for (const char* k :
+       {"steps", "eval_every", "eval_batches", "log_every", "ckpt_every", "keep_last", "data"})
+    if (key == k) return true;
+  return false;
+}
+
+// --resume: the run's own settings (except an explicitly changed step budget, and what may change with
+// resume_with_settings) and its newest good checkpoint; damaged ones are passed over, and the lead rank says
+// which and why.
+StartPoint resume_run(const ModelConfig& asked_model, const TrainConfig& asked, const TrainOptions& opts,
+                      bool lead) {
   const RunInfo run = read_run(opts.run_dir);
-  StartPoint s{run.model, run.train, run_tokenizer(run), {}};
+  StartPoint s{run.model, run.train, nullptr, {}};
+  s.meta = json::parse(run.json);
+  for (const char* k : {"format", "model", "train", "tokenizer"}) s.meta.erase(k);
+  if (opts.resume_with_settings) {
+    if (const auto conflicts = resume_conflicts(run, asked_model, asked); !conflicts.empty()) {
+      std::string list;
+      for (const auto& c : conflicts) list += (list.empty() ? "" : ", ") + c;
+      throw std::invalid_argument(fmt::format(
+          "--resume: {} was trained with {}; a run keeps its settings (drop those flags, or start a new run "
+          "with another --out)",
+          opts.run_dir, list));
+    }
+    json mine = json::parse(s.train.to_json());
+    const json theirs = json::parse(asked.to_json());
+    for (const auto& [key, value] : theirs.items())
+      if (may_change_on_resume(key) && key != "data") mine[key] = value;
+    s.train = TrainConfig::from_json(mine.dump());
+    const std::string data = data::absolute_spec(asked.data);
+    if (data != data::absolute_spec(run.train.data)) {
+      s.data_moved = true;
+      s.data_before = run.train.data;
+      s.train.data = data;
+    }
+  }
   if (opts.resume_steps > 0) s.train.steps = opts.resume_steps;
+  if (!s.data_moved) {
+    // Runs from before paths were stored absolute: a relative one only works from where the run started.
+    const fs::path p(s.train.data);
+    std::error_code ec;
+    if (p.is_relative() && s.train.data != "bible" && !s.train.data.starts_with("synthetic") &&
+        !fs::exists(p, ec))
+      throw std::runtime_error(fmt::format(
+          "{}: the run's data '{}' is a path relative to the directory the run was started from, and is "
+          "not found from here; give it again with --data PATH",
+          opts.run_dir, s.train.data));
+  }
+  s.tok = run_tokenizer(run);
   auto point = detail::find_resume_checkpoint(opts.run_dir);
   if (lead) {
-    for (const auto& why : point.skipped) std::fprintf(stderr, "grape train: passed over: %s\n", why.c_str());
+    for (const auto& why : point.skipped) warn("passed over: " + why);
     if (!point.skipped.empty() && point.checkpoint)
-      std::fprintf(stderr, "grape train: falling back to the previous good checkpoint %s\n",
-                   point.checkpoint->dir.c_str());
-    if (!point.checkpoint)
-      std::fprintf(stderr, "grape train: %s has no checkpoint yet; starting it again from step 0\n",
-                   opts.run_dir.c_str());
+      warn("falling back to the previous good checkpoint " + point.checkpoint->dir);
+    if (!point.checkpoint) warn(opts.run_dir + " has no checkpoint yet; starting it again from step 0");
   }
   s.checkpoint = std::move(point.checkpoint);
   return s;
@@ -267,15 +349,72 @@ std::pair<int64_t, double> restore(Trainer& trainer, const detail::LoadedCheckpo
                                             opts.run_dir, ck.step, cfg.steps));
   const int64_t world_before = ck.state.value("world_size", int64_t(1));
   if (lead && world_before != world)
-    std::fprintf(stderr,
-                 "grape train: note: the run was at %lld process(es), now %d: the batch per step changes "
-                 "from %lld to %lld sequences\n",
-                 (long long)world_before, world, (long long)(world_before * cfg.batch),
-                 (long long)(world * cfg.batch));
+    warn(fmt::format(
+        "note: the run was at {} process(es), now {}: the batch per step changes from {} to {} sequences",
+        world_before, world, world_before * cfg.batch, world * cfg.batch));
   return {ck.step, ck.state.value("tokens", 0.0)};
 }
 
+// The data a resumed run continues on against the fingerprint run.json recorded.
+void check_data(const StartPoint& s, const std::string& fingerprint, const TrainOptions& opts) {
+  const std::string recorded = s.meta.value("data_fingerprint", "");
+  if (recorded == fingerprint) {
+    if (s.data_moved && !opts.quiet)
+      warn(fmt::format("the run's data is now {} (the same tokens as {})", s.train.data, s.data_before));
+    return;
+  }
+  if (recorded.empty()) {
+    if (s.data_moved)
+      warn(
+          fmt::format("warning: cannot check that {} holds the data the run was trained on ({}): the run "
+                      "recorded no fingerprint of it",
+                      s.train.data, s.data_before));
+    return;
+  }
+  warn(
+      fmt::format("warning: {} is not the data this run was trained on{}: it recorded {}, this data is {}; "
+                  "continuing on {}",
+                  s.train.data, s.data_moved ? " (" + s.data_before + ")" : " (it changed since)", recorded,
+                  fingerprint, s.train.data));
+}
+
+double nan() { return std::numeric_limits<double>::quiet_NaN(); }
+
 }  // namespace
+
+std::pair<ModelConfig, TrainConfig> resolve_new_run(const ModelConfig& model_cfg, const TrainConfig& cfg,
+                                                    bool vocab_size_given, std::string* note) {
+  ModelConfig m = model_cfg;
+  TrainConfig t = cfg;
+  t.data = data::absolute_spec(t.data);
+  t.tokenizer = data::absolute_spec(t.tokenizer);
+  new_run_tokenizer(m, t, vocab_size_given, note);
+  m.validate();
+  t.validate();
+  return {m, t};
+}
+
+std::vector<std::string> resume_conflicts(const RunInfo& run, const ModelConfig& asked_model,
+                                          const TrainConfig& asked_train) {
+  std::vector<std::string> out;
+  auto compare = [&](const json& have, const json& want, bool train) {
+    for (const auto& [key, value] : have.items()) {
+      if (train && may_change_on_resume(key)) continue;
+      json w = want.contains(key) ? want[key] : json();
+      json h = value;
+      if (train && key == "tokenizer") {  // paths compare by where they lead
+        h = data::absolute_spec(h.get<std::string>());
+        w = data::absolute_spec(w.get<std::string>());
+      }
+      if (h != w)
+        out.push_back(fmt::format("{}={} (asked: {})", key, h.is_string() ? h.get<std::string>() : h.dump(),
+                                  w.is_string() ? w.get<std::string>() : w.dump()));
+    }
+  };
+  compare(json::parse(run.model.to_json()), json::parse(asked_model.to_json()), false);
+  compare(json::parse(run.train.to_json()), json::parse(asked_train.to_json()), true);
+  return out;
+}
 
 TrainSummary run_training(const ModelConfig& model_cfg_in, const TrainConfig& cfg_in,
                           const TrainOptions& opts) {
@@ -284,7 +423,8 @@ TrainSummary run_training(const ModelConfig& model_cfg_in, const TrainConfig& cf
   const int rank = group ? group->rank() : 0;
   const int world = group ? group->size() : 1;
   const bool lead = rank == 0;  // the one rank that writes the run's files and prints
-  StartPoint from = opts.resume ? resume_run(opts, lead) : new_run(model_cfg_in, cfg_in, opts, lead);
+  StartPoint from =
+      opts.resume ? resume_run(model_cfg_in, cfg_in, opts, lead) : new_run(model_cfg_in, cfg_in, opts, lead);
   const ModelConfig& model_cfg = from.model;
   const TrainConfig& cfg = from.train;
   cfg.validate();
@@ -301,14 +441,24 @@ TrainSummary run_training(const ModelConfig& model_cfg_in, const TrainConfig& cf
   data::DataOptions dopt;
   dopt.val_fraction = cfg.val_fraction;
   auto data = data::open_data(cfg.data, *from.tok, dopt);
+  const std::string fingerprint = data->fingerprint();
+  if (lead && opts.resume) check_data(from, fingerprint, opts);
+  from.meta["data_fingerprint"] = fingerprint;
+  if (lead && cfg.steps <= cfg.warmup)
+    warn(fmt::format(
+        "warning: --steps {} ends inside the warmup ({} steps): the learning rate never reaches --lr {} "
+        "and never decays; lower --warmup",
+        cfg.steps, cfg.warmup, cfg.lr));
 
   torch::manual_seed(cfg.seed);
   Transformer model(model_cfg);
   Trainer trainer(model, cfg);
   int64_t start = 0;
-  double tokens_before = 0;
-  if (from.checkpoint)
+  double tokens_before = 0, time_before = 0;
+  if (from.checkpoint) {
     std::tie(start, tokens_before) = restore(trainer, *from.checkpoint, cfg, opts, world, lead);
+    time_before = from.checkpoint->state.value("time_s", 0.0);
+  }
   if (group) {
     // Every rank must continue from the same step (they read the same run directory: on several hosts it
     // must be a shared file system).
@@ -324,20 +474,40 @@ TrainSummary run_training(const ModelConfig& model_cfg_in, const TrainConfig& cf
     if (opts.resume) {
       detail::remove_stale_temporaries(opts.run_dir);
       detail::truncate_metrics(opts.run_dir, start);
+      json resumed = json::parse(provenance_json(opts.command));
+      resumed["step"] = start;
+      from.meta["resumed"].push_back(resumed);
     }
-    detail::write_run(opts.run_dir, model_cfg, cfg, *from.tok);  // on resume, records an extended budget
+    // On resume, records an extended budget, moved data and the resume itself.
+    detail::write_run(opts.run_dir, model_cfg, cfg, *from.tok, from.meta);
   }
   trainer.set_group(group);
 
   Progress progress(cfg.steps, cfg.log_every, opts.quiet || !lead);
-  progress.message(fmt::format("grape train: {} | {} parameters | {} | steps {}..{} of {}{}", model_cfg.pe,
-                               model->num_parameters(), data->describe(), start + 1, cfg.steps, cfg.steps,
+  const std::string span = start >= cfg.steps
+                               ? fmt::format("already finished at step {}", start)
+                               : fmt::format("steps {}..{} of {}", start + 1, cfg.steps, cfg.steps);
+  progress.message(fmt::format("grape train: {} | {} parameters | {} | {}{}", model_cfg.pe,
+                               model->num_parameters(), data->describe(), span,
                                world > 1 ? fmt::format(" | {} processes x batch {}", world, cfg.batch) : ""));
   g_interrupted = 0;
   auto previous = std::signal(SIGINT, on_sigint);
 
   TrainSummary summary;
   summary.parameters = model->num_parameters();
+  summary.tokenizer = from.tok->kind();
+  summary.steps = start;
+  summary.final_loss = summary.val_loss = nan();
+  if (start > 0) {  // what the log says so far: a finished run reports it as it is
+    const auto [last_train, last_val] = detail::last_metrics(opts.run_dir, start);
+    if (!last_train.is_null()) summary.final_loss = last_train["loss"].get<double>();
+    if (!last_val.is_null()) summary.val_loss = last_val["val_loss"].get<double>();
+    if (!last_train.is_null() && last_train.contains("tokens_per_s") &&
+        last_train["tokens_per_s"].is_number())
+      summary.tokens_per_s = last_train["tokens_per_s"].get<double>();
+    if (!last_train.is_null() && last_train.contains("time_s") && last_train["time_s"].is_number())
+      summary.seconds = last_train["time_s"].get<double>();
+  }
   const double tokens_per_step = double(cfg.batch * cfg.accum * model_cfg.context * world);
   const auto t0 = std::chrono::steady_clock::now();
   auto seconds = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
@@ -364,13 +534,16 @@ TrainSummary run_training(const ModelConfig& model_cfg_in, const TrainConfig& cf
       const int64_t done = step + 1;
       const double elapsed = seconds();
       const double tok_s = tokens_per_step * double(done - start) / std::max(elapsed, 1e-9);
+      const double tokens = tokens_before + tokens_per_step * double(done - start);
       if (lead)
-        detail::append_metrics(opts.run_dir, {{"step", done},
+        detail::append_metrics(opts.run_dir, {{"split", "train"},
+                                              {"step", done},
                                               {"loss", stats.loss},
                                               {"lr", stats.lr},
                                               {"grad_norm", stats.grad_norm},
+                                              {"tokens", tokens},
                                               {"tokens_per_s", tok_s},
-                                              {"time_s", elapsed}});
+                                              {"time_s", time_before + elapsed}});
       summary.final_loss = stats.loss;
       progress.update(done, stats.loss, tok_s, elapsed / double(done - start) * double(cfg.steps - done));
 
@@ -381,14 +554,19 @@ TrainSummary run_training(const ModelConfig& model_cfg_in, const TrainConfig& cf
         // The same validation windows as one process with the whole batch (world x batch) reads.
         summary.val_loss =
             validation_loss(model, *data, model_cfg.context, cfg.batch * world, cfg.eval_batches);
-        detail::append_metrics(opts.run_dir, {{"step", done}, {"val_loss", summary.val_loss}});
+        detail::append_metrics(opts.run_dir, {{"split", "val"},
+                                              {"step", done},
+                                              {"val_loss", summary.val_loss},
+                                              {"tokens", tokens},
+                                              {"time_s", time_before + seconds()}});
         progress.message(fmt::format("step {}: val loss {:.4f} (perplexity {:.2f})", done, summary.val_loss,
                                      std::exp(summary.val_loss)));
       }
       if ((cfg.ckpt_every > 0 && done % cfg.ckpt_every == 0) || last || stop) {
-        json state = {{"tokens", tokens_before + tokens_per_step * double(done - start)},
+        json state = {{"tokens", tokens},
                       {"loss", stats.loss},
-                      {"world_size", world}};
+                      {"world_size", world},
+                      {"time_s", time_before + seconds()}};
         last_checkpoint = lead ? detail::write_checkpoint(opts.run_dir, done, model, trainer.optimizer(),
                                                           state, cfg.keep_last)
                                : detail::checkpoint_path(opts.run_dir, done);
@@ -410,8 +588,10 @@ TrainSummary run_training(const ModelConfig& model_cfg_in, const TrainConfig& cf
   }
   std::signal(SIGINT, previous);
   progress.finish();
-  summary.seconds = seconds();
-  summary.tokens_per_s = tokens_per_step * double(summary.steps - start) / std::max(summary.seconds, 1e-9);
+  if (summary.steps > start) {
+    summary.seconds = seconds();
+    summary.tokens_per_s = tokens_per_step * double(summary.steps - start) / std::max(summary.seconds, 1e-9);
+  }
   summary.checkpoint = last_checkpoint;
   return summary;
 }

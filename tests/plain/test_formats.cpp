@@ -119,10 +119,13 @@ TEST_F(FormatsTest, NpyRefusals) {
     return [name, bytes] { parse_npy(bytes, name); };
   };
 
-  const auto f8 =
-      parse("f8.npy", npy_v1("{'descr': '<f8', 'fortran_order': False, 'shape': (2,), }\n", data4));
-  expect_error(f8, "unsupported dtype '<f8'");
-  expect_error(f8, "f8.npy");
+  const auto i4 =
+      parse("i4.npy", npy_v1("{'descr': '<i4', 'fortran_order': False, 'shape': (4,), }\n", data4));
+  expect_error(i4, "unsupported dtype '<i4'");
+  expect_error(i4, "i4.npy");
+  // float64 takes 8 bytes an element: 16 bytes are 2 of them, not 4.
+  expect_error(parse("f8.npy", npy_v1("{'descr': '<f8', 'fortran_order': False, 'shape': (4,), }\n", data4)),
+               "truncated data: expected 32 bytes for shape (4,), found 16");
 
   expect_error(parse("be.npy", npy_v1("{'descr': '>f4', 'fortran_order': False, 'shape': (4,), }\n", data4)),
                "unsupported dtype '>f4'");
