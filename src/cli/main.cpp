@@ -6,6 +6,7 @@
 #include <thread>
 
 #include "cli/commands.hpp"
+#include "cli/number_checks.hpp"
 
 int main(int argc, char** argv) {
   CLI::App app{"grape: position encodings for transformer attention (GRAPE and its family)"};
@@ -13,7 +14,7 @@ int main(int argc, char** argv) {
   app.fallthrough();  // --threads may also follow the subcommand
   int threads = int(std::max(1u, std::thread::hardware_concurrency()));
   app.add_option("--threads", threads, "intra-op threads for LibTorch (default: number of cores)")
-      ->check(CLI::PositiveNumber);
+      ->check(grape::cli::kPositive);
   app.parse_complete_callback([&] { torch::set_num_threads(threads); });
   grape::cli::add_encodings_command(app);
   grape::cli::add_check_command(app);

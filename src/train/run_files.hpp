@@ -59,5 +59,8 @@ void load_optimizer(torch::optim::AdamW& optimizer, const LoadedCheckpoint& chec
 // Appends one JSON line to metrics.jsonl; truncate_metrics keeps only records with step <= last_step.
 void append_metrics(const std::string& run_dir, const nlohmann::json& record);
 void truncate_metrics(const std::string& run_dir, int64_t last_step);
+// The records of metrics.jsonl, each an object with an integer "step" and numbers for its other numeric
+// fields; a damaged line is an error naming the file, the line and the field.
+std::vector<nlohmann::json> read_metrics(const std::string& run_dir);
 
 }  // namespace grape::train::detail
