@@ -16,10 +16,20 @@ namespace grape::io {
 
 // Writes `bytes` to `path` atomically: a temporary file beside it, fsync, then rename over `path`.
 // On any failure the temporary is removed, the old `path` is untouched, and std::runtime_error is thrown.
+// `path` must be absent or a regular file: a FIFO, symlink, device or directory there is refused, never
+// replaced.
 void write_file_atomic(const std::string& path, const std::string& bytes);
 
-// Reads a whole file; throws std::runtime_error("cannot open 'path': <reason>") when missing/unreadable.
-std::string read_file(const std::string& path);
+// Caps on whole-file reads by what the file holds: inputs are regular files of plausible size.
+inline constexpr std::uint64_t kMaxSettingsBytes = std::uint64_t{64} << 20;  // configs, run/state.json
+inline constexpr std::uint64_t kMaxNameFileBytes = 4096;                     // checkpoints/latest
+// Data, tensors, tokenizer models, metrics: 16 GiB, or GRAPE_MAX_FILE_MB (MiB) when set.
+std::uint64_t max_data_bytes();
+
+// Reads a whole regular file of at most `max_bytes` (0: max_data_bytes()). Throws std::runtime_error naming
+// the path when it is missing or unreadable ("cannot open 'path': <reason>"), not a regular file (a FIFO,
+// device or directory: opened without blocking, never read), or larger than the cap.
+std::string read_file(const std::string& path, std::uint64_t max_bytes = 0);
 
 // float32 values in C order and native byte order, as the writers take them: prod(shape) values at `data`.
 struct F32Array {
@@ -72,5 +82,10 @@ SafetensorsFile parse_safetensors(std::string_view file, const std::string& path
 // the reference implementation writes them. A tensor named "__metadata__" is refused.
 std::string encode_safetensors(const std::map<std::string, F32Array>& tensors,
                                const std::map<std::string, std::string>& metadata, const std::string& path);
+
+// Checks what libsentencepiece takes on trust in a model it loaded (a protobuf ModelProto): the normalizer's
+// and denormalizer's precompiled character maps, tries the library walks without bounds checks. Throws
+// std::runtime_error naming `path` and the damage; the library itself checks the rest.
+void check_sentencepiece_model(std::string_view file, const std::string& path);
 
 }  // namespace grape::io

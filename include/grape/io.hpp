@@ -19,7 +19,8 @@ torch::Tensor read_npy(const std::string& path);
 void write_npy(const std::string& path, const torch::Tensor& tensor);
 
 // .safetensors: 8-byte little-endian header length, JSON header, raw little-endian data.
-// Only F32 tensors are accepted on read; any other dtype is refused with its name in the message.
+// Only F32 tensors are accepted on read; any other dtype is refused with its name in the message, and so is
+// a NaN or Inf value (named with its tensor and index): what grape reads from these files is weights.
 std::map<std::string, torch::Tensor> read_safetensors(const std::string& path,
                                                       std::map<std::string, std::string>* metadata = nullptr);
 // The same from a file's bytes already in memory (read once, e.g. to verify a checksum first); `name`

@@ -46,8 +46,16 @@ struct ModelConfig {
   HeadShape head_shape() const { return {n_head, head_dim(), n_embd}; }
 
   // Throws std::invalid_argument naming the field: a value outside its range, C not divisible by n_head, an
-  // unknown encoding or encoding option (checked by building it), ...
+  // unknown encoding or encoding option (checked by building it), weights larger than this machine's
+  // memory (see require_memory), ...
   void validate() const;
+  // The float32 weights' bytes, from the shapes of the embedding, the blocks and the norms (an encoding's
+  // own few parameters aside): a double, so that absurd sizes do not overflow.
+  double weight_bytes() const;
+  // Throws std::invalid_argument when `copies` x weight_bytes() exceed the machine's physical memory,
+  // saying how much they need and what for (`purpose`: "the weights", "training (weights, gradients and
+  // AdamW's two moments)").
+  void require_memory(int copies, const std::string& purpose) const;
   // Sets one field from text, as `--set n_layer=6` or `--pe-set base=500000` give it. Keys "pe.NAME" set
   // encoding options; "preset" loads that preset (every field), so set it before the others. Errors start
   // with `where` and name the key: "model config: n_layer='6x' is not an integer"; an unknown key lists the

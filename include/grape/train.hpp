@@ -67,7 +67,7 @@ double lr_at(const TrainConfig& cfg, int64_t step);
 // The data of a training batch for `step`, micro-batch `micro`: a pure function of (seed, step, micro).
 std::mt19937_64 batch_rng(uint64_t seed, int64_t step, int64_t micro);
 
-// A non-finite loss or gradient: the step was not applied.
+// A non-finite loss or gradient (the step was not applied), or non-finite weights after the step.
 struct DivergedError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
@@ -81,8 +81,9 @@ class Trainer {
     double grad_norm = 0;  // before clipping
     double lr = 0;
   };
-  // One optimizer step. Throws DivergedError (and leaves the weights untouched) on a non-finite loss or
-  // gradient; collective failures of a data-parallel group are other std::runtime_errors.
+  // One optimizer step. Throws DivergedError on a non-finite loss or gradient (the weights untouched) or
+  // when the step made a weight non-finite (a damaged optimizer state); collective failures of a
+  // data-parallel group are other std::runtime_errors.
   StepStats step(const std::vector<data::Batch>& micro_batches, int64_t step);
   Transformer& model() { return model_; }
   torch::optim::AdamW& optimizer() { return *optimizer_; }

@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "cli/commands.hpp"
+#include "cli/number_checks.hpp"
 #include "cli/run_flags.hpp"
 #include "grape/pe.hpp"
 
@@ -111,7 +112,7 @@ void add_compare_command(CLI::App& app) {
       ->delimiter(',');
   cmd->add_option("--eval-tokens", a->eval_tokens,
                   "validation tokens per length (default: 16384; study: 8192)")
-      ->check(CLI::PositiveNumber);
+      ->check(grape::cli::kPositive);
   cmd->add_flag("--quiet", a->quiet, "no progress output");
   cmd->add_option("--study", a->study, "run a study instead of the plain comparison: extrapolation")
       ->check(CLI::IsMember({"extrapolation"}));
@@ -123,10 +124,10 @@ void add_compare_command(CLI::App& app) {
   cmd->add_option("--depths", a->depths, "study: needle depths in [0,1] (default: 0,0.25,0.5,0.75,1)")
       ->delimiter(',');
   cmd->add_option("--needle-steps", a->needle_steps, "study: steps of the needle runs (default: 400)")
-      ->check(CLI::PositiveNumber);
+      ->check(grape::cli::kPositive);
   cmd->add_option("--needle-examples", a->needle_examples,
                   "study: needle examples per depth and length (default: 20)")
-      ->check(CLI::PositiveNumber);
+      ->check(grape::cli::kPositive);
   cmd->add_flag("--no-needle-extend", a->no_needle_extend,
                 "study: measure the needle grid without extension methods");
   cmd->callback([a, cmd] {

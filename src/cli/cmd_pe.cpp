@@ -6,6 +6,7 @@
 #include <stdexcept>
 
 #include "cli/commands.hpp"
+#include "cli/number_checks.hpp"
 #include "grape/io.hpp"
 #include "grape/pe.hpp"
 
@@ -63,6 +64,13 @@ void run_logits(const LogitsArgs& a) {
   auto st = enc->initial_state(1, a.offset);
   auto tok = enc->encode(q.unsqueeze(0), k.unsqueeze(0), x.defined() ? x.unsqueeze(0) : x, st);
   auto logits = attention_logits(*enc, tok, KeyCache::from(tok)).squeeze(0).contiguous();
+  // -inf marks the masked entries; any other non-finite logit is an overflow of finite inputs.
+  const auto causal = torch::ones({q.size(0), q.size(0)}, torch::kBool).tril();
+  if (!(torch::isfinite(logits) | causal.logical_not()).all().item<bool>())
+    throw std::invalid_argument(fmt::format(
+        "{}: the logits overflow to NaN/Inf: q and k ({}, {}) or the encoding's options are too large for "
+        "float32 at positions {}..{}",
+        a.encoding, a.q, a.k, a.offset, a.offset + q.size(0) - 1));
   io::write_npy(a.out, logits.to(torch::kFloat32));
   fmt::print("wrote {} logits {} ({} at positions {}..{})\n", a.out, shape_string(logits), a.encoding,
              a.offset, a.offset + q.size(0) - 1);
@@ -82,7 +90,7 @@ void add_pe_command(CLI::App& app) {
   cmd->add_option("--k", a->k, "keys, .npy [T,H,D] (float32; float64 is converted)")->required();
   cmd->add_option("--x", a->x, "layer input, .npy [T,C] (contextual encodings; float64 is converted)");
   cmd->add_option("--weights", a->weights, ".safetensors with parameters by name (others keep their init)");
-  cmd->add_option("--offset", a->offset, "position of the first token")->check(CLI::NonNegativeNumber);
+  cmd->add_option("--offset", a->offset, "position of the first token")->check(grape::cli::kNonNegative);
   cmd->add_option("--seed", a->seed, "seed of the parameters' random init");
   cmd->add_option("--out", a->out, "output .npy [H,T,T], float32, -inf where masked")->required();
   cmd->callback([a] { run_logits(*a); });

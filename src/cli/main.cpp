@@ -90,6 +90,7 @@ std::string suggestion(const CLI::App& app, int argc, char** argv) {
 const std::string& invocation() { return g_invocation; }
 
 }  // namespace grape::cli
+#include "cli/number_checks.hpp"
 
 int main(int argc, char** argv) {
   for (int i = 0; i < argc; ++i)
@@ -100,7 +101,7 @@ int main(int argc, char** argv) {
   app.fallthrough();  // --threads may also follow the subcommand
   app.set_version_flag("--version", "grape " + grape::train::version());
   int threads = 0;
-  app.add_option("--threads", threads, grape::cli::threads_help())->check(CLI::PositiveNumber);
+  app.add_option("--threads", threads, grape::cli::threads_help())->check(grape::cli::kPositive);
   app.parse_complete_callback([&] { grape::cli::set_threads(threads); });
   grape::cli::add_encodings_command(app);
   grape::cli::add_check_command(app);

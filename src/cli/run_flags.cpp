@@ -9,6 +9,7 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "cli/number_checks.hpp"
 #include "grape/io.hpp"
 
 namespace grape::cli {
@@ -78,7 +79,7 @@ nlohmann::json toml_to_json(const toml::table& table, const std::string& file) {
 
 // {"model": {...}, "train": {...}} from a .json or .toml file.
 nlohmann::json read_config_file(const std::string& path) {
-  const std::string text = io::read_file(path);
+  const std::string text = io::read_file(path, io::kMaxSettingsBytes);
   if (path.size() > 5 && path.substr(path.size() - 5) == ".toml") {
     try {
       return toml_to_json(toml::parse(text, path), path);
@@ -121,20 +122,20 @@ void add_run_flags(CLI::App* cmd, RunFlags& f, bool with_pe) {
   cmd->add_flag("--kv-shift", f.kv_shift, "add KV-shift to every layer");
   cmd->add_option("--attention", f.attention, "fused (CPU kernels, default) or reference (LibTorch-composed)")
       ->check(CLI::IsMember({"fused", "reference"}));
-  cmd->add_option("--context", f.context, "training context length")->check(CLI::PositiveNumber);
-  cmd->add_option("--steps", f.steps, "optimizer steps")->check(CLI::PositiveNumber);
-  cmd->add_option("--batch", f.batch, "sequences per micro-batch")->check(CLI::PositiveNumber);
+  cmd->add_option("--context", f.context, "training context length")->check(grape::cli::kPositive);
+  cmd->add_option("--steps", f.steps, "optimizer steps")->check(grape::cli::kPositive);
+  cmd->add_option("--batch", f.batch, "sequences per micro-batch")->check(grape::cli::kPositive);
   cmd->add_option("--accum", f.accum, "micro-batches per step (gradient accumulation)")
-      ->check(CLI::PositiveNumber);
-  cmd->add_option("--lr", f.lr, "peak learning rate")->check(CLI::PositiveNumber);
+      ->check(grape::cli::kPositive);
+  cmd->add_option("--lr", f.lr, "peak learning rate")->check(grape::cli::kPositive);
   cmd->add_option("--min-lr", f.min_lr, "final learning rate of the cosine decay")
-      ->check(CLI::NonNegativeNumber);
-  cmd->add_option("--warmup", f.warmup, "linear warmup steps")->check(CLI::NonNegativeNumber);
+      ->check(grape::cli::kNonNegative);
+  cmd->add_option("--warmup", f.warmup, "linear warmup steps")->check(grape::cli::kNonNegative);
   cmd->add_option("--eval-every", f.eval_every, "validate every N steps (0: at the end only)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(grape::cli::kNonNegative);
   cmd->add_option("--ckpt-every", f.ckpt_every, "checkpoint every N steps (0: at the end only)")
-      ->check(CLI::NonNegativeNumber);
-  cmd->add_option("--seed", f.seed, "seed of initialisation and data order")->check(CLI::NonNegativeNumber);
+      ->check(grape::cli::kNonNegative);
+  cmd->add_option("--seed", f.seed, "seed of initialisation and data order")->check(grape::cli::kNonNegative);
   cmd->add_option(
       "--data", f.data,
       "bible (default) | FILE.txt | DIR | FILE.bin | synthetic:TASK[:key=value,...] (`grape data` "

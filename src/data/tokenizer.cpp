@@ -153,9 +153,22 @@ RawStatus::~RawStatus() {
 // Messages look like "Internal: ./src/x.cc(660) [(a) == (b)] Vocabulary size too high (...)"; the part
 // after the last "] " is the sentence meant for people.
 std::string RawStatus::text() const {
-  std::string msg = spm().status_message(this);
+  const char* raw = spm().status_message(this);
+  std::string msg = raw == nullptr ? "" : raw;
   auto cut = msg.rfind("] ");
-  return cut == std::string::npos ? msg : msg.substr(cut + 2);
+  if (cut != std::string::npos) msg = msg.substr(cut + 2);
+  // A failed protobuf parse comes with no sentence at all.
+  return msg.empty() ? "its bytes do not parse as a SentencePiece ModelProto (protobuf)" : msg;
+}
+
+// What io::check_sentencepiece_model finds wrong with a model's character maps; empty when nothing.
+std::string charsmap_damage(const std::string& serialized, const std::string& what) {
+  try {
+    io::check_sentencepiece_model(serialized, what);
+  } catch (const std::runtime_error& e) {
+    return e.what();
+  }
+  return {};
 }
 
 // SentencePiece marks a word start with U+2581 (lower one eighth block); printed text wants a space.
@@ -169,6 +182,8 @@ class SentencePieceTokenizer final : public Tokenizer {
     std::string error;
     if (RawStatus status = spm().load(sp_, serialized); !status.ok()) {
       error = fmt::format("{}: not a SentencePiece model: {}", what, status.text());
+    } else if (std::string damage = charsmap_damage(serialized, what); !damage.empty()) {
+      error = damage;  // the library accepted it but would crash on the first encode
     } else if (spm().eos_id(sp_) < 0) {
       error = fmt::format(
           "{}: the SentencePiece model has no end-of-text (</s>) piece; train it with eos "

@@ -30,6 +30,14 @@ std::map<std::string, torch::Tensor> safetensors_tensors(const std::string& byte
       std::memcpy(dst, st.data.data() + e.begin, n);
       detail::to_or_from_little_endian(dst, n);
     }
+    // Weights are always finite: NaN or Inf in a file is damage, refused here rather than met later as a
+    // NaN perplexity or an encoding's "q contains NaN".
+    if (n > 0 && !torch::isfinite(t).all().item<bool>()) {
+      const int64_t at = torch::logical_not(torch::isfinite(t)).reshape(-1).nonzero()[0][0].item<int64_t>();
+      throw std::runtime_error(name + ": tensor '" + e.name + "' holds " +
+                               std::to_string(t.reshape(-1)[at].item<float>()) + " at flat index " +
+                               std::to_string(at) + "; weights must be finite");
+    }
     out.emplace(e.name, std::move(t));
   }
   if (metadata != nullptr) *metadata = std::move(st.metadata);

@@ -148,10 +148,20 @@ SafetensorsFile parse_safetensors(std::string_view file, const std::string& path
   std::sort(by_offset.begin(), by_offset.end(), [](const SafetensorsEntry* a, const SafetensorsEntry* b) {
     return std::pair(a->begin, a->end) < std::pair(b->begin, b->end);
   });
-  for (std::size_t i = 1; i < by_offset.size(); ++i)
-    if (by_offset[i]->begin < by_offset[i - 1]->end)
-      fail(path, "tensors '" + by_offset[i - 1]->name + "' and '" + by_offset[i]->name +
-                     "' overlap in the data section");
+  // The data section must be covered exactly, without holes (as the format's specification requires): a
+  // header length one byte short shifts every tensor and leaves a byte over, and trailing junk is damage.
+  std::uint64_t covered = 0;  // the end of the tensors so far
+  for (const SafetensorsEntry* e : by_offset) {
+    if (e->begin < covered)
+      fail(path, "tensor '" + e->name + "' overlaps the tensor before it in the data section");
+    if (e->begin > covered)
+      fail(path, "data section bytes " + std::to_string(covered) + ".." + std::to_string(e->begin) +
+                     " belong to no tensor (before '" + e->name + "')");
+    covered = e->end;
+  }
+  if (covered != data_len)
+    fail(path, "data section bytes " + std::to_string(covered) + ".." + std::to_string(data_len) +
+                   " belong to no tensor (trailing bytes, or a header length that is off)");
 
   out.data = file.substr(8 + header_len);
   return out;

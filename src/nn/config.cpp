@@ -2,6 +2,7 @@
 // the named presets.
 #include <fmt/format.h>
 #include <fmt/ranges.h>
+#include <unistd.h>
 
 #include <stdexcept>
 
@@ -52,8 +53,28 @@ void ModelConfig::validate() const {
     throw std::invalid_argument(
         fmt::format("model config: n_embd={} is not divisible by n_head={} (head_dim = n_embd / n_head)",
                     n_embd, n_head));
+  // Before building the encoding (whose tables grow with the shape): an absurd size is refused here, with
+  // the memory it would need, not by the allocator.
+  require_memory(1, "the weights");
   // Building the encoding checks its name, its options and its constraints (even head_dim, ...).
   make_encoding(pe, head_shape(), PeOptions(pe_options));
+}
+
+double ModelConfig::weight_bytes() const {
+  const double C = double(n_embd), V = double(vocab_size), L = double(n_layer), Hd = double(hidden());
+  // Tied embedding; per block q, k, v, o (4 C^2), the SwiGLU MLP (3 C hidden) and two norms; the final norm.
+  return 4.0 * (V * C + L * (4.0 * C * C + 3.0 * C * Hd + 2.0 * C) + C);
+}
+
+void ModelConfig::require_memory(int copies, const std::string& purpose) const {
+  const double pages = double(::sysconf(_SC_PHYS_PAGES)), page = double(::sysconf(_SC_PAGE_SIZE));
+  if (pages <= 0 || page <= 0) return;  // unknown: let the allocator decide
+  const double need = double(copies) * weight_bytes(), have = pages * page;
+  if (need > have)
+    throw std::invalid_argument(fmt::format(
+        "model config: n_layer={}, n_embd={}, vocab_size={} make {:.3g} GiB for {}, more than this machine's "
+        "{:.3g} GiB of memory",
+        n_layer, n_embd, vocab_size, need / double(1 << 30), purpose, have / double(1 << 30)));
 }
 
 void ModelConfig::set(const std::string& key, const std::string& value, const std::string& where) {

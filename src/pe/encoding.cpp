@@ -145,6 +145,14 @@ PeTokens Encoding::encode(const torch::Tensor& q, const torch::Tensor& k, const 
           fmt::format("{}: the position state E must be [B={},T={},H={},D={}], got {}", name_, q.size(0),
                       q.size(1), s.heads, s.head_dim, shape_string(E)));
   }
+  // Positions become float64 angles: each must be exact there (< 2^53), which also keeps offset + T from
+  // overflowing int64.
+  constexpr int64_t kMaxPosition = int64_t{1} << 53;
+  if (state.next_pos > kMaxPosition - q.size(1))
+    throw std::invalid_argument(
+        fmt::format("{}: {} tokens at offset {} run past position 2^53, the largest one "
+                    "grape represents exactly",
+                    name_, q.size(1), state.next_pos));
   PeTokens out = encode_chunk(q, k, ctx, state);
   out.offset = state.next_pos;
   out.length = q.size(1);

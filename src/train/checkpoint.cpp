@@ -44,11 +44,87 @@ void maybe_crash_here() {
   if (f != nullptr && std::string(f) == "checkpoint") std::_Exit(3);
 }
 
-// The checkpoint name the file checkpoints/latest holds (trailing newline/spaces dropped).
+// The checkpoint name the file checkpoints/latest holds (trailing newline/spaces dropped); a regular file
+// of at most a few bytes: a symlink to a device or a FIFO is refused, not read.
 std::string read_latest_name(const fs::path& root) {
-  std::string name = io::read_file((root / "latest").string());
+  std::string name = io::read_file((root / "latest").string(), io::kMaxNameFileBytes);
   while (!name.empty() && (name.back() == '\n' || name.back() == ' ')) name.pop_back();
   return name;
+}
+
+// step_ and a step number: the only names `latest` may hold.
+bool is_checkpoint_name(const std::string& name) {
+  if (name.size() <= 5 || name.size() > 5 + 19 || name.rfind("step_", 0) != 0) return false;
+  return std::all_of(name.begin() + 5, name.end(), [](char c) { return c >= '0' && c <= '9'; });
+}
+
+// A name from a file, as error messages quote it: overlong or binary names are cut short and escaped.
+std::string quoted_name(const std::string& name) {
+  std::string out;
+  for (size_t i = 0; i < name.size() && i < 64; ++i) {
+    const auto c = static_cast<unsigned char>(name[i]);
+    out += (c >= 32 && c < 127) ? std::string(1, static_cast<char>(c)) : fmt::format("\\x{:02x}", c);
+  }
+  if (name.size() > 64) out += fmt::format("... ({} bytes)", name.size());
+  return "'" + out + "'";
+}
+
+// The optional fields of state.json a resume reads: the right JSON type, or an error naming the key.
+void check_state_fields(const json& state, const std::string& path) {
+  if (state.contains("tokens") && !state["tokens"].is_number())
+    throw std::runtime_error(fmt::format("{}: \"tokens\" is {}, not a number", path, state["tokens"].dump()));
+  if (state.contains("world_size") && !state["world_size"].is_number_integer())
+    throw std::runtime_error(
+        fmt::format("{}: \"world_size\" is {}, not an integer", path, state["world_size"].dump()));
+}
+
+// AdamW's moments, as loaded, fit their parameters: the same shapes, finite, a non-negative second moment
+// (whose square root the step takes). A damaged optimizer.pt with a valid checksum is refused by name here
+// rather than turning the first step's weights into NaN.
+void check_optimizer_state(torch::optim::AdamW& optimizer, const std::string& path) {
+  const auto& state = optimizer.state();
+  int64_t index = 0;
+  for (auto& group : optimizer.param_groups()) {
+    for (const auto& p : group.params()) {
+      const auto it = state.find(c10::guts::to_string(p.unsafeGetTensorImpl()));
+      const int64_t i = index++;
+      if (it == state.end()) continue;  // no step taken for it yet
+      const auto& s = static_cast<const torch::optim::AdamWParamState&>(*it->second);
+      auto bad = [&](const std::string& why) {
+        return std::runtime_error(fmt::format("{}: the state of parameter {} {}", path, i, why));
+      };
+      if (!s.exp_avg().defined() || !s.exp_avg_sq().defined() || !s.exp_avg().sizes().equals(p.sizes()) ||
+          !s.exp_avg_sq().sizes().equals(p.sizes()))
+        throw bad(fmt::format("does not have the parameter's shape {}", shape_string(p)));
+      if (!torch::isfinite(s.exp_avg()).all().item<bool>() ||
+          !torch::isfinite(s.exp_avg_sq()).all().item<bool>())
+        throw bad("is not finite");
+      if (s.exp_avg_sq().numel() > 0 && s.exp_avg_sq().min().item<double>() < 0)
+        throw bad("has a negative second moment");
+      if (s.step() < 0) throw bad(fmt::format("has step {}", s.step()));
+    }
+  }
+}
+
+// The path of a file state.json names: a plain regular file inside the checkpoint directory. An absolute
+// path, "..", a subdirectory or a symlink (which could lead to /proc/self/mem or /dev/zero) is refused.
+std::string checkpoint_member(const std::string& dir, const std::string& name) {
+  if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos ||
+      name.find('\0') != std::string::npos || name.size() > 255)
+    throw std::runtime_error(
+        fmt::format("{}/state.json: names the file {}, which is not a plain file name inside the checkpoint",
+                    dir, quoted_name(name)));
+  const fs::path path = fs::path(dir) / name;
+  std::error_code ec;
+  const auto st = fs::symlink_status(path, ec);
+  if (!fs::exists(st))
+    throw std::runtime_error(
+        fmt::format("{}/state.json: names {}, which is missing", dir, quoted_name(name)));
+  if (!fs::is_regular_file(st))
+    throw std::runtime_error(
+        fmt::format("{}/{}: not a regular file (a symlink or special file); a checkpoint holds its own files",
+                    dir, name));
+  return path.string();
 }
 
 }  // namespace
@@ -146,15 +222,15 @@ const std::string& LoadedCheckpoint::file(const std::string& name) const {
 }
 
 LoadedCheckpoint read_checkpoint(const std::string& dir) {
-  auto read = [](const std::string& path) {
+  auto read = [](const std::string& path, uint64_t max_bytes = 0) {
     ++g_checkpoint_reads[path];
-    return io::read_file(path);
+    return io::read_file(path, max_bytes);
   };
   const auto path = (fs::path(dir) / "state.json").string();
   if (!fs::exists(path)) throw std::runtime_error(fmt::format("{}: not a checkpoint (no state.json)", dir));
   LoadedCheckpoint ck;
   ck.dir = dir;
-  ck.state = parse_json(read(path), path);
+  ck.state = parse_json(read(path, io::kMaxSettingsBytes), path);
   const json& state = ck.state;
   if (!state.is_object() || !state.contains("format") || state["format"] != kCheckpointFormat)
     throw std::runtime_error(fmt::format("{}: unsupported checkpoint format {} (this grape reads {})", dir,
@@ -164,9 +240,9 @@ LoadedCheckpoint read_checkpoint(const std::string& dir) {
       !state["step"].is_number_integer())
     throw std::runtime_error(fmt::format("{}: state.json lacks its checksums or step", dir));
   ck.step = state["step"].get<int64_t>();
+  check_state_fields(state, path);
   for (const auto& [file, sum] : state["checksums"].items()) {
-    const auto file_path = (fs::path(dir) / file).string();
-    if (!fs::exists(file_path)) throw std::runtime_error(fmt::format("{}: {} is missing", dir, file));
+    const auto file_path = checkpoint_member(dir, file);
     std::string bytes = read(file_path);
     if (!sum.is_string() || checksum(bytes) != sum.get<std::string>())
       throw std::runtime_error(
@@ -189,11 +265,18 @@ ResumePoint find_resume_checkpoint(const std::string& run_dir) {
       names.push_back(e.path().filename().string());
   std::sort(names.rbegin(), names.rend());
   std::string latest;
-  if (fs::exists(root / "latest")) {
-    latest = read_latest_name(root);
-    if (latest.rfind("step_", 0) != 0 || latest.find('/') != std::string::npos) {
-      point.skipped.push_back(
-          fmt::format("{}: names '{}', not a checkpoint", (root / "latest").string(), latest));
+  std::error_code ec;
+  if (fs::exists(fs::symlink_status(root / "latest", ec))) {
+    std::string why;  // why `latest` names no checkpoint
+    try {
+      latest = read_latest_name(root);
+      if (!is_checkpoint_name(latest))
+        why = fmt::format("{}: names {}, not a checkpoint", (root / "latest").string(), quoted_name(latest));
+    } catch (const std::exception& e) {
+      why = e.what();
+    }
+    if (!why.empty()) {
+      point.skipped.push_back(why);
       latest.clear();
     } else if (!fs::is_directory(root / latest)) {
       point.skipped.push_back(
@@ -251,7 +334,13 @@ void load_optimizer(torch::optim::AdamW& optimizer, const LoadedCheckpoint& ck) 
   } catch (const c10::Error& e) {
     throw std::runtime_error(
         fmt::format("{}: cannot load the optimizer state: {}", path, e.what_without_backtrace()));
+  } catch (const std::exception& e) {  // TorchScript's parser throws its own errors on a damaged archive
+    std::string why = e.what();
+    why = why.substr(0, why.find('\n'));  // its first line; the rest is a source excerpt of the damage
+    throw std::runtime_error(
+        fmt::format("{}: cannot load the optimizer state (the file is damaged): {}", path, why));
   }
+  check_optimizer_state(optimizer, path);
 }
 
 void append_metrics(const std::string& run_dir, const json& record) {
@@ -296,9 +385,34 @@ void truncate_metrics(const std::string& run_dir, int64_t last_step) {
     } catch (const json::exception&) {
       break;  // a line cut short by a crash ends the usable log
     }
-    if (rec.value("step", int64_t(0)) <= last_step) kept += line + "\n";
+    if (!rec.is_object() || !rec.contains("step") || !rec["step"].is_number_integer()) break;  // damaged too
+    if (rec["step"].get<int64_t>() <= last_step) kept += line + "\n";
   }
   io::write_file_atomic(path, kept);
+}
+
+std::vector<json> read_metrics(const std::string& run_dir) {
+  const auto path = (fs::path(run_dir) / "metrics.jsonl").string();
+  std::istringstream in(io::read_file(path));
+  std::vector<json> records;
+  std::string line;
+  for (int64_t n = 1; std::getline(in, line); ++n) {
+    if (line.empty()) continue;
+    json rec;
+    try {
+      rec = json::parse(line);
+    } catch (const json::exception& e) {
+      throw std::runtime_error(fmt::format("{}:{}: not valid JSON ({})", path, n, e.what()));
+    }
+    if (!rec.is_object() || !rec.contains("step") || !rec["step"].is_number_integer())
+      throw std::runtime_error(fmt::format("{}:{}: the record has no integer \"step\"", path, n));
+    for (const char* key : {"loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "time_s"})
+      if (rec.contains(key) && !rec[key].is_number())
+        throw std::runtime_error(
+            fmt::format("{}:{}: \"{}\" is {}, not a number", path, n, key, rec[key].dump()));
+    records.push_back(std::move(rec));
+  }
+  return records;
 }
 
 }  // namespace detail
@@ -307,7 +421,7 @@ RunInfo read_run(const std::string& dir) {
   const auto path = (fs::path(dir) / "run.json").string();
   if (!fs::exists(path))
     throw std::runtime_error(fmt::format("{}: not a grape run directory (no run.json)", dir));
-  auto run = parse_json(io::read_file(path), path);
+  auto run = parse_json(io::read_file(path, io::kMaxSettingsBytes), path);
   RunInfo info;
   info.dir = dir;
   try {
@@ -344,9 +458,9 @@ std::string latest_checkpoint(const std::string& run_dir) {
     throw std::runtime_error(fmt::format("{}: the run has no checkpoint yet", run_dir));
   const std::string name = read_latest_name(root);
   const fs::path dir = root / name;
-  if (name.rfind("step_", 0) != 0 || !fs::is_directory(dir))
+  if (!is_checkpoint_name(name) || !fs::is_directory(dir))
     throw std::runtime_error(
-        fmt::format("{}: points at '{}', which is not a checkpoint", latest.string(), name));
+        fmt::format("{}: points at {}, which is not a checkpoint", latest.string(), quoted_name(name)));
   return dir.string();
 }
 

@@ -17,6 +17,7 @@
 #include "grape/io.hpp"
 #include "grape/train.hpp"
 #include "train/report_util.hpp"
+#include "train/run_files.hpp"
 
 namespace grape::train {
 
@@ -79,11 +80,7 @@ Spread perplexity(const EncodingResult& r, size_t length) {
 bool beyond_spread(const Spread& a, const Spread& b) { return std::abs(a.mean - b.mean) > a.sd + b.sd; }
 
 void read_curves(const std::string& run_dir, SeedRun& r) {
-  std::istringstream in(io::read_file((fs::path(run_dir) / "metrics.jsonl").string()));
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.empty()) continue;
-    auto rec = json::parse(line);
+  for (auto& rec : detail::read_metrics(run_dir)) {
     if (rec.contains("loss"))
       r.loss_curve.emplace_back(rec["step"].get<int64_t>(), rec["loss"].get<double>());
     if (rec.contains("val_loss"))

@@ -65,5 +65,8 @@ void truncate_metrics(const std::string& run_dir, int64_t last_step);
 // The last training record (with "loss") and the last validation record (with "val_loss") of
 // metrics.jsonl up to last_step; null when there is none.
 std::pair<nlohmann::json, nlohmann::json> last_metrics(const std::string& run_dir, int64_t last_step);
+// The records of metrics.jsonl, each an object with an integer "step" and numbers for its other numeric
+// fields; a damaged line is an error naming the file, the line and the field.
+std::vector<nlohmann::json> read_metrics(const std::string& run_dir);
 
 }  // namespace grape::train::detail

@@ -54,10 +54,18 @@ int64_t fault_nan_at_step() {
   }();
   return at;
 }
+// Test hook: GRAPE_FAULT=nan-val-at-step:N makes the validation loss after step N NaN.
+int64_t fault_nan_val_at_step() {
+  const char* f = std::getenv("GRAPE_FAULT");
+  const std::string prefix = "nan-val-at-step:";
+  if (f == nullptr || std::string(f).rfind(prefix, 0) != 0) return -1;
+  return std::atoll(f + prefix.size());
+}
 }  // namespace
 
 Trainer::Trainer(Transformer model, const TrainConfig& cfg) : model_(std::move(model)), cfg_(cfg) {
   cfg_.validate();
+  model_->config().require_memory(4, "training (weights, gradients and AdamW's two moments)");
   // Decay matrices only (embeddings, projections, PE weight matrices); not gains, frequencies or slopes.
   std::vector<torch::Tensor> decay, no_decay;
   for (auto& p : model_->parameters()) (p.dim() >= 2 ? decay : no_decay).push_back(p);
@@ -152,12 +160,25 @@ Trainer::StepStats Trainer::step(const std::vector<data::Batch>& micro_batches, 
   for (auto& group : optimizer_->param_groups())
     static_cast<torch::optim::AdamWOptions&>(group.options()).lr(stats.lr);
   optimizer_->step();
+  // A damaged optimizer state (or an overflow) gives NaN weights from finite gradients: stop before any
+  // checkpoint holds them.
+  for (const auto& p : model_->named_parameters())
+    if (!torch::isfinite(p.value()).all().item<bool>())
+      throw DivergedError(
+          fmt::format("step {}: parameter '{}' is not finite after the optimizer step", step + 1, p.key()));
   return stats;
 }
 
 // ---- the training loop -------------------------------------------------------------------------------
 
 namespace {
+
+// The end of a "diverged; stopped." message: where the run can continue from.
+std::string good_checkpoint_note(const std::string& last_checkpoint) {
+  return last_checkpoint.empty() ? "No checkpoint was written yet."
+                                 : "The last good checkpoint is " + last_checkpoint +
+                                       " (continue with --resume, perhaps with a lower --lr).";
+}
 
 volatile std::sig_atomic_t g_interrupted = 0;
 extern "C" void on_sigint(int) {
@@ -525,11 +546,8 @@ TrainSummary run_training(const ModelConfig& model_cfg_in, const TrainConfig& cf
       try {
         stats = trainer.step(micro, step);
       } catch (const DivergedError& e) {
-        throw std::runtime_error(fmt::format(
-            "{}; stopped. {}", e.what(),
-            last_checkpoint.empty() ? "No checkpoint was written yet."
-                                    : "The last good checkpoint is " + last_checkpoint +
-                                          " (continue with --resume, perhaps with a lower --lr)."));
+        throw std::runtime_error(
+            fmt::format("{}; stopped. {}", e.what(), good_checkpoint_note(last_checkpoint)));
       }
       const int64_t done = step + 1;
       const double elapsed = seconds();
@@ -554,6 +572,11 @@ TrainSummary run_training(const ModelConfig& model_cfg_in, const TrainConfig& cf
         // The same validation windows as one process with the whole batch (world x batch) reads.
         summary.val_loss =
             validation_loss(model, *data, model_cfg.context, cfg.batch * world, cfg.eval_batches);
+        if (fault_nan_val_at_step() == done) summary.val_loss = std::numeric_limits<double>::quiet_NaN();
+        if (!std::isfinite(summary.val_loss))
+          throw std::runtime_error(fmt::format("step {}: the validation loss is {} (diverged); stopped. {}",
+                                               done, summary.val_loss,
+                                               good_checkpoint_note(last_checkpoint)));
         detail::append_metrics(opts.run_dir, {{"split", "val"},
                                               {"step", done},
                                               {"val_loss", summary.val_loss},

@@ -97,6 +97,41 @@ inline std::string safetensors_file(const std::string& header, const std::string
   return le64(header.size()) + header + data;
 }
 
+// A length-delimited protobuf field: key (field, wire type 2), length, payload.
+inline std::string protobuf_field(std::uint32_t field, const std::string& payload) {
+  std::string out;
+  auto varint = [&out](std::uint64_t v) {
+    for (; v >= 0x80; v >>= 7) out += static_cast<char>((v & 0x7F) | 0x80);
+    out += static_cast<char>(v);
+  };
+  varint((std::uint64_t{field} << 3) | 2);
+  varint(payload.size());
+  return out + payload;
+}
+
+// ModelProto bytes setting normalizer_spec (3) .precompiled_charsmap (2); appended to a serialized model,
+// protobuf merges it into the model's own normalizer settings.
+inline std::string sentencepiece_charsmap_field(const std::string& charsmap, std::uint32_t spec = 3) {
+  return protobuf_field(spec, protobuf_field(2, charsmap));
+}
+
+// A precompiled charsmap whose darts-clone trie (512 units) maps "a" to "b", as sentencepiece lays it out:
+// uint32 trie size, the units, the NUL-ended normalized strings. `units` may be edited before `finish`.
+struct CharsMap {
+  std::vector<std::uint32_t> units = std::vector<std::uint32_t>(512, 0);
+  std::string normalized = std::string("b\0", 2);
+  CharsMap() {
+    units[0] = 256u << 10;                              // root: its children's base is 256
+    units[256 ^ 'a'] = (225u << 10) | (1u << 8) | 'a';  // 'a', with a rule; its base 353 ^ 225 = 384
+    units[384] = (1u << 31) | 0u;                       // the rule's value: normalized[0] = "b"
+  }
+  std::string bytes() const {
+    std::string out = le32(static_cast<std::uint32_t>(units.size() * 4));
+    for (const std::uint32_t u : units) out += le32(u);
+    return out + normalized;
+  }
+};
+
 // The names in a directory, sorted.
 inline std::vector<std::string> names_in(const std::filesystem::path& dir) {
   std::vector<std::string> names;

@@ -3,10 +3,12 @@
 // adapters of grape/io.hpp are tested in tests/test_io.cpp.
 #include <gtest/gtest.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 
 #include <cerrno>
 #include <csignal>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <map>
@@ -19,6 +21,7 @@
 #include "plain/format_test_util.hpp"
 
 namespace fs = std::filesystem;
+using grape::io::check_sentencepiece_model;
 using grape::io::encode_npy;
 using grape::io::encode_safetensors;
 using grape::io::F32Array;
@@ -35,6 +38,7 @@ using grape::testing::npy_v1;
 using grape::testing::npy_v2;
 using grape::testing::read_le64;
 using grape::testing::safetensors_file;
+using grape::testing::sentencepiece_charsmap_field;
 
 namespace {
 
@@ -306,6 +310,32 @@ TEST_F(FormatsTest, SafetensorsRefusals) {
         "too many");
 }
 
+TEST_F(FormatsTest, SafetensorsRefusesBytesNoTensorCovers) {
+  // Issue 17: trailing junk, or a header length one short (every tensor shifted by a byte), was accepted.
+  const std::vector<float> values = {1.f, 2.f, 3.f, 4.f};
+  const std::string good = encode_safetensors({{"t", {{4}, values.data()}}}, {}, "g.safetensors");
+  ASSERT_EQ(good.size() - 8 - read_le64(good), 16u);
+  EXPECT_EQ(parse_safetensors(good, "g.safetensors").entries.size(), 1u);
+  expect_error(
+      [&] { parse_safetensors(good + "junk", "j.safetensors"); },
+      "j.safetensors: data section bytes 16..20 belong to no tensor (trailing bytes, or a header length "
+      "that is off)");
+  std::string shifted = good;
+  ASSERT_EQ(shifted[8 + read_le64(good) - 1], ' ');  // the header's padding: still valid JSON one byte short
+  shifted.replace(0, 8, le64(read_le64(good) - 1));
+  expect_error([&] { parse_safetensors(shifted, "s.safetensors"); },
+               "data section bytes 16..17 belong to no tensor");
+  const std::string data = f32_bytes({1.f, 2.f, 3.f, 4.f});
+  expect_error(
+      [&] {
+        parse_safetensors(safetensors_file(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
+                                           R"("b":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})",
+                                           data),
+                          "gap.safetensors");
+      },
+      "gap.safetensors: data section bytes 4..8 belong to no tensor (before 'b')");
+}
+
 TEST_F(FormatsTest, SafetensorsEncodeRefusals) {
   const float one = 1.f;
   expect_error(
@@ -319,6 +349,52 @@ TEST_F(FormatsTest, SafetensorsEncodeRefusals) {
         encode_safetensors({{"\xff", {{1}, &one}}}, {}, "u.safetensors");
       },
       "u.safetensors: cannot encode header: ");
+}
+
+// ---- SentencePiece models: the character maps libsentencepiece walks unchecked -----------------------
+
+TEST_F(FormatsTest, SentencePieceCharsMapChecks) {
+  using grape::testing::CharsMap;
+  const std::string other_fields = grape::testing::protobuf_field(1, "piece");  // kept as they are
+  check_sentencepiece_model(other_fields + sentencepiece_charsmap_field(CharsMap().bytes()), "ok.model");
+  check_sentencepiece_model(other_fields, "none.model");  // no map: identity normalization
+
+  auto refused = [&](const CharsMap& map, const std::string& needle, std::uint32_t spec = 3) {
+    expect_error(
+        [&] {
+          check_sentencepiece_model(other_fields + sentencepiece_charsmap_field(map.bytes(), spec),
+                                    "m.model");
+        },
+        needle);
+  };
+  CharsMap root_out;  // issue 17's crash: the root's offset leads far outside the trie
+  root_out.units[0] = 0xFFFFFFFFu;
+  refused(root_out, "m.model: the normalizer's character map is damaged: its trie leads outside itself");
+  refused(root_out, "m.model: the denormalizer's character map is damaged", 5);
+  CharsMap value_out;  // a rule's value beyond the normalized strings (strlen would run off the blob)
+  value_out.units[384] = (1u << 31) | 7u;
+  refused(value_out, "a rule points outside its normalized strings");
+  CharsMap no_nul;
+  no_nul.normalized = "b";
+  refused(no_nul, "a rule points outside its normalized strings");
+  CharsMap leaf_out;  // the rule's value unit itself outside the trie
+  leaf_out.units[256 ^ 'a'] = (0x1FFFFu << 10) | (1u << 8) | 'a';
+  refused(leaf_out, "outside");
+  CharsMap cycle;  // "a" leads back to the root's base, with a rule each time: "aaaa..." overflows
+  cycle.units[256 ^ 'a'] = (97u << 10) | (1u << 8) | 'a';
+  cycle.units[256] = (1u << 31) | 0u;
+  refused(cycle, "a path of its trie matches too many rules");
+  CharsMap empty_trie;
+  empty_trie.units.clear();
+  refused(empty_trie, "its trie is empty");
+  std::string long_size = CharsMap().bytes();
+  long_size[1] = '\x7f';  // the trie size field larger than the map
+  expect_error([&] { check_sentencepiece_model(sentencepiece_charsmap_field(long_size), "s.model"); },
+               "s.model: the normalizer's character map is damaged: its trie size exceeds the map");
+  // The protobuf itself: a length running past the end.
+  const std::string cut = other_fields + sentencepiece_charsmap_field(CharsMap().bytes());
+  expect_error([&] { check_sentencepiece_model(cut.substr(0, cut.size() - 3), "cut.model"); },
+               "cut.model: not a SentencePiece model: damaged protobuf at byte 7");
 }
 
 // ---- atomic writes ----------------------------------------------------------------------------------
@@ -350,13 +426,28 @@ TEST_F(FormatsTest, AtomicWriteIntoMissingDirectoryFails) {
   EXPECT_TRUE(fs::is_empty(dir_));
 }
 
-TEST_F(FormatsTest, AtomicWriteFailureKeepsOldFile) {
-  // Renaming a file over a non-empty directory fails after the temporary was written:
-  // the error is reported and the temporary is cleaned up.
+TEST_F(FormatsTest, AtomicWriteRefusesToReplaceWhatIsNotARegularFile) {
+  // Issue 17: rename() over a FIFO, a symlink or a device node silently made it a regular file.
   fs::create_directories(dir_ / "d" / "child");
-  expect_error([&] { write_file_atomic(file("d"), "x"); }, "rename failed");
-  EXPECT_EQ(names_in(dir_), std::vector<std::string>{"d"});
+  expect_error(
+      [&] { write_file_atomic(file("d"), "x"); },
+      "cannot write '" + file("d") + "': it is a directory, not a regular file; refusing to replace it");
   EXPECT_TRUE(fs::is_directory(dir_ / "d" / "child"));
+  ASSERT_EQ(::mkfifo(file("fifo").c_str(), 0600), 0);
+  expect_error([&] { write_file_atomic(file("fifo"), "x"); }, "'" + file("fifo") + "': it is a FIFO");
+  EXPECT_TRUE(fs::is_fifo(fs::symlink_status(dir_ / "fifo")));
+  write_file_atomic(file("target.txt"), "kept");
+  fs::create_symlink(dir_ / "target.txt", dir_ / "link");
+  expect_error([&] { write_file_atomic(file("link"), "x"); },
+               "'" + file("link") + "': it is a symbolic link");
+  EXPECT_TRUE(fs::is_symlink(dir_ / "link"));
+  EXPECT_EQ(read_file(file("target.txt")), "kept");
+  // A dangling symlink is not "absent" either.
+  fs::create_symlink(dir_ / "nowhere", dir_ / "dangling");
+  expect_error([&] { write_file_atomic(file("dangling"), "x"); }, "it is a symbolic link");
+  EXPECT_FALSE(fs::exists(dir_ / "nowhere"));
+  // No temporaries were left behind by any refusal.
+  EXPECT_EQ(names_in(dir_), (std::vector<std::string>{"d", "dangling", "fifo", "link", "target.txt"}));
 }
 
 TEST_F(FormatsTest, AtomicWriteErrorMidWriteKeepsOldFileAndRemovesTemporary) {
@@ -387,7 +478,37 @@ TEST_F(FormatsTest, AtomicWriteErrorMidWriteKeepsOldFileAndRemovesTemporary) {
 TEST_F(FormatsTest, ReadFileErrors) {
   expect_error([&] { read_file(file("nope")); },
                "cannot open '" + file("nope") + "': " + std::strerror(ENOENT));
-  expect_error([&] { read_file(dir_.string()); }, "cannot open '" + dir_.string() + "'");
+  expect_error([&] { read_file(dir_.string()); },
+               "cannot open '" + dir_.string() + "': it is a directory, not a regular file");
+}
+
+TEST_F(FormatsTest, ReadFileRefusesSpecialFilesWithoutBlocking) {
+  // Issue 17: /dev/zero grew to GBs until bad_alloc; a FIFO with no writer blocked forever.
+  expect_error([&] { read_file("/dev/zero"); }, "cannot open '/dev/zero': it is a character device");
+  ASSERT_EQ(::mkfifo(file("fifo").c_str(), 0600), 0);
+  expect_error([&] { read_file(file("fifo")); }, "cannot open '" + file("fifo") + "': it is a FIFO");
+  // Through a symlink, too: what is read is what the link leads to.
+  fs::create_symlink("/dev/zero", dir_ / "zero");
+  expect_error([&] { read_file(file("zero")); }, "it is a character device");
+  // /proc files say they hold 0 bytes; they are read to their end all the same.
+  EXPECT_NE(read_file("/proc/self/cmdline"), "");
+}
+
+TEST_F(FormatsTest, ReadFileCapsTheSize) {
+  write_file_atomic(file("big"), std::string(100, 'x'));
+  EXPECT_EQ(read_file(file("big"), 100).size(), 100u);
+  expect_error([&] { read_file(file("big"), 99); },
+               "cannot read '" + file("big") + "': 100 bytes, more than the 99 bytes such a file may hold");
+  write_file_atomic(file("two_mib"), std::string(2 << 20, 'x'));
+  ASSERT_EQ(::setenv("GRAPE_MAX_FILE_MB", "1", 1), 0);
+  expect_error([&] { read_file(file("two_mib")); },
+               "2 MiB, more than the 1 MiB such a file may hold (GRAPE_MAX_FILE_MB raises the cap)");
+  ASSERT_EQ(::setenv("GRAPE_MAX_FILE_MB", "2", 1), 0);
+  EXPECT_EQ(read_file(file("two_mib")).size(), std::size_t{2} << 20);
+  ASSERT_EQ(::setenv("GRAPE_MAX_FILE_MB", "lots", 1), 0);
+  expect_error([&] { read_file(file("big")); }, "GRAPE_MAX_FILE_MB='lots' is not a positive whole number");
+  ASSERT_EQ(::unsetenv("GRAPE_MAX_FILE_MB"), 0);
+  EXPECT_EQ(grape::io::max_data_bytes(), std::uint64_t{16} << 30);
 }
 
 }  // namespace
