@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import grape
 from conftest import B, C, D, H, NAMES, inputs, make, rel_err
@@ -51,14 +52,31 @@ def alibi_attention(q, k, v):
     return torch.einsum("bhij,bjhd->bihd", torch.softmax(logits.masked_fill(mask, float("-inf")), -1), v)
 
 
-def test_rope_and_alibi_equal_their_formulas():
-    q, k, v, _ = inputs(33, torch.float64)
-    for name, formula in (("rope", rope_attention), ("alibi", alibi_attention)):
-        enc = make(name, torch.float64, perturb=False)
-        y = grape.attention(q, k, v, enc, layout="bthd")
-        assert rel_err(y, formula(q, k, v)) < 1e-12, name
-        y32 = grape.attention(q.float(), k.float(), v.float(), make(name, perturb=False), layout="bthd")
-        assert rel_err(y32.double(), formula(q, k, v)) < 1e-5, name
+def fox_attention(q, k, v, x, w_f, b_f):
+    """FoX: bias(i, j) = sum_{l=j+1..i} log sigmoid(w_h . x_l + b_h), the forget gates of the keys after j."""
+    T, Dh = q.shape[1], q.shape[-1]
+    logf = F.logsigmoid(torch.einsum("btc,hc->bht", x, w_f) + b_f[None, :, None])  # [B,H,T]
+    c = logf.cumsum(-1)
+    bias = c[..., :, None] - c[..., None, :]  # sum over l in (j, i]
+    logits = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(Dh) + bias
+    mask = torch.ones(T, T, dtype=torch.bool).triu(1)
+    return torch.einsum("bhij,bjhd->bihd", torch.softmax(logits.masked_fill(mask, float("-inf")), -1), v)
+
+
+def test_rope_alibi_and_fox_equal_their_formulas():
+    q, k, v, x = inputs(33, torch.float64)
+    fox = make("fox", torch.float64)
+    formulas = [("rope", rope_attention), ("alibi", alibi_attention),
+                ("fox", lambda q, k, v: fox_attention(q, k, v, x, fox.w_f, fox.b_f))]
+    for name, formula in formulas:
+        enc = fox if name == "fox" else make(name, torch.float64, perturb=False)
+        with torch.no_grad():
+            expected = formula(q, k, v)
+            y = grape.attention(q, k, v, enc, x=x, layout="bthd")
+            assert rel_err(y, expected) < 1e-12, name
+            y32 = grape.attention(q.float(), k.float(), v.float(), enc.float(), x=x.float(), layout="bthd")
+            enc.double()
+            assert rel_err(y32.double(), expected) < 1e-5, name
 
 
 def test_layouts_bhtd_and_bthd_agree():
