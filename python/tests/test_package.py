@@ -103,9 +103,9 @@ def test_bad_attention_inputs_raise_clear_errors():
         grape.attention(q4, k4, v4, "fox", x=x)
     with pytest.raises(TypeError, match="parameter w_f|parameter .* is torch.float64"):
         grape.attention(q4, k4, v4, make("fox").double(), x=x)
-    if torch.cuda.is_available():  # pragma: no cover - CPU-only machines
-        with pytest.raises(ValueError, match="on the CPU"):
-            grape.attention(q4.cuda(), k4, v4, enc, x=x)
+    # a tensor on another device (the meta device exists in every build of torch, CUDA or not)
+    with pytest.raises(ValueError, match="q is on meta; grape computes on the CPU"):
+        grape.attention(torch.empty(q4.shape, device="meta"), k4, v4, enc, x=x)
     # non-contiguous inputs are accepted: the same numbers as contiguous ones
     qn = torch.randn(B, 6, H, 2 * D)[..., ::2]
     assert not qn.is_contiguous()
