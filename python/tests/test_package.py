@@ -40,6 +40,16 @@ def test_every_encoding_is_a_module_with_checkpoint_names(name):
     assert y.dtype == torch.float64 and y.shape == q.shape
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_double_then_float_gives_back_the_same_encoding(name):
+    enc = make(name)
+    q, k, v, x = inputs(40)
+    before = grape.attention(q, k, v, enc, x=x, layout="bthd")
+    enc.double()
+    enc.float()  # parameters and buffers convert in place, and float32 -> float64 -> float32 is exact
+    assert torch.equal(grape.attention(q, k, v, enc, x=x, layout="bthd"), before)
+
+
 def test_parameters_reach_the_optimizer_and_the_cpp_module():
     enc = grape.PositionEncoding("grape-m", n_head=H, head_dim=D, model_dim=C)
     (lam,) = list(enc.parameters())
