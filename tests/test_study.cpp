@@ -245,6 +245,23 @@ TEST(StudyData, AnswerOnlyTrainingMask) {
   }
 }
 
+// Both YaRN ramps side by side (issue: the paper's continuous ramp vs Hugging Face's over pair indices):
+// one row each, and at factor 4 the two give different perplexities on the same trained model.
+TEST_F(Study, ShowsBothYarnRampsSideBySide) {
+  auto r = run_cli("compare --study extrapolation --pe rope --extend yarn,yarn-hf --no-needle-extend" +
+                   small_flags() + " --out " + path("y") + " --quiet");
+  ASSERT_EQ(r.code, 0) << r.output;
+  auto j = json::parse(grape::io::read_file(path("y/results.json")));
+  std::map<std::string, double> at4;  // method -> perplexity at factor 4
+  for (const auto& p : j["perplexity"])
+    if (p["factor"] == 4 && p.contains("perplexity")) at4[p["method"]] = p["perplexity"];
+  ASSERT_TRUE(at4.count("yarn") && at4.count("yarn-hf")) << j["perplexity"].dump();
+  EXPECT_GT(std::abs(at4["yarn"] - at4["yarn-hf"]), 1e-6 * at4["yarn"]);
+  const auto md = grape::io::read_file(path("y/report.md"));
+  EXPECT_EQ(table_row(md, "## Perplexity", "rope", "yarn").size(), 5u) << md;
+  EXPECT_EQ(table_row(md, "## Perplexity", "rope", "yarn-hf").size(), 5u) << md;
+}
+
 TEST_F(Study, UnknownExtensionMethodIsRefusedBeforeTraining) {
   bool rope_extends = false;
   for (const auto& o : grape::encoding_info("rope").options) rope_extends = rope_extends || o.key == "extend";

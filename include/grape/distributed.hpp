@@ -50,6 +50,11 @@ class Group {
 
   int rank() const;
   int size() const;
+  // Checks that every rank describes the job alike before any collective runs: `description` is a JSON
+  // object (e.g. the resolved configs); each rank publishes its own through the store and rank 0 compares
+  // them. A rank that differs from rank 0 makes every rank throw std::invalid_argument naming the rank and
+  // the differing fields (up to five, "lr: 0.001 on rank 1, 0.003 on rank 0"); bounded by the timeout.
+  void agree(const std::string& what, const std::string& description);
   // Copies root's tensors into every rank's (in place; CPU tensors of the same shapes on all ranks).
   void broadcast(const std::vector<torch::Tensor>& tensors, int root = 0);
   // Element-wise sum over the ranks, in place (a contiguous CPU tensor).

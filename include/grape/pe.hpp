@@ -238,6 +238,17 @@ const EncodingInfo& encoding_info(const std::string& name);  // throws, listing 
 // Builds an encoding; unknown names and unknown or malformed options throw std::invalid_argument.
 EncodingPtr make_encoding(const std::string& name, const HeadShape& shape, const PeOptions& options = {});
 
+// ---- context extension as Hugging Face models declare it ----------------------------------------------
+
+// The encoding options (for rope, grape-m, grape-m-planes) that compute what transformers computes for a
+// model config's `rope_scaling` dictionary, given as JSON text: rope_type (or type) default, linear
+// (= pi), dynamic (= dynamic-ntk), yarn (with Hugging Face's ramp, truncate, mscale/mscale_all_dim,
+// attention_factor), longrope (short/long factors switching at the original context; attention factor
+// sqrt(1 + ln s / ln L) unless given), llama3. Unknown types or keys, missing keys, a factor < 1 and
+// mistyped values throw std::invalid_argument naming the key. Without original_max_position_embeddings
+// the options have no original_context (the caller's default applies).
+std::map<std::string, std::string> hf_rope_scaling_options(const std::string& json_text);
+
 // ---- KV-shift: a data-dependent 2-tap mix of the raw key/value projections, usable with any encoding --
 struct KVShiftState {
   torch::Tensor k_prev, v_prev;  // [B,H,D] raw projections of the last token seen (undefined: zeros)

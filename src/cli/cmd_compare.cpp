@@ -103,7 +103,8 @@ void add_compare_command(CLI::App& app) {
       ->check(CLI::IsMember({"extrapolation"}));
   cmd->add_option("--extend", a->extend,
                   "study: context-extension methods applied to encodings with an `extend` option "
-                  "(default: pi,ntk,dynamic-ntk,yarn; 'none' for no extension)")
+                  "(default: pi,ntk,dynamic-ntk,yarn; also longrope, llama3, and yarn-hf: YaRN with Hugging "
+                  "Face's ramp; 'none' for no extension)")
       ->delimiter(',');
   cmd->add_option("--depths", a->depths, "study: needle depths in [0,1] (default: 0,0.25,0.5,0.75,1)")
       ->delimiter(',');

@@ -16,7 +16,14 @@ namespace grape::cli {
 
 namespace {
 
-const std::vector<std::string> kMethods = {"none", "pi", "ntk", "dynamic-ntk", "yarn", "longrope"};
+const std::vector<std::string> kMethods = {"none", "pi", "ntk", "dynamic-ntk", "yarn", "longrope", "llama3"};
+
+// Options that belong to one method (they do not carry over when the method changes) or describe the
+// extension in the report.
+bool method_option(const std::string& key) {
+  return key.rfind("yarn_", 0) == 0 || key.rfind("longrope_", 0) == 0 || key == "mscale" ||
+         key == "mscale_all_dim" || key == "low_freq_factor" || key == "high_freq_factor";
+}
 
 bool has_option(const EncodingInfo& info, const std::string& key) {
   for (const auto& o : info.options)
@@ -27,8 +34,7 @@ bool has_option(const EncodingInfo& info, const std::string& key) {
 // Sets the method's options on the run's model config (before the model is built and loaded). Returns
 // the options that describe the extension, for the report.
 std::map<std::string, std::string> apply_extension(train::RunInfo& run, const std::string& method,
-                                                   const std::string& factor,
-                                                   const std::vector<std::string>& sets) {
+                                                   const std::map<std::string, std::string>& given) {
   if (std::find(kMethods.begin(), kMethods.end(), method) == kMethods.end())
     throw std::invalid_argument(
         fmt::format("--extend: unknown method '{}' (known: {})", method, fmt::join(kMethods, ", ")));
@@ -51,25 +57,34 @@ std::map<std::string, std::string> apply_extension(train::RunInfo& run, const st
   auto& opts = run.model.pe_options;
   const auto was = opts.count("extend") ? opts["extend"] : std::string("none");
   if (selectable && was != method)  // options of the run's previous method do not carry over
-    std::erase_if(opts, [](const auto& kv) {
-      return kv.first.rfind("yarn_", 0) == 0 || kv.first.rfind("longrope_", 0) == 0;
-    });
+    std::erase_if(opts, [](const auto& kv) { return method_option(kv.first); });
   if (selectable) opts["extend"] = method;
-  if (method == "none") {
-    opts.erase("factor");
-  } else {
-    if (!factor.empty()) opts["factor"] = factor;
-    if (!opts.count("original_context")) opts["original_context"] = std::to_string(run.model.context);
-  }
-  for (const auto& s : sets) {
-    auto [key, value] = split_key_value(s, "--extend-set");
-    opts[key] = value;
-  }
+  if (method == "none") opts.erase("factor");
+  for (const auto& [key, value] : given)
+    if (key != "extend") opts[key] = value;
+  if (method != "none" && !opts.count("original_context"))
+    opts["original_context"] = std::to_string(run.model.context);
   std::map<std::string, std::string> shown;
   for (const auto& [k, v] : opts)
-    if (k == "factor" || k == "original_context" || k.rfind("yarn_", 0) == 0 || k.rfind("longrope_", 0) == 0)
-      shown[k] = v;
+    if (k == "factor" || k == "original_context" || method_option(k)) shown[k] = v;
   return shown;
+}
+
+// A Hugging Face rope_scaling dictionary: JSON text, or a file (a model's config.json holding one under
+// "rope_scaling", or the dictionary itself).
+std::string rope_scaling_text(const std::string& arg) {
+  std::string text = arg;
+  if (std::filesystem::is_regular_file(arg)) text = io::read_file(arg);
+  auto j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded())
+    throw std::invalid_argument(fmt::format("--rope-scaling: '{}' is neither a file nor valid JSON", arg));
+  if (j.is_object() && j.contains("rope_scaling")) {
+    if (!j["rope_scaling"].is_object())
+      throw std::invalid_argument(fmt::format(
+          "--rope-scaling: the config's rope_scaling is {}, not an object", j["rope_scaling"].dump()));
+    j = j["rope_scaling"];
+  }
+  return j.dump();
 }
 
 }  // namespace
@@ -81,7 +96,7 @@ void add_eval_command(CLI::App& app) {
     std::string run, checkpoint, data, json;
     std::vector<int64_t> factors = {1, 2, 4, 8};
     int64_t tokens = 16384, examples = 200;
-    std::string extend, factor;
+    std::string extend, factor, rope_scaling;
     std::vector<std::string> extend_sets;
   };
   auto a = std::make_shared<Args>();
@@ -94,19 +109,40 @@ void add_eval_command(CLI::App& app) {
   cmd->add_option("--tokens", a->tokens, "validation tokens per length")->capture_default_str();
   cmd->add_option("--examples", a->examples, "synthetic-task examples")->capture_default_str();
   cmd->add_option("--json", a->json, "write the results as JSON here (default: RUN/eval.json)");
-  cmd->add_option("--extend", a->extend,
-                  "apply a context extension to a rope/grape-m run: none|pi|ntk|dynamic-ntk|yarn|longrope");
+  cmd->add_option(
+      "--extend", a->extend,
+      "apply a context extension to a rope/grape-m run: none|pi|ntk|dynamic-ntk|yarn|longrope|llama3");
   cmd->add_option("--factor", a->factor, "extension factor s (with --extend)");
   cmd->add_option(
       "--extend-set", a->extend_sets,
       "more extension options key=value (original_context defaults to the run's context; yarn_alpha, "
-      "yarn_beta, yarn_mscale, longrope_factors, longrope_start)");
+      "yarn_beta, yarn_mscale, yarn_ramp, longrope_factors, longrope_start, low_freq_factor, ...; Hugging "
+      "Face's key names work too)");
+  cmd->add_option(
+      "--rope-scaling", a->rope_scaling,
+      "a Hugging Face rope_scaling dictionary (JSON text, or a config.json holding one) applied as "
+      "transformers computes it: linear, dynamic, yarn, longrope, llama3; original context "
+      "defaults to the run's");
   cmd->callback([a] {
     auto run = train::read_run(a->run);
     if (a->extend.empty() && (!a->factor.empty() || !a->extend_sets.empty()))
       throw std::invalid_argument("--factor and --extend-set need --extend METHOD");
-    std::map<std::string, std::string> shown;
-    if (!a->extend.empty()) shown = apply_extension(run, a->extend, a->factor, a->extend_sets);
+    if (!a->extend.empty() && !a->rope_scaling.empty())
+      throw std::invalid_argument("--extend and --rope-scaling both set the extension: give one");
+    std::map<std::string, std::string> shown, given;
+    if (!a->rope_scaling.empty()) {
+      given = hf_rope_scaling_options(rope_scaling_text(a->rope_scaling));
+      a->extend = given.at("extend");
+      // What transformers computes from the dictionary alone: no option of the run's own method carries over.
+      std::erase_if(run.model.pe_options, [](const auto& kv) { return method_option(kv.first); });
+    } else if (!a->extend.empty()) {
+      if (!a->factor.empty()) given["factor"] = a->factor;
+      for (const auto& s : a->extend_sets) {
+        auto [key, value] = split_key_value(s, "--extend-set");
+        given[key] = value;
+      }
+    }
+    if (!a->extend.empty()) shown = apply_extension(run, a->extend, given);
     auto model = train::load_model(run, a->checkpoint);
     auto tok = train::run_tokenizer(run);
     data::DataOptions dopt;
@@ -123,6 +159,8 @@ void add_eval_command(CLI::App& app) {
                extension, train::eval_table(report));
     auto j = nlohmann::json::parse(train::eval_json(report));
     if (!a->extend.empty()) j["extension"] = {{"method", a->extend}, {"options", shown}};
+    if (!a->rope_scaling.empty())
+      j["extension"]["rope_scaling"] = nlohmann::json::parse(rope_scaling_text(a->rope_scaling));
     const std::string path =
         a->json.empty() ? (std::filesystem::path(a->run) / "eval.json").string() : a->json;
     io::write_file_atomic(path, j.dump(2) + "\n");

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <numbers>
 #include <sstream>
@@ -37,14 +38,48 @@ bool is_method(const std::string& m) {
   return false;
 }
 
+// Hugging Face's YaRN ramp (its truncate flag included): the weight of theta/s per pair index i < P, linear
+// between the pair indices where a pair turns beta and alpha times within L, from the base's spectrum.
+torch::Tensor hf_yarn_ramp(const ContextExtension& e, int64_t P) {
+  const double r = double(e.rotated_dims);
+  auto index_of = [&](double turns) {  // the (fractional) pair index turning `turns` times within L
+    return r * std::log(double(e.original_context) / (turns * 2.0 * std::numbers::pi)) /
+           (2.0 * std::log(e.base));
+  };
+  double low = index_of(e.yarn_beta), high = index_of(e.yarn_alpha);
+  if (e.yarn_truncate) low = std::floor(low), high = std::ceil(high);
+  low = std::max(low, 0.0), high = std::min(high, r - 1.0);
+  if (low == high) high += 0.001;  // HF's guard against a zero-width ramp
+  return ((torch::arange(P, torch::kFloat64) - low) / (high - low)).clamp(0.0, 1.0);
+}
+
+// LongRoPE factors given inline as a JSON array of numbers (Hugging Face's short_factor/long_factor).
+torch::Tensor inline_factors(const std::string& text, const std::string& key, int64_t P) {
+  nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_array())
+    throw std::invalid_argument(fmt::format("{} must be a JSON array of {} numbers, got '{}'", key, P, text));
+  std::vector<double> f;
+  for (const auto& x : j) {
+    if (!x.is_number() || !std::isfinite(x.get<double>()) || x.get<double>() <= 0.0)
+      throw std::invalid_argument(
+          fmt::format("{}: every factor must be a number > 0, got {}", key, x.dump()));
+    f.push_back(x.get<double>());
+  }
+  if (int64_t(f.size()) != P)
+    throw std::invalid_argument(
+        fmt::format("{} has {} factors, expected {} (one per rotated pair)", key, f.size(), P));
+  return torch::tensor(f, torch::kFloat64);
+}
+
 }  // namespace
 
 const std::vector<std::string>& extension_methods() {
-  static const std::vector<std::string> m = {"none", "pi", "ntk", "dynamic-ntk", "yarn", "longrope"};
+  static const std::vector<std::string> m = {"none", "pi",       "ntk",   "dynamic-ntk",
+                                             "yarn", "longrope", "llama3"};
   return m;
 }
 
-double yarn_default_mscale(double s) { return s <= 1.0 ? 1.0 : 0.1 * std::log(s) + 1.0; }
+double yarn_default_mscale(double s, double m) { return s <= 1.0 ? 1.0 : 0.1 * m * std::log(s) + 1.0; }
 
 torch::Tensor ContextExtension::spectrum(const torch::Tensor& theta, int64_t length) const {
   auto th = theta.to(torch::kFloat64);
@@ -59,12 +94,27 @@ torch::Tensor ContextExtension::spectrum(const torch::Tensor& theta, int64_t len
   }
   if (method == "yarn") {
     if (factor == 1.0) return th;  // (1-g) theta + g theta need not round back to theta
+    if (yarn_ramp == "hf") {       // the weight of theta/s ramps up over the pair indices
+      auto ramp = hf_yarn_ramp(*this, P);
+      return (th / factor) * ramp + th * (1.0 - ramp);
+    }
     // r(d) = L / lambda_d = L theta_d / 2pi: how many turns the pair makes within the training context.
     auto turns = th * (double(original_context) / (2.0 * std::numbers::pi));
     auto g = ((turns - yarn_alpha) / (yarn_beta - yarn_alpha)).clamp(0.0, 1.0);
     return (1.0 - g) * (th / factor) + g * th;
   }
-  if (method == "longrope") return th / longrope_lambda;
+  if (method == "longrope")  // Hugging Face's switch: the short factors up to L, the long ones beyond
+    return th / (longrope_short.defined() && length <= original_context ? longrope_short : longrope_lambda);
+  if (method == "llama3") {
+    // Wavelengths below L/high_freq_factor are kept, above L/low_freq_factor divided by s; in between the
+    // weight of theta moves linearly with L / wavelength.
+    const double L = double(original_context);
+    auto wavelength = (2.0 * std::numbers::pi) / th;
+    auto smooth = (L / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor);
+    auto mid = (1.0 - smooth) * (th / factor) + smooth * th;
+    return torch::where(wavelength < L / high_freq_factor, th,
+                        torch::where(wavelength > L / low_freq_factor, th / factor, mid));
+  }
   throw std::logic_error("context extension: unhandled method " + method);
 }
 
@@ -84,8 +134,14 @@ std::string ContextExtension::describe() const {
   if (method == "pi" || method == "ntk") return fmt::format("{} (s={})", method, factor);
   if (method == "dynamic-ntk") return fmt::format("dynamic-ntk (s={}, L={})", factor, original_context);
   if (method == "yarn")
-    return fmt::format("yarn (s={}, L={}, alpha={}, beta={}, mscale={:.6g})", factor, original_context,
-                       yarn_alpha, yarn_beta, yarn_mscale);
+    return fmt::format("yarn (s={}, L={}, alpha={}, beta={}, mscale={:.6g}, {} ramp)", factor,
+                       original_context, yarn_alpha, yarn_beta, yarn_mscale, yarn_ramp);
+  if (method == "llama3")
+    return fmt::format("llama3 (s={}, L={}, low_freq_factor={}, high_freq_factor={})", factor,
+                       original_context, low_freq_factor, high_freq_factor);
+  if (longrope_short.defined())
+    return fmt::format("longrope (short/long factors switching at L={}, mscale={:.6g}, n_hat={})",
+                       original_context, longrope_mscale, longrope_start);
   return fmt::format("longrope ({}, n_hat={})",
                      longrope_file.empty() ? fmt::format("lambda=s={}", factor) : "factors " + longrope_file,
                      longrope_start);
@@ -144,11 +200,83 @@ std::vector<double> read_longrope_factors(const std::string& path) {
   return out;
 }
 
-ContextExtension parse_context_extension(const PeOptions& o, const std::string& enc, int64_t rotated_dims,
+const std::vector<std::pair<std::string, std::string>>& hf_option_aliases() {
+  static const std::vector<std::pair<std::string, std::string>> aliases = {
+      {"rope_type", "extend"},
+      {"type", "extend"},
+      {"original_max_position_embeddings", "original_context"},
+      {"beta_fast", "yarn_beta"},
+      {"beta_slow", "yarn_alpha"},
+      {"attention_factor", "yarn_mscale or longrope_mscale"},
+      {"short_factor", "longrope_short_factors"},
+      {"long_factor", "longrope_long_factors"},
+  };
+  return aliases;
+}
+
+std::string method_of_rope_type(const std::string& rope_type) {
+  static const std::map<std::string, std::string> m = {{"default", "none"},        {"linear", "pi"},
+                                                       {"dynamic", "dynamic-ntk"}, {"yarn", "yarn"},
+                                                       {"longrope", "longrope"},   {"llama3", "llama3"}};
+  auto it = m.find(rope_type);
+  if (it == m.end())
+    throw std::invalid_argument(fmt::format(
+        "rope_type '{}' is not one grape computes (default, linear, dynamic, yarn, longrope, llama3)",
+        rope_type));
+  return it->second;
+}
+
+namespace {
+
+// The options with Hugging Face's key names replaced by ours (rope_type values mapped to methods); a key
+// given under both names is refused.
+PeOptions canonical_options(const PeOptions& o, const std::string& enc, const std::string& method_hint) {
+  PeOptions out = o;
+  for (const auto& [alias, _] : hf_option_aliases()) {
+    if (!o.has(alias)) continue;
+    std::string value = o.values().at(alias), key;
+    if (alias == "rope_type" || alias == "type") {
+      key = "extend";
+      try {
+        value = method_of_rope_type(value);
+      } catch (const std::invalid_argument& e) {
+        throw std::invalid_argument(fmt::format("{}: option {}: {}", enc, alias, e.what()));
+      }
+    } else if (alias == "original_max_position_embeddings") {
+      key = "original_context";
+    } else if (alias == "beta_fast") {
+      key = "yarn_beta";
+    } else if (alias == "beta_slow") {
+      key = "yarn_alpha";
+    } else if (alias == "short_factor") {
+      key = "longrope_short_factors";
+    } else if (alias == "long_factor") {
+      key = "longrope_long_factors";
+    } else {  // attention_factor: the q/k factor of whichever method has one
+      const std::string m = out.has("extend") ? out.values().at("extend") : method_hint;
+      key = m == "longrope" ? "longrope_mscale" : "yarn_mscale";
+    }
+    if (o.has(key))
+      throw std::invalid_argument(
+          fmt::format("{}: give either {} or its alias {}, not both", enc, key, alias));
+    if (out.has(key) && out.values().at(key) != value)  // rope_type and type both given, and differing
+      throw std::invalid_argument(fmt::format("{}: rope_type and type name different methods", enc));
+    out.set(key, value);
+  }
+  return out;
+}
+
+}  // namespace
+
+ContextExtension parse_context_extension(const PeOptions& given, const std::string& enc, int64_t rotated_dims,
                                          const std::string& fixed_method, double default_factor) {
   auto fail = [&](const std::string& msg) { throw std::invalid_argument(fmt::format("{}: {}", enc, msg)); };
+  const PeOptions o = canonical_options(given, enc, fixed_method);
   ContextExtension e;
   e.rotated_dims = rotated_dims;
+  e.base = o.get_double("base", 10000.0);
+  if (!fixed_method.empty() && o.has("extend") && o.values().at("extend") != fixed_method)
+    fail(fmt::format("its method is {}; rope_type names {}", fixed_method, o.values().at("extend")));
   e.method = fixed_method.empty() ? o.get_choice("extend", "none", extension_methods()) : fixed_method;
   if (!is_method(e.method)) fail("unknown context-extension method " + e.method);
   e.factor = o.get_double("factor", default_factor);
@@ -156,14 +284,20 @@ ContextExtension parse_context_extension(const PeOptions& o, const std::string& 
   e.original_context = o.get_int("original_context", 128);
   if (e.original_context < 1) fail(fmt::format("original_context must be >= 1, got {}", e.original_context));
   // A method's own options given with another method would be silently ignored: refuse them.
-  for (const char* key : {"yarn_alpha", "yarn_beta", "yarn_mscale"})
-    if (o.has(key) && e.method != "yarn")
-      fail(fmt::format("option {} applies only to extend=yarn (the method here is {})", key, e.method));
-  for (const char* key : {"longrope_factors", "longrope_start"})
-    if (o.has(key) && e.method != "longrope")
-      fail(fmt::format("option {} applies only to extend=longrope (the method here is {})", key, e.method));
+  auto only_with = [&](const std::string& method, std::initializer_list<const char*> keys) {
+    for (const char* key : keys)
+      if (o.has(key) && e.method != method)
+        fail(fmt::format("option {} applies only to extend={} (the method here is {})", key, method,
+                         e.method));
+  };
+  only_with("yarn", {"yarn_alpha", "yarn_beta", "yarn_mscale", "yarn_ramp", "yarn_truncate", "mscale",
+                     "mscale_all_dim"});
+  only_with("longrope", {"longrope_factors", "longrope_start", "longrope_short_factors",
+                         "longrope_long_factors", "longrope_mscale"});
+  only_with("llama3", {"low_freq_factor", "high_freq_factor"});
   if (e.method == "none" && e.factor != 1.0)
-    fail(fmt::format("factor {} needs a method: set extend=pi|ntk|dynamic-ntk|yarn|longrope", e.factor));
+    fail(fmt::format("factor {} needs a method: set extend=pi|ntk|dynamic-ntk|yarn|longrope|llama3",
+                     e.factor));
   if ((e.method == "ntk" || e.method == "dynamic-ntk") && rotated_dims < 4)
     fail(fmt::format(
         "{} needs at least 4 rotated dims (it keeps theta_0 and divides theta_(r/2-1) by s), got {}",
@@ -174,15 +308,48 @@ ContextExtension parse_context_extension(const PeOptions& o, const std::string& 
     if (e.yarn_alpha < 0.0 || !(e.yarn_beta > e.yarn_alpha))
       fail(fmt::format("yarn needs 0 <= yarn_alpha < yarn_beta, got alpha {} and beta {}", e.yarn_alpha,
                        e.yarn_beta));
+    e.yarn_ramp = o.get_choice("yarn_ramp", "paper", {"paper", "hf"});
+    if (o.has("yarn_truncate") && e.yarn_ramp != "hf")
+      fail("option yarn_truncate applies only to yarn_ramp=hf (the paper's ramp is continuous)");
+    e.yarn_truncate = o.get_bool("yarn_truncate", true);
+    // Hugging Face (DeepSeek's configs): with mscale and mscale_all_dim both nonzero, the q/k factor is the
+    // ratio of their temperatures; otherwise the paper's 0.1 ln s + 1.
+    const double m = o.get_double("mscale", 0.0), m_all = o.get_double("mscale_all_dim", 0.0);
+    const double automatic_mscale =
+        m != 0.0 && m_all != 0.0 ? yarn_default_mscale(e.factor, m) / yarn_default_mscale(e.factor, m_all)
+                                 : yarn_default_mscale(e.factor);
     const bool automatic = !o.has("yarn_mscale") || o.values().at("yarn_mscale") == "auto";
-    e.yarn_mscale = automatic ? yarn_default_mscale(e.factor) : o.get_double("yarn_mscale", 1.0);
+    e.yarn_mscale = automatic ? automatic_mscale : o.get_double("yarn_mscale", 1.0);
     if (!(e.yarn_mscale > 0.0)) fail(fmt::format("yarn_mscale must be > 0, got {}", e.yarn_mscale));
+  }
+  if (e.method == "llama3") {
+    e.low_freq_factor = o.get_double("low_freq_factor", 1.0);
+    e.high_freq_factor = o.get_double("high_freq_factor", 4.0);
+    if (!(e.low_freq_factor > 0.0) || !(e.high_freq_factor > e.low_freq_factor))
+      fail(fmt::format("llama3 needs 0 < low_freq_factor < high_freq_factor, got {} and {}",
+                       e.low_freq_factor, e.high_freq_factor));
   }
   if (e.method == "longrope") {
     const int64_t P = rotated_dims / 2;
     e.longrope_start = o.get_int("longrope_start", 0);
     if (e.longrope_start < 0) fail(fmt::format("longrope_start must be >= 0, got {}", e.longrope_start));
-    if (o.has("longrope_factors")) {
+    const bool by_file = o.has("longrope_factors");
+    const bool short_long = o.has("longrope_short_factors") || o.has("longrope_long_factors");
+    if (by_file && short_long)
+      fail("give the longrope factors either as a file (longrope_factors) or as short/long lists, not both");
+    if (short_long) {  // Hugging Face's form: short factors up to L, long ones beyond
+      for (const char* key : {"longrope_short_factors", "longrope_long_factors"})
+        if (!o.has(key)) fail(fmt::format("longrope with short/long factors needs {} too", key));
+      try {
+        e.longrope_short =
+            inline_factors(o.values().at("longrope_short_factors"), "longrope_short_factors", P);
+        e.longrope_lambda =
+            inline_factors(o.values().at("longrope_long_factors"), "longrope_long_factors", P);
+      } catch (const std::invalid_argument& err) {
+        fail(err.what());
+      }
+      if (!o.has("factor")) e.factor = e.longrope_lambda.max().item<double>();
+    } else if (by_file) {
       if (o.has("factor"))
         fail(
             "give the longrope factors either as factor=S (the same for every frequency) or as "
@@ -203,6 +370,15 @@ ContextExtension parse_context_extension(const PeOptions& o, const std::string& 
     } else {
       e.longrope_lambda = torch::full({P}, e.factor, torch::kFloat64);
     }
+    // auto: LongRoPE's (and Hugging Face's) sqrt(1 + ln s / ln L) for s > 1.
+    const bool automatic = o.has("longrope_mscale") && o.values().at("longrope_mscale") == "auto";
+    e.longrope_mscale =
+        automatic
+            ? (e.factor <= 1.0 ? 1.0
+                               : std::sqrt(1.0 + std::log(e.factor) / std::log(double(e.original_context))))
+            : o.get_double("longrope_mscale", 1.0);
+    if (!(e.longrope_mscale > 0.0))
+      fail(fmt::format("longrope_mscale must be > 0, got {}", e.longrope_mscale));
   }
   return e;
 }
@@ -210,25 +386,150 @@ ContextExtension parse_context_extension(const PeOptions& o, const std::string& 
 std::vector<OptionSpec> context_extension_options(const std::string& fixed_method,
                                                   const std::string& default_factor) {
   std::vector<OptionSpec> out;
-  if (fixed_method.empty())
-    out.push_back({"extend", "none", "context extension: none|pi|ntk|dynamic-ntk|yarn|longrope"});
-  out.push_back({"factor", default_factor, "s = L'/L, the extension factor"});
-  out.push_back({"original_context", "128", "L, the training context (dynamic-ntk, yarn)"});
   const bool all = fixed_method.empty();
+  if (all)
+    out.push_back({"extend", "none", "context extension: none|pi|ntk|dynamic-ntk|yarn|longrope|llama3"});
+  out.push_back({"factor", default_factor, "s = L'/L, the extension factor"});
+  out.push_back({"original_context", "128", "L, the training context (dynamic-ntk, yarn, longrope, llama3)"});
   if (all || fixed_method == "yarn") {
     out.push_back({"yarn_alpha", "1", "yarn: pairs turning fewer than alpha times within L get pure PI"});
     out.push_back({"yarn_beta", "32", "yarn: pairs turning more than beta times within L are not changed"});
+    out.push_back({"yarn_mscale", "auto",
+                   "yarn: factor on rotated q and k; auto: 0.1 ln s + 1, or from mscale/mscale_all_dim"});
     out.push_back(
-        {"yarn_mscale", "auto", "yarn: factor on rotated q and k; auto: 0.1 ln s + 1 (1: NTK-by-parts)"});
+        {"yarn_ramp", "paper",
+         "yarn: paper (continuous in each pair's turns) or hf (Hugging Face's, over pair indices)"});
+    out.push_back({"yarn_truncate", "true", "yarn_ramp=hf: floor/ceil the ramp's ends (HF's truncate)"});
+    out.push_back(
+        {"mscale", "0", "yarn: with mscale_all_dim, q,k factor (0.1 m ln s + 1)/(0.1 m_all ln s + 1)"});
+    out.push_back({"mscale_all_dim", "0", "yarn: see mscale (Hugging Face / DeepSeek)"});
   }
   if (all || fixed_method == "longrope") {
     out.push_back({"longrope_factors", "",
                    "longrope: file of r/2 factors lambda_d (JSON array or text); "
                    "default lambda_d = factor"});
+    out.push_back({"longrope_short_factors", "",
+                   "longrope: JSON array of r/2 factors used while the length is <= L (with the long ones)"});
+    out.push_back({"longrope_long_factors", "", "longrope: JSON array of r/2 factors used beyond L"});
     out.push_back({"longrope_start", "0", "longrope: n_hat, positions below it are not interpolated"});
+    out.push_back(
+        {"longrope_mscale", "1", "longrope: factor on rotated q and k; auto: sqrt(1 + ln s / ln L)"});
   }
+  if (all || fixed_method == "llama3") {
+    out.push_back({"low_freq_factor", "1", "llama3: wavelengths above L/low_freq_factor get theta/s"});
+    out.push_back({"high_freq_factor", "4", "llama3: wavelengths below L/high_freq_factor are kept"});
+  }
+  for (const auto& [alias, ours] : hf_option_aliases())
+    out.push_back({alias, "", "Hugging Face's name for " + ours});
   return out;
 }
+
+}  // namespace grape::detail
+
+namespace grape {
+
+std::map<std::string, std::string> hf_rope_scaling_options(const std::string& json_text) {
+  using nlohmann::json;
+  auto fail = [](const std::string& msg) { throw std::invalid_argument("rope_scaling: " + msg); };
+  const json j = json::parse(json_text, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) fail("not valid JSON: " + json_text);
+  if (!j.is_object()) fail("expected a JSON object such as {\"rope_type\": \"yarn\", \"factor\": 4}");
+  if (!j.contains("rope_type") && !j.contains("type")) fail("missing 'rope_type' (or 'type')");
+  std::string rope_type;
+  for (const char* key : {"rope_type", "type"}) {
+    if (!j.contains(key)) continue;
+    if (!j[key].is_string()) fail(fmt::format("'{}' must be a string, got {}", key, j[key].dump()));
+    if (!rope_type.empty() && j[key].get<std::string>() != rope_type)
+      fail("'rope_type' and 'type' name different types");
+    rope_type = j[key].get<std::string>();
+  }
+  // transformers' required and optional keys per type (its rope validation functions).
+  static const std::map<std::string, std::pair<std::vector<std::string>, std::vector<std::string>>> keys = {
+      {"default", {{}, {}}},
+      {"linear", {{"factor"}, {}}},
+      {"dynamic", {{"factor"}, {"original_max_position_embeddings"}}},
+      {"yarn",
+       {{"factor"},
+        {"attention_factor", "beta_fast", "beta_slow", "original_max_position_embeddings", "mscale",
+         "mscale_all_dim", "truncate"}}},
+      {"longrope",
+       {{"short_factor", "long_factor"}, {"attention_factor", "factor", "original_max_position_embeddings"}}},
+      {"llama3", {{"factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"}, {}}},
+  };
+  auto it = keys.find(rope_type);
+  if (it == keys.end())
+    fail(fmt::format(
+        "rope_type '{}' is not one grape computes (default, linear, dynamic, yarn, longrope, llama3)",
+        rope_type));
+  const auto& [required, optional] = it->second;
+  for (const auto& k : required)
+    if (!j.contains(k)) fail(fmt::format("rope_type '{}' needs '{}'", rope_type, k));
+  for (const auto& [k, v] : j.items()) {
+    const bool known = k == "rope_type" || k == "type" ||
+                       std::find(required.begin(), required.end(), k) != required.end() ||
+                       std::find(optional.begin(), optional.end(), k) != optional.end();
+    if (!known) {
+      std::vector<std::string> all = required;
+      all.insert(all.end(), optional.begin(), optional.end());
+      fail(fmt::format("unknown key '{}' for rope_type '{}' (known: rope_type{}{})", k, rope_type,
+                       all.empty() ? "" : ", ", fmt::join(all, ", ")));
+    }
+  }
+  auto number = [&](const std::string& k) {
+    if (!j[k].is_number()) fail(fmt::format("'{}' must be a number, got {}", k, j[k].dump()));
+    const double v = j[k].get<double>();
+    if (!std::isfinite(v)) fail(fmt::format("'{}' must be finite, got {}", k, j[k].dump()));
+    return fmt::format("{}", v);
+  };
+  std::map<std::string, std::string> o;
+  o["extend"] = detail::method_of_rope_type(rope_type);
+  if (j.contains("factor")) {
+    if (j["factor"].is_number() && j["factor"].get<double>() < 1.0)
+      fail(fmt::format("'factor' must be >= 1, got {}", j["factor"].dump()));
+    o["factor"] = number("factor");
+  }
+  if (j.contains("original_max_position_embeddings")) {
+    const auto& v = j["original_max_position_embeddings"];
+    if (!v.is_number_integer() || v.get<int64_t>() < 1)
+      fail(fmt::format("'original_max_position_embeddings' must be a positive integer, got {}", v.dump()));
+    o["original_context"] = std::to_string(v.get<int64_t>());
+  }
+  if (rope_type == "yarn") {
+    o["yarn_ramp"] = "hf";  // what transformers computes
+    if (j.contains("beta_fast")) o["yarn_beta"] = number("beta_fast");
+    if (j.contains("beta_slow")) o["yarn_alpha"] = number("beta_slow");
+    if (j.contains("attention_factor")) o["yarn_mscale"] = number("attention_factor");
+    for (const char* k : {"mscale", "mscale_all_dim"})
+      if (j.contains(k)) o[k] = number(k);
+    if (j.contains("truncate")) {
+      if (!j["truncate"].is_boolean())
+        fail(fmt::format("'truncate' must be true or false, got {}", j["truncate"].dump()));
+      o["yarn_truncate"] = j["truncate"].get<bool>() ? "true" : "false";
+    }
+  }
+  if (rope_type == "longrope") {
+    for (const auto& [k, ours] :
+         {std::pair<std::string, std::string>{"short_factor", "longrope_short_factors"},
+          {"long_factor", "longrope_long_factors"}}) {
+      if (!j[k].is_array()) fail(fmt::format("'{}' must be a list of numbers, got {}", k, j[k].dump()));
+      for (const auto& x : j[k])
+        if (!x.is_number()) fail(fmt::format("'{}' must be a list of numbers, got {}", k, x.dump()));
+      o[ours] = j[k].dump();
+    }
+    o["longrope_mscale"] = j.contains("attention_factor") ? number("attention_factor") : "auto";
+    if (!j.contains("factor") && !j.contains("attention_factor"))
+      fail("rope_type 'longrope' needs 'factor' (or 'attention_factor') for its attention scaling");
+  }
+  if (rope_type == "llama3") {
+    o["low_freq_factor"] = number("low_freq_factor");
+    o["high_freq_factor"] = number("high_freq_factor");
+  }
+  return o;
+}
+
+}  // namespace grape
+
+namespace grape::detail {
 
 namespace {
 
@@ -312,6 +613,29 @@ void context_extension_laws(LawTable& t) {
     auto th = spectrum_of(fresh("yarn", PeOptions{{"factor", "4"}, {"original_context", "1000"}}));
     t.add("E-4: r(d) > beta unchanged", max_diff(th.narrow(0, 0, 2), theta.narrow(0, 0, 2)), 1e-12);
     t.add("E-4: r(d) < alpha == theta/s", max_diff(th.narrow(0, 4, 2), theta.narrow(0, 4, 2) / 4.0), 1e-12);
+    // Hugging Face's ramp, same ends: L = 1000, D = 12 puts pair indices 0..1 before it, 4..5 after it.
+    auto hf = spectrum_of(
+        fresh("yarn", PeOptions{{"factor", "4"}, {"original_context", "1000"}, {"yarn_ramp", "hf"}}));
+    t.add("E-4 (hf ramp): first pairs unchanged", max_diff(hf.narrow(0, 0, 1), theta.narrow(0, 0, 1)), 1e-12);
+    t.add("E-4 (hf ramp): last pairs == theta/s", max_diff(hf.narrow(0, 5, 1), theta.narrow(0, 5, 1) / 4.0),
+          1e-12);
+    t.add("E-4 (hf ramp): factor=1 == rope",
+          logits_gap(fresh("yarn", PeOptions{{"factor", "1"}, {"yarn_ramp", "hf"}}), fresh("rope"), in, 5),
+          0.0);
+  } else if (n == "llama3") {
+    // L = 1000, D = 12: wavelengths 2pi/theta_d = 6.3, 29, 135 (< L/4: kept), 628 (blended), 2920, 13536
+    // (> L/1: theta/s).
+    auto th = spectrum_of(fresh("llama3", PeOptions{{"factor", "8"}, {"original_context", "1000"}}));
+    t.add("llama3: short wavelengths kept", max_diff(th.narrow(0, 0, 3), theta.narrow(0, 0, 3)), 1e-12);
+    t.add("llama3: long wavelengths == theta/s", max_diff(th.narrow(0, 4, 2), theta.narrow(0, 4, 2) / 8.0),
+          1e-12);
+    const double g = (1000.0 / (2.0 * std::numbers::pi / theta[3].item<double>()) - 1.0) / 3.0;
+    t.add("llama3: blend (1-g) theta/s + g theta",
+          std::abs(th[3].item<double>() -
+                   ((1.0 - g) * theta[3].item<double>() / 8.0 + g * theta[3].item<double>())),
+          1e-12);
+    t.add("llama3: factor=1 == rope",
+          logits_gap(fresh("llama3", PeOptions{{"factor", "1"}}), fresh("rope"), in, 5), 1e-12);
   } else if (n == "longrope") {
     t.add("E-5: lambda = s, n_hat = 0 == pi",
           logits_gap(fresh("longrope", PeOptions{{"factor", "3"}}), fresh("pi", PeOptions{{"factor", "3"}}),
@@ -342,12 +666,15 @@ void add_context_extension(std::vector<EncodingInfo>& out) {
        "RoPE with dynamic NTK: NTK with s -> s l/L - (s-1) at length l > L; caches unrotated keys"},
       {"yarn", "RoPE with YaRN: NTK-by-parts ramp between PI and RoPE per frequency, q,k times 0.1 ln s + 1"},
       {"longrope",
-       "RoPE with LongRoPE: per-frequency factors lambda_d from a file, first n_hat positions kept"},
+       "RoPE with LongRoPE: per-frequency factors lambda_d (a file, or HF's short/long lists switching at "
+       "L)"},
+      {"llama3", "RoPE with Llama 3's scaling: theta/s for wavelengths > L/low, kept below L/high, blended"},
   };
   auto layout = rotary_layout_options();
   for (const auto& n : named) {
     const std::string method = n.name;
-    std::vector<OptionSpec> opts = context_extension_options(method, "2");
+    const std::string default_factor = method == "llama3" ? "8" : "2";  // Llama 3.1's own s is 8
+    std::vector<OptionSpec> opts = context_extension_options(method, default_factor);
     opts.push_back({"base", "10000", "frequency base"});
     opts.push_back({"fraction", "1", "partial rotary: rotate only the first fraction*D dims"});
     opts.insert(opts.end(), layout.begin(), layout.end());
@@ -357,7 +684,7 @@ void add_context_extension(std::vector<EncodingInfo>& out) {
                    opts,
                    {},
                    [method](const HeadShape& s, const PeOptions& o) {
-                     return make_extended_rope(s, o, method, method, 2.0);
+                     return make_extended_rope(s, o, method, method, method == "llama3" ? 8.0 : 2.0);
                    },
                    context_extension_laws});
   }

@@ -226,14 +226,15 @@ class RoPE : public Encoding {
     return torch::exp(log_theta_.to(dtype)) * keep_.to(dtype);
   }
 
-  // Dynamic NTK: rotate the queries and every cached (unrotated) key with the current length's spectrum.
+  // A spectrum that depends on the length (dynamic NTK, LongRoPE's short/long switch): rotate the queries
+  // and every cached (unrotated) key with the current length's spectrum.
   std::pair<torch::Tensor, torch::Tensor> attention_qk(const PeTokens& queries,
                                                        const KeyCache& keys) const override {
     if (!ext_.dynamic()) return Encoding::attention_qk(queries, keys);
     const auto th = theta(queries.q.scalar_type());
     const int64_t l = queries.offset + queries.length;
-    return {rotate(queries.q, ext_.angles(th, queries.offset, queries.length, l)),
-            rotate(keys.k, ext_.angles(th, keys.offset, keys.length, l))};
+    return {ext_.temper(rotate(queries.q, ext_.angles(th, queries.offset, queries.length, l))),
+            ext_.temper(rotate(keys.k, ext_.angles(th, keys.offset, keys.length, l)))};
   }
 
  protected:
@@ -338,7 +339,7 @@ class GrapeM : public Encoding {
                                                        const KeyCache& keys) const override {
     if (!ext_.dynamic()) return Encoding::attention_qk(queries, keys);
     const int64_t l = queries.offset + queries.length;
-    return {rotate(queries.q, queries.offset, l), rotate(keys.k, keys.offset, l)};
+    return {ext_.temper(rotate(queries.q, queries.offset, l)), ext_.temper(rotate(keys.k, keys.offset, l))};
   }
 
  protected:

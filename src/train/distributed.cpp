@@ -16,6 +16,7 @@
 #include <csignal>
 #include <cstdlib>
 #include <mutex>
+#include <nlohmann/json.hpp>
 #include <stdexcept>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
@@ -120,6 +121,98 @@ std::shared_ptr<::gloo::transport::Device> gloo_device(const Env& env) {
 
 }  // namespace
 
+// ---- agreeing on the job before the first collective -----------------------------------------------
+
+namespace {
+
+std::string store_text(c10d::Store& store, const std::string& key) {
+  const auto bytes = store.get(key);
+  return std::string(bytes.begin(), bytes.end());
+}
+void store_put(c10d::Store& store, const std::string& key, const std::string& text) {
+  store.set(key, std::vector<uint8_t>(text.begin(), text.end()));
+}
+
+// The fields in which two JSON descriptions differ, as "field: A on rank a, B on rank b" (at most five).
+std::string describe_difference(const std::string& mine, int my_rank, const std::string& theirs,
+                                int their_rank) {
+  using nlohmann::json;
+  const auto a = json::parse(mine, nullptr, false), b = json::parse(theirs, nullptr, false);
+  if (a.is_discarded() || b.is_discarded()) return "unreadable description";
+  const auto fa = a.flatten(), fb = b.flatten();
+  std::vector<std::string> keys;
+  for (const auto& [k, v] : fa.items())
+    if (!fb.contains(k) || fb[k] != v) keys.push_back(k);
+  for (const auto& [k, v] : fb.items())
+    if (!fa.contains(k)) keys.push_back(k);
+  std::vector<std::string> parts;
+  for (const auto& k : keys) {
+    if (parts.size() == 5) {
+      parts.push_back(fmt::format("{} more", keys.size() - 5));
+      break;
+    }
+    auto shown = [&](const json& f) { return f.contains(k) ? f[k].dump() : std::string("(absent)"); };
+    parts.push_back(fmt::format("{}: {} on rank {}, {} on rank {}", k.substr(1), shown(fa), my_rank,
+                                shown(fb), their_rank));
+  }
+  return fmt::format("{}", fmt::join(parts, "; "));
+}
+
+// Every rank publishes `description` under grape/agree/WHAT/RANK. A rank other than 0 compares its own with
+// rank 0's at once (so a rank outside rank 0's world is refused too), then waits for rank 0's verdict,
+// which names the first rank that differs. Throws std::invalid_argument on any difference. Each rank
+// other than 0 marks .../done/RANK when it has read what it needs, and a refusing rank 0 waits (up to
+// 10 s) for those marks before it leaves: its exit takes the store down with it.
+void agree_through_store(c10d::Store& store, const Env& env, const std::string& what,
+                         const std::string& description) {
+  const std::string prefix = "grape/agree/" + what + "/";
+  store_put(store, prefix + std::to_string(env.rank), description);
+  if (env.rank != 0) {
+    const auto done = [&] { store_put(store, prefix + "done/" + std::to_string(env.rank), "1"); };
+    const auto lead = store_text(store, prefix + "0");
+    if (lead != description) {
+      done();
+      throw std::invalid_argument(fmt::format("rank {}: this rank's {} differs from rank 0's: {}", env.rank,
+                                              what, describe_difference(description, env.rank, lead, 0)));
+    }
+    const auto verdict = store_text(store, prefix + "verdict");
+    done();
+    if (verdict != "ok") throw std::invalid_argument(fmt::format("rank {}: {}", env.rank, verdict));
+    return;
+  }
+  std::string verdict = "ok";
+  for (int r = 1; r < env.world_size && verdict == "ok"; ++r) {
+    const auto theirs = store_text(store, prefix + std::to_string(r));
+    if (theirs != description)
+      verdict = fmt::format("rank {}'s {} differs from rank 0's: {}", r, what,
+                            describe_difference(theirs, r, description, 0));
+  }
+  store_put(store, prefix + "verdict", verdict);
+  if (verdict == "ok") return;
+  std::vector<std::string> marks;
+  for (int r = 1; r < env.world_size; ++r) marks.push_back(prefix + "done/" + std::to_string(r));
+  try {
+    store.wait(marks, std::chrono::seconds(10));
+  } catch (const std::exception&) {  // a rank that never reads the verdict fails by its own timeout
+  }
+  throw std::invalid_argument(fmt::format("rank 0: {}", verdict));
+}
+
+// c10d reports a store that timed out as a c10::Error: one line naming what was awaited.
+template <class F>
+void with_store_errors(const Env& env, const std::string& what, F&& f) {
+  try {
+    f();
+  } catch (const c10::Error& e) {
+    throw std::runtime_error(fmt::format(
+        "rank {}: agreeing on the {} with the other ranks failed ({}); a rank is missing, died, or hung "
+        "past GRAPE_DIST_TIMEOUT",
+        env.rank, what, e.what_without_backtrace()));
+  }
+}
+
+}  // namespace
+
 Group::Group(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Group::~Group() = default;
 
@@ -132,7 +225,25 @@ std::shared_ptr<Group> Group::join(const Env& env, std::chrono::milliseconds tim
   std::signal(SIGPIPE, SIG_IGN);
   auto impl = std::make_unique<Impl>();
   impl->env = env;
-  try {
+  // Store and Gloo failures (address in use, unreachable host, timeout) become one line naming the job.
+  auto cannot_join = [&](const std::string& why) {
+    return std::runtime_error(fmt::format(
+        "rank {}: cannot join the job at {}:{} (world size {}, waited up to {:g} s, "
+        "GRAPE_DIST_TIMEOUT): {}",
+        env.rank, env.master_addr, env.master_port, env.world_size, double(timeout.count()) / 1000.0, why));
+  };
+  auto joining = [&](auto&& step) {
+    try {
+      step();
+    } catch (const c10::Error& e) {
+      throw cannot_join(e.what_without_backtrace());
+    } catch (const std::invalid_argument&) {
+      throw;
+    } catch (const std::exception& e) {
+      throw cannot_join(e.what());
+    }
+  };
+  joining([&] {
     c10d::TCPStoreOptions so;
     so.port = uint16_t(env.master_port);
     so.isServer = env.rank == 0;
@@ -140,19 +251,20 @@ std::shared_ptr<Group> Group::join(const Env& env, std::chrono::milliseconds tim
     so.waitWorkers = false;  // ProcessGroupGloo's own rendezvous waits for every rank, with the timeout
     so.timeout = timeout;
     impl->store = c10::make_intrusive<c10d::TCPStore>(env.master_addr, so);
+    // Before Gloo's own rendezvous, which would wait for ranks that never come: every rank must have the
+    // same world size as rank 0 (a difference throws std::invalid_argument, passed on as it is).
+    agree_through_store(*impl->store, env, "world size",
+                        nlohmann::json{{"WORLD_SIZE", env.world_size}}.dump());
     auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
     opts->devices.push_back(gloo_device(env));
     impl->pg = c10::make_intrusive<c10d::ProcessGroupGloo>(impl->store, env.rank, env.world_size, opts);
-  } catch (const c10::Error& e) {
-    throw std::runtime_error(fmt::format("rank {}: cannot join the job at {}:{} (world size {}): {}",
-                                         env.rank, env.master_addr, env.master_port, env.world_size,
-                                         e.what_without_backtrace()));
-  } catch (const std::exception& e) {
-    throw std::runtime_error(fmt::format("rank {}: cannot join the job at {}:{} (world size {}): {}",
-                                         env.rank, env.master_addr, env.master_port, env.world_size,
-                                         e.what()));
-  }
+  });
   return std::shared_ptr<Group>(new Group(std::move(impl)));
+}
+
+void Group::agree(const std::string& what, const std::string& description) {
+  with_store_errors(impl_->env, what,
+                    [&] { agree_through_store(*impl_->store, impl_->env, what, description); });
 }
 
 int Group::rank() const { return impl_->env.rank; }

@@ -52,12 +52,14 @@ bool has_extend_option(const std::string& pe) {
   return false;
 }
 
-// The encoding options that extend a model trained at `context` by `factor` (the extension contract).
+// The encoding options that extend a model trained at `context` by `factor` (the extension contract). A
+// method name is an `extend` value, or yarn-hf: YaRN with Hugging Face's ramp (beside the paper's, yarn).
 std::map<std::string, std::string> extension_options(const std::map<std::string, std::string>& base,
                                                      const std::string& method, int64_t factor,
                                                      int64_t context) {
   auto o = base;
-  o["extend"] = method;
+  o["extend"] = method == "yarn-hf" ? "yarn" : method;
+  if (method == "yarn-hf") o["yarn_ramp"] = "hf";
   o["factor"] = std::to_string(factor);
   o["original_context"] = std::to_string(context);
   return o;

@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <limits>
+#include <nlohmann/json.hpp>
 #include <numbers>
 #include <stdexcept>
 
@@ -288,6 +289,15 @@ TrainSummary run_training(const ModelConfig& model_cfg_in, const TrainConfig& cf
   const TrainConfig& cfg = from.train;
   cfg.validate();
   model_cfg.validate();
+  if (group) {
+    // Every rank must train the same model on the same schedule; a rank started with other flags (or not
+    // resuming when the others do) is refused here, naming the fields, before any collective.
+    auto job = nlohmann::json{{"model", nlohmann::json::parse(model_cfg.to_json())},
+                              {"train", nlohmann::json::parse(cfg.to_json())},
+                              {"resume", opts.resume}};
+    job["train"].erase("log_every");  // progress output is each rank's own
+    group->agree("configuration", job.dump());
+  }
   data::DataOptions dopt;
   dopt.val_fraction = cfg.val_fraction;
   auto data = data::open_data(cfg.data, *from.tok, dopt);
