@@ -15,6 +15,8 @@ PACKAGES=(
   gnuplot-nox                         # plots in reports
   bible-kjv                           # the default training text
   libgloo-dev                         # headers of the Gloo collectives under c10d (grape train --nproc)
+  python3-torch python3-numpy         # the Python package grape (docs/python.md): the same LibTorch, from Python
+  pybind11-dev python3-dev python3-pytest   # its extension grape._C, and its tests
 )
 
 missing=()
