@@ -913,7 +913,8 @@ TEST_F(Train, IdleOpenMpWorkersSpinBrieflyUnlessTheUserSaysOtherwise) {
   ASSERT_EQ(r.code, 0) << r.output;
   p = nlohmann::json::parse(grape::io::read_file(path("b/run.json")))["provenance"];
   EXPECT_EQ(p["gomp_spincount"], "777") << p.dump();
-  r = run_cli("train" + tiny_flags() + " --steps 1 --out " + path("c") + " --quiet", "OMP_WAIT_POLICY=active");
+  r = run_cli("train" + tiny_flags() + " --steps 1 --out " + path("c") + " --quiet",
+              "OMP_WAIT_POLICY=active");
   ASSERT_EQ(r.code, 0) << r.output;
   p = nlohmann::json::parse(grape::io::read_file(path("c/run.json")))["provenance"];
   EXPECT_EQ(p["gomp_spincount"], "") << p.dump();
