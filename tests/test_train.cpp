@@ -900,3 +900,22 @@ TEST_F(Train, CompareSeedsReportMeanSpreadAndValidationInThePlots) {
                sd = j["runs"][0]["spread"]["val_loss"]["sd"];
   EXPECT_EQ(val, fmt::format("3 {:.6f} {:.6f}\n", mean, sd));
 }
+
+TEST_F(Train, IdleOpenMpWorkersSpinBrieflyUnlessTheUserSaysOtherwise) {
+  // libgomp's default spin (300,000 iterations) made 2 threads 2-95x slower than 1 when another process
+  // kept a core busy: grape restarts itself with a short spin before libgomp reads it (src/cli/threads.cpp).
+  auto r = run_cli("train" + tiny_flags() + " --steps 1 --out " + path("a") + " --quiet");
+  ASSERT_EQ(r.code, 0) << r.output;
+  auto p = nlohmann::json::parse(grape::io::read_file(path("a/run.json")))["provenance"];
+  EXPECT_EQ(p["gomp_spincount"], "10000") << p.dump();
+  // A value the user set is theirs.
+  r = run_cli("train" + tiny_flags() + " --steps 1 --out " + path("b") + " --quiet", "GOMP_SPINCOUNT=777");
+  ASSERT_EQ(r.code, 0) << r.output;
+  p = nlohmann::json::parse(grape::io::read_file(path("b/run.json")))["provenance"];
+  EXPECT_EQ(p["gomp_spincount"], "777") << p.dump();
+  r = run_cli("train" + tiny_flags() + " --steps 1 --out " + path("c") + " --quiet",
+              "OMP_WAIT_POLICY=active");
+  ASSERT_EQ(r.code, 0) << r.output;
+  p = nlohmann::json::parse(grape::io::read_file(path("c/run.json")))["provenance"];
+  EXPECT_EQ(p["gomp_spincount"], "") << p.dump();
+}

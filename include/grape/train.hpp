@@ -177,8 +177,8 @@ std::string git_commit();  // the commit at build time ("...-dirty" with uncommi
 // The BLAS behind LibTorch's matmuls, e.g. "OpenBLAS 0.3.21 ... (OpenMP threads)": its threading decides how
 // it shares the cores with LibTorch's OpenMP threads.
 std::string blas_description();
-// {"command", "version", "git_commit", "host", "blas", "threads", "time"} as JSON text: recorded in run.json,
-// results.json and reports.
+// {"command", "version", "git_commit", "host", "blas", "threads", "gomp_spincount", "time"} as JSON text:
+// recorded in run.json, results.json and reports.
 std::string provenance_json(const std::string& command);
 
 // Mean validation loss over up to max_batches windows of `context` tokens (no gradients).

@@ -74,7 +74,8 @@ void finish(const BenchArgs& a, const std::string& table, const nlohmann::json& 
 // `column` names the fourth column (context for training, generated tokens for decoding); measure sets it.
 void measure_presets(const BenchArgs& a, const std::string& column,
                      const std::function<double(Transformer&, int64_t&)>& measure) {
-  std::string table = "attention: " + a.attention + "; BLAS: " + train::blas_description() + "\n" +
+  std::string table = "attention: " + a.attention + "; threads: " + std::to_string(torch::get_num_threads()) +
+                      "; BLAS: " + train::blas_description() + "\n" +
                       fmt::format("{:<8} {:<12} {:>12} {:>8} {:>8} {:>12}\n", "preset", "pe", "parameters",
                                   "batch", column, "tokens/s");
   nlohmann::json rows = nlohmann::json::array();

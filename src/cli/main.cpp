@@ -102,7 +102,12 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", "grape " + grape::train::version());
   int threads = 0;
   app.add_option("--threads", threads, grape::cli::threads_help())->check(grape::cli::kPositive);
-  app.parse_complete_callback([&] { grape::cli::set_threads(threads); });
+  app.parse_complete_callback([&] {
+    const std::string note = grape::cli::set_threads(threads);
+    // Said where it matters: the commands that compute for long.
+    for (const char* heavy : {"train", "eval", "generate", "compare", "bench"})
+      if (!note.empty() && app.got_subcommand(heavy)) std::fprintf(stderr, "grape: %s\n", note.c_str());
+  });
   grape::cli::add_encodings_command(app);
   grape::cli::add_check_command(app);
   grape::cli::add_pe_command(app);

@@ -7,9 +7,10 @@
 // was 2x slower than with 1, and under heavier load 40-95x slower (docs/performance.md). Two measures:
 //
 // 1. A short spin. libgomp reads GOMP_SPINCOUNT once, when it is loaded, before main and before any code
-//    of ours could set it, so `grape` sets it by starting itself again: a function in .preinit_array (run by
-//    the dynamic loader before any library's constructors, so LibTorch's start-up work is not done twice)
-//    execs /proc/self/exe with the variable added. A value the user set (GOMP_SPINCOUNT or OMP_WAIT_POLICY)
+//    of ours could set it (a setenv from .preinit_array was tried and measured: it comes too late), so
+//    `grape` sets it by starting itself again: a function in .preinit_array (run by the dynamic loader
+//    before main) execs /proc/self/exe with the variable added; it costs one more load of the libraries
+//    (about 0.25 s on the loaded 2-core machine). A value the user set (GOMP_SPINCOUNT or OMP_WAIT_POLICY)
 //    is left alone, and so is everything when the exec fails.
 // 2. A smaller default pool: the cores this process may use minus those other processes keep busy, counted
 //    as the runnable tasks of /proc/loadavg (an instantaneous count, not the 1-minute average, which lags a
@@ -87,7 +88,18 @@ int default_threads() {
   return std::max(1, cores - busy);
 }
 
-void set_threads(int requested) { torch::set_num_threads(requested > 0 ? requested : default_threads()); }
+std::string set_threads(int requested) {
+  if (requested > 0) {
+    torch::set_num_threads(requested);
+    return "";
+  }
+  const int cores = usable_cores(), n = default_threads();
+  torch::set_num_threads(n);
+  if (n == cores) return "";
+  return fmt::format(
+      "{} of {} cores are busy with other processes: using {} thread{} (--threads N to choose)", cores - n,
+      cores, n, n == 1 ? "" : "s");
+}
 
 std::string threads_help() {
   return fmt::format(

@@ -6,7 +6,8 @@
 namespace grape::cli {
 
 // Sets LibTorch's intra-op threads: `requested` when > 0 (--threads), else the default (default_threads).
-void set_threads(int requested);
+// Returns a note to print when the default left cores out because other processes keep them busy.
+std::string set_threads(int requested);
 // The default: the cores this process may use, minus those other processes keep busy right now.
 int default_threads();
 std::string threads_help();

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <ctime>
 #include <nlohmann/json.hpp>
 
@@ -37,10 +38,16 @@ std::string provenance_json(const std::string& command) {
   gmtime_r(&now, &utc);
   char when[32];
   std::strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", &utc);
-  nlohmann::json j = {
-      {"command", command}, {"version", detail::kVersion}, {"git_commit", detail::kGitCommit},
-      {"host", host},       {"blas", blas_description()},  {"threads", torch::get_num_threads()},
-      {"time", when}};
+  const char* spin =
+      std::getenv("GOMP_SPINCOUNT");  // how long idle OpenMP workers spin (src/cli/threads.cpp)
+  nlohmann::json j = {{"command", command},
+                      {"version", detail::kVersion},
+                      {"git_commit", detail::kGitCommit},
+                      {"host", host},
+                      {"blas", blas_description()},
+                      {"threads", torch::get_num_threads()},
+                      {"gomp_spincount", spin ? spin : ""},
+                      {"time", when}};
   return j.dump();
 }
 
