@@ -9,6 +9,8 @@
 #include <string>
 
 #include "grape/io.hpp"
+#include "grape/model.hpp"
+#include "grape/train.hpp"
 
 namespace grape::testing {
 
@@ -51,6 +53,44 @@ class RunDirTest : public ::testing::Test {
  private:
   std::string prefix_;
   size_t text_bytes_;
+};
+
+// A RunDirTest with a 1-layer, width-32, context-16 model and a short schedule on `text.txt` (checkpoints
+// and validation every `every` steps), trained in-process by train().
+class TinyRunTest : public RunDirTest {
+ protected:
+  TinyRunTest(std::string prefix, size_t text_bytes, int64_t steps, int64_t warmup, int64_t every,
+              int64_t eval_batches)
+      : RunDirTest(std::move(prefix), text_bytes) {
+    model = model_preset("tiny");
+    model.n_layer = 1;
+    model.n_embd = 32;
+    model.n_head = 2;
+    model.context = 16;
+    cfg.steps = steps;
+    cfg.batch = 4;
+    cfg.warmup = warmup;
+    cfg.lr = 3e-3;
+    cfg.eval_every = every;
+    cfg.eval_batches = eval_batches;
+    cfg.ckpt_every = every;
+    cfg.keep_last = 2;
+  }
+  void SetUp() override {
+    RunDirTest::SetUp();
+    cfg.data = path("text.txt");
+  }
+  train::TrainSummary train(const std::string& run, bool resume = false, int64_t stop_after = 0) {
+    train::TrainOptions o;
+    o.run_dir = path(run);
+    o.quiet = true;
+    o.resume = resume;
+    o.stop_after = stop_after;
+    return train::run_training(model, cfg, o);
+  }
+
+  ModelConfig model;
+  train::TrainConfig cfg;
 };
 
 }  // namespace grape::testing

@@ -47,34 +47,9 @@ std::string error_of(F&& f) {
   EXPECT_NE(std::string(text).find(needle), std::string::npos) \
       << "\"" << (text) << "\" lacks \"" << (needle) << "\""
 
-class RobustInputs : public grape::testing::RunDirTest {
+class RobustInputs : public grape::testing::TinyRunTest {
  protected:
-  RobustInputs() : RunDirTest("grape_robust_test_", 20000) {}
-  void SetUp() override {
-    RunDirTest::SetUp();
-    model = grape::model_preset("tiny");
-    model.n_layer = 1;
-    model.n_embd = 32;
-    model.n_head = 2;
-    model.context = 16;
-    cfg.steps = 4;
-    cfg.batch = 4;
-    cfg.warmup = 1;
-    cfg.lr = 3e-3;
-    cfg.eval_every = 2;
-    cfg.eval_batches = 1;
-    cfg.ckpt_every = 2;
-    cfg.keep_last = 2;
-    cfg.data = path("text.txt");
-  }
-  grape::train::TrainSummary train(const std::string& run, bool resume = false, int64_t stop_after = 0) {
-    grape::train::TrainOptions o;
-    o.run_dir = path(run);
-    o.quiet = true;
-    o.resume = resume;
-    o.stop_after = stop_after;
-    return grape::train::run_training(model, cfg, o);
-  }
+  RobustInputs() : TinyRunTest("grape_robust_test_", 20000, 4, 1, 2, 1) {}
   // The CLI flags that give the same tiny model.
   std::string tiny_flags() const {
     return " --set n_layer=1 --set n_embd=32 --set n_head=2 --context 16 --batch 4 --warmup 1 --lr 3e-3"
@@ -86,9 +61,6 @@ class RobustInputs : public grape::testing::RunDirTest {
     edit(state);
     grape::io::write_file_atomic(ck + "/state.json", state.dump(2));
   }
-
-  grape::ModelConfig model;
-  grape::train::TrainConfig cfg;
 };
 
 TEST_F(RobustInputs, StateJsonNamesOnlyPlainFilesInsideItsCheckpoint) {

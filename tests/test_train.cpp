@@ -28,35 +28,9 @@ using grape::ModelConfig;
 using grape::testing::run_cli;
 using grape::train::TrainConfig;
 
-class Train : public grape::testing::RunDirTest {
+class Train : public grape::testing::TinyRunTest {
  protected:
-  Train() : RunDirTest("grape_train_test_", 40000) {}
-  void SetUp() override {
-    RunDirTest::SetUp();
-    model = grape::model_preset("tiny");
-    model.n_layer = 1;
-    model.n_embd = 32;
-    model.n_head = 2;
-    model.context = 16;
-    cfg.steps = 12;
-    cfg.batch = 4;
-    cfg.warmup = 2;
-    cfg.lr = 3e-3;
-    cfg.eval_every = 4;
-    cfg.eval_batches = 2;
-    cfg.ckpt_every = 4;
-    cfg.keep_last = 2;
-    cfg.data = path("text.txt");
-  }
-
-  grape::train::TrainSummary train(const std::string& run, bool resume = false, int64_t stop_after = 0) {
-    grape::train::TrainOptions o;
-    o.run_dir = path(run);
-    o.quiet = true;
-    o.resume = resume;
-    o.stop_after = stop_after;
-    return grape::train::run_training(model, cfg, o);
-  }
+  Train() : TinyRunTest("grape_train_test_", 40000, 12, 2, 4, 2) {}
   // The CLI flags that give the same tiny model.
   std::string tiny_flags() const {
     return " --set n_layer=1 --set n_embd=32 --set n_head=2 --context 16 --batch 4 --warmup 2 --lr 3e-3"
@@ -71,9 +45,6 @@ class Train : public grape::testing::RunDirTest {
     while (std::getline(in, line)) out.push_back(nlohmann::json::parse(line));
     return out;
   }
-
-  ModelConfig model;
-  TrainConfig cfg;
 };
 
 TEST(TrainSchedule, WarmupThenCosineToTheMinimum) {

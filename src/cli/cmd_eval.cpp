@@ -46,8 +46,8 @@ std::map<std::string, std::string> apply_extension(train::RunInfo& run, const st
   if (std::find(kMethods.begin(), kMethods.end(), method) == kMethods.end())
     throw std::invalid_argument(fmt::format("--extend: unknown method '{}' ({}known: {})", method,
                                             did_you_mean(method, kMethods), fmt::join(kMethods, ", ")));
-  const bool factor_files =
-      std::any_of(given.begin(), given.end(), [](const auto& kv) { return kv.first.rfind("longrope_", 0) == 0; });
+  const bool factor_files = std::any_of(given.begin(), given.end(),
+                                        [](const auto& kv) { return kv.first.rfind("longrope_", 0) == 0; });
   if (method != "none" && !given.count("factor") && !factor_files)  // LongRoPE's factors may stand for it
     throw std::invalid_argument(
         fmt::format("--extend {} needs --factor S, the extension factor (e.g. --factor 4 to stretch the "
@@ -125,10 +125,11 @@ void add_eval_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--tokens", a->tokens, "validation tokens per length")->capture_default_str();
   cmd->add_option("--examples", a->examples, "synthetic-task examples")->capture_default_str();
-  cmd->add_option("--json", a->json,
-                  "write the results as JSON here (default: RUN/eval/step_N.json for checkpoint step N, with "
-                  "-extend-METHOD-xS and -data-HASH when --extend, --rope-scaling or --data are given: one file "
-                  "per checkpoint and setting, never another's)");
+  cmd->add_option(
+      "--json", a->json,
+      "write the results as JSON here (default: RUN/eval/step_N.json for checkpoint step N, with "
+      "-extend-METHOD-xS and -data-HASH when --extend, --rope-scaling or --data are given: one file "
+      "per checkpoint and setting, never another's)");
   cmd->add_option(
       "--extend", a->extend,
       "apply a context extension to a rope/grape-m run: none|pi|ntk|dynamic-ntk|yarn|longrope|llama3");
