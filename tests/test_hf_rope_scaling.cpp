@@ -408,17 +408,7 @@ TEST(HfRopeScaling, BadDictionariesAreRefusedNamingTheKey) {
 
 TEST(HfRopeScaling, EvalAppliesADictionaryOrAConfigFile) {
   const fs::path dir = fs::temp_directory_path() / ("grape_hfrope_run_" + std::to_string(::getpid()));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  std::string text;
-  for (int i = 0; i < 600; ++i) text += (i % 7 ? "the lord said unto moses " : "and aaron in the land.\n");
-  io::write_file_atomic((dir / "text.txt").string(), text);
-  const std::string run = (dir / "run").string();
-  auto t = testing::run_cli(
-      "train --set n_layer=1 --set n_embd=32 --set n_head=2 --context 16 --batch 4 --warmup 1 --steps 3 "
-      "--eval-every 0 --data " +
-      (dir / "text.txt").string() + " --out " + run + " --quiet");
-  ASSERT_EQ(t.code, 0) << t.output;
+  const std::string run = testing::train_tiny_rope_run(dir);
 
   auto r = testing::run_cli(
       "eval --run " + run +
