@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cli_runner.hpp"
+#include "expect_invalid.hpp"
 #include "grape/io.hpp"
 #include "grape/model.hpp"
 #include "grape/pe.hpp"
@@ -78,17 +79,7 @@ torch::Tensor rope_theta(double base = 10000.0) {
   return torch::tensor(t, f64);
 }
 
-// Runs fn and checks it throws std::invalid_argument whose message contains every one of `parts`.
-void expect_invalid(const std::function<void()>& fn, const std::vector<std::string>& parts) {
-  try {
-    fn();
-    ADD_FAILURE() << "no exception; expected one mentioning " << parts.front();
-  } catch (const std::invalid_argument& e) {
-    for (const auto& p : parts)
-      EXPECT_NE(std::string(e.what()).find(p), std::string::npos)
-          << "message: " << e.what() << "\nmissing: " << p;
-  }
-}
+using grape::testing::expect_invalid;
 
 std::string temp_file(const std::string& name, const std::string& text) {
   auto p = (fs::temp_directory_path() / ("grape_ctxext_" + std::to_string(::getpid()) + "_" + name)).string();

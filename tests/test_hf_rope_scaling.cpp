@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "cli_runner.hpp"
+#include "expect_invalid.hpp"
 #include "grape/io.hpp"
 #include "grape/pe.hpp"
 
@@ -324,16 +325,7 @@ TEST(HfRopeScaling, StreamingEqualsFullForEveryMethod) {
 // ---- aliases and bad input
 // ------------------------------------------------------------------------------------
 
-void expect_invalid(const std::function<void()>& fn, const std::vector<std::string>& parts) {
-  try {
-    fn();
-    ADD_FAILURE() << "no exception; expected one mentioning " << parts.front();
-  } catch (const std::invalid_argument& e) {
-    for (const auto& p : parts)
-      EXPECT_NE(std::string(e.what()).find(p), std::string::npos)
-          << "message: " << e.what() << "\nmissing: " << p;
-  }
-}
+using grape::testing::expect_invalid;
 
 TEST(HfRopeScaling, PeSetTakesHuggingFaceKeyNames) {
   const HeadShape s{1, 32, 8};

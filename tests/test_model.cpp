@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "expect_invalid.hpp"
 #include "grape/attention.hpp"
 #include "grape/model.hpp"
 
@@ -54,17 +55,7 @@ torch::Tensor random_tokens(int64_t B, int64_t T, int64_t vocab, uint64_t seed) 
 
 double max_diff(const torch::Tensor& a, const torch::Tensor& b) { return (a - b).abs().max().item<double>(); }
 
-// Runs fn and checks it throws std::invalid_argument whose message contains every one of `parts`.
-void expect_invalid(const std::function<void()>& fn, const std::vector<std::string>& parts) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected std::invalid_argument containing '" << parts.front() << "'";
-  } catch (const std::invalid_argument& e) {
-    for (const auto& p : parts)
-      EXPECT_NE(std::string(e.what()).find(p), std::string::npos)
-          << "message: " << e.what() << "\nmissing: " << p;
-  }
-}
+using grape::testing::expect_invalid;
 
 std::vector<std::string> all_encodings() {
   std::vector<std::string> names;
