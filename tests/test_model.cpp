@@ -428,8 +428,8 @@ int64_t hand_count(const ModelConfig& c) {
   auto enc = make_encoding(c.pe, c.head_shape(), PeOptions(c.pe_options));
   int64_t e = 0;
   for (const auto& p : enc->parameters()) e += p.numel();
-  const int64_t per_layer =
-      4 * C * C + 3 * C * c.hidden() + 2 * C + (c.qk_norm ? 2 * D : 0) + (c.kv_shift ? 2 * H * C : 0);
+  const int64_t per_layer = 4 * C * C + 3 * C * c.hidden() + 2 * C + (c.qk_norm != "off" ? 2 * D : 0) +
+                            (c.kv_shift ? 2 * H * C : 0);
   return V * C + L * per_layer + C + (enc->properties().embeds ? e : L * e);
 }
 
@@ -440,7 +440,7 @@ TEST(ModelStructure, NumParametersMatchesHandCount) {
   EXPECT_EQ(Transformer(tiny)->num_parameters(), 820224);
   EXPECT_EQ(hand_count(tiny), 820224);
   auto fox = tiny;
-  fox.pe = "fox", fox.kv_shift = true, fox.qk_norm = false;
+  fox.pe = "fox", fox.kv_shift = true, fox.qk_norm = "off";
   EXPECT_EQ(Transformer(fox)->num_parameters(), hand_count(fox));
   EXPECT_EQ(hand_count(fox), 820224 - 4 * 64 + 4 * (4 * 128 + 4) + 4 * 2 * 4 * 128);
   auto learned = tiny;
@@ -538,7 +538,7 @@ TEST(ModelConfig, JsonRoundTrip) {
   c.pe = "grape-m";
   c.pe_options = {{"pairing", "interleaved"}, {"base", "500000"}};
   c.kv_shift = true;
-  c.qk_norm = false;
+  c.qk_norm = "after_rotation";
   c.norm_eps = 1e-6;
   c.embed_std = 0.03;
   c.mlp_hidden = 1000;
@@ -548,7 +548,7 @@ TEST(ModelConfig, JsonRoundTrip) {
   EXPECT_EQ(d.preset, "small");
   EXPECT_EQ(d.pe_options, c.pe_options);
   EXPECT_EQ(d.kv_shift, true);
-  EXPECT_EQ(d.qk_norm, false);
+  EXPECT_EQ(d.qk_norm, "after_rotation");
   EXPECT_DOUBLE_EQ(d.norm_eps, 1e-6);
   EXPECT_DOUBLE_EQ(d.embed_std, 0.03);
   EXPECT_EQ(d.mlp_hidden, 1000);
@@ -592,7 +592,7 @@ TEST(ModelConfig, SetParsesEveryFieldAndNamesErrors) {
   EXPECT_EQ(c.context, 64);
   EXPECT_EQ(c.pe, "fox");
   EXPECT_TRUE(c.kv_shift);
-  EXPECT_FALSE(c.qk_norm);
+  EXPECT_EQ(c.qk_norm, "off");
   EXPECT_DOUBLE_EQ(c.norm_eps, 1e-6);
   EXPECT_DOUBLE_EQ(c.embed_std, 0.01);
   EXPECT_EQ(c.pe_options.at("base"), "500");

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "grape/attention.hpp"
 #include "grape/pe.hpp"
 
 namespace grape {
@@ -36,7 +37,7 @@ struct ModelConfig {
   std::string pe = "rope";                        // any name from grape::encodings()
   std::map<std::string, std::string> pe_options;  // its --pe-set key=value options
   bool kv_shift = false;
-  bool qk_norm = true;
+  std::string qk_norm = "before_rotation";  // before_rotation|after_rotation|off (see docs/training.md)
   double norm_eps = 1e-5;
   double embed_std = 0.02;          // tied embedding init N(0, embed_std^2)
   std::string attention = "fused";  // "fused": CPU kernels where the encoding allows; "reference": composed
@@ -88,14 +89,67 @@ struct SequenceCache {
   int64_t length = 0;  // tokens consumed
 };
 
+// x * rsqrt(mean(x^2) + eps) * weight over the last dim; fp16/bf16 computed in fp32. The one RMSNorm of
+// the model, of QK-norm and of grape.nn's after_rotation QK-norm.
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+
 class RMSNormImpl : public torch::nn::Module {
  public:
   RMSNormImpl(int64_t dim, double eps);
-  torch::Tensor forward(const torch::Tensor& x);  // over the last dim, computed in fp32
+  torch::Tensor forward(const torch::Tensor& x);  // rms_norm(x, weight, eps)
   torch::Tensor weight;
   double eps;
 };
 TORCH_MODULE(RMSNorm);
+
+// Where QK-norm acts (ModelConfig::qk_norm): on q, k before `encode`, on the encoded q~, k~ (the GRAPE
+// authors' order; the encoding must declare Properties::qk_norm_after_encode), or nowhere.
+enum class QKNorm { before_rotation, after_rotation, off };
+// "before_rotation", "after_rotation", "off" (or true/false for before_rotation/off); else throws naming
+// the choices.
+QKNorm parse_qk_norm(const std::string& text);
+// Throws std::invalid_argument naming the encoding when `qk_norm` cannot apply to it (after_rotation on an
+// encoding that scales q and k or rotates them inside attention).
+void check_qk_norm(QKNorm qk_norm, const Encoding& enc);
+
+// The rows [row, row+rows) of a batch that share one position-encoding state, key cache and KV-shift state:
+// the whole batch in a full forward, one sequence per group when streaming.
+struct RowGroup {
+  int64_t row, rows;
+  PeState* pe;
+  KeyCache* keys;
+  KVShiftState* shift;
+};
+
+// The attention sublayer of a block: x̂ [B,T,C] (the normalised layer input) -> wo(Attn(x̂)). Not a module
+// of its own: it registers wq, wk, wv, wo, q_norm, k_norm, kv_shift and pe in `owner` under those names (a
+// block's checkpoint names, the weights `grape attn forward` reads). The model's blocks and `grape attn
+// forward` run this one implementation.
+class AttentionSublayer {
+ public:
+  AttentionSublayer(torch::nn::Module& owner, const ModelConfig& c, EncodingPtr pe);
+  struct Output {
+    torch::Tensor y;       // [B,T,C], after wo
+    torch::Tensor stream;  // the position state after attention (encodings that update one), else undefined
+  };
+  // `groups` partition the rows and carry their state. stream: the position state [B,T,H,D] of these tokens
+  // when the encoding reads one (TAPE), else null. logits (optional): receives per group the pre-softmax
+  // logits [rows,H,T,Tk] (-inf where masked).
+  Output forward(const torch::Tensor& xh, const std::vector<RowGroup>& groups, const torch::Tensor* stream,
+                 std::vector<torch::Tensor>* logits = nullptr);
+  const EncodingPtr& pe() const { return pe_; }
+  torch::nn::Linear& wo() { return wo_; }
+
+ private:
+  int64_t H_, D_;
+  QKNorm qk_norm_;
+  EncodingPtr pe_;
+  Properties props_;    // what the encoding reads (x, a position stream) and whether it updates the stream
+  AttentionImpl impl_;  // fused where the kernels compute the encoding, or always the reference
+  torch::nn::Linear wq_{nullptr}, wk_{nullptr}, wv_{nullptr}, wo_{nullptr};
+  RMSNorm q_norm_{nullptr}, k_norm_{nullptr};
+  KVShift kv_shift_{nullptr};
+};
 
 class BlockImpl;  // one transformer block (defined in src/nn/model.cpp)
 

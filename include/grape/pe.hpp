@@ -119,6 +119,11 @@ struct Properties {
   bool signed_bias = false;   // the bias is learned freely (t5, fire, cope): no "0 on the diagonal, <= 0" law
   bool reads_stream = false;  // (e) reads a position state carried through the layers (TAPE)
   bool updates_stream = false;  // (e) and updates it after attention and the MLP (not in the last layer)
+  // encode turns q and k by rotations or leaves them as they are, computes nothing else from them, and the
+  // dot product uses its q~, k~: RMS-normalising q~, k~ instead of q, k then moves only where QK-norm's gain
+  // applies, which is what the model's qk_norm=after_rotation needs (false: xPos, YaRN's temperature,
+  // dynamic NTK, TAPE, GRAPE-A's gates on q and k).
+  bool qk_norm_after_encode = false;
   KernelBias kernel_bias = KernelBias::none;  // how the fused kernels compute the bias (none iff !has_bias)
 };
 

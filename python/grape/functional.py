@@ -25,7 +25,26 @@ def _check_tensor(name, t, dtype=None):
         raise TypeError(f"grape.attention: {name} has dtype {t.dtype} but q has {dtype}")
 
 
-def attention(q, k, v, encoding, x=None, *, layout="bhtd", cache=None, impl="fused"):
+def _encoded_norm(pair, encoding, dtype):
+    """The C++ form of encoded_norm=(q_norm, k_norm), checked."""
+    from .nn import RMSNorm
+
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(n, RMSNorm) for n in pair)):
+        raise TypeError("grape.attention: encoded_norm must be a pair (q_norm, k_norm) of grape.nn.RMSNorm")
+    if not encoding.properties["qk_norm_after_encode"]:
+        raise ValueError(f"grape.attention: encoded_norm (qk_norm='after_rotation') is not defined for the "
+                         f"{encoding.name!r} encoding: its encode scales q and k, reads them for its bias, or "
+                         "rotates inside attention; normalise q and k before it (qk_norm='before_rotation')")
+    for name, n in zip(("q_norm", "k_norm"), pair):
+        if tuple(n.weight.shape) != (encoding.head_dim,) or n.weight.dtype != dtype:
+            raise ValueError(f"grape.attention: encoded_norm's {name} has weight {list(n.weight.shape)} "
+                             f"{n.weight.dtype}; q~ needs [{encoding.head_dim}] {dtype}")
+    if pair[0].eps != pair[1].eps:
+        raise ValueError("grape.attention: encoded_norm's q_norm and k_norm must have the same eps")
+    return _C.EncodedNorm(pair[0].weight, pair[1].weight, float(pair[0].eps))
+
+
+def attention(q, k, v, encoding, x=None, *, layout="bhtd", cache=None, impl="fused", encoded_norm=None):
     """softmax(q~ . k~ / sqrt(D) + bias, causal) v with the grape encoding `encoding` (a PositionEncoding).
 
     q, k, v: [B,H,T,D] (layout="bhtd", the layout of torch.nn.functional.scaled_dot_product_attention and
@@ -36,6 +55,9 @@ def attention(q, k, v, encoding, x=None, *, layout="bhtd", cache=None, impl="fus
     impl: "fused" runs the fused CPU kernels in float32 where the encoding allows (others, and float64, take
     the reference); "reference" always composes LibTorch ops. Gradients reach q, k, v, x and the encoding's
     parameters. Runs without the GIL on torch.get_num_threads() threads.
+    encoded_norm: None, or a pair (q_norm, k_norm) of grape.nn.RMSNorm(head_dim) applied to the encoded q~ and
+    k~ before the dot product and the cache: QK-norm after the rotation (the GRAPE authors' order), for
+    encodings with properties["qk_norm_after_encode"].
     """
     from ._modules import PositionEncoding
 
@@ -79,5 +101,8 @@ def attention(q, k, v, encoding, x=None, *, layout="bhtd", cache=None, impl="fus
             raise ValueError(f"grape.attention: x must be [B,T,C] = {[B, T, encoding.model_dim]}, got "
                              f"{list(x.shape)}")
         x = x.contiguous()
-    y = _C.attention(encoding._cpp, q.contiguous(), k.contiguous(), v.contiguous(), x, cache, impl)
+    norm = None
+    if encoded_norm is not None:
+        norm = _encoded_norm(encoded_norm, encoding, q.dtype)
+    y = _C.attention(encoding._cpp, q.contiguous(), k.contiguous(), v.contiguous(), x, cache, impl, norm)
     return y.transpose(1, 2) if layout == "bhtd" else y

@@ -4,7 +4,7 @@ import torch
 from ._modules import KVShift, PositionEncoding
 from .functional import attention
 
-QK_NORMS = ("before_rotation", "off")
+QK_NORMS = ("before_rotation", "after_rotation", "off")
 
 
 class RMSNorm(torch.nn.Module):
@@ -27,11 +27,13 @@ class CausalSelfAttention(torch.nn.Module):
     The attention sublayer of grape's Transformer block, with its parameter names (wq, wk, wv, wo: bias-free
     linears; q_norm, k_norm: RMSNorm over head_dim shared by the heads; kv_shift; pe), so a grape
     checkpoint's "blocks.N.wq.weight" is this module's "wq.weight". x is the (normalised) layer input, which
-    contextual encodings and KV-shift read. qk_norm: "before_rotation" (True; grape's order) or "off"
-    (False). pe_options are the encoding's options. With a cache (grape.AttentionCache), continues it.
+    contextual encodings and KV-shift read. qk_norm: "before_rotation" (True; grape's order: normalise q, k,
+    then encode), "after_rotation" (the GRAPE authors' order: normalise the encoded q~, k~; encodings with
+    .properties["qk_norm_after_encode"]) or "off" (False). pe_options are the encoding's options. With a
+    cache (grape.AttentionCache), continues it.
     """
 
-    def __init__(self, d_model, n_head, pe="rope", pe_options=None, kv_shift=False, qk_norm=True,
+    def __init__(self, d_model, n_head, pe="rope", pe_options=None, kv_shift=False, qk_norm="before_rotation",
                  norm_eps=1e-5, impl="fused"):
         super().__init__()
         if d_model % n_head != 0:
@@ -55,6 +57,10 @@ class CausalSelfAttention(torch.nn.Module):
         self.kv_shift = KVShift(n_head, self.head_dim, d_model) if kv_shift else None
         self.pe = PositionEncoding(pe, n_head=n_head, head_dim=self.head_dim, model_dim=d_model,
                                    **(pe_options or {}))
+        if qk_norm == "after_rotation" and not self.pe.properties["qk_norm_after_encode"]:
+            raise ValueError(f"grape.nn.CausalSelfAttention: qk_norm='after_rotation' is not defined for the "
+                             f"{self.pe.name!r} encoding (it scales q and k, reads them for its bias, or rotates "
+                             "inside attention); use qk_norm='before_rotation'")
 
     def forward(self, x, cache=None):
         B, T, C = x.shape
@@ -65,5 +71,6 @@ class CausalSelfAttention(torch.nn.Module):
             k, v = self.kv_shift(k, v, x, cache)
         if self.qk_norm == "before_rotation":
             q, k = self.q_norm(q), self.k_norm(k)
-        y = attention(q, k, v, self.pe, x=x, layout="bthd", cache=cache, impl=self.impl)
+        after = (self.q_norm, self.k_norm) if self.qk_norm == "after_rotation" else None
+        y = attention(q, k, v, self.pe, x=x, layout="bthd", cache=cache, impl=self.impl, encoded_norm=after)
         return self.wo(y.reshape(B, T, C))

@@ -34,7 +34,13 @@ const config::Table<ModelConfig>& model_fields() {
        .help = "an option of the encoding (see `grape encodings NAME`)",
        .prefix = "pe."},
       {"kv_shift", &C::kv_shift, "KV-shift on the keys and values of every layer"},
-      {"qk_norm", &C::qk_norm, "RMSNorm on each head's q and k"},
+      {.name = "qk_norm",
+       .member = &C::qk_norm,
+       .help = "RMSNorm (one gain over head_dim) on each head's q and k: before_rotation normalises q, k "
+               "before the encoding; after_rotation normalises the encoded q~, k~ (the GRAPE authors' "
+               "order; true/false mean before_rotation/off)",
+       .choices = {"before_rotation", "after_rotation", "off"},
+       .bool_values = {"off", "before_rotation"}},
       {"norm_eps", &C::norm_eps, "RMSNorm epsilon", above(0)},
       {"embed_std", &C::embed_std, "std of the tied embedding's initialisation", above(0)},
       {.name = "attention",
@@ -57,7 +63,12 @@ void ModelConfig::validate() const {
   // the memory it would need, not by the allocator.
   require_memory(1, "the weights");
   // Building the encoding checks its name, its options and its constraints (even head_dim, ...).
-  make_encoding(pe, head_shape(), PeOptions(pe_options));
+  auto enc = make_encoding(pe, head_shape(), PeOptions(pe_options));
+  try {
+    check_qk_norm(parse_qk_norm(qk_norm), *enc);
+  } catch (const std::invalid_argument& e) {
+    throw std::invalid_argument(fmt::format("model config: {}", e.what()));
+  }
 }
 
 double ModelConfig::weight_bytes() const {

@@ -54,7 +54,19 @@ struct Field {
   void (*check)(const std::string&) =
       nullptr;                   // text: a check of its own that throws (pe: the encoding exists)
   const char* prefix = nullptr;  // options: `--set PREFIX.KEY=VALUE` sets one entry
+  // text that was once a boolean: the values false and true stand for, so old run.json files and
+  // `--set KEY=true` keep working (qk_norm: {"off", "before_rotation"}).
+  std::vector<std::string> bool_values = {};
 };
+
+// A once-boolean text field's value for `text` when it is a boolean (true/false, 1/0, ...), else `text`.
+template <class C>
+std::string from_bool_alias(const Field<C>& f, const std::string& text) {
+  if (f.bool_values.size() != 2 || std::find(f.choices.begin(), f.choices.end(), text) != f.choices.end())
+    return text;
+  const auto b = text_to_bool(text);
+  return b ? f.bool_values[*b ? 1 : 0] : text;
+}
 
 template <class C>
 using Table = std::vector<Field<C>>;
@@ -158,8 +170,9 @@ void set_from_text(C& c, const Table<C>& table, const std::string& key, const st
                    c.*m = *v;
                  },
                  [&](std::string C::*m) {
-                   check_text(*f, text, where);
-                   c.*m = text;
+                   const auto value = from_bool_alias(*f, text);
+                   check_text(*f, value, where);
+                   c.*m = value;
                  },
                  // One option; the encoding checks it when it is built (validate).
                  [&](Options C::*m) { (c.*m)[key.substr(std::string(f->prefix).size())] = text; },
@@ -218,6 +231,10 @@ void read_json(C& c, const Table<C>& table, const json& j, const std::string& wh
                      c.*m = v.template get<bool>();
                    },
                    [&](std::string C::*m) {
+                     if (v.is_boolean() && f->bool_values.size() == 2) {  // a run.json from before the choice
+                       c.*m = f->bool_values[v.template get<bool>() ? 1 : 0];
+                       return;
+                     }
                      if (!v.is_string()) wrong_type(key, "a string", v);
                      check_text(*f, v.template get<std::string>(), where);
                      c.*m = v.template get<std::string>();

@@ -43,42 +43,100 @@ RMSNormImpl::RMSNormImpl(int64_t dim, double eps_) : eps(eps_) {
   weight = register_parameter("weight", torch::ones({dim}));
 }
 
-torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
   const auto dt = compute_dtype(x.scalar_type());
   auto xf = x.to(dt);
   auto y = xf * torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps) * weight.to(dt);
   return y.to(x.scalar_type());
 }
 
-// The per-sequence state one attention call reads and advances: rows [row, row+rows) of the batch share
-// it. forward() uses one group for the whole batch, forward_cached() one group per sequence.
-struct RowGroup {
-  int64_t row, rows;
-  PeState* pe;
-  KeyCache* keys;
-  KVShiftState* shift;
-};
+torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) { return rms_norm(x, weight, eps); }
+
+QKNorm parse_qk_norm(const std::string& text) {
+  if (text == "before_rotation") return QKNorm::before_rotation;
+  if (text == "after_rotation") return QKNorm::after_rotation;
+  if (text == "off") return QKNorm::off;
+  if (auto b = text_to_bool(text)) return *b ? QKNorm::before_rotation : QKNorm::off;  // once a boolean
+  throw std::invalid_argument(
+      fmt::format("qk_norm='{}' is not one of before_rotation|after_rotation|off", text));
+}
+
+void check_qk_norm(QKNorm qk_norm, const Encoding& enc) {
+  if (qk_norm != QKNorm::after_rotation || enc.properties().qk_norm_after_encode) return;
+  throw std::invalid_argument(fmt::format(
+      "qk_norm=after_rotation is not defined for the encoding '{}': its encode scales q and k, reads them "
+      "for its bias, or leaves the rotation to attention (xpos, YaRN/LongRoPE temperatures, dynamic NTK, "
+      "TAPE, grape-a-*), so normalising its output would change the encoding itself; use "
+      "qk_norm=before_rotation",
+      enc.name()));
+}
+
+AttentionSublayer::AttentionSublayer(torch::nn::Module& owner, const ModelConfig& c, EncodingPtr pe)
+    : H_(c.n_head), D_(c.head_dim()), qk_norm_(parse_qk_norm(c.qk_norm)), pe_(std::move(pe)) {
+  check_qk_norm(qk_norm_, *pe_);
+  const int64_t C = c.n_embd;
+  auto linear = [&](const char* name, int64_t in, int64_t out) {
+    return owner.register_module(name, torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(false)));
+  };
+  wq_ = linear("wq", C, H_ * D_);
+  wk_ = linear("wk", C, H_ * D_);
+  wv_ = linear("wv", C, H_ * D_);
+  wo_ = linear("wo", H_ * D_, C);
+  if (qk_norm_ != QKNorm::off) {
+    q_norm_ = owner.register_module("q_norm", RMSNorm(D_, c.norm_eps));  // one gain over D, shared by heads
+    k_norm_ = owner.register_module("k_norm", RMSNorm(D_, c.norm_eps));
+  }
+  if (c.kv_shift) kv_shift_ = owner.register_module("kv_shift", KVShift(c.head_shape()));
+  owner.register_module("pe", pe_);
+  props_ = pe_->properties();
+  impl_ = parse_attention_impl(c.attention);
+}
+
+AttentionSublayer::Output AttentionSublayer::forward(const torch::Tensor& xh,
+                                                     const std::vector<RowGroup>& groups,
+                                                     const torch::Tensor* stream,
+                                                     std::vector<torch::Tensor>* logits) {
+  const int64_t B = xh.size(0), T = xh.size(1);
+  auto q = wq_(xh).view({B, T, H_, D_});
+  auto k = wk_(xh).view({B, T, H_, D_});
+  auto v = wv_(xh).view({B, T, H_, D_});
+  std::vector<torch::Tensor> ys, streams;
+  for (const auto& g : groups) {
+    auto xg = xh.narrow(0, g.row, g.rows);
+    auto qg = q.narrow(0, g.row, g.rows), kg = k.narrow(0, g.row, g.rows), vg = v.narrow(0, g.row, g.rows);
+    if (kv_shift_) std::tie(kg, vg) = kv_shift_(kg, vg, xg, *g.shift);  // on the raw projections, first
+    if (qk_norm_ == QKNorm::before_rotation) {  // normalise, then encode: the relative law stays exact
+      qg = q_norm_(qg);
+      kg = k_norm_(kg);
+    }
+    auto Eg = props_.reads_stream ? stream->narrow(0, g.row, g.rows) : torch::Tensor();
+    auto tokens = pe_->encode(qg, kg, TokenContext(xg, Eg), *g.pe);
+    if (qk_norm_ == QKNorm::after_rotation) {  // normalise what the dot product sees, before it is cached
+      tokens.q = q_norm_(tokens.q);
+      tokens.k = k_norm_(tokens.k);
+    }
+    g.keys->append(tokens, vg);  // the cache keeps exactly what the dot product uses, plus v
+    auto out = attend(*pe_, tokens, *g.keys, impl_, /*average_stream=*/props_.updates_stream);
+    if (logits) logits->push_back(attention_logits(*pe_, tokens, *g.keys));
+    ys.push_back(out.y);
+    if (props_.updates_stream) streams.push_back(pe_->stream_after_attention(Eg, out.stream));
+  }
+  auto y = ys.size() == 1 ? ys[0] : torch::cat(ys, 0);
+  Output o{wo_(y.reshape({B, T, H_ * D_})), {}};
+  if (props_.updates_stream) o.stream = streams.size() == 1 ? streams[0] : torch::cat(streams, 0);
+  return o;
+}
 
 class BlockImpl : public torch::nn::Module {
  public:
-  BlockImpl(const ModelConfig& c, EncodingPtr pe) : H_(c.n_head), D_(c.head_dim()), pe_(std::move(pe)) {
+  // Registers norm1, the attention sublayer's modules, norm2 and the MLP, in that order (the init's order).
+  BlockImpl(const ModelConfig& c, EncodingPtr pe)
+      : norm1_(register_module("norm1", RMSNorm(c.n_embd, c.norm_eps))), attn_(*this, c, std::move(pe)) {
     const int64_t C = c.n_embd, hidden = c.hidden();
     auto linear = [&](const char* name, int64_t in, int64_t out) {
       return register_module(name, torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(false)));
     };
-    norm1_ = register_module("norm1", RMSNorm(C, c.norm_eps));
-    wq_ = linear("wq", C, H_ * D_);
-    wk_ = linear("wk", C, H_ * D_);
-    wv_ = linear("wv", C, H_ * D_);
-    wo_ = linear("wo", H_ * D_, C);
-    if (c.qk_norm) {
-      q_norm_ = register_module("q_norm", RMSNorm(D_, c.norm_eps));  // one gain over D, shared by the heads
-      k_norm_ = register_module("k_norm", RMSNorm(D_, c.norm_eps));
-    }
-    if (c.kv_shift) kv_shift_ = register_module("kv_shift", KVShift(c.head_shape()));
-    register_module("pe", pe_);
-    props_ = pe_->properties();
-    impl_ = parse_attention_impl(c.attention);
+    updates_stream_ = attn_.pe()->properties().updates_stream;
     norm2_ = register_module("norm2", RMSNorm(C, c.norm_eps));
     w1_ = linear("w1", C, hidden);
     w2_ = linear("w2", C, hidden);
@@ -89,49 +147,24 @@ class BlockImpl : public torch::nn::Module {
   // stream: the position state E [B,T,H,D] of these tokens when the encoding carries one (TAPE), read and
   // updated in place (else null).
   torch::Tensor forward(const torch::Tensor& x, const std::vector<RowGroup>& groups, torch::Tensor* stream) {
-    const int64_t B = x.size(0), T = x.size(1);
     auto xh = norm1_(x);  // x̂: the projections, the gates and contextual encodings all read it
-    auto q = wq_(xh).view({B, T, H_, D_});
-    auto k = wk_(xh).view({B, T, H_, D_});
-    auto v = wv_(xh).view({B, T, H_, D_});
-    std::vector<torch::Tensor> ys, streams;
-    for (const auto& g : groups) {
-      auto xg = xh.narrow(0, g.row, g.rows);
-      auto qg = q.narrow(0, g.row, g.rows), kg = k.narrow(0, g.row, g.rows), vg = v.narrow(0, g.row, g.rows);
-      if (kv_shift_) std::tie(kg, vg) = kv_shift_(kg, vg, xg, *g.shift);  // on the raw projections, first
-      if (q_norm_) {  // normalise, then encode: the relative law stays exact whatever the gains
-        qg = q_norm_(qg);
-        kg = k_norm_(kg);
-      }
-      auto Eg = props_.reads_stream ? stream->narrow(0, g.row, g.rows) : torch::Tensor();
-      auto tokens = pe_->encode(qg, kg, TokenContext(xg, Eg), *g.pe);
-      g.keys->append(tokens, vg);  // the cache keeps exactly what encode returned, plus v
-      auto out = attend(*pe_, tokens, *g.keys, impl_, /*average_stream=*/props_.updates_stream);
-      ys.push_back(out.y);
-      if (props_.updates_stream) streams.push_back(pe_->stream_after_attention(Eg, out.stream));
-    }
-    auto y = ys.size() == 1 ? ys[0] : torch::cat(ys, 0);
-    auto h = x + wo_(y.reshape({B, T, H_ * D_}));
+    auto attn = attn_.forward(xh, groups, stream);
+    auto h = x + attn.y;
     auto hn = norm2_(h);
     auto mlp = w_out_(torch::silu(w1_(hn)) * w2_(hn));  // SwiGLU
-    if (props_.updates_stream)
-      *stream = pe_->stream_after_mlp(streams.size() == 1 ? streams[0] : torch::cat(streams, 0), mlp);
+    if (updates_stream_) *stream = attn_.pe()->stream_after_mlp(attn.stream, mlp);
     return h + mlp;
   }
 
-  const EncodingPtr& pe() const { return pe_; }
-  torch::nn::Linear& wo() { return wo_; }
+  const EncodingPtr& pe() const { return attn_.pe(); }
+  torch::nn::Linear& wo() { return attn_.wo(); }
   torch::nn::Linear& w_out() { return w_out_; }
 
  private:
-  int64_t H_, D_;
-  EncodingPtr pe_;
-  Properties props_;    // what the encoding reads (x, a position stream) and whether it updates the stream
-  AttentionImpl impl_;  // fused where the kernels compute the encoding, or always the reference
-  RMSNorm norm1_{nullptr}, norm2_{nullptr}, q_norm_{nullptr}, k_norm_{nullptr};
-  torch::nn::Linear wq_{nullptr}, wk_{nullptr}, wv_{nullptr}, wo_{nullptr};
+  RMSNorm norm1_{nullptr}, norm2_{nullptr};
+  AttentionSublayer attn_;
+  bool updates_stream_ = false;
   torch::nn::Linear w1_{nullptr}, w2_{nullptr}, w_out_{nullptr};
-  KVShift kv_shift_{nullptr};
 };
 
 TransformerImpl::TransformerImpl(const ModelConfig& config) : config_(config) {

@@ -19,6 +19,7 @@ class Absolute : public Encoding {
     Properties p;
     p.embeds = name_ != "nope";
     p.relative = name_ == "nope";  // logits of NoPE do not depend on positions at all
+    p.qk_norm_after_encode = true;
     return p;
   }
 

@@ -32,7 +32,7 @@ class GrapeMCtx : public Encoding {
   }
   Properties properties() const override {
     Properties p;
-    p.rotates = p.contextual = p.phase_relative = true;
+    p.rotates = p.contextual = p.phase_relative = p.qk_norm_after_encode = true;
     return p;
   }
   PeState initial_state(int64_t batch, int64_t offset) const override {

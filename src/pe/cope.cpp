@@ -29,6 +29,7 @@ class CoPE : public Encoding {
     Properties p;
     // Positions enter only through the causal mask, so shifting all of them changes nothing: relative.
     p.has_bias = p.relative = p.signed_bias = true;
+    p.qk_norm_after_encode = true;            // its gates read the q~, k~ of the dot product (attention_qk)
     p.kernel_bias = KernelBias::unsupported;  // a query's gates sum over its whole row before the softmax
     return p;
   }

@@ -20,7 +20,7 @@ class FoX : public Encoding {
   }
   Properties properties() const override {
     Properties p;
-    p.has_bias = p.contextual = p.relative = true;
+    p.has_bias = p.contextual = p.relative = p.qk_norm_after_encode = true;
     p.kernel_bias = KernelBias::linear;
     return p;
   }

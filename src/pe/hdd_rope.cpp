@@ -577,6 +577,7 @@ class HddRope : public Encoding {
     G_ = D / k_;
     M_ = k_ * (k_ - 1) / 2;
     cayley_ = o.get_choice("map", "exp", {"exp", "cayley"}) == "cayley";
+    sign_ = rotary_layout(o).sign;  // grape: every rotation is transposed (exp(-A), cayley(-A))
     // "loop" (plain loops, hand-written backward) is far faster on CPU than the LibTorch scans.
     scan_ = o.get_choice("scan", "loop", hdd::scan_names());
     const bool static_rate = o.get_bool("static_rate", true);
@@ -605,7 +606,7 @@ class HddRope : public Encoding {
   Properties properties() const override {
     Properties p;
     // The logits depend on the tokens between query and key, never on absolute positions.
-    p.rotates = p.contextual = p.relative = true;
+    p.rotates = p.contextual = p.relative = p.qk_norm_after_encode = true;
     return p;
   }
   PeState initial_state(int64_t batch, int64_t offset) const override {
@@ -631,6 +632,7 @@ class HddRope : public Encoding {
       if (cayley_) theta = torch::tan(theta / 2.0);
       coef = coef + torch::matmul(theta, static_plane_).view({1, 1, G_, 1, M_});
     }
+    if (sign_ < 0) coef = -coef;  // the GRAPE authors' clockwise turn: R^T = exp(-A)
     // [B,H,G,T,k,k]; exp for k = 2, 4 runs as plain loops (hdd::rotations).
     auto R = cayley_ ? hdd::cayley(hdd::skew_from_coefficients(coef, k_)) : hdd::rotations(coef, k_);
     if (scan_ == "loop") {  // the fast path: scan and rotation in one loop
@@ -665,6 +667,7 @@ class HddRope : public Encoding {
   bool cayley_;
   std::string scan_;
   double rate_scale_;
+  double sign_ = 1.0;  // orientation: +1 standard, -1 grape
   torch::Tensor static_plane_, log_theta_, w_a_, b_a_;
 };
 
@@ -716,7 +719,9 @@ void add_hdd_rope(std::vector<EncodingInfo>& out) {
         {"scan", "loop", "running product in training: " + scans},
         {"static_rate", "true", "add RoPE's spectrum on the planes (j, j+k/2) of each chunk"},
         {"base", "10000", "base of the static spectrum theta_i = base^(-2i/D)"},
-        {"rate_scale", "16", "s in A = static + (W_a x + b_a)/s (slows Adam's step on the rates)"}},
+        {"rate_scale", "16", "s in A = static + (W_a x + b_a)/s (slows Adam's step on the rates)"},
+        {"orientation", "standard",
+         "standard: R = exp(A), rope's turn; grape: R = exp(-A), the GRAPE authors'"}},
        {"w_a  [H, D/k, k(k-1)/2, C]  init 0 (a fresh model is the static rotation: RoPE)",
         "b_a  [H, D/k, k(k-1)/2]  init 0"},
        [](const HeadShape& s, const PeOptions& o) { return std::make_shared<HddRope>(s, o); },

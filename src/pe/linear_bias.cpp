@@ -43,7 +43,7 @@ class ALiBi : public Encoding {
   }
   Properties properties() const override {
     Properties p;
-    p.has_bias = p.relative = true;
+    p.has_bias = p.relative = p.qk_norm_after_encode = true;
     p.kernel_bias = KernelBias::linear;
     return p;
   }
@@ -81,7 +81,7 @@ class GrapeA : public Encoding {
   }
   Properties properties() const override {
     Properties p;
-    p.has_bias = p.relative = true;
+    p.has_bias = p.relative = true;  // not qk_norm_after_encode: the gates read q and k in encode
     p.kernel_bias = KernelBias::linear;
     return p;
   }

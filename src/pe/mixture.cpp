@@ -95,7 +95,7 @@ class GrapeMMix : public Encoding {
   }
   Properties properties() const override {
     Properties p;
-    p.rotates = p.relative = true;
+    p.rotates = p.relative = p.qk_norm_after_encode = true;
     return p;
   }
   // L_r = sum_m omega_m (b_m a_m^T - a_m b_m^T) [G,r,r] (standard orientation; the GRAPE authors'

@@ -41,6 +41,7 @@ class GrapeAP : public Encoding {
   Properties properties() const override {
     Properties p;
     p.has_bias = p.contextual = true;  // not translation invariant: psi rotates with the key position
+    p.qk_norm_after_encode = true;
     p.kernel_bias = KernelBias::path_sum;
     return p;
   }

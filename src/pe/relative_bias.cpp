@@ -55,7 +55,7 @@ class T5 : public Encoding {
   }
   Properties properties() const override {
     Properties p;
-    p.has_bias = p.relative = p.signed_bias = true;
+    p.has_bias = p.relative = p.signed_bias = p.qk_norm_after_encode = true;
     p.kernel_bias = KernelBias::distance_table;
     return p;
   }
@@ -103,7 +103,7 @@ class Kerple : public Encoding {
   }
   Properties properties() const override {
     Properties p;
-    p.has_bias = p.relative = true;
+    p.has_bias = p.relative = p.qk_norm_after_encode = true;
     p.kernel_bias = KernelBias::distance_table;
     return p;
   }
@@ -175,7 +175,8 @@ class Fire : public Encoding {
   }
   Properties properties() const override {
     Properties p;
-    p.has_bias = p.signed_bias = true;        // not relative: beyond L the query position normalises
+    p.has_bias = p.signed_bias = true;  // not relative: beyond L the query position normalises
+    p.qk_norm_after_encode = true;
     p.kernel_bias = KernelBias::unsupported;  // depends on i as well as i - j
     return p;
   }

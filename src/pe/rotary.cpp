@@ -219,6 +219,7 @@ class RoPE : public Encoding {
     Properties p;
     p.rotates = ext_.mscale() == 1.0;  // YaRN's temperature scales q and k
     p.relative = ext_.relative();
+    p.qk_norm_after_encode = p.rotates && !ext_.dynamic();  // dynamic: attention_qk rotates
     return p;
   }
   // Frequencies [1,P]; dropped p-RoPE frequencies are exactly 0 (those pairs are never turned).
@@ -329,6 +330,7 @@ class GrapeM : public Encoding {
     Properties p;
     p.rotates = ext_.mscale() == 1.0;
     p.relative = ext_.relative();
+    p.qk_norm_after_encode = p.rotates && !ext_.dynamic();
     return p;
   }
   torch::Tensor theta() const { return torch::exp(lambda_ / scale_); }  // [G,P]

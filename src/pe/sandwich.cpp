@@ -33,7 +33,7 @@ class Sandwich : public Encoding {
   }
   Properties properties() const override {
     Properties p;
-    p.has_bias = p.relative = true;
+    p.has_bias = p.relative = p.qk_norm_after_encode = true;
     p.kernel_bias = KernelBias::distance_table;
     return p;
   }

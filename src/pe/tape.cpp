@@ -44,6 +44,7 @@ class Tape : public Encoding {
     const int64_t I = o.get_int("hidden", 4 * s.heads);
     if (I < 1) throw std::invalid_argument(fmt::format("tape: hidden must be >= 1, got {}", I));
     log_theta_ = register_buffer("log_theta", rope_log_theta(s.head_dim, base));
+    sign_ = rotary_layout(o).sign;  // grape: E^(0) = cos - i sin, the authors' clockwise layer-0 turn
     updates_ = o.get_bool("updates", true);
     if (!updates_) return;  // the model's last layer: its updated E would never be read
     // The authors' init: W1 and A zero, so E never changes at step 0 and the model is its RoPE backbone.
@@ -70,7 +71,7 @@ class Tape : public Encoding {
     auto pos = positions_f64(offset, length).unsqueeze(1) + shift_;  // [T,1]
     auto ang =
         torch::fmod(pos * torch::exp(log_theta_.to(torch::kFloat64)).unsqueeze(0), 2.0 * std::numbers::pi);
-    auto E = torch::cat({torch::cos(ang), torch::sin(ang)}, -1).to(dtype);  // [T,D]
+    auto E = torch::cat({torch::cos(ang), sign_ * torch::sin(ang)}, -1).to(dtype);  // [T,D]
     return E.view({1, length, 1, shape_.head_dim}).expand({batch, length, shape_.heads, shape_.head_dim});
   }
 
@@ -123,6 +124,7 @@ class Tape : public Encoding {
   bool updates_ = true;
   torch::Tensor log_theta_;  // [D/2] RoPE log-frequencies (float64 buffer)
   double shift_ = 0;
+  double sign_ = 1.0;  // orientation of E^(0): +1 standard, -1 grape
   bool code_compat_ = false;
   torch::Tensor W1_, Wx_, W2_, A_;  // [I,H] zero, [I,C] N(0,0.02^2), [H,I] N(0,0.02^2), [H,H] zero
 };
@@ -149,7 +151,8 @@ void add_tape(std::vector<EncodingInfo>& out) {
         {"shift", "0", "start positions of E^(0) at this offset (outputs are invariant to it)"},
         {"mode", "paper", "paper: A mixes heads; code_compat: head m scaled by the row sum of A"},
         {"hidden", "4H", "I, width of the position MLP"},
-        {"updates", "true", "false: E is used but never updated (the model sets it for its last layer)"}},
+        {"updates", "true", "false: E is used but never updated (the model sets it for its last layer)"},
+        {"orientation", "standard", "turn of E^(0): standard as rope; grape: the GRAPE authors' clockwise"}},
        {"W1  [I, H]  init 0", "Wx  [I, C]  init N(0, 0.02^2)", "W2  [H, I]  init N(0, 0.02^2)",
         "A  [H, H]  init 0  (none of the four in the model's last layer)"},
        [](const HeadShape& s, const PeOptions& o) { return std::make_shared<Tape>(s, o); },

@@ -57,23 +57,38 @@ void bind_cache(AttentionCache& cache, const EncodingPtr& enc, int64_t B) {
         fmt::format("grape.attention: this cache holds {} sequences, the input has {}", cache.batch, B));
 }
 
+// QK-norm on the encoded q~, k~ (qk_norm=after_rotation): the RMSNorm gains [D] of q and k and its eps.
+struct EncodedNorm {
+  torch::Tensor q_gain, k_gain;
+  double eps = 1e-5;
+};
+
 // y [B,T,H,D] = causal attention of one chunk of q, k, v [B,T,H,D]: a fresh pass from position 0, or the
 // continuation of `cache`. `attend` picks the fused kernels (fp32, an encoding they compute) or the
-// reference.
+// reference. With `norm`, q~ and k~ are RMS-normalised after encode, before they are cached.
 torch::Tensor attention(const EncodingPtr& enc, const torch::Tensor& q, const torch::Tensor& k,
                         const torch::Tensor& v, const std::optional<torch::Tensor>& x, AttentionCache* cache,
-                        const std::string& impl) {
+                        const std::string& impl, const std::optional<EncodedNorm>& norm) {
   const auto mode = parse_attention_impl(impl);
+  if (norm) check_qk_norm(QKNorm::after_rotation, *enc);
   py::gil_scoped_release no_gil;
   const TokenContext ctx(x ? *x : torch::Tensor());
+  auto encode = [&](PeState& state) {
+    auto tokens = enc->encode(q, k, ctx, state);
+    if (norm) {
+      tokens.q = rms_norm(tokens.q, norm->q_gain, norm->eps);
+      tokens.k = rms_norm(tokens.k, norm->k_gain, norm->eps);
+    }
+    return tokens;
+  };
   if (cache == nullptr) {
     PeState state = enc->initial_state(q.size(0), 0);
-    auto tokens = enc->encode(q, k, ctx, state);
+    auto tokens = encode(state);
     return attend(*enc, tokens, KeyCache::from(tokens, v), mode).y;
   }
   bind_cache(*cache, enc, q.size(0));
   PeState state = cache->pe;  // advanced only once the chunk is encoded: a refused chunk leaves the cache
-  auto tokens = enc->encode(q, k, ctx, state);
+  auto tokens = encode(state);
   cache->pe = std::move(state);
   cache->keys.append(tokens, v);
   return attend(*enc, tokens, cache->keys, mode).y;
@@ -109,6 +124,7 @@ py::dict properties_dict(const Properties& p) {
   d["signed_bias"] = p.signed_bias;
   d["reads_stream"] = p.reads_stream;
   d["updates_stream"] = p.updates_stream;
+  d["qk_norm_after_encode"] = p.qk_norm_after_encode;
   d["kernel_bias"] = std::string(to_string(p.kernel_bias));
   return d;
 }
@@ -207,8 +223,13 @@ PYBIND11_MODULE(_C, m) {
         return std::make_tuple(qa, ka, enc->bias(tokens, keys));
       },
       py::arg("encoding"), py::arg("q"), py::arg("k"), py::arg("x").none(true));
+  py::class_<EncodedNorm>(m, "EncodedNorm", py::module_local())
+      .def(py::init([](const torch::Tensor& q_gain, const torch::Tensor& k_gain, double eps) {
+             return EncodedNorm{q_gain, k_gain, eps};
+           }),
+           py::arg("q_gain"), py::arg("k_gain"), py::arg("eps"));
   m.def("attention", &attention, py::arg("encoding"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("x"),
-        py::arg("cache").none(true), py::arg("impl"));
+        py::arg("cache").none(true), py::arg("impl"), py::arg("norm").none(true) = py::none());
 
   py::class_<KVShiftImpl, torch::nn::Module, std::shared_ptr<KVShiftImpl>>(m, "KVShift", py::module_local())
       .def(py::init([](int64_t heads, int64_t head_dim, int64_t model_dim) {
