@@ -12,6 +12,7 @@ from ._modules import KVShift, PositionEncoding, Transformer, encodings, load_ru
 from .functional import AttentionCache, attention
 from .data import lr_at, make_tokenizer, open_data
 from . import nn
+from . import compat
 
 __all__ = [
     "AttentionCache",
@@ -19,6 +20,7 @@ __all__ = [
     "PositionEncoding",
     "Transformer",
     "attention",
+    "compat",
     "encodings",
     "load_run",
     "lr_at",
