@@ -9,6 +9,7 @@ namespace grape::cli {
 void add_encodings_command(CLI::App& app);
 void add_check_command(CLI::App& app);
 void add_pe_command(CLI::App& app);
+void add_attn_command(CLI::App& app);
 void add_tokenizer_command(CLI::App& app);
 void add_train_command(CLI::App& app);
 void add_eval_command(CLI::App& app);

@@ -111,6 +111,7 @@ int main(int argc, char** argv) {
   grape::cli::add_encodings_command(app);
   grape::cli::add_check_command(app);
   grape::cli::add_pe_command(app);
+  grape::cli::add_attn_command(app);
   grape::cli::add_tokenizer_command(app);
   grape::cli::add_data_command(app);
   grape::cli::add_train_command(app);
