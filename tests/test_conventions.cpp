@@ -1,7 +1,7 @@
 // The GRAPE authors' conventions as options. QK-norm's place (ModelConfig::qk_norm): before_rotation (grape's
 // order), after_rotation (theirs: the encoded q~, k~ are normalised) and off; the once-boolean field's old
 // spellings; the encodings after_rotation refuses; streaming == full forward with after_rotation. The
-// rotation's orientation on every rotary encoding.
+// rotation's orientation on every rotary encoding. `grape attn forward`, which loads such sublayers.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 #include <unistd.h>
@@ -14,6 +14,7 @@
 
 #include "cli_runner.hpp"
 #include "expect_invalid.hpp"
+#include "grape/attention.hpp"
 #include "grape/io.hpp"
 #include "grape/model.hpp"
 
@@ -252,6 +253,90 @@ TEST(Orientation, EveryRotaryEncodingTakesIt) {
     EXPECT_LE(max_diff(tape.k, rope.k), 1e-12);
   }
   EXPECT_GT(max_diff(encode("rope", {{"orientation", "grape"}}).q, encode("rope", {}).q), 0.1);
+}
+
+// ---- grape attn forward ---------------------------------------------------------------------------------
+
+// The sublayer wired here by hand from the library's pieces (projections, KV-shift as docs/encodings.md
+// writes it, RMSNorm before or after encode, attention_logits, softmax, W_o) against `grape attn forward`
+// (which runs the model's AttentionSublayer): output and logits to 1e-5.
+TEST(AttnForwardCli, EqualsTheSublayerWiredByHand) {
+  const auto dir = std::filesystem::temp_directory_path() / ("grape_attn_cli_" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  auto file = [&](const std::string& name) { return (dir / name).string(); };
+  const int64_t B = 2, T = 9, C = 32, H = 4, D = C / H;
+  struct Case {
+    std::string pe, qk_norm;
+    bool kv_shift;
+  };
+  for (const auto& c : std::vector<Case>{{"rope", "after_rotation", true},
+                                         {"grape-m-ctx", "before_rotation", true},
+                                         {"fox", "off", false},
+                                         {"grape-ap", "after_rotation", false}}) {
+    SCOPED_TRACE(c.pe + " " + c.qk_norm);
+    torch::manual_seed(2);
+    auto enc = make_encoding(c.pe, {H, D, C});
+    std::map<std::string, torch::Tensor> w;
+    for (const auto* name : {"wq.weight", "wk.weight", "wv.weight", "wo.weight"})
+      w[name] = torch::randn({C, C}) / std::sqrt(double(C));
+    if (c.qk_norm != "off")
+      w["q_norm.weight"] = 1 + 0.3 * torch::randn({D}), w["k_norm.weight"] = 1 + 0.3 * torch::randn({D});
+    if (c.kv_shift)
+      w["kv_shift.w_k"] = torch::randn({H, C}) * 0.3, w["kv_shift.w_v"] = torch::randn({H, C}) * 0.3;
+    {
+      torch::NoGradGuard ng;
+      for (auto& p : enc->named_parameters()) {
+        p.value().add_(0.3 * torch::randn_like(p.value()));
+        w["pe." + p.key()] = p.value().detach().clone();
+      }
+    }
+    auto x = torch::randn({B, T, C});
+    io::write_safetensors(file("w.safetensors"), w);
+    io::write_npy(file("x.npy"), x);
+    auto r = testing::run_cli("attn forward --x " + file("x.npy") + " --weights " + file("w.safetensors") +
+                              " --n-head 4 --pe " + c.pe + (c.kv_shift ? " --kv-shift" : "") + " --qk-norm " +
+                              c.qk_norm + " --out " + file("y.npy") + " --logits " + file("l.npy"));
+    ASSERT_EQ(r.code, 0) << r.output;
+
+    torch::NoGradGuard ng;
+    auto q = torch::matmul(x, w["wq.weight"].t()).view({B, T, H, D});
+    auto k = torch::matmul(x, w["wk.weight"].t()).view({B, T, H, D});
+    auto v = torch::matmul(x, w["wv.weight"].t()).view({B, T, H, D});
+    if (c.kv_shift) {
+      auto shift = [&](const torch::Tensor& z, const torch::Tensor& g) {  // z_t = a z_{t-1} + (1-a) z_t
+        auto a = torch::sigmoid(torch::matmul(x, g.t())).unsqueeze(-1);
+        auto prev = torch::cat({torch::zeros_like(z.narrow(1, 0, 1)), z.narrow(1, 0, T - 1)}, 1);
+        return a * prev + (1 - a) * z;
+      };
+      k = shift(k, w["kv_shift.w_k"]);
+      v = shift(v, w["kv_shift.w_v"]);
+    }
+    auto rms = [](const torch::Tensor& z, const torch::Tensor& g) {
+      return z / torch::sqrt(z.pow(2).mean(-1, true) + 1e-5) * g;
+    };
+    if (c.qk_norm == "before_rotation") q = rms(q, w["q_norm.weight"]), k = rms(k, w["k_norm.weight"]);
+    auto st = enc->initial_state(B, 0);
+    auto tokens = enc->encode(q, k, x, st);
+    if (c.qk_norm == "after_rotation")
+      tokens.q = rms(tokens.q, w["q_norm.weight"]), tokens.k = rms(tokens.k, w["k_norm.weight"]);
+    auto logits = attention_logits(*enc, tokens, KeyCache::from(tokens));
+    auto y = torch::matmul(torch::softmax(logits, -1), v.transpose(1, 2)).transpose(1, 2).reshape({B, T, C});
+    y = torch::matmul(y, w["wo.weight"].t());
+    EXPECT_LE(max_diff(io::read_npy(file("y.npy")), y), 1e-5);
+    auto got = io::read_npy(file("l.npy"));
+    ASSERT_EQ(got.sizes(), logits.sizes());
+    auto low = torch::ones({T, T}, torch::kBool).tril();
+    EXPECT_LE(max_diff(got.masked_select(low), logits.masked_select(low)), 1e-5);
+    EXPECT_TRUE(torch::all(got.masked_select(low.logical_not()) == -INFINITY).item<bool>());
+  }
+  // A weight the sublayer does not have, and one it lacks, are named.
+  io::write_safetensors(file("w.safetensors"), {{"wq.weight", torch::zeros({C, C})}});
+  auto r = testing::run_cli("attn forward --x " + file("x.npy") + " --weights " + file("w.safetensors") +
+                            " --n-head 4 --qk-norm off --out " + file("z.npy"));
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.output.find("missing weights wk.weight, wv.weight, wo.weight"), std::string::npos) << r.output;
+  EXPECT_FALSE(std::filesystem::exists(file("z.npy")));
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace
