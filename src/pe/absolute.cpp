@@ -21,6 +21,8 @@ class Absolute : public Encoding {
     p.relative = name_ == "nope";  // logits of NoPE do not depend on positions at all
     return p;
   }
+  // encode leaves q and k alone (the embedding, if any, is applied by the model before the layers).
+  std::optional<PositionalForm> positional_form() const override { return PositionalForm{}; }
 
  protected:
   PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const TokenContext&,
