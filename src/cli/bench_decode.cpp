@@ -27,9 +27,11 @@ struct DecodeArgs {
   std::string json;
 };
 
-// Read + write bytes per second of copying a 256 MB buffer, the best of 5 (after one warm-up copy).
-double copy_bandwidth_gbps() {
-  constexpr int64_t kFloats = int64_t(1) << 26;
+// Read + write bytes per second of copying `bytes` / 2 bytes into another buffer (so that `bytes` are
+// touched), the best of 5 after one warm-up copy. 512 MB: from memory; the size of a step's reads: from
+// wherever those bytes live (this machine's L3 holds small's weights).
+double copy_bandwidth_gbps(double bytes) {
+  const int64_t kFloats = std::max<int64_t>(1024, int64_t(bytes / 8));
   auto src = torch::rand({kFloats}), dst = torch::empty({kFloats});
   dst.copy_(src);
   double best = 1e30;
@@ -47,13 +49,16 @@ void run(const DecodeArgs& a) {
     order = {DecodePath::reference, DecodePath::fast, DecodePath::reference, DecodePath::fast};
   else
     order = {parse_decode_path(a.decode, "--decode")};
-  const double gbps = copy_bandwidth_gbps();
+  const double gbps = copy_bandwidth_gbps(512e6);
   std::string table = fmt::format(
-      "threads: {}; copy bandwidth {:.2f} GB/s (read + write, measured now); batch {}{}, prompt {} tokens\n"
-      "bound = batch x bandwidth / bytes a step reads (fp32 weights once + each sequence's K and V cache)\n",
+      "threads: {}; copy bandwidth {:.2f} GB/s (read + write of 512 MB, measured now); batch {}{}, prompt {} "
+      "tokens\n"
+      "bound = batch x bandwidth / bytes a step reads (fp32 weights once + each sequence's K and V cache);\n"
+      "bound@L3 = the same at the copy bandwidth of a buffer of the step's size (cache-resident weights)\n",
       torch::get_num_threads(), gbps, a.batch, a.ragged ? " (ragged: prompt + 7 b tokens)" : "", a.prompt);
-  table += fmt::format("{:<7} {:<10} {:>11} {:>7} {:<10} {:>11} {:>11} {:>10} {:>7}\n", "preset", "pe",
-                       "parameters", "tokens", "path", "tokens/s", "MB/step", "bound", "%bound");
+  table +=
+      fmt::format("{:<7} {:<10} {:>11} {:>7} {:<10} {:>11} {:>9} {:>9} {:>7} {:>9} {:>7}\n", "preset", "pe",
+                  "parameters", "tokens", "path", "tokens/s", "MB/step", "bound", "%bound", "bound@L3", "%");
   nlohmann::json rows = nlohmann::json::array();
   for (const auto& preset : a.presets)
     for (const auto& pe : a.pes) {
@@ -73,14 +78,18 @@ void run(const DecodeArgs& a) {
         auto& b = best[r.path];
         if (r.tokens_per_s > b.tokens_per_s) b = r;
       }
+      const double weights = double(model->num_parameters()) * 4;
+      const double resident_gbps = copy_bandwidth_gbps(weights);
       for (const auto& [path, r] : best) {
-        const double weights = double(model->num_parameters()) * 4;
         const double kv = 2.0 * double(m.n_layer) * r.mean_cache * double(m.n_embd) * 4;
         const double step_bytes = weights + double(a.batch) * kv;
         const double bound = double(a.batch) * gbps * 1e9 / step_bytes;
-        table += fmt::format("{:<7} {:<10} {:>11} {:>7} {:<10} {:>11.1f} {:>11.2f} {:>10.1f} {:>6.1f}%\n",
-                             preset, m.pe, model->num_parameters(), a.tokens, to_string(path), r.tokens_per_s,
-                             step_bytes / 1e6, bound, 100.0 * r.tokens_per_s / bound);
+        const double bound_l3 = double(a.batch) * resident_gbps * 1e9 / step_bytes;
+        table += fmt::format(
+            "{:<7} {:<10} {:>11} {:>7} {:<10} {:>11.1f} {:>9.2f} {:>9.1f} {:>6.1f}% {:>9.1f} {:>6.1f}%\n",
+            preset, m.pe, model->num_parameters(), a.tokens, to_string(path), r.tokens_per_s,
+            step_bytes / 1e6, bound, 100.0 * r.tokens_per_s / bound, bound_l3,
+            100.0 * r.tokens_per_s / bound_l3);
         if (!r.fallback_reason.empty()) table += "  (fast path not used: " + r.fallback_reason + ")\n";
         rows.push_back({{"preset", preset},
                         {"pe", m.pe},
@@ -94,6 +103,8 @@ void run(const DecodeArgs& a) {
                         {"tokens_per_s", r.tokens_per_s},
                         {"bytes_per_step", step_bytes},
                         {"copy_gbps", gbps},
+                        {"copy_gbps_step_size", resident_gbps},
+                        {"bound_l3_tokens_per_s", bound_l3},
                         {"bound_tokens_per_s", bound},
                         {"fraction_of_bound", r.tokens_per_s / bound},
                         {"attention", a.attention},

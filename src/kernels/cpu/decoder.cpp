@@ -263,7 +263,12 @@ void decoder_forward(const DecoderModel& m, const std::vector<DecoderRow>& rows,
         if (l.dist) p.bias.dist = l.dist + h * l.W, p.bias.W = l.W;
         p.out = yh + base * D;
         p.lse = lse + base;
-        attention(p);  // nested inside this team: runs on the calling thread
+        // Nested inside this team, it runs on the calling thread. A few queries take the decode kernel even
+        // against a short cache: the tiled forward would pack whole key tiles for one query row.
+        if (row.T <= 16)
+          attention_decode(p);
+        else
+          attention_forward(p);
       }
 #pragma omp for
       for (int64_t rh = 0; rh < R * H; ++rh) {
