@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 layer_of() {
   case "$1" in
     grape/pe.hpp | grape/law_result.hpp | pe/*) echo pe ;;
-    grape/attention.hpp | grape/model.hpp | nn/*) echo nn ;;
+    grape/attention.hpp | grape/model.hpp | grape/decode.hpp | nn/*) echo nn ;;
     grape/check.hpp | check/*) echo check ;;
     grape/data.hpp | data/*) echo data ;;
     grape/train.hpp | grape/distributed.hpp | train/*) echo train ;;

@@ -127,6 +127,20 @@ struct Properties {
   KernelBias kernel_bias = KernelBias::none;  // how the fused kernels compute the bias (none iff !has_bias)
 };
 
+// An encoding whose `encode` and bias depend on positions alone, in the form the LibTorch-free decode engine
+// (docs/decode.md) computes natively:  q~ = mscale R(n) q,  k~ = mscale R(n) k,  with R(n) turning pairs of
+// the first 2P coordinates by angles(n) (no turn when `angles` is empty); and the bias of
+// properties().kernel_bias: none, distance_table (bias_terms then depends on distances only), or linear
+// with slope [H] (bias slope_h (pos_i - pos_j), ALiBi). encode must leave the keys' per-key map empty.
+struct PositionalForm {
+  // Angles [T,G,P] float64 of positions offset..offset+T-1, G = 1 (shared by the heads) or H.
+  std::function<torch::Tensor(int64_t offset, int64_t T)> angles;
+  bool interleaved = false;  // pairs (2i, 2i+1), else (i, i+P)
+  double sign = 1.0;         // orientation, as rotate_pairs takes it
+  double mscale = 1.0;       // YaRN's / LongRoPE's factor on the rotated q and k
+  torch::Tensor slope;       // [H] float32 (linear bias only)
+};
+
 // Base class of every encoding. Subclasses register their learnable parameters as usual.
 class Encoding : public torch::nn::Module {
  public:
@@ -172,6 +186,11 @@ class Encoding : public torch::nn::Module {
   virtual torch::Tensor stream_after_attention(const torch::Tensor& E, const torch::Tensor& E_tilde) const;
   // The state after the MLP, whose output (before the residual) is y [B,T,C]. Default: E.
   virtual torch::Tensor stream_after_mlp(const torch::Tensor& E, const torch::Tensor& y) const;
+
+  // Its PositionalForm, or nullopt (the default) when encode reads more than positions (x, a stream, q or k
+  // themselves), the spectrum moves with the length, or the form is not implemented: the decode engine then
+  // falls back to the reference path. The form must give what encode and bias_terms give.
+  virtual std::optional<PositionalForm> positional_form() const;
 
   // One line per learnable parameter with its actual shape, for `grape encodings NAME`.
   std::vector<std::string> describe_parameters() const;

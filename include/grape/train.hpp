@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "grape/data.hpp"
+#include "grape/decode.hpp"
 #include "grape/model.hpp"
 
 namespace grape::dist {
@@ -217,6 +218,9 @@ struct SamplingOptions {
   // sequence reaches it, its cache is rebuilt from its last crop - 1 tokens before each new one. 0: the
   // cache keeps every token (positions beyond the training context are extrapolation).
   int64_t crop = 0;
+  // fast: the LibTorch-free engine where it supports the model (else the reference path, exactly as
+  // fast_decode_unsupported says); reference: forward_cached, the oracle.
+  DecodePath decode = DecodePath::fast;
 };
 // Samples continuations of each prompt (batched, each with its own KV cache). on_token(row, id) is called
 // for every generated token as it comes. Returns the generated ids per prompt (eot not included).
@@ -227,7 +231,17 @@ std::vector<std::vector<int32_t>> generate(Transformer& model,
 // Picks the next token from logits [V] with the options (deterministic in rng).
 int32_t sample_token(const torch::Tensor& logits, const SamplingOptions& opts, std::mt19937_64& rng);
 
-// Decode throughput with the KV cache: tokens/s generating `tokens` greedy tokens for `batch` sequences.
+// Decode throughput with the KV cache: tokens/s generating `tokens` greedy tokens for `batch` sequences
+// after a prompt of `prompt_len` tokens each (ragged: row b's prompt is prompt_len + 7 b tokens, each
+// prefilled alone, so that one batched step serves caches of different lengths).
+struct DecodeThroughput {
+  double tokens_per_s = 0;
+  DecodePath path = DecodePath::fast;  // the path that ran
+  std::string fallback_reason;         // why fast was asked for but not taken ("" otherwise)
+  double mean_cache = 0;               // mean cached tokens per sequence over the timed steps
+};
+DecodeThroughput measure_decode(Transformer& model, int64_t batch, int64_t prompt_len, int64_t tokens,
+                                DecodePath path = DecodePath::fast, bool ragged = false);
 double decode_tokens_per_s(Transformer& model, int64_t batch, int64_t prompt_len, int64_t tokens);
 
 struct CompareOptions {

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/bench_attention.hpp"
+#include "cli/bench_decode.hpp"
 #include "cli/commands.hpp"
 #include "cli/run_flags.hpp"
 #include "grape/attention.hpp"
@@ -302,17 +303,7 @@ void add_bench_command(CLI::App& app) {
     });
   });
 
-  auto da = std::make_shared<BenchArgs>();
-  da->batch = 1;
-  auto* de = bench->add_subcommand("decode", "decoding tokens/s with the KV cache per preset");
-  add_common(de, *da);
-  de->add_option("--tokens", da->tokens, "tokens generated per sequence")->capture_default_str();
-  de->callback([da] {
-    measure_presets(*da, "tokens", [&](Transformer& model, int64_t& column) {
-      column = da->tokens;
-      return train::decode_tokens_per_s(model, da->batch, 16, da->tokens);
-    });
-  });
+  add_bench_decode(bench);
 }
 
 }  // namespace grape::cli

@@ -17,6 +17,7 @@ void add_generate_command(CLI::App& app) {
     std::vector<std::string> prompts;
     train::SamplingOptions sampling;
     bool crop = false;
+    std::string decode = "fast";
   };
   auto a = std::make_shared<Args>();
   cmd->add_option("--run", a->run, "run directory")->required();
@@ -31,6 +32,11 @@ void add_generate_command(CLI::App& app) {
   cmd->add_flag("--crop", a->crop,
                 "let the model see only the last <training context> tokens, as nanoGPT crops to its block "
                 "size (default: the cache keeps every token, which goes beyond the training length)");
+  cmd->add_option("--decode", a->decode,
+                  "fast: the LibTorch-free decode engine where it supports the model (else the reference "
+                  "path, saying why); reference: the LibTorch forward with the KV cache (the oracle)")
+      ->check(CLI::IsMember({"fast", "reference"}))
+      ->capture_default_str();
   cmd->add_option("--tokenizer", a->tokenizer,
                   "for a run trained on token ids (tokenizer none): the GPT-2 BPE vocabulary to decode and "
                   "encode with, tokenizer.json or vocab.json,merges.txt");
@@ -66,6 +72,9 @@ void add_generate_command(CLI::App& app) {
     }
     a->sampling.eot = tok->eot();
     if (a->crop) a->sampling.crop = run.model.context;
+    a->sampling.decode = parse_decode_path(a->decode, "--decode");
+    const std::string unsupported =
+        a->sampling.decode == DecodePath::fast ? fast_decode_unsupported(model) : "";
     const auto t0 = std::chrono::steady_clock::now();
     size_t generated = 0;
     if (a->prompts.size() == 1) {  // one prompt: stream it
@@ -87,9 +96,11 @@ void add_generate_command(CLI::App& app) {
     std::fflush(stdout);
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     // On stderr, so that stdout is the text alone.
-    fmt::print(stderr, "{} tokens in {:.2f} s: {:.1f} tokens/s (prompt{} of up to {} tokens included)\n",
-               generated, s, double(generated) / std::max(s, 1e-9), a->prompts.size() > 1 ? "s" : "",
-               longest);
+    fmt::print(
+        stderr,
+        "{} tokens in {:.2f} s: {:.1f} tokens/s (prompt{} of up to {} tokens included), decode: {}{}\n",
+        generated, s, double(generated) / std::max(s, 1e-9), a->prompts.size() > 1 ? "s" : "", longest,
+        unsupported.empty() ? a->decode : "reference", unsupported.empty() ? "" : " (" + unsupported + ")");
     if (!a->crop && int64_t(longest + generated / a->prompts.size()) > run.model.context)
       fmt::print(stderr,
                  "note: past {} tokens the model read more than its training context (--crop keeps the last "

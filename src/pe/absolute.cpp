@@ -22,6 +22,8 @@ class Absolute : public Encoding {
     p.qk_norm_after_encode = true;
     return p;
   }
+  // encode leaves q and k alone (the embedding, if any, is applied by the model before the layers).
+  std::optional<PositionalForm> positional_form() const override { return PositionalForm{}; }
 
  protected:
   PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const TokenContext&,

@@ -60,6 +60,8 @@ const char* to_string(KernelBias kind) {
   return "?";
 }
 
+std::optional<PositionalForm> Encoding::positional_form() const { return std::nullopt; }
+
 BiasTerms Encoding::bias_terms(const PeTokens&, const KeyCache&) const {
   const auto kind = properties().kernel_bias;
   if (kind != KernelBias::none)

@@ -56,6 +56,11 @@ class ALiBi : public Encoding {
     out.c = (-slopes_).view({1, -1, 1}).expand({queries.q.size(0), -1, queries.length});
     return out;
   }
+  std::optional<PositionalForm> positional_form() const override {
+    PositionalForm f;
+    f.slope = (-slopes_).to(torch::kFloat32).contiguous();
+    return f;
+  }
 
  protected:
   PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const TokenContext&,

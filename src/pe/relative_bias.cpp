@@ -72,6 +72,9 @@ class T5 : public Encoding {
     return out;
   }
 
+  // encode leaves q and k alone; bias_terms depends on distances only.
+  std::optional<PositionalForm> positional_form() const override { return PositionalForm{}; }
+
  protected:
   PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const TokenContext&,
                         PeState&) override {
@@ -131,6 +134,9 @@ class Kerple : public Encoding {
     }
     return -a * torch::log1p(p * n);
   }
+
+  // encode leaves q and k alone; bias_terms depends on distances only.
+  std::optional<PositionalForm> positional_form() const override { return PositionalForm{}; }
 
  protected:
   PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const TokenContext&,

@@ -227,6 +227,18 @@ class RoPE : public Encoding {
     return torch::exp(log_theta_.to(dtype)) * keep_.to(dtype);
   }
 
+  std::optional<PositionalForm> positional_form() const override {
+    if (ext_.dynamic()) return std::nullopt;  // the angles of cached keys change with the length
+    PositionalForm f;
+    f.angles = [this](int64_t offset, int64_t T) {
+      return ext_.angles(theta(torch::kFloat32), offset, T, offset + T).squeeze(0);
+    };
+    f.interleaved = layout_.pairing == "interleaved";
+    f.sign = layout_.sign;
+    f.mscale = ext_.mscale();
+    return f;
+  }
+
   // A spectrum that depends on the length (dynamic NTK, LongRoPE's short/long switch): rotate the queries
   // and every cached (unrotated) key with the current length's spectrum.
   std::pair<torch::Tensor, torch::Tensor> attention_qk(const PeTokens& queries,
@@ -334,6 +346,18 @@ class GrapeM : public Encoding {
     return p;
   }
   torch::Tensor theta() const { return torch::exp(lambda_ / scale_); }  // [G,P]
+  std::optional<PositionalForm> positional_form() const override {
+    if (ext_.dynamic()) return std::nullopt;
+    PositionalForm f;
+    f.angles = [this](int64_t offset, int64_t T) {
+      torch::NoGradGuard no_grad;
+      return ext_.angles(theta(), offset, T, offset + T).squeeze(0);
+    };
+    f.interleaved = layout_.pairing == "interleaved";
+    f.sign = layout_.sign;
+    f.mscale = ext_.mscale();
+    return f;
+  }
 
   // Dynamic NTK: encode left q and k unrotated (in the basis's local frame for grape-m-planes, where
   // B R B^T q . B R B^T k = R B^T q . R B^T k); rotate them here with the current length's spectrum.
@@ -374,6 +398,8 @@ class GrapeMPlanes : public GrapeM {
     const int64_t G = o.get_bool("per_head_basis", false) ? s.heads : 1;
     basis_logits_ = register_parameter("basis_logits", torch::zeros({G, s.head_dim, s.head_dim}));
   }
+  // The learned basis mixes all D coordinates: not a rotation of fixed pairs.
+  std::optional<PositionalForm> positional_form() const override { return std::nullopt; }
   torch::Tensor basis() const {  // [H,D,D] (shared bases are expanded)
     auto b = torch::linalg_matrix_exp(basis_logits_ - basis_logits_.transpose(1, 2));
     return b.expand({shape_.heads, shape_.head_dim, shape_.head_dim});

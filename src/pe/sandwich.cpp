@@ -56,6 +56,9 @@ class Sandwich : public Encoding {
     return cross.unsqueeze(0) * head_scale_.view(per_head);
   }
 
+  // encode leaves q and k alone; bias_terms depends on distances only.
+  std::optional<PositionalForm> positional_form() const override { return PositionalForm{}; }
+
  protected:
   PeTokens encode_chunk(const torch::Tensor& q, const torch::Tensor& k, const TokenContext&,
                         PeState&) override {

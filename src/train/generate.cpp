@@ -54,9 +54,9 @@ std::vector<std::vector<int32_t>> generate(Transformer& model,
     throw std::invalid_argument("generate: temperature must be a finite number >= 0");
   if (opts.crop < 0 || opts.crop == 1) throw std::invalid_argument("generate: crop must be 0 (off) or >= 2");
   torch::NoGradGuard no_grad;
-  model->eval();
+  Decoder decoder(model, opts.decode);
   const size_t n = prompts.size();
-  std::vector<SequenceCache> caches(n);
+  std::vector<DecodeCache> caches(n);
   std::vector<std::vector<int32_t>> out(n);
   std::vector<bool> done(n, false);
   std::mt19937_64 rng(opts.seed);
@@ -65,9 +65,9 @@ std::vector<std::vector<int32_t>> generate(Transformer& model,
   std::vector<int64_t> cached(n, 0);                   // tokens in each cache
   // A fresh cache for row i holding `ids`; returns the logits of its last token.
   auto prefill = [&](size_t i, std::vector<int64_t> ids) {
-    caches[i] = model->new_cache();
-    std::vector<SequenceCache*> one = {&caches[i]};
-    auto logits = model->forward_cached(torch::tensor(ids, torch::kInt64).unsqueeze(0), one);
+    caches[i] = decoder.new_cache();
+    std::vector<DecodeCache*> one = {&caches[i]};
+    auto logits = decoder.forward(torch::tensor(ids, torch::kInt64).unsqueeze(0), one);
     cached[i] = int64_t(ids.size());
     return logits[0][int64_t(ids.size()) - 1];
   };
@@ -79,7 +79,7 @@ std::vector<std::vector<int32_t>> generate(Transformer& model,
     next[i] = sample_token(prefill(i, {prompts[i].end() - int64_t(keep), prompts[i].end()}), opts, rng);
   }
   for (int64_t t = 0; t < opts.max_tokens; ++t) {
-    std::vector<SequenceCache*> active;
+    std::vector<DecodeCache*> active;
     std::vector<int64_t> rows, tokens;
     for (size_t i = 0; i < n; ++i) {
       if (done[i]) continue;
@@ -101,29 +101,43 @@ std::vector<std::vector<int32_t>> generate(Transformer& model,
       tokens.push_back(next[i]);
     }
     if (active.empty()) break;
-    auto logits = model->forward_cached(torch::tensor(tokens, torch::kInt64).unsqueeze(1), active);
+    auto logits = decoder.forward(torch::tensor(tokens, torch::kInt64).unsqueeze(1), active);
     for (size_t r = 0; r < rows.size(); ++r)
       next[size_t(rows[r])] = sample_token(logits[int64_t(r)][0], opts, rng);
   }
   return out;
 }
 
-double decode_tokens_per_s(Transformer& model, int64_t batch, int64_t prompt_len, int64_t tokens) {
+DecodeThroughput measure_decode(Transformer& model, int64_t batch, int64_t prompt_len, int64_t tokens,
+                                DecodePath path, bool ragged) {
+  if (batch < 1 || prompt_len < 1 || tokens < 1)
+    throw std::invalid_argument("measure_decode: batch, prompt_len and tokens must be >= 1");
   torch::NoGradGuard no_grad;
-  model->eval();
-  std::vector<SequenceCache> caches;
-  for (int64_t b = 0; b < batch; ++b) caches.push_back(model->new_cache());
-  std::vector<SequenceCache*> ptrs;
+  Decoder decoder(model, path);
+  std::vector<DecodeCache> caches;
+  for (int64_t b = 0; b < batch; ++b) caches.push_back(decoder.new_cache());
+  std::vector<DecodeCache*> ptrs;
   for (auto& c : caches) ptrs.push_back(&c);
   const int64_t V = model->config().vocab_size;
-  auto prompt =
-      torch::arange(prompt_len, torch::kInt64).remainder(V).unsqueeze(0).expand({batch, prompt_len});
-  auto logits = model->forward_cached(prompt.contiguous(), ptrs);
-  auto next = logits.select(1, prompt_len - 1).argmax(-1, true);
+  std::vector<torch::Tensor> firsts;
+  double cached = 0;
+  for (int64_t b = 0; b < batch; ++b) {  // each prompt alone: ragged lengths need their own prefill
+    const int64_t len = prompt_len + (ragged ? 7 * b : 0);
+    auto prompt = torch::arange(len, torch::kInt64).remainder(V).unsqueeze(0);
+    std::vector<DecodeCache*> one{ptrs[size_t(b)]};
+    firsts.push_back(decoder.forward(prompt, one).select(1, len - 1).argmax(-1, true));
+    cached += double(len) + double(tokens - 1) / 2;
+  }
+  auto next = torch::cat(firsts);
   const auto t0 = std::chrono::steady_clock::now();
-  for (int64_t t = 0; t < tokens; ++t) next = model->forward_cached(next, ptrs).select(1, 0).argmax(-1, true);
+  for (int64_t t = 0; t < tokens; ++t) next = decoder.forward(next, ptrs).select(1, 0).argmax(-1, true);
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  return double(batch * tokens) / std::max(s, 1e-9);
+  return {double(batch * tokens) / std::max(s, 1e-9), decoder.path(), decoder.fallback_reason(),
+          cached / double(batch)};
+}
+
+double decode_tokens_per_s(Transformer& model, int64_t batch, int64_t prompt_len, int64_t tokens) {
+  return measure_decode(model, batch, prompt_len, tokens).tokens_per_s;
 }
 
 }  // namespace grape::train

@@ -1,0 +1,68 @@
+// Decoding with a KV cache on one of two paths (docs/decode.md):
+//   fast       the LibTorch-free engine (src/kernels/cpu/decoder.hpp): the model's fp32 weights read in
+//              place, preallocated per-sequence caches, OpenMP matrix products; for the encodings whose
+//              encode depends on positions alone (Encoding::positional_form);
+//   reference  TransformerImpl::forward_cached, for every model: the oracle of the fast path.
+// The path is decided once, when the Decoder is built; path() and fallback_reason() say which runs and why.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "grape/model.hpp"
+
+namespace grape {
+
+enum class DecodePath { fast, reference };
+const char* to_string(DecodePath path);
+// "fast" or "reference"; anything else throws std::invalid_argument naming `where` (e.g. "--decode").
+DecodePath parse_decode_path(const std::string& text, const std::string& where = "decode path");
+
+// Why the fast engine cannot decode this model exactly: "" when it can. E.g. "the encoding 'fox' reads the
+// layer input x (contextual)", "kv_shift", "the weights are float64, not float32".
+std::string fast_decode_unsupported(const Transformer& model);
+
+// One sequence's KV cache on the path of the Decoder that made it (Decoder::new_cache).
+struct DecodeCache {
+  int64_t length = 0;                    // tokens consumed
+  SequenceCache reference;               // the reference path's cache
+  std::vector<std::vector<float>> k, v;  // the fast path's: per layer [H][capacity][D]
+  int64_t capacity = 0;
+  uint64_t owner = 0;  // the id of the Decoder that made it
+};
+
+class Decoder {
+ public:
+  // `requested` fast: the engine when fast_decode_unsupported(model) is "", else the reference path. The
+  // fast path reads the weights in place and tabulates the encodings' angles and distance biases: build the
+  // Decoder after training, and keep the model alive and unchanged while it decodes.
+  explicit Decoder(Transformer model, DecodePath requested = DecodePath::fast);
+  ~Decoder();
+  Decoder(const Decoder&) = delete;
+  Decoder& operator=(const Decoder&) = delete;
+
+  DecodePath path() const { return path_; }
+  // Why the fast path was asked for but not taken ("" otherwise).
+  const std::string& fallback_reason() const { return fallback_reason_; }
+  const Transformer& model() const { return model_; }
+
+  DecodeCache new_cache() const;
+  // As TransformerImpl::forward_cached: row b of tokens [B,T] (int64 or int32, ids < vocab) continues
+  // caches[b] (lengths may differ); returns logits [B,T,V] float32. Dense layers run batched, attention per
+  // sequence. Inputs (ids, the number of caches, caches of another Decoder) are checked before any cache
+  // changes and throw std::invalid_argument.
+  torch::Tensor forward(const torch::Tensor& tokens, const std::vector<DecodeCache*>& caches);
+
+  struct Engine;  // the fast path's weights, tables and workspace (src/nn/decode_engine.cpp)
+
+ private:
+  Transformer model_;
+  DecodePath path_;
+  std::string fallback_reason_;
+  uint64_t id_;
+  std::unique_ptr<Engine> engine_;
+};
+
+}  // namespace grape

@@ -1,0 +1,155 @@
+// `grape bench decode` (bench_decode.hpp).
+#include "cli/bench_decode.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <chrono>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "grape/io.hpp"
+#include "grape/train.hpp"
+
+namespace grape::cli {
+namespace {
+
+struct DecodeArgs {
+  std::vector<std::string> presets = {"tiny", "small"};
+  std::vector<std::string> pes = {"rope"};
+  std::vector<std::string> pe_sets;
+  std::string attention = "fused";
+  std::string decode = "fast";  // fast | reference | both
+  int64_t batch = 1, tokens = 64, prompt = 16;
+  bool ragged = false;
+  std::string json;
+};
+
+// Read + write bytes per second of copying `bytes` / 2 bytes into another buffer (so that `bytes` are
+// touched), the best of 5 after one warm-up copy. 512 MB: from memory; the size of a step's reads: from
+// wherever those bytes live (this machine's L3 holds small's weights).
+double copy_bandwidth_gbps(double bytes) {
+  const int64_t kFloats = std::max<int64_t>(1024, int64_t(bytes / 8));
+  auto src = torch::rand({kFloats}), dst = torch::empty({kFloats});
+  dst.copy_(src);
+  double best = 1e30;
+  for (int i = 0; i < 5; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    dst.copy_(src);
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return 2.0 * double(kFloats) * 4 / best / 1e9;
+}
+
+void run(const DecodeArgs& a) {
+  std::vector<DecodePath> order;  // both: reference and fast alternated, twice, best of each
+  if (a.decode == "both")
+    order = {DecodePath::reference, DecodePath::fast, DecodePath::reference, DecodePath::fast};
+  else
+    order = {parse_decode_path(a.decode, "--decode")};
+  const double gbps = copy_bandwidth_gbps(512e6);
+  std::string table = fmt::format(
+      "threads: {}; copy bandwidth {:.2f} GB/s (read + write of 512 MB, measured now); batch {}{}, prompt {} "
+      "tokens\n"
+      "bound = batch x bandwidth / bytes a step reads (fp32 weights once + each sequence's K and V cache);\n"
+      "bound@L3 = the same at the copy bandwidth of a buffer of the step's size (cache-resident weights)\n",
+      torch::get_num_threads(), gbps, a.batch, a.ragged ? " (ragged: prompt + 7 b tokens)" : "", a.prompt);
+  table +=
+      fmt::format("{:<7} {:<10} {:>11} {:>7} {:<10} {:>11} {:>9} {:>9} {:>7} {:>9} {:>7}\n", "preset", "pe",
+                  "parameters", "tokens", "path", "tokens/s", "MB/step", "bound", "%bound", "bound@L3", "%");
+  nlohmann::json rows = nlohmann::json::array();
+  for (const auto& preset : a.presets)
+    for (const auto& pe : a.pes) {
+      ModelConfig m = model_preset(preset);
+      m.pe = pe;
+      for (const auto& s : a.pe_sets) {
+        auto [key, value] = split_key_value(s, "--pe-set");
+        m.pe_options[key] = value;
+      }
+      m.attention = a.attention;
+      m.validate();
+      torch::manual_seed(0);
+      Transformer model(m);
+      std::map<DecodePath, train::DecodeThroughput> best;
+      for (auto path : order) {
+        auto r = train::measure_decode(model, a.batch, a.prompt, a.tokens, path, a.ragged);
+        auto& b = best[r.path];
+        if (r.tokens_per_s > b.tokens_per_s) b = r;
+      }
+      const double weights = double(model->num_parameters()) * 4;
+      const double resident_gbps = copy_bandwidth_gbps(weights);
+      for (const auto& [path, r] : best) {
+        const double kv = 2.0 * double(m.n_layer) * r.mean_cache * double(m.n_embd) * 4;
+        const double step_bytes = weights + double(a.batch) * kv;
+        const double bound = double(a.batch) * gbps * 1e9 / step_bytes;
+        const double bound_l3 = double(a.batch) * resident_gbps * 1e9 / step_bytes;
+        table += fmt::format(
+            "{:<7} {:<10} {:>11} {:>7} {:<10} {:>11.1f} {:>9.2f} {:>9.1f} {:>6.1f}% {:>9.1f} {:>6.1f}%\n",
+            preset, m.pe, model->num_parameters(), a.tokens, to_string(path), r.tokens_per_s,
+            step_bytes / 1e6, bound, 100.0 * r.tokens_per_s / bound, bound_l3,
+            100.0 * r.tokens_per_s / bound_l3);
+        if (!r.fallback_reason.empty()) table += "  (fast path not used: " + r.fallback_reason + ")\n";
+        rows.push_back({{"preset", preset},
+                        {"pe", m.pe},
+                        {"parameters", model->num_parameters()},
+                        {"batch", a.batch},
+                        {"ragged", a.ragged},
+                        {"prompt", a.prompt},
+                        {"tokens", a.tokens},
+                        {"path", to_string(path)},
+                        {"fallback_reason", r.fallback_reason},
+                        {"tokens_per_s", r.tokens_per_s},
+                        {"bytes_per_step", step_bytes},
+                        {"copy_gbps", gbps},
+                        {"copy_gbps_step_size", resident_gbps},
+                        {"bound_l3_tokens_per_s", bound_l3},
+                        {"bound_tokens_per_s", bound},
+                        {"fraction_of_bound", r.tokens_per_s / bound},
+                        {"attention", a.attention},
+                        {"threads", torch::get_num_threads()}});
+      }
+      if (best.size() == 2)
+        table += fmt::format("  fast / reference: {:.2f}x\n",
+                             best[DecodePath::fast].tokens_per_s / best[DecodePath::reference].tokens_per_s);
+    }
+  fmt::print("{}", table);
+  if (!a.json.empty()) io::write_file_atomic(a.json, rows.dump(2) + "\n");
+}
+
+}  // namespace
+
+void add_bench_decode(CLI::App* bench) {
+  auto a = std::make_shared<DecodeArgs>();
+  auto* cmd = bench->add_subcommand("decode", "decoding tokens/s with the KV cache per preset");
+  cmd->add_option("--preset", a->presets, "presets to measure (comma-separated)")
+      ->delimiter(',')
+      ->capture_default_str();
+  cmd->add_option("--pe", a->pes, "position encodings (comma-separated)")
+      ->delimiter(',')
+      ->capture_default_str();
+  cmd->add_option("--pe-set", a->pe_sets, "encoding option key=value (applied to each encoding)");
+  cmd->add_option("--attention", a->attention, "fused or reference (the reference decode path's attention)")
+      ->check(CLI::IsMember({"fused", "reference"}))
+      ->capture_default_str();
+  cmd->add_option("--decode", a->decode,
+                  "fast (the LibTorch-free engine where it supports the model), reference (forward_cached) "
+                  "or both, alternated")
+      ->check(CLI::IsMember({"fast", "reference", "both"}))
+      ->capture_default_str();
+  cmd->add_option("--batch", a->batch, "sequences decoded together")
+      ->check(CLI::Range(1, 4096))
+      ->capture_default_str();
+  cmd->add_option("--tokens", a->tokens, "tokens generated per sequence")
+      ->check(CLI::Range(1, 1 << 20))
+      ->capture_default_str();
+  cmd->add_option("--prompt", a->prompt, "prompt tokens per sequence")
+      ->check(CLI::Range(1, 1 << 20))
+      ->capture_default_str();
+  cmd->add_flag("--ragged", a->ragged, "prompts of different lengths (prompt + 7 b tokens for sequence b)");
+  cmd->add_option("--json", a->json, "also write the results as JSON here");
+  cmd->callback([a] { run(*a); });
+}
+
+}  // namespace grape::cli

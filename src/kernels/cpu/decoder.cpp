@@ -1,0 +1,301 @@
+// The LibTorch-free decoder forward (decoder.hpp): one OpenMP team for the whole pass, the work of each step
+// split between its threads (weight rows of the matrix products, rows of the norms, (sequence, head) pairs of
+// the attention), with a barrier between steps. Batch-1 decoding is a few dozen small steps per token, so a
+// parallel region per step would cost more than many of the steps themselves.
+#include "kernels/cpu/decoder.hpp"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "kernels/cpu/attention.hpp"
+#include "kernels/cpu/simd_math.hpp"
+#include "kernels/cpu/tile.hpp"
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace grape::kernels::cpu {
+namespace {
+
+constexpr int64_t kRowsW = 4;  // weight rows per micro-kernel call: each is read once for kRowsX rows of x
+constexpr int64_t kRowsX = 4;  // rows of x per micro-kernel call (4 x 4 accumulators)
+
+// The portable micro-kernel: y[i][j] = W_i . x_j over 16 lanes, summed at the end (vectorises without
+// reassociation; GRAPE_SIMD picks the widest unit at load time in a portable build).
+template <int NW, int NX>
+GRAPE_SIMD void dot_block_portable(const float* const* w, const float* const* x, int64_t K, float* y,
+                                   int64_t y_stride) {
+  float acc[NW][NX][kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes)
+    for (int i = 0; i < NW; ++i)
+      for (int j = 0; j < NX; ++j)
+        for (int64_t l = 0; l < kLanes; ++l) acc[i][j][l] += w[i][k + l] * x[j][k + l];
+  for (int i = 0; i < NW; ++i)
+    for (int j = 0; j < NX; ++j) {
+      float s = 0;
+      for (int64_t l = 0; l < kLanes; ++l) s += acc[i][j][l];
+      for (int64_t kk = k; kk < K; ++kk) s += w[i][kk] * x[j][kk];
+      y[j * y_stride + i] = s;
+    }
+}
+
+#if defined(__AVX512F__)
+template <int NW, int NX>
+inline void dot_block_simd(const float* const* w, const float* const* x, int64_t K, float* y,
+                           int64_t y_stride) {
+  __m512 acc[NW][NX];
+  for (int i = 0; i < NW; ++i)
+    for (int j = 0; j < NX; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);  // masked tail
+    __m512 xv[NX];
+    for (int j = 0; j < NX; ++j) xv[j] = _mm512_maskz_loadu_ps(m, x[j] + k);
+    for (int i = 0; i < NW; ++i) {
+      const __m512 wv = _mm512_maskz_loadu_ps(m, w[i] + k);
+      for (int j = 0; j < NX; ++j) acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < NW; ++i)
+    for (int j = 0; j < NX; ++j) y[j * y_stride + i] = _mm512_reduce_add_ps(acc[i][j]);
+}
+#elif defined(__AVX2__)
+inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+template <int NW, int NX>
+inline void dot_block_simd(const float* const* w, const float* const* x, int64_t K, float* y,
+                           int64_t y_stride) {
+  __m256 acc[NW][NX];
+  for (int i = 0; i < NW; ++i)
+    for (int j = 0; j < NX; ++j) acc[i][j] = _mm256_setzero_ps();
+  static const int32_t kMask[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t k = 0; k < K; k += 8) {
+    const __m256i m = _mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(kMask + 8 - std::min<int64_t>(8, K - k)));  // masked tail
+    __m256 xv[NX];
+    for (int j = 0; j < NX; ++j) xv[j] = _mm256_maskload_ps(x[j] + k, m);
+    for (int i = 0; i < NW; ++i) {
+      const __m256 wv = _mm256_maskload_ps(w[i] + k, m);
+      for (int j = 0; j < NX; ++j) acc[i][j] = _mm256_fmadd_ps(wv, xv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < NW; ++i)
+    for (int j = 0; j < NX; ++j) y[j * y_stride + i] = hsum256(acc[i][j]);
+}
+#endif
+
+// Rows [n0, n1) of y = x W^T, blocked kRowsW weight rows x kRowsX rows of x.
+template <bool kSimd>
+void linear_part(const float* x, int64_t R, int64_t K, const float* W, int64_t N, float* y, int64_t n0,
+                 int64_t n1) {
+  for (int64_t n = n0; n < n1; n += kRowsW) {
+    const int64_t nw = std::min(kRowsW, n1 - n);
+    const float* w[kRowsW];
+    for (int64_t i = 0; i < kRowsW; ++i) w[i] = W + std::min(n + i, n1 - 1) * K;
+    for (int64_t r = 0; r < R; r += kRowsX) {
+      const int64_t nx = std::min(kRowsX, R - r);
+      const float* xs[kRowsX];
+      for (int64_t j = 0; j < kRowsX; ++j) xs[j] = x + std::min(r + j, R - 1) * K;
+      float out[kRowsX * kRowsW];
+      // Full blocks for the common shapes; a partial block computes the full one on clamped (repeated)
+      // rows and keeps only its part, so one instantiation per x-row count suffices.
+      auto run = [&](auto nx_const) {
+        constexpr int NX = decltype(nx_const)::value;
+#if defined(__AVX512F__) || defined(__AVX2__)
+        if constexpr (kSimd)
+          dot_block_simd<kRowsW, NX>(w, xs, K, out, kRowsW);
+        else
+#endif
+          dot_block_portable<kRowsW, NX>(w, xs, K, out, kRowsW);
+      };
+      switch (nx) {
+        case 1:
+          run(std::integral_constant<int, 1>{});
+          break;
+        case 2:
+          run(std::integral_constant<int, 2>{});
+          break;
+        case 3:
+          run(std::integral_constant<int, 3>{});
+          break;
+        default:
+          run(std::integral_constant<int, 4>{});
+          break;
+      }
+      for (int64_t j = 0; j < nx; ++j)
+        for (int64_t i = 0; i < nw; ++i) y[(r + j) * N + n + i] = out[j * kRowsW + i];
+    }
+  }
+}
+
+// This thread's share of y = x W^T inside a parallel region (no barrier: the caller places it).
+void linear_shared(const float* x, int64_t R, int64_t K, const float* W, int64_t N, float* y) {
+  const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+  const int64_t blocks = (N + kRowsW - 1) / kRowsW;
+  const int64_t b0 = blocks * t / nt, b1 = blocks * (t + 1) / nt;
+  linear_part<true>(x, R, K, W, N, y, std::min(N, b0 * kRowsW), std::min(N, b1 * kRowsW));
+}
+
+// out = x / sqrt(mean(x^2) + eps) * gain over n values (out may be x).
+void rms_norm(const float* x, const float* gain, int64_t n, float eps, float* out) {
+  double ss = 0;
+  for (int64_t i = 0; i < n; ++i) ss += double(x[i]) * double(x[i]);
+  const float inv = float(1.0 / std::sqrt(ss / double(n) + double(eps)));
+  for (int64_t i = 0; i < n; ++i) out[i] = x[i] * inv * gain[i];
+}
+
+// QK-norm, rotation and YaRN's factor of one head's q or k (D values) at position pos, in place.
+void encode_head(const DecoderLayer& l, const float* gain, int64_t h, int64_t pos, int64_t D, float eps,
+                 float* x) {
+  if (gain) rms_norm(x, gain, D, eps, x);
+  if (!l.cos) return;
+  const int64_t row = (pos * l.G + (l.G == 1 ? 0 : h)) * l.P;
+  const float *c = l.cos + row, *s = l.sin + row;
+  for (int64_t i = 0; i < l.P; ++i) {
+    const int64_t ia = l.interleaved ? 2 * i : i, ib = l.interleaved ? 2 * i + 1 : i + l.P;
+    const float a = x[ia], b = x[ib];
+    x[ia] = a * c[i] - b * s[i];
+    x[ib] = a * s[i] + b * c[i];
+  }
+  if (l.mscale != 1.0f)
+    for (int64_t d = 0; d < D; ++d) x[d] *= l.mscale;
+}
+
+void require(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument("grape::kernels::cpu::decoder_forward: " + what);
+}
+
+}  // namespace
+
+void linear_rows(const float* x, int64_t R, int64_t K, const float* W, int64_t N, float* y) {
+#pragma omp parallel num_threads(team_size(N))
+  linear_shared(x, R, K, W, N, y);
+}
+
+void linear_rows_portable(const float* x, int64_t R, int64_t K, const float* W, int64_t N, float* y) {
+  linear_part<false>(x, R, K, W, N, y, 0, N);
+}
+
+void decoder_forward(const DecoderModel& m, const std::vector<DecoderRow>& rows, DecoderWorkspace& ws,
+                     float* logits) {
+  const int64_t C = m.C, H = m.H, D = m.D, HD = m.H * m.D, F = m.hidden, V = m.vocab;
+  require(C > 0 && H > 0 && D > 0 && F > 0 && V > 0 && m.wte && m.norm_f, "incomplete model");
+  require(!rows.empty(), "no rows");
+  std::vector<int64_t> start(rows.size() + 1, 0);  // first new row of each sequence
+  int64_t maxT = 0;
+  for (size_t b = 0; b < rows.size(); ++b) {
+    const auto& r = rows[b];
+    require(r.T >= 1 && r.tokens && r.length >= 0 && r.capacity >= r.length + r.T, "a row without room");
+    require(r.k.size() == m.layers.size() && r.v.size() == m.layers.size(), "a row's cache has other layers");
+    start[b + 1] = start[b] + r.T;
+    maxT = std::max(maxT, r.T);
+  }
+  const int64_t R = start.back();
+  auto grow = [](std::vector<float>& v, int64_t n) {
+    if (int64_t(v.size()) < n) v.resize(size_t(n));
+  };
+  grow(ws.x, R * C), grow(ws.xn, R * C), grow(ws.q, R * HD), grow(ws.k, R * HD), grow(ws.v, R * HD);
+  grow(ws.qh, R * HD), grow(ws.yh, R * HD), grow(ws.y, R * HD), grow(ws.a, R * F), grow(ws.g, R * F);
+  grow(ws.bias_c, H * maxT), grow(ws.lse, R * H);
+  const int64_t pairs = int64_t(rows.size()) * H;  // attention tasks
+  const float scale = float(1.0 / std::sqrt(double(D)));
+  float *x = ws.x.data(), *xn = ws.xn.data(), *q = ws.q.data(), *k = ws.k.data(), *v = ws.v.data();
+  float *qh = ws.qh.data(), *yh = ws.yh.data(), *y = ws.y.data(), *a = ws.a.data(), *g = ws.g.data();
+  float *bias_c = ws.bias_c.data(), *lse = ws.lse.data();
+  // The sequence and step of each new row.
+  std::vector<int64_t> seq_of(size_t(R), 0);
+  for (size_t b = 0; b < rows.size(); ++b)
+    for (int64_t r = start[b]; r < start[b + 1]; ++r) seq_of[size_t(r)] = int64_t(b);
+
+#pragma omp parallel num_threads(team_size(F))
+  {
+#pragma omp for
+    for (int64_t r = 0; r < R; ++r) {
+      const auto& row = rows[size_t(seq_of[size_t(r)])];
+      std::copy_n(m.wte + row.tokens[r - start[size_t(seq_of[size_t(r)])]] * C, C, x + r * C);
+    }
+    for (size_t li = 0; li < m.layers.size(); ++li) {
+      const DecoderLayer& l = m.layers[li];
+#pragma omp for
+      for (int64_t r = 0; r < R; ++r) rms_norm(x + r * C, l.norm1, C, m.eps, xn + r * C);
+      linear_shared(xn, R, C, l.wq, HD, q);
+      linear_shared(xn, R, C, l.wk, HD, k);
+      linear_shared(xn, R, C, l.wv, HD, v);
+      if (l.slope) {
+#pragma omp for nowait
+        for (int64_t i = 0; i < H * maxT; ++i) bias_c[i] = l.slope[i / maxT];
+      }
+#pragma omp barrier
+      // Encode q and k per (row, head); q to [H][T][D] per sequence, k and v into the cache.
+#pragma omp for
+      for (int64_t rh = 0; rh < R * H; ++rh) {
+        const int64_t r = rh / H, h = rh % H, b = seq_of[size_t(r)], t = r - start[size_t(b)];
+        const auto& row = rows[size_t(b)];
+        const int64_t pos = row.length + t;
+        float* qd = qh + (start[size_t(b)] * H + h * row.T + t) * D;
+        std::copy_n(q + r * HD + h * D, D, qd);
+        encode_head(l, l.q_norm, h, pos, D, m.eps, qd);
+        float* kd = row.k[li] + (h * row.capacity + pos) * D;
+        std::copy_n(k + r * HD + h * D, D, kd);
+        encode_head(l, l.k_norm, h, pos, D, m.eps, kd);
+        std::copy_n(v + r * HD + h * D, D, row.v[li] + (h * row.capacity + pos) * D);
+      }
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t bh = 0; bh < pairs; ++bh) {
+        const int64_t b = bh / H, h = bh % H;
+        const auto& row = rows[size_t(b)];
+        const int64_t base = start[size_t(b)] * H + h * row.T;
+        ForwardParams p;
+        p.shape = {1, 1, row.T, row.length + row.T, D, row.length, 0, scale};
+        p.q = qh + base * D;
+        p.k = row.k[li] + h * row.capacity * D;
+        p.v = row.v[li] + h * row.capacity * D;
+        if (l.slope) p.bias.c = bias_c + h * maxT;
+        if (l.dist) p.bias.dist = l.dist + h * l.W, p.bias.W = l.W;
+        p.out = yh + base * D;
+        p.lse = lse + base;
+        // Nested inside this team, it runs on the calling thread. A few queries take the decode kernel even
+        // against a short cache: the tiled forward would pack whole key tiles for one query row.
+        if (row.T <= 16)
+          attention_decode(p);
+        else
+          attention_forward(p);
+      }
+#pragma omp for
+      for (int64_t rh = 0; rh < R * H; ++rh) {
+        const int64_t r = rh / H, h = rh % H, b = seq_of[size_t(r)], t = r - start[size_t(b)];
+        std::copy_n(yh + (start[size_t(b)] * H + h * rows[size_t(b)].T + t) * D, D, y + r * HD + h * D);
+      }
+      linear_shared(y, R, HD, l.wo, C, xn);
+#pragma omp barrier
+#pragma omp for
+      for (int64_t r = 0; r < R; ++r) {
+        for (int64_t c = 0; c < C; ++c) x[r * C + c] += xn[r * C + c];  // h = x + attention
+        rms_norm(x + r * C, l.norm2, C, m.eps, xn + r * C);
+      }
+      linear_shared(xn, R, C, l.w1, F, a);
+      linear_shared(xn, R, C, l.w2, F, g);
+#pragma omp barrier
+#pragma omp for
+      for (int64_t i = 0; i < R * F; ++i) a[i] = a[i] / (1.0f + std::exp(-a[i])) * g[i];  // SwiGLU
+      linear_shared(a, R, F, l.w_out, C, xn);
+#pragma omp barrier
+#pragma omp for
+      for (int64_t i = 0; i < R * C; ++i) x[i] += xn[i];
+    }
+#pragma omp for
+    for (int64_t r = 0; r < R; ++r) rms_norm(x + r * C, m.norm_f, C, m.eps, xn + r * C);
+    linear_shared(xn, R, C, m.wte, V, logits);  // the tied head
+  }
+}
+
+}  // namespace grape::kernels::cpu

@@ -1,0 +1,72 @@
+// The decoder language model's forward pass for a few new tokens per sequence against each sequence's KV
+// cache, in plain C++ + OpenMP (no LibTorch): the LibTorch-free decode path (docs/decode.md). The model's
+// fp32 weights are read in place; src/nn/decode_engine.cpp owns the caches and the encoding's tables and
+// fills these structs.
+//
+// Per layer, for the R = sum_b T_b new rows of all sequences (one OpenMP team for the whole pass):
+//   x^ = RMSNorm(x); q, k, v = x^ Wq^T, x^ Wk^T, x^ Wv^T      matrix products reading each weight row once
+//   q, k per head: RMSNorm(., gain) (QK-norm), rotation by position (RoPE family), YaRN's factor
+//   k, v appended to the sequence's cache; attention per (sequence, head) by attention(), with the bias
+//   h = x + y Wo^T;  x = h + W_out (silu(W1 h^) * (W2 h^)),  h^ = RMSNorm(h)
+// then logits = RMSNorm(x) wte^T (the tied head).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace grape::kernels::cpu {
+
+// y[r, n] = sum_k x[r, k] W[n, k] for r < R, n < N: a linear layer without bias, W row-major [N, K] as
+// LibTorch stores it. Each row of W is read once for all R rows of x (matrix-vector at R = 1, a blocked
+// matrix product for a batch). Parallel over N. linear_rows uses AVX-512 or AVX2 when the build has them
+// (-march=native), the portable loop otherwise; the portable one is exposed so tests compare the two.
+void linear_rows(const float* x, int64_t R, int64_t K, const float* W, int64_t N, float* y);
+void linear_rows_portable(const float* x, int64_t R, int64_t K, const float* W, int64_t N, float* y);
+
+struct DecoderLayer {
+  const float *norm1 = nullptr, *wq = nullptr, *wk = nullptr, *wv = nullptr, *wo = nullptr;
+  const float *norm2 = nullptr, *w1 = nullptr, *w2 = nullptr, *w_out = nullptr;
+  const float *q_norm = nullptr, *k_norm = nullptr;  // [D] gains shared by the heads; null: no QK-norm
+  // Rotation of q and k by position: cos, sin [positions][G][P] (sin carries the orientation's sign), G = 1
+  // (shared) or H; pairs (i, i + P) ("half") or (2i, 2i + 1) (interleaved); then both times mscale. Null
+  // cos: no rotation. The tables must cover every position of the step.
+  const float *cos = nullptr, *sin = nullptr;
+  int64_t G = 1, P = 0;
+  bool interleaved = false;
+  float mscale = 1.0f;
+  // Bias: slope [H] adds slope_h * (pos_i - pos_j) (ALiBi: -m_h); dist [H, W] adds dist[h][min(pos_i -
+  // pos_j, W - 1)] (T5, KERPLE, Sandwich). Null: absent.
+  const float* slope = nullptr;
+  const float* dist = nullptr;
+  int64_t W = 0;
+};
+
+struct DecoderModel {
+  int64_t vocab = 0, C = 0, H = 0, D = 0, hidden = 0;
+  float eps = 1e-5f;
+  const float* wte = nullptr;     // [vocab, C], also the LM head
+  const float* norm_f = nullptr;  // [C]
+  std::vector<DecoderLayer> layers;
+};
+
+// One sequence's part of a pass: T new tokens at positions length .. length + T - 1.
+struct DecoderRow {
+  const int64_t* tokens = nullptr;  // [T], each in [0, vocab) (checked by the caller)
+  int64_t T = 0;
+  int64_t length = 0;        // tokens already cached
+  int64_t capacity = 0;      // positions the cache buffers hold: >= length + T
+  std::vector<float*> k, v;  // per layer [H][capacity][D]
+};
+
+// Scratch buffers reused across passes (grown as needed).
+struct DecoderWorkspace {
+  std::vector<float> x, xn, q, k, v, qh, yh, y, a, g, bias_c, lse;
+};
+
+// Runs the new tokens of every row through the model, writes their keys and values into the rows' caches
+// (positions length .. length + T - 1) and the logits of every new token to logits [sum_b T_b, vocab], rows
+// in order. Does not advance `length` (the caller does, once the pass succeeded).
+void decoder_forward(const DecoderModel& m, const std::vector<DecoderRow>& rows, DecoderWorkspace& ws,
+                     float* logits);
+
+}  // namespace grape::kernels::cpu

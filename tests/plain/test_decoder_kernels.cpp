@@ -1,0 +1,42 @@
+// The decoder kernels' matrix product (src/kernels/cpu/decoder.hpp): the SIMD path this build dispatches to
+// and the portable loop both equal a float64 product, on shapes that reach every tail (K not a multiple of
+// the vector width, N not a multiple of the 4-row block, 1..9 rows of x).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include "kernels/cpu/decoder.hpp"
+
+namespace grape::kernels::cpu {
+namespace {
+
+TEST(DecoderLinear, SimdAndPortableEqualFloat64Product) {
+  std::mt19937 rng(4);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (int64_t K : {1, 7, 16, 37, 341})
+    for (int64_t N : {1, 5, 13, 64})
+      for (int64_t R : {1, 2, 3, 4, 5, 9}) {
+        SCOPED_TRACE(testing::Message() << "K=" << K << " N=" << N << " R=" << R);
+        std::vector<float> x(size_t(R * K)), W(size_t(N * K));
+        for (auto& v : x) v = nd(rng);
+        for (auto& v : W) v = nd(rng);
+        std::vector<float> fast(size_t(R * N), -1.0f), portable(size_t(R * N), -1.0f);
+        linear_rows(x.data(), R, K, W.data(), N, fast.data());
+        linear_rows_portable(x.data(), R, K, W.data(), N, portable.data());
+        for (int64_t r = 0; r < R; ++r)
+          for (int64_t n = 0; n < N; ++n) {
+            double want = 0;
+            for (int64_t k = 0; k < K; ++k)
+              want += double(x[size_t(r * K + k)]) * double(W[size_t(n * K + k)]);
+            const double tol = 1e-5 * std::sqrt(double(K)) * 4;
+            EXPECT_NEAR(fast[size_t(r * N + n)], want, tol) << "r=" << r << " n=" << n;
+            EXPECT_NEAR(portable[size_t(r * N + n)], want, tol) << "r=" << r << " n=" << n;
+          }
+      }
+}
+
+}  // namespace
+}  // namespace grape::kernels::cpu

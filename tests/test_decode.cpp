@@ -1,0 +1,270 @@
+// The decode paths (grape/decode.hpp): the LibTorch-free engine equals the full forward for every encoding it
+// claims, ragged batches equal each sequence alone, every other encoding and option falls back to the
+// reference path (and says why), and bad inputs are clear errors.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "expect_invalid.hpp"
+#include "grape/decode.hpp"
+
+namespace grape {
+namespace {
+
+using grape::testing::expect_invalid;
+
+// 2 layers, C = 48, 3 heads (D = 16), hidden 128 (8C/3), vocab 61: odd sizes reach the kernels' tails.
+ModelConfig config(const std::string& pe, std::map<std::string, std::string> opts = {}, bool qk_norm = true) {
+  ModelConfig c;
+  c.preset = "test";
+  c.vocab_size = 61;
+  c.n_layer = 2;
+  c.n_head = 3;
+  c.n_embd = 48;
+  c.context = 32;
+  c.pe = pe;
+  c.pe_options = std::move(opts);
+  c.qk_norm = qk_norm;
+  return c;
+}
+
+// Norm gains and encoding parameters moved off their init (a zero T5 table or unit gains would hide bugs).
+Transformer make_model(const ModelConfig& c, uint64_t seed = 3) {
+  torch::manual_seed(int64_t(seed));
+  Transformer m(c);
+  torch::NoGradGuard no_grad;
+  for (auto& item : m->named_parameters()) {
+    const auto& name = item.key();
+    if (name.find("pe.") == std::string::npos && name.find("norm") == std::string::npos) continue;
+    item.value().add_(torch::randn_like(item.value()) * 0.3);
+  }
+  return m;
+}
+
+torch::Tensor random_tokens(int64_t T, int64_t vocab, uint64_t seed) {
+  auto gen = at::detail::createCPUGenerator(seed);
+  return torch::randint(0, vocab, {1, T}, gen, torch::kInt64);
+}
+
+// max |a - b| / max |b|
+double relative_gap(const torch::Tensor& a, const torch::Tensor& b) {
+  return (a - b).abs().max().item<double>() / b.abs().max().item<double>();
+}
+
+struct Case {
+  std::string pe;
+  std::map<std::string, std::string> opts;
+};
+
+// Every encoding (and option) the engine claims.
+std::vector<Case> native_cases() {
+  return {{"nope", {}},
+          {"rope", {}},
+          {"rope", {{"pairing", "interleaved"}, {"orientation", "grape"}, {"fraction", "0.5"}}},
+          {"rope", {{"extend", "yarn"}, {"factor", "4"}, {"original_context", "8"}}},
+          {"pi", {}},
+          {"grape-m", {{"per_head", "true"}}},
+          {"alibi", {}},
+          {"t5", {{"num_buckets", "8"}, {"max_distance", "12"}}},
+          {"kerple", {}},
+          {"kerple", {{"variant", "power"}}},
+          {"sandwich", {}}};
+}
+
+// Prefill `prefill` tokens, then T = 1 steps to L: every logit equals forward() on the whole sequence.
+TEST(FastDecode, EqualsFullForwardForEveryClaimedEncoding) {
+  const int64_t L = 40;
+  for (const auto& cs : native_cases())
+    for (bool qk_norm : {true, false})
+      for (int64_t prefill : {1, 6, 17}) {
+        SCOPED_TRACE(cs.pe + " qk_norm=" + std::to_string(qk_norm) + " prefill=" + std::to_string(prefill));
+        auto m = make_model(config(cs.pe, cs.opts, qk_norm));
+        torch::NoGradGuard no_grad;
+        auto seq = random_tokens(L, 61, 5 + uint64_t(prefill));
+        auto full = m->forward(seq);
+        Decoder dec(m);
+        ASSERT_EQ(dec.path(), DecodePath::fast) << dec.fallback_reason();
+        EXPECT_EQ(dec.fallback_reason(), "");
+        auto cache = dec.new_cache();
+        std::vector<DecodeCache*> caches{&cache};
+        std::vector<torch::Tensor> outs{dec.forward(seq.narrow(1, 0, prefill), caches)};
+        for (int64_t t = prefill; t < L; ++t) outs.push_back(dec.forward(seq.narrow(1, t, 1), caches));
+        auto got = torch::cat(outs, 1);
+        EXPECT_EQ(cache.length, L);
+        ASSERT_EQ(got.sizes(), full.sizes());
+        const double gap = relative_gap(got, full);
+        if (prefill == 6)
+          std::printf("  fast %-9s qk_norm=%d  relative gap %.2g\n", cs.pe.c_str(), qk_norm, gap);
+        EXPECT_LE(gap, 1e-4);
+      }
+}
+
+// Whatever path each registered encoding takes (with its default options), decoding equals the full forward;
+// the ones this build runs natively are listed.
+TEST(FastDecode, EveryRegisteredEncodingDecodesExactlyOnItsPath) {
+  const int64_t L = 12;
+  std::string native;
+  for (const auto& info : encodings()) {
+    SCOPED_TRACE(info.name);
+    auto m = make_model(config(info.name));
+    torch::NoGradGuard no_grad;
+    auto seq = random_tokens(L, 61, 21);
+    Decoder dec(m);
+    if (dec.path() == DecodePath::fast) native += " " + info.name;
+    auto cache = dec.new_cache();
+    std::vector<DecodeCache*> caches{&cache};
+    std::vector<torch::Tensor> outs{dec.forward(seq.narrow(1, 0, 4), caches)};
+    for (int64_t t = 4; t < L; ++t) outs.push_back(dec.forward(seq.narrow(1, t, 1), caches));
+    EXPECT_LE(relative_gap(torch::cat(outs, 1), m->forward(seq)), 1e-4) << to_string(dec.path());
+  }
+  std::printf("  fast path:%s\n", native.c_str());
+  EXPECT_NE(native.find(" rope"), std::string::npos);
+}
+
+// A cache that outgrows its buffers and the tables (256 positions) keeps its keys.
+TEST(FastDecode, GrowsPastItsFirstBuffers) {
+  const int64_t L = 300;
+  auto m = make_model(config("t5", {{"num_buckets", "8"}, {"max_distance", "12"}}));
+  torch::NoGradGuard no_grad;
+  auto seq = random_tokens(L, 61, 9);
+  auto full = m->forward(seq);
+  Decoder dec(m);
+  auto cache = dec.new_cache();
+  std::vector<DecodeCache*> caches{&cache};
+  std::vector<torch::Tensor> outs{dec.forward(seq.narrow(1, 0, 60), caches)};
+  for (int64_t t = 60; t < L; ++t) outs.push_back(dec.forward(seq.narrow(1, t, 1), caches));
+  EXPECT_LE(relative_gap(torch::cat(outs, 1), full), 1e-4);
+  EXPECT_GE(cache.capacity, L);
+}
+
+// 16 sequences with prompts of 1..31 tokens, each prefilled alone, then 6 batched one-token steps: every
+// row equals the same sequence decoded alone (1e-5), and the fast batch equals the reference batch.
+TEST(FastDecode, RaggedBatchEqualsEachSequenceAlone) {
+  const int64_t B = 16, steps = 6;
+  for (const std::string pe : {"rope", "alibi"}) {
+    SCOPED_TRACE(pe);
+    auto m = make_model(config(pe));
+    torch::NoGradGuard no_grad;
+    Decoder dec(m), ref(m, DecodePath::reference);
+    ASSERT_EQ(dec.path(), DecodePath::fast);
+    std::vector<torch::Tensor> seqs;
+    std::vector<DecodeCache> caches, ref_caches;
+    for (int64_t b = 0; b < B; ++b) {
+      seqs.push_back(random_tokens(1 + 2 * b + steps, 61, 40 + uint64_t(b)));
+      caches.push_back(dec.new_cache());
+      ref_caches.push_back(ref.new_cache());
+    }
+    std::vector<DecodeCache*> all, ref_all;
+    for (int64_t b = 0; b < B; ++b) {
+      all.push_back(&caches[b]), ref_all.push_back(&ref_caches[b]);
+      std::vector<DecodeCache*> one{&caches[b]}, ref_one{&ref_caches[b]};
+      dec.forward(seqs[b].narrow(1, 0, 1 + 2 * b), one);
+      ref.forward(seqs[b].narrow(1, 0, 1 + 2 * b), ref_one);
+    }
+    std::vector<torch::Tensor> batched, ref_batched;
+    for (int64_t s = 0; s < steps; ++s) {
+      std::vector<torch::Tensor> next;
+      for (int64_t b = 0; b < B; ++b) next.push_back(seqs[b].narrow(1, 1 + 2 * b + s, 1));
+      batched.push_back(dec.forward(torch::cat(next), all));
+      ref_batched.push_back(ref.forward(torch::cat(next), ref_all));
+    }
+    auto got = torch::cat(batched, 1), got_ref = torch::cat(ref_batched, 1);  // [B, steps, V]
+    EXPECT_LE(relative_gap(got, got_ref), 1e-4);
+    for (int64_t b = 0; b < B; ++b) {
+      auto cache = dec.new_cache();
+      std::vector<DecodeCache*> one{&cache};
+      dec.forward(seqs[b].narrow(1, 0, 1 + 2 * b), one);
+      std::vector<torch::Tensor> alone;
+      for (int64_t s = 0; s < steps; ++s)
+        alone.push_back(dec.forward(seqs[b].narrow(1, 1 + 2 * b + s, 1), one));
+      EXPECT_LE((torch::cat(alone, 1) - got.narrow(0, b, 1)).abs().max().item<double>(), 1e-5) << "row " << b;
+    }
+  }
+}
+
+// What the engine cannot do exactly runs on the reference path, which says why, and still decodes.
+TEST(FastDecode, FallsBackAndSaysWhy) {
+  struct Fallback {
+    Case cs;
+    bool kv_shift;
+    std::string why;
+  };
+  const std::vector<Fallback> all = {
+      {{"fox", {}}, false, "contextual"},
+      {{"grape-ap", {}}, false, "contextual"},
+      {{"grape-m-ctx", {}}, false, "contextual"},
+      {{"grape-a-qk", {}}, false, "no positional form"},
+      {{"grape-m-planes", {}}, false, "no positional form"},
+      {{"xpos", {}}, false, "no positional form"},
+      {{"fire", {}}, false, "no positional form"},
+      {{"cope", {}}, false, "no positional form"},
+      {{"grape-m-mix", {}}, false, "no positional form"},
+      {{"hdd-rope", {}}, false, "contextual"},
+      {{"tape", {}}, false, "stream"},
+      {{"rope", {{"extend", "dynamic-ntk"}, {"factor", "2"}, {"original_context", "8"}}},
+       false,
+       "no positional form"},
+      {{"sinusoidal", {}}, false, "adds to the token embeddings"},
+      {{"rope", {}}, true, "kv_shift"},
+  };
+  for (const auto& f : all) {
+    SCOPED_TRACE(f.cs.pe);
+    auto c = config(f.cs.pe, f.cs.opts);
+    c.kv_shift = f.kv_shift;
+    auto m = make_model(c);
+    const auto reason = fast_decode_unsupported(m);
+    Decoder dec(m);
+    EXPECT_EQ(dec.path(), DecodePath::reference);
+    EXPECT_EQ(dec.fallback_reason(), reason);
+    EXPECT_NE(reason.find(f.why), std::string::npos) << reason;
+  }
+  // The fallback still decodes exactly.
+  auto m = make_model(config("fox"));
+  torch::NoGradGuard no_grad;
+  auto seq = random_tokens(12, 61, 2);
+  Decoder dec(m);
+  auto cache = dec.new_cache();
+  std::vector<DecodeCache*> caches{&cache};
+  auto got =
+      torch::cat({dec.forward(seq.narrow(1, 0, 5), caches), dec.forward(seq.narrow(1, 5, 7), caches)}, 1);
+  EXPECT_LE(relative_gap(got, m->forward(seq)), 1e-4);
+  // Asked for the reference path, it takes it without a reason.
+  Decoder forced(make_model(config("rope")), DecodePath::reference);
+  EXPECT_EQ(forced.path(), DecodePath::reference);
+  EXPECT_EQ(forced.fallback_reason(), "");
+  EXPECT_EQ(parse_decode_path("fast"), DecodePath::fast);
+  expect_invalid([] { parse_decode_path("quick", "--decode"); }, {"--decode", "quick", "fast or reference"});
+  auto m64 = make_model(config("rope"));
+  m64->to(torch::kFloat64);
+  EXPECT_NE(fast_decode_unsupported(m64).find("not float32"), std::string::npos);
+}
+
+TEST(FastDecode, BadInputsAreClearErrors) {
+  for (auto path : {DecodePath::fast, DecodePath::reference}) {
+    SCOPED_TRACE(to_string(path));
+    auto m = make_model(config("rope"));
+    Decoder dec(m, path), other(make_model(config("rope")), path);
+    auto mine = dec.new_cache(), theirs = other.new_cache();
+    std::vector<DecodeCache*> foreign{&theirs}, one{&mine};
+    auto ids = torch::tensor({{1, 2}}, torch::kInt64);
+    expect_invalid([&] { dec.forward(ids, foreign); }, {"cache", "did not make"});
+    expect_invalid(
+        [&] {
+          dec.forward(torch::tensor({{1, 61}}, torch::kInt64), one);
+        },
+        {"id 61", "outside the vocabulary [0, 61)"});
+    expect_invalid([&] { dec.forward(torch::tensor({{-1}}, torch::kInt64), one); }, {"id -1"});
+    std::vector<DecodeCache*> two{&mine, &mine};
+    expect_invalid([&] { dec.forward(ids, two); }, {"2 caches for a batch of 1"});
+    expect_invalid([&] { dec.forward(torch::ones({1, 2}), one); }, {"int64"});
+    EXPECT_EQ(mine.length, 0);  // nothing was consumed
+    dec.forward(ids, one);
+    EXPECT_EQ(mine.length, 2);
+  }
+}
+
+}  // namespace
+}  // namespace grape
