@@ -144,7 +144,8 @@ Decoder::Decoder(Transformer model, DecodePath requested)
     layer.wq = ptr(b + "wq.weight"), layer.wk = ptr(b + "wk.weight"), layer.wv = ptr(b + "wv.weight");
     layer.wo = ptr(b + "wo.weight"), layer.w1 = ptr(b + "w1.weight"), layer.w2 = ptr(b + "w2.weight");
     layer.w_out = ptr(b + "w_out.weight");
-    if (c.qk_norm) layer.q_norm = ptr(b + "q_norm.weight"), layer.k_norm = ptr(b + "k_norm.weight");
+    if (c.qk_norm != "off") layer.q_norm = ptr(b + "q_norm.weight"), layer.k_norm = ptr(b + "k_norm.weight");
+    layer.norm_after_rotation = c.qk_norm == "after_rotation";
     auto form = *engine_->pes[size_t(l)]->positional_form();
     layer.mscale = float(form.mscale);
     layer.interleaved = form.interleaved;

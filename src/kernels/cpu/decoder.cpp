@@ -153,10 +153,8 @@ void rms_norm(const float* x, const float* gain, int64_t n, float eps, float* ou
   for (int64_t i = 0; i < n; ++i) out[i] = x[i] * inv * gain[i];
 }
 
-// QK-norm, rotation and YaRN's factor of one head's q or k (D values) at position pos, in place.
-void encode_head(const DecoderLayer& l, const float* gain, int64_t h, int64_t pos, int64_t D, float eps,
-                 float* x) {
-  if (gain) rms_norm(x, gain, D, eps, x);
+// Rotation and YaRN's factor of one head's q or k (D values) at position pos, in place.
+void rotate_head(const DecoderLayer& l, int64_t h, int64_t pos, int64_t D, float* x) {
   if (!l.cos) return;
   const int64_t row = (pos * l.G + (l.G == 1 ? 0 : h)) * l.P;
   const float *c = l.cos + row, *s = l.sin + row;
@@ -168,6 +166,15 @@ void encode_head(const DecoderLayer& l, const float* gain, int64_t h, int64_t po
   }
   if (l.mscale != 1.0f)
     for (int64_t d = 0; d < D; ++d) x[d] *= l.mscale;
+}
+
+// QK-norm, rotation and YaRN's factor of one head's q or k (D values) at position pos, in place; the norm
+// comes first, or last with norm_after_rotation (the model's qk_norm order).
+void encode_head(const DecoderLayer& l, const float* gain, int64_t h, int64_t pos, int64_t D, float eps,
+                 float* x) {
+  if (gain && !l.norm_after_rotation) rms_norm(x, gain, D, eps, x);
+  rotate_head(l, h, pos, D, x);
+  if (gain && l.norm_after_rotation) rms_norm(x, gain, D, eps, x);
 }
 
 void require(bool ok, const std::string& what) {

@@ -27,6 +27,7 @@ struct DecoderLayer {
   const float *norm1 = nullptr, *wq = nullptr, *wk = nullptr, *wv = nullptr, *wo = nullptr;
   const float *norm2 = nullptr, *w1 = nullptr, *w2 = nullptr, *w_out = nullptr;
   const float *q_norm = nullptr, *k_norm = nullptr;  // [D] gains shared by the heads; null: no QK-norm
+  bool norm_after_rotation = false;                  // QK-norm of the rotated q~, k~ (qk_norm=after_rotation)
   // Rotation of q and k by position: cos, sin [positions][G][P] (sin carries the orientation's sign), G = 1
   // (shared) or H; pairs (i, i + P) ("half") or (2i, 2i + 1) (interleaved); then both times mscale. Null
   // cos: no rotation. The tables must cover every position of the step.
