@@ -150,6 +150,39 @@ TEST(TrainSampling, GreedyTopKTopPAndTheDistribution) {
     EXPECT_EQ(grape::train::sample_token(logits, o, a), grape::train::sample_token(logits, o, b));
 }
 
+// `bench decode --ragged`'s path: 4 prompts of different lengths (bench_prompt_lengths) decoded greedily
+// together give each sequence the logits of decoding it alone (1e-5), for a rotary, a linear-bias and a
+// path-sum encoding.
+TEST(TrainDecode, RaggedBatchedGreedyDecodeEqualsEachSequenceAlone) {
+  EXPECT_EQ(grape::train::bench_prompt_lengths(16, 16, true).back(), 31);
+  EXPECT_EQ(grape::train::bench_prompt_lengths(3, 16, false), (std::vector<int64_t>{16, 16, 16}));
+  const auto lens = grape::train::bench_prompt_lengths(4, 6, true);
+  ASSERT_EQ(lens, (std::vector<int64_t>{6, 7, 9, 10}));
+  for (const std::string pe : {"rope", "fox", "grape-ap"}) {
+    SCOPED_TRACE(pe);
+    ModelConfig m;
+    m.n_layer = 2, m.n_head = 2, m.n_embd = 32, m.pe = pe;
+    torch::manual_seed(3);
+    grape::Transformer model(m);
+    std::vector<std::vector<int64_t>> prompts;
+    for (size_t b = 0; b < lens.size(); ++b) {
+      prompts.emplace_back();
+      for (int64_t i = 0; i < lens[b]; ++i)
+        prompts.back().push_back((int64_t(b) * 37 + i * 11) % m.vocab_size);
+    }
+    double seconds = -1;
+    auto batched = grape::train::greedy_decode(model, prompts, 5, &seconds);
+    EXPECT_GE(seconds, 0.0);
+    ASSERT_EQ(batched.size(), prompts.size());
+    for (size_t b = 0; b < prompts.size(); ++b) {
+      auto alone = grape::train::greedy_decode(model, {prompts[b]}, 5);
+      ASSERT_EQ(batched[b].sizes(), (torch::IntArrayRef{5, m.vocab_size}));
+      EXPECT_LE((batched[b] - alone[0]).abs().max().item<double>(), 1e-5) << "row " << b;
+      EXPECT_TRUE(torch::equal(batched[b].argmax(-1), alone[0].argmax(-1))) << "row " << b;
+    }
+  }
+}
+
 TEST_F(Train, LossFallsAndCheckpointsAreKeptLastK) {
   cfg.steps = 40;
   cfg.eval_every = 20;
@@ -748,6 +781,10 @@ TEST_F(Train, ListOptionsTakeListsAndExtendNeedsAFactor) {
   ASSERT_EQ(r.code, 0) << r.output;
   EXPECT_NE(r.output.find(" rope "), std::string::npos) << r.output;
   EXPECT_NE(r.output.find(" alibi "), std::string::npos) << r.output;
+  r = run_cli("bench decode --preset tiny --tokens 2 --batch 3 --ragged --json " + path("decode.json"));
+  ASSERT_EQ(r.code, 0) << r.output;
+  auto rows = nlohmann::json::parse(grape::io::read_file(path("decode.json")));
+  EXPECT_EQ(rows[0]["prompt_lengths"], nlohmann::json({16, 21, 26})) << rows.dump();
   r = run_cli("check --pe rope,alibi");
   ASSERT_EQ(r.code, 0) << r.output;
   train("run");

@@ -227,8 +227,18 @@ std::vector<std::vector<int32_t>> generate(Transformer& model,
 // Picks the next token from logits [V] with the options (deterministic in rng).
 int32_t sample_token(const torch::Tensor& logits, const SamplingOptions& opts, std::mt19937_64& rng);
 
-// Decode throughput with the KV cache: tokens/s generating `tokens` greedy tokens for `batch` sequences.
-double decode_tokens_per_s(Transformer& model, int64_t batch, int64_t prompt_len, int64_t tokens);
+// Greedy decoding of every prompt together, each row with its own KV cache (prompts may differ in length:
+// equal ones are prefilled in one call, others one row at a time). Returns per row the logits [tokens, V]
+// of the batched one-token steps; *step_seconds (if given) is the time those steps took, prefill excluded.
+std::vector<torch::Tensor> greedy_decode(Transformer& model, const std::vector<std::vector<int64_t>>& prompts,
+                                         int64_t tokens, double* step_seconds = nullptr);
+// The prompt lengths of `bench decode`: `prompt_len` for every row, or with ragged, prompt_len +
+// floor(b * prompt_len / batch) for row b (16..31 for 16 rows of 16), so rows sit at different positions.
+std::vector<int64_t> bench_prompt_lengths(int64_t batch, int64_t prompt_len, bool ragged);
+// Decode throughput with the KV cache: tokens/s generating `tokens` greedy tokens for `batch` sequences
+// whose prompts (token ids 0, 1, 2, ... mod V) have the lengths of bench_prompt_lengths.
+double decode_tokens_per_s(Transformer& model, int64_t batch, int64_t prompt_len, int64_t tokens,
+                           bool ragged = false);
 
 struct CompareOptions {
   std::vector<std::string> pes;  // encodings, each with its default options

@@ -24,7 +24,8 @@ struct BenchArgs {
   std::string attention = "fused";
   std::vector<std::string> pe_sets;
   int64_t steps = 5, batch = 8, tokens = 64, context = 0;
-  int nproc = 1;  // bench train: also N data-parallel processes x 1 thread
+  int nproc = 1;        // bench train: also N data-parallel processes x 1 thread
+  bool ragged = false;  // bench decode: prompts of different lengths (train::bench_prompt_lengths)
   std::string json;
 };
 
@@ -95,6 +96,8 @@ void measure_presets(const BenchArgs& a, const std::string& column,
                     {"tokens_per_s", tps},
                     {"attention", a.attention},
                     {"threads", torch::get_num_threads()}});
+    if (column == "tokens")
+      rows.back()["prompt_lengths"] = train::bench_prompt_lengths(a.batch, 16, a.ragged);
   }
   finish(a, table, rows);
 }
@@ -307,10 +310,12 @@ void add_bench_command(CLI::App& app) {
   auto* de = bench->add_subcommand("decode", "decoding tokens/s with the KV cache per preset");
   add_common(de, *da);
   de->add_option("--tokens", da->tokens, "tokens generated per sequence")->capture_default_str();
+  de->add_flag("--ragged", da->ragged,
+               "prompts of different lengths: 16 + floor(16 b / batch) tokens for sequence b (else 16 each)");
   de->callback([da] {
     measure_presets(*da, "tokens", [&](Transformer& model, int64_t& column) {
       column = da->tokens;
-      return train::decode_tokens_per_s(model, da->batch, 16, da->tokens);
+      return train::decode_tokens_per_s(model, da->batch, 16, da->tokens, da->ragged);
     });
   });
 }

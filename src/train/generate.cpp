@@ -108,21 +108,68 @@ std::vector<std::vector<int32_t>> generate(Transformer& model,
   return out;
 }
 
-double decode_tokens_per_s(Transformer& model, int64_t batch, int64_t prompt_len, int64_t tokens) {
+std::vector<torch::Tensor> greedy_decode(Transformer& model, const std::vector<std::vector<int64_t>>& prompts,
+                                         int64_t tokens, double* step_seconds) {
+  if (prompts.empty()) throw std::invalid_argument("greedy_decode: no prompts");
+  for (const auto& p : prompts)
+    if (p.empty()) throw std::invalid_argument("greedy_decode: an empty prompt");
   torch::NoGradGuard no_grad;
   model->eval();
+  const int64_t B = int64_t(prompts.size());
   std::vector<SequenceCache> caches;
-  for (int64_t b = 0; b < batch; ++b) caches.push_back(model->new_cache());
+  for (int64_t b = 0; b < B; ++b) caches.push_back(model->new_cache());
   std::vector<SequenceCache*> ptrs;
   for (auto& c : caches) ptrs.push_back(&c);
-  const int64_t V = model->config().vocab_size;
-  auto prompt =
-      torch::arange(prompt_len, torch::kInt64).remainder(V).unsqueeze(0).expand({batch, prompt_len});
-  auto logits = model->forward_cached(prompt.contiguous(), ptrs);
-  auto next = logits.select(1, prompt_len - 1).argmax(-1, true);
+  auto row_tensor = [](const std::vector<int64_t>& p) {
+    return torch::tensor(p, torch::kInt64).unsqueeze(0);
+  };
+  std::vector<torch::Tensor> last(static_cast<size_t>(B));  // each row's logits after its prompt [V]
+  const bool same = std::all_of(prompts.begin(), prompts.end(), [&](auto& p) { return p == prompts[0]; });
+  if (same) {  // one batched prefill (the rows are identical)
+    std::vector<torch::Tensor> rows(size_t(B), row_tensor(prompts[0]));
+    auto logits = model->forward_cached(torch::cat(rows, 0), ptrs);
+    for (int64_t b = 0; b < B; ++b) last[size_t(b)] = logits[b][int64_t(prompts[0].size()) - 1];
+  } else {  // each row alone: its prompt has its own length
+    for (int64_t b = 0; b < B; ++b) {
+      std::vector<SequenceCache*> one = {ptrs[size_t(b)]};
+      last[size_t(b)] = model->forward_cached(row_tensor(prompts[size_t(b)]), one)[0].select(0, -1);
+    }
+  }
+  auto next = torch::stack(last).argmax(-1, true);  // [B,1]
+  std::vector<torch::Tensor> steps;
   const auto t0 = std::chrono::steady_clock::now();
-  for (int64_t t = 0; t < tokens; ++t) next = model->forward_cached(next, ptrs).select(1, 0).argmax(-1, true);
-  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  for (int64_t t = 0; t < tokens; ++t) {
+    auto logits = model->forward_cached(next, ptrs).select(1, 0);  // [B,V]
+    steps.push_back(logits);
+    next = logits.argmax(-1, true);
+  }
+  if (step_seconds)
+    *step_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::vector<torch::Tensor> out;
+  for (int64_t b = 0; b < B; ++b) {
+    std::vector<torch::Tensor> rows;
+    for (const auto& s : steps) rows.push_back(s[b]);
+    out.push_back(rows.empty() ? torch::empty({0, model->config().vocab_size}) : torch::stack(rows));
+  }
+  return out;
+}
+
+std::vector<int64_t> bench_prompt_lengths(int64_t batch, int64_t prompt_len, bool ragged) {
+  std::vector<int64_t> out;
+  for (int64_t b = 0; b < batch; ++b) out.push_back(prompt_len + (ragged ? b * prompt_len / batch : 0));
+  return out;
+}
+
+double decode_tokens_per_s(Transformer& model, int64_t batch, int64_t prompt_len, int64_t tokens,
+                           bool ragged) {
+  const int64_t V = model->config().vocab_size;
+  std::vector<std::vector<int64_t>> prompts;
+  for (int64_t len : bench_prompt_lengths(batch, prompt_len, ragged)) {
+    prompts.emplace_back(size_t(len));
+    for (int64_t i = 0; i < len; ++i) prompts.back()[size_t(i)] = i % V;
+  }
+  double s = 0;
+  greedy_decode(model, prompts, tokens, &s);
   return double(batch * tokens) / std::max(s, 1e-9);
 }
 
