@@ -909,6 +909,20 @@ TEST_F(Train, CompareSeedsReportMeanSpreadAndValidationInThePlots) {
   EXPECT_EQ(val, fmt::format("3 {:.6f} {:.6f}\n", mean, sd));
 }
 
+TEST_F(Train, TrainingStepsReuseFreedMemoryUnlessTheUserSetsMalloc) {
+  // glibc handed the activations of each step back to the system, and the next step page-faulted them in
+  // again (22,000 faults per tiny step, ~10% of a small step): `grape` keeps freed memory (src/cli/main.cpp).
+  auto faults = [&](const std::string& env) {
+    auto r = run_cli("bench train --preset tiny --batch 16 --steps 2 --json " + path("faults.json"), env);
+    EXPECT_EQ(r.code, 0) << r.output;
+    return nlohmann::json::parse(grape::io::read_file(path("faults.json")))[0]["page_faults_per_step"]
+        .get<double>();
+  };
+  const double kept = faults(""), user = faults("GLIBC_TUNABLES=glibc.malloc.check=0");
+  EXPECT_LT(kept, 6000) << "page faults per step";      // measured 1,600
+  EXPECT_GT(user, 3 * kept) << "page faults per step";  // glibc's defaults: measured 22,000
+}
+
 TEST_F(Train, IdleOpenMpWorkersSpinBrieflyUnlessTheUserSaysOtherwise) {
   // libgomp's default spin (300,000 iterations) made 2 threads 2-95x slower than 1 when another process
   // kept a core busy: grape restarts itself with a short spin before libgomp reads it (src/cli/threads.cpp).

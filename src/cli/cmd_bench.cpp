@@ -1,5 +1,6 @@
 // `grape bench train|decode`: tokens/s of the presets on this machine, as a table and JSON.
 #include <fmt/format.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -24,8 +25,9 @@ struct BenchArgs {
   std::string attention = "fused";
   std::vector<std::string> pe_sets;
   int64_t steps = 5, batch = 8, tokens = 64, context = 0;
-  int nproc = 1;        // bench train: also N data-parallel processes x 1 thread
-  bool ragged = false;  // bench decode: prompts of different lengths (train::bench_prompt_lengths)
+  int nproc = 1;                // bench train: also N data-parallel processes x 1 thread
+  bool ragged = false;          // bench decode: prompts of different lengths (train::bench_prompt_lengths)
+  double faults_per_step = -1;  // bench train: set by each measurement, written to its JSON row
   std::string json;
 };
 
@@ -98,14 +100,24 @@ void measure_presets(const BenchArgs& a, const std::string& column,
                     {"threads", torch::get_num_threads()}});
     if (column == "tokens")
       rows.back()["prompt_lengths"] = train::bench_prompt_lengths(a.batch, 16, a.ragged);
+    if (a.faults_per_step >= 0) rows.back()["page_faults_per_step"] = a.faults_per_step;
   }
   finish(a, table, rows);
+}
+
+long minor_faults() {
+  rusage u{};
+  ::getrusage(RUSAGE_SELF, &u);
+  return u.ru_minflt;
 }
 
 // Training tokens/s of `model`: one warm-up step, then a.steps timed AdamW steps on a fixed random batch.
 // With a group, each rank steps on its own batch of a.batch sequences and the gradients are averaged
 // (the real data-parallel step); the figure is then for all ranks together.
-double train_tokens_per_s(const BenchArgs& a, Transformer& model, const std::shared_ptr<dist::Group>& group) {
+// faults_per_step (if given): the minor page faults of this process per timed step (memory the allocator
+// handed back to the system and takes again; near 0 when freed memory is kept, see main.cpp).
+double train_tokens_per_s(const BenchArgs& a, Transformer& model, const std::shared_ptr<dist::Group>& group,
+                          double* faults_per_step = nullptr) {
   const auto& m = model->config();
   train::TrainConfig cfg;
   cfg.batch = a.batch;
@@ -117,10 +129,13 @@ double train_tokens_per_s(const BenchArgs& a, Transformer& model, const std::sha
   std::vector<data::Batch> mb = {{x, x.roll(-1, 1), {}}};
   trainer.step(mb, 0);  // warm-up: allocations, thread pool, Gloo buffers
   if (group) group->barrier();
+  const long faults0 = minor_faults();
   const auto t0 = std::chrono::steady_clock::now();
   for (int64_t s = 0; s < a.steps; ++s) trainer.step(mb, s + 1);
   if (group) group->barrier();
   const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (faults_per_step)
+    *faults_per_step = double(minor_faults() - faults0) / double(std::max<int64_t>(a.steps, 1));
   return double(world * a.steps * a.batch * m.context) / sec;
 }
 
@@ -301,7 +316,7 @@ void add_bench_command(CLI::App& app) {
     if (ta->nproc > 1) return bench_train_scaling(*ta);
     measure_presets(*ta, "context", [&](Transformer& model, int64_t& column) {
       column = model->config().context;
-      return train_tokens_per_s(*ta, model, nullptr);
+      return train_tokens_per_s(*ta, model, nullptr, &ta->faults_per_step);
     });
   });
 
