@@ -40,6 +40,7 @@ struct ModelConfig {
   double norm_eps = 1e-5;
   double embed_std = 0.02;          // tied embedding init N(0, embed_std^2)
   std::string attention = "fused";  // "fused": CPU kernels where the encoding allows; "reference": composed
+  std::string norm = "fused";       // RMSNorm: "fused": the one-pass CPU kernel; "reference": composed
 
   int64_t head_dim() const { return n_embd / n_head; }
   int64_t hidden() const { return mlp_hidden > 0 ? mlp_hidden : (8 * n_embd) / 3; }
@@ -90,10 +91,13 @@ struct SequenceCache {
 
 class RMSNormImpl : public torch::nn::Module {
  public:
-  RMSNormImpl(int64_t dim, double eps);
+  // fused: fp32 inputs run the one-pass CPU kernel (forward and backward); others, and fused=false, the
+  // LibTorch-composed reference.
+  RMSNormImpl(int64_t dim, double eps, bool fused = false);
   torch::Tensor forward(const torch::Tensor& x);  // over the last dim, computed in fp32
   torch::Tensor weight;
   double eps;
+  bool fused;
 };
 TORCH_MODULE(RMSNorm);
 

@@ -12,6 +12,7 @@
 #include <unordered_set>
 
 #include "grape/attention.hpp"
+#include "kernels/cpu/rmsnorm.hpp"
 
 namespace grape {
 namespace {
@@ -39,11 +40,40 @@ torch::Tensor check_ids(const torch::Tensor& ids, int64_t vocab, const char* wha
 
 }  // namespace
 
-RMSNormImpl::RMSNormImpl(int64_t dim, double eps_) : eps(eps_) {
+// The binding of the RMSNorm kernel (src/kernels/cpu/rmsnorm.hpp): fp32, any shape, over the last dim.
+struct FusedRMSNorm : torch::autograd::Function<FusedRMSNorm> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               const torch::Tensor& w, double eps) {
+    auto xc = x.contiguous(), wc = w.contiguous();
+    const int64_t n = xc.size(-1), rows = xc.numel() / std::max<int64_t>(n, 1);
+    auto y = torch::empty_like(xc);
+    auto rstd = torch::empty({rows}, xc.options());
+    kernels::cpu::rmsnorm_forward(xc.data_ptr<float>(), wc.data_ptr<float>(), rows, n, float(eps),
+                                  y.data_ptr<float>(), rstd.data_ptr<float>());
+    ctx->save_for_backward({xc, wc, rstd});
+    return y;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &x = saved[0], &w = saved[1], &rstd = saved[2];
+    auto dy = grads[0].contiguous();
+    auto dx = torch::empty_like(x), dw = torch::empty_like(w);
+    kernels::cpu::rmsnorm_backward(x.data_ptr<float>(), w.data_ptr<float>(), rstd.data_ptr<float>(),
+                                   dy.data_ptr<float>(), rstd.numel(), x.size(-1), dx.data_ptr<float>(),
+                                   dw.data_ptr<float>());
+    return {dx, dw, torch::Tensor()};
+  }
+};
+
+RMSNormImpl::RMSNormImpl(int64_t dim, double eps_, bool fused_) : eps(eps_), fused(fused_) {
   weight = register_parameter("weight", torch::ones({dim}));
 }
 
 torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
+  if (fused && x.scalar_type() == torch::kFloat32 && weight.scalar_type() == torch::kFloat32 &&
+      x.device().is_cpu() && x.numel() > 0)
+    return FusedRMSNorm::apply(x, weight, eps);
   const auto dt = compute_dtype(x.scalar_type());
   auto xf = x.to(dt);
   auto y = xf * torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps) * weight.to(dt);
@@ -63,23 +93,25 @@ class BlockImpl : public torch::nn::Module {
  public:
   BlockImpl(const ModelConfig& c, EncodingPtr pe) : H_(c.n_head), D_(c.head_dim()), pe_(std::move(pe)) {
     const int64_t C = c.n_embd, hidden = c.hidden();
+    const bool fused_norm = c.norm == "fused";
     auto linear = [&](const char* name, int64_t in, int64_t out) {
       return register_module(name, torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(false)));
     };
-    norm1_ = register_module("norm1", RMSNorm(C, c.norm_eps));
+    norm1_ = register_module("norm1", RMSNorm(C, c.norm_eps, fused_norm));
     wq_ = linear("wq", C, H_ * D_);
     wk_ = linear("wk", C, H_ * D_);
     wv_ = linear("wv", C, H_ * D_);
     wo_ = linear("wo", H_ * D_, C);
     if (c.qk_norm) {
-      q_norm_ = register_module("q_norm", RMSNorm(D_, c.norm_eps));  // one gain over D, shared by the heads
-      k_norm_ = register_module("k_norm", RMSNorm(D_, c.norm_eps));
+      q_norm_ = register_module("q_norm",
+                                RMSNorm(D_, c.norm_eps, fused_norm));  // one gain over D, shared by the heads
+      k_norm_ = register_module("k_norm", RMSNorm(D_, c.norm_eps, fused_norm));
     }
     if (c.kv_shift) kv_shift_ = register_module("kv_shift", KVShift(c.head_shape()));
     register_module("pe", pe_);
     props_ = pe_->properties();
     impl_ = parse_attention_impl(c.attention);
-    norm2_ = register_module("norm2", RMSNorm(C, c.norm_eps));
+    norm2_ = register_module("norm2", RMSNorm(C, c.norm_eps, fused_norm));
     w1_ = linear("w1", C, hidden);
     w2_ = linear("w2", C, hidden);
     w_out_ = linear("w_out", hidden, C);
@@ -155,7 +187,7 @@ TransformerImpl::TransformerImpl(const ModelConfig& config) : config_(config) {
     blocks_.push_back(std::make_shared<BlockImpl>(c, pe));
     list->push_back(blocks_.back());
   }
-  norm_f_ = register_module("norm_f", RMSNorm(c.n_embd, c.norm_eps));
+  norm_f_ = register_module("norm_f", RMSNorm(c.n_embd, c.norm_eps, c.norm == "fused"));
 
   // The paper's init: every linear weight N(0, (0.5/sqrt(C))^2), the two residual outputs scaled down
   // by sqrt(n_layer), the tied embedding N(0, embed_std^2). Encodings and KV-shift keep their own init.
