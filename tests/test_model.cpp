@@ -499,7 +499,7 @@ TEST(ModelStructure, RMSNormMatchesFormula) {
   EXPECT_LE(max_diff(yb.to(torch::kFloat64), want), 0.05 * want.abs().max().item<double>());
 }
 
-// The fused kernel (norm=fused) against the composed reference, forward and both gradients, on rows of an
+// The fused kernel (block=fused) against the composed reference, forward and both gradients, on rows of an
 // odd length across several OpenMP blocks; dw is the same bit for bit at 1 and 2 threads (resume repeats).
 TEST(ModelStructure, FusedRMSNormEqualsTheReferenceForwardAndBackward) {
   torch::manual_seed(11);
@@ -532,6 +532,28 @@ TEST(ModelStructure, FusedRMSNormEqualsTheReferenceForwardAndBackward) {
   // fp64 (and bf16) inputs take the reference.
   auto x64 = torch::randn({2, 37}, torch::kFloat64);
   EXPECT_EQ(fused(x64).scalar_type(), torch::kFloat64);
+}
+
+// SwiGLU's gate on the kernel (block=fused) against silu(a) * b, forward and both gradients, over several
+// OpenMP blocks and with gates far in both tails (the exp's clamps).
+TEST(ModelStructure, FusedSwiGLUEqualsTheReferenceForwardAndBackward) {
+  torch::manual_seed(12);
+  auto a = (torch::randn({6, 50, 341}) * 4), b = torch::randn({6, 50, 341});
+  a.view({-1}).narrow(0, 0, 4).copy_(torch::tensor({-100.0f, -88.5f, 87.6f, 100.0f}));
+  a.requires_grad_(true), b.requires_grad_(true);
+  auto dout = torch::randn({6, 50, 341});
+  auto run = [&](bool fused) {
+    a.mutable_grad() = torch::Tensor();
+    b.mutable_grad() = torch::Tensor();
+    auto y = swiglu(a, b, fused);
+    (y * dout).sum().backward();
+    return std::vector<torch::Tensor>{y.detach(), a.grad().clone(), b.grad().clone()};
+  };
+  auto want = run(false), got = run(true);
+  const char* names[] = {"out", "da", "db"};
+  for (int i = 0; i < 3; ++i)
+    EXPECT_LE(max_diff(got[i], want[i]), 1e-6 * want[i].abs().max().item<double>()) << names[i];
+  EXPECT_EQ(swiglu(a.to(torch::kFloat64), b.to(torch::kFloat64), true).scalar_type(), torch::kFloat64);
 }
 
 // ---- config ---------------------------------------------------------------------------------------

@@ -183,12 +183,13 @@ TEST(TrainDecode, RaggedBatchedGreedyDecodeEqualsEachSequenceAlone) {
   }
 }
 
-// norm=fused (the RMSNorm kernel) against norm=reference (LibTorch-composed): 50 AdamW steps on a learnable
-// sequence task give the same losses (1e-4) and the same weights (1e-5 relative to each tensor's scale).
-TEST(TrainFused, FiftyStepsWithFusedNormsRepeatTheReference) {
-  auto run = [](const std::string& norm) {
+// block=fused (the RMSNorm and SwiGLU kernels) against block=reference (LibTorch-composed): 50 AdamW steps on
+// a learnable sequence task give the same losses (1e-4) and the same weights (1e-5 relative to each tensor's
+// scale).
+TEST(TrainFused, FiftyStepsWithFusedBlockKernelsRepeatTheReference) {
+  auto run = [](const std::string& block) {
     ModelConfig m;
-    m.n_layer = 2, m.n_head = 2, m.n_embd = 32, m.context = 32, m.norm = norm;
+    m.n_layer = 2, m.n_head = 2, m.n_embd = 32, m.context = 32, m.block = block;
     torch::manual_seed(1);
     grape::Transformer model(m);
     TrainConfig cfg;

@@ -40,7 +40,7 @@ struct ModelConfig {
   double norm_eps = 1e-5;
   double embed_std = 0.02;          // tied embedding init N(0, embed_std^2)
   std::string attention = "fused";  // "fused": CPU kernels where the encoding allows; "reference": composed
-  std::string norm = "fused";       // RMSNorm: "fused": the one-pass CPU kernel; "reference": composed
+  std::string block = "fused";      // RMSNorm, SwiGLU: "fused": one-pass CPU kernels; "reference": composed
 
   int64_t head_dim() const { return n_embd / n_head; }
   int64_t hidden() const { return mlp_hidden > 0 ? mlp_hidden : (8 * n_embd) / 3; }
@@ -100,6 +100,10 @@ class RMSNormImpl : public torch::nn::Module {
   bool fused;
 };
 TORCH_MODULE(RMSNorm);
+
+// SwiGLU's gate silu(a) * b: with fused, fp32 inputs of one shape run the one-pass CPU kernel (forward and
+// backward); others, and fused=false, LibTorch's silu and mul.
+torch::Tensor swiglu(const torch::Tensor& a, const torch::Tensor& b, bool fused);
 
 class BlockImpl;  // one transformer block (defined in src/nn/model.cpp)
 

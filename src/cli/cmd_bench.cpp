@@ -23,7 +23,7 @@ struct BenchArgs {
   std::vector<std::string> presets = {"tiny", "small"};
   std::vector<std::string> pes = {"rope"};
   std::string attention = "fused";
-  std::string norm = "fused";
+  std::string block = "fused";
   std::vector<std::string> pe_sets;
   int64_t steps = 5, batch = 8, tokens = 64, context = 0;
   int nproc = 1;                // bench train: also N data-parallel processes x 1 thread
@@ -49,7 +49,7 @@ ModelConfig bench_model(const BenchArgs& a, const std::string& preset, const std
   }
   if (a.context > 0) m.context = a.context;
   m.attention = a.attention;
-  m.norm = a.norm;
+  m.block = a.block;
   m.validate();
   return m;
 }
@@ -65,7 +65,7 @@ void add_common(CLI::App* cmd, BenchArgs& a) {
   cmd->add_option("--attention", a.attention, "fused or reference")
       ->check(CLI::IsMember({"fused", "reference"}))
       ->capture_default_str();
-  cmd->add_option("--norm", a.norm, "RMSNorm: fused or reference")
+  cmd->add_option("--block", a.block, "RMSNorm and SwiGLU: fused or reference")
       ->check(CLI::IsMember({"fused", "reference"}))
       ->capture_default_str();
   cmd->add_option("--batch", a.batch, "sequences")->capture_default_str();
@@ -82,7 +82,7 @@ void finish(const BenchArgs& a, const std::string& table, const nlohmann::json& 
 // `column` names the fourth column (context for training, generated tokens for decoding); measure sets it.
 void measure_presets(const BenchArgs& a, const std::string& column,
                      const std::function<double(Transformer&, int64_t&)>& measure) {
-  std::string table = "attention: " + a.attention + "; norm: " + a.norm +
+  std::string table = "attention: " + a.attention + "; block: " + a.block +
                       "; threads: " + std::to_string(torch::get_num_threads()) +
                       "; BLAS: " + train::blas_description() + "\n" +
                       fmt::format("{:<8} {:<12} {:>12} {:>8} {:>8} {:>12}\n", "preset", "pe", "parameters",
@@ -103,7 +103,7 @@ void measure_presets(const BenchArgs& a, const std::string& column,
                     {column, value},
                     {"tokens_per_s", tps},
                     {"attention", a.attention},
-                    {"norm", a.norm},
+                    {"block", a.block},
                     {"threads", torch::get_num_threads()}});
     if (column == "tokens")
       rows.back()["prompt_lengths"] = train::bench_prompt_lengths(a.batch, 16, a.ragged);

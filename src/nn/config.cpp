@@ -41,9 +41,10 @@ const config::Table<ModelConfig>& model_fields() {
        .member = &C::attention,
        .help = "fused: our CPU kernels; reference: LibTorch-composed",
        .choices = {"fused", "reference"}},
-      {.name = "norm",
-       .member = &C::norm,
-       .help = "RMSNorm: fused: one-pass CPU kernel (forward, backward); reference: LibTorch-composed",
+      {.name = "block",
+       .member = &C::block,
+       .help = "RMSNorm and SwiGLU: fused: one-pass CPU kernels (forward, backward); reference: "
+               "LibTorch-composed",
        .choices = {"fused", "reference"}},
   };
   return table;

@@ -13,6 +13,7 @@
 
 #include "grape/attention.hpp"
 #include "kernels/cpu/rmsnorm.hpp"
+#include "kernels/cpu/swiglu.hpp"
 
 namespace grape {
 namespace {
@@ -40,6 +41,8 @@ torch::Tensor check_ids(const torch::Tensor& ids, int64_t vocab, const char* wha
 
 }  // namespace
 
+namespace {
+
 // The binding of the RMSNorm kernel (src/kernels/cpu/rmsnorm.hpp): fp32, any shape, over the last dim.
 struct FusedRMSNorm : torch::autograd::Function<FusedRMSNorm> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
@@ -66,6 +69,38 @@ struct FusedRMSNorm : torch::autograd::Function<FusedRMSNorm> {
   }
 };
 
+// The binding of the SwiGLU kernel (src/kernels/cpu/swiglu.hpp): silu(a) * b for fp32 a, b of one shape.
+struct FusedSwiGLU : torch::autograd::Function<FusedSwiGLU> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& a,
+                               const torch::Tensor& b) {
+    auto ac = a.contiguous(), bc = b.contiguous();
+    auto out = torch::empty_like(ac);
+    kernels::cpu::swiglu_forward(ac.data_ptr<float>(), bc.data_ptr<float>(), ac.numel(),
+                                 out.data_ptr<float>());
+    ctx->save_for_backward({ac, bc});
+    return out;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &a = saved[0], &b = saved[1];
+    auto dout = grads[0].contiguous();
+    auto da = torch::empty_like(a), db = torch::empty_like(b);
+    kernels::cpu::swiglu_backward(a.data_ptr<float>(), b.data_ptr<float>(), dout.data_ptr<float>(), a.numel(),
+                                  da.data_ptr<float>(), db.data_ptr<float>());
+    return {da, db};
+  }
+};
+
+}  // namespace
+
+torch::Tensor swiglu(const torch::Tensor& a, const torch::Tensor& b, bool fused) {
+  if (fused && a.scalar_type() == torch::kFloat32 && b.scalar_type() == torch::kFloat32 &&
+      a.device().is_cpu() && a.sizes().equals(b.sizes()) && a.numel() > 0)
+    return FusedSwiGLU::apply(a, b);
+  return torch::silu(a) * b;
+}
+
 RMSNormImpl::RMSNormImpl(int64_t dim, double eps_, bool fused_) : eps(eps_), fused(fused_) {
   weight = register_parameter("weight", torch::ones({dim}));
 }
@@ -91,9 +126,10 @@ struct RowGroup {
 
 class BlockImpl : public torch::nn::Module {
  public:
-  BlockImpl(const ModelConfig& c, EncodingPtr pe) : H_(c.n_head), D_(c.head_dim()), pe_(std::move(pe)) {
+  BlockImpl(const ModelConfig& c, EncodingPtr pe)
+      : H_(c.n_head), D_(c.head_dim()), pe_(std::move(pe)), fused_block_(c.block == "fused") {
     const int64_t C = c.n_embd, hidden = c.hidden();
-    const bool fused_norm = c.norm == "fused";
+    const bool fused_norm = c.block == "fused";
     auto linear = [&](const char* name, int64_t in, int64_t out) {
       return register_module(name, torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(false)));
     };
@@ -145,7 +181,7 @@ class BlockImpl : public torch::nn::Module {
     auto y = ys.size() == 1 ? ys[0] : torch::cat(ys, 0);
     auto h = x + wo_(y.reshape({B, T, H_ * D_}));
     auto hn = norm2_(h);
-    auto mlp = w_out_(torch::silu(w1_(hn)) * w2_(hn));  // SwiGLU
+    auto mlp = w_out_(swiglu(w1_(hn), w2_(hn), fused_block_));
     if (props_.updates_stream)
       *stream = pe_->stream_after_mlp(streams.size() == 1 ? streams[0] : torch::cat(streams, 0), mlp);
     return h + mlp;
@@ -160,6 +196,7 @@ class BlockImpl : public torch::nn::Module {
   EncodingPtr pe_;
   Properties props_;    // what the encoding reads (x, a position stream) and whether it updates the stream
   AttentionImpl impl_;  // fused where the kernels compute the encoding, or always the reference
+  bool fused_block_;    // RMSNorm and SwiGLU on the one-pass kernels (block=fused)
   RMSNorm norm1_{nullptr}, norm2_{nullptr}, q_norm_{nullptr}, k_norm_{nullptr};
   torch::nn::Linear wq_{nullptr}, wk_{nullptr}, wv_{nullptr}, wo_{nullptr};
   torch::nn::Linear w1_{nullptr}, w2_{nullptr}, w_out_{nullptr};
@@ -187,7 +224,7 @@ TransformerImpl::TransformerImpl(const ModelConfig& config) : config_(config) {
     blocks_.push_back(std::make_shared<BlockImpl>(c, pe));
     list->push_back(blocks_.back());
   }
-  norm_f_ = register_module("norm_f", RMSNorm(c.n_embd, c.norm_eps, c.norm == "fused"));
+  norm_f_ = register_module("norm_f", RMSNorm(c.n_embd, c.norm_eps, c.block == "fused"));
 
   // The paper's init: every linear weight N(0, (0.5/sqrt(C))^2), the two residual outputs scaled down
   // by sqrt(n_layer), the tied embedding N(0, embed_std^2). Encodings and KV-shift keep their own init.
