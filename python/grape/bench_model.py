@@ -451,7 +451,7 @@ def main(argv=None):
     if a.json:
         write_json_atomic(a.json, {"threads": a.threads, "sgemm_flops": a.sgemm, "sgemm_n": a.sgemm_n,
                                    "copy_bytes_per_s": a.copy_bw, "steps": a.steps, "tokens": a.tokens,
-                                   "rounds": a.rounds, "command": " ".join(sys.argv), "rows": rows})
+                                   "rounds": a.rounds, "command": " ".join(["python3 -m grape.bench_model"] + sys.argv[1:]), "rows": rows})
 
 
 if __name__ == "__main__":
