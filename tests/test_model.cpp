@@ -499,6 +499,63 @@ TEST(ModelStructure, RMSNormMatchesFormula) {
   EXPECT_LE(max_diff(yb.to(torch::kFloat64), want), 0.05 * want.abs().max().item<double>());
 }
 
+// The fused kernel (block=fused) against the composed reference, forward and both gradients, on rows of an
+// odd length across several OpenMP blocks; dw is the same bit for bit at 1 and 2 threads (resume repeats).
+TEST(ModelStructure, FusedRMSNormEqualsTheReferenceForwardAndBackward) {
+  torch::manual_seed(11);
+  RMSNorm fused(37, 1e-5, true), ref(37, 1e-5, false);
+  {
+    torch::NoGradGuard no_grad;
+    fused->weight.copy_(torch::randn({37}));
+    ref->weight.copy_(fused->weight);
+  }
+  auto x = (torch::randn({8, 300, 37}) * 3).requires_grad_(true);  // 2 threads' worth of rows
+  auto dy = torch::randn({8, 300, 37});
+  auto run = [&](RMSNorm& n) {
+    x.mutable_grad() = torch::Tensor();
+    n->weight.mutable_grad() = torch::Tensor();
+    auto y = n(x);
+    (y * dy).sum().backward();
+    return std::vector<torch::Tensor>{y.detach(), x.grad().clone(), n->weight.grad().clone()};
+  };
+  auto want = run(ref), got = run(fused);
+  EXPECT_LE(max_diff(got[0], want[0]), 1e-6 * want[0].abs().max().item<double>()) << "y";
+  EXPECT_LE(max_diff(got[1], want[1]), 1e-5 * want[1].abs().max().item<double>()) << "dx";
+  EXPECT_LE(max_diff(got[2], want[2]), 1e-5 * want[2].abs().max().item<double>()) << "dw";
+  const int threads = torch::get_num_threads();
+  torch::set_num_threads(1);
+  auto one = run(fused);
+  torch::set_num_threads(2);
+  auto two = run(fused);
+  torch::set_num_threads(threads);
+  EXPECT_TRUE(torch::equal(one[2], two[2])) << "dw depends on the thread count";
+  // fp64 (and bf16) inputs take the reference.
+  auto x64 = torch::randn({2, 37}, torch::kFloat64);
+  EXPECT_EQ(fused(x64).scalar_type(), torch::kFloat64);
+}
+
+// SwiGLU's gate on the kernel (block=fused) against silu(a) * b, forward and both gradients, over several
+// OpenMP blocks and with gates far in both tails (the exp's clamps).
+TEST(ModelStructure, FusedSwiGLUEqualsTheReferenceForwardAndBackward) {
+  torch::manual_seed(12);
+  auto a = (torch::randn({6, 50, 341}) * 4), b = torch::randn({6, 50, 341});
+  a.view({-1}).narrow(0, 0, 4).copy_(torch::tensor({-100.0f, -88.5f, 87.6f, 100.0f}));
+  a.requires_grad_(true), b.requires_grad_(true);
+  auto dout = torch::randn({6, 50, 341});
+  auto run = [&](bool fused) {
+    a.mutable_grad() = torch::Tensor();
+    b.mutable_grad() = torch::Tensor();
+    auto y = swiglu(a, b, fused);
+    (y * dout).sum().backward();
+    return std::vector<torch::Tensor>{y.detach(), a.grad().clone(), b.grad().clone()};
+  };
+  auto want = run(false), got = run(true);
+  const char* names[] = {"out", "da", "db"};
+  for (int i = 0; i < 3; ++i)
+    EXPECT_LE(max_diff(got[i], want[i]), 1e-6 * want[i].abs().max().item<double>()) << names[i];
+  EXPECT_EQ(swiglu(a.to(torch::kFloat64), b.to(torch::kFloat64), true).scalar_type(), torch::kFloat64);
+}
+
 // ---- config ---------------------------------------------------------------------------------------
 
 TEST(ModelConfig, PresetsHaveTheSpecSizes) {
@@ -625,7 +682,7 @@ TEST(ModelConfig, OneTableDrivesSetJsonAndTheHelp) {
   }
   EXPECT_EQ(names.front(), "preset");
   EXPECT_NE(std::find(names.begin(), names.end(), "pe.OPTION"), names.end());
-  EXPECT_EQ(names.size(), 14u);  // every member of ModelConfig
+  EXPECT_EQ(names.size(), 15u);  // every member of ModelConfig
   EXPECT_TRUE(ModelConfig::has_key("n_layer"));
   EXPECT_TRUE(ModelConfig::has_key("pe.base"));
   EXPECT_FALSE(ModelConfig::has_key("pe."));

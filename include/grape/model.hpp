@@ -41,6 +41,7 @@ struct ModelConfig {
   double norm_eps = 1e-5;
   double embed_std = 0.02;          // tied embedding init N(0, embed_std^2)
   std::string attention = "fused";  // "fused": CPU kernels where the encoding allows; "reference": composed
+  std::string block = "fused";      // RMSNorm, SwiGLU: "fused": one-pass CPU kernels; "reference": composed
 
   int64_t head_dim() const { return n_embd / n_head; }
   int64_t hidden() const { return mlp_hidden > 0 ? mlp_hidden : (8 * n_embd) / 3; }
@@ -90,15 +91,19 @@ struct SequenceCache {
 };
 
 // x * rsqrt(mean(x^2) + eps) * weight over the last dim; fp16/bf16 computed in fp32. The one RMSNorm of
-// the model, of QK-norm and of grape.nn's after_rotation QK-norm.
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+// the model, of QK-norm and of grape.nn's after_rotation QK-norm. fused: fp32 CPU inputs run the one-pass
+// kernel (forward and backward, block=fused); else LibTorch-composed.
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps, bool fused = false);
 
 class RMSNormImpl : public torch::nn::Module {
  public:
-  RMSNormImpl(int64_t dim, double eps);
-  torch::Tensor forward(const torch::Tensor& x);  // rms_norm(x, weight, eps)
+  // fused: fp32 inputs run the one-pass CPU kernel (forward and backward); others, and fused=false, the
+  // LibTorch-composed reference.
+  RMSNormImpl(int64_t dim, double eps, bool fused = false);
+  torch::Tensor forward(const torch::Tensor& x);  // rms_norm(x, weight, eps, fused)
   torch::Tensor weight;
   double eps;
+  bool fused;
 };
 TORCH_MODULE(RMSNorm);
 
@@ -150,6 +155,10 @@ class AttentionSublayer {
   RMSNorm q_norm_{nullptr}, k_norm_{nullptr};
   KVShift kv_shift_{nullptr};
 };
+
+// SwiGLU's gate silu(a) * b: with fused, fp32 inputs of one shape run the one-pass CPU kernel (forward and
+// backward); others, and fused=false, LibTorch's silu and mul.
+torch::Tensor swiglu(const torch::Tensor& a, const torch::Tensor& b, bool fused);
 
 class BlockImpl;  // one transformer block (defined in src/nn/model.cpp)
 

@@ -231,9 +231,17 @@ std::vector<std::vector<int32_t>> generate(Transformer& model,
 // Picks the next token from logits [V] with the options (deterministic in rng).
 int32_t sample_token(const torch::Tensor& logits, const SamplingOptions& opts, std::mt19937_64& rng);
 
-// Decode throughput with the KV cache: tokens/s generating `tokens` greedy tokens for `batch` sequences
-// after a prompt of `prompt_len` tokens each (ragged: row b's prompt is prompt_len + 7 b tokens, each
-// prefilled alone, so that one batched step serves caches of different lengths).
+// Greedy decoding of every prompt together on `decoder`'s path, each row with its own KV cache (prompts may
+// differ in length: equal ones are prefilled in one call, others one row at a time). Returns per row the
+// logits [tokens, V] of the batched one-token steps; *step_seconds (if given) is the time those steps took,
+// prefill excluded.
+std::vector<torch::Tensor> greedy_decode(Decoder& decoder, const std::vector<std::vector<int64_t>>& prompts,
+                                         int64_t tokens, double* step_seconds = nullptr);
+// The prompt lengths of `bench decode`: `prompt_len` for every row, or with ragged, prompt_len +
+// floor(b * prompt_len / batch) for row b (16..31 for 16 rows of 16), so rows sit at different positions.
+std::vector<int64_t> bench_prompt_lengths(int64_t batch, int64_t prompt_len, bool ragged);
+// Decode throughput with the KV cache: tokens/s generating `tokens` greedy tokens (greedy_decode) for
+// `batch` sequences whose prompts (token ids 0, 1, 2, ... mod V) have the lengths of bench_prompt_lengths.
 struct DecodeThroughput {
   double tokens_per_s = 0;
   DecodePath path = DecodePath::fast;  // the path that ran

@@ -55,7 +55,8 @@ void run(const DecodeArgs& a) {
       "tokens\n"
       "bound = batch x bandwidth / bytes a step reads (fp32 weights once + each sequence's K and V cache);\n"
       "bound@L3 = the same at the copy bandwidth of a buffer of the step's size (cache-resident weights)\n",
-      torch::get_num_threads(), gbps, a.batch, a.ragged ? " (ragged: prompt + 7 b tokens)" : "", a.prompt);
+      torch::get_num_threads(), gbps, a.batch,
+      a.ragged ? " (ragged: prompt + floor(prompt b / batch) tokens)" : "", a.prompt);
   table +=
       fmt::format("{:<7} {:<10} {:>11} {:>7} {:<10} {:>11} {:>9} {:>9} {:>7} {:>9} {:>7}\n", "preset", "pe",
                   "parameters", "tokens", "path", "tokens/s", "MB/step", "bound", "%bound", "bound@L3", "%");
@@ -97,6 +98,7 @@ void run(const DecodeArgs& a) {
                         {"batch", a.batch},
                         {"ragged", a.ragged},
                         {"prompt", a.prompt},
+                        {"prompt_lengths", train::bench_prompt_lengths(a.batch, a.prompt, a.ragged)},
                         {"tokens", a.tokens},
                         {"path", to_string(path)},
                         {"fallback_reason", r.fallback_reason},
@@ -147,7 +149,8 @@ void add_bench_decode(CLI::App* bench) {
   cmd->add_option("--prompt", a->prompt, "prompt tokens per sequence")
       ->check(CLI::Range(1, 1 << 20))
       ->capture_default_str();
-  cmd->add_flag("--ragged", a->ragged, "prompts of different lengths (prompt + 7 b tokens for sequence b)");
+  cmd->add_flag("--ragged", a->ragged,
+                "prompts of different lengths (prompt + floor(prompt b / batch) tokens for sequence b)");
   cmd->add_option("--json", a->json, "also write the results as JSON here");
   cmd->callback([a] { run(*a); });
 }

@@ -1,5 +1,6 @@
 // `grape bench train|decode`: tokens/s of the presets on this machine, as a table and JSON.
 #include <fmt/format.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -23,9 +24,11 @@ struct BenchArgs {
   std::vector<std::string> presets = {"tiny", "small"};
   std::vector<std::string> pes = {"rope"};
   std::string attention = "fused";
+  std::string block = "fused";
   std::vector<std::string> pe_sets;
   int64_t steps = 5, batch = 8, tokens = 64, context = 0;
-  int nproc = 1;  // bench train: also N data-parallel processes x 1 thread
+  int nproc = 1;                // bench train: also N data-parallel processes x 1 thread
+  double faults_per_step = -1;  // bench train: set by each measurement, written to its JSON row
   std::string json;
 };
 
@@ -46,6 +49,7 @@ ModelConfig bench_model(const BenchArgs& a, const std::string& preset, const std
   }
   if (a.context > 0) m.context = a.context;
   m.attention = a.attention;
+  m.block = a.block;
   m.validate();
   return m;
 }
@@ -59,6 +63,9 @@ void add_common(CLI::App* cmd, BenchArgs& a) {
       ->capture_default_str();
   cmd->add_option("--pe-set", a.pe_sets, "encoding option key=value (applied to each encoding)");
   cmd->add_option("--attention", a.attention, "fused or reference")
+      ->check(CLI::IsMember({"fused", "reference"}))
+      ->capture_default_str();
+  cmd->add_option("--block", a.block, "RMSNorm and SwiGLU: fused or reference")
       ->check(CLI::IsMember({"fused", "reference"}))
       ->capture_default_str();
   cmd->add_option("--batch", a.batch, "sequences")->capture_default_str();
@@ -75,7 +82,8 @@ void finish(const BenchArgs& a, const std::string& table, const nlohmann::json& 
 // `column` names the fourth column (context for training, generated tokens for decoding); measure sets it.
 void measure_presets(const BenchArgs& a, const std::string& column,
                      const std::function<double(Transformer&, int64_t&)>& measure) {
-  std::string table = "attention: " + a.attention + "; threads: " + std::to_string(torch::get_num_threads()) +
+  std::string table = "attention: " + a.attention + "; block: " + a.block +
+                      "; threads: " + std::to_string(torch::get_num_threads()) +
                       "; BLAS: " + train::blas_description() + "\n" +
                       fmt::format("{:<8} {:<12} {:>12} {:>8} {:>8} {:>12}\n", "preset", "pe", "parameters",
                                   "batch", column, "tokens/s");
@@ -95,15 +103,26 @@ void measure_presets(const BenchArgs& a, const std::string& column,
                     {column, value},
                     {"tokens_per_s", tps},
                     {"attention", a.attention},
+                    {"block", a.block},
                     {"threads", torch::get_num_threads()}});
+    if (a.faults_per_step >= 0) rows.back()["page_faults_per_step"] = a.faults_per_step;
   }
   finish(a, table, rows);
+}
+
+long minor_faults() {
+  rusage u{};
+  ::getrusage(RUSAGE_SELF, &u);
+  return u.ru_minflt;
 }
 
 // Training tokens/s of `model`: one warm-up step, then a.steps timed AdamW steps on a fixed random batch.
 // With a group, each rank steps on its own batch of a.batch sequences and the gradients are averaged
 // (the real data-parallel step); the figure is then for all ranks together.
-double train_tokens_per_s(const BenchArgs& a, Transformer& model, const std::shared_ptr<dist::Group>& group) {
+// faults_per_step (if given): the minor page faults of this process per timed step (memory the allocator
+// handed back to the system and takes again; near 0 when freed memory is kept, see main.cpp).
+double train_tokens_per_s(const BenchArgs& a, Transformer& model, const std::shared_ptr<dist::Group>& group,
+                          double* faults_per_step = nullptr) {
   const auto& m = model->config();
   train::TrainConfig cfg;
   cfg.batch = a.batch;
@@ -115,10 +134,13 @@ double train_tokens_per_s(const BenchArgs& a, Transformer& model, const std::sha
   std::vector<data::Batch> mb = {{x, x.roll(-1, 1), {}}};
   trainer.step(mb, 0);  // warm-up: allocations, thread pool, Gloo buffers
   if (group) group->barrier();
+  const long faults0 = minor_faults();
   const auto t0 = std::chrono::steady_clock::now();
   for (int64_t s = 0; s < a.steps; ++s) trainer.step(mb, s + 1);
   if (group) group->barrier();
   const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (faults_per_step)
+    *faults_per_step = double(minor_faults() - faults0) / double(std::max<int64_t>(a.steps, 1));
   return double(world * a.steps * a.batch * m.context) / sec;
 }
 
@@ -299,7 +321,7 @@ void add_bench_command(CLI::App& app) {
     if (ta->nproc > 1) return bench_train_scaling(*ta);
     measure_presets(*ta, "context", [&](Transformer& model, int64_t& column) {
       column = model->config().context;
-      return train_tokens_per_s(*ta, model, nullptr);
+      return train_tokens_per_s(*ta, model, nullptr, &ta->faults_per_step);
     });
   });
 

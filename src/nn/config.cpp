@@ -47,6 +47,11 @@ const config::Table<ModelConfig>& model_fields() {
        .member = &C::attention,
        .help = "fused: our CPU kernels; reference: LibTorch-composed",
        .choices = {"fused", "reference"}},
+      {.name = "block",
+       .member = &C::block,
+       .help = "RMSNorm and SwiGLU: fused: one-pass CPU kernels (forward, backward); reference: "
+               "LibTorch-composed",
+       .choices = {"fused", "reference"}},
   };
   return table;
 }

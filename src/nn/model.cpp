@@ -12,6 +12,8 @@
 #include <unordered_set>
 
 #include "grape/attention.hpp"
+#include "kernels/cpu/rmsnorm.hpp"
+#include "kernels/cpu/swiglu.hpp"
 
 namespace grape {
 namespace {
@@ -39,18 +41,81 @@ torch::Tensor check_ids(const torch::Tensor& ids, int64_t vocab, const char* wha
 
 }  // namespace
 
-RMSNormImpl::RMSNormImpl(int64_t dim, double eps_) : eps(eps_) {
+namespace {
+
+// The binding of the RMSNorm kernel (src/kernels/cpu/rmsnorm.hpp): fp32, any shape, over the last dim.
+struct FusedRMSNorm : torch::autograd::Function<FusedRMSNorm> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               const torch::Tensor& w, double eps) {
+    auto xc = x.contiguous(), wc = w.contiguous();
+    const int64_t n = xc.size(-1), rows = xc.numel() / std::max<int64_t>(n, 1);
+    auto y = torch::empty_like(xc);
+    auto rstd = torch::empty({rows}, xc.options());
+    kernels::cpu::rmsnorm_forward(xc.data_ptr<float>(), wc.data_ptr<float>(), rows, n, float(eps),
+                                  y.data_ptr<float>(), rstd.data_ptr<float>());
+    ctx->save_for_backward({xc, wc, rstd});
+    return y;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &x = saved[0], &w = saved[1], &rstd = saved[2];
+    auto dy = grads[0].contiguous();
+    auto dx = torch::empty_like(x), dw = torch::empty_like(w);
+    kernels::cpu::rmsnorm_backward(x.data_ptr<float>(), w.data_ptr<float>(), rstd.data_ptr<float>(),
+                                   dy.data_ptr<float>(), rstd.numel(), x.size(-1), dx.data_ptr<float>(),
+                                   dw.data_ptr<float>());
+    return {dx, dw, torch::Tensor()};
+  }
+};
+
+// The binding of the SwiGLU kernel (src/kernels/cpu/swiglu.hpp): silu(a) * b for fp32 a, b of one shape.
+struct FusedSwiGLU : torch::autograd::Function<FusedSwiGLU> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& a,
+                               const torch::Tensor& b) {
+    auto ac = a.contiguous(), bc = b.contiguous();
+    auto out = torch::empty_like(ac);
+    kernels::cpu::swiglu_forward(ac.data_ptr<float>(), bc.data_ptr<float>(), ac.numel(),
+                                 out.data_ptr<float>());
+    ctx->save_for_backward({ac, bc});
+    return out;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &a = saved[0], &b = saved[1];
+    auto dout = grads[0].contiguous();
+    auto da = torch::empty_like(a), db = torch::empty_like(b);
+    kernels::cpu::swiglu_backward(a.data_ptr<float>(), b.data_ptr<float>(), dout.data_ptr<float>(), a.numel(),
+                                  da.data_ptr<float>(), db.data_ptr<float>());
+    return {da, db};
+  }
+};
+
+}  // namespace
+
+torch::Tensor swiglu(const torch::Tensor& a, const torch::Tensor& b, bool fused) {
+  if (fused && a.scalar_type() == torch::kFloat32 && b.scalar_type() == torch::kFloat32 &&
+      a.device().is_cpu() && a.sizes().equals(b.sizes()) && a.numel() > 0)
+    return FusedSwiGLU::apply(a, b);
+  return torch::silu(a) * b;
+}
+
+RMSNormImpl::RMSNormImpl(int64_t dim, double eps_, bool fused_) : eps(eps_), fused(fused_) {
   weight = register_parameter("weight", torch::ones({dim}));
 }
 
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps, bool fused) {
+  if (fused && x.scalar_type() == torch::kFloat32 && weight.scalar_type() == torch::kFloat32 &&
+      x.device().is_cpu() && x.numel() > 0)
+    return FusedRMSNorm::apply(x, weight, eps);
   const auto dt = compute_dtype(x.scalar_type());
   auto xf = x.to(dt);
   auto y = xf * torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps) * weight.to(dt);
   return y.to(x.scalar_type());
 }
 
-torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) { return rms_norm(x, weight, eps); }
+torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) { return rms_norm(x, weight, eps, fused); }
 
 QKNorm parse_qk_norm(const std::string& text) {
   if (text == "before_rotation") return QKNorm::before_rotation;
@@ -83,8 +148,9 @@ AttentionSublayer::AttentionSublayer(torch::nn::Module& owner, const ModelConfig
   wv_ = linear("wv", C, H_ * D_);
   wo_ = linear("wo", H_ * D_, C);
   if (qk_norm_ != QKNorm::off) {
-    q_norm_ = owner.register_module("q_norm", RMSNorm(D_, c.norm_eps));  // one gain over D, shared by heads
-    k_norm_ = owner.register_module("k_norm", RMSNorm(D_, c.norm_eps));
+    const bool fused = c.block == "fused";                                      // the one-pass RMSNorm kernel
+    q_norm_ = owner.register_module("q_norm", RMSNorm(D_, c.norm_eps, fused));  // one gain over D, shared
+    k_norm_ = owner.register_module("k_norm", RMSNorm(D_, c.norm_eps, fused));
   }
   if (c.kv_shift) kv_shift_ = owner.register_module("kv_shift", KVShift(c.head_shape()));
   owner.register_module("pe", pe_);
@@ -131,13 +197,15 @@ class BlockImpl : public torch::nn::Module {
  public:
   // Registers norm1, the attention sublayer's modules, norm2 and the MLP, in that order (the init's order).
   BlockImpl(const ModelConfig& c, EncodingPtr pe)
-      : norm1_(register_module("norm1", RMSNorm(c.n_embd, c.norm_eps))), attn_(*this, c, std::move(pe)) {
+      : norm1_(register_module("norm1", RMSNorm(c.n_embd, c.norm_eps, c.block == "fused"))),
+        attn_(*this, c, std::move(pe)),
+        fused_block_(c.block == "fused") {
     const int64_t C = c.n_embd, hidden = c.hidden();
     auto linear = [&](const char* name, int64_t in, int64_t out) {
       return register_module(name, torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(false)));
     };
     updates_stream_ = attn_.pe()->properties().updates_stream;
-    norm2_ = register_module("norm2", RMSNorm(C, c.norm_eps));
+    norm2_ = register_module("norm2", RMSNorm(C, c.norm_eps, fused_block_));
     w1_ = linear("w1", C, hidden);
     w2_ = linear("w2", C, hidden);
     w_out_ = linear("w_out", hidden, C);
@@ -151,7 +219,7 @@ class BlockImpl : public torch::nn::Module {
     auto attn = attn_.forward(xh, groups, stream);
     auto h = x + attn.y;
     auto hn = norm2_(h);
-    auto mlp = w_out_(torch::silu(w1_(hn)) * w2_(hn));  // SwiGLU
+    auto mlp = w_out_(swiglu(w1_(hn), w2_(hn), fused_block_));
     if (updates_stream_) *stream = attn_.pe()->stream_after_mlp(attn.stream, mlp);
     return h + mlp;
   }
@@ -163,6 +231,7 @@ class BlockImpl : public torch::nn::Module {
  private:
   RMSNorm norm1_{nullptr}, norm2_{nullptr};
   AttentionSublayer attn_;
+  bool fused_block_;  // RMSNorm and SwiGLU on the one-pass kernels (block=fused)
   bool updates_stream_ = false;
   torch::nn::Linear w1_{nullptr}, w2_{nullptr}, w_out_{nullptr};
 };
@@ -188,7 +257,7 @@ TransformerImpl::TransformerImpl(const ModelConfig& config) : config_(config) {
     blocks_.push_back(std::make_shared<BlockImpl>(c, pe));
     list->push_back(blocks_.back());
   }
-  norm_f_ = register_module("norm_f", RMSNorm(c.n_embd, c.norm_eps));
+  norm_f_ = register_module("norm_f", RMSNorm(c.n_embd, c.norm_eps, c.block == "fused"));
 
   // The paper's init: every linear weight N(0, (0.5/sqrt(C))^2), the two residual outputs scaled down
   // by sqrt(n_layer), the tied embedding N(0, embed_std^2). Encodings and KV-shift keep their own init.

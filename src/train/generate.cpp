@@ -108,30 +108,73 @@ std::vector<std::vector<int32_t>> generate(Transformer& model,
   return out;
 }
 
+std::vector<torch::Tensor> greedy_decode(Decoder& decoder, const std::vector<std::vector<int64_t>>& prompts,
+                                         int64_t tokens, double* step_seconds) {
+  if (prompts.empty()) throw std::invalid_argument("greedy_decode: no prompts");
+  for (const auto& p : prompts)
+    if (p.empty()) throw std::invalid_argument("greedy_decode: an empty prompt");
+  torch::NoGradGuard no_grad;
+  const int64_t B = int64_t(prompts.size());
+  std::vector<DecodeCache> caches;
+  for (int64_t b = 0; b < B; ++b) caches.push_back(decoder.new_cache());
+  std::vector<DecodeCache*> ptrs;
+  for (auto& c : caches) ptrs.push_back(&c);
+  auto row_tensor = [](const std::vector<int64_t>& p) {
+    return torch::tensor(p, torch::kInt64).unsqueeze(0);
+  };
+  std::vector<torch::Tensor> last(static_cast<size_t>(B));  // each row's logits after its prompt [V]
+  const bool same = std::all_of(prompts.begin(), prompts.end(), [&](auto& p) { return p == prompts[0]; });
+  if (same) {  // one batched prefill (the rows are identical)
+    std::vector<torch::Tensor> rows(size_t(B), row_tensor(prompts[0]));
+    auto logits = decoder.forward(torch::cat(rows, 0), ptrs);
+    for (int64_t b = 0; b < B; ++b) last[size_t(b)] = logits[b][int64_t(prompts[0].size()) - 1];
+  } else {  // each row alone: its prompt has its own length
+    for (int64_t b = 0; b < B; ++b) {
+      std::vector<DecodeCache*> one = {ptrs[size_t(b)]};
+      last[size_t(b)] = decoder.forward(row_tensor(prompts[size_t(b)]), one)[0].select(0, -1);
+    }
+  }
+  auto next = torch::stack(last).argmax(-1, true);  // [B,1]
+  std::vector<torch::Tensor> steps;
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int64_t t = 0; t < tokens; ++t) {
+    auto logits = decoder.forward(next, ptrs).select(1, 0);  // [B,V]
+    steps.push_back(logits);
+    next = logits.argmax(-1, true);
+  }
+  if (step_seconds)
+    *step_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::vector<torch::Tensor> out;
+  for (int64_t b = 0; b < B; ++b) {
+    std::vector<torch::Tensor> rows;
+    for (const auto& s : steps) rows.push_back(s[b]);
+    out.push_back(rows.empty() ? torch::empty({0, decoder.model()->config().vocab_size})
+                               : torch::stack(rows));
+  }
+  return out;
+}
+
+std::vector<int64_t> bench_prompt_lengths(int64_t batch, int64_t prompt_len, bool ragged) {
+  std::vector<int64_t> out;
+  for (int64_t b = 0; b < batch; ++b) out.push_back(prompt_len + (ragged ? b * prompt_len / batch : 0));
+  return out;
+}
+
 DecodeThroughput measure_decode(Transformer& model, int64_t batch, int64_t prompt_len, int64_t tokens,
                                 DecodePath path, bool ragged) {
   if (batch < 1 || prompt_len < 1 || tokens < 1)
     throw std::invalid_argument("measure_decode: batch, prompt_len and tokens must be >= 1");
-  torch::NoGradGuard no_grad;
   Decoder decoder(model, path);
-  std::vector<DecodeCache> caches;
-  for (int64_t b = 0; b < batch; ++b) caches.push_back(decoder.new_cache());
-  std::vector<DecodeCache*> ptrs;
-  for (auto& c : caches) ptrs.push_back(&c);
   const int64_t V = model->config().vocab_size;
-  std::vector<torch::Tensor> firsts;
+  std::vector<std::vector<int64_t>> prompts;
   double cached = 0;
-  for (int64_t b = 0; b < batch; ++b) {  // each prompt alone: ragged lengths need their own prefill
-    const int64_t len = prompt_len + (ragged ? 7 * b : 0);
-    auto prompt = torch::arange(len, torch::kInt64).remainder(V).unsqueeze(0);
-    std::vector<DecodeCache*> one{ptrs[size_t(b)]};
-    firsts.push_back(decoder.forward(prompt, one).select(1, len - 1).argmax(-1, true));
+  for (int64_t len : bench_prompt_lengths(batch, prompt_len, ragged)) {
+    prompts.emplace_back(size_t(len));
+    for (int64_t i = 0; i < len; ++i) prompts.back()[size_t(i)] = i % V;
     cached += double(len) + double(tokens - 1) / 2;
   }
-  auto next = torch::cat(firsts);
-  const auto t0 = std::chrono::steady_clock::now();
-  for (int64_t t = 0; t < tokens; ++t) next = decoder.forward(next, ptrs).select(1, 0).argmax(-1, true);
-  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  double s = 0;
+  greedy_decode(decoder, prompts, tokens, &s);
   return {double(batch * tokens) / std::max(s, 1e-9), decoder.path(), decoder.fallback_reason(),
           cached / double(batch)};
 }

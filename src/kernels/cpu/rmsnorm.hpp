@@ -1,0 +1,19 @@
+// RMSNorm over the last dim of fp32 rows, forward and backward in one pass each: the model's norms (pre-
+// attention, pre-MLP, QK-norm, final) without LibTorch's five forward and ~ten backward ops. Plain C++ +
+// OpenMP; the caller is the autograd binding in src/nn/model.cpp.
+#pragma once
+
+#include <cstdint>
+
+namespace grape::kernels::cpu {
+
+// y = x * r * w per row of n, r = 1 / sqrt(mean(x^2) + eps); rstd[row] = r (the backward reads it).
+void rmsnorm_forward(const float* x, const float* w, int64_t rows, int64_t n, float eps, float* y,
+                     float* rstd);
+
+// From dy: dx = r (dy w) - x r^3 mean(dy w x) per row, and dw = sum over rows of dy x r. dw is summed over
+// fixed blocks of rows in a fixed order, so it does not depend on the thread count (resumed runs repeat).
+void rmsnorm_backward(const float* x, const float* w, const float* rstd, const float* dy, int64_t rows,
+                      int64_t n, float* dx, float* dw);
+
+}  // namespace grape::kernels::cpu
