@@ -17,6 +17,7 @@
 #include "grape/attention.hpp"
 #include "grape/io.hpp"
 #include "grape/model.hpp"
+#include "model_fixture.hpp"
 
 namespace grape {
 namespace {
@@ -36,20 +37,9 @@ ModelConfig small_config(const std::string& pe, const std::string& qk_norm, bool
   return c;
 }
 
-// A model whose norm gains and encoding / KV-shift parameters are moved off their init (unit gains would
-// make the two orders agree for every rotation).
+// Unit gains would make the two QK-norm orders agree for every rotation: move them off their init.
 Transformer make_model(const ModelConfig& c, uint64_t seed = 3) {
-  torch::manual_seed(seed);
-  Transformer m(c);
-  torch::NoGradGuard no_grad;
-  for (auto& item : m->named_parameters()) {
-    const auto& name = item.key();
-    if (name.find("norm") == std::string::npos && name.find("pe.") == std::string::npos &&
-        name.find("kv_shift.") == std::string::npos)
-      continue;
-    item.value().add_(torch::randn_like(item.value()) * 0.3);
-  }
-  return m;
+  return testing::perturbed_model(c, seed, 0.3);
 }
 
 // `to` gets every parameter of `from` (same names and shapes).

@@ -10,6 +10,7 @@
 
 #include "expect_invalid.hpp"
 #include "grape/decode.hpp"
+#include "model_fixture.hpp"
 
 namespace grape {
 namespace {
@@ -32,17 +33,8 @@ ModelConfig config(const std::string& pe, std::map<std::string, std::string> opt
   return c;
 }
 
-// Norm gains and encoding parameters moved off their init (a zero T5 table or unit gains would hide bugs).
 Transformer make_model(const ModelConfig& c, uint64_t seed = 3) {
-  torch::manual_seed(int64_t(seed));
-  Transformer m(c);
-  torch::NoGradGuard no_grad;
-  for (auto& item : m->named_parameters()) {
-    const auto& name = item.key();
-    if (name.find("pe.") == std::string::npos && name.find("norm") == std::string::npos) continue;
-    item.value().add_(torch::randn_like(item.value()) * 0.3);
-  }
-  return m;
+  return testing::perturbed_model(c, seed, 0.3);
 }
 
 torch::Tensor random_tokens(int64_t T, int64_t vocab, uint64_t seed) {

@@ -14,6 +14,7 @@
 #include "expect_invalid.hpp"
 #include "grape/attention.hpp"
 #include "grape/model.hpp"
+#include "model_fixture.hpp"
 
 namespace grape {
 namespace {
@@ -32,20 +33,8 @@ ModelConfig test_config(const std::string& pe, bool kv_shift = false) {
   return c;
 }
 
-// Moves the norm gains and every encoding / KV-shift parameter off its init, so that degenerate inits
-// (zero weights, unit gains, equal frequencies) cannot hide a bug in how the state is carried.
 Transformer make_model(const ModelConfig& c, uint64_t seed = 7) {
-  torch::manual_seed(seed);
-  Transformer m(c);
-  torch::NoGradGuard no_grad;
-  for (auto& item : m->named_parameters()) {
-    const auto& name = item.key();
-    const bool encoding =
-        name.find("pe.") != std::string::npos || name.find("kv_shift.") != std::string::npos;
-    if (!encoding && name.find("norm") == std::string::npos) continue;  // dense weights keep their init
-    item.value().add_(torch::randn_like(item.value()) * 0.1);
-  }
-  return m;
+  return testing::perturbed_model(c, seed, 0.1);
 }
 
 torch::Tensor random_tokens(int64_t B, int64_t T, int64_t vocab, uint64_t seed) {
