@@ -61,6 +61,7 @@ std::vector<Case> native_cases() {
           {"pi", {}},
           {"grape-m", {{"per_head", "true"}}},
           {"alibi", {}},
+          {"fox", {}},
           {"t5", {{"num_buckets", "8"}, {"max_distance", "12"}}},
           {"kerple", {}},
           {"kerple", {{"variant", "power"}}},
@@ -132,24 +133,28 @@ TEST(FastDecode, EveryRegisteredEncodingDecodesExactlyOnItsPath) {
 // A cache that outgrows its buffers and the tables (256 positions) keeps its keys.
 TEST(FastDecode, GrowsPastItsFirstBuffers) {
   const int64_t L = 300;
-  auto m = make_model(config("t5", {{"num_buckets", "8"}, {"max_distance", "12"}}));
-  torch::NoGradGuard no_grad;
-  auto seq = random_tokens(L, 61, 9);
-  auto full = m->forward(seq);
-  Decoder dec(m);
-  auto cache = dec.new_cache();
-  std::vector<DecodeCache*> caches{&cache};
-  std::vector<torch::Tensor> outs{dec.forward(seq.narrow(1, 0, 60), caches)};
-  for (int64_t t = 60; t < L; ++t) outs.push_back(dec.forward(seq.narrow(1, t, 1), caches));
-  EXPECT_LE(relative_gap(torch::cat(outs, 1), full), 1e-4);
-  EXPECT_GE(cache.capacity, L);
+  for (const Case& cs : {Case{"t5", {{"num_buckets", "8"}, {"max_distance", "12"}}}, Case{"fox", {}}}) {
+    SCOPED_TRACE(cs.pe);  // fox: the forget gate's per-key terms move with the keys
+    auto m = make_model(config(cs.pe, cs.opts));
+    torch::NoGradGuard no_grad;
+    auto seq = random_tokens(L, 61, 9);
+    auto full = m->forward(seq);
+    Decoder dec(m);
+    ASSERT_EQ(dec.path(), DecodePath::fast) << dec.fallback_reason();
+    auto cache = dec.new_cache();
+    std::vector<DecodeCache*> caches{&cache};
+    std::vector<torch::Tensor> outs{dec.forward(seq.narrow(1, 0, 60), caches)};
+    for (int64_t t = 60; t < L; ++t) outs.push_back(dec.forward(seq.narrow(1, t, 1), caches));
+    EXPECT_LE(relative_gap(torch::cat(outs, 1), full), 1e-4);
+    EXPECT_GE(cache.capacity, L);
+  }
 }
 
 // 16 sequences with prompts of 1..31 tokens, each prefilled alone, then 6 batched one-token steps: every
 // row equals the same sequence decoded alone (1e-5), and the fast batch equals the reference batch.
 TEST(FastDecode, RaggedBatchEqualsEachSequenceAlone) {
   const int64_t B = 16, steps = 6;
-  for (const std::string pe : {"rope", "alibi"}) {
+  for (const std::string pe : {"rope", "alibi", "fox"}) {
     SCOPED_TRACE(pe);
     auto m = make_model(config(pe));
     torch::NoGradGuard no_grad;
@@ -198,7 +203,6 @@ TEST(FastDecode, FallsBackAndSaysWhy) {
     std::string why;
   };
   const std::vector<Fallback> all = {
-      {{"fox", {}}, false, "contextual"},
       {{"grape-ap", {}}, false, "contextual"},
       {{"grape-m-ctx", {}}, false, "contextual"},
       {{"grape-a-qk", {}}, false, "no positional form"},
@@ -227,7 +231,7 @@ TEST(FastDecode, FallsBackAndSaysWhy) {
     EXPECT_NE(reason.find(f.why), std::string::npos) << reason;
   }
   // The fallback still decodes exactly.
-  auto m = make_model(config("fox"));
+  auto m = make_model(config("grape-ap"));
   torch::NoGradGuard no_grad;
   auto seq = random_tokens(12, 61, 2);
   Decoder dec(m);

@@ -29,6 +29,10 @@ struct DecodeCache {
   int64_t length = 0;                    // tokens consumed
   SequenceCache reference;               // the reference path's cache
   std::vector<std::vector<float>> k, v;  // the fast path's: per layer [H][capacity][D]
+  // and, per layer with a forget gate (FoX; else empty), each key's bias term [H][capacity] and the running
+  // sum of its log gates per head [H]
+  std::vector<std::vector<float>> key_b;
+  std::vector<std::vector<double>> gate_sum;
   int64_t capacity = 0;
   uint64_t owner = 0;  // the id of the Decoder that made it
 };

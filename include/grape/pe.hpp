@@ -139,6 +139,10 @@ struct PositionalForm {
   double sign = 1.0;         // orientation, as rotate_pairs takes it
   double mscale = 1.0;       // YaRN's / LongRoPE's factor on the rotated q and k
   torch::Tensor slope;       // [H] float32 (linear bias only)
+  // FoX's forget gate, the one input-dependent bias the engine runs: bias(i, j) = c_i - c_j with
+  // c_t = sum_{l <= t} logsigmoid(gate_w[h] . x_l + gate_b[h]), x the layer's normalised input; undefined
+  // when absent.
+  torch::Tensor gate_w, gate_b;  // [H, C], [H] float32
 };
 
 // Base class of every encoding. Subclasses register their learnable parameters as usual.
@@ -187,9 +191,10 @@ class Encoding : public torch::nn::Module {
   // The state after the MLP, whose output (before the residual) is y [B,T,C]. Default: E.
   virtual torch::Tensor stream_after_mlp(const torch::Tensor& E, const torch::Tensor& y) const;
 
-  // Its PositionalForm, or nullopt (the default) when encode reads more than positions (x, a stream, q or k
-  // themselves), the spectrum moves with the length, or the form is not implemented: the decode engine then
-  // falls back to the reference path. The form must give what encode and bias_terms give.
+  // Its PositionalForm, or nullopt (the default) when encode reads more than positions (x other than through
+  // a forget gate, a stream, q or k themselves), the spectrum moves with the length, or the form is not
+  // implemented: the decode engine then falls back to the reference path. The form must give what encode and
+  // bias_terms give.
   virtual std::optional<PositionalForm> positional_form() const;
 
   // One line per learnable parameter with its actual shape, for `grape encodings NAME`.

@@ -37,9 +37,10 @@ std::map<std::string, torch::Tensor> parameters_by_name(const Transformer& model
 std::string encoding_unsupported(const Encoding& pe) {
   const Properties p = pe.properties();
   const std::string name = "the encoding '" + pe.name() + "'";
-  if (p.contextual) return name + " reads the layer input x (contextual)";
-  if (p.reads_stream || p.updates_stream) return name + " carries a position stream through the layers";
   const auto form = pe.positional_form();
+  const bool gate = form && form->gate_w.defined();  // FoX: reads x only through its forget gate
+  if (p.contextual && !gate) return name + " reads the layer input x (contextual)";
+  if (p.reads_stream || p.updates_stream) return name + " carries a position stream through the layers";
   if (!form) return name + " has no positional form (its encode reads more than positions)";
   switch (p.kernel_bias) {
     case KernelBias::none:
@@ -47,7 +48,10 @@ std::string encoding_unsupported(const Encoding& pe) {
     case KernelBias::distance_table:
       return "";
     case KernelBias::linear:
-      return form->slope.defined() ? "" : name + " has a linear bias that is not a per-head slope";
+      return form->slope.defined() || gate ? ""
+                                           : name +
+                                                 " has a linear bias that is neither a per-head slope nor a "
+                                                 "forget gate";
     default:
       return name + " has a " + to_string(p.kernel_bias) + " bias";
   }
@@ -153,8 +157,12 @@ Decoder::Decoder(Transformer model, DecodePath requested)
     m.layers.push_back(layer);
   }
   // The slopes point into the stored forms' tensors.
-  for (size_t l = 0; l < m.layers.size(); ++l)
-    if (engine_->forms[l].slope.defined()) m.layers[l].slope = engine_->forms[l].slope.data_ptr<float>();
+  for (size_t l = 0; l < m.layers.size(); ++l) {
+    const auto& form = engine_->forms[l];
+    if (form.slope.defined()) m.layers[l].slope = form.slope.data_ptr<float>();
+    if (form.gate_w.defined())  // the gate's parameters, read in place
+      m.layers[l].gate_w = form.gate_w.data_ptr<float>(), m.layers[l].gate_b = form.gate_b.data_ptr<float>();
+  }
   engine_->cos.resize(m.layers.size()), engine_->sin.resize(m.layers.size());
   engine_->dist.resize(m.layers.size());
   engine_->cover(1);
@@ -168,8 +176,13 @@ DecodeCache Decoder::new_cache() const {
   if (path_ == DecodePath::reference) {
     cache.reference = model_->new_cache();
   } else {
-    cache.k.resize(engine_->model.layers.size());
-    cache.v.resize(engine_->model.layers.size());
+    const auto& layers = engine_->model.layers;
+    cache.k.resize(layers.size());
+    cache.v.resize(layers.size());
+    cache.key_b.resize(layers.size());
+    cache.gate_sum.resize(layers.size());
+    for (size_t l = 0; l < layers.size(); ++l)
+      if (layers[l].gate_w) cache.gate_sum[l].assign(size_t(engine_->model.H), 0.0);
   }
   return cache;
 }
@@ -223,6 +236,14 @@ torch::Tensor Decoder::forward(const torch::Tensor& tokens, const std::vector<De
             std::copy_n(buf->data() + h * cache.capacity * D, cache.length * D, grown.data() + h * cap * D);
           buf->swap(grown);
         }
+      for (size_t l = 0; l < cache.key_b.size(); ++l) {  // the forget gate's per-key terms, [H][capacity]
+        if (cache.gate_sum[l].empty()) continue;         // no gate in this layer
+        auto& terms = cache.key_b[l];
+        std::vector<float> grown(size_t(H * cap));
+        for (int64_t h = 0; h < H && !terms.empty(); ++h)
+          std::copy_n(terms.data() + h * cache.capacity, cache.length, grown.data() + h * cap);
+        terms.swap(grown);
+      }
       cache.capacity = cap;
     }
     auto& row = rows[size_t(b)];
@@ -230,6 +251,9 @@ torch::Tensor Decoder::forward(const torch::Tensor& tokens, const std::vector<De
     for (size_t l = 0; l < cache.k.size(); ++l) {
       row.k.push_back(cache.k[l].data());
       row.v.push_back(cache.v[l].data());
+      const bool gated = !cache.gate_sum[l].empty();
+      row.key_b.push_back(gated ? cache.key_b[l].data() : nullptr);
+      row.gate_sum.push_back(gated ? cache.gate_sum[l].data() : nullptr);
     }
   }
   e.cover(longest);

@@ -24,6 +24,12 @@ class FoX : public Encoding {
     p.kernel_bias = KernelBias::linear;
     return p;
   }
+  std::optional<PositionalForm> positional_form() const override {
+    PositionalForm f;  // the decode engine computes c_t itself from the gate's weights
+    f.gate_w = w_;
+    f.gate_b = b_;
+    return f;
+  }
   PeState initial_state(int64_t batch, int64_t offset) const override {
     auto st = Encoding::initial_state(batch, offset);
     running_sum(st, "c", batch, shape_.heads, name_);

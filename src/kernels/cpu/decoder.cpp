@@ -203,6 +203,10 @@ void decoder_forward(const DecoderModel& m, const std::vector<DecoderRow>& rows,
     const auto& r = rows[b];
     require(r.T >= 1 && r.tokens && r.length >= 0 && r.capacity >= r.length + r.T, "a row without room");
     require(r.k.size() == m.layers.size() && r.v.size() == m.layers.size(), "a row's cache has other layers");
+    for (size_t li = 0; li < m.layers.size(); ++li)
+      require(!m.layers[li].gate_w || (r.key_b.size() == m.layers.size() &&
+                                       r.gate_sum.size() == m.layers.size() && r.key_b[li] && r.gate_sum[li]),
+              "a row's cache lacks the forget gate's terms");
     start[b + 1] = start[b] + r.T;
     maxT = std::max(maxT, r.T);
   }
@@ -212,12 +216,12 @@ void decoder_forward(const DecoderModel& m, const std::vector<DecoderRow>& rows,
   };
   grow(ws.x, R * C), grow(ws.xn, R * C), grow(ws.q, R * HD), grow(ws.k, R * HD), grow(ws.v, R * HD);
   grow(ws.qh, R * HD), grow(ws.yh, R * HD), grow(ws.y, R * HD), grow(ws.a, R * F), grow(ws.g, R * F);
-  grow(ws.bias_c, H * maxT), grow(ws.lse, R * H);
+  grow(ws.bias_c, H * maxT), grow(ws.bias_a, R * H), grow(ws.lse, R * H);
   const int64_t pairs = int64_t(rows.size()) * H;  // attention tasks
   const float scale = float(1.0 / std::sqrt(double(D)));
   float *x = ws.x.data(), *xn = ws.xn.data(), *q = ws.q.data(), *k = ws.k.data(), *v = ws.v.data();
   float *qh = ws.qh.data(), *yh = ws.yh.data(), *y = ws.y.data(), *a = ws.a.data(), *g = ws.g.data();
-  float *bias_c = ws.bias_c.data(), *lse = ws.lse.data();
+  float *bias_c = ws.bias_c.data(), *bias_a = ws.bias_a.data(), *lse = ws.lse.data();
   // The sequence and step of each new row.
   std::vector<int64_t> seq_of(size_t(R), 0);
   for (size_t b = 0; b < rows.size(); ++b)
@@ -242,6 +246,23 @@ void decoder_forward(const DecoderModel& m, const std::vector<DecoderRow>& rows,
         for (int64_t i = 0; i < H * maxT; ++i) bias_c[i] = l.slope[i / maxT];
       }
 #pragma omp barrier
+      if (l.gate_w) {  // the forget gate's running sum, in order along each sequence: a per query, b per key
+#pragma omp for
+        for (int64_t bh = 0; bh < pairs; ++bh) {
+          const int64_t b = bh / H, h = bh % H;
+          const auto& row = rows[size_t(b)];
+          double c = row.gate_sum[li][h];
+          for (int64_t t = 0; t < row.T; ++t) {
+            const float* xr = xn + (start[size_t(b)] + t) * C;
+            double z = l.gate_b[h];
+            for (int64_t i = 0; i < C; ++i) z += double(l.gate_w[h * C + i]) * double(xr[i]);
+            c += z >= 0 ? -std::log1p(std::exp(-z)) : z - std::log1p(std::exp(z));  // logsigmoid(z)
+            bias_a[start[size_t(b)] * H + h * row.T + t] = float(c);
+            row.key_b[li][h * row.capacity + row.length + t] = float(-c);
+          }
+          row.gate_sum[li][h] = c;
+        }
+      }
       // Encode q and k per (row, head); q to [H][T][D] per sequence, k and v into the cache.
 #pragma omp for
       for (int64_t rh = 0; rh < R * H; ++rh) {
@@ -267,6 +288,7 @@ void decoder_forward(const DecoderModel& m, const std::vector<DecoderRow>& rows,
         p.k = row.k[li] + h * row.capacity * D;
         p.v = row.v[li] + h * row.capacity * D;
         if (l.slope) p.bias.c = bias_c + h * maxT;
+        if (l.gate_w) p.bias.a = bias_a + base, p.bias.b = row.key_b[li] + h * row.capacity;
         if (l.dist) p.bias.dist = l.dist + h * l.W, p.bias.W = l.W;
         p.out = yh + base * D;
         p.lse = lse + base;

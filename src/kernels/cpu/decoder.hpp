@@ -40,6 +40,9 @@ struct DecoderLayer {
   const float* slope = nullptr;
   const float* dist = nullptr;
   int64_t W = 0;
+  // FoX's forget gate: bias c_i - c_j, c_t = sum_{l <= t} logsigmoid(gate_w[h] . x̂_l + gate_b[h]), x̂ the
+  // normalised layer input; gate_w [H, C], gate_b [H]. Null: absent.
+  const float *gate_w = nullptr, *gate_b = nullptr;
 };
 
 struct DecoderModel {
@@ -57,11 +60,15 @@ struct DecoderRow {
   int64_t length = 0;        // tokens already cached
   int64_t capacity = 0;      // positions the cache buffers hold: >= length + T
   std::vector<float*> k, v;  // per layer [H][capacity][D]
+  // Per layer with a forget gate (else null): each key's bias term -c_j [H][capacity], and c of the last
+  // cached token per head [H] (float64, advanced by the pass: the sum grows like -0.7 t).
+  std::vector<float*> key_b;
+  std::vector<double*> gate_sum;
 };
 
 // Scratch buffers reused across passes (grown as needed).
 struct DecoderWorkspace {
-  std::vector<float> x, xn, q, k, v, qh, yh, y, a, g, bias_c, lse;
+  std::vector<float> x, xn, q, k, v, qh, yh, y, a, g, bias_c, bias_a, lse;
 };
 
 // Runs the new tokens of every row through the model, writes their keys and values into the rows' caches
