@@ -5,8 +5,8 @@ set key outside right top
 set logscale x 2
 set xlabel 'evaluation context (tokens)'
 set ylabel 'validation perplexity'
-plot 'ppl_rope.dat' using 1:2 with linespoints lw 2 pt 7 title 'rope', \
-     'ppl_alibi.dat' using 1:2 with linespoints lw 2 pt 7 title 'alibi', \
-     'ppl_fox.dat' using 1:2 with linespoints lw 2 pt 7 title 'fox', \
-     'ppl_grape-m.dat' using 1:2 with linespoints lw 2 pt 7 title 'grape-m', \
-     'ppl_grape-ap.dat' using 1:2 with linespoints lw 2 pt 7 title 'grape-ap'
+plot 'ppl_rope.dat' using 1:2 with linespoints lw 2 pt 7 lc 1 title 'rope', \
+     'ppl_alibi.dat' using 1:2 with linespoints lw 2 pt 7 lc 2 title 'alibi', \
+     'ppl_fox.dat' using 1:2 with linespoints lw 2 pt 7 lc 3 title 'fox', \
+     'ppl_grape-m.dat' using 1:2 with linespoints lw 2 pt 7 lc 4 title 'grape-m', \
+     'ppl_grape-ap.dat' using 1:2 with linespoints lw 2 pt 7 lc 5 title 'grape-ap'
