@@ -12,6 +12,7 @@
 #include <string>
 
 #include "kernels/cpu/attention.hpp"
+#include "kernels/cpu/rmsnorm.hpp"
 #include "kernels/cpu/simd_math.hpp"
 #include "kernels/cpu/tile.hpp"
 
@@ -145,14 +146,6 @@ void linear_shared(const float* x, int64_t R, int64_t K, const float* W, int64_t
   linear_part<true>(x, R, K, W, N, y, std::min(N, b0 * kRowsW), std::min(N, b1 * kRowsW));
 }
 
-// out = x / sqrt(mean(x^2) + eps) * gain over n values (out may be x).
-void rms_norm(const float* x, const float* gain, int64_t n, float eps, float* out) {
-  double ss = 0;
-  for (int64_t i = 0; i < n; ++i) ss += double(x[i]) * double(x[i]);
-  const float inv = float(1.0 / std::sqrt(ss / double(n) + double(eps)));
-  for (int64_t i = 0; i < n; ++i) out[i] = x[i] * inv * gain[i];
-}
-
 // Rotation and YaRN's factor of one head's q or k (D values) at position pos, in place.
 void rotate_head(const DecoderLayer& l, int64_t h, int64_t pos, int64_t D, float* x) {
   if (!l.cos) return;
@@ -172,9 +165,9 @@ void rotate_head(const DecoderLayer& l, int64_t h, int64_t pos, int64_t D, float
 // comes first, or last with norm_after_rotation (the model's qk_norm order).
 void encode_head(const DecoderLayer& l, const float* gain, int64_t h, int64_t pos, int64_t D, float eps,
                  float* x) {
-  if (gain && !l.norm_after_rotation) rms_norm(x, gain, D, eps, x);
+  if (gain && !l.norm_after_rotation) rmsnorm_row(x, gain, D, eps, x);
   rotate_head(l, h, pos, D, x);
-  if (gain && l.norm_after_rotation) rms_norm(x, gain, D, eps, x);
+  if (gain && l.norm_after_rotation) rmsnorm_row(x, gain, D, eps, x);
 }
 
 void require(bool ok, const std::string& what) {
@@ -237,7 +230,7 @@ void decoder_forward(const DecoderModel& m, const std::vector<DecoderRow>& rows,
     for (size_t li = 0; li < m.layers.size(); ++li) {
       const DecoderLayer& l = m.layers[li];
 #pragma omp for
-      for (int64_t r = 0; r < R; ++r) rms_norm(x + r * C, l.norm1, C, m.eps, xn + r * C);
+      for (int64_t r = 0; r < R; ++r) rmsnorm_row(x + r * C, l.norm1, C, m.eps, xn + r * C);
       linear_shared(xn, R, C, l.wq, HD, q);
       linear_shared(xn, R, C, l.wk, HD, k);
       linear_shared(xn, R, C, l.wv, HD, v);
@@ -309,7 +302,7 @@ void decoder_forward(const DecoderModel& m, const std::vector<DecoderRow>& rows,
 #pragma omp for
       for (int64_t r = 0; r < R; ++r) {
         for (int64_t c = 0; c < C; ++c) x[r * C + c] += xn[r * C + c];  // h = x + attention
-        rms_norm(x + r * C, l.norm2, C, m.eps, xn + r * C);
+        rmsnorm_row(x + r * C, l.norm2, C, m.eps, xn + r * C);
       }
       linear_shared(xn, R, C, l.w1, F, a);
       linear_shared(xn, R, C, l.w2, F, g);
@@ -322,7 +315,7 @@ void decoder_forward(const DecoderModel& m, const std::vector<DecoderRow>& rows,
       for (int64_t i = 0; i < R * C; ++i) x[i] += xn[i];
     }
 #pragma omp for
-    for (int64_t r = 0; r < R; ++r) rms_norm(x + r * C, m.norm_f, C, m.eps, xn + r * C);
+    for (int64_t r = 0; r < R; ++r) rmsnorm_row(x + r * C, m.norm_f, C, m.eps, xn + r * C);
     linear_shared(xn, R, C, m.wte, V, logits);  // the tied head
   }
 }

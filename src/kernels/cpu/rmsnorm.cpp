@@ -19,23 +19,24 @@ int threads_for(int64_t floats) {
 
 }  // namespace
 
+float rmsnorm_row(const float* x, const float* w, int64_t n, float eps, float* y) {
+  float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
+  const float inv = 1.0f / std::sqrt(ss / float(n) + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * inv * w[i];
+  return inv;
+}
+
 void rmsnorm_forward(const float* x, const float* w, int64_t rows, int64_t n, float eps, float* y,
                      float* rstd) {
   const int64_t blocks = (rows + kRowBlock - 1) / kRowBlock;
   const int nt = threads_for(rows * n);
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
   for (int64_t b = 0; b < blocks; ++b) {
-    for (int64_t r = b * kRowBlock; r < std::min(rows, (b + 1) * kRowBlock); ++r) {
-      const float* xr = x + r * n;
-      float* yr = y + r * n;
-      float ss = 0.0f;
-#pragma omp simd reduction(+ : ss)
-      for (int64_t i = 0; i < n; ++i) ss += xr[i] * xr[i];
-      const float inv = 1.0f / std::sqrt(ss / float(n) + eps);
-      rstd[r] = inv;
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) yr[i] = xr[i] * inv * w[i];
-    }
+    for (int64_t r = b * kRowBlock; r < std::min(rows, (b + 1) * kRowBlock); ++r)
+      rstd[r] = rmsnorm_row(x + r * n, w, n, eps, y + r * n);
   }
 }
 

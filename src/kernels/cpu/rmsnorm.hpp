@@ -7,6 +7,10 @@
 
 namespace grape::kernels::cpu {
 
+// One row of n on the calling thread (for callers inside their own parallel region, as the decoder): y = x *
+// r * w, r = 1 / sqrt(mean(x^2) + eps), returned. y may be x.
+float rmsnorm_row(const float* x, const float* w, int64_t n, float eps, float* y);
+
 // y = x * r * w per row of n, r = 1 / sqrt(mean(x^2) + eps); rstd[row] = r (the backward reads it).
 void rmsnorm_forward(const float* x, const float* w, int64_t rows, int64_t n, float eps, float* y,
                      float* rstd);
