@@ -280,6 +280,37 @@ def copy_bandwidth(floats, repeat):
     return 2.0 * 4 * floats / best
 
 
+def step_gemms(model, tokens):
+    """The matrix products of one training step of `model` over `tokens` = batch x context rows: for every matrix
+    weight W [N, K] (the linear layers and the tied head, which the embedding gather does not multiply) the
+    forward y = x W^T and the backward dX = dY W and dW = dY^T X, as (M, K, N, transpose_a, transpose_b)."""
+    out = []
+    for p in model.parameters():
+        if p.dim() == 2 and p.size(0) * p.size(1) > 0:
+            N, K = p.shape
+            out += [(tokens, K, N, False, True), (tokens, N, K, False, False), (N, tokens, K, True, False)]
+    return out
+
+
+def gemm_floor_tokens_per_s(model, batch, context, repeat):
+    """Tokens/s of a training step that did nothing but its matrix products (step_gemms), each timed alone at the
+    step's shapes through the same sgemm (best of `repeat`): no implementation built on that sgemm trains faster,
+    so floor / eager bounds the training ratio an fp32 model can reach against eager (docs/performance.md)."""
+    total = 0.0
+    for M, K, N, ta, tb in step_gemms(model, batch * context):
+        a = torch.randn(K, M).t() if ta else torch.randn(M, K)
+        b = torch.randn(N, K).t() if tb else torch.randn(K, N)
+        c = torch.empty(M, N)
+        torch.mm(a, b, out=c)
+        best = float("inf")
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            torch.mm(a, b, out=c)
+            best = min(best, time.perf_counter() - t0)
+        total += best
+    return batch * context / total
+
+
 def eager_train_tokens_per_s(model, batch, context, steps):
     """Forward, backward, clip_grad_norm_(1.0), AdamW (grape's settings: decay on matrices only)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -367,6 +398,8 @@ def measure_case(a, cli, preset, pe):
     flops_per_token = 6.0 * N + 6.0 * L * C * context  # 6N + causal attention (half of 12 L C T)
     row.update(train_eager=et, train_grape=gt, train_ratio=gt / et, flops_per_token=flops_per_token,
                train_eager_of_sgemm=et * flops_per_token / a.sgemm, train_grape_of_sgemm=gt * flops_per_token / a.sgemm)
+    floor = gemm_floor_tokens_per_s(model, batch, context, 2 if a.quick else 5)
+    row.update(train_gemm_floor=floor, train_ratio_ceiling=floor / et, train_grape_of_floor=gt / floor)
     # Decode, batch 1 and the ragged batch.
     _, model = eager_like_grape(preset, pe)  # fresh weights: the training above moved them
     model.eval()
@@ -393,14 +426,15 @@ def table(rows, a):
     out = [f"threads {a.threads} (both sides); sgemm {a.sgemm / 1e9:.1f} GFLOP/s (n={a.sgemm_n}); copy "
            f"{a.copy_bw / 1e9:.2f} GB/s (read+write); train steps {a.steps}, decode tokens {a.tokens}, best of "
            f"{a.rounds}", "",
-           "| preset | pe | train tok/s eager | grape | ratio | eager % sgemm | grape % sgemm | decode b1 eager | "
+           "| preset | pe | train tok/s eager | grape | ratio | eager % sgemm | grape % sgemm | GEMM-only tok/s | "
+           "ratio ceiling | decode b1 eager | "
            f"grape | ratio | MB/token | grape % bound | b{a.decode_batch} ragged eager | grape | grape b{a.decode_batch}/b1 |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         out.append(
             f"| {r['preset']} | {r['pe']} | {r['train_eager']:.0f} | {r['train_grape']:.0f} | "
             f"{r['train_ratio']:.2f}x | {100 * r['train_eager_of_sgemm']:.0f}% | {100 * r['train_grape_of_sgemm']:.0f}% "
-            f"| {r['decode1_eager']:.0f} | {r['decode1_grape']:.0f} | {r['decode1_ratio']:.2f}x | "
+            f"| {r['train_gemm_floor']:.0f} | {r['train_ratio_ceiling']:.2f}x | {r['decode1_eager']:.0f} | {r['decode1_grape']:.0f} | {r['decode1_ratio']:.2f}x | "
             f"{r['decode_bytes_per_token'] / 1e6:.2f} | {100 * r['decode1_grape_of_bound']:.0f}% | "
             f"{r['decode_ragged_eager']:.0f} | {r['decode_ragged_grape']:.0f} | {r['decode_ragged_over_1_grape']:.2f}x |")
     return "\n".join(out)

@@ -68,3 +68,16 @@ def test_alibi_slopes_are_grapes():  # GRAPE-AP's fixed slopes; 6 heads is not a
         # q = k = 0: the logits of query 2 are the bias alone, -slope * (2 - j).
         w = torch.softmax(-s.view(heads, 1) * torch.tensor([2.0, 1.0, 0.0]), dim=-1)
         assert rel_err(y[0, 2, :, :3], w) <= 1e-6
+
+
+def test_step_gemms_are_the_linear_layers_and_the_tied_head_each_three_times():
+    _, e = bench_model.eager_like_grape("tiny", "rope", **SMALL)
+    C, L, V = SMALL["n_embd"], SMALL["n_layer"], 257
+    hidden = 8 * C // 3
+    gemms = bench_model.step_gemms(e, 5)
+    assert len(gemms) == 3 * (7 * L + 1)
+    # forward + two backward products: 3 x 2 x rows x (every matrix weight, the head once) = the 6N of a step.
+    matrix_weights = L * (4 * C * C + 3 * C * hidden) + V * C
+    assert sum(2 * M * K * N for M, K, N, _, _ in gemms) == 6 * 5 * matrix_weights
+    floor = bench_model.gemm_floor_tokens_per_s(e, 2, 8, 1)
+    assert 0 < floor < float("inf")
