@@ -47,23 +47,42 @@ GRAPE_SIMD void dot_block_portable(const float* const* w, const float* const* x,
 }
 
 #if defined(__AVX512F__)
+// y[j * y_stride + i] = w_i . x_j for NW rows of W and NX <= kRowsX rows of x: the
+// 16 dot products run in 16 registers over K and are summed by one tree (sums16). While it runs, it
+// prefetches the lines of W that the next block (rows next, next + K, ...; null: none) reads at the same k,
+// in its rows pf_row, pf_row + pf_step, ..., so that streaming W from L3 overlaps the products (each weight
+// line feeds R vector FMAs: at R = 16 only 8 cycles' worth).
 template <int NW, int NX>
-inline void dot_block_simd(const float* const* w, const float* const* x, int64_t K, float* y,
-                           int64_t y_stride) {
-  __m512 acc[NW][NX];
-  for (int i = 0; i < NW; ++i)
-    for (int j = 0; j < NX; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) {
-    const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);  // masked tail
+GRAPE_INLINE void dot_block_simd(const float* const* w, const float* const* x, int64_t K, float* y,
+                                 int64_t y_stride, const float* next, int64_t pf_row, int64_t pf_step) {
+  static_assert(NW * NX <= 16);
+  __m512 acc[16];
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    if (next)
+      for (int64_t i = pf_row; i < NW; i += pf_step)
+        _mm_prefetch(reinterpret_cast<const char*>(next + i * K + k), _MM_HINT_T0);
+    __m512 xv[NX];
+    for (int j = 0; j < NX; ++j) xv[j] = _mm512_loadu_ps(x[j] + k);
+    for (int i = 0; i < NW; ++i) {
+      const __m512 wv = _mm512_loadu_ps(w[i] + k);
+      for (int j = 0; j < NX; ++j) acc[i * NX + j] = _mm512_fmadd_ps(wv, xv[j], acc[i * NX + j]);
+    }
+  }
+  if (k < K) {  // masked tail
+    const __mmask16 m = __mmask16((1u << (K - k)) - 1);
     __m512 xv[NX];
     for (int j = 0; j < NX; ++j) xv[j] = _mm512_maskz_loadu_ps(m, x[j] + k);
     for (int i = 0; i < NW; ++i) {
       const __m512 wv = _mm512_maskz_loadu_ps(m, w[i] + k);
-      for (int j = 0; j < NX; ++j) acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
+      for (int j = 0; j < NX; ++j) acc[i * NX + j] = _mm512_fmadd_ps(wv, xv[j], acc[i * NX + j]);
     }
   }
+  alignas(64) float s[16];
+  _mm512_store_ps(s, sums16(acc));
   for (int i = 0; i < NW; ++i)
-    for (int j = 0; j < NX; ++j) y[j * y_stride + i] = _mm512_reduce_add_ps(acc[i][j]);
+    for (int j = 0; j < NX; ++j) y[j * y_stride + i] = s[i * NX + j];
 }
 #elif defined(__AVX2__)
 inline float hsum256(__m256 v) {
@@ -98,6 +117,11 @@ inline void dot_block_simd(const float* const* w, const float* const* x, int64_t
 template <bool kSimd>
 void linear_part(const float* x, int64_t R, int64_t K, const float* W, int64_t N, float* y, int64_t n0,
                  int64_t n1) {
+#if defined(__AVX512F__)
+  // The passes over x share out the prefetching of the next block's weight rows: pass p takes rows p,
+  // p + passes, ... (passes beyond kRowsW take none).
+  const int64_t passes = (R + kRowsX - 1) / kRowsX;
+#endif
   for (int64_t n = n0; n < n1; n += kRowsW) {
     const int64_t nw = std::min(kRowsW, n1 - n);
     const float* w[kRowsW];
@@ -111,7 +135,13 @@ void linear_part(const float* x, int64_t R, int64_t K, const float* W, int64_t N
       // rows and keeps only its part, so one instantiation per x-row count suffices.
       auto run = [&](auto nx_const) {
         constexpr int NX = decltype(nx_const)::value;
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX512F__)
+        if constexpr (kSimd) {
+          const int64_t pass = r / kRowsX;
+          const float* next = n + 2 * kRowsW <= n1 && pass < kRowsW ? W + (n + kRowsW) * K : nullptr;
+          dot_block_simd<kRowsW, NX>(w, xs, K, out, kRowsW, next, pass, passes);
+        } else
+#elif defined(__AVX2__)
         if constexpr (kSimd)
           dot_block_simd<kRowsW, NX>(w, xs, K, out, kRowsW);
         else
