@@ -39,6 +39,35 @@ TEST(DecoderLinear, SimdAndPortableEqualFloat64Product) {
       }
 }
 
+// The batched products' layout: W packed into panels of kPanel rows; the dispatched and the portable kernel
+// equal a float64 product for every row-block size (8, 4, 2, 1 and their sums) and panel tail.
+TEST(DecoderLinear, PanelsEqualFloat64Product) {
+  std::mt19937 rng(6);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (int64_t K : {1, 7, 37, 384})
+    for (int64_t N : {1, 13, 32, 64, 259})
+      for (int64_t R : {1, 2, 3, 4, 5, 7, 9, 15, 16, 17}) {
+        SCOPED_TRACE(testing::Message() << "K=" << K << " N=" << N << " R=" << R);
+        std::vector<float> x(size_t(R * K)), W(size_t(N * K));
+        for (auto& v : x) v = nd(rng);
+        for (auto& v : W) v = nd(rng);
+        const std::vector<float> panels = pack_panels(W.data(), N, K);
+        ASSERT_EQ(int64_t(panels.size()), (N + kPanel - 1) / kPanel * kPanel * K);
+        std::vector<float> fast(size_t(R * N), -1.0f), portable(size_t(R * N), -1.0f);
+        linear_rows_panels(x.data(), R, K, panels.data(), N, fast.data());
+        linear_rows_panels_portable(x.data(), R, K, panels.data(), N, portable.data());
+        for (int64_t r = 0; r < R; ++r)
+          for (int64_t n = 0; n < N; ++n) {
+            double want = 0;
+            for (int64_t k = 0; k < K; ++k)
+              want += double(x[size_t(r * K + k)]) * double(W[size_t(n * K + k)]);
+            const double tol = 1e-5 * std::sqrt(double(K)) * 4;
+            ASSERT_NEAR(fast[size_t(r * N + n)], want, tol) << "r=" << r << " n=" << n;
+            ASSERT_NEAR(portable[size_t(r * N + n)], want, tol) << "r=" << r << " n=" << n;
+          }
+      }
+}
+
 // Each row of a batched product equals, to the bit, that row's product alone: the batched decode's rows are
 // exactly the sequences decoded alone.
 TEST(DecoderLinear, ABatchedRowEqualsThatRowAloneToTheBit) {
