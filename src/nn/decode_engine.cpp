@@ -85,7 +85,14 @@ struct Decoder::Engine {
   std::vector<std::vector<float>> cos, sin, dist;  // per layer: [positions][G][P], [H][W]
   int64_t positions = 0;                           // the rotation tables cover positions < this
   int64_t width = 0;                               // the distance tables cover distances < this
+  std::vector<std::vector<float>> panels;          // the matrices in kc::pack_panels' layout (a batch's)
   kc::DecoderWorkspace ws;
+
+  // The panels of W [N, K], kept here.
+  const float* pack(const float* W, int64_t N, int64_t K) {
+    panels.push_back(kc::pack_panels(W, N, K));
+    return panels.back().data();
+  }
 
   // Tables covering every position < n (grown to at least double, so that growing is rare).
   void cover(int64_t n) {
@@ -163,6 +170,16 @@ Decoder::Decoder(Transformer model, DecodePath requested)
     if (form.gate_w.defined())  // the gate's parameters, read in place
       m.layers[l].gate_w = form.gate_w.data_ptr<float>(), m.layers[l].gate_b = form.gate_b.data_ptr<float>();
   }
+  // A copy of every matrix as panels for batched passes (as much memory again as the weights; batch 1 reads
+  // the model's own row-major weights).
+  const int64_t C = m.C, HD = m.H * m.D, F = m.hidden;
+  for (auto& l : m.layers) {
+    l.panels.wq = engine_->pack(l.wq, HD, C), l.panels.wk = engine_->pack(l.wk, HD, C);
+    l.panels.wv = engine_->pack(l.wv, HD, C), l.panels.wo = engine_->pack(l.wo, C, HD);
+    l.panels.w1 = engine_->pack(l.w1, F, C), l.panels.w2 = engine_->pack(l.w2, F, C);
+    l.panels.w_out = engine_->pack(l.w_out, C, F);
+  }
+  m.wte_panels = engine_->pack(m.wte, m.vocab, C);
   engine_->cos.resize(m.layers.size()), engine_->sin.resize(m.layers.size());
   engine_->dist.resize(m.layers.size());
   engine_->cover(1);

@@ -47,23 +47,42 @@ GRAPE_SIMD void dot_block_portable(const float* const* w, const float* const* x,
 }
 
 #if defined(__AVX512F__)
+// y[j * y_stride + i] = w_i . x_j for NW rows of W and NX <= kRowsX rows of x: the
+// 16 dot products run in 16 registers over K and are summed by one tree (sums16). While it runs, it
+// prefetches the lines of W that the next block (rows next, next + K, ...; null: none) reads at the same k,
+// in its rows pf_row, pf_row + pf_step, ..., so that streaming W from L3 overlaps the products (each weight
+// line feeds R vector FMAs: at R = 16 only 8 cycles' worth).
 template <int NW, int NX>
-inline void dot_block_simd(const float* const* w, const float* const* x, int64_t K, float* y,
-                           int64_t y_stride) {
-  __m512 acc[NW][NX];
-  for (int i = 0; i < NW; ++i)
-    for (int j = 0; j < NX; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) {
-    const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);  // masked tail
+GRAPE_INLINE void dot_block_simd(const float* const* w, const float* const* x, int64_t K, float* y,
+                                 int64_t y_stride, const float* next, int64_t pf_row, int64_t pf_step) {
+  static_assert(NW * NX <= 16);
+  __m512 acc[16];
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    if (next)
+      for (int64_t i = pf_row; i < NW; i += pf_step)
+        _mm_prefetch(reinterpret_cast<const char*>(next + i * K + k), _MM_HINT_T0);
+    __m512 xv[NX];
+    for (int j = 0; j < NX; ++j) xv[j] = _mm512_loadu_ps(x[j] + k);
+    for (int i = 0; i < NW; ++i) {
+      const __m512 wv = _mm512_loadu_ps(w[i] + k);
+      for (int j = 0; j < NX; ++j) acc[i * NX + j] = _mm512_fmadd_ps(wv, xv[j], acc[i * NX + j]);
+    }
+  }
+  if (k < K) {  // masked tail
+    const __mmask16 m = __mmask16((1u << (K - k)) - 1);
     __m512 xv[NX];
     for (int j = 0; j < NX; ++j) xv[j] = _mm512_maskz_loadu_ps(m, x[j] + k);
     for (int i = 0; i < NW; ++i) {
       const __m512 wv = _mm512_maskz_loadu_ps(m, w[i] + k);
-      for (int j = 0; j < NX; ++j) acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
+      for (int j = 0; j < NX; ++j) acc[i * NX + j] = _mm512_fmadd_ps(wv, xv[j], acc[i * NX + j]);
     }
   }
+  alignas(64) float s[16];
+  _mm512_store_ps(s, sums16(acc));
   for (int i = 0; i < NW; ++i)
-    for (int j = 0; j < NX; ++j) y[j * y_stride + i] = _mm512_reduce_add_ps(acc[i][j]);
+    for (int j = 0; j < NX; ++j) y[j * y_stride + i] = s[i * NX + j];
 }
 #elif defined(__AVX2__)
 inline float hsum256(__m256 v) {
@@ -98,6 +117,11 @@ inline void dot_block_simd(const float* const* w, const float* const* x, int64_t
 template <bool kSimd>
 void linear_part(const float* x, int64_t R, int64_t K, const float* W, int64_t N, float* y, int64_t n0,
                  int64_t n1) {
+#if defined(__AVX512F__)
+  // The passes over x share out the prefetching of the next block's weight rows: pass p takes rows p,
+  // p + passes, ... (passes beyond kRowsW take none).
+  const int64_t passes = (R + kRowsX - 1) / kRowsX;
+#endif
   for (int64_t n = n0; n < n1; n += kRowsW) {
     const int64_t nw = std::min(kRowsW, n1 - n);
     const float* w[kRowsW];
@@ -111,7 +135,13 @@ void linear_part(const float* x, int64_t R, int64_t K, const float* W, int64_t N
       // rows and keeps only its part, so one instantiation per x-row count suffices.
       auto run = [&](auto nx_const) {
         constexpr int NX = decltype(nx_const)::value;
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX512F__)
+        if constexpr (kSimd) {
+          const int64_t pass = r / kRowsX;
+          const float* next = n + 2 * kRowsW <= n1 && pass < kRowsW ? W + (n + kRowsW) * K : nullptr;
+          dot_block_simd<kRowsW, NX>(w, xs, K, out, kRowsW, next, pass, passes);
+        } else
+#elif defined(__AVX2__)
         if constexpr (kSimd)
           dot_block_simd<kRowsW, NX>(w, xs, K, out, kRowsW);
         else
@@ -138,8 +168,99 @@ void linear_part(const float* x, int64_t R, int64_t K, const float* W, int64_t N
   }
 }
 
+// Rows [p0, p1) of y = x W^T from W's panels: per panel, MR rows of x at a time keep MR x kPanel sums in
+// registers over the whole of k (per k: MR broadcasts of x, one load of the panel's kPanel weights).
+template <int MR>
+GRAPE_SIMD void panel_block_portable(const float* const* x, int64_t K, const float* panel, float* out) {
+  float acc[MR][kPanel] = {};
+  for (int64_t k = 0; k < K; ++k)
+    for (int j = 0; j < MR; ++j) {
+      const float xk = x[j][k];
+#pragma omp simd
+      for (int64_t i = 0; i < kPanel; ++i) acc[j][i] += xk * panel[k * kPanel + i];
+    }
+  for (int j = 0; j < MR; ++j)
+    for (int64_t i = 0; i < kPanel; ++i) out[j * kPanel + i] = acc[j][i];
+}
+
+#if defined(__AVX512F__)
+// As panel_block_portable; meanwhile prefetches `lines` cache lines per k from next on (null: none), so that
+// streaming the weights from L3 overlaps the products.
+template <int MR>
+GRAPE_INLINE void panel_block_simd(const float* const* x, int64_t K, const float* panel, float* out,
+                                   const float* next, int64_t lines) {
+  static_assert(kPanel == 32);
+  __m512 acc[MR][2];
+  for (int j = 0; j < MR; ++j) acc[j][0] = acc[j][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    if (next)
+      for (int64_t l = 0; l < lines; ++l)
+        _mm_prefetch(reinterpret_cast<const char*>(next + (k * lines + l) * 16), _MM_HINT_T0);
+    const __m512 w0 = _mm512_loadu_ps(panel + k * kPanel), w1 = _mm512_loadu_ps(panel + k * kPanel + 16);
+    for (int j = 0; j < MR; ++j) {
+      const __m512 xb = _mm512_set1_ps(x[j][k]);
+      acc[j][0] = _mm512_fmadd_ps(xb, w0, acc[j][0]);
+      acc[j][1] = _mm512_fmadd_ps(xb, w1, acc[j][1]);
+    }
+  }
+  for (int j = 0; j < MR; ++j) {
+    _mm512_storeu_ps(out + j * kPanel, acc[j][0]);
+    _mm512_storeu_ps(out + j * kPanel + 16, acc[j][1]);
+  }
+}
+#endif
+
+// Panels [p0, p1) of y = x W^T, in blocks of 8, 4, 2 or 1 rows of x.
+template <bool kSimd>
+void linear_panels_part(const float* x, int64_t R, int64_t K, const float* panels, int64_t N, float* y,
+                        int64_t p0, int64_t p1) {
+  for (int64_t pn = p0; pn < p1; ++pn) {
+    const float* panel = panels + pn * K * kPanel;
+    const int64_t n = pn * kPanel, nw = std::min(kPanel, N - n);
+    for (int64_t r = 0, block = 0; r < R; ++block) {
+      const int64_t mr = R - r >= 8 ? 8 : R - r >= 4 ? 4 : R - r >= 2 ? 2 : 1;
+      const float* xs[8];
+      for (int64_t j = 0; j < mr; ++j) xs[j] = x + (r + j) * K;
+      alignas(64) float out[8 * kPanel];
+      auto run = [&](auto mr_const) {
+        constexpr int MR = decltype(mr_const)::value;
+#if defined(__AVX512F__)
+        if constexpr (kSimd) {
+          // The next panel (2K lines): the first two blocks fetch half each, or a lone block all of it.
+          const bool lone = mr == R;
+          const float* next = pn + 1 < p1 && block < 2 ? panel + K * kPanel + block * K * 16 : nullptr;
+          panel_block_simd<MR>(xs, K, panel, out, next, lone ? 2 : 1);
+        } else
+#endif
+          panel_block_portable<MR>(xs, K, panel, out);
+      };
+      if (mr == 8)
+        run(std::integral_constant<int, 8>{});
+      else if (mr == 4)
+        run(std::integral_constant<int, 4>{});
+      else if (mr == 2)
+        run(std::integral_constant<int, 2>{});
+      else
+        run(std::integral_constant<int, 1>{});
+      for (int64_t j = 0; j < mr; ++j)
+        for (int64_t i = 0; i < nw; ++i) y[(r + j) * N + n + i] = out[j * kPanel + i];
+      r += mr;
+    }
+  }
+}
+
+// This thread's share of y = x W^T from W's panels inside a parallel region (no barrier).
+void linear_panels_shared(const float* x, int64_t R, int64_t K, const float* panels, int64_t N, float* y) {
+  const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+  const int64_t n_panels = (N + kPanel - 1) / kPanel;
+  linear_panels_part<true>(x, R, K, panels, N, y, n_panels * t / nt, n_panels * (t + 1) / nt);
+}
+
 // This thread's share of y = x W^T inside a parallel region (no barrier: the caller places it).
-void linear_shared(const float* x, int64_t R, int64_t K, const float* W, int64_t N, float* y) {
+// With the matrix's panels (non-null) and enough rows, from those.
+void linear_shared(const float* x, int64_t R, int64_t K, const float* W, int64_t N, float* y,
+                   const float* panels = nullptr) {
+  if (panels && R >= kPanelMinRows) return linear_panels_shared(x, R, K, panels, N, y);
   const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
   const int64_t blocks = (N + kRowsW - 1) / kRowsW;
   const int64_t b0 = blocks * t / nt, b1 = blocks * (t + 1) / nt;
@@ -183,6 +304,24 @@ void linear_rows(const float* x, int64_t R, int64_t K, const float* W, int64_t N
 
 void linear_rows_portable(const float* x, int64_t R, int64_t K, const float* W, int64_t N, float* y) {
   linear_part<false>(x, R, K, W, N, y, 0, N);
+}
+
+std::vector<float> pack_panels(const float* W, int64_t N, int64_t K) {
+  const int64_t n_panels = (N + kPanel - 1) / kPanel;
+  std::vector<float> out(size_t(n_panels * K * kPanel), 0.0f);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k) out[size_t(((n / kPanel) * K + k) * kPanel + n % kPanel)] = W[n * K + k];
+  return out;
+}
+
+void linear_rows_panels(const float* x, int64_t R, int64_t K, const float* panels, int64_t N, float* y) {
+#pragma omp parallel num_threads(team_size((N + kPanel - 1) / kPanel))
+  linear_panels_shared(x, R, K, panels, N, y);
+}
+
+void linear_rows_panels_portable(const float* x, int64_t R, int64_t K, const float* panels, int64_t N,
+                                 float* y) {
+  linear_panels_part<false>(x, R, K, panels, N, y, 0, (N + kPanel - 1) / kPanel);
 }
 
 void decoder_forward(const DecoderModel& m, const std::vector<DecoderRow>& rows, DecoderWorkspace& ws,
@@ -231,9 +370,9 @@ void decoder_forward(const DecoderModel& m, const std::vector<DecoderRow>& rows,
       const DecoderLayer& l = m.layers[li];
 #pragma omp for
       for (int64_t r = 0; r < R; ++r) rmsnorm_row(x + r * C, l.norm1, C, m.eps, xn + r * C);
-      linear_shared(xn, R, C, l.wq, HD, q);
-      linear_shared(xn, R, C, l.wk, HD, k);
-      linear_shared(xn, R, C, l.wv, HD, v);
+      linear_shared(xn, R, C, l.wq, HD, q, l.panels.wq);
+      linear_shared(xn, R, C, l.wk, HD, k, l.panels.wk);
+      linear_shared(xn, R, C, l.wv, HD, v, l.panels.wv);
       if (l.slope) {
 #pragma omp for nowait
         for (int64_t i = 0; i < H * maxT; ++i) bias_c[i] = l.slope[i / maxT];
@@ -297,26 +436,26 @@ void decoder_forward(const DecoderModel& m, const std::vector<DecoderRow>& rows,
         const int64_t r = rh / H, h = rh % H, b = seq_of[size_t(r)], t = r - start[size_t(b)];
         std::copy_n(yh + (start[size_t(b)] * H + h * rows[size_t(b)].T + t) * D, D, y + r * HD + h * D);
       }
-      linear_shared(y, R, HD, l.wo, C, xn);
+      linear_shared(y, R, HD, l.wo, C, xn, l.panels.wo);
 #pragma omp barrier
 #pragma omp for
       for (int64_t r = 0; r < R; ++r) {
         for (int64_t c = 0; c < C; ++c) x[r * C + c] += xn[r * C + c];  // h = x + attention
         rmsnorm_row(x + r * C, l.norm2, C, m.eps, xn + r * C);
       }
-      linear_shared(xn, R, C, l.w1, F, a);
-      linear_shared(xn, R, C, l.w2, F, g);
+      linear_shared(xn, R, C, l.w1, F, a, l.panels.w1);
+      linear_shared(xn, R, C, l.w2, F, g, l.panels.w2);
 #pragma omp barrier
 #pragma omp for
       for (int64_t i = 0; i < R * F; ++i) a[i] = a[i] / (1.0f + std::exp(-a[i])) * g[i];  // SwiGLU
-      linear_shared(a, R, F, l.w_out, C, xn);
+      linear_shared(a, R, F, l.w_out, C, xn, l.panels.w_out);
 #pragma omp barrier
 #pragma omp for
       for (int64_t i = 0; i < R * C; ++i) x[i] += xn[i];
     }
 #pragma omp for
     for (int64_t r = 0; r < R; ++r) rmsnorm_row(x + r * C, m.norm_f, C, m.eps, xn + r * C);
-    linear_shared(xn, R, C, m.wte, V, logits);  // the tied head
+    linear_shared(xn, R, C, m.wte, V, logits, m.wte_panels);  // the tied head
   }
 }
 

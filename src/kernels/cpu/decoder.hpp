@@ -23,6 +23,18 @@ namespace grape::kernels::cpu {
 void linear_rows(const float* x, int64_t R, int64_t K, const float* W, int64_t N, float* y);
 void linear_rows_portable(const float* x, int64_t R, int64_t K, const float* W, int64_t N, float* y);
 
+// W [N, K] copied into panels of kPanel rows, each [K][kPanel] (a panel's rows interleaved per k, rows past N
+// zero): the layout of the batched products. A batch multiplies each loaded vector of weights by every row
+// of x (broadcast), with no horizontal sums; batch 1 keeps the row-major W, where it is as fast.
+constexpr int64_t kPanel = 32;
+std::vector<float> pack_panels(const float* W, int64_t N, int64_t K);
+// y = x W^T from pack_panels(W); each output is one sequential sum over k. Parallel over panels.
+void linear_rows_panels(const float* x, int64_t R, int64_t K, const float* panels, int64_t N, float* y);
+void linear_rows_panels_portable(const float* x, int64_t R, int64_t K, const float* panels, int64_t N,
+                                 float* y);
+// Passes with at least this many rows use the panels when the model has them.
+constexpr int64_t kPanelMinRows = 8;
+
 struct DecoderLayer {
   const float *norm1 = nullptr, *wq = nullptr, *wk = nullptr, *wv = nullptr, *wo = nullptr;
   const float *norm2 = nullptr, *w1 = nullptr, *w2 = nullptr, *w_out = nullptr;
@@ -43,13 +55,20 @@ struct DecoderLayer {
   // FoX's forget gate: bias c_i - c_j, c_t = sum_{l <= t} logsigmoid(gate_w[h] . x̂_l + gate_b[h]), x̂ the
   // normalised layer input; gate_w [H, C], gate_b [H]. Null: absent.
   const float *gate_w = nullptr, *gate_b = nullptr;
+  // The matrices as pack_panels lays them out, for passes of kPanelMinRows rows or more. Null: row-major
+  // only.
+  struct Panels {
+    const float *wq = nullptr, *wk = nullptr, *wv = nullptr, *wo = nullptr, *w1 = nullptr, *w2 = nullptr,
+                *w_out = nullptr;
+  } panels;
 };
 
 struct DecoderModel {
   int64_t vocab = 0, C = 0, H = 0, D = 0, hidden = 0;
   float eps = 1e-5f;
-  const float* wte = nullptr;     // [vocab, C], also the LM head
-  const float* norm_f = nullptr;  // [C]
+  const float* wte = nullptr;         // [vocab, C], also the LM head
+  const float* norm_f = nullptr;      // [C]
+  const float* wte_panels = nullptr;  // pack_panels(wte), or null
   std::vector<DecoderLayer> layers;
 };
 

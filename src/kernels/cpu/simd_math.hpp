@@ -6,6 +6,7 @@
 #if defined(__AVX512F__)
 #pragma GCC diagnostic push  // GCC 12 warns inside its own headers' _mm512_undefined_ps (its bug 105593)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>  // horizontal reductions and an in-register scan (lanes_reduce, suffix_sums)
 #pragma GCC diagnostic pop
 #endif
@@ -125,6 +126,27 @@ GRAPE_INLINE float lanes_reduce(__m512 v, Op op) {
   v = op(v, _mm512_permute_ps(v, _MM_SHUFFLE(1, 0, 3, 2)));
   v = op(v, _mm512_permute_ps(v, _MM_SHUFFLE(2, 3, 0, 1)));
   return _mm512_cvtss_f32(v);
+}
+
+// The 16 horizontal sums of a[0..15] in one vector, lane i = the sum of a[i]'s lanes: a tree of 30 lane
+// shuffles and 15 adds (16 lanes_reduce calls take 64 and 64). Each sum adds its own vector's lanes in the
+// same order whichever slot i it has, so a dot product does not depend on the block it was computed in.
+GRAPE_INLINE __m512 sums16(const __m512* a) {
+  // The tree leaves input j's sum in lane 4 (j % 4) + bitreverse2(j / 4): feeding it a permuted a undoes
+  // that.
+  constexpr int kIn[16] = {0, 4, 8, 12, 2, 6, 10, 14, 1, 5, 9, 13, 3, 7, 11, 15};
+  __m512 b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i) {  // 256-bit halves of pairs
+    const __m512 x = a[kIn[2 * i]], y = a[kIn[2 * i + 1]];
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x44), _mm512_shuffle_f32x4(x, y, 0xEE));
+  }
+  for (int i = 0; i < 4; ++i)  // 128-bit quarters
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)  // pairs of floats
+    d[i] =
+        _mm512_add_ps(_mm512_unpacklo_ps(c[2 * i], c[2 * i + 1]), _mm512_unpackhi_ps(c[2 * i], c[2 * i + 1]));
+  return _mm512_add_ps(_mm512_unpacklo_ps(d[0], d[1]), _mm512_unpackhi_ps(d[0], d[1]));  // floats
 }
 #endif
 
