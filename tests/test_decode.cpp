@@ -62,6 +62,8 @@ std::vector<Case> native_cases() {
           {"grape-m", {{"per_head", "true"}}},
           {"alibi", {}},
           {"fox", {}},
+          {"grape-ap", {}},
+          {"grape-ap", {{"probe_dim", "4"}, {"orientation", "grape"}}},
           {"t5", {{"num_buckets", "8"}, {"max_distance", "12"}}},
           {"kerple", {}},
           {"kerple", {{"variant", "power"}}},
@@ -133,8 +135,9 @@ TEST(FastDecode, EveryRegisteredEncodingDecodesExactlyOnItsPath) {
 // A cache that outgrows its buffers and the tables (256 positions) keeps its keys.
 TEST(FastDecode, GrowsPastItsFirstBuffers) {
   const int64_t L = 300;
-  for (const Case& cs : {Case{"t5", {{"num_buckets", "8"}, {"max_distance", "12"}}}, Case{"fox", {}}}) {
-    SCOPED_TRACE(cs.pe);  // fox: the forget gate's per-key terms move with the keys
+  for (const Case& cs :
+       {Case{"t5", {{"num_buckets", "8"}, {"max_distance", "12"}}}, Case{"fox", {}}, Case{"grape-ap", {}}}) {
+    SCOPED_TRACE(cs.pe);  // fox's per-key terms and grape-ap's key probes move with the keys
     auto m = make_model(config(cs.pe, cs.opts));
     torch::NoGradGuard no_grad;
     auto seq = random_tokens(L, 61, 9);
@@ -154,7 +157,7 @@ TEST(FastDecode, GrowsPastItsFirstBuffers) {
 // row equals the same sequence decoded alone (1e-5), and the fast batch equals the reference batch.
 TEST(FastDecode, RaggedBatchEqualsEachSequenceAlone) {
   const int64_t B = 16, steps = 6;
-  for (const std::string pe : {"rope", "alibi", "fox"}) {
+  for (const std::string pe : {"rope", "alibi", "fox", "grape-ap"}) {
     SCOPED_TRACE(pe);
     auto m = make_model(config(pe));
     torch::NoGradGuard no_grad;
@@ -203,7 +206,6 @@ TEST(FastDecode, FallsBackAndSaysWhy) {
     std::string why;
   };
   const std::vector<Fallback> all = {
-      {{"grape-ap", {}}, false, "contextual"},
       {{"grape-m-ctx", {}}, false, "contextual"},
       {{"grape-a-qk", {}}, false, "no positional form"},
       {{"grape-m-planes", {}}, false, "no positional form"},
@@ -231,10 +233,11 @@ TEST(FastDecode, FallsBackAndSaysWhy) {
     EXPECT_NE(reason.find(f.why), std::string::npos) << reason;
   }
   // The fallback still decodes exactly.
-  auto m = make_model(config("grape-ap"));
+  auto m = make_model(config("grape-m-ctx"));
   torch::NoGradGuard no_grad;
   auto seq = random_tokens(12, 61, 2);
   Decoder dec(m);
+  ASSERT_EQ(dec.path(), DecodePath::reference);
   auto cache = dec.new_cache();
   std::vector<DecodeCache*> caches{&cache};
   auto got =

@@ -171,7 +171,7 @@ TEST(TrainDecode, RaggedBatchedGreedyDecodeEqualsEachSequenceAlone) {
         prompts.back().push_back((int64_t(b) * 37 + i * 11) % m.vocab_size);
     }
     for (auto path :
-         {grape::DecodePath::fast, grape::DecodePath::reference}) {  // fast falls back for fox, grape-ap
+         {grape::DecodePath::fast, grape::DecodePath::reference}) {  // all three run natively on fast
       SCOPED_TRACE(grape::to_string(path));
       grape::Decoder decoder(model, path);
       double seconds = -1;
@@ -458,30 +458,36 @@ TEST_F(Train, BatchedGenerationWithDifferentPromptLengthsEqualsEachAlone) {
   }
 }
 
-// The fast decode path generates what the reference path (the oracle) generates, in the library and the CLI.
+// The fast decode path generates what the reference path (the oracle) generates, in the library and the CLI,
+// for rope and for grape-ap (its path-integral probes computed in the engine).
 TEST_F(Train, GenerationOnTheFastPathEqualsTheReferencePath) {
-  train("run");
-  auto run = grape::train::read_run(path("run"));
-  auto model = grape::train::load_model(run);
-  EXPECT_EQ(grape::fast_decode_unsupported(model), "");  // rope: the fast path runs
-  grape::train::SamplingOptions o;
-  o.temperature = 0;
-  o.max_tokens = 24;
-  std::vector<std::vector<int32_t>> prompts = {{256, 't', 'h', 'e'}, {256, 'a', 'n', 'd', ' ', 'g', 'o'}};
-  auto fast = grape::train::generate(model, prompts, o);
-  o.decode = grape::DecodePath::reference;
-  auto reference = grape::train::generate(model, prompts, o);
-  EXPECT_EQ(fast, reference);
-  auto f = run_cli("generate --run " + path("run") + " --prompt 'the lord' --max-tokens 20 --seed 3");
-  auto r = run_cli("generate --run " + path("run") +
-                   " --prompt 'the lord' --max-tokens 20 --seed 3 --decode reference");
-  ASSERT_EQ(f.code, 0) << f.output;
-  ASSERT_EQ(r.code, 0) << r.output;
-  EXPECT_NE(f.output.find("decode: fast"), std::string::npos) << f.output;
-  EXPECT_NE(r.output.find("decode: reference"), std::string::npos) << r.output;
-  EXPECT_EQ(f.output.substr(0, f.output.find("\n20 tokens in ")),
-            r.output.substr(0, r.output.find("\n20 tokens in ")));
-  auto bad = run_cli("generate --run " + path("run") + " --prompt x --decode quick");
+  for (const std::string pe : {"rope", "grape-ap"}) {
+    SCOPED_TRACE(pe);
+    model.pe = pe;
+    const std::string run_dir = "run-" + pe;
+    train(run_dir);
+    auto run = grape::train::read_run(path(run_dir));
+    auto m = grape::train::load_model(run);
+    EXPECT_EQ(grape::fast_decode_unsupported(m), "");  // the fast path runs
+    grape::train::SamplingOptions o;
+    o.temperature = 0;
+    o.max_tokens = 24;
+    std::vector<std::vector<int32_t>> prompts = {{256, 't', 'h', 'e'}, {256, 'a', 'n', 'd', ' ', 'g', 'o'}};
+    auto fast = grape::train::generate(m, prompts, o);
+    o.decode = grape::DecodePath::reference;
+    auto reference = grape::train::generate(m, prompts, o);
+    EXPECT_EQ(fast, reference);
+    auto f = run_cli("generate --run " + path(run_dir) + " --prompt 'the lord' --max-tokens 20 --seed 3");
+    auto r = run_cli("generate --run " + path(run_dir) +
+                     " --prompt 'the lord' --max-tokens 20 --seed 3 --decode reference");
+    ASSERT_EQ(f.code, 0) << f.output;
+    ASSERT_EQ(r.code, 0) << r.output;
+    EXPECT_NE(f.output.find("decode: fast"), std::string::npos) << f.output;
+    EXPECT_NE(r.output.find("decode: reference"), std::string::npos) << r.output;
+    EXPECT_EQ(f.output.substr(0, f.output.find("\n20 tokens in ")),
+              r.output.substr(0, r.output.find("\n20 tokens in ")));
+  }
+  auto bad = run_cli("generate --run " + path("run-rope") + " --prompt x --decode quick");
   EXPECT_NE(bad.code, 0);
   EXPECT_NE(bad.output.find("--decode"), std::string::npos) << bad.output;
 }

@@ -20,8 +20,8 @@ const char* to_string(DecodePath path);
 // "fast" or "reference"; anything else throws std::invalid_argument naming `where` (e.g. "--decode").
 DecodePath parse_decode_path(const std::string& text, const std::string& where = "decode path");
 
-// Why the fast engine cannot decode this model exactly: "" when it can. E.g. "the encoding 'fox' reads the
-// layer input x (contextual)", "kv_shift", "the weights are float64, not float32".
+// Why the fast engine cannot decode this model exactly: "" when it can. E.g. "the encoding 'grape-m-ctx'
+// reads the layer input x (contextual)", "kv_shift", "the weights are float64, not float32".
 std::string fast_decode_unsupported(const Transformer& model);
 
 // One sequence's KV cache on the path of the Decoder that made it (Decoder::new_cache).
@@ -33,6 +33,9 @@ struct DecodeCache {
   // sum of its log gates per head [H]
   std::vector<std::vector<float>> key_b;
   std::vector<std::vector<double>> gate_sum;
+  // and, per layer with path-integral probes (GRAPE-AP; else empty), each key's rotated probe
+  // [H][capacity][P]
+  std::vector<std::vector<float>> key_r;
   int64_t capacity = 0;
   uint64_t owner = 0;  // the id of the Decoder that made it
 };

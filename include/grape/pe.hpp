@@ -131,7 +131,9 @@ struct Properties {
 // (docs/decode.md) computes natively:  q~ = mscale R(n) q,  k~ = mscale R(n) k,  with R(n) turning pairs of
 // the first 2P coordinates by angles(n) (no turn when `angles` is empty); and the bias of
 // properties().kernel_bias: none, distance_table (bias_terms then depends on distances only), or linear
-// with slope [H] (bias slope_h (pos_i - pos_j), ALiBi). encode must leave the keys' per-key map empty.
+// with slope [H] (bias slope_h (pos_i - pos_j), ALiBi). encode must leave the keys' per-key map empty, but
+// for the two input-dependent biases the engine computes itself from the layer's normalised input x:
+// FoX's forget gate and GRAPE-AP's path-integral probes.
 struct PositionalForm {
   // Angles [T,G,P] float64 of positions offset..offset+T-1, G = 1 (shared by the heads) or H.
   std::function<torch::Tensor(int64_t offset, int64_t T)> angles;
@@ -143,6 +145,13 @@ struct PositionalForm {
   // c_t = sum_{l <= t} logsigmoid(gate_w[h] . x_l + gate_b[h]), x the layer's normalised input; undefined
   // when absent.
   torch::Tensor gate_w, gate_b;  // [H, C], [H] float32
+  // GRAPE-AP's path integral (kernel_bias path_sum): bias(i, j) = sum_{l=j+1..i} probe_slope[h]
+  // logsigmoid(p_i . r_l / P), p = probe_w x per head (P dims), r_l = R(l) (p_l RMS-normalised with
+  // probe_eps), R(l) turning pairs (i, i + P/2) by the angle l with sin times probe_sign; undefined when
+  // absent.
+  torch::Tensor probe_w, probe_slope;  // [H*P, C], [H] float32
+  double probe_eps = 1e-6;
+  double probe_sign = 1.0;
 };
 
 // Base class of every encoding. Subclasses register their learnable parameters as usual.

@@ -38,8 +38,9 @@ std::string encoding_unsupported(const Encoding& pe) {
   const Properties p = pe.properties();
   const std::string name = "the encoding '" + pe.name() + "'";
   const auto form = pe.positional_form();
-  const bool gate = form && form->gate_w.defined();  // FoX: reads x only through its forget gate
-  if (p.contextual && !gate) return name + " reads the layer input x (contextual)";
+  const bool gate = form && form->gate_w.defined();     // FoX: reads x only through its forget gate
+  const bool probes = form && form->probe_w.defined();  // GRAPE-AP: only through its path-integral probes
+  if (p.contextual && !gate && !probes) return name + " reads the layer input x (contextual)";
   if (p.reads_stream || p.updates_stream) return name + " carries a position stream through the layers";
   if (!form) return name + " has no positional form (its encode reads more than positions)";
   switch (p.kernel_bias) {
@@ -52,6 +53,8 @@ std::string encoding_unsupported(const Encoding& pe) {
                                            : name +
                                                  " has a linear bias that is neither a per-head slope nor a "
                                                  "forget gate";
+    case KernelBias::path_sum:
+      return probes ? "" : name + " has a path_sum bias without probes";
     default:
       return name + " has a " + to_string(p.kernel_bias) + " bias";
   }
@@ -169,6 +172,12 @@ Decoder::Decoder(Transformer model, DecodePath requested)
     if (form.slope.defined()) m.layers[l].slope = form.slope.data_ptr<float>();
     if (form.gate_w.defined())  // the gate's parameters, read in place
       m.layers[l].gate_w = form.gate_w.data_ptr<float>(), m.layers[l].gate_b = form.gate_b.data_ptr<float>();
+    if (form.probe_w.defined()) {  // GRAPE-AP's probe weights and slopes, read in place
+      auto& layer = m.layers[l];
+      layer.probe_w = form.probe_w.data_ptr<float>(), layer.probe_m = form.probe_slope.data_ptr<float>();
+      layer.probe_dim = form.probe_w.size(0) / m.H;
+      layer.probe_eps = float(form.probe_eps), layer.probe_sign = float(form.probe_sign);
+    }
   }
   // A copy of every matrix as panels for batched passes (as much memory again as the weights; batch 1 reads
   // the model's own row-major weights).
@@ -198,6 +207,7 @@ DecodeCache Decoder::new_cache() const {
     cache.v.resize(layers.size());
     cache.key_b.resize(layers.size());
     cache.gate_sum.resize(layers.size());
+    cache.key_r.resize(layers.size());
     for (size_t l = 0; l < layers.size(); ++l)
       if (layers[l].gate_w) cache.gate_sum[l].assign(size_t(engine_->model.H), 0.0);
   }
@@ -238,6 +248,7 @@ torch::Tensor Decoder::forward(const torch::Tensor& tokens, const std::vector<De
 
   auto& e = *engine_;
   const int64_t H = e.model.H, D = e.model.D;
+  const auto& layers = e.model.layers;
   int64_t longest = 0;
   std::vector<kc::DecoderRow> rows(static_cast<size_t>(B));
   for (int64_t b = 0; b < B; ++b) {
@@ -261,6 +272,15 @@ torch::Tensor Decoder::forward(const torch::Tensor& tokens, const std::vector<De
           std::copy_n(terms.data() + h * cache.capacity, cache.length, grown.data() + h * cap);
         terms.swap(grown);
       }
+      for (size_t l = 0; l < cache.key_r.size(); ++l) {  // the path integral's key probes, [H][capacity][P]
+        if (!layers[l].probe_w) continue;                // no probes in this layer
+        const int64_t P = layers[l].probe_dim;
+        auto& probes = cache.key_r[l];
+        std::vector<float> grown(size_t(H * cap * P));
+        for (int64_t h = 0; h < H && !probes.empty(); ++h)
+          std::copy_n(probes.data() + h * cache.capacity * P, cache.length * P, grown.data() + h * cap * P);
+        probes.swap(grown);
+      }
       cache.capacity = cap;
     }
     auto& row = rows[size_t(b)];
@@ -271,6 +291,7 @@ torch::Tensor Decoder::forward(const torch::Tensor& tokens, const std::vector<De
       const bool gated = !cache.gate_sum[l].empty();
       row.key_b.push_back(gated ? cache.key_b[l].data() : nullptr);
       row.gate_sum.push_back(gated ? cache.gate_sum[l].data() : nullptr);
+      row.key_r.push_back(layers[l].probe_w ? cache.key_r[l].data() : nullptr);
     }
   }
   e.cover(longest);

@@ -45,6 +45,14 @@ class GrapeAP : public Encoding {
     p.kernel_bias = KernelBias::path_sum;
     return p;
   }
+  std::optional<PositionalForm> positional_form() const override {
+    PositionalForm f;  // the decode engine computes the probes itself from w_p
+    f.probe_w = w_p_;
+    f.probe_slope = slopes_;
+    f.probe_eps = eps_;
+    f.probe_sign = layout_.sign;
+    return f;
+  }
   torch::Tensor bias(const PeTokens& queries, const KeyCache& keys) const override {
     auto s = torch::einsum("bihp,bjhp->bhij", {queries.query.at("p"), keys.key.at("r")}) / double(probe_);
     auto psi = slopes_.view({1, -1, 1, 1}) * torch::log_sigmoid(s);

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numbers>
 #include <stdexcept>
 #include <string>
 
@@ -291,6 +292,24 @@ void encode_head(const DecoderLayer& l, const float* gain, int64_t h, int64_t po
   if (gain && l.norm_after_rotation) rmsnorm_row(x, gain, D, eps, x);
 }
 
+// GRAPE-AP's probes of one (row, head) at position pos from its raw probe p (P values): the query keeps p,
+// the key gets p's RMS-normalised p̂ turned by the angle pos in pairs (i, i + P/2), as its encode does.
+void probe_head(const DecoderLayer& l, int64_t pos, const float* p, float* query, float* key) {
+  const int64_t P = l.probe_dim, half = P / 2;
+  float sq = 0;
+  for (int64_t i = 0; i < P; ++i) sq += p[i] * p[i];
+  const float inv = 1.0f / std::sqrt(sq / float(P) + l.probe_eps);
+  // cos and sign * sin of the reduced angle, in double then fp32, as rotate_pairs forms them.
+  const double angle = std::fmod(double(pos), 2.0 * std::numbers::pi);
+  const float c = float(std::cos(angle)), s = float(std::sin(angle)) * l.probe_sign;
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = p[i] * inv, b = p[i + half] * inv;
+    key[i] = a * c - b * s;
+    key[i + half] = a * s + b * c;
+  }
+  std::copy_n(p, P, query);
+}
+
 void require(bool ok, const std::string& what) {
   if (!ok) throw std::invalid_argument("grape::kernels::cpu::decoder_forward: " + what);
 }
@@ -339,21 +358,32 @@ void decoder_forward(const DecoderModel& m, const std::vector<DecoderRow>& rows,
       require(!m.layers[li].gate_w || (r.key_b.size() == m.layers.size() &&
                                        r.gate_sum.size() == m.layers.size() && r.key_b[li] && r.gate_sum[li]),
               "a row's cache lacks the forget gate's terms");
+    for (size_t li = 0; li < m.layers.size(); ++li)
+      require(!m.layers[li].probe_w || (r.key_r.size() == m.layers.size() && r.key_r[li]),
+              "a row's cache lacks the path integral's key probes");
     start[b + 1] = start[b] + r.T;
     maxT = std::max(maxT, r.T);
   }
   const int64_t R = start.back();
+  int64_t maxP = 0;  // the widest probe of a path-integral layer
+  for (const auto& l : m.layers)
+    if (l.probe_w) {
+      require(l.probe_m && l.probe_dim >= 2 && l.probe_dim % 2 == 0, "a path integral without even probes");
+      maxP = std::max(maxP, l.probe_dim);
+    }
   auto grow = [](std::vector<float>& v, int64_t n) {
     if (int64_t(v.size()) < n) v.resize(size_t(n));
   };
   grow(ws.x, R * C), grow(ws.xn, R * C), grow(ws.q, R * HD), grow(ws.k, R * HD), grow(ws.v, R * HD);
   grow(ws.qh, R * HD), grow(ws.yh, R * HD), grow(ws.y, R * HD), grow(ws.a, R * F), grow(ws.g, R * F);
   grow(ws.bias_c, H * maxT), grow(ws.bias_a, R * H), grow(ws.lse, R * H);
+  grow(ws.probe, R * H * maxP), grow(ws.probe_q, R * H * maxP);
   const int64_t pairs = int64_t(rows.size()) * H;  // attention tasks
   const float scale = float(1.0 / std::sqrt(double(D)));
   float *x = ws.x.data(), *xn = ws.xn.data(), *q = ws.q.data(), *k = ws.k.data(), *v = ws.v.data();
   float *qh = ws.qh.data(), *yh = ws.yh.data(), *y = ws.y.data(), *a = ws.a.data(), *g = ws.g.data();
   float *bias_c = ws.bias_c.data(), *bias_a = ws.bias_a.data(), *lse = ws.lse.data();
+  float *probe = ws.probe.data(), *probe_q = ws.probe_q.data();
   // The sequence and step of each new row.
   std::vector<int64_t> seq_of(size_t(R), 0);
   for (size_t b = 0; b < rows.size(); ++b)
@@ -373,6 +403,7 @@ void decoder_forward(const DecoderModel& m, const std::vector<DecoderRow>& rows,
       linear_shared(xn, R, C, l.wq, HD, q, l.panels.wq);
       linear_shared(xn, R, C, l.wk, HD, k, l.panels.wk);
       linear_shared(xn, R, C, l.wv, HD, v, l.panels.wv);
+      if (l.probe_w) linear_shared(xn, R, C, l.probe_w, H * l.probe_dim, probe, nullptr);  // GRAPE-AP's probes
       if (l.slope) {
 #pragma omp for nowait
         for (int64_t i = 0; i < H * maxT; ++i) bias_c[i] = l.slope[i / maxT];
@@ -408,6 +439,11 @@ void decoder_forward(const DecoderModel& m, const std::vector<DecoderRow>& rows,
         std::copy_n(k + r * HD + h * D, D, kd);
         encode_head(l, l.k_norm, h, pos, D, m.eps, kd);
         std::copy_n(v + r * HD + h * D, D, row.v[li] + (h * row.capacity + pos) * D);
+        if (l.probe_w) {  // the query's probe to [H][T][P] per sequence, the key's into the cache
+          const int64_t P = l.probe_dim;
+          probe_head(l, pos, probe + (r * H + h) * P, probe_q + (start[size_t(b)] * H + h * row.T + t) * P,
+                     row.key_r[li] + (h * row.capacity + pos) * P);
+        }
       }
 #pragma omp for schedule(dynamic, 1)
       for (int64_t bh = 0; bh < pairs; ++bh) {
@@ -422,6 +458,10 @@ void decoder_forward(const DecoderModel& m, const std::vector<DecoderRow>& rows,
         if (l.slope) p.bias.c = bias_c + h * maxT;
         if (l.gate_w) p.bias.a = bias_a + base, p.bias.b = row.key_b[li] + h * row.capacity;
         if (l.dist) p.bias.dist = l.dist + h * l.W, p.bias.W = l.W;
+        if (l.probe_w) {
+          p.bias.p = probe_q + base * l.probe_dim, p.bias.r = row.key_r[li] + h * row.capacity * l.probe_dim;
+          p.bias.m = l.probe_m + h, p.bias.P = l.probe_dim;
+        }
         p.out = yh + base * D;
         p.lse = lse + base;
         // Nested inside this team, it runs on the calling thread. A few queries take the decode kernel even

@@ -56,6 +56,12 @@ struct DecoderLayer {
   // FoX's forget gate: bias c_i - c_j, c_t = sum_{l <= t} logsigmoid(gate_w[h] . x̂_l + gate_b[h]), x̂ the
   // normalised layer input; gate_w [H, C], gate_b [H]. Null: absent.
   const float *gate_w = nullptr, *gate_b = nullptr;
+  // GRAPE-AP's path integral: bias sum_{l=j+1..i} probe_m[h] logsigmoid(p_i . r_l / P) with the probes
+  // p = probe_w x̂ per head (P dims) and r_l = R(l) p̂_l, p̂ = p / sqrt(mean(p^2) + probe_eps), R(l) turning
+  // pairs (i, i + P/2) by the angle l (sin times probe_sign); probe_w [H*P, C], probe_m [H]. Null: absent.
+  const float *probe_w = nullptr, *probe_m = nullptr;
+  int64_t probe_dim = 0;
+  float probe_eps = 1e-6f, probe_sign = 1.0f;
   // The matrices as pack_panels lays them out, for passes of kPanelMinRows rows or more. Null: row-major
   // only.
   struct Panels {
@@ -84,11 +90,14 @@ struct DecoderRow {
   // cached token per head [H] (float64, advanced by the pass: the sum grows like -0.7 t).
   std::vector<float*> key_b;
   std::vector<double*> gate_sum;
+  // Per layer with path-integral probes (else null): each key's rotated probe r [H][capacity][P].
+  std::vector<float*> key_r;
 };
 
 // Scratch buffers reused across passes (grown as needed).
 struct DecoderWorkspace {
   std::vector<float> x, xn, q, k, v, qh, yh, y, a, g, bias_c, bias_a, lse;
+  std::vector<float> probe, probe_q;  // the probes W_p x̂ [R][H*P]; the queries' per sequence [H][T][P]
 };
 
 // Runs the new tokens of every row through the model, writes their keys and values into the rows' caches
