@@ -25,6 +25,14 @@ DecodePath parse_decode_path(const std::string& text, const std::string& where) 
   throw std::invalid_argument(fmt::format("{}: '{}' is not a decode path (fast or reference)", where, text));
 }
 
+const char* to_string(DecodeWeights weights) { return weights == DecodeWeights::fp32 ? "fp32" : "bf16"; }
+
+DecodeWeights parse_decode_weights(const std::string& text, const std::string& where) {
+  if (text == "fp32") return DecodeWeights::fp32;
+  if (text == "bf16") return DecodeWeights::bf16;
+  throw std::invalid_argument(fmt::format("{}: '{}' is not a weight type (fp32 or bf16)", where, text));
+}
+
 namespace {
 
 std::map<std::string, torch::Tensor> parameters_by_name(const Transformer& model) {
@@ -86,6 +94,7 @@ struct Decoder::Engine {
   int64_t positions = 0;                           // the rotation tables cover positions < this
   int64_t width = 0;                               // the distance tables cover distances < this
   kc::DecoderWorkspace ws;
+  std::vector<std::vector<uint16_t>> bf16;  // the matrices' bf16 copies (DecodeWeights::bf16)
 
   // Tables covering every position < n (grown to at least double, so that growing is rare).
   void cover(int64_t n) {
@@ -122,24 +131,41 @@ struct Decoder::Engine {
   }
 };
 
-Decoder::Decoder(Transformer model, DecodePath requested)
-    : model_(std::move(model)), path_(requested), id_(next_decoder_id++) {
+Decoder::Decoder(Transformer model, DecodePath requested, DecodeWeights weights)
+    : model_(std::move(model)), path_(requested), weights_(weights), id_(next_decoder_id++) {
   if (requested == DecodePath::fast) fallback_reason_ = fast_decode_unsupported(model_);
   if (!fallback_reason_.empty()) path_ = DecodePath::reference;
+  if (weights == DecodeWeights::bf16 && path_ != DecodePath::fast)
+    throw std::invalid_argument(
+        requested == DecodePath::reference
+            ? "bf16 decode weights need the fast decode path, not the reference one (the oracle is fp32)"
+            : "bf16 decode weights need the fast decode path, which cannot run this model: " +
+                  fallback_reason_);
   model_->eval();
   if (path_ != DecodePath::fast) return;
   const auto& c = model_->config();
   auto params = parameters_by_name(model_);
-  auto ptr = [&](const std::string& name) -> const float* {
+  auto param = [&](const std::string& name) -> const torch::Tensor& {
     auto it = params.find(name);
     if (it == params.end()) throw std::logic_error("decoder: the model has no parameter " + name);
-    return it->second.data_ptr<float>();
+    return it->second;
   };
+  auto ptr = [&](const std::string& name) { return param(name).data_ptr<float>(); };
   engine_ = std::make_unique<Engine>();
+  // A matrix's bf16 copy, owned by the engine (null with fp32 weights).
+  auto bf16 = [&](const std::string& name) -> const uint16_t* {
+    if (weights != DecodeWeights::bf16) return nullptr;
+    const auto& t = param(name);
+    auto& copy = engine_->bf16.emplace_back(size_t(t.numel()));
+    kc::round_to_bf16(t.data_ptr<float>(), t.numel(), copy.data());
+    return copy.data();
+  };
   auto& m = engine_->model;
   m.vocab = c.vocab_size, m.C = c.n_embd, m.H = c.n_head, m.D = c.head_dim(), m.hidden = c.hidden();
   m.eps = float(c.norm_eps);
   m.wte = ptr("wte.weight"), m.norm_f = ptr("norm_f.weight");
+  m.wte_bf16 = bf16("wte.weight");
+  m.bf16_kernel = kc::bf16_kernel_best();
   engine_->pes = model_->encodings();
   for (int64_t l = 0; l < c.n_layer; ++l) {
     const std::string b = fmt::format("blocks.{}.", l);
@@ -148,6 +174,10 @@ Decoder::Decoder(Transformer model, DecodePath requested)
     layer.wq = ptr(b + "wq.weight"), layer.wk = ptr(b + "wk.weight"), layer.wv = ptr(b + "wv.weight");
     layer.wo = ptr(b + "wo.weight"), layer.w1 = ptr(b + "w1.weight"), layer.w2 = ptr(b + "w2.weight");
     layer.w_out = ptr(b + "w_out.weight");
+    layer.wq_bf16 = bf16(b + "wq.weight"), layer.wk_bf16 = bf16(b + "wk.weight");
+    layer.wv_bf16 = bf16(b + "wv.weight"), layer.wo_bf16 = bf16(b + "wo.weight");
+    layer.w1_bf16 = bf16(b + "w1.weight"), layer.w2_bf16 = bf16(b + "w2.weight");
+    layer.w_out_bf16 = bf16(b + "w_out.weight");
     if (c.qk_norm != "off") layer.q_norm = ptr(b + "q_norm.weight"), layer.k_norm = ptr(b + "k_norm.weight");
     layer.norm_after_rotation = c.qk_norm == "after_rotation";
     auto form = *engine_->pes[size_t(l)]->positional_form();
@@ -169,6 +199,10 @@ Decoder::Decoder(Transformer model, DecodePath requested)
 }
 
 Decoder::~Decoder() = default;
+
+std::string Decoder::bf16_kernel() const {
+  return weights_ == DecodeWeights::bf16 ? kc::to_string(engine_->model.bf16_kernel) : "";
+}
 
 DecodeCache Decoder::new_cache() const {
   DecodeCache cache;
