@@ -35,10 +35,16 @@ GRAPE_SIMD void block_portable(const uint16_t* const* w, const float* const* x, 
   int64_t k = 0;
   for (; k + kLanes <= K; k += kLanes)
     for (int i = 0; i < kRowsW; ++i) {
+      const uint16_t* wi = w[i] + k;
       float wf[kLanes];
-      for (int64_t l = 0; l < kLanes; ++l) wf[l] = bf16_to_float(w[i][k + l]);
-      for (int j = 0; j < NX; ++j)
-        for (int64_t l = 0; l < kLanes; ++l) acc[i][j][l] += wf[l] * x[j][k + l];
+#pragma omp simd
+      for (int64_t l = 0; l < kLanes; ++l) wf[l] = bf16_to_float(wi[l]);
+      for (int j = 0; j < NX; ++j) {
+        const float* xj = x[j] + k;
+        float* a = acc[i][j];
+#pragma omp simd
+        for (int64_t l = 0; l < kLanes; ++l) a[l] += wf[l] * xj[l];
+      }
     }
   for (int i = 0; i < kRowsW; ++i)
     for (int j = 0; j < NX; ++j) {
@@ -50,8 +56,10 @@ GRAPE_SIMD void block_portable(const uint16_t* const* w, const float* const* x, 
 }
 
 #if defined(GRAPE_BF16_X86)
-// The sum of v's 16 lanes by halving folds. The maskz forms: in a function with a target attribute, GCC 12
-// reports the unmasked ones' _mm512_undefined_ps as used uninitialized (its bug 105593).
+// Shuffles and shifts take their maskz forms with a full mask here: in a function with a target attribute,
+// GCC 12 reports the unmasked ones' _mm512_undefined_* as used uninitialized (its bug 105593).
+
+// The sum of v's 16 lanes by halving folds.
 __attribute__((target("avx512f"))) inline float sum_lanes(__m512 v) {
   const __mmask16 all = 0xFFFF;
   v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(all, v, v, _MM_SHUFFLE(1, 0, 3, 2)));
@@ -95,7 +103,7 @@ __attribute__((target("avx512f,avx512bw"))) void block_avx512(const uint16_t* co
     const __mmask32 m = mask32(K - k);
     for (int i = 0; i < kRowsW; ++i) {
       const __m512i wv = _mm512_maskz_loadu_epi16(m, w[i] + k);
-      const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(wv, 16));
+      const __m512 we = _mm512_castsi512_ps(_mm512_maskz_slli_epi32(__mmask16(0xFFFF), wv, 16));
       const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(wv, high));
       for (int j = 0; j < NX; ++j) {
         acc[i][j] = _mm512_fmadd_ps(we, xe[j], acc[i][j]);
