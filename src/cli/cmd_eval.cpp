@@ -114,7 +114,10 @@ nlohmann::json decode_perplexity(Transformer& model, const data::DataSource& dat
   if (which != "both") weights = {parse_decode_weights(which, "--decode-weights")};
   nlohmann::json out = {{"context", context}, {"tokens", batch * batches * context}, {"chunk", chunk}};
   fmt::print("through the decode engine at context {} ({} tokens, {} per call):\n{:>8} {:>10} {:>12}  path\n",
-             context, batch * batches * context, chunk == 0 ? "a window" : std::to_string(chunk) + " tokens",
+             context, batch * batches * context,
+             chunk == 0   ? "a window"
+             : chunk == 1 ? "1 token"
+                          : std::to_string(chunk) + " tokens",
              "weights", "val loss", "perplexity");
   std::map<std::string, double> ppl;
   for (auto w : weights) {

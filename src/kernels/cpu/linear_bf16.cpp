@@ -1,7 +1,7 @@
 // bf16-weight matrix products (linear_bf16.hpp). Blocked as linear_rows is: 4 weight rows x 4 rows of x per
-// micro-kernel call, each weight row read once for all rows of x. The SIMD kernels carry their own target
-// attributes and are picked by what the CPU reports at run time, so every build (-march=native or the
-// portable one) has all three.
+// micro-kernel call, each weight row read once for all rows of x. The AVX-512 kernel carries its own target
+// attribute and is picked by what the CPU reports at run time, so every build (-march=native or the portable
+// one) has both.
 #include "kernels/cpu/linear_bf16.hpp"
 
 #include <omp.h>
@@ -114,34 +114,6 @@ __attribute__((target("avx512f,avx512bw"))) void block_avx512(const uint16_t* co
   for (int i = 0; i < kRowsW; ++i)
     for (int j = 0; j < NX; ++j) out[j * kRowsW + i] = sum_lanes(acc[i][j]);
 }
-
-// AVX512_BF16: x rounded to bf16 (vcvtne2ps2bf16, nearest even) 32 at a time, then vdpbf16ps adds the two
-// products of each pair of bf16 elements to an fp32 lane.
-template <int NX>
-__attribute__((target("avx512f,avx512bw,avx512bf16"))) void block_avx512_bf16(const uint16_t* const* w,
-                                                                              const float* const* x,
-                                                                              int64_t K, float* out) {
-  __m512 acc[kRowsW][NX];
-  for (int i = 0; i < kRowsW; ++i)
-    for (int j = 0; j < NX; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 32) {
-    const int64_t left = K - k;
-    const __mmask16 m0 = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
-    const __mmask16 m1 =
-        left >= 32 ? __mmask16(0xFFFF) : __mmask16((1u << std::max<int64_t>(left - 16, 0)) - 1);
-    __m512bh xb[NX];
-    for (int j = 0; j < NX; ++j)
-      xb[j] =
-          _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(m1, x[j] + k + 16), _mm512_maskz_loadu_ps(m0, x[j] + k));
-    const __mmask32 m = mask32(left);
-    for (int i = 0; i < kRowsW; ++i) {
-      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(m, w[i] + k);
-      for (int j = 0; j < NX; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], wv, xb[j]);
-    }
-  }
-  for (int i = 0; i < kRowsW; ++i)
-    for (int j = 0; j < NX; ++j) out[j * kRowsW + i] = sum_lanes(acc[i][j]);
-}
 #endif
 
 // The micro-kernels of one kernel, by the number of rows of x (1..4).
@@ -150,10 +122,7 @@ const BlockFn* blocks(Bf16Kernel kernel) {
                                            block_portable<4>};
 #if defined(GRAPE_BF16_X86)
   static const BlockFn avx512[kRowsX] = {block_avx512<1>, block_avx512<2>, block_avx512<3>, block_avx512<4>};
-  static const BlockFn avx512_bf16[kRowsX] = {block_avx512_bf16<1>, block_avx512_bf16<2>,
-                                              block_avx512_bf16<3>, block_avx512_bf16<4>};
   if (kernel == Bf16Kernel::avx512) return avx512;
-  if (kernel == Bf16Kernel::avx512_bf16) return avx512_bf16;
 #endif
   return portable;
 }
@@ -194,8 +163,6 @@ const char* to_string(Bf16Kernel kernel) {
   switch (kernel) {
     case Bf16Kernel::avx512:
       return "avx512";
-    case Bf16Kernel::avx512_bf16:
-      return "avx512_bf16";
     default:
       return "portable";
   }
@@ -203,9 +170,8 @@ const char* to_string(Bf16Kernel kernel) {
 
 bool bf16_kernel_available(Bf16Kernel kernel) {
 #if defined(GRAPE_BF16_X86)
-  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-  if (kernel == Bf16Kernel::avx512) return avx512;
-  if (kernel == Bf16Kernel::avx512_bf16) return avx512 && __builtin_cpu_supports("avx512bf16");
+  if (kernel == Bf16Kernel::avx512)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
 #else
   if (kernel != Bf16Kernel::portable) return false;
 #endif
@@ -213,9 +179,7 @@ bool bf16_kernel_available(Bf16Kernel kernel) {
 }
 
 Bf16Kernel bf16_kernel_best() {
-  for (auto k : {Bf16Kernel::avx512_bf16, Bf16Kernel::avx512})
-    if (bf16_kernel_available(k)) return k;
-  return Bf16Kernel::portable;
+  return bf16_kernel_available(Bf16Kernel::avx512) ? Bf16Kernel::avx512 : Bf16Kernel::portable;
 }
 
 void linear_rows_bf16(Bf16Kernel kernel, const float* x, int64_t R, int64_t K, const uint16_t* W, int64_t N,

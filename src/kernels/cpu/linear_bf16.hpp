@@ -2,12 +2,14 @@
 // (docs/decode.md): half the bytes of fp32 weights per token. A bf16 value is the top 16 bits of an fp32
 // (same exponent range, 8 bits of mantissa), so widening it back is a 16-bit shift.
 //
-// Three kernels compute y[r, n] = sum_k x[r, k] W[n, k] with W bf16 [N, K] (row-major, as the fp32 weights
-// it was rounded from) and x, y fp32; the fastest this CPU runs is picked at run time (whatever -march says):
-//   portable     plain C++ (GRAPE_SIMD vectorises it): each weight widened to fp32, fp32 products
-//   avx512       AVX-512F: 32 weights per load split into their even and odd halves (a shift and a mask),
-//                fp32 FMAs against x's even and odd elements: the same products as portable
-//   avx512_bf16  AVX512_BF16's vdpbf16ps: x rounded to bf16 too, pairs of bf16 products summed in fp32
+// Two kernels compute y[r, n] = sum_k x[r, k] W[n, k] with W bf16 [N, K] (row-major, as the fp32 weights it
+// was rounded from) and x, y fp32, from the same products (fp32 x times the bf16 weight's exact fp32 value)
+// summed in fp32; the faster one this CPU runs is picked at run time (whatever -march says):
+//   portable  plain C++ (GRAPE_SIMD vectorises it): each weight widened to fp32
+//   avx512    AVX-512F/BW: 32 weights per load split into their even and odd halves (a shift and a mask),
+//             FMAs against x's even and odd elements
+// AVX512_BF16's vdpbf16ps (x rounded to bf16 too) was measured and not kept: no faster at batch 1 on the
+// whole model, 0.8x of the avx512 kernel at 16 rows, and it adds x's rounding (docs/decode.md).
 #pragma once
 
 #include <bit>
@@ -26,7 +28,7 @@ inline float bf16_to_float(uint16_t b) { return std::bit_cast<float>(uint32_t(b)
 // out[i] = bf16_round(x[i]) for i < n.
 void round_to_bf16(const float* x, int64_t n, uint16_t* out);
 
-enum class Bf16Kernel { portable, avx512, avx512_bf16 };
+enum class Bf16Kernel { portable, avx512 };
 const char* to_string(Bf16Kernel kernel);
 bool bf16_kernel_available(Bf16Kernel kernel);  // whether this CPU runs it
 Bf16Kernel bf16_kernel_best();                  // the one the decode engine uses on this CPU
