@@ -63,7 +63,7 @@ class Decoder {
   // Why the fast path was asked for but not taken ("" otherwise).
   const std::string& fallback_reason() const { return fallback_reason_; }
   DecodeWeights weights() const { return weights_; }
-  // The matrix-product kernel of bf16 weights on this CPU (avx512_bf16, avx512 or portable); "" for fp32.
+  // The matrix-product kernel of bf16 weights on this CPU (avx512 or portable); "" for fp32.
   std::string bf16_kernel() const;
   const Transformer& model() const { return model_; }
 
