@@ -1,7 +1,8 @@
 // Decoding with a KV cache on one of two paths (docs/decode.md):
 //   fast       the LibTorch-free engine (src/kernels/cpu/decoder.hpp): the model's fp32 weights read in
-//              place, preallocated per-sequence caches, OpenMP matrix products; for the encodings whose
-//              encode depends on positions alone (Encoding::positional_form);
+//              place (or bf16 copies, DecodeWeights), preallocated per-sequence caches, OpenMP matrix
+//              products; for the encodings whose encode depends on positions alone
+//              (Encoding::positional_form);
 //   reference  TransformerImpl::forward_cached, for every model: the oracle of the fast path.
 // The path is decided once, when the Decoder is built; path() and fallback_reason() say which runs and why.
 #pragma once
@@ -19,6 +20,14 @@ enum class DecodePath { fast, reference };
 const char* to_string(DecodePath path);
 // "fast" or "reference"; anything else throws std::invalid_argument naming `where` (e.g. "--decode").
 DecodePath parse_decode_path(const std::string& text, const std::string& where = "decode path");
+
+// The matrices' precision on the fast path: fp32 (the model's own weights, read in place) or bf16 (copies
+// rounded to nearest even once, when the Decoder is built; products accumulate in fp32; norms, gains and the
+// encodings' parameters stay fp32). The reference path is fp32 only.
+enum class DecodeWeights { fp32, bf16 };
+const char* to_string(DecodeWeights weights);
+// "fp32" or "bf16"; anything else throws std::invalid_argument naming `where` (e.g. "--decode-weights").
+DecodeWeights parse_decode_weights(const std::string& text, const std::string& where = "decode weights");
 
 // Why the fast engine cannot decode this model exactly: "" when it can. E.g. "the encoding 'grape-m-ctx'
 // reads the layer input x (contextual)", "kv_shift", "the weights are float64, not float32".
@@ -45,7 +54,10 @@ class Decoder {
   // `requested` fast: the engine when fast_decode_unsupported(model) is "", else the reference path. The
   // fast path reads the weights in place and tabulates the encodings' angles and distance biases: build the
   // Decoder after training, and keep the model alive and unchanged while it decodes.
-  explicit Decoder(Transformer model, DecodePath requested = DecodePath::fast);
+  // bf16 `weights` need the fast path: with DecodePath::reference, or a model that only the reference path
+  // decodes, the constructor throws std::invalid_argument saying why.
+  explicit Decoder(Transformer model, DecodePath requested = DecodePath::fast,
+                   DecodeWeights weights = DecodeWeights::fp32);
   ~Decoder();
   Decoder(const Decoder&) = delete;
   Decoder& operator=(const Decoder&) = delete;
@@ -53,6 +65,9 @@ class Decoder {
   DecodePath path() const { return path_; }
   // Why the fast path was asked for but not taken ("" otherwise).
   const std::string& fallback_reason() const { return fallback_reason_; }
+  DecodeWeights weights() const { return weights_; }
+  // The matrix-product kernel of bf16 weights on this CPU (avx512 or portable); "" for fp32.
+  std::string bf16_kernel() const;
   const Transformer& model() const { return model_; }
 
   DecodeCache new_cache() const;
@@ -67,6 +82,7 @@ class Decoder {
  private:
   Transformer model_;
   DecodePath path_;
+  DecodeWeights weights_;
   std::string fallback_reason_;
   uint64_t id_;
   std::unique_ptr<Engine> engine_;

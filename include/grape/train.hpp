@@ -186,6 +186,12 @@ std::string provenance_json(const std::string& command);
 double validation_loss(Transformer& model, const data::DataSource& data, int64_t context, int64_t batch,
                        int64_t max_batches);
 
+// The same through a Decoder (its path and weights, e.g. bf16): each window teacher-forced through fresh
+// caches, `chunk` tokens per forward call (0: the whole window in one call; 1: token by token, as decoding
+// steps). Throws std::invalid_argument for a negative chunk.
+double decode_validation_loss(Decoder& decoder, const data::DataSource& data, int64_t context, int64_t batch,
+                              int64_t max_batches, int64_t chunk = 0);
+
 struct LengthResult {
   int64_t factor = 1, context = 0, tokens = 0;
   double loss = 0, perplexity = 0;
@@ -221,6 +227,7 @@ struct SamplingOptions {
   // fast: the LibTorch-free engine where it supports the model (else the reference path, exactly as
   // fast_decode_unsupported says); reference: forward_cached, the oracle.
   DecodePath decode = DecodePath::fast;
+  DecodeWeights weights = DecodeWeights::fp32;  // bf16: the fast path's bf16 weights (DecodeWeights)
 };
 // Samples continuations of each prompt (batched, each with its own KV cache). on_token(row, id) is called
 // for every generated token as it comes. Returns the generated ids per prompt (eot not included).
@@ -247,9 +254,11 @@ struct DecodeThroughput {
   DecodePath path = DecodePath::fast;  // the path that ran
   std::string fallback_reason;         // why fast was asked for but not taken ("" otherwise)
   double mean_cache = 0;               // mean cached tokens per sequence over the timed steps
+  std::string bf16_kernel;             // with bf16 weights: the kernel of their products
 };
 DecodeThroughput measure_decode(Transformer& model, int64_t batch, int64_t prompt_len, int64_t tokens,
-                                DecodePath path = DecodePath::fast, bool ragged = false);
+                                DecodePath path = DecodePath::fast, bool ragged = false,
+                                DecodeWeights weights = DecodeWeights::fp32);
 double decode_tokens_per_s(Transformer& model, int64_t batch, int64_t prompt_len, int64_t tokens);
 
 struct CompareOptions {

@@ -21,7 +21,8 @@ struct DecodeArgs {
   std::vector<std::string> pes = {"rope"};
   std::vector<std::string> pe_sets;
   std::string attention = "fused";
-  std::string decode = "fast";  // fast | reference | both
+  std::string decode = "fast";   // fast | reference | both
+  std::string weights = "fp32";  // fp32 | bf16 | both (bf16 on the fast path only)
   int64_t batch = 1, tokens = 64, prompt = 16;
   bool ragged = false;
   std::string json;
@@ -43,23 +44,44 @@ double copy_bandwidth_gbps(double bytes) {
   return 2.0 * double(kFloats) * 4 / best / 1e9;
 }
 
+// Bytes of the weights a decode step reads: the matrices (the blocks' projections and the tied
+// embedding/head) at 2 bytes each with bf16 weights, every other parameter at 4.
+double weight_bytes(const Transformer& model, DecodeWeights weights) {
+  double bytes = 0;
+  for (const auto& p : model->named_parameters(/*recurse=*/true)) {
+    const std::string& n = p.key();
+    const bool matrix = n == "wte.weight" || n.ends_with(".wq.weight") || n.ends_with(".wk.weight") ||
+                        n.ends_with(".wv.weight") || n.ends_with(".wo.weight") || n.ends_with(".w1.weight") ||
+                        n.ends_with(".w2.weight") || n.ends_with(".w_out.weight");
+    bytes += double(p.value().numel()) * (matrix && weights == DecodeWeights::bf16 ? 2 : 4);
+  }
+  return bytes;
+}
+
 void run(const DecodeArgs& a) {
-  std::vector<DecodePath> order;  // both: reference and fast alternated, twice, best of each
-  if (a.decode == "both")
-    order = {DecodePath::reference, DecodePath::fast, DecodePath::reference, DecodePath::fast};
-  else
-    order = {parse_decode_path(a.decode, "--decode")};
+  // Each (path, weights) asked for; with two or more, alternated twice and the best of each kept.
+  std::vector<std::pair<DecodePath, DecodeWeights>> configs;
+  for (auto path : a.decode == "both" ? std::vector<DecodePath>{DecodePath::reference, DecodePath::fast}
+                                      : std::vector<DecodePath>{parse_decode_path(a.decode, "--decode")})
+    for (auto w : a.weights == "both"
+                      ? std::vector<DecodeWeights>{DecodeWeights::fp32, DecodeWeights::bf16}
+                      : std::vector<DecodeWeights>{parse_decode_weights(a.weights, "--weights")})
+      if (path == DecodePath::fast || w == DecodeWeights::fp32) configs.emplace_back(path, w);
+  if (configs.empty())
+    throw std::invalid_argument("--weights bf16 needs the fast decode path (--decode fast or both)");
+  auto order = configs;
+  if (configs.size() > 1) order.insert(order.end(), configs.begin(), configs.end());
   const double gbps = copy_bandwidth_gbps(512e6);
   std::string table = fmt::format(
       "threads: {}; copy bandwidth {:.2f} GB/s (read + write of 512 MB, measured now); batch {}{}, prompt {} "
       "tokens\n"
-      "bound = batch x bandwidth / bytes a step reads (fp32 weights once + each sequence's K and V cache);\n"
+      "bound = batch x bandwidth / bytes a step reads (the weights once + each sequence's K and V cache);\n"
       "bound@L3 = the same at the copy bandwidth of a buffer of the step's size (cache-resident weights)\n",
       torch::get_num_threads(), gbps, a.batch,
       a.ragged ? " (ragged: prompt + floor(prompt b / batch) tokens)" : "", a.prompt);
-  table +=
-      fmt::format("{:<7} {:<10} {:>11} {:>7} {:<10} {:>11} {:>9} {:>9} {:>7} {:>9} {:>7}\n", "preset", "pe",
-                  "parameters", "tokens", "path", "tokens/s", "MB/step", "bound", "%bound", "bound@L3", "%");
+  table += fmt::format("{:<7} {:<10} {:>11} {:>7} {:<10} {:<7} {:>11} {:>9} {:>9} {:>7} {:>9} {:>7}\n",
+                       "preset", "pe", "parameters", "tokens", "path", "weights", "tokens/s", "MB/step",
+                       "bound", "%bound", "bound@L3", "%");
   nlohmann::json rows = nlohmann::json::array();
   for (const auto& preset : a.presets)
     for (const auto& pe : a.pes) {
@@ -73,25 +95,30 @@ void run(const DecodeArgs& a) {
       m.validate();
       torch::manual_seed(0);
       Transformer model(m);
-      std::map<DecodePath, train::DecodeThroughput> best;
-      for (auto path : order) {
-        auto r = train::measure_decode(model, a.batch, a.prompt, a.tokens, path, a.ragged);
-        auto& b = best[r.path];
+      // bf16 runs on the fast path only: a model that falls back to the reference path skips it, saying why.
+      const std::string unsupported = fast_decode_unsupported(model);
+      std::map<std::pair<DecodePath, DecodeWeights>, train::DecodeThroughput> best;
+      for (auto [path, w] : order) {
+        if (w == DecodeWeights::bf16 && !unsupported.empty()) continue;
+        auto r = train::measure_decode(model, a.batch, a.prompt, a.tokens, path, a.ragged, w);
+        auto& b = best[{r.path, w}];
         if (r.tokens_per_s > b.tokens_per_s) b = r;
       }
-      const double weights = double(model->num_parameters()) * 4;
-      const double resident_gbps = copy_bandwidth_gbps(weights);
-      for (const auto& [path, r] : best) {
+      const double resident_gbps = copy_bandwidth_gbps(weight_bytes(model, DecodeWeights::fp32));
+      for (const auto& [key, r] : best) {
+        const auto [path, w] = key;
         const double kv = 2.0 * double(m.n_layer) * r.mean_cache * double(m.n_embd) * 4;
-        const double step_bytes = weights + double(a.batch) * kv;
+        const double step_bytes = weight_bytes(model, w) + double(a.batch) * kv;
         const double bound = double(a.batch) * gbps * 1e9 / step_bytes;
         const double bound_l3 = double(a.batch) * resident_gbps * 1e9 / step_bytes;
         table += fmt::format(
-            "{:<7} {:<10} {:>11} {:>7} {:<10} {:>11.1f} {:>9.2f} {:>9.1f} {:>6.1f}% {:>9.1f} {:>6.1f}%\n",
-            preset, m.pe, model->num_parameters(), a.tokens, to_string(path), r.tokens_per_s,
+            "{:<7} {:<10} {:>11} {:>7} {:<10} {:<7} {:>11.1f} {:>9.2f} {:>9.1f} {:>6.1f}% {:>9.1f} "
+            "{:>6.1f}%\n",
+            preset, m.pe, model->num_parameters(), a.tokens, to_string(path), to_string(w), r.tokens_per_s,
             step_bytes / 1e6, bound, 100.0 * r.tokens_per_s / bound, bound_l3,
             100.0 * r.tokens_per_s / bound_l3);
         if (!r.fallback_reason.empty()) table += "  (fast path not used: " + r.fallback_reason + ")\n";
+        if (!r.bf16_kernel.empty()) table += "  (bf16 products: the " + r.bf16_kernel + " kernel)\n";
         rows.push_back({{"preset", preset},
                         {"pe", m.pe},
                         {"parameters", model->num_parameters()},
@@ -101,6 +128,8 @@ void run(const DecodeArgs& a) {
                         {"prompt_lengths", train::bench_prompt_lengths(a.batch, a.prompt, a.ragged)},
                         {"tokens", a.tokens},
                         {"path", to_string(path)},
+                        {"weights", to_string(w)},
+                        {"bf16_kernel", r.bf16_kernel},
                         {"fallback_reason", r.fallback_reason},
                         {"tokens_per_s", r.tokens_per_s},
                         {"bytes_per_step", step_bytes},
@@ -112,9 +141,18 @@ void run(const DecodeArgs& a) {
                         {"attention", a.attention},
                         {"threads", torch::get_num_threads()}});
       }
-      if (best.size() == 2)
-        table += fmt::format("  fast / reference: {:.2f}x\n",
-                             best[DecodePath::fast].tokens_per_s / best[DecodePath::reference].tokens_per_s);
+      const std::pair ref{DecodePath::reference, DecodeWeights::fp32},
+          fast{DecodePath::fast, DecodeWeights::fp32}, bf16{DecodePath::fast, DecodeWeights::bf16};
+      if (best.count(ref) && best.count(fast))
+        table +=
+            fmt::format("  fast / reference: {:.2f}x\n", best[fast].tokens_per_s / best[ref].tokens_per_s);
+      if (best.count(fast) && best.count(bf16))
+        table +=
+            fmt::format("  bf16 / fp32 (fast): {:.2f}x\n", best[bf16].tokens_per_s / best[fast].tokens_per_s);
+      if (std::any_of(configs.begin(), configs.end(),
+                      [](auto c) { return c.second == DecodeWeights::bf16; }) &&
+          !unsupported.empty())
+        table += "  (bf16 not run: it needs the fast path, and " + unsupported + ")\n";
     }
   fmt::print("{}", table);
   if (!a.json.empty()) io::write_file_atomic(a.json, rows.dump(2) + "\n");
@@ -139,6 +177,10 @@ void add_bench_decode(CLI::App* bench) {
                   "fast (the LibTorch-free engine where it supports the model), reference (forward_cached) "
                   "or both, alternated")
       ->check(CLI::IsMember({"fast", "reference", "both"}))
+      ->capture_default_str();
+  cmd->add_option("--weights", a->weights,
+                  "the fast path's matrices: fp32, bf16 (rounded once, fp32 sums) or both, alternated")
+      ->check(CLI::IsMember({"fp32", "bf16", "both"}))
       ->capture_default_str();
   cmd->add_option("--batch", a->batch, "sequences decoded together")
       ->check(CLI::Range(1, 4096))

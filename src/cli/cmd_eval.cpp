@@ -102,6 +102,46 @@ std::string rope_scaling_text(const std::string& arg) {
   return j.dump();
 }
 
+// Perplexity at the training context through the fast decode engine, per weight type ("fp32", "bf16" or
+// "both"), over the windows `grape eval` scores at 1x; prints a table and returns its rows (with both, also
+// the bf16 / fp32 perplexity ratio).
+nlohmann::json decode_perplexity(Transformer& model, const data::DataSource& data, const std::string& which,
+                                 int64_t tokens, int64_t chunk) {
+  const int64_t context = model->config().context;
+  const int64_t batch = std::max<int64_t>(1, std::min<int64_t>(8, tokens / context));  // as evaluate() at 1x
+  const int64_t batches = std::max<int64_t>(1, tokens / (batch * context));
+  std::vector<DecodeWeights> weights = {DecodeWeights::fp32, DecodeWeights::bf16};
+  if (which != "both") weights = {parse_decode_weights(which, "--decode-weights")};
+  nlohmann::json out = {{"context", context}, {"tokens", batch * batches * context}, {"chunk", chunk}};
+  fmt::print("through the decode engine at context {} ({} tokens, {} per call):\n{:>8} {:>10} {:>12}  path\n",
+             context, batch * batches * context,
+             chunk == 0   ? "a window"
+             : chunk == 1 ? "1 token"
+                          : std::to_string(chunk) + " tokens",
+             "weights", "val loss", "perplexity");
+  std::map<std::string, double> ppl;
+  for (auto w : weights) {
+    Decoder decoder(model, DecodePath::fast, w);
+    const double loss = train::decode_validation_loss(decoder, data, context, batch, batches, chunk);
+    ppl[to_string(w)] = std::exp(loss);
+    std::string path = to_string(decoder.path());
+    if (!decoder.fallback_reason().empty()) path += " (" + decoder.fallback_reason() + ")";
+    if (!decoder.bf16_kernel().empty()) path += ", " + decoder.bf16_kernel() + " kernel";
+    fmt::print("{:>8} {:>10.5f} {:>12.4f}  {}\n", to_string(w), loss, std::exp(loss), path);
+    out["rows"].push_back({{"weights", to_string(w)},
+                           {"loss", loss},
+                           {"perplexity", std::exp(loss)},
+                           {"path", to_string(decoder.path())},
+                           {"bf16_kernel", decoder.bf16_kernel()}});
+  }
+  if (ppl.size() == 2) {
+    const double ratio = ppl["bf16"] / ppl["fp32"];
+    fmt::print("bf16 / fp32 perplexity: {:.5f} ({:+.3f}%)\n", ratio, 100.0 * (ratio - 1));
+    out["bf16_over_fp32"] = ratio;
+  }
+  return out;
+}
+
 }  // namespace
 
 void add_eval_command(CLI::App& app) {
@@ -113,6 +153,8 @@ void add_eval_command(CLI::App& app) {
     int64_t tokens = 16384, examples = 200;
     std::string extend, factor, rope_scaling;
     std::vector<std::string> extend_sets;
+    std::string decode_weights;
+    int64_t decode_chunk = 0;
   };
   auto a = std::make_shared<Args>();
   cmd->add_option("--run", a->run, "run directory")->required();
@@ -144,6 +186,15 @@ void add_eval_command(CLI::App& app) {
       "a Hugging Face rope_scaling dictionary (JSON text, or a config.json holding one) applied as "
       "transformers computes it: linear, dynamic, yarn, longrope, llama3; original context "
       "defaults to the run's");
+  cmd->add_option("--decode-weights", a->decode_weights,
+                  "also measure the perplexity at the training context through the fast decode engine with "
+                  "these weights: fp32, bf16 or both (the same windows, teacher-forced; docs/decode.md)")
+      ->check(CLI::IsMember({"fp32", "bf16", "both"}));
+  cmd->add_option(
+         "--decode-chunk", a->decode_chunk,
+         "with --decode-weights: tokens per decode call (0: each window in one call; 1: token by token)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   cmd->callback([a] {
     auto run = train::read_run(a->run);
     if (a->extend.empty() && (!a->factor.empty() || !a->extend_sets.empty()))
@@ -198,6 +249,8 @@ void add_eval_command(CLI::App& app) {
     j["data"] = data::absolute_spec(data_spec);
     j["factors"] = a->factors;
     j["tokens_per_length"] = a->tokens;
+    if (!a->decode_weights.empty())
+      j["decode"] = decode_perplexity(model, *data, a->decode_weights, a->tokens, a->decode_chunk);
     j["provenance"] = nlohmann::json::parse(train::provenance_json(invocation()));
     if (!a->extend.empty()) j["extension"] = {{"method", a->extend}, {"options", shown}};
     if (!a->rope_scaling.empty())

@@ -18,6 +18,7 @@ void add_generate_command(CLI::App& app) {
     train::SamplingOptions sampling;
     bool crop = false;
     std::string decode = "fast";
+    std::string weights = "fp32";
   };
   auto a = std::make_shared<Args>();
   cmd->add_option("--run", a->run, "run directory")->required();
@@ -36,6 +37,10 @@ void add_generate_command(CLI::App& app) {
                   "fast: the LibTorch-free decode engine where it supports the model (else the reference "
                   "path, saying why); reference: the LibTorch forward with the KV cache (the oracle)")
       ->check(CLI::IsMember({"fast", "reference"}))
+      ->capture_default_str();
+  cmd->add_option("--decode-weights", a->weights,
+                  "fp32: the model's weights; bf16: the fast path with its matrices rounded to bf16 (fp32 "
+                  "sums; docs/decode.md)")
       ->capture_default_str();
   cmd->add_option("--tokenizer", a->tokenizer,
                   "for a run trained on token ids (tokenizer none): the GPT-2 BPE vocabulary to decode and "
@@ -73,6 +78,9 @@ void add_generate_command(CLI::App& app) {
     a->sampling.eot = tok->eot();
     if (a->crop) a->sampling.crop = run.model.context;
     a->sampling.decode = parse_decode_path(a->decode, "--decode");
+    a->sampling.weights = parse_decode_weights(a->weights, "--decode-weights");
+    if (a->sampling.weights == DecodeWeights::bf16 && a->sampling.decode == DecodePath::reference)
+      throw std::invalid_argument("--decode-weights bf16 needs --decode fast (the reference path is fp32)");
     const std::string unsupported =
         a->sampling.decode == DecodePath::fast ? fast_decode_unsupported(model) : "";
     const auto t0 = std::chrono::steady_clock::now();
@@ -96,11 +104,12 @@ void add_generate_command(CLI::App& app) {
     std::fflush(stdout);
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     // On stderr, so that stdout is the text alone.
-    fmt::print(
-        stderr,
-        "{} tokens in {:.2f} s: {:.1f} tokens/s (prompt{} of up to {} tokens included), decode: {}{}\n",
-        generated, s, double(generated) / std::max(s, 1e-9), a->prompts.size() > 1 ? "s" : "", longest,
-        unsupported.empty() ? a->decode : "reference", unsupported.empty() ? "" : " (" + unsupported + ")");
+    fmt::print(stderr,
+               "{} tokens in {:.2f} s: {:.1f} tokens/s (prompt{} of up to {} tokens included), decode: {}{}, "
+               "weights {}\n",
+               generated, s, double(generated) / std::max(s, 1e-9), a->prompts.size() > 1 ? "s" : "", longest,
+               unsupported.empty() ? a->decode : "reference",
+               unsupported.empty() ? "" : " (" + unsupported + ")", a->weights);
     if (!a->crop && int64_t(longest + generated / a->prompts.size()) > run.model.context)
       fmt::print(stderr,
                  "note: past {} tokens the model read more than its training context (--crop keeps the last "

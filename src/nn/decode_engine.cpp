@@ -25,6 +25,14 @@ DecodePath parse_decode_path(const std::string& text, const std::string& where) 
   throw std::invalid_argument(fmt::format("{}: '{}' is not a decode path (fast or reference)", where, text));
 }
 
+const char* to_string(DecodeWeights weights) { return weights == DecodeWeights::fp32 ? "fp32" : "bf16"; }
+
+DecodeWeights parse_decode_weights(const std::string& text, const std::string& where) {
+  if (text == "fp32") return DecodeWeights::fp32;
+  if (text == "bf16") return DecodeWeights::bf16;
+  throw std::invalid_argument(fmt::format("{}: '{}' is not a weight type (fp32 or bf16)", where, text));
+}
+
 namespace {
 
 std::map<std::string, torch::Tensor> parameters_by_name(const Transformer& model) {
@@ -90,11 +98,27 @@ struct Decoder::Engine {
   int64_t width = 0;                               // the distance tables cover distances < this
   std::vector<std::vector<float>> panels;          // the matrices in kc::pack_panels' layout (a batch's)
   kc::DecoderWorkspace ws;
+  std::vector<std::vector<uint16_t>> bf16;  // the matrices' bf16 copies (DecodeWeights::bf16)
 
   // The panels of W [N, K], kept here.
   const float* pack(const float* W, int64_t N, int64_t K) {
     panels.push_back(kc::pack_panels(W, N, K));
     return panels.back().data();
+  }
+
+  // A copy of every fp32 matrix as panels, made by the first pass of several sequences with enough rows to
+  // use them (as much memory again as the weights, so one sequence alone never pays it; bf16 copies are not
+  // packed: their batches read the bf16 rows).
+  void pack_for_batches(int64_t sequences, int64_t rows) {
+    if (!panels.empty() || model.wte_bf16 || sequences < 2 || rows < kc::kPanelMinRows) return;
+    const int64_t C = model.C, HD = model.H * model.D, F = model.hidden;
+    for (auto& l : model.layers) {
+      l.panels.wq = pack(l.wq, HD, C), l.panels.wk = pack(l.wk, HD, C);
+      l.panels.wv = pack(l.wv, HD, C), l.panels.wo = pack(l.wo, C, HD);
+      l.panels.w1 = pack(l.w1, F, C), l.panels.w2 = pack(l.w2, F, C);
+      l.panels.w_out = pack(l.w_out, C, F);
+    }
+    model.wte_panels = pack(model.wte, model.vocab, C);
   }
 
   // Tables covering every position < n (grown to at least double, so that growing is rare).
@@ -132,24 +156,41 @@ struct Decoder::Engine {
   }
 };
 
-Decoder::Decoder(Transformer model, DecodePath requested)
-    : model_(std::move(model)), path_(requested), id_(next_decoder_id++) {
+Decoder::Decoder(Transformer model, DecodePath requested, DecodeWeights weights)
+    : model_(std::move(model)), path_(requested), weights_(weights), id_(next_decoder_id++) {
   if (requested == DecodePath::fast) fallback_reason_ = fast_decode_unsupported(model_);
   if (!fallback_reason_.empty()) path_ = DecodePath::reference;
+  if (weights == DecodeWeights::bf16 && path_ != DecodePath::fast)
+    throw std::invalid_argument(
+        requested == DecodePath::reference
+            ? "bf16 decode weights need the fast decode path, not the reference one (the oracle is fp32)"
+            : "bf16 decode weights need the fast decode path, which cannot run this model: " +
+                  fallback_reason_);
   model_->eval();
   if (path_ != DecodePath::fast) return;
   const auto& c = model_->config();
   auto params = parameters_by_name(model_);
-  auto ptr = [&](const std::string& name) -> const float* {
+  auto param = [&](const std::string& name) -> const torch::Tensor& {
     auto it = params.find(name);
     if (it == params.end()) throw std::logic_error("decoder: the model has no parameter " + name);
-    return it->second.data_ptr<float>();
+    return it->second;
   };
+  auto ptr = [&](const std::string& name) { return param(name).data_ptr<float>(); };
   engine_ = std::make_unique<Engine>();
+  // A matrix's bf16 copy, owned by the engine (null with fp32 weights).
+  auto bf16 = [&](const std::string& name) -> const uint16_t* {
+    if (weights != DecodeWeights::bf16) return nullptr;
+    const auto& t = param(name);
+    auto& copy = engine_->bf16.emplace_back(size_t(t.numel()));
+    kc::round_to_bf16(t.data_ptr<float>(), t.numel(), copy.data());
+    return copy.data();
+  };
   auto& m = engine_->model;
   m.vocab = c.vocab_size, m.C = c.n_embd, m.H = c.n_head, m.D = c.head_dim(), m.hidden = c.hidden();
   m.eps = float(c.norm_eps);
   m.wte = ptr("wte.weight"), m.norm_f = ptr("norm_f.weight");
+  m.wte_bf16 = bf16("wte.weight");
+  m.bf16_kernel = kc::bf16_kernel_best();
   engine_->pes = model_->encodings();
   for (int64_t l = 0; l < c.n_layer; ++l) {
     const std::string b = fmt::format("blocks.{}.", l);
@@ -158,6 +199,10 @@ Decoder::Decoder(Transformer model, DecodePath requested)
     layer.wq = ptr(b + "wq.weight"), layer.wk = ptr(b + "wk.weight"), layer.wv = ptr(b + "wv.weight");
     layer.wo = ptr(b + "wo.weight"), layer.w1 = ptr(b + "w1.weight"), layer.w2 = ptr(b + "w2.weight");
     layer.w_out = ptr(b + "w_out.weight");
+    layer.wq_bf16 = bf16(b + "wq.weight"), layer.wk_bf16 = bf16(b + "wk.weight");
+    layer.wv_bf16 = bf16(b + "wv.weight"), layer.wo_bf16 = bf16(b + "wo.weight");
+    layer.w1_bf16 = bf16(b + "w1.weight"), layer.w2_bf16 = bf16(b + "w2.weight");
+    layer.w_out_bf16 = bf16(b + "w_out.weight");
     if (c.qk_norm != "off") layer.q_norm = ptr(b + "q_norm.weight"), layer.k_norm = ptr(b + "k_norm.weight");
     layer.norm_after_rotation = c.qk_norm == "after_rotation";
     auto form = *engine_->pes[size_t(l)]->positional_form();
@@ -179,22 +224,16 @@ Decoder::Decoder(Transformer model, DecodePath requested)
       layer.probe_eps = float(form.probe_eps), layer.probe_sign = float(form.probe_sign);
     }
   }
-  // A copy of every matrix as panels for batched passes (as much memory again as the weights; batch 1 reads
-  // the model's own row-major weights).
-  const int64_t C = m.C, HD = m.H * m.D, F = m.hidden;
-  for (auto& l : m.layers) {
-    l.panels.wq = engine_->pack(l.wq, HD, C), l.panels.wk = engine_->pack(l.wk, HD, C);
-    l.panels.wv = engine_->pack(l.wv, HD, C), l.panels.wo = engine_->pack(l.wo, C, HD);
-    l.panels.w1 = engine_->pack(l.w1, F, C), l.panels.w2 = engine_->pack(l.w2, F, C);
-    l.panels.w_out = engine_->pack(l.w_out, C, F);
-  }
-  m.wte_panels = engine_->pack(m.wte, m.vocab, C);
   engine_->cos.resize(m.layers.size()), engine_->sin.resize(m.layers.size());
   engine_->dist.resize(m.layers.size());
   engine_->cover(1);
 }
 
 Decoder::~Decoder() = default;
+
+std::string Decoder::bf16_kernel() const {
+  return weights_ == DecodeWeights::bf16 ? kc::to_string(engine_->model.bf16_kernel) : "";
+}
 
 DecodeCache Decoder::new_cache() const {
   DecodeCache cache;
@@ -295,6 +334,7 @@ torch::Tensor Decoder::forward(const torch::Tensor& tokens, const std::vector<De
     }
   }
   e.cover(longest);
+  e.pack_for_batches(B, B * T);
   auto logits = torch::empty({B, T, c.vocab_size}, torch::kFloat32);
   kc::decoder_forward(e.model, rows, e.ws, logits.data_ptr<float>());
   for (auto* cache : caches) cache->length += T;

@@ -2,6 +2,7 @@
 // accuracy on synthetic tasks (teacher-forced argmax over the answer, which equals greedy decoding's answer).
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <map>
@@ -25,6 +26,30 @@ double validation_loss(Transformer& model, const data::DataSource& data, int64_t
     weight += w;
   }
   if (was_training) model->train();
+  if (weight == 0) throw std::runtime_error("validation: no scored tokens in the validation split");
+  return total / weight;
+}
+
+double decode_validation_loss(Decoder& decoder, const data::DataSource& data, int64_t context, int64_t batch,
+                              int64_t max_batches, int64_t chunk) {
+  if (chunk < 0) throw std::invalid_argument(fmt::format("decode chunk must be >= 0 tokens, got {}", chunk));
+  torch::NoGradGuard no_grad;
+  double total = 0, weight = 0;
+  for (const auto& b : data.val_batches(batch, context, max_batches)) {
+    const int64_t B = b.x.size(0), T = b.x.size(1), step = chunk == 0 ? T : chunk;
+    std::vector<DecodeCache> caches;
+    for (int64_t i = 0; i < B; ++i) caches.push_back(decoder.new_cache());
+    std::vector<DecodeCache*> ptrs;
+    for (auto& c : caches) ptrs.push_back(&c);
+    for (int64_t t0 = 0; t0 < T; t0 += step) {
+      const int64_t n = std::min(step, T - t0);
+      auto logp = decoder.forward(b.x.narrow(1, t0, n), ptrs).to(torch::kFloat64).log_softmax(-1);
+      auto nll = -logp.gather(-1, b.y.narrow(1, t0, n).unsqueeze(-1)).squeeze(-1);  // [B, n]
+      auto w = b.mask.defined() ? b.mask.narrow(1, t0, n).to(torch::kFloat64) : torch::ones_like(nll);
+      total += (nll * w).sum().item<double>();
+      weight += w.sum().item<double>();
+    }
+  }
   if (weight == 0) throw std::runtime_error("validation: no scored tokens in the validation split");
   return total / weight;
 }

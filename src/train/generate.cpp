@@ -54,7 +54,7 @@ std::vector<std::vector<int32_t>> generate(Transformer& model,
     throw std::invalid_argument("generate: temperature must be a finite number >= 0");
   if (opts.crop < 0 || opts.crop == 1) throw std::invalid_argument("generate: crop must be 0 (off) or >= 2");
   torch::NoGradGuard no_grad;
-  Decoder decoder(model, opts.decode);
+  Decoder decoder(model, opts.decode, opts.weights);
   const size_t n = prompts.size();
   std::vector<DecodeCache> caches(n);
   std::vector<std::vector<int32_t>> out(n);
@@ -161,10 +161,10 @@ std::vector<int64_t> bench_prompt_lengths(int64_t batch, int64_t prompt_len, boo
 }
 
 DecodeThroughput measure_decode(Transformer& model, int64_t batch, int64_t prompt_len, int64_t tokens,
-                                DecodePath path, bool ragged) {
+                                DecodePath path, bool ragged, DecodeWeights weights) {
   if (batch < 1 || prompt_len < 1 || tokens < 1)
     throw std::invalid_argument("measure_decode: batch, prompt_len and tokens must be >= 1");
-  Decoder decoder(model, path);
+  Decoder decoder(model, path, weights);
   const int64_t V = model->config().vocab_size;
   std::vector<std::vector<int64_t>> prompts;
   double cached = 0;
@@ -176,7 +176,7 @@ DecodeThroughput measure_decode(Transformer& model, int64_t batch, int64_t promp
   double s = 0;
   greedy_decode(decoder, prompts, tokens, &s);
   return {double(batch * tokens) / std::max(s, 1e-9), decoder.path(), decoder.fallback_reason(),
-          cached / double(batch)};
+          cached / double(batch), decoder.bf16_kernel()};
 }
 
 double decode_tokens_per_s(Transformer& model, int64_t batch, int64_t prompt_len, int64_t tokens) {

@@ -268,6 +268,16 @@ void linear_shared(const float* x, int64_t R, int64_t K, const float* W, int64_t
   linear_part<true>(x, R, K, W, N, y, std::min(N, b0 * kRowsW), std::min(N, b1 * kRowsW));
 }
 
+// This thread's share of y = x W^T: from W's bf16 copy when the model has one (W16), else from fp32 W (its
+// panels for a batch, when packed).
+void product(const DecoderModel& m, const float* x, int64_t R, int64_t K, const float* W, const uint16_t* W16,
+             const float* panels, int64_t N, float* y) {
+  if (W16)
+    linear_shared_bf16(m.bf16_kernel, x, R, K, W16, N, y);
+  else
+    linear_shared(x, R, K, W, N, y, panels);
+}
+
 // Rotation and YaRN's factor of one head's q or k (D values) at position pos, in place.
 void rotate_head(const DecoderLayer& l, int64_t h, int64_t pos, int64_t D, float* x) {
   if (!l.cos) return;
@@ -394,16 +404,21 @@ void decoder_forward(const DecoderModel& m, const std::vector<DecoderRow>& rows,
 #pragma omp for
     for (int64_t r = 0; r < R; ++r) {
       const auto& row = rows[size_t(seq_of[size_t(r)])];
-      std::copy_n(m.wte + row.tokens[r - start[size_t(seq_of[size_t(r)])]] * C, C, x + r * C);
+      const int64_t id = row.tokens[r - start[size_t(seq_of[size_t(r)])]];
+      if (m.wte_bf16)
+        for (int64_t c = 0; c < C; ++c) x[r * C + c] = bf16_to_float(m.wte_bf16[id * C + c]);
+      else
+        std::copy_n(m.wte + id * C, C, x + r * C);
     }
     for (size_t li = 0; li < m.layers.size(); ++li) {
       const DecoderLayer& l = m.layers[li];
 #pragma omp for
       for (int64_t r = 0; r < R; ++r) rmsnorm_row(x + r * C, l.norm1, C, m.eps, xn + r * C);
-      linear_shared(xn, R, C, l.wq, HD, q, l.panels.wq);
-      linear_shared(xn, R, C, l.wk, HD, k, l.panels.wk);
-      linear_shared(xn, R, C, l.wv, HD, v, l.panels.wv);
-      if (l.probe_w) linear_shared(xn, R, C, l.probe_w, H * l.probe_dim, probe, nullptr);  // GRAPE-AP's probes
+      product(m, xn, R, C, l.wq, l.wq_bf16, l.panels.wq, HD, q);
+      product(m, xn, R, C, l.wk, l.wk_bf16, l.panels.wk, HD, k);
+      product(m, xn, R, C, l.wv, l.wv_bf16, l.panels.wv, HD, v);
+      if (l.probe_w)
+        product(m, xn, R, C, l.probe_w, nullptr, nullptr, H * l.probe_dim, probe);  // GRAPE-AP's probes
       if (l.slope) {
 #pragma omp for nowait
         for (int64_t i = 0; i < H * maxT; ++i) bias_c[i] = l.slope[i / maxT];
@@ -476,26 +491,26 @@ void decoder_forward(const DecoderModel& m, const std::vector<DecoderRow>& rows,
         const int64_t r = rh / H, h = rh % H, b = seq_of[size_t(r)], t = r - start[size_t(b)];
         std::copy_n(yh + (start[size_t(b)] * H + h * rows[size_t(b)].T + t) * D, D, y + r * HD + h * D);
       }
-      linear_shared(y, R, HD, l.wo, C, xn, l.panels.wo);
+      product(m, y, R, HD, l.wo, l.wo_bf16, l.panels.wo, C, xn);
 #pragma omp barrier
 #pragma omp for
       for (int64_t r = 0; r < R; ++r) {
         for (int64_t c = 0; c < C; ++c) x[r * C + c] += xn[r * C + c];  // h = x + attention
         rmsnorm_row(x + r * C, l.norm2, C, m.eps, xn + r * C);
       }
-      linear_shared(xn, R, C, l.w1, F, a, l.panels.w1);
-      linear_shared(xn, R, C, l.w2, F, g, l.panels.w2);
+      product(m, xn, R, C, l.w1, l.w1_bf16, l.panels.w1, F, a);
+      product(m, xn, R, C, l.w2, l.w2_bf16, l.panels.w2, F, g);
 #pragma omp barrier
 #pragma omp for
       for (int64_t i = 0; i < R * F; ++i) a[i] = a[i] / (1.0f + std::exp(-a[i])) * g[i];  // SwiGLU
-      linear_shared(a, R, F, l.w_out, C, xn, l.panels.w_out);
+      product(m, a, R, F, l.w_out, l.w_out_bf16, l.panels.w_out, C, xn);
 #pragma omp barrier
 #pragma omp for
       for (int64_t i = 0; i < R * C; ++i) x[i] += xn[i];
     }
 #pragma omp for
     for (int64_t r = 0; r < R; ++r) rmsnorm_row(x + r * C, m.norm_f, C, m.eps, xn + r * C);
-    linear_shared(xn, R, C, m.wte, V, logits, m.wte_panels);  // the tied head
+    product(m, xn, R, C, m.wte, m.wte_bf16, m.wte_panels, V, logits);  // the tied head
   }
 }
 

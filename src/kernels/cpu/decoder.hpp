@@ -14,6 +14,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "kernels/cpu/linear_bf16.hpp"
+
 namespace grape::kernels::cpu {
 
 // y[r, n] = sum_k x[r, k] W[n, k] for r < R, n < N: a linear layer without bias, W row-major [N, K] as
@@ -39,6 +41,9 @@ constexpr int64_t kPanelMinRows = 8;
 struct DecoderLayer {
   const float *norm1 = nullptr, *wq = nullptr, *wk = nullptr, *wv = nullptr, *wo = nullptr;
   const float *norm2 = nullptr, *w1 = nullptr, *w2 = nullptr, *w_out = nullptr;
+  // bf16 copies of the matrices above (null: the products read the fp32 ones), with DecoderModel::bf16_kernel
+  const uint16_t *wq_bf16 = nullptr, *wk_bf16 = nullptr, *wv_bf16 = nullptr, *wo_bf16 = nullptr;
+  const uint16_t *w1_bf16 = nullptr, *w2_bf16 = nullptr, *w_out_bf16 = nullptr;
   const float *q_norm = nullptr, *k_norm = nullptr;  // [D] gains shared by the heads; null: no QK-norm
   bool norm_after_rotation = false;                  // QK-norm of the rotated q~, k~ (qk_norm=after_rotation)
   // Rotation of q and k by position: cos, sin [positions][G][P] (sin carries the orientation's sign), G = 1
@@ -73,9 +78,11 @@ struct DecoderLayer {
 struct DecoderModel {
   int64_t vocab = 0, C = 0, H = 0, D = 0, hidden = 0;
   float eps = 1e-5f;
-  const float* wte = nullptr;         // [vocab, C], also the LM head
-  const float* norm_f = nullptr;      // [C]
-  const float* wte_panels = nullptr;  // pack_panels(wte), or null
+  const float* wte = nullptr;          // [vocab, C], also the LM head
+  const float* norm_f = nullptr;       // [C]
+  const uint16_t* wte_bf16 = nullptr;  // wte's bf16 copy for the embedding and the head (null: fp32)
+  Bf16Kernel bf16_kernel = Bf16Kernel::portable;  // the kernel of the products with bf16 weights
+  const float* wte_panels = nullptr;              // pack_panels(wte), or null
   std::vector<DecoderLayer> layers;
 };
 
