@@ -153,8 +153,8 @@ TEST(Bf16Decode, BadRequestsAreClearErrors) {
   auto m = make_model("rope");
   expect_invalid([&] { Decoder d(m, DecodePath::reference, DecodeWeights::bf16); },
                  {"bf16", "fast decode path", "not the reference"});
-  expect_invalid([] { Decoder d(make_model("grape-ap"), DecodePath::fast, DecodeWeights::bf16); },
-                 {"bf16", "cannot run this model", "grape-ap", "contextual"});
+  expect_invalid([] { Decoder d(make_model("grape-m-ctx"), DecodePath::fast, DecodeWeights::bf16); },
+                 {"bf16", "cannot run this model", "grape-m-ctx", "contextual"});
   EXPECT_EQ(parse_decode_weights("bf16"), DecodeWeights::bf16);
   EXPECT_EQ(parse_decode_weights("fp32"), DecodeWeights::fp32);
   expect_invalid([] { parse_decode_weights("fp16", "--decode-weights"); },
