@@ -91,7 +91,7 @@ TEST(Bf16Decode, RoundingIsLibTorchs) {
 // bf16's rounding (2^-9 relative per weight) carried through two layers.
 TEST(Bf16Decode, EqualsTheRoundedModelAndIsCloseToFp32) {
   const int64_t L = 24;
-  for (const std::string pe : {"rope", "alibi", "fox", "t5"}) {
+  for (const std::string pe : {"rope", "alibi", "fox", "t5", "grape-ap"}) {
     SCOPED_TRACE(pe);
     auto m = make_model(pe);
     torch::NoGradGuard no_grad;
