@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 
 #include <cstdint>
+#include <map>
 #include <string>
 
 #include "grape/model.hpp"
@@ -24,6 +25,23 @@ inline Transformer perturbed_model(const ModelConfig& c, uint64_t seed, double s
     if (moved) item.value().add_(torch::randn_like(item.value()) * scale);
   }
   return m;
+}
+
+// The decode tests' model: 2 layers, C = 48, 3 heads (D = 16), hidden 128 (8C/3), vocab 61, context 32: odd
+// sizes reach the kernels' tails.
+inline ModelConfig decode_test_config(const std::string& pe, std::map<std::string, std::string> opts = {},
+                                      const std::string& qk_norm = "before_rotation") {
+  ModelConfig c;
+  c.preset = "test";
+  c.vocab_size = 61;
+  c.n_layer = 2;
+  c.n_head = 3;
+  c.n_embd = 48;
+  c.context = 32;
+  c.pe = pe;
+  c.pe_options = std::move(opts);
+  c.qk_norm = qk_norm;
+  return c;
 }
 
 }  // namespace grape::testing

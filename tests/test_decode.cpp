@@ -17,20 +17,9 @@ namespace {
 
 using grape::testing::expect_invalid;
 
-// 2 layers, C = 48, 3 heads (D = 16), hidden 128 (8C/3), vocab 61: odd sizes reach the kernels' tails.
 ModelConfig config(const std::string& pe, std::map<std::string, std::string> opts = {},
                    const std::string& qk_norm = "before_rotation") {
-  ModelConfig c;
-  c.preset = "test";
-  c.vocab_size = 61;
-  c.n_layer = 2;
-  c.n_head = 3;
-  c.n_embd = 48;
-  c.context = 32;
-  c.pe = pe;
-  c.pe_options = std::move(opts);
-  c.qk_norm = qk_norm;
-  return c;
+  return testing::decode_test_config(pe, std::move(opts), qk_norm);
 }
 
 Transformer make_model(const ModelConfig& c, uint64_t seed = 3) {

@@ -23,20 +23,10 @@ namespace {
 
 using grape::testing::expect_invalid;
 
-// 2 layers, C = 48, 3 heads (D = 16), hidden 128, vocab 61: odd sizes reach the kernels' tails.
-ModelConfig config(const std::string& pe) {
-  ModelConfig c;
-  c.preset = "test";
-  c.vocab_size = 61;
-  c.n_layer = 2;
-  c.n_head = 3;
-  c.n_embd = 48;
-  c.context = 32;
-  c.pe = pe;
-  return c;
+// The decode tests' model (odd sizes reach the kernels' tails), its state-carrying parameters moved off init.
+Transformer make_model(const std::string& pe) {
+  return testing::perturbed_model(testing::decode_test_config(pe), 3, 0.3);
 }
-
-Transformer make_model(const std::string& pe) { return testing::perturbed_model(config(pe), 3, 0.3); }
 
 // The same model with the matrices the engine keeps in bf16 (the projections and the tied embedding/head)
 // rounded to bf16 by LibTorch: what the bf16 engine computes, in fp32.
