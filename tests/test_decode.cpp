@@ -166,6 +166,7 @@ TEST(FastDecode, RaggedBatchEqualsEachSequenceAlone) {
       dec.forward(seqs[b].narrow(1, 0, 1 + 2 * b), one);
       ref.forward(seqs[b].narrow(1, 0, 1 + 2 * b), ref_one);
     }
+    EXPECT_EQ(dec.panel_bytes(), 0) << "one sequence at a time (prefills of up to 31 rows) packs no panels";
     std::vector<torch::Tensor> batched, ref_batched;
     for (int64_t s = 0; s < steps; ++s) {
       std::vector<torch::Tensor> next;
@@ -175,6 +176,13 @@ TEST(FastDecode, RaggedBatchEqualsEachSequenceAlone) {
     }
     auto got = torch::cat(batched, 1), got_ref = torch::cat(ref_batched, 1);  // [B, steps, V]
     EXPECT_LE(relative_gap(got, got_ref), 1e-4);
+    // The batch of 16 made the panel copy: every matrix [N, K] with N padded to the 32-row panels, in fp32.
+    const auto& c = m->config();
+    const int64_t C = c.n_embd, F = c.hidden();
+    auto padded = [](int64_t n) { return (n + 31) / 32 * 32; };
+    const int64_t floats =
+        c.n_layer * (4 * padded(C) * C + 2 * padded(F) * C + padded(C) * F) + padded(c.vocab_size) * C;
+    EXPECT_EQ(dec.panel_bytes(), 4 * floats);
     for (int64_t b = 0; b < B; ++b) {
       auto cache = dec.new_cache();
       std::vector<DecodeCache*> one{&cache};

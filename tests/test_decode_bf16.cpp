@@ -128,6 +128,7 @@ TEST(Bf16Decode, RaggedBatchEqualsEachSequenceAlone) {
     batched.push_back(dec.forward(torch::cat(next), all));
   }
   auto got = torch::cat(batched, 1);
+  EXPECT_EQ(dec.panel_bytes(), 0) << "a bf16 batch reads the bf16 rows, never an fp32 panel copy";
   for (int64_t b = 0; b < B; ++b) {
     auto cache = dec.new_cache();
     std::vector<DecodeCache*> one{&cache};

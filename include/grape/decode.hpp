@@ -68,6 +68,9 @@ class Decoder {
   DecodeWeights weights() const { return weights_; }
   // The matrix-product kernel of bf16 weights on this CPU (avx512 or portable); "" for fp32.
   std::string bf16_kernel() const;
+  // Bytes of the fp32 weights' panel copy that batched passes multiply: 0 until the first pass of two or more
+  // sequences with 8+ rows (one sequence alone never makes it), and always 0 with bf16 weights.
+  int64_t panel_bytes() const;
   const Transformer& model() const { return model_; }
 
   DecodeCache new_cache() const;

@@ -235,6 +235,13 @@ std::string Decoder::bf16_kernel() const {
   return weights_ == DecodeWeights::bf16 ? kc::to_string(engine_->model.bf16_kernel) : "";
 }
 
+int64_t Decoder::panel_bytes() const {
+  int64_t n = 0;
+  if (engine_)
+    for (const auto& p : engine_->panels) n += int64_t(p.size() * sizeof(float));
+  return n;
+}
+
 DecodeCache Decoder::new_cache() const {
   DecodeCache cache;
   cache.owner = id_;
