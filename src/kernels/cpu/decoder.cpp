@@ -36,8 +36,13 @@ GRAPE_SIMD void dot_block_portable(const float* const* w, const float* const* x,
   int64_t k = 0;
   for (; k + kLanes <= K; k += kLanes)
     for (int i = 0; i < NW; ++i)
-      for (int j = 0; j < NX; ++j)
-        for (int64_t l = 0; l < kLanes; ++l) acc[i][j][l] += w[i][k + l] * x[j][k + l];
+      for (int j = 0; j < NX; ++j) {
+        // Plain pointers: through w[i][k + l] the compiler reloads the row pointers and keeps acc in memory.
+        const float *wi = w[i] + k, *xj = x[j] + k;
+        float* a = acc[i][j];
+#pragma omp simd
+        for (int64_t l = 0; l < kLanes; ++l) a[l] += wi[l] * xj[l];
+      }
   for (int i = 0; i < NW; ++i)
     for (int j = 0; j < NX; ++j) {
       float s = 0;
