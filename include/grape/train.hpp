@@ -182,6 +182,14 @@ std::string blas_description();
 // recorded in run.json, results.json and reports.
 std::string provenance_json(const std::string& command);
 
+// How eval spends a budget of about `tokens` validation tokens at `context`: up to 8 windows per batch, the
+// same number of tokens at every length (fewer, longer windows).
+struct ValidationWindows {
+  int64_t batch = 1, batches = 1;
+  int64_t tokens(int64_t context) const { return batch * batches * context; }
+};
+ValidationWindows validation_windows(int64_t tokens, int64_t context);
+
 // Mean validation loss over up to max_batches windows of `context` tokens (no gradients).
 double validation_loss(Transformer& model, const data::DataSource& data, int64_t context, int64_t batch,
                        int64_t max_batches);

@@ -108,13 +108,12 @@ std::string rope_scaling_text(const std::string& arg) {
 nlohmann::json decode_perplexity(Transformer& model, const data::DataSource& data, const std::string& which,
                                  int64_t tokens, int64_t chunk) {
   const int64_t context = model->config().context;
-  const int64_t batch = std::max<int64_t>(1, std::min<int64_t>(8, tokens / context));  // as evaluate() at 1x
-  const int64_t batches = std::max<int64_t>(1, tokens / (batch * context));
+  const auto windows = train::validation_windows(tokens, context);  // as evaluate() at 1x
   std::vector<DecodeWeights> weights = {DecodeWeights::fp32, DecodeWeights::bf16};
   if (which != "both") weights = {parse_decode_weights(which, "--decode-weights")};
-  nlohmann::json out = {{"context", context}, {"tokens", batch * batches * context}, {"chunk", chunk}};
+  nlohmann::json out = {{"context", context}, {"tokens", windows.tokens(context)}, {"chunk", chunk}};
   fmt::print("through the decode engine at context {} ({} tokens, {} per call):\n{:>8} {:>10} {:>12}  path\n",
-             context, batch * batches * context,
+             context, windows.tokens(context),
              chunk == 0   ? "a window"
              : chunk == 1 ? "1 token"
                           : std::to_string(chunk) + " tokens",
@@ -122,7 +121,8 @@ nlohmann::json decode_perplexity(Transformer& model, const data::DataSource& dat
   std::map<std::string, double> ppl;
   for (auto w : weights) {
     Decoder decoder(model, DecodePath::fast, w);
-    const double loss = train::decode_validation_loss(decoder, data, context, batch, batches, chunk);
+    const double loss =
+        train::decode_validation_loss(decoder, data, context, windows.batch, windows.batches, chunk);
     ppl[to_string(w)] = std::exp(loss);
     std::string path = to_string(decoder.path());
     if (!decoder.fallback_reason().empty()) path += " (" + decoder.fallback_reason() + ")";

@@ -13,6 +13,13 @@
 
 namespace grape::train {
 
+ValidationWindows validation_windows(int64_t tokens, int64_t context) {
+  ValidationWindows w;
+  w.batch = std::max<int64_t>(1, std::min<int64_t>(8, tokens / context));
+  w.batches = std::max<int64_t>(1, tokens / (w.batch * context));
+  return w;
+}
+
 double validation_loss(Transformer& model, const data::DataSource& data, int64_t context, int64_t batch,
                        int64_t max_batches) {
   torch::NoGradGuard no_grad;
@@ -92,13 +99,11 @@ EvalReport evaluate(Transformer& model, const data::DataSource& data, const std:
     LengthResult r;
     r.factor = f;
     r.context = base * f;
-    // The same number of validation tokens at every length: fewer, longer windows.
-    const int64_t batch = std::max<int64_t>(1, std::min<int64_t>(8, tokens / r.context));
-    const int64_t batches = std::max<int64_t>(1, tokens / (batch * r.context));
+    const auto windows = validation_windows(tokens, r.context);
     try {
-      r.loss = validation_loss(model, data, r.context, batch, batches);
+      r.loss = validation_loss(model, data, r.context, windows.batch, windows.batches);
       r.perplexity = std::exp(r.loss);
-      r.tokens = batch * batches * r.context;
+      r.tokens = windows.tokens(r.context);
       if (byte_tokens) r.bits_per_byte = r.loss / std::log(2.0);
     } catch (const std::exception& e) {  // e.g. a learned table shorter than the length, or too little data
       r.loss = r.perplexity = std::numeric_limits<double>::quiet_NaN();
