@@ -997,6 +997,18 @@ TEST_F(Train, TrainingStepsReuseFreedMemoryUnlessTheUserSetsMalloc) {
   EXPECT_GT(user, 3 * kept) << "page faults per step";  // glibc's defaults: measured 22,000
 }
 
+TEST_F(Train, BenchTrainTimesTheStepsMatrixProductsInTheStep) {
+  // The GEMMs' seconds inside a step (docs/performance.md, "ceiling in step"): every product of the step is
+  // counted once — per linear layer (q, k, v, o, w1, w2, w_out) and the tied head: forward, dX and dW.
+  auto r = run_cli("bench train --preset tiny --batch 2 --context 32 --steps 2 --json " + path("gemm.json"));
+  ASSERT_EQ(r.code, 0) << r.output;
+  const auto row = nlohmann::json::parse(grape::io::read_file(path("gemm.json")))[0];
+  EXPECT_EQ(row["gemm_calls_per_step"].get<double>(), (7 * 4 + 1) * 3) << row.dump();
+  const double gemm = row["gemm_seconds_per_step"], step = row["clocked_step_seconds"];
+  EXPECT_GT(gemm, 0.0) << row.dump();
+  EXPECT_LT(gemm, step) << row.dump();
+}
+
 TEST_F(Train, IdleOpenMpWorkersSpinBrieflyUnlessTheUserSaysOtherwise) {
   // libgomp's default spin (300,000 iterations) made 2 threads 2-95x slower than 1 when another process
   // kept a core busy: grape restarts itself with a short spin before libgomp reads it (src/cli/threads.cpp).

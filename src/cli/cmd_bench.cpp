@@ -1,10 +1,12 @@
 // `grape bench train|decode`: tokens/s of the presets on this machine, as a table and JSON.
+#include <ATen/record_function.h>
 #include <fmt/format.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <functional>
 #include <nlohmann/json.hpp>
@@ -29,6 +31,7 @@ struct BenchArgs {
   int64_t steps = 5, batch = 8, tokens = 64, context = 0;
   int nproc = 1;                // bench train: also N data-parallel processes x 1 thread
   double faults_per_step = -1;  // bench train: set by each measurement, written to its JSON row
+  double gemm_seconds_per_step = -1, gemm_calls_per_step = -1, clocked_step_seconds = -1;  // GemmClock
   std::string json;
 };
 
@@ -106,6 +109,11 @@ void measure_presets(const BenchArgs& a, const std::string& column,
                     {"block", a.block},
                     {"threads", torch::get_num_threads()}});
     if (a.faults_per_step >= 0) rows.back()["page_faults_per_step"] = a.faults_per_step;
+    if (a.gemm_seconds_per_step >= 0) {
+      rows.back()["gemm_seconds_per_step"] = a.gemm_seconds_per_step;
+      rows.back()["gemm_calls_per_step"] = a.gemm_calls_per_step;
+      rows.back()["clocked_step_seconds"] = a.clocked_step_seconds;
+    }
   }
   finish(a, table, rows);
 }
@@ -117,12 +125,56 @@ long minor_faults() {
 }
 
 // Training tokens/s of `model`: one warm-up step, then a.steps timed AdamW steps on a fixed random batch.
+// Seconds this thread spends inside the matrix-product operators (aten::mm, addmm, bmm, baddbmm) while a
+// GemmClock lives: the time the GEMMs of a training step take in the step itself, with the caches as the
+// step leaves them (the same products timed alone, hot, run faster). The backward's products are counted
+// too: LibTorch runs a CPU backward on the calling thread. One clock at a time.
+class GemmClock {
+ public:
+  GemmClock() {
+    seconds_ = 0, calls_ = 0;
+    handle_ = at::addThreadLocalCallback(
+        at::RecordFunctionCallback(&started, &ended).scopes({at::RecordScope::FUNCTION}));
+  }
+  ~GemmClock() { at::removeCallback(handle_); }
+  GemmClock(const GemmClock&) = delete;
+  GemmClock& operator=(const GemmClock&) = delete;
+  double seconds() const { return seconds_; }
+  int64_t calls() const { return calls_; }
+
+ private:
+  struct Started : at::ObserverContext {
+    std::chrono::steady_clock::time_point at = std::chrono::steady_clock::now();
+  };
+  static std::unique_ptr<at::ObserverContext> started(const at::RecordFunction& fn) {
+    for (const char* name : {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"})
+      if (std::strcmp(fn.name(), name) == 0) return std::make_unique<Started>();
+    return nullptr;
+  }
+  static void ended(const at::RecordFunction&, at::ObserverContext* ctx) {
+    if (ctx == nullptr) return;
+    seconds_ +=
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - static_cast<Started*>(ctx)->at)
+            .count();
+    ++calls_;
+  }
+  static thread_local double seconds_;
+  static thread_local int64_t calls_;
+  at::CallbackHandle handle_;
+};
+thread_local double GemmClock::seconds_ = 0;
+thread_local int64_t GemmClock::calls_ = 0;
+
+struct StepClock {  // bench train: the GEMMs' seconds in a step, from extra steps timed with a GemmClock
+  double gemm_seconds = -1, gemm_calls = -1, step_seconds = -1;
+};
+
 // With a group, each rank steps on its own batch of a.batch sequences and the gradients are averaged
 // (the real data-parallel step); the figure is then for all ranks together.
 // faults_per_step (if given): the minor page faults of this process per timed step (memory the allocator
 // handed back to the system and takes again; near 0 when freed memory is kept, see main.cpp).
 double train_tokens_per_s(const BenchArgs& a, Transformer& model, const std::shared_ptr<dist::Group>& group,
-                          double* faults_per_step = nullptr) {
+                          double* faults_per_step = nullptr, StepClock* clock = nullptr) {
   const auto& m = model->config();
   train::TrainConfig cfg;
   cfg.batch = a.batch;
@@ -141,6 +193,16 @@ double train_tokens_per_s(const BenchArgs& a, Transformer& model, const std::sha
   const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   if (faults_per_step)
     *faults_per_step = double(minor_faults() - faults0) / double(std::max<int64_t>(a.steps, 1));
+  if (clock && !group) {  // after the timed steps, so the clock's own cost stays out of tokens/s
+    GemmClock gemms;
+    const auto c0 = std::chrono::steady_clock::now();
+    for (int64_t s = 0; s < a.steps; ++s) trainer.step(mb, a.steps + s + 1);
+    const double steps = double(std::max<int64_t>(a.steps, 1));
+    clock->step_seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - c0).count() / steps;
+    clock->gemm_seconds = gemms.seconds() / steps;
+    clock->gemm_calls = double(gemms.calls()) / steps;
+  }
   return double(world * a.steps * a.batch * m.context) / sec;
 }
 
@@ -321,7 +383,12 @@ void add_bench_command(CLI::App& app) {
     if (ta->nproc > 1) return bench_train_scaling(*ta);
     measure_presets(*ta, "context", [&](Transformer& model, int64_t& column) {
       column = model->config().context;
-      return train_tokens_per_s(*ta, model, nullptr, &ta->faults_per_step);
+      StepClock clock;
+      const double tps = train_tokens_per_s(*ta, model, nullptr, &ta->faults_per_step, &clock);
+      ta->gemm_seconds_per_step = clock.gemm_seconds;
+      ta->gemm_calls_per_step = clock.gemm_calls;
+      ta->clocked_step_seconds = clock.step_seconds;
+      return tps;
     });
   });
 
