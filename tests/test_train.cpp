@@ -324,6 +324,22 @@ TEST(TrainFused, NonFiniteGradientsAndWeightsStopTheStepInBothOptimizers) {
         "optimizer=fused: the AdamW state asks for amsgrad, which the fused step does not implement (use "
         "--set optimizer=reference)");
   }
+  // Moments of another type (a hand-made optimizer.pt) are refused, not misread.
+  static_cast<torch::optim::AdamWOptions&>(trainer.optimizer().param_groups()[1].options()).amsgrad(false);
+  trainer.step({{x.narrow(1, 0, 16), x.narrow(1, 1, 16), {}}}, 0);
+  const auto first = model->parameters()[0];
+  auto& state = static_cast<torch::optim::AdamWParamState&>(
+      *trainer.optimizer().state().at(c10::guts::to_string(first.unsafeGetTensorImpl())));
+  state.exp_avg(state.exp_avg().to(torch::kFloat64));
+  try {
+    trainer.step({{x.narrow(1, 0, 16), x.narrow(1, 1, 16), {}}}, 1);
+    FAIL() << "stepped with float64 moments";
+  } catch (const std::runtime_error& e) {
+    EXPECT_EQ(std::string(e.what()),
+              fmt::format("optimizer=fused: the AdamW moments of a parameter of shape {} are not contiguous "
+                          "float32 tensors of its shape (use --set optimizer=reference)",
+                          c10::str(first.sizes())));
+  }
 }
 
 TEST_F(Train, LossFallsAndCheckpointsAreKeptLastK) {

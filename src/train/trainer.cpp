@@ -109,8 +109,7 @@ double gradient_norm(const std::vector<Stepped>& params) {
 // parameter is not finite.
 bool fused_adamw_step(torch::optim::AdamW& optimizer, const std::vector<Stepped>& params, float grad_scale) {
   auto& state = optimizer.state();
-  std::vector<kernels::cpu::AdamWParam> arrays;
-  arrays.reserve(params.size());
+  std::vector<torch::optim::AdamWParamState*> states;  // all checked before any is changed
   for (const auto& s : params) {
     const auto key = c10::guts::to_string(s.param.unsafeGetTensorImpl());
     if (state.find(key) == state.end()) {
@@ -120,22 +119,27 @@ bool fused_adamw_step(torch::optim::AdamW& optimizer, const std::vector<Stepped>
       fresh->exp_avg_sq(torch::zeros_like(s.param, torch::MemoryFormat::Preserve));
       state[key] = std::move(fresh);
     }
-    auto& st = static_cast<torch::optim::AdamWParamState&>(*state[key]);
-    for (const auto* moment : {&st.exp_avg(), &st.exp_avg_sq()})
+    auto* st = static_cast<torch::optim::AdamWParamState*>(state[key].get());
+    for (const auto* moment : {&st->exp_avg(), &st->exp_avg_sq()})
       if (moment->scalar_type() != torch::kFloat32 || !moment->is_contiguous() ||
           !moment->sizes().equals(s.param.sizes()))
-        throw std::runtime_error(
-            fmt::format("optimizer=fused: the AdamW moments of a parameter of shape {} are not contiguous "
-                        "float32 tensors "
-                        "of its shape (use --set optimizer=reference)",
-                        c10::str(s.param.sizes())));
+        throw std::runtime_error(fmt::format(
+            "optimizer=fused: the AdamW moments of a parameter of shape {} are not contiguous float32 "
+            "tensors of its shape (use --set optimizer=reference)",
+            c10::str(s.param.sizes())));
+    states.push_back(st);
+  }
+  std::vector<kernels::cpu::AdamWParam> arrays;
+  arrays.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    auto& st = *states[i];
     st.step(st.step() + 1);
-    const auto& o = *s.options;
-    arrays.push_back({.param = s.param.data_ptr<float>(),
-                      .grad = s.grad.data_ptr<float>(),
+    const auto& o = *params[i].options;
+    arrays.push_back({.param = params[i].param.data_ptr<float>(),
+                      .grad = params[i].grad.data_ptr<float>(),
                       .exp_avg = st.exp_avg().data_ptr<float>(),
                       .exp_avg_sq = st.exp_avg_sq().data_ptr<float>(),
-                      .n = s.param.numel(),
+                      .n = params[i].param.numel(),
                       .lr = o.lr(),
                       .beta1 = std::get<0>(o.betas()),
                       .beta2 = std::get<1>(o.betas()),
