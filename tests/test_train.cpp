@@ -119,7 +119,10 @@ TEST(TrainConfigTest, JsonRoundTripAndClearErrors) {
     EXPECT_TRUE(TrainConfig::has_key(f.name));
     EXPECT_FALSE(grape::ModelConfig::has_key(f.name)) << f.name << " is in both tables";
   }
-  EXPECT_EQ(TrainConfig::fields().size(), 20u);
+  EXPECT_EQ(TrainConfig::fields().size(), 21u);
+  EXPECT_EQ(TrainConfig().optimizer, "fused");
+  EXPECT_EQ(message([] { TrainConfig().set("optimizer", "sgd"); }),
+            "train config: optimizer='sgd' is not one of fused|reference");
 }
 
 TEST(TrainSampling, GreedyTopKTopPAndTheDistribution) {
@@ -188,38 +191,154 @@ TEST(TrainDecode, RaggedBatchedGreedyDecodeEqualsEachSequenceAlone) {
   }
 }
 
-// block=fused (the RMSNorm and SwiGLU kernels) against block=reference (LibTorch-composed): 50 AdamW steps on
-// a learnable sequence task give the same losses (1e-4) and the same weights (1e-5 relative to each tensor's
-// scale).
-TEST(TrainFused, FiftyStepsWithFusedBlockKernelsRepeatTheReference) {
-  auto run = [](const std::string& block) {
-    ModelConfig m;
-    m.n_layer = 2, m.n_head = 2, m.n_embd = 32, m.context = 32, m.block = block;
-    torch::manual_seed(1);
-    grape::Transformer model(m);
-    TrainConfig cfg;
-    cfg.batch = 4, cfg.steps = 50, cfg.warmup = 5, cfg.lr = 3e-3;
-    grape::train::Trainer trainer(model, cfg);
-    std::vector<double> losses;
-    for (int64_t s = 0; s < cfg.steps; ++s) {
-      torch::manual_seed(1000 + s);  // x[b, t] = (start + t * stride) mod 31: the next token is learnable
-      auto start = torch::randint(31, {4, 1}, torch::kInt64),
-           stride = torch::randint(1, 4, {4, 1}, torch::kInt64);
-      auto x = (start + torch::arange(33, torch::kInt64).unsqueeze(0) * stride).remainder(31);
-      std::vector<grape::data::Batch> mb = {{x.narrow(1, 0, 32), x.narrow(1, 1, 32), {}}};
-      losses.push_back(trainer.step(mb, s).loss);
-    }
-    return std::make_pair(losses, model);
-  };
-  auto [ref, ref_model] = run("reference");
-  auto [fused, fused_model] = run("fused");
-  EXPECT_LT(ref.back(), ref.front() - 1.0) << "the task is learnt";
-  for (size_t s = 0; s < ref.size(); ++s) EXPECT_NEAR(fused[s], ref[s], 1e-4) << "step " << s + 1;
-  auto want = ref_model->named_parameters();
-  for (const auto& p : fused_model->named_parameters()) {
-    const auto& w = want[p.key()];
+// 50 AdamW steps of a 2-layer model on a learnable sequence task, with these block and optimizer settings.
+struct FiftySteps {
+  std::vector<double> losses, grad_norms;
+  grape::Transformer model;
+  std::shared_ptr<grape::train::Trainer> trainer;
+};
+FiftySteps fifty_steps(const std::string& block, const std::string& optimizer) {
+  ModelConfig m;
+  m.n_layer = 2, m.n_head = 2, m.n_embd = 32, m.context = 32, m.block = block;
+  torch::manual_seed(1);
+  FiftySteps out{{}, {}, grape::Transformer(m), nullptr};
+  TrainConfig cfg;
+  cfg.batch = 4, cfg.steps = 50, cfg.warmup = 5, cfg.lr = 3e-3, cfg.optimizer = optimizer;
+  out.trainer = std::make_shared<grape::train::Trainer>(out.model, cfg);
+  for (int64_t s = 0; s < cfg.steps; ++s) {
+    torch::manual_seed(1000 + s);  // x[b, t] = (start + t * stride) mod 31: the next token is learnable
+    auto start = torch::randint(31, {4, 1}, torch::kInt64),
+         stride = torch::randint(1, 4, {4, 1}, torch::kInt64);
+    auto x = (start + torch::arange(33, torch::kInt64).unsqueeze(0) * stride).remainder(31);
+    std::vector<grape::data::Batch> mb = {{x.narrow(1, 0, 32), x.narrow(1, 1, 32), {}}};
+    const auto stats = out.trainer->step(mb, s);
+    out.losses.push_back(stats.loss);
+    out.grad_norms.push_back(stats.grad_norm);
+  }
+  return out;
+}
+
+// The same losses (1e-4) and weights (1e-5 relative to each tensor's scale) from two fifty_steps runs.
+void expect_same_training(const FiftySteps& got, const FiftySteps& want) {
+  EXPECT_LT(want.losses.back(), want.losses.front() - 1.0) << "the task is learnt";
+  for (size_t s = 0; s < want.losses.size(); ++s)
+    EXPECT_NEAR(got.losses[s], want.losses[s], 1e-4) << "step " << s + 1;
+  auto weights = want.model->named_parameters();
+  for (const auto& p : got.model->named_parameters()) {
+    const auto& w = weights[p.key()];
     EXPECT_LE((p.value() - w).abs().max().item<double>(), 1e-5 * std::max(1.0, w.abs().max().item<double>()))
         << p.key();
+  }
+}
+
+// block=fused (the RMSNorm and SwiGLU kernels) against block=reference (LibTorch-composed).
+TEST(TrainFused, FiftyStepsWithFusedBlockKernelsRepeatTheReference) {
+  expect_same_training(fifty_steps("fused", "reference"), fifty_steps("reference", "reference"));
+}
+
+// optimizer=fused (the norm, clipping and AdamW on the kernels of src/kernels/cpu/adamw.hpp) against
+// optimizer=reference (clip_grad_norm_ and torch::optim::AdamW::step), with clipping active in early steps:
+// the same losses, gradient norms, weights, and AdamW state (kept in the optimizer, as resume needs).
+TEST(TrainFused, FiftyStepsWithTheFusedOptimizerRepeatTheReference) {
+  const auto want = fifty_steps("fused", "reference"), got = fifty_steps("fused", "fused");
+  expect_same_training(got, want);
+  EXPECT_GT(want.grad_norms.front(), 1.0) << "the first steps are clipped (grad_clip=1)";
+  for (size_t s = 0; s < want.grad_norms.size(); ++s)
+    EXPECT_NEAR(got.grad_norms[s], want.grad_norms[s], 1e-4 * want.grad_norms[s]) << "step " << s + 1;
+  auto& a = got.trainer->optimizer();
+  auto& b = want.trainer->optimizer();
+  ASSERT_EQ(a.state().size(), got.model->parameters().size()) << "every parameter has its AdamW state";
+  auto pa = got.model->parameters(), pb = want.model->parameters();
+  for (size_t i = 0; i < pa.size(); ++i) {
+    const auto& sa = static_cast<torch::optim::AdamWParamState&>(
+        *a.state().at(c10::guts::to_string(pa[i].unsafeGetTensorImpl())));
+    const auto& sb = static_cast<torch::optim::AdamWParamState&>(
+        *b.state().at(c10::guts::to_string(pb[i].unsafeGetTensorImpl())));
+    EXPECT_EQ(sa.step(), 50);
+    EXPECT_EQ(sb.step(), 50);
+    for (auto [ma, mb] : {std::pair{sa.exp_avg(), sb.exp_avg()}, std::pair{sa.exp_avg_sq(), sb.exp_avg_sq()}})
+      EXPECT_LE((ma - mb).abs().max().item<double>(), 1e-4 * mb.abs().max().item<double>() + 1e-12)
+          << "moment of parameter " << i;
+  }
+}
+
+// What stops a step, in both implementations of the optimizer: a NaN gradient under a finite loss (the
+// weights untouched, the gradients zeroed), a weight the step makes NaN (a damaged AdamW state: the
+// parameter named), and amsgrad in a loaded state (the fused step refuses it).
+TEST(TrainFused, NonFiniteGradientsAndWeightsStopTheStepInBothOptimizers) {
+  for (const std::string optimizer : {"fused", "reference"}) {
+    SCOPED_TRACE(optimizer);
+    ModelConfig m;
+    m.n_layer = 2, m.n_head = 2, m.n_embd = 32, m.context = 16;
+    torch::manual_seed(2);
+    grape::Transformer model(m);
+    TrainConfig cfg;
+    cfg.batch = 2, cfg.steps = 10, cfg.warmup = 1, cfg.optimizer = optimizer;
+    grape::train::Trainer trainer(model, cfg);
+    auto x = torch::randint(m.vocab_size, {2, 17}, torch::kInt64);
+    std::vector<grape::data::Batch> mb = {{x.narrow(1, 0, 16), x.narrow(1, 1, 16), {}}};
+    trainer.step(mb, 0);
+    auto named = model->named_parameters();
+    const auto keys = named.keys();
+    auto error_of_step = [&](int64_t step) {
+      try {
+        trainer.step(mb, step);
+      } catch (const grape::train::DivergedError& e) {
+        return std::string(e.what());
+      }
+      return std::string("no error");
+    };
+    // A NaN gradient of one matrix.
+    auto w = named[keys[3]];
+    ASSERT_EQ(w.dim(), 2) << keys[3];
+    const auto hook = w.register_hook([](torch::Tensor g) { return g * std::nan(""); });
+    const auto before = model->parameters();
+    std::vector<torch::Tensor> kept;
+    for (const auto& p : before) kept.push_back(p.detach().clone());
+    EXPECT_EQ(error_of_step(1), "step 2: the gradient norm is nan (diverged)");
+    for (size_t i = 0; i < before.size(); ++i) {
+      EXPECT_TRUE(torch::equal(before[i], kept[i])) << "weight " << i << " changed";
+      EXPECT_EQ(before[i].grad().abs().sum().item<double>(), 0.0) << "gradient " << i << " not zeroed";
+    }
+    w.remove_hook(hook);
+    // A NaN first moment of a parameter past the middle of the list.
+    const auto& name = keys[keys.size() * 2 / 3];
+    auto& state = static_cast<torch::optim::AdamWParamState&>(
+        *trainer.optimizer().state().at(c10::guts::to_string(named[name].unsafeGetTensorImpl())));
+    state.exp_avg().fill_(std::nan(""));
+    EXPECT_EQ(error_of_step(2), "step 3: parameter '" + name + "' is not finite after the optimizer step");
+  }
+  // amsgrad only comes from a loaded optimizer.pt; the fused step says it does not implement it.
+  ModelConfig m;
+  m.n_layer = 1, m.n_head = 2, m.n_embd = 32, m.context = 16;
+  grape::Transformer model(m);
+  grape::train::Trainer trainer(model, TrainConfig{});
+  static_cast<torch::optim::AdamWOptions&>(trainer.optimizer().param_groups()[1].options()).amsgrad(true);
+  auto x = torch::randint(m.vocab_size, {2, 17}, torch::kInt64);
+  try {
+    trainer.step({{x.narrow(1, 0, 16), x.narrow(1, 1, 16), {}}}, 0);
+    FAIL() << "stepped with amsgrad";
+  } catch (const std::runtime_error& e) {
+    EXPECT_EQ(
+        std::string(e.what()),
+        "optimizer=fused: the AdamW state asks for amsgrad, which the fused step does not implement (use "
+        "--set optimizer=reference)");
+  }
+  // Moments of another type (a hand-made optimizer.pt) are refused, not misread.
+  static_cast<torch::optim::AdamWOptions&>(trainer.optimizer().param_groups()[1].options()).amsgrad(false);
+  trainer.step({{x.narrow(1, 0, 16), x.narrow(1, 1, 16), {}}}, 0);
+  const auto first = model->parameters()[0];
+  auto& state = static_cast<torch::optim::AdamWParamState&>(
+      *trainer.optimizer().state().at(c10::guts::to_string(first.unsafeGetTensorImpl())));
+  state.exp_avg(state.exp_avg().to(torch::kFloat64));
+  try {
+    trainer.step({{x.narrow(1, 0, 16), x.narrow(1, 1, 16), {}}}, 1);
+    FAIL() << "stepped with float64 moments";
+  } catch (const std::runtime_error& e) {
+    EXPECT_EQ(std::string(e.what()),
+              fmt::format("optimizer=fused: the AdamW moments of a parameter of shape {} are not contiguous "
+                          "float32 tensors of its shape (use --set optimizer=reference)",
+                          c10::str(first.sizes())));
   }
 }
 
@@ -250,6 +369,7 @@ TEST_F(Train, LossFallsAndCheckpointsAreKeptLastK) {
 }
 
 TEST_F(Train, ResumedRunRepeatsTheUninterruptedOneExactly) {
+  ASSERT_EQ(cfg.optimizer, "fused") << "the default optimizer is the one tested here";
   train("full");
   auto stopped = train("split", false, /*stop_after=*/6);
   EXPECT_TRUE(stopped.interrupted);
@@ -268,6 +388,28 @@ TEST_F(Train, ResumedRunRepeatsTheUninterruptedOneExactly) {
   auto wb = grape::io::read_safetensors(path("split/checkpoints/step_00000012/model.safetensors"));
   ASSERT_EQ(wa.size(), wb.size());
   for (const auto& [name, t] : wa) EXPECT_TRUE(torch::equal(t, wb.at(name))) << name;
+}
+
+// A run may change its optimizer's implementation on --resume: both keep AdamW's state in its own
+// optimizer.pt, so 6 steps on the reference and 6 fused give the losses of 12 fused (within rounding).
+TEST_F(Train, ResumeMaySwitchBetweenTheReferenceAndTheFusedOptimizer) {
+  train("full");
+  cfg.optimizer = "reference";
+  train("split", false, /*stop_after=*/6);
+  auto run = grape::train::read_run(path("split"));
+  ASSERT_EQ(run.train.optimizer, "reference");
+  grape::train::TrainOptions o;
+  o.run_dir = path("split"), o.quiet = true, o.resume = true, o.resume_with_settings = true;
+  auto asked = run.train;
+  asked.optimizer = "fused";
+  grape::train::run_training(run.model, asked, o);
+  EXPECT_EQ(grape::train::read_run(path("split")).train.optimizer, "fused");
+  auto a = metrics("full"), b = metrics("split");
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i)
+    for (const char* key : {"loss", "val_loss"})
+      if (a[i].contains(key))
+        EXPECT_NEAR(a[i][key].get<double>(), b[i][key].get<double>(), 1e-4) << key << " at " << a[i]["step"];
 }
 
 // Reads of checkpoint files by read_checkpoint since `before` (the library counts them per path).

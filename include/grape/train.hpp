@@ -40,7 +40,10 @@ struct TrainConfig {
   int64_t warmup = 100;       // linear warmup steps
   double weight_decay = 0.1;  // on matrices (>= 2-D parameters) only
   double beta1 = 0.9, beta2 = 0.95, adam_eps = 1e-8;
-  double grad_clip = 1.0;    // global norm; 0 turns clipping off
+  double grad_clip = 1.0;  // global norm; 0 turns clipping off
+  // The step's tail (gradient norm, clipping, AdamW, finite check): "fused": one-pass CPU kernels;
+  // "reference": LibTorch's clip_grad_norm_ and torch::optim::AdamW::step. Both keep AdamW's own state.
+  std::string optimizer = "fused";
   int64_t eval_every = 100;  // validation every N steps (and at the end); 0: only at the end
   int64_t eval_batches = 8;
   int64_t ckpt_every = 100;  // checkpoint every N steps (and at the end); 0: only at the end

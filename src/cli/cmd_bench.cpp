@@ -27,6 +27,7 @@ struct BenchArgs {
   std::vector<std::string> pes = {"rope"};
   std::string attention = "fused";
   std::string block = "fused";
+  std::string optimizer;  // bench train: the trainer's optimizer setting (fused or reference)
   std::vector<std::string> pe_sets;
   int64_t steps = 5, batch = 8, tokens = 64, context = 0;
   int nproc = 1;                // bench train: also N data-parallel processes x 1 thread
@@ -86,6 +87,7 @@ void finish(const BenchArgs& a, const std::string& table, const nlohmann::json& 
 void measure_presets(const BenchArgs& a, const std::string& column,
                      const std::function<double(Transformer&, int64_t&)>& measure) {
   std::string table = "attention: " + a.attention + "; block: " + a.block +
+                      (a.optimizer.empty() ? "" : "; optimizer: " + a.optimizer) +
                       "; threads: " + std::to_string(torch::get_num_threads()) +
                       "; BLAS: " + train::blas_description() + "\n" +
                       fmt::format("{:<8} {:<12} {:>12} {:>8} {:>8} {:>12}\n", "preset", "pe", "parameters",
@@ -108,6 +110,7 @@ void measure_presets(const BenchArgs& a, const std::string& column,
                     {"attention", a.attention},
                     {"block", a.block},
                     {"threads", torch::get_num_threads()}});
+    if (!a.optimizer.empty()) rows.back()["optimizer"] = a.optimizer;
     if (a.faults_per_step >= 0) rows.back()["page_faults_per_step"] = a.faults_per_step;
     if (a.gemm_seconds_per_step >= 0) {
       rows.back()["gemm_seconds_per_step"] = a.gemm_seconds_per_step;
@@ -178,6 +181,7 @@ double train_tokens_per_s(const BenchArgs& a, Transformer& model, const std::sha
   const auto& m = model->config();
   train::TrainConfig cfg;
   cfg.batch = a.batch;
+  cfg.optimizer = a.optimizer;
   train::Trainer trainer(model, cfg);
   trainer.set_group(group);
   const int world = group ? group->size() : 1;
@@ -367,6 +371,10 @@ void add_bench_command(CLI::App& app) {
   auto* tr = bench->add_subcommand("train", "training tokens/s (forward + backward + AdamW) per preset");
   add_common(tr, *ta);
   tr->add_option("--steps", ta->steps, "timed steps (after one warm-up step)")->capture_default_str();
+  ta->optimizer = "fused";
+  tr->add_option("--optimizer", ta->optimizer, "gradient norm, clipping and AdamW: fused or reference")
+      ->check(CLI::IsMember({"fused", "reference"}))
+      ->capture_default_str();
   tr->add_option("--nproc", ta->nproc,
                  "also measure N data-parallel processes x 1 thread against 1 process x "
                  "1 thread (scaling efficiency)")

@@ -13,10 +13,12 @@
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <numbers>
+#include <span>
 #include <stdexcept>
 
 #include "grape/distributed.hpp"
 #include "grape/io.hpp"
+#include "kernels/cpu/adamw.hpp"
 #include "train/run_files.hpp"
 
 namespace grape::train {
@@ -61,6 +63,93 @@ int64_t fault_nan_val_at_step() {
   if (f == nullptr || std::string(f).rfind(prefix, 0) != 0) return -1;
   return std::atoll(f + prefix.size());
 }
+
+// ---- optimizer=fused: the tail of a step on the kernels of src/kernels/cpu/adamw.hpp -------------------
+
+// A parameter AdamW steps (it has a gradient), with its group's options and its gradient as fp32 floats.
+struct Stepped {
+  torch::Tensor param, grad;
+  const torch::optim::AdamWOptions* options;
+};
+
+// The parameters torch::optim::AdamW::step would update, in its order (group by group); each an fp32 CPU
+// tensor in one block, as the kernels read them.
+std::vector<Stepped> stepped_parameters(torch::optim::AdamW& optimizer) {
+  std::vector<Stepped> out;
+  for (auto& group : optimizer.param_groups()) {
+    const auto& options = static_cast<const torch::optim::AdamWOptions&>(group.options());
+    if (options.amsgrad())  // only a loaded optimizer.pt could set it: the Trainer never does
+      throw std::runtime_error(
+          "optimizer=fused: the AdamW state asks for amsgrad, which the fused step does not implement (use "
+          "--set optimizer=reference)");
+    for (auto& p : group.params()) {
+      if (!p.grad().defined()) continue;  // as AdamW::step (and clip_grad_norm_) skip it
+      if (p.scalar_type() != torch::kFloat32 || !p.device().is_cpu() || !p.is_contiguous() ||
+          p.grad().scalar_type() != torch::kFloat32)
+        throw std::runtime_error(fmt::format(
+            "optimizer=fused: a parameter of shape {} is not a contiguous float32 CPU tensor with a float32 "
+            "gradient (use --set optimizer=reference)",
+            c10::str(p.sizes())));
+      out.push_back({p, p.grad().contiguous(), &options});
+    }
+  }
+  return out;
+}
+
+// clip_grad_norm_'s total norm of the gradients (in double, summed in a fixed order).
+double gradient_norm(const std::vector<Stepped>& params) {
+  std::vector<std::span<const float>> grads;
+  grads.reserve(params.size());
+  for (const auto& s : params) grads.emplace_back(s.grad.data_ptr<float>(), size_t(s.grad.numel()));
+  return std::sqrt(kernels::cpu::sum_of_squares(grads));
+}
+
+// AdamW::step on the kernel with the gradients scaled by grad_scale; the moments and step counts stay in the
+// optimizer's state, created on a parameter's first step as AdamW::step creates it. False iff some updated
+// parameter is not finite.
+bool fused_adamw_step(torch::optim::AdamW& optimizer, const std::vector<Stepped>& params, float grad_scale) {
+  auto& state = optimizer.state();
+  std::vector<torch::optim::AdamWParamState*> states;  // all checked before any is changed
+  for (const auto& s : params) {
+    const auto key = c10::guts::to_string(s.param.unsafeGetTensorImpl());
+    if (state.find(key) == state.end()) {
+      auto fresh = std::make_unique<torch::optim::AdamWParamState>();
+      fresh->step(0);
+      fresh->exp_avg(torch::zeros_like(s.param, torch::MemoryFormat::Preserve));
+      fresh->exp_avg_sq(torch::zeros_like(s.param, torch::MemoryFormat::Preserve));
+      state[key] = std::move(fresh);
+    }
+    auto* st = static_cast<torch::optim::AdamWParamState*>(state[key].get());
+    for (const auto* moment : {&st->exp_avg(), &st->exp_avg_sq()})
+      if (moment->scalar_type() != torch::kFloat32 || !moment->is_contiguous() ||
+          !moment->sizes().equals(s.param.sizes()))
+        throw std::runtime_error(fmt::format(
+            "optimizer=fused: the AdamW moments of a parameter of shape {} are not contiguous float32 "
+            "tensors of its shape (use --set optimizer=reference)",
+            c10::str(s.param.sizes())));
+    states.push_back(st);
+  }
+  std::vector<kernels::cpu::AdamWParam> arrays;
+  arrays.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    auto& st = *states[i];
+    st.step(st.step() + 1);
+    const auto& o = *params[i].options;
+    arrays.push_back({.param = params[i].param.data_ptr<float>(),
+                      .grad = params[i].grad.data_ptr<float>(),
+                      .exp_avg = st.exp_avg().data_ptr<float>(),
+                      .exp_avg_sq = st.exp_avg_sq().data_ptr<float>(),
+                      .n = params[i].param.numel(),
+                      .lr = o.lr(),
+                      .beta1 = std::get<0>(o.betas()),
+                      .beta2 = std::get<1>(o.betas()),
+                      .eps = o.eps(),
+                      .weight_decay = o.weight_decay(),
+                      .step = st.step()});
+  }
+  return kernels::cpu::adamw_update(arrays, grad_scale);
+}
+
 }  // namespace
 
 Trainer::Trainer(Transformer model, const TrainConfig& cfg) : model_(std::move(model)), cfg_(cfg) {
@@ -150,7 +239,16 @@ Trainer::StepStats Trainer::step(const std::vector<data::Batch>& micro_batches, 
     }
   }
   const double clip = cfg_.grad_clip > 0 ? cfg_.grad_clip : std::numeric_limits<double>::infinity();
-  stats.grad_norm = torch::nn::utils::clip_grad_norm_(model_->parameters(), clip);
+  // optimizer=fused: the norm, then clipping, AdamW and the finite check in one pass per parameter (as
+  // the reference below computes them, within float rounding).
+  const bool fused = cfg_.optimizer == "fused";
+  std::vector<Stepped> stepped;
+  if (fused) {
+    stepped = stepped_parameters(*optimizer_);
+    stats.grad_norm = gradient_norm(stepped);
+  } else {
+    stats.grad_norm = torch::nn::utils::clip_grad_norm_(model_->parameters(), clip);
+  }
   if (!std::isfinite(stats.grad_norm)) {
     optimizer_->zero_grad();
     throw DivergedError(
@@ -159,13 +257,21 @@ Trainer::StepStats Trainer::step(const std::vector<data::Batch>& micro_batches, 
   stats.lr = lr_at(cfg_, step);
   for (auto& group : optimizer_->param_groups())
     static_cast<torch::optim::AdamWOptions&>(group.options()).lr(stats.lr);
-  optimizer_->step();
+  bool all_finite = false;  // unknown for the reference: checked below
+  if (fused) {
+    // clip_grad_norm_'s coefficient: max_norm / (norm + 1e-6), at most 1.
+    all_finite =
+        fused_adamw_step(*optimizer_, stepped, float(std::min(clip / (stats.grad_norm + 1e-6), 1.0)));
+  } else {
+    optimizer_->step();
+  }
   // A damaged optimizer state (or an overflow) gives NaN weights from finite gradients: stop before any
-  // checkpoint holds them.
-  for (const auto& p : model_->named_parameters())
-    if (!torch::isfinite(p.value()).all().item<bool>())
-      throw DivergedError(
-          fmt::format("step {}: parameter '{}' is not finite after the optimizer step", step + 1, p.key()));
+  // checkpoint holds them, naming the first such parameter.
+  if (!all_finite)
+    for (const auto& p : model_->named_parameters())
+      if (!torch::isfinite(p.value()).all().item<bool>())
+        throw DivergedError(
+            fmt::format("step {}: parameter '{}' is not finite after the optimizer step", step + 1, p.key()));
   return stats;
 }
 
@@ -297,11 +403,11 @@ StartPoint new_run(const ModelConfig& model_cfg, const TrainConfig& cfg, const T
   return s;
 }
 
-// Train fields a resumed run may change: the budget and when to validate, log and checkpoint (data is
-// checked on its own).
+// Train fields a resumed run may change: the budget, when to validate, log and checkpoint, and the
+// optimizer's implementation (both keep the same AdamW state); data is checked on its own.
 bool may_change_on_resume(const std::string& key) {
   for (const char* k :
-       {"steps", "eval_every", "eval_batches", "log_every", "ckpt_every", "keep_last", "data"})
+       {"steps", "eval_every", "eval_batches", "log_every", "ckpt_every", "keep_last", "data", "optimizer"})
     if (key == k) return true;
   return false;
 }
