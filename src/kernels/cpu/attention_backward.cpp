@@ -222,6 +222,7 @@ void attention_backward(const BackwardParams& p) {
     const Arena arena(head_threads, head_floats);
 #pragma omp parallel num_threads(head_threads)
     {
+      const FlushSubnormals flush;
       BackwardWork w = carve<BackwardWork>(arena.thread(omp_get_thread_num()), g, bias, Tqp);
       w.bias.grads(out, /*key_side=*/true, /*query_side=*/true);
 #pragma omp for collapse(2) schedule(dynamic, 1)
@@ -238,6 +239,7 @@ void attention_backward(const BackwardParams& p) {
   const Arena arena(threads, workspace_floats<BackwardWork>(g, bias, kBQ));
 #pragma omp parallel num_threads(threads)
   {
+    const FlushSubnormals flush;
     // Both passes recompute P. Pass 1: each key tile gathers dk = scale dS^T Q, dv = P^T dO, db, dd and ddist
     // from the query tiles that see it. Pass 2: each query tile gathers dq = scale dS K, da and dc.
     BackwardWork w = carve<BackwardWork>(arena.thread(omp_get_thread_num()), g, bias, kBQ);

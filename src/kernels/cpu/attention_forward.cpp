@@ -214,6 +214,7 @@ void attention_forward(const ForwardParams& p) {
     const Arena arena(head_threads, head_floats);
 #pragma omp parallel num_threads(head_threads)
     {
+      const FlushSubnormals flush;
       ForwardWork w = carve<ForwardWork>(arena.thread(omp_get_thread_num()), g, p.bias, nkt);
 #pragma omp for collapse(2) schedule(dynamic, 1)
       for (int64_t b = 0; b < g.B; ++b)
@@ -232,6 +233,7 @@ void attention_forward(const ForwardParams& p) {
   const Arena arena(threads, workspace_floats<ForwardWork>(g, p.bias, 0));
 #pragma omp parallel num_threads(threads)
   {
+    const FlushSubnormals flush;
     ForwardWork w = carve<ForwardWork>(arena.thread(omp_get_thread_num()), g, p.bias, 0);
 #pragma omp for collapse(3) schedule(dynamic, 1)
     for (int64_t b = 0; b < g.B; ++b)
@@ -278,6 +280,7 @@ void attention_decode(const DecodeParams& p) {
     const Arena scratch(pre_threads, workspace_floats<PsiSumWork>(Pp));
 #pragma omp parallel num_threads(pre_threads)
     {
+      const FlushSubnormals flush;
       const PsiSumWork w = carve<PsiSumWork>(scratch.thread(omp_get_thread_num()), Pp);
 #pragma omp for collapse(3)
       for (int64_t b = 0; b < g.B; ++b)
@@ -299,6 +302,7 @@ void attention_decode(const DecodeParams& p) {
   const Arena arena(threads, workspace_floats<ForwardWork>(g, bias, 0));
 #pragma omp parallel num_threads(threads)
   {
+    const FlushSubnormals flush;
     ForwardWork w = carve<ForwardWork>(arena.thread(omp_get_thread_num()), g, bias, 0);
 #pragma omp for collapse(4) schedule(dynamic, 1)
     for (int64_t b = 0; b < g.B; ++b)
