@@ -68,6 +68,15 @@ struct Geometry {
   int64_t visible(int64_t i, int64_t j0, int64_t nk) const {
     return std::clamp<int64_t>(i + delta - j0 + 1, 0, nk);
   }
+  // Causal tiles skip, per block of kMR rows, what the mask zeroes. Of the tile of `rows` query rows from i0
+  // and nk keys from j0: the keys the block of rows from r0 sees (those its last row sees) ...
+  int64_t block_visible(int64_t i0, int64_t rows, int64_t r0, int64_t j0, int64_t nk) const {
+    return visible(i0 + std::min(r0 + kMR, rows) - 1, j0, nk);
+  }
+  // ... and its first row that sees key `key` (rows when none does).
+  int64_t first_row_seeing(int64_t i0, int64_t rows, int64_t key) const {
+    return std::clamp<int64_t>(key - delta - i0, 0, rows);
+  }
 };
 
 // Throws std::invalid_argument("grape::kernels::cpu::<fn>: <what>") unless ok.
