@@ -15,6 +15,10 @@
 
 #include "kernels/cpu/attention.hpp"
 
+#if defined(__SSE__)
+#include <xmmintrin.h>  // the caller's FTZ/DAZ mode (KernelSubnormals)
+#endif
+
 namespace {
 
 namespace kc = grape::kernels::cpu;
@@ -584,6 +588,58 @@ TEST(KernelDecode, MatchesForward) {
           }
         }
   omp_set_num_threads(saved);
+}
+
+TEST(KernelSubnormals, FlushedToZeroAndCallersModeRestored) {
+#if !defined(__SSE__)
+  GTEST_SKIP() << "the flush mode is x86's MXCSR";
+#else
+  // Key 0 gets a bias of -69, so query 1 gives it P = e^-69 ~ 1e-30; dout is 0 for query 0 and 1e-10 for
+  // query 1, so dv of key 0 is P dout ~ 1e-40, a subnormal, which the kernels flush to 0 (the speed of FoX's
+  // backward depends on it); key 1's dv (P ~ 1, ~1e-10) is unchanged. The calling thread's mode is restored.
+  const int64_t D = 16;
+  const kc::AttentionShape s{.B = 1, .H = 1, .Tq = 2, .Tk = 2, .D = D, .scale = 0.25f};
+  const FVec q(2 * D, 0.0f), k(2 * D, 0.0f), v(2 * D, 1.0f), b{-69.0f, 0.0f};
+  FVec dout(2 * D, 1e-10f), out(2 * D), lse(2), dq(2 * D), dk(2 * D), dv(2 * D), db(2);
+  std::fill(dout.begin(), dout.begin() + D, 0.0f);
+  kc::BiasTerms bias;
+  bias.b = b.data();
+  const int saved_threads = omp_get_max_threads();
+  for (int threads : {1, 2}) {
+    SCOPED_TRACE("threads=" + std::to_string(threads));
+    omp_set_num_threads(threads);
+    const unsigned mode = _mm_getcsr() & ~0x8040u;  // FTZ (bit 15) and DAZ (bit 6) off
+    _mm_setcsr(mode);
+    kc::attention_forward({.shape = s,
+                           .q = q.data(),
+                           .k = k.data(),
+                           .v = v.data(),
+                           .bias = bias,
+                           .out = out.data(),
+                           .lse = lse.data()});
+    kc::attention_backward({.shape = s,
+                            .q = q.data(),
+                            .k = k.data(),
+                            .v = v.data(),
+                            .bias = bias,
+                            .out = out.data(),
+                            .dout = dout.data(),
+                            .lse = lse.data(),
+                            .dq = dq.data(),
+                            .dk = dk.data(),
+                            .dv = dv.data(),
+                            .bias_grads = {.db = db.data()}});
+    EXPECT_EQ(_mm_getcsr(), mode);
+    for (int64_t d = 0; d < D; ++d) {
+      EXPECT_EQ(dv[d], 0.0f) << d;                  // exactly ~1e-40
+      EXPECT_NEAR(dv[D + d], 1e-10f, 1e-16f) << d;  // P(1, 1) = 1 - 1e-30
+      EXPECT_FLOAT_EQ(out[D + d], 1.0f) << d;
+    }
+    volatile float tiny = 1e-30f;  // the caller still computes subnormals
+    EXPECT_GT(tiny * 1e-10f, 0.0f);
+  }
+  omp_set_num_threads(saved_threads);
+#endif
 }
 
 TEST(KernelValidation, BadInvariantsThrow) {

@@ -119,6 +119,9 @@ void attention_backward(const BackwardParams& p);
 // Invalid shapes (a size < 1, q_offset < k_offset, non-finite scale), null required pointers, a path bias
 // without r, m or with P < 1 and a distance table with W < 1 throw std::invalid_argument.
 
+// The kernels' threads flush subnormals to zero (x86 FTZ/DAZ, the caller's mode restored on return): inputs
+// and results below FLT_MIN in magnitude count as 0.
+
 // The kernels' vectorisable exp (fp32, relative error < 2.5e-7) for the arguments they exponentiate, logit
 // differences <= 0 up to rounding: x > 88 is clamped to 88; results below FLT_MIN are flushed to 0; -inf ->
 // 0, NaN -> NaN. Exposed for tests.

@@ -102,19 +102,37 @@ void pack_keys(const Geometry& g, const BackwardParams& p, int64_t b, int64_t h,
 // tile's accumulators) and dQ += dS K (query_side: the query rows' accumulator).
 void backward_tile(const Geometry& g, BackwardWork& w, int64_t i0, int64_t rows, int64_t qrow, bool key_side,
                    bool query_side) {
-  const int64_t Dp = g.Dp, Mp = round_up(rows, kMR), nk = w.bias.nk, Np = round_up(nk, kMR);
+  const int64_t Dp = g.Dp, Mp = round_up(rows, kMR), j0 = w.bias.j0, nk = w.bias.nk, Np = round_up(nk, kMR);
   const float* Q = w.Q + qrow * Dp;
   const float* dO = w.dO + qrow * Dp;
   w.bias.tile(i0, rows, Mp, qrow);
-  gemm_tile(Mp, kBK, Dp, Q, Dp, 1, w.Kt, kBK, w.S, kBK, false);    // S = Q K^T
-  gemm_tile(Mp, kBK, Dp, dO, Dp, 1, w.Vt, kBK, w.dS, kBK, false);  // dP = dO V^T
+  // Every product runs per block of kMR rows (or keys) over the part the causal mask leaves (on a diagonal
+  // tile the rest of S and dP is never read, and P and dS are 0 there).
+  for (int64_t r0 = 0; r0 < Mp; r0 += kMR) {
+    const int64_t nv = g.block_visible(i0, rows, r0, j0, nk), n = round_up(nv, kNR);
+    if (nv == 0) continue;
+    gemm_tile(kMR, n, Dp, Q + r0 * Dp, Dp, 1, w.Kt, kBK, w.S + r0 * kBK, kBK, false);    // S = Q K^T
+    gemm_tile(kMR, n, Dp, dO + r0 * Dp, Dp, 1, w.Vt, kBK, w.dS + r0 * kBK, kBK, false);  // dP = dO V^T
+  }
   dsoftmax_step(w.bias, rows, Mp, w.lse + qrow, w.delta + qrow, w.S, w.dS);
   w.bias.grad_tile(rows, Mp, w.dS);
   if (key_side) {
-    gemm_tile(Np, Dp, rows, w.S, 1, kBK, dO, Dp, w.dV, Dp, true);  // dV += P^T dO
-    gemm_tile(Np, Dp, rows, w.dS, 1, kBK, Q, Dp, w.dK, Dp, true);  // dK += dS^T Q
+    for (int64_t k0 = 0; k0 < Np; k0 += kMR) {  // the query rows from q0 see some of keys [k0, k0 + kMR)
+      const int64_t q0 = g.first_row_seeing(i0, rows, j0 + k0), n = rows - q0;
+      if (n == 0) continue;
+      const float* P = w.S + q0 * kBK + k0;
+      const float* dS = w.dS + q0 * kBK + k0;
+      gemm_tile(kMR, Dp, n, P, 1, kBK, dO + q0 * Dp, Dp, w.dV + k0 * Dp, Dp, true);  // dV += P^T dO
+      gemm_tile(kMR, Dp, n, dS, 1, kBK, Q + q0 * Dp, Dp, w.dK + k0 * Dp, Dp, true);  // dK += dS^T Q
+    }
   }
-  if (query_side) gemm_tile(Mp, Dp, nk, w.dS, kBK, 1, w.K, Dp, w.dQ + qrow * Dp, Dp, true);  // dQ += dS K
+  if (!query_side) return;
+  for (int64_t r0 = 0; r0 < Mp; r0 += kMR) {
+    const int64_t nv = g.block_visible(i0, rows, r0, j0, nk);
+    if (nv > 0)
+      gemm_tile(kMR, Dp, nv, w.dS + r0 * kBK, kBK, 1, w.K, Dp, w.dQ + (qrow + r0) * Dp, Dp,
+                true);  // dQ += dS K
+  }
 }
 
 // scale * acc rows [0, n) (leading dim Dp) -> n token rows of head (b, h) of a [B,T,H,D] tensor.
@@ -222,6 +240,7 @@ void attention_backward(const BackwardParams& p) {
     const Arena arena(head_threads, head_floats);
 #pragma omp parallel num_threads(head_threads)
     {
+      const FlushSubnormals flush;
       BackwardWork w = carve<BackwardWork>(arena.thread(omp_get_thread_num()), g, bias, Tqp);
       w.bias.grads(out, /*key_side=*/true, /*query_side=*/true);
 #pragma omp for collapse(2) schedule(dynamic, 1)
@@ -238,6 +257,7 @@ void attention_backward(const BackwardParams& p) {
   const Arena arena(threads, workspace_floats<BackwardWork>(g, bias, kBQ));
 #pragma omp parallel num_threads(threads)
   {
+    const FlushSubnormals flush;
     // Both passes recompute P. Pass 1: each key tile gathers dk = scale dS^T Q, dv = P^T dO, db, dd and ddist
     // from the query tiles that see it. Pass 2: each query tile gathers dq = scale dS K, da and dc.
     BackwardWork w = carve<BackwardWork>(arena.thread(omp_get_thread_num()), g, bias, kBQ);

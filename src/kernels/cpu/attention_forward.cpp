@@ -142,9 +142,18 @@ void flash_rows(const Geometry& g, const ForwardParams& p, int64_t b, int64_t h,
       row_pointers(p.v, g.Tk, g.H, g.D, b, h, j0, nk, w.rows);
       pack_rows(w.rows, nk, nk, g.D, Dp, w.V);
     }
-    gemm_tile(Mp, kBK, Dp, w.Q, Dp, 1, Kt, kBK, w.S, kBK, false);  // S = Q K^T (raw dots)
-    softmax_step(w.bias, rows, Mp, Dp, w.S, w.m, w.l, w.O);        // S -> P, rescale O
-    gemm_tile(Mp, Dp, nk, w.S, kBK, 1, V, Dp, w.O, Dp, true);      // O += P V
+    // S = Q K^T (raw dots), then S -> P and O rescaled, then O += P V: per block of kMR rows only over the
+    // keys it sees (on a diagonal tile the rest is masked: its S is never read, its P is 0).
+    for (int64_t r0 = 0; r0 < Mp; r0 += kMR) {
+      const int64_t nv = g.block_visible(i0, rows, r0, j0, nk);
+      if (nv > 0)
+        gemm_tile(kMR, round_up(nv, kNR), Dp, w.Q + r0 * Dp, Dp, 1, Kt, kBK, w.S + r0 * kBK, kBK, false);
+    }
+    softmax_step(w.bias, rows, Mp, Dp, w.S, w.m, w.l, w.O);
+    for (int64_t r0 = 0; r0 < Mp; r0 += kMR) {
+      const int64_t nv = g.block_visible(i0, rows, r0, j0, nk);
+      if (nv > 0) gemm_tile(kMR, Dp, nv, w.S + r0 * kBK, kBK, 1, V, Dp, w.O + r0 * Dp, Dp, true);
+    }
   }
 }
 
@@ -214,6 +223,7 @@ void attention_forward(const ForwardParams& p) {
     const Arena arena(head_threads, head_floats);
 #pragma omp parallel num_threads(head_threads)
     {
+      const FlushSubnormals flush;
       ForwardWork w = carve<ForwardWork>(arena.thread(omp_get_thread_num()), g, p.bias, nkt);
 #pragma omp for collapse(2) schedule(dynamic, 1)
       for (int64_t b = 0; b < g.B; ++b)
@@ -232,6 +242,7 @@ void attention_forward(const ForwardParams& p) {
   const Arena arena(threads, workspace_floats<ForwardWork>(g, p.bias, 0));
 #pragma omp parallel num_threads(threads)
   {
+    const FlushSubnormals flush;
     ForwardWork w = carve<ForwardWork>(arena.thread(omp_get_thread_num()), g, p.bias, 0);
 #pragma omp for collapse(3) schedule(dynamic, 1)
     for (int64_t b = 0; b < g.B; ++b)
@@ -278,6 +289,7 @@ void attention_decode(const DecodeParams& p) {
     const Arena scratch(pre_threads, workspace_floats<PsiSumWork>(Pp));
 #pragma omp parallel num_threads(pre_threads)
     {
+      const FlushSubnormals flush;
       const PsiSumWork w = carve<PsiSumWork>(scratch.thread(omp_get_thread_num()), Pp);
 #pragma omp for collapse(3)
       for (int64_t b = 0; b < g.B; ++b)
@@ -299,6 +311,7 @@ void attention_decode(const DecodeParams& p) {
   const Arena arena(threads, workspace_floats<ForwardWork>(g, bias, 0));
 #pragma omp parallel num_threads(threads)
   {
+    const FlushSubnormals flush;
     ForwardWork w = carve<ForwardWork>(arena.thread(omp_get_thread_num()), g, bias, 0);
 #pragma omp for collapse(4) schedule(dynamic, 1)
     for (int64_t b = 0; b < g.B; ++b)

@@ -198,6 +198,7 @@ TileBias::TileBias(Carver& carver, const Geometry& g, const BiasTerms& terms, in
 
 void TileBias::keys(int64_t b_, int64_t h_, int64_t j0_, int64_t nk_) {
   b = b_, h = h_, j0 = j0_, nk = nk_;
+  if (!any) return;  // logits_row reads none of the key terms
   const int64_t ks = g.k_stat(b, h) + j0;
   pack_key_terms(terms.b ? terms.b + ks : nullptr, nk, kb);
   pack_key_terms(terms.d ? terms.d + ks : nullptr, nk, kd);
