@@ -398,6 +398,10 @@ TEST_F(Train, ResumeMaySwitchBetweenTheReferenceAndTheFusedOptimizer) {
   train("split", false, /*stop_after=*/6);
   auto run = grape::train::read_run(path("split"));
   ASSERT_EQ(run.train.optimizer, "reference");
+  // --print-config previews what the resume will run with (it once kept the run's optimizer).
+  auto r = run_cli("train --resume --out " + path("split") + " --set optimizer=fused --print-config");
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_EQ(nlohmann::json::parse(r.output)["train"]["optimizer"], "fused") << r.output;
   grape::train::TrainOptions o;
   o.run_dir = path("split"), o.quiet = true, o.resume = true, o.resume_with_settings = true;
   auto asked = run.train;

@@ -169,6 +169,9 @@ TrainSummary run_training(const ModelConfig& model_cfg, const TrainConfig& cfg, 
 // receives a line to print when the vocabulary was read from the data.
 std::pair<ModelConfig, TrainConfig> resolve_new_run(const ModelConfig& model_cfg, const TrainConfig& cfg,
                                                     bool vocab_size_given, std::string* note = nullptr);
+// Train fields a resumed run may change (the budget, when to validate, log and checkpoint, the optimizer's
+// implementation, data); every other setting stays the run's.
+bool may_change_on_resume(const std::string& key);
 // With resume_with_settings: the settings of `asked` that differ from the run's and may not change, as
 // "pe=rope (asked: alibi)"; empty when none does.
 std::vector<std::string> resume_conflicts(const RunInfo& run, const ModelConfig& asked_model,

@@ -67,9 +67,7 @@ void add_train_command(CLI::App& app) {
         auto j = nlohmann::json::parse(run.json);
         const auto asked = nlohmann::json::parse(r.train.to_json());
         for (const auto& [key, value] : asked.items())
-          if (key == "steps" || key == "eval_every" || key == "eval_batches" || key == "log_every" ||
-              key == "ckpt_every" || key == "keep_last")
-            j["train"][key] = value;
+          if (train::may_change_on_resume(key) && key != "data") j["train"][key] = value;  // as resume_run
         fmt::print("{}\n", j.dump(2));
         return;
       }

@@ -403,15 +403,6 @@ StartPoint new_run(const ModelConfig& model_cfg, const TrainConfig& cfg, const T
   return s;
 }
 
-// Train fields a resumed run may change: the budget, when to validate, log and checkpoint, and the
-// optimizer's implementation (both keep the same AdamW state); data is checked on its own.
-bool may_change_on_resume(const std::string& key) {
-  for (const char* k :
-       {"steps", "eval_every", "eval_batches", "log_every", "ckpt_every", "keep_last", "data", "optimizer"})
-    if (key == k) return true;
-  return false;
-}
-
 // --resume: the run's own settings (except an explicitly changed step budget, and what may change with
 // resume_with_settings) and its newest good checkpoint; damaged ones are passed over, and the lead rank says
 // which and why.
@@ -508,6 +499,15 @@ void check_data(const StartPoint& s, const std::string& fingerprint, const Train
 double nan() { return std::numeric_limits<double>::quiet_NaN(); }
 
 }  // namespace
+
+// Train fields a resumed run may change: the budget, when to validate, log and checkpoint, and the
+// optimizer's implementation (both keep the same AdamW state); data is checked on its own.
+bool may_change_on_resume(const std::string& key) {
+  for (const char* k :
+       {"steps", "eval_every", "eval_batches", "log_every", "ckpt_every", "keep_last", "data", "optimizer"})
+    if (key == k) return true;
+  return false;
+}
 
 std::pair<ModelConfig, TrainConfig> resolve_new_run(const ModelConfig& model_cfg, const TrainConfig& cfg,
                                                     bool vocab_size_given, std::string* note) {
