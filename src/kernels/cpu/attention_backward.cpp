@@ -108,12 +108,11 @@ void backward_tile(const Geometry& g, BackwardWork& w, int64_t i0, int64_t rows,
   w.bias.tile(i0, rows, Mp, qrow);
   // Every product runs per block of kMR rows (or keys) over the part the causal mask leaves (on a diagonal
   // tile the rest of S and dP is never read, and P and dS are 0 there).
-  for (int64_t r0 = 0; r0 < Mp; r0 += kMR) {
-    const int64_t nv = g.block_visible(i0, rows, r0, j0, nk), n = round_up(nv, kNR);
-    if (nv == 0) continue;
+  g.for_visible_blocks(i0, rows, Mp, j0, nk, [&](int64_t r0, int64_t nv) {
+    const int64_t n = round_up(nv, kNR);
     gemm_tile(kMR, n, Dp, Q + r0 * Dp, Dp, 1, w.Kt, kBK, w.S + r0 * kBK, kBK, false);    // S = Q K^T
     gemm_tile(kMR, n, Dp, dO + r0 * Dp, Dp, 1, w.Vt, kBK, w.dS + r0 * kBK, kBK, false);  // dP = dO V^T
-  }
+  });
   dsoftmax_step(w.bias, rows, Mp, w.lse + qrow, w.delta + qrow, w.S, w.dS);
   w.bias.grad_tile(rows, Mp, w.dS);
   if (key_side) {
@@ -127,12 +126,10 @@ void backward_tile(const Geometry& g, BackwardWork& w, int64_t i0, int64_t rows,
     }
   }
   if (!query_side) return;
-  for (int64_t r0 = 0; r0 < Mp; r0 += kMR) {
-    const int64_t nv = g.block_visible(i0, rows, r0, j0, nk);
-    if (nv > 0)
-      gemm_tile(kMR, Dp, nv, w.dS + r0 * kBK, kBK, 1, w.K, Dp, w.dQ + (qrow + r0) * Dp, Dp,
-                true);  // dQ += dS K
-  }
+  g.for_visible_blocks(i0, rows, Mp, j0, nk, [&](int64_t r0, int64_t nv) {
+    gemm_tile(kMR, Dp, nv, w.dS + r0 * kBK, kBK, 1, w.K, Dp, w.dQ + (qrow + r0) * Dp, Dp,
+              true);  // dQ += dS K
+  });
 }
 
 // scale * acc rows [0, n) (leading dim Dp) -> n token rows of head (b, h) of a [B,T,H,D] tensor.

@@ -144,16 +144,13 @@ void flash_rows(const Geometry& g, const ForwardParams& p, int64_t b, int64_t h,
     }
     // S = Q K^T (raw dots), then S -> P and O rescaled, then O += P V: per block of kMR rows only over the
     // keys it sees (on a diagonal tile the rest is masked: its S is never read, its P is 0).
-    for (int64_t r0 = 0; r0 < Mp; r0 += kMR) {
-      const int64_t nv = g.block_visible(i0, rows, r0, j0, nk);
-      if (nv > 0)
-        gemm_tile(kMR, round_up(nv, kNR), Dp, w.Q + r0 * Dp, Dp, 1, Kt, kBK, w.S + r0 * kBK, kBK, false);
-    }
+    g.for_visible_blocks(i0, rows, Mp, j0, nk, [&](int64_t r0, int64_t nv) {
+      gemm_tile(kMR, round_up(nv, kNR), Dp, w.Q + r0 * Dp, Dp, 1, Kt, kBK, w.S + r0 * kBK, kBK, false);
+    });
     softmax_step(w.bias, rows, Mp, Dp, w.S, w.m, w.l, w.O);
-    for (int64_t r0 = 0; r0 < Mp; r0 += kMR) {
-      const int64_t nv = g.block_visible(i0, rows, r0, j0, nk);
-      if (nv > 0) gemm_tile(kMR, Dp, nv, w.S + r0 * kBK, kBK, 1, V, Dp, w.O + r0 * Dp, Dp, true);
-    }
+    g.for_visible_blocks(i0, rows, Mp, j0, nk, [&](int64_t r0, int64_t nv) {
+      gemm_tile(kMR, Dp, nv, w.S + r0 * kBK, kBK, 1, V, Dp, w.O + r0 * Dp, Dp, true);
+    });
   }
 }
 

@@ -73,6 +73,12 @@ struct Geometry {
   int64_t block_visible(int64_t i0, int64_t rows, int64_t r0, int64_t j0, int64_t nk) const {
     return visible(i0 + std::min(r0 + kMR, rows) - 1, j0, nk);
   }
+  // f(r0, nv) for every block of kMR rows (r0 < Mp, the rows padded) that sees nv > 0 keys of the tile.
+  template <class F>
+  void for_visible_blocks(int64_t i0, int64_t rows, int64_t Mp, int64_t j0, int64_t nk, F&& f) const {
+    for (int64_t r0 = 0; r0 < Mp; r0 += kMR)
+      if (const int64_t nv = block_visible(i0, rows, r0, j0, nk); nv > 0) f(r0, nv);
+  }
   // ... and its first row that sees key `key` (rows when none does).
   int64_t first_row_seeing(int64_t i0, int64_t rows, int64_t key) const {
     return std::clamp<int64_t>(key - delta - i0, 0, rows);
