@@ -181,45 +181,52 @@ void row_pointers(const float* x, int64_t T, int64_t H, int64_t D, int64_t b, in
 // (widths, strides, accumulate): one shared out-of-line copy made the forward and backward 3-5% slower.
 namespace {
 
-// One kMR x (NB kNR) block of C (+)= A B, held in registers across the whole K loop: per k, kMR broadcasts of
-// A and NB contiguous kNR-wide loads of B feed kMR * NB * kNR fused multiply-adds. Always inlined, so that it
-// is vectorised with gemm_tile's target options (GRAPE_SIMD).
-template <int NB>
+// One MR x (NB kNR) block of C (+)= A B, held in registers across the whole K loop: per k, MR broadcasts of
+// A and NB contiguous kNR-wide loads of B feed MR * NB * kNR fused multiply-adds. Always inlined, so that it
+// is vectorised with gemm_tile's target options (GRAPE_SIMD). Each C element sums over k in the same order
+// whatever the block shape, so the shapes give the same results to the bit.
+template <int MR, int NB>
 GRAPE_INLINE void gemm_block(int64_t K, const float* a, int64_t ars, int64_t aks, const float* b, int64_t ldb,
                              float* C, int64_t ldc, bool accumulate) {
   constexpr int64_t W = NB * kNR;
-  float acc[kMR][W];
-  for (int64_t r = 0; r < kMR; ++r)
+  float acc[MR][W];
+  for (int64_t r = 0; r < MR; ++r)
     for (int64_t c = 0; c < W; ++c) acc[r][c] = accumulate ? C[r * ldc + c] : 0.0f;
   for (int64_t k = 0; k < K; ++k) {
-    for (int64_t r = 0; r < kMR; ++r) {
+    for (int64_t r = 0; r < MR; ++r) {
       const float ar = a[r * ars + k * aks];
 #pragma omp simd
       for (int64_t c = 0; c < W; ++c) acc[r][c] += ar * b[k * ldb + c];
     }
   }
-  for (int64_t r = 0; r < kMR; ++r)
+  for (int64_t r = 0; r < MR; ++r)
     for (int64_t c = 0; c < W; ++c) C[r * ldc + c] = acc[r][c];
 }
 
 // C[M x N] (+)= A B for tiles: A(r, k) = A[r * ars + k * aks] (so A may be read transposed), B row-major with
 // leading dimension ldb. M % kMR == 0 and N % kNR == 0 (the tiles are padded); K is any length.
-// With AVX-512 the columns go in blocks of 2 kNR (16 zmm accumulators: 10 loads per 16 FMAs, so the FMA
-// units rather than the load ports set the pace), with a kNR-wide tail; otherwise in blocks of kNR (the 8
-// x 16 accumulators fill 16 ymm registers).
+// With AVX-512 the blocks are kMR x 2 kNR (16 zmm accumulators: 10 loads per 16 FMAs, so the FMA units
+// rather than the load ports set the pace), with a kMR x kNR tail. Otherwise they are kMR / 2 x kNR: 8 ymm
+// accumulators, leaving registers for B and the broadcasts (kMR x kNR would take all 16 ymm registers, and
+// GCC spilled the broadcasts to the stack: half the time of the tile products on a Zen 3).
 GRAPE_SIMD
 [[maybe_unused]] void gemm_tile(int64_t M, int64_t N, int64_t K, const float* A, int64_t ars, int64_t aks,
                                 const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+#if defined(__AVX512F__)
   for (int64_t r0 = 0; r0 < M; r0 += kMR) {
     const float* a = A + r0 * ars;
     float* c = C + r0 * ldc;
     int64_t n0 = 0;
-#if defined(__AVX512F__)
     for (; n0 + 2 * kNR <= N; n0 += 2 * kNR)
-      gemm_block<2>(K, a, ars, aks, B + n0, ldb, c + n0, ldc, accumulate);
-#endif
-    for (; n0 < N; n0 += kNR) gemm_block<1>(K, a, ars, aks, B + n0, ldb, c + n0, ldc, accumulate);
+      gemm_block<kMR, 2>(K, a, ars, aks, B + n0, ldb, c + n0, ldc, accumulate);
+    for (; n0 < N; n0 += kNR) gemm_block<kMR, 1>(K, a, ars, aks, B + n0, ldb, c + n0, ldc, accumulate);
   }
+#else
+  constexpr int64_t kHalf = kMR / 2;
+  for (int64_t r0 = 0; r0 < M; r0 += kHalf)
+    for (int64_t n0 = 0; n0 < N; n0 += kNR)
+      gemm_block<kHalf, 1>(K, A + r0 * ars, ars, aks, B + n0, ldb, C + r0 * ldc + n0, ldc, accumulate);
+#endif
 }
 
 }  // namespace
