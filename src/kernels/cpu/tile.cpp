@@ -9,6 +9,10 @@
 #include <new>
 #include <stdexcept>
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+#include <immintrin.h>  // pack_cols' 8 x 8 transposes
+#endif
+
 namespace grape::kernels::cpu {
 
 int team_size(int64_t n_tasks) { return int(std::clamp<int64_t>(n_tasks, 1, omp_get_max_threads())); }
@@ -103,6 +107,33 @@ GRAPE_INLINE void transpose16(__m512* r) {
 }
 
 }  // namespace
+#elif defined(__AVX2__)
+namespace {
+
+// r[i] lane c -> r[c] lane i: an 8 x 8 transpose in registers (pairs of floats, then of doubles, then the
+// 128-bit halves: 24 shuffles for 64 floats).
+GRAPE_INLINE void transpose8(__m256* r) {
+  __m256 t[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    const __m256d a = _mm256_castps_pd(t[4 * i]), b = _mm256_castps_pd(t[4 * i + 1]);
+    const __m256d c = _mm256_castps_pd(t[4 * i + 2]), d = _mm256_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm256_castpd_ps(_mm256_unpacklo_pd(a, c));
+    r[4 * i + 1] = _mm256_castpd_ps(_mm256_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm256_castpd_ps(_mm256_unpacklo_pd(b, d));
+    r[4 * i + 3] = _mm256_castpd_ps(_mm256_unpackhi_pd(b, d));
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m256 lo = r[k], hi = r[4 + k];
+    r[k] = _mm256_permute2f128_ps(lo, hi, 0x20);
+    r[4 + k] = _mm256_permute2f128_ps(lo, hi, 0x31);
+  }
+}
+
+}  // namespace
 #endif
 
 void pack_cols(const float* const* src_rows, int64_t n, int64_t cols, int64_t D, int64_t Dp, float* dst) {
@@ -118,6 +149,23 @@ void pack_cols(const float* const* src_rows, int64_t n, int64_t cols, int64_t D,
           r[j] = j0 + j < n ? _mm512_maskz_loadu_ps(mask, src_rows[j0 + j] + 16 * c) : _mm512_setzero_ps();
         transpose16(r);
         for (int64_t e = 0; e < 16; ++e) _mm512_storeu_ps(dst + (16 * c + e) * cols + j0, r[e]);
+      }
+    return;
+  }
+#elif defined(__AVX2__)
+  // The same by 8 x 8 blocks (the element-wise copy was 3% of a tiny training step on a Zen 3).
+  if (cols % 8 == 0) {
+    for (int64_t j0 = 0; j0 < cols; j0 += 8)
+      for (int64_t c = 0; c < Dp / 8; ++c) {
+        const int64_t valid = std::clamp<int64_t>(D - 8 * c, 0, 8);
+        const __m256i mask =
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(int(valid)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        __m256 r[8];
+        for (int64_t j = 0; j < 8; ++j)
+          r[j] = j0 + j < n && valid > 0 ? _mm256_maskload_ps(src_rows[j0 + j] + 8 * c, mask)
+                                         : _mm256_setzero_ps();
+        transpose8(r);
+        for (int64_t e = 0; e < 8; ++e) _mm256_storeu_ps(dst + (8 * c + e) * cols + j0, r[e]);
       }
     return;
   }
