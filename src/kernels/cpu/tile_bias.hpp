@@ -81,8 +81,11 @@ struct TileBias {
     const float ai = a_rows ? a_rows[r] : 0.0f, ci = c_rows ? c_rows[r] : 0.0f, d0 = dist0(r);
     const float* kb = this->kb;
     const float* kd = this->kd;
+    // 32-bit column indices here and below: AVX2 has no vector int64 -> float conversion (the loops would
+    // stay scalar).
 #pragma omp simd
-    for (int64_t j = 0; j < kBK; ++j) s[j] = scale * s[j] + ai + kb[j] + (ci + kd[j]) * (d0 - float(j));
+    for (int32_t j = 0; j < int32_t(kBK); ++j)
+      s[j] = scale * s[j] + ai + kb[j] + (ci + kd[j]) * (d0 - float(j));
     if (path) {
       const float* pb = PB + r * kBK;
 #pragma omp simd
@@ -115,12 +118,12 @@ struct TileBias {
     if (grad_d) {
       double* cd = col_d;
 #pragma omp simd
-      for (int64_t j = 0; j < nv; ++j) cd[j] += double(ds[j]) * (d0 - double(j));
+      for (int32_t j = 0; j < int32_t(nv); ++j) cd[j] += double(ds[j]) * (d0 - double(j));
     }
     if (grad_a || grad_c) {
       double sa = 0.0, sc = 0.0;
 #pragma omp simd reduction(+ : sa, sc)
-      for (int64_t j = 0; j < nv; ++j) {
+      for (int32_t j = 0; j < int32_t(nv); ++j) {
         sa += ds[j];
         sc += double(ds[j]) * (d0 - double(j));
       }
