@@ -34,10 +34,10 @@ void dsoftmax_step(const TileBias& t, int64_t rows, int64_t Mp, const float* lse
     t.logits_row(r, nv, s);
     const float li = lse[r], di = delta[r];
 #pragma omp simd
-    for (int64_t j = 0; j < kBK; ++j) {
-      const float p = exp_inline(s[j] - li);  // 0 where masked (-inf)
+    for (int32_t j = 0; j < int32_t(kBK); ++j) {  // 32-bit j: AVX2 compares 8 lanes at once, not 4
+      const float p = exp_inline(s[j] - li);      // 0 where masked (-inf)
       s[j] = p;
-      ds[j] = j < nv ? p * (ds[j] - di) : 0.0f;  // not 0 * dP: a masked key's dP may be inf or NaN
+      ds[j] = j < int32_t(nv) ? p * (ds[j] - di) : 0.0f;  // not 0 * dP: a masked key's dP may be inf or NaN
     }
     t.grad_row(r, nv, ds);
   }

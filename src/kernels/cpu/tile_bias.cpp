@@ -68,17 +68,18 @@ GRAPE_INLINE void psi_row(const float* pt, const float* Rt, int64_t P, float mh,
     for (int64_t j = 0; j < kBK; ++j) x[j] += pe * re[j];
   }
   const float invP = 1.0f / float(P);
+  const int32_t n = int32_t(nv);  // 32-bit j below: AVX2 compares 8 lanes at once, not 4
   if (dout) {
 #pragma omp simd
-    for (int64_t j = 0; j < kBK; ++j) {
+    for (int32_t j = 0; j < int32_t(kBK); ++j) {
       float psi, dx;
       psi_grad_inline(x[j] * invP, mh, psi, dx);
-      out[j] = j < nv ? psi : 0.0f;
-      dout[j] = j < nv ? dx * invP : 0.0f;
+      out[j] = j < n ? psi : 0.0f;
+      dout[j] = j < n ? dx * invP : 0.0f;
     }
   } else {
 #pragma omp simd
-    for (int64_t j = 0; j < kBK; ++j) out[j] = j < nv ? psi_inline(x[j] * invP, mh) : 0.0f;
+    for (int32_t j = 0; j < int32_t(kBK); ++j) out[j] = j < n ? psi_inline(x[j] * invP, mh) : 0.0f;
   }
 }
 

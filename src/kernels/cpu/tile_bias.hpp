@@ -75,14 +75,14 @@ struct TileBias {
     const float scale = g.scale;
     if (!any) {
 #pragma omp simd
-      for (int64_t j = 0; j < kBK; ++j) s[j] = j < nv ? scale * s[j] : kNegInf;
+      for (int32_t j = 0; j < int32_t(kBK); ++j) s[j] = j < int32_t(nv) ? scale * s[j] : kNegInf;
       return;
     }
     const float ai = a_rows ? a_rows[r] : 0.0f, ci = c_rows ? c_rows[r] : 0.0f, d0 = dist0(r);
     const float* kb = this->kb;
     const float* kd = this->kd;
-    // 32-bit column indices here and below: AVX2 has no vector int64 -> float conversion (the loops would
-    // stay scalar).
+    // 32-bit column indices in this file's loops: AVX2 has no vector int64 -> float conversion (the loops
+    // would stay scalar) and compares 4 int64 lanes at a time, not 8.
 #pragma omp simd
     for (int32_t j = 0; j < int32_t(kBK); ++j)
       s[j] = scale * s[j] + ai + kb[j] + (ci + kd[j]) * (d0 - float(j));
@@ -97,7 +97,7 @@ struct TileBias {
       for (int64_t j = 0; j < kBK; ++j) s[j] += dtr[j];
     }
 #pragma omp simd
-    for (int64_t j = 0; j < kBK; ++j) s[j] = j < nv ? s[j] : kNegInf;
+    for (int32_t j = 0; j < int32_t(kBK); ++j) s[j] = j < int32_t(nv) ? s[j] : kNegInf;
   }
 
   // Backward.
