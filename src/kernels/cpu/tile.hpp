@@ -208,7 +208,8 @@ GRAPE_INLINE void gemm_block(int64_t K, const float* a, int64_t ars, int64_t aks
 // With AVX-512 the blocks are kMR x 2 kNR (16 zmm accumulators: 10 loads per 16 FMAs, so the FMA units
 // rather than the load ports set the pace), with a kMR x kNR tail. Otherwise they are kMR / 2 x kNR: 8 ymm
 // accumulators, leaving registers for B and the broadcasts (kMR x kNR would take all 16 ymm registers, and
-// GCC spilled the broadcasts to the stack: half the time of the tile products on a Zen 3).
+// GCC spilled the broadcasts to the stack: those stores drew half of the tile products' perf samples on a
+// Zen 3).
 GRAPE_SIMD
 [[maybe_unused]] void gemm_tile(int64_t M, int64_t N, int64_t K, const float* A, int64_t ars, int64_t aks,
                                 const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
