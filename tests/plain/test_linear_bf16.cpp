@@ -50,7 +50,7 @@ TEST(Bf16Round, KnownValues) {
 
 std::vector<Bf16Kernel> runnable_kernels() {
   std::vector<Bf16Kernel> out;
-  for (auto k : {Bf16Kernel::portable, Bf16Kernel::avx512})
+  for (auto k : {Bf16Kernel::portable, Bf16Kernel::avx512, Bf16Kernel::avx2})
     if (bf16_kernel_available(k)) out.push_back(k);
   return out;
 }

@@ -28,7 +28,7 @@ inline float bf16_to_float(uint16_t b) { return std::bit_cast<float>(uint32_t(b)
 // out[i] = bf16_round(x[i]) for i < n.
 void round_to_bf16(const float* x, int64_t n, uint16_t* out);
 
-enum class Bf16Kernel { portable, avx512 };
+enum class Bf16Kernel { portable, avx512, avx2 };
 const char* to_string(Bf16Kernel kernel);
 bool bf16_kernel_available(Bf16Kernel kernel);  // whether this CPU runs it
 Bf16Kernel bf16_kernel_best();                  // the one the decode engine uses on this CPU
