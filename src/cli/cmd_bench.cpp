@@ -22,6 +22,10 @@
 namespace grape::cli {
 namespace {
 
+struct StepClock {  // bench train: the GEMMs' seconds in a step, from extra steps timed with a GemmClock
+  double gemm_seconds = -1, gemm_calls = -1, step_seconds = -1;
+};
+
 struct BenchArgs {
   std::vector<std::string> presets = {"tiny", "small"};
   std::vector<std::string> pes = {"rope"};
@@ -32,7 +36,7 @@ struct BenchArgs {
   int64_t steps = 5, batch = 8, tokens = 64, context = 0;
   int nproc = 1;                // bench train: also N data-parallel processes x 1 thread
   double faults_per_step = -1;  // bench train: set by each measurement, written to its JSON row
-  double gemm_seconds_per_step = -1, gemm_calls_per_step = -1, clocked_step_seconds = -1;  // GemmClock
+  StepClock clock;              // bench train: likewise
   std::string json;
 };
 
@@ -112,10 +116,10 @@ void measure_presets(const BenchArgs& a, const std::string& column,
                     {"threads", torch::get_num_threads()}});
     if (!a.optimizer.empty()) rows.back()["optimizer"] = a.optimizer;
     if (a.faults_per_step >= 0) rows.back()["page_faults_per_step"] = a.faults_per_step;
-    if (a.gemm_seconds_per_step >= 0) {
-      rows.back()["gemm_seconds_per_step"] = a.gemm_seconds_per_step;
-      rows.back()["gemm_calls_per_step"] = a.gemm_calls_per_step;
-      rows.back()["clocked_step_seconds"] = a.clocked_step_seconds;
+    if (a.clock.gemm_seconds >= 0) {
+      rows.back()["gemm_seconds_per_step"] = a.clock.gemm_seconds;
+      rows.back()["gemm_calls_per_step"] = a.clock.gemm_calls;
+      rows.back()["clocked_step_seconds"] = a.clock.step_seconds;
     }
   }
   finish(a, table, rows);
@@ -127,7 +131,6 @@ long minor_faults() {
   return u.ru_minflt;
 }
 
-// Training tokens/s of `model`: one warm-up step, then a.steps timed AdamW steps on a fixed random batch.
 // Seconds this thread spends inside the matrix-product operators (aten::mm, addmm, bmm, baddbmm) while a
 // GemmClock lives: the time the GEMMs of a training step take in the step itself, with the caches as the
 // step leaves them (the same products timed alone, hot, run faster). The backward's products are counted
@@ -168,10 +171,7 @@ class GemmClock {
 thread_local double GemmClock::seconds_ = 0;
 thread_local int64_t GemmClock::calls_ = 0;
 
-struct StepClock {  // bench train: the GEMMs' seconds in a step, from extra steps timed with a GemmClock
-  double gemm_seconds = -1, gemm_calls = -1, step_seconds = -1;
-};
-
+// Training tokens/s of `model`: one warm-up step, then a.steps timed AdamW steps on a fixed random batch.
 // With a group, each rank steps on its own batch of a.batch sequences and the gradients are averaged
 // (the real data-parallel step); the figure is then for all ranks together.
 // faults_per_step (if given): the minor page faults of this process per timed step (memory the allocator
@@ -391,12 +391,7 @@ void add_bench_command(CLI::App& app) {
     if (ta->nproc > 1) return bench_train_scaling(*ta);
     measure_presets(*ta, "context", [&](Transformer& model, int64_t& column) {
       column = model->config().context;
-      StepClock clock;
-      const double tps = train_tokens_per_s(*ta, model, nullptr, &ta->faults_per_step, &clock);
-      ta->gemm_seconds_per_step = clock.gemm_seconds;
-      ta->gemm_calls_per_step = clock.gemm_calls;
-      ta->clocked_step_seconds = clock.step_seconds;
-      return tps;
+      return train_tokens_per_s(*ta, model, nullptr, &ta->faults_per_step, &ta->clock);
     });
   });
 
