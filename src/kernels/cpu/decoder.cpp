@@ -222,9 +222,51 @@ GRAPE_INLINE void panel_block_simd(const float* const* x, int64_t K, const float
     _mm512_storeu_ps(out + j * kPanel + 16, acc[j][1]);
   }
 }
+#elif defined(__AVX2__)
+// The same on 8-lane registers, MR <= 6. MR x 32 sums would take 4 MR of the 16 ymm registers (the portable
+// kernel spills them), so a block runs as two passes over the halves of the panel's columns: 2 MR
+// accumulators, 2 weight loads and MR broadcasts per 2 MR FMAs (each pass reads its own one of the two cache
+// lines a panel row spans). Each sum still runs over k in order, as in panel_block_portable. The first pass
+// prefetches the next panel's lines.
+template <int MR>
+GRAPE_INLINE void panel_block_simd(const float* const* x, int64_t K, const float* panel, float* out,
+                                   const float* next, int64_t lines) {
+  static_assert(kPanel == 32 && MR <= 6);
+  const float* xs[MR];
+  for (int j = 0; j < MR; ++j) xs[j] = x[j];
+  for (int half = 0; half < 2; ++half) {
+    const float* pf = half == 0 ? next : nullptr;
+    const float* w = panel + 16 * half;
+    __m256 acc[MR][2];
+    for (int j = 0; j < MR; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+      if (pf)
+        for (int64_t l = 0; l < lines; ++l)
+          _mm_prefetch(reinterpret_cast<const char*>(pf + (k * lines + l) * 16), _MM_HINT_T0);
+      const __m256 w0 = _mm256_loadu_ps(w + k * kPanel), w1 = _mm256_loadu_ps(w + k * kPanel + 8);
+      for (int j = 0; j < MR; ++j) {
+        const __m256 xb = _mm256_broadcast_ss(xs[j] + k);
+        acc[j][0] = _mm256_fmadd_ps(xb, w0, acc[j][0]);
+        acc[j][1] = _mm256_fmadd_ps(xb, w1, acc[j][1]);
+      }
+    }
+    for (int j = 0; j < MR; ++j) {
+      _mm256_storeu_ps(out + j * kPanel + 16 * half, acc[j][0]);
+      _mm256_storeu_ps(out + j * kPanel + 16 * half + 8, acc[j][1]);
+    }
+  }
+}
 #endif
 
-// Panels [p0, p1) of y = x W^T, in blocks of 8, 4, 2 or 1 rows of x.
+// Rows of x per panel block: as many as the block's accumulators leave registers for (16 zmm: 8 x 2; 16 ymm:
+// 6 x 2 per half panel).
+#if defined(__AVX512F__) || !defined(__AVX2__)
+constexpr int kPanelRows = 8;
+#else
+constexpr int kPanelRows = 6;
+#endif
+
+// Panels [p0, p1) of y = x W^T, in blocks of kPanelRows, 4, 2 or 1 rows of x.
 template <bool kSimd>
 void linear_panels_part(const float* x, int64_t R, int64_t K, const float* panels, int64_t N, float* y,
                         int64_t p0, int64_t p1) {
@@ -232,13 +274,13 @@ void linear_panels_part(const float* x, int64_t R, int64_t K, const float* panel
     const float* panel = panels + pn * K * kPanel;
     const int64_t n = pn * kPanel, nw = std::min(kPanel, N - n);
     for (int64_t r = 0, block = 0; r < R; ++block) {
-      const int64_t mr = R - r >= 8 ? 8 : R - r >= 4 ? 4 : R - r >= 2 ? 2 : 1;
-      const float* xs[8];
+      const int64_t mr = R - r >= kPanelRows ? kPanelRows : R - r >= 4 ? 4 : R - r >= 2 ? 2 : 1;
+      const float* xs[kPanelRows];
       for (int64_t j = 0; j < mr; ++j) xs[j] = x + (r + j) * K;
-      alignas(64) float out[8 * kPanel];
+      alignas(64) float out[kPanelRows * kPanel];
       auto run = [&](auto mr_const) {
         constexpr int MR = decltype(mr_const)::value;
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
         if constexpr (kSimd) {
           // The next panel (2K lines): the first two blocks fetch half each, or a lone block all of it.
           const bool lone = mr == R;
@@ -248,8 +290,8 @@ void linear_panels_part(const float* x, int64_t R, int64_t K, const float* panel
 #endif
           panel_block_portable<MR>(xs, K, panel, out);
       };
-      if (mr == 8)
-        run(std::integral_constant<int, 8>{});
+      if (mr == kPanelRows)
+        run(std::integral_constant<int, kPanelRows>{});
       else if (mr == 4)
         run(std::integral_constant<int, 4>{});
       else if (mr == 2)

@@ -10,7 +10,7 @@
 #include <stdexcept>
 
 #if defined(__AVX2__) && !defined(__AVX512F__)
-#include <immintrin.h>  // pack_cols' 8 x 8 transposes
+#include <immintrin.h>  // pack_cols' 8 x 8 transposes, decode's 8-lane products
 #endif
 
 namespace grape::kernels::cpu {
@@ -184,6 +184,43 @@ void row_pointers(const float* x, int64_t T, int64_t H, int64_t D, int64_t b, in
 // Decode's few-row products
 // ---------------------------------------------------------------------------------------------------------
 
+namespace {
+
+// Calls f(std::integral_constant<int, n>) for 1 <= n <= 8; false (nothing called) otherwise.
+template <class F>
+[[maybe_unused]] bool with_count(int64_t n, F f) {
+  switch (n) {
+    case 1:
+      f(std::integral_constant<int, 1>{});
+      return true;
+    case 2:
+      f(std::integral_constant<int, 2>{});
+      return true;
+    case 3:
+      f(std::integral_constant<int, 3>{});
+      return true;
+    case 4:
+      f(std::integral_constant<int, 4>{});
+      return true;
+    case 5:
+      f(std::integral_constant<int, 5>{});
+      return true;
+    case 6:
+      f(std::integral_constant<int, 6>{});
+      return true;
+    case 7:
+      f(std::integral_constant<int, 7>{});
+      return true;
+    case 8:
+      f(std::integral_constant<int, 8>{});
+      return true;
+    default:
+      return false;
+  }
+}
+
+}  // namespace
+
 #if defined(__AVX512F__)
 namespace {
 
@@ -231,37 +268,67 @@ GRAPE_INLINE void pv_direct_regs(int64_t rows, int64_t nk, int64_t D, const floa
   }
 }
 
-// Calls f(std::integral_constant<int, Dp / 16>) for Dp <= 128; false (nothing called) for wider heads.
-template <class F>
-bool with_chunks(int64_t Dp, F f) {
-  switch (Dp / 16) {
-    case 1:
-      f(std::integral_constant<int, 1>{});
-      return true;
-    case 2:
-      f(std::integral_constant<int, 2>{});
-      return true;
-    case 3:
-      f(std::integral_constant<int, 3>{});
-      return true;
-    case 4:
-      f(std::integral_constant<int, 4>{});
-      return true;
-    case 5:
-      f(std::integral_constant<int, 5>{});
-      return true;
-    case 6:
-      f(std::integral_constant<int, 6>{});
-      return true;
-    case 7:
-      f(std::integral_constant<int, 7>{});
-      return true;
-    case 8:
-      f(std::integral_constant<int, 8>{});
-      return true;
-    default:
-      return false;
+}  // namespace
+#elif defined(__AVX2__)
+namespace {
+
+// The 8 horizontal sums of a[0..7] in one vector, lane i = the sum of a[i]'s lanes, each summed in the same
+// order ((0 + 1) + (2 + 3)) + ((4 + 5) + (6 + 7)) whichever slot it has (as sums16 does).
+GRAPE_INLINE __m256 sums8(const __m256* a) {
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // halves: a0..a3, a4..a7
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// Loads of the D floats of a row in 8-lane chunks: chunk c < full plainly, the last one masked.
+struct Chunks8 {
+  int64_t full, n;  // whole chunks, all chunks
+  __m256i last;
+  explicit Chunks8(int64_t D) : full(D / 8), n((D + 7) / 8) {
+    static const int32_t kMask[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+    last = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kMask + 8 - (D - 8 * full)));
   }
+  GRAPE_INLINE __m256 load(const float* row, int64_t c) const {
+    return c < full ? _mm256_loadu_ps(row + 8 * c) : _mm256_maskload_ps(row + 8 * c, last);
+  }
+};
+
+// dots_direct on 8-lane registers: 8 keys' products at a time, summed by one tree (sums8) instead of a
+// horizontal sum per key; the query chunk is reloaded from L1 per chunk (8 accumulators stay in registers).
+GRAPE_INLINE void dots_direct_regs(int64_t rows, int64_t nk, int64_t D, int64_t Dp, const float* Q,
+                                   const float* const* krows, float* S) {
+  const Chunks8 ch(D);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j0 = 0; j0 < nk; j0 += 8) {
+      const int64_t n = std::min<int64_t>(8, nk - j0);
+      const float* k[8];
+      for (int j = 0; j < 8; ++j)
+        k[j] = krows[j0 + std::min<int64_t>(j, n - 1)];  // repeats: computed, unused
+      __m256 acc[8];
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+      for (int64_t c = 0; c < ch.n; ++c) {
+        const __m256 q = _mm256_loadu_ps(Q + r * Dp + 8 * c);
+        for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(q, ch.load(k[j], c), acc[j]);
+      }
+      alignas(32) float s[8];
+      _mm256_store_ps(s, sums8(acc));
+      for (int64_t j = 0; j < n; ++j) S[r * kBK + j0 + j] = s[j];
+    }
+}
+
+// pv_direct on 8-lane registers: NC chunks of the output row from chunk c0 on in registers over all nk keys.
+template <int NC>
+GRAPE_INLINE void pv_direct_regs(int64_t r, int64_t nk, const Chunks8& ch, int64_t c0, int64_t Dp,
+                                 const float* S, const float* const* vrows, float* O) {
+  float* o = O + r * Dp + 8 * c0;
+  __m256 acc[NC];
+  for (int c = 0; c < NC; ++c) acc[c] = _mm256_loadu_ps(o + 8 * c);
+  for (int64_t j = 0; j < nk; ++j) {
+    const __m256 p = _mm256_broadcast_ss(S + r * kBK + j);
+    for (int c = 0; c < NC; ++c) acc[c] = _mm256_fmadd_ps(p, ch.load(vrows[j], c0 + c), acc[c]);
+  }
+  for (int c = 0; c < NC; ++c) _mm256_storeu_ps(o + 8 * c, acc[c]);
 }
 
 }  // namespace
@@ -271,8 +338,10 @@ GRAPE_SIMD
 void dots_direct(int64_t rows, int64_t nk, int64_t D, int64_t Dp, const float* Q, const float* const* krows,
                  float* S) {
 #if defined(__AVX512F__)
-  if (with_chunks(Dp, [&](auto nc) { dots_direct_regs<decltype(nc)::value>(rows, nk, D, Q, krows, S); }))
+  if (with_count(Dp / 16, [&](auto nc) { dots_direct_regs<decltype(nc)::value>(rows, nk, D, Q, krows, S); }))
     return;
+#elif defined(__AVX2__)
+  return dots_direct_regs(rows, nk, D, Dp, Q, krows, S);
 #endif
   for (int64_t j = 0; j < nk; ++j) {
     const float* kj = krows[j];
@@ -290,8 +359,15 @@ GRAPE_SIMD
 void pv_direct(int64_t rows, int64_t nk, int64_t D, int64_t Dp, const float* S, const float* const* vrows,
                float* O) {
 #if defined(__AVX512F__)
-  if (with_chunks(Dp, [&](auto nc) { pv_direct_regs<decltype(nc)::value>(rows, nk, D, S, vrows, O); }))
+  if (with_count(Dp / 16, [&](auto nc) { pv_direct_regs<decltype(nc)::value>(rows, nk, D, S, vrows, O); }))
     return;
+#elif defined(__AVX2__)
+  const Chunks8 ch(D);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c0 = 0; c0 < ch.n; c0 += 8)  // groups of up to 8 chunks (8 registers)
+      with_count(std::min<int64_t>(8, ch.n - c0),
+                 [&](auto nc) { pv_direct_regs<decltype(nc)::value>(r, nk, ch, c0, Dp, S, vrows, O); });
+  return;
 #endif
   for (int64_t j = 0; j < nk; ++j) {
     const float* vj = vrows[j];
