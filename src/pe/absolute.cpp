@@ -151,7 +151,7 @@ void add_absolute(std::vector<EncodingInfo>& out) {
                  learned_laws});
 }
 
-const detail::Registration registration(add_absolute);
+const detail::Registration absolute_registration(add_absolute);
 
 }  // namespace
 }  // namespace grape

@@ -690,7 +690,7 @@ void add_context_extension(std::vector<EncodingInfo>& out) {
   }
 }
 
-const Registration registration(add_context_extension);
+const Registration context_extension_registration(add_context_extension);
 
 }  // namespace
 }  // namespace grape::detail

@@ -95,7 +95,7 @@ void add_contextual(std::vector<EncodingInfo>& out) {
                  grape_m_ctx_laws});
 }
 
-const detail::Registration registration(add_contextual);
+const detail::Registration contextual_registration(add_contextual);
 
 }  // namespace
 }  // namespace grape

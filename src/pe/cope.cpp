@@ -87,7 +87,7 @@ void add_cope(std::vector<EncodingInfo>& out) {
        cope_laws});
 }
 
-const detail::Registration registration(add_cope);
+const detail::Registration cope_registration(add_cope);
 
 }  // namespace
 }  // namespace grape

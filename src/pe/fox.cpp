@@ -110,7 +110,7 @@ void add_fox(std::vector<EncodingInfo>& out) {
                  fox_laws});
 }
 
-const detail::Registration registration(add_fox);
+const detail::Registration fox_registration(add_fox);
 
 }  // namespace
 }  // namespace grape

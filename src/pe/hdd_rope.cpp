@@ -728,7 +728,7 @@ void add_hdd_rope(std::vector<EncodingInfo>& out) {
        hdd_rope_laws});
 }
 
-const detail::Registration registration(add_hdd_rope);
+const detail::Registration hdd_rope_registration(add_hdd_rope);
 
 }  // namespace
 }  // namespace grape

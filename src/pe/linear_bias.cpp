@@ -185,7 +185,7 @@ void add_linear_bias(std::vector<EncodingInfo>& out) {
                  grape_a_laws});
 }
 
-const detail::Registration registration(add_linear_bias);
+const detail::Registration linear_bias_registration(add_linear_bias);
 
 }  // namespace
 }  // namespace grape

@@ -191,7 +191,7 @@ void add_mixture(std::vector<EncodingInfo>& out) {
                  grape_m_mix_laws});
 }
 
-const detail::Registration registration(add_mixture);
+const detail::Registration mixture_registration(add_mixture);
 
 }  // namespace
 }  // namespace grape

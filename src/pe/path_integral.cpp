@@ -117,7 +117,7 @@ void add_path_integral(std::vector<EncodingInfo>& out) {
                  grape_ap_laws});
 }
 
-const detail::Registration registration(add_path_integral);
+const detail::Registration path_integral_registration(add_path_integral);
 
 }  // namespace
 }  // namespace grape

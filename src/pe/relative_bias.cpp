@@ -318,7 +318,7 @@ void add_relative_bias(std::vector<EncodingInfo>& out) {
        fire_laws});
 }
 
-const detail::Registration registration(add_relative_bias);
+const detail::Registration relative_bias_registration(add_relative_bias);
 
 }  // namespace
 }  // namespace grape

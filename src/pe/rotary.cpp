@@ -556,7 +556,7 @@ void add_rotary(std::vector<EncodingInfo>& out) {
        grape_m_planes_laws});
 }
 
-const detail::Registration registration(add_rotary);
+const detail::Registration rotary_registration(add_rotary);
 
 }  // namespace
 }  // namespace grape

@@ -104,7 +104,7 @@ void add_sandwich(std::vector<EncodingInfo>& out) {
                  sandwich_laws});
 }
 
-const Registration registration(add_sandwich);
+const Registration sandwich_registration(add_sandwich);
 
 }  // namespace
 }  // namespace grape

@@ -159,7 +159,7 @@ void add_tape(std::vector<EncodingInfo>& out) {
        tape_laws});
 }
 
-const detail::Registration registration(add_tape);
+const detail::Registration tape_registration(add_tape);
 
 }  // namespace
 }  // namespace grape
