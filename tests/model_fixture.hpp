@@ -27,6 +27,9 @@ inline Transformer perturbed_model(const ModelConfig& c, uint64_t seed, double s
   return m;
 }
 
+// The same with the decode and convention tests' seed and scale: moved well off the init (0.3).
+inline Transformer perturbed_model(const ModelConfig& c) { return perturbed_model(c, 3, 0.3); }
+
 // The decode tests' model: 2 layers, C = 48, 3 heads (D = 16), hidden 128 (8C/3), vocab 61, context 32: odd
 // sizes reach the kernels' tails.
 inline ModelConfig decode_test_config(const std::string& pe, std::map<std::string, std::string> opts = {},

@@ -4,12 +4,13 @@
 #include <cmath>
 
 #include "grape/pe.hpp"
+#include "tensor_checks.hpp"
 
 namespace {
 
 using grape::KeyCache;
 using grape::PeOptions;
-const auto f64 = torch::kFloat64;
+using grape::testing::f64;
 
 double sigmoid(double z) { return 1.0 / (1.0 + std::exp(-z)); }
 double softplus(double z) { return std::log1p(std::exp(z)); }

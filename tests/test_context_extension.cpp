@@ -19,12 +19,13 @@
 #include "grape/model.hpp"
 #include "grape/pe.hpp"
 #include "grape/train.hpp"
+#include "tensor_checks.hpp"
 
 namespace grape {
 namespace {
 
 namespace fs = std::filesystem;
-const auto f64 = torch::kFloat64;
+using grape::testing::f64;
 
 // D = 64 (32 frequencies): wide enough that YaRN's ramp has pairs on both sides and in between.
 const HeadShape kShape{2, 64, 32};
@@ -53,7 +54,8 @@ torch::Tensor logits(Encoding& e, const torch::Tensor& q, const torch::Tensor& k
   return attention_logits(e, tok, KeyCache::from(tok));
 }
 
-double max_diff(const torch::Tensor& a, const torch::Tensor& b) {
+// Max |a - b| over the finite entries; infinite where a and b are not finite at the same places.
+double max_diff_same_nonfinite(const torch::Tensor& a, const torch::Tensor& b) {
   auto fa = torch::isfinite(a), fb = torch::isfinite(b);
   if (!torch::equal(fa, fb)) return INFINITY;
   auto d = torch::where(fa, a.to(f64) - b.to(f64), torch::zeros({}, f64));
@@ -107,7 +109,7 @@ TEST(ContextExtension, PiAtPositionNEqualsRopeAtNOverS) {
     // RoPE at the fractional positions n/s, written out: angle (n/s) theta_d.
     auto pos = (torch::arange(100, 109, f64) / s).view({1, 9, 1, 1});
     auto expected = rotate_pairs(q, pos * theta, "half");
-    EXPECT_LE(max_diff(encode_q(*e, q, 100), expected), 1e-12);
+    EXPECT_LE(max_diff_same_nonfinite(encode_q(*e, q, 100), expected), 1e-12);
     EXPECT_TRUE(e->properties().rotates && e->properties().relative);
   }
   // s = 1 is RoPE exactly; s = 2 at position 2m is RoPE at m exactly.
@@ -159,9 +161,11 @@ TEST(ContextExtension, GrapeMAtInitEqualsRopeUnderEveryMethodFp32) {
     for (auto* name : {"grape-m", "grape-m-planes"}) {
       auto gm = make(name, o, torch::kFloat32);
       auto rope = make("rope", o, torch::kFloat32);
-      EXPECT_EQ(max_diff(logits(*gm, q, k, 3), logits(*rope, q, k, 3)), 0.0) << name;
+      EXPECT_EQ(max_diff_same_nonfinite(logits(*gm, q, k, 3), logits(*rope, q, k, 3)), 0.0) << name;
       // and the method changed something: not plain rope
-      EXPECT_GT(max_diff(logits(*rope, q, k, 3), logits(*make("rope", {}, torch::kFloat32), q, k, 3)), 1e-4);
+      EXPECT_GT(max_diff_same_nonfinite(logits(*rope, q, k, 3),
+                                        logits(*make("rope", {}, torch::kFloat32), q, k, 3)),
+                1e-4);
     }
   }
 }
@@ -177,7 +181,7 @@ TEST(ContextExtension, DynamicNtkIsRopeBitForBitUpToTheTrainingContext) {
     EXPECT_TRUE(torch::equal(encode_q(*dyn, q, 0), q));  // the cache holds pre-rotation keys
     // One token more and the spectrum moves.
     auto q2 = randn({2, 25, 2, 64}, 6, dt), k2 = randn({2, 25, 2, 64}, 7, dt);
-    EXPECT_GT(max_diff(logits(*dyn, q2, k2), logits(*rope, q2, k2)), 1e-6);
+    EXPECT_GT(max_diff_same_nonfinite(logits(*dyn, q2, k2), logits(*rope, q2, k2)), 1e-6);
   }
   EXPECT_FALSE(make("dynamic-ntk")->properties().relative);
 }
@@ -188,7 +192,7 @@ TEST(ContextExtension, DynamicNtkBaseFollowsTheCurrentLength) {
   auto dyn = make("rope", {{"extend", "dynamic-ntk"}, {"factor", "2"}, {"original_context", "16"}});
   const double kk = 2.0 * 40.0 / 16.0 - 1.0;
   auto ntk = make("rope", {{"extend", "ntk"}, {"factor", std::to_string(kk)}});
-  EXPECT_LE(max_diff(logits(*dyn, q, k), logits(*ntk, q, k)), 1e-10);
+  EXPECT_LE(max_diff_same_nonfinite(logits(*dyn, q, k), logits(*ntk, q, k)), 1e-10);
 }
 
 // E-3 at the model level: a decode crossing L equals, at every step t, row t of a full forward over the
@@ -230,13 +234,16 @@ TEST(ContextExtension, DynamicNtkDecodeAcrossLEqualsPrefixRecomputeInTheModel) {
     double err = 0.0, vs_plain = 0.0;
     for (int64_t t = 0; t < T; ++t) {
       auto prefix = m->forward(seq.narrow(1, 0, t + 1));
-      err = std::max(err, max_diff(decoded.select(1, t), prefix.select(1, t)));
+      err = std::max(err, max_diff_same_nonfinite(decoded.select(1, t), prefix.select(1, t)));
       if (t < 16)  // inside L the model is plain RoPE
-        EXPECT_LE(max_diff(decoded.select(1, t), plain->forward(seq.narrow(1, 0, t + 1)).select(1, t)), 1e-5)
+        EXPECT_LE(max_diff_same_nonfinite(decoded.select(1, t),
+                                          plain->forward(seq.narrow(1, 0, t + 1)).select(1, t)),
+                  1e-5)
             << t;
       else
-        vs_plain = std::max(
-            vs_plain, max_diff(decoded.select(1, t), plain->forward(seq.narrow(1, 0, t + 1)).select(1, t)));
+        vs_plain =
+            std::max(vs_plain, max_diff_same_nonfinite(decoded.select(1, t),
+                                                       plain->forward(seq.narrow(1, 0, t + 1)).select(1, t)));
     }
     std::printf(
         "  dynamic-ntk decode vs prefix recompute (%s): max |diff| = %.3g, vs plain rope past L %.3g\n",
@@ -244,7 +251,7 @@ TEST(ContextExtension, DynamicNtkDecodeAcrossLEqualsPrefixRecomputeInTheModel) {
     EXPECT_LE(err, 1e-4);
     EXPECT_GT(vs_plain, 1e-3);  // past L the spectrum really changed
     // A single full forward over all 40 tokens uses length 40's spectrum for every row: it is not the decode.
-    EXPECT_GT(max_diff(decoded.narrow(1, 16, 10), m->forward(seq).narrow(1, 16, 10)), 1e-4);
+    EXPECT_GT(max_diff_same_nonfinite(decoded.narrow(1, 16, 10), m->forward(seq).narrow(1, 16, 10)), 1e-4);
   }
 }
 
@@ -277,9 +284,9 @@ TEST(ContextExtension, YarnRampTemperatureAndReductions) {
   // mscale = 0.1 ln s + 1 on both q and k: norms scale by it, logits by its square.
   const double m = 0.1 * std::log(s) + 1.0;
   auto q = randn({2, 11, 2, 64}, 10), k = randn({2, 11, 2, 64}, 11);
-  EXPECT_LE(max_diff(encode_q(*yarn, q, 50).norm(2, -1), q.norm(2, -1) * m), 1e-12);
+  EXPECT_LE(max_diff_same_nonfinite(encode_q(*yarn, q, 50).norm(2, -1), q.norm(2, -1) * m), 1e-12);
   auto by_parts = make("yarn", {{"factor", "8"}, {"original_context", "4096"}, {"yarn_mscale", "1"}});
-  EXPECT_LE(max_diff(logits(*yarn, q, k, 50), logits(*by_parts, q, k, 50) * (m * m)), 1e-12);
+  EXPECT_LE(max_diff_same_nonfinite(logits(*yarn, q, k, 50), logits(*by_parts, q, k, 50) * (m * m)), 1e-12);
   EXPECT_FALSE(yarn->properties().rotates);
   EXPECT_TRUE(yarn->properties().relative);
   EXPECT_TRUE(by_parts->properties().rotates);
@@ -441,9 +448,9 @@ TEST(ContextExtension, EvalExtendOnATrainedRun) {
     i.model.pe_options["original_context"] = std::to_string(i.model.context);
     return train::load_model(i)->forward(seq);
   };
-  EXPECT_EQ(max_diff(with("yarn", "1"), base), 0.0);
-  EXPECT_GT(max_diff(with("yarn", "4"), base), 1e-4);
-  EXPECT_GT(max_diff(with("dynamic-ntk", "2"), base), 1e-4);
+  EXPECT_EQ(max_diff_same_nonfinite(with("yarn", "1"), base), 0.0);
+  EXPECT_GT(max_diff_same_nonfinite(with("yarn", "4"), base), 1e-4);
+  EXPECT_GT(max_diff_same_nonfinite(with("dynamic-ntk", "2"), base), 1e-4);
 
   // Errors: a method the run's encoding cannot take, flags without --extend, an unknown method.
   auto cfg = nlohmann::json::parse(io::read_file(run + "/run.json"));

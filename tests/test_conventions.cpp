@@ -18,6 +18,7 @@
 #include "grape/io.hpp"
 #include "grape/model.hpp"
 #include "model_fixture.hpp"
+#include "tensor_checks.hpp"
 
 namespace grape {
 namespace {
@@ -38,10 +39,6 @@ ModelConfig small_config(const std::string& pe, const std::string& qk_norm, bool
 }
 
 // Unit gains would make the two QK-norm orders agree for every rotation: move them off their init.
-Transformer make_model(const ModelConfig& c, uint64_t seed = 3) {
-  return testing::perturbed_model(c, seed, 0.3);
-}
-
 // `to` gets every parameter of `from` (same names and shapes).
 void copy_weights(Transformer& from, Transformer& to) {
   torch::NoGradGuard no_grad;
@@ -54,13 +51,13 @@ torch::Tensor tokens(int64_t B, int64_t T, uint64_t seed) {
   return torch::randint(0, 257, {B, T}, gen, torch::kInt64);
 }
 
-double max_diff(const torch::Tensor& a, const torch::Tensor& b) { return (a - b).abs().max().item<double>(); }
+using grape::testing::max_diff;
 
 // Encodings that do not touch q and k: normalising before or after encode is the same computation.
 TEST(QKNorm, AfterRotationEqualsBeforeExactlyForAdditiveEncodings) {
   for (const auto* name : {"alibi", "fox", "nope", "grape-ap", "t5"}) {
     SCOPED_TRACE(name);
-    auto before = make_model(small_config(name, "before_rotation", true));
+    auto before = testing::perturbed_model(small_config(name, "before_rotation", true));
     torch::manual_seed(0);
     Transformer after(small_config(name, "after_rotation", true));
     copy_weights(before, after);
@@ -75,7 +72,7 @@ TEST(QKNorm, AfterRotationEqualsBeforeExactlyForAdditiveEncodings) {
 TEST(QKNorm, AfterRotationDiffersForRopeOnlyThroughNonUniformGains) {
   for (const auto* name : {"rope", "grape-m", "grape-m-ctx"}) {
     SCOPED_TRACE(name);
-    auto before = make_model(small_config(name, "before_rotation"));
+    auto before = testing::perturbed_model(small_config(name, "before_rotation"));
     torch::manual_seed(0);
     Transformer after(small_config(name, "after_rotation"));
     copy_weights(before, after);
@@ -97,7 +94,7 @@ TEST(QKNorm, AfterRotationNormalisesTheRotatedQueriesAndKeys) {
   auto c = small_config("rope", "after_rotation");
   c.n_layer = 1;
   c.pe_options = {{"orientation", "grape"}};
-  auto m = make_model(c);
+  auto m = testing::perturbed_model(c);
   torch::NoGradGuard no_grad;
   auto P = m->named_parameters();
   const int64_t B = 2, T = 7, H = c.n_head, D = c.head_dim();
@@ -137,7 +134,7 @@ TEST(QKNorm, StreamingEqualsFullForwardWithAfterRotation) {
   for (const auto* name : {"rope", "grape-m", "grape-m-ctx", "grape-m-mix", "hdd-rope", "fox", "grape-ap"}) {
     for (bool kv : {false, true}) {
       SCOPED_TRACE(std::string(name) + (kv ? " +kv_shift" : ""));
-      auto m = make_model(small_config(name, "after_rotation", kv));
+      auto m = testing::perturbed_model(small_config(name, "after_rotation", kv));
       torch::NoGradGuard no_grad;
       auto seq = tokens(1, L, 12);
       auto full = m->forward(seq);

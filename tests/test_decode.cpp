@@ -11,6 +11,7 @@
 #include "expect_invalid.hpp"
 #include "grape/decode.hpp"
 #include "model_fixture.hpp"
+#include "tensor_checks.hpp"
 
 namespace grape {
 namespace {
@@ -22,19 +23,13 @@ ModelConfig config(const std::string& pe, std::map<std::string, std::string> opt
   return testing::decode_test_config(pe, std::move(opts), qk_norm);
 }
 
-Transformer make_model(const ModelConfig& c, uint64_t seed = 3) {
-  return testing::perturbed_model(c, seed, 0.3);
-}
-
 torch::Tensor random_tokens(int64_t T, int64_t vocab, uint64_t seed) {
   auto gen = at::detail::createCPUGenerator(seed);
   return torch::randint(0, vocab, {1, T}, gen, torch::kInt64);
 }
 
 // max |a - b| / max |b|
-double relative_gap(const torch::Tensor& a, const torch::Tensor& b) {
-  return (a - b).abs().max().item<double>() / b.abs().max().item<double>();
-}
+using grape::testing::relative_gap;
 
 struct Case {
   std::string pe;
@@ -78,7 +73,7 @@ TEST(FastDecode, EqualsFullForwardForEveryClaimedEncoding) {
               }
             }())
           continue;
-        auto m = make_model(c);
+        auto m = testing::perturbed_model(c);
         torch::NoGradGuard no_grad;
         auto seq = random_tokens(L, 61, 5 + uint64_t(prefill));
         auto full = m->forward(seq);
@@ -106,7 +101,7 @@ TEST(FastDecode, EveryRegisteredEncodingDecodesExactlyOnItsPath) {
   std::string native;
   for (const auto& info : encodings()) {
     SCOPED_TRACE(info.name);
-    auto m = make_model(config(info.name));
+    auto m = testing::perturbed_model(config(info.name));
     torch::NoGradGuard no_grad;
     auto seq = random_tokens(L, 61, 21);
     Decoder dec(m);
@@ -127,7 +122,7 @@ TEST(FastDecode, GrowsPastItsFirstBuffers) {
   for (const Case& cs :
        {Case{"t5", {{"num_buckets", "8"}, {"max_distance", "12"}}}, Case{"fox", {}}, Case{"grape-ap", {}}}) {
     SCOPED_TRACE(cs.pe);  // fox's per-key terms and grape-ap's key probes move with the keys
-    auto m = make_model(config(cs.pe, cs.opts));
+    auto m = testing::perturbed_model(config(cs.pe, cs.opts));
     torch::NoGradGuard no_grad;
     auto seq = random_tokens(L, 61, 9);
     auto full = m->forward(seq);
@@ -148,7 +143,7 @@ TEST(FastDecode, RaggedBatchEqualsEachSequenceAlone) {
   const int64_t B = 16, steps = 6;
   for (const std::string pe : {"rope", "alibi", "fox", "grape-ap"}) {
     SCOPED_TRACE(pe);
-    auto m = make_model(config(pe));
+    auto m = testing::perturbed_model(config(pe));
     torch::NoGradGuard no_grad;
     Decoder dec(m), ref(m, DecodePath::reference);
     ASSERT_EQ(dec.path(), DecodePath::fast);
@@ -222,7 +217,7 @@ TEST(FastDecode, FallsBackAndSaysWhy) {
     SCOPED_TRACE(f.cs.pe);
     auto c = config(f.cs.pe, f.cs.opts);
     c.kv_shift = f.kv_shift;
-    auto m = make_model(c);
+    auto m = testing::perturbed_model(c);
     const auto reason = fast_decode_unsupported(m);
     Decoder dec(m);
     EXPECT_EQ(dec.path(), DecodePath::reference);
@@ -230,7 +225,7 @@ TEST(FastDecode, FallsBackAndSaysWhy) {
     EXPECT_NE(reason.find(f.why), std::string::npos) << reason;
   }
   // The fallback still decodes exactly.
-  auto m = make_model(config("grape-m-ctx"));
+  auto m = testing::perturbed_model(config("grape-m-ctx"));
   torch::NoGradGuard no_grad;
   auto seq = random_tokens(12, 61, 2);
   Decoder dec(m);
@@ -241,12 +236,12 @@ TEST(FastDecode, FallsBackAndSaysWhy) {
       torch::cat({dec.forward(seq.narrow(1, 0, 5), caches), dec.forward(seq.narrow(1, 5, 7), caches)}, 1);
   EXPECT_LE(relative_gap(got, m->forward(seq)), 1e-4);
   // Asked for the reference path, it takes it without a reason.
-  Decoder forced(make_model(config("rope")), DecodePath::reference);
+  Decoder forced(testing::perturbed_model(config("rope")), DecodePath::reference);
   EXPECT_EQ(forced.path(), DecodePath::reference);
   EXPECT_EQ(forced.fallback_reason(), "");
   EXPECT_EQ(parse_decode_path("fast"), DecodePath::fast);
   expect_invalid([] { parse_decode_path("quick", "--decode"); }, {"--decode", "quick", "fast or reference"});
-  auto m64 = make_model(config("rope"));
+  auto m64 = testing::perturbed_model(config("rope"));
   m64->to(torch::kFloat64);
   EXPECT_NE(fast_decode_unsupported(m64).find("not float32"), std::string::npos);
 }
@@ -254,8 +249,8 @@ TEST(FastDecode, FallsBackAndSaysWhy) {
 TEST(FastDecode, BadInputsAreClearErrors) {
   for (auto path : {DecodePath::fast, DecodePath::reference}) {
     SCOPED_TRACE(to_string(path));
-    auto m = make_model(config("rope"));
-    Decoder dec(m, path), other(make_model(config("rope")), path);
+    auto m = testing::perturbed_model(config("rope"));
+    Decoder dec(m, path), other(testing::perturbed_model(config("rope")), path);
     auto mine = dec.new_cache(), theirs = other.new_cache();
     std::vector<DecodeCache*> foreign{&theirs}, one{&mine};
     auto ids = torch::tensor({{1, 2}}, torch::kInt64);

@@ -17,6 +17,7 @@
 #include "grape/train.hpp"
 #include "kernels/cpu/linear_bf16.hpp"
 #include "model_fixture.hpp"
+#include "tensor_checks.hpp"
 
 namespace grape {
 namespace {
@@ -49,9 +50,7 @@ torch::Tensor random_tokens(int64_t T, uint64_t seed) {
   return torch::randint(0, 61, {1, T}, gen, torch::kInt64);
 }
 
-double relative_gap(const torch::Tensor& a, const torch::Tensor& b) {
-  return (a - b).abs().max().item<double>() / b.abs().max().item<double>();
-}
+using grape::testing::relative_gap;
 
 // Prefill 6 tokens, then one-token steps to L: the logits of every position.
 torch::Tensor decode_all(Decoder& dec, const torch::Tensor& seq) {

@@ -9,18 +9,18 @@
 #include <string>
 #include <vector>
 
+#include "expect_invalid.hpp"
 #include "grape/attention.hpp"
 #include "pe/hdd_rope.hpp"
+#include "tensor_checks.hpp"
 
 namespace grape {
 namespace {
 
-const auto f64 = torch::kFloat64;
+using grape::testing::f64;
 const HeadShape kShape{2, 12, 10};  // H = 2, D = 12 (k = 2, 3, 4, 6 all divide it), C = 10
 
-double max_diff(const torch::Tensor& a, const torch::Tensor& b) {
-  return (a.to(f64) - b.to(f64)).abs().max().item<double>();
-}
+using grape::testing::max_diff;
 
 EncodingPtr make(PeOptions o = {}, bool perturb = false, torch::ScalarType dtype = f64, uint64_t seed = 5) {
   torch::manual_seed(seed);
@@ -57,14 +57,7 @@ double orthogonality_error(const torch::Tensor& R) {
   return (torch::matmul(R.transpose(-1, -2), R) - I).abs().max().item<double>();
 }
 
-void expect_invalid(const std::function<void()>& fn, const std::string& part) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected std::invalid_argument containing '" << part << "'";
-  } catch (const std::invalid_argument& e) {
-    EXPECT_NE(std::string(e.what()).find(part), std::string::npos) << e.what() << "\nmissing: " << part;
-  }
-}
+using grape::testing::expect_invalid;
 
 // Random skew-symmetric matrices [n, k, k] of a given scale.
 torch::Tensor random_skew(int64_t n, int64_t k, double scale) {

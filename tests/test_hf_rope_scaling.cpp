@@ -20,13 +20,14 @@
 #include "expect_invalid.hpp"
 #include "grape/io.hpp"
 #include "grape/pe.hpp"
+#include "tensor_checks.hpp"
 
 namespace grape {
 namespace {
 
 namespace fs = std::filesystem;
+using grape::testing::f64;
 using nlohmann::json;
-const auto f64 = torch::kFloat64;
 constexpr double kPi = std::numbers::pi;
 
 // ---- the references: transformers' formulas, in float64 ------------------------------------------------

@@ -15,6 +15,7 @@
 #include "grape/attention.hpp"
 #include "grape/model.hpp"
 #include "model_fixture.hpp"
+#include "tensor_checks.hpp"
 
 namespace grape {
 namespace {
@@ -42,7 +43,7 @@ torch::Tensor random_tokens(int64_t B, int64_t T, int64_t vocab, uint64_t seed) 
   return torch::randint(0, vocab, {B, T}, gen, torch::kInt64);
 }
 
-double max_diff(const torch::Tensor& a, const torch::Tensor& b) { return (a - b).abs().max().item<double>(); }
+using grape::testing::max_diff;
 
 using grape::testing::expect_invalid;
 

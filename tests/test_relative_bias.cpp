@@ -10,13 +10,15 @@
 #include <string>
 #include <vector>
 
+#include "expect_invalid.hpp"
 #include "grape/attention.hpp"
 #include "grape/model.hpp"
+#include "tensor_checks.hpp"
 
 namespace grape {
 namespace {
 
-const auto f64 = torch::kFloat64;
+using grape::testing::f64;
 
 // An encoding in float64 with its parameters by name.
 EncodingPtr make64(const std::string& name, const HeadShape& s, const PeOptions& o = {}) {
@@ -45,14 +47,7 @@ torch::Tensor bias_of(Encoding& e, int64_t T, int64_t offset = 0) {
   return bias_of(e, q, torch::randn_like(q), offset);
 }
 
-void expect_invalid(const std::function<void()>& fn, const std::string& part) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected std::invalid_argument containing '" << part << "'";
-  } catch (const std::invalid_argument& err) {
-    EXPECT_NE(std::string(err.what()).find(part), std::string::npos) << "message: " << err.what();
-  }
-}
+using grape::testing::expect_invalid;
 
 // ---- T5 (A-2) --------------------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "grape/pe.hpp"
+#include "tensor_checks.hpp"
 
 namespace {
 
@@ -11,7 +12,7 @@ using grape::HeadShape;
 using grape::KeyCache;
 using grape::PeOptions;
 
-const auto f64 = torch::kFloat64;
+using grape::testing::f64;
 
 // Plain loop: RoPE of one head vector at position n, standard orientation.
 std::vector<double> rope_loop(const std::vector<double>& x, double n, double base, bool half) {

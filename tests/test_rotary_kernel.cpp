@@ -12,6 +12,7 @@
 #include "grape/pe.hpp"
 #include "kernels/cpu/finite.hpp"
 #include "kernels/cpu/rotary.hpp"
+#include "tensor_checks.hpp"
 
 namespace {
 
@@ -19,7 +20,7 @@ using grape::rotate_pairs;
 using grape::rotate_pairs_composed;
 
 const auto f32 = torch::kFloat32;
-const auto f64 = torch::kFloat64;
+using grape::testing::f64;
 
 // max |a - b| / max |b| (b is the float64 reference).
 double rel_err(const torch::Tensor& a, const torch::Tensor& b) {

@@ -32,7 +32,7 @@ torch::Tensor tokens(int64_t B, int64_t T, uint64_t seed) {
 }
 
 // Max |a - b| over entries finite in both (masked logits are -inf in both).
-double max_diff(const torch::Tensor& a, const torch::Tensor& b) {
+double max_finite_diff(const torch::Tensor& a, const torch::Tensor& b) {
   auto d = a.to(torch::kFloat64) - b.to(torch::kFloat64);
   return torch::where(torch::isfinite(a) & torch::isfinite(b), d, torch::zeros_like(d))
       .abs()
@@ -65,19 +65,19 @@ TEST(Tape, AtInitTheModelEqualsItsRopeBackbone) {  // T-1
   auto [tape, rope] = tape_and_rope();
   torch::NoGradGuard ng;
   auto seq = tokens(2, 40, 1);
-  const double d0 = max_diff(tape->forward(seq), rope->forward(seq));
+  const double d0 = max_finite_diff(tape->forward(seq), rope->forward(seq));
   std::printf("  tape at init vs rope: max |diff| = %.3g\n", d0);
   EXPECT_LE(d0, 1e-5);
   // W2 alone does nothing while W1 = 0 and A = 0 (U = W1 E = 0, A E~ = 0) ...
   auto params = tape->named_parameters();
   params["blocks.0.pe.W2"].add_(1.0);
-  EXPECT_LE(max_diff(tape->forward(seq), rope->forward(seq)), 1e-5);
+  EXPECT_LE(max_finite_diff(tape->forward(seq), rope->forward(seq)), 1e-5);
   // ... while W1 or A turn the position state into something RoPE cannot express.
   params["blocks.0.pe.W1"].add_(0.5);
-  EXPECT_GE(max_diff(tape->forward(seq), rope->forward(seq)), 1e-3);
+  EXPECT_GE(max_finite_diff(tape->forward(seq), rope->forward(seq)), 1e-3);
   params["blocks.0.pe.W1"].zero_();
   params["blocks.0.pe.A"].add_(0.5);
-  EXPECT_GE(max_diff(tape->forward(seq), rope->forward(seq)), 1e-3);
+  EXPECT_GE(max_finite_diff(tape->forward(seq), rope->forward(seq)), 1e-3);
 }
 
 // T-2: E^(0) started at position c (the option `shift`) multiplies every z_b by e^{i c theta_b}; token
@@ -98,7 +98,7 @@ TEST(Tape, TokenOutputsAreInvariantToAGlobalPositionShift) {
       ref = out;
       continue;
     }
-    const double d = max_diff(out, ref);
+    const double d = max_finite_diff(out, ref);
     std::printf("  tape shift %.0f: max |diff| = %.3g (max |logit| %.3g)\n", c, d,
                 ref.abs().max().item<double>());
     EXPECT_LE(d, 1e-9);
@@ -108,7 +108,7 @@ TEST(Tape, TokenOutputsAreInvariantToAGlobalPositionShift) {
   torch::manual_seed(9);
   Transformer rope(cfg);
   rope->to(torch::kFloat64);
-  EXPECT_GE(max_diff(rope->forward(seq), ref), 1e-3);
+  EXPECT_GE(max_finite_diff(rope->forward(seq), ref), 1e-3);
 }
 
 // T-3: one layer's pieces are equivariant to a rotation u_b of every z_b (random unit complex numbers, not
@@ -140,18 +140,18 @@ TEST(Tape, OneLayerIsEquivariantToRotationsOfE) {
     auto tok = enc.encode(q, k, TokenContext({}, stream), st);
     return attention_logits(enc, tok, KeyCache::from(tok));
   };
-  EXPECT_LE(max_diff(logits(rotate(E)), logits(E)), 1e-12);
-  EXPECT_GE(max_diff(logits(E), logits(torch::randn_like(E))), 1e-3);  // E does matter
-  EXPECT_LE(
-      max_diff(enc.stream_after_attention(rotate(E), rotate(Et)), rotate(enc.stream_after_attention(E, Et))),
-      1e-12);
-  EXPECT_LE(max_diff(enc.stream_after_mlp(rotate(E), y), rotate(enc.stream_after_mlp(E, y))), 1e-12);
+  EXPECT_LE(max_finite_diff(logits(rotate(E)), logits(E)), 1e-12);
+  EXPECT_GE(max_finite_diff(logits(E), logits(torch::randn_like(E))), 1e-3);  // E does matter
+  EXPECT_LE(max_finite_diff(enc.stream_after_attention(rotate(E), rotate(Et)),
+                            rotate(enc.stream_after_attention(E, Et))),
+            1e-12);
+  EXPECT_LE(max_finite_diff(enc.stream_after_mlp(rotate(E), y), rotate(enc.stream_after_mlp(E, y))), 1e-12);
   // Without the update terms the identity: E + 0.
   torch::NoGradGuard ng;
   enc.named_parameters()["A"].zero_();
   enc.named_parameters()["W1"].zero_();
-  EXPECT_EQ(max_diff(enc.stream_after_attention(E, Et), E), 0.0);
-  EXPECT_EQ(max_diff(enc.stream_after_mlp(E, y), E), 0.0);
+  EXPECT_EQ(max_finite_diff(enc.stream_after_attention(E, Et), E), 0.0);
+  EXPECT_EQ(max_finite_diff(enc.stream_after_mlp(E, y), E), 0.0);
 }
 
 // T-7 and the paper's mode: A mixes heads (E_m += sum_e A[m,e] E~_e) or, code_compat, scales head m by the
@@ -174,7 +174,7 @@ TEST(Tape, AttentionUpdateModes) {
         auto a = A[m][e].item<double>();
         want.select(2, m) += a * (std::string(mode) == "paper" ? Et.select(2, e) : Et.select(2, m));
       }
-    EXPECT_LE(max_diff(got, want), 1e-12) << mode;
+    EXPECT_LE(max_finite_diff(got, want), 1e-12) << mode;
   }
 }
 
@@ -194,7 +194,7 @@ TEST(Tape, StreamingEqualsFullForward) {
     std::vector<SequenceCache*> caches{&cache};
     std::vector<torch::Tensor> outs{m->forward_cached(seq.narrow(1, 0, 7), caches)};
     for (int64_t t = 7; t < 50; ++t) outs.push_back(m->forward_cached(seq.narrow(1, t, 1), caches));
-    const double d = max_diff(torch::cat(outs, 1), full);
+    const double d = max_finite_diff(torch::cat(outs, 1), full);
     std::printf("  tape streaming (%s): max |diff| = %.3g\n", attention, d);
     EXPECT_LE(d, 1e-4) << attention;
     EXPECT_EQ(cache.layers[2].keys.key.at("E").size(1), 50);  // E cached beside K~ and V
@@ -218,7 +218,7 @@ TEST(Tape, FusedEqualsReferenceWithGradients) {
   auto [lr, gr] = run("reference");
   EXPECT_NEAR(lf, lr, 1e-5);
   for (const auto& [name, g] : gr) {
-    const double rel = max_diff(gf.at(name), g) / std::max(1e-12, g.abs().max().item<double>());
+    const double rel = max_finite_diff(gf.at(name), g) / std::max(1e-12, g.abs().max().item<double>());
     EXPECT_LE(rel, 1e-3) << name;
   }
 }
