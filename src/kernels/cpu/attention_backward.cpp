@@ -211,7 +211,7 @@ void attention_backward(const BackwardParams& p) {
   // busy; otherwise two passes that split each head's work by key tile and by query tile (7 products per
   // pair, but every thread has work). Cost model: the busiest thread's share of the work. The path bias
   // always takes the one pass (its carries run along each query row over all key tiles).
-  const int64_t heads = g.B * g.H, max_threads = omp_get_max_threads();
+  const int64_t heads = g.B * g.H, max_threads = usable_threads();
   const int64_t Tqp = n_qt * kBQ;
   const int head_threads = team_size(heads);
   const int64_t head_floats = workspace_floats<BackwardWork>(g, bias, Tqp);

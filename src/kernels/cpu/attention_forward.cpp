@@ -211,7 +211,7 @@ void attention_forward(const ForwardParams& p) {
   // With enough heads for the threads (at most 25% of the time idle on the last round), one task per (b, h)
   // packs the head's keys once (K^T tiles, V) and reuses them for every query tile; otherwise one task per
   // query tile packs the key tiles it visits.
-  const int64_t heads = g.B * g.H, max_threads = omp_get_max_threads();
+  const int64_t heads = g.B * g.H, max_threads = usable_threads();
   const int64_t nkt = ceil_div(g.key_end(g.Tq), kBK);
   const int head_threads = team_size(heads);
   const int64_t head_floats = workspace_floats<ForwardWork>(g, p.bias, nkt);
@@ -264,7 +264,7 @@ void attention_decode(const DecodeParams& p) {
   const int64_t n_qt = ceil_div(g.Tq, kBQ), D = g.D;
   // With enough (batch, head, query tile) tasks for the threads (at most 20% idle), each task takes all its
   // keys; otherwise the keys are split into blocks of kDecodeBlock that threads take separately.
-  const int64_t tasks = g.B * g.H * n_qt, max_threads = omp_get_max_threads();
+  const int64_t tasks = g.B * g.H * n_qt, max_threads = usable_threads();
   const int64_t block =
       4 * max_threads * ceil_div(tasks, max_threads) <= 5 * tasks ? round_up(g.Tk, kBK) : kDecodeBlock;
   const int64_t n_blk = ceil_div(g.Tk, block);

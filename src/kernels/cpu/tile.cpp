@@ -15,7 +15,11 @@
 
 namespace grape::kernels::cpu {
 
-int team_size(int64_t n_tasks) { return int(std::clamp<int64_t>(n_tasks, 1, omp_get_max_threads())); }
+int usable_threads() {
+  return omp_get_active_level() >= omp_get_max_active_levels() ? 1 : omp_get_max_threads();
+}
+
+int team_size(int64_t n_tasks) { return int(std::clamp<int64_t>(n_tasks, 1, usable_threads())); }
 
 // ---------------------------------------------------------------------------------------------------------
 // Validation

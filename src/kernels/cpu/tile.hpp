@@ -32,6 +32,9 @@ constexpr int64_t kAlign = 64;   // bytes: one cache line
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 inline int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
 
+// The threads a parallel region opened here would get: omp_get_max_threads(), but 1 inside a team that cannot
+// nest (the decoder calls the attention from its own team, where omp_get_max_threads() still says 2).
+int usable_threads();
 // Threads for a parallel region of n_tasks tasks: no idle team members (they would only spin at the barrier).
 int team_size(int64_t n_tasks);
 
