@@ -114,9 +114,9 @@ void flash_rows(const Geometry& g, const ForwardParams& p, int64_t b, int64_t h,
   const int64_t Dp = g.Dp, Mp = round_up(rows, kMR);
   row_pointers(p.q, g.Tq, g.H, g.D, b, h, i0, rows, w.rows);
   pack_rows(w.rows, rows, Mp, g.D, Dp, w.Q);
-  std::fill(w.m, w.m + kBQ, kNegInf);
-  std::fill(w.l, w.l + kBQ, 0.0f);
-  std::fill(w.O, w.O + kBQ * Dp, 0.0f);
+  std::fill(w.m, w.m + Mp, kNegInf);  // the padded rows are all that a tile's steps touch
+  std::fill(w.l, w.l + Mp, 0.0f);
+  std::fill(w.O, w.O + Mp * Dp, 0.0f);
   w.bias.start_carries(rows, carry0, carry_stride);
   if (kend <= kbeg) return;
   const bool direct = !head_keys && rows <= kDirectRows;
@@ -195,6 +195,18 @@ struct PsiSumWork {
   PsiSumWork(Carver& c, int64_t P) : Rt(c.take(P * kBK)), psi(c.take(kBK)) {}
 };
 
+// Decode tasks [t0, t1), each a (b, h, query tile) over all its keys, finished in place: what merging a
+// single block's state gives (its weight exp(0) is exactly 1).
+void decode_whole_tasks(const Geometry& g, const DecodeParams& p, int64_t n_qt, int64_t t0, int64_t t1,
+                        ForwardWork& w) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t b = t / (g.H * n_qt), h = t / n_qt % g.H, i0 = t % n_qt * kBQ;
+    const int64_t rows = std::min(kBQ, g.Tq - i0);
+    flash_rows(g, p, b, h, i0, rows, 0, g.key_end(i0 + rows), w);
+    finish_rows(g, p, b, h, i0, rows, w);
+  }
+}
+
 }  // namespace
 
 float exp_f32(float x) { return exp_inline(x); }
@@ -268,6 +280,24 @@ void attention_decode(const DecodeParams& p) {
   const int64_t block =
       4 * max_threads * ceil_div(tasks, max_threads) <= 5 * tasks ? round_up(g.Tk, kBK) : kDecodeBlock;
   const int64_t n_blk = ceil_div(g.Tk, block);
+  // One block: no states to merge; one thread (as in the decoder's team) runs without a team of its own.
+  if (n_blk == 1) {
+    const int threads = team_size(tasks);
+    const Arena arena(threads, workspace_floats<ForwardWork>(g, bias, 0));
+    if (threads == 1) {
+      const FlushSubnormals flush;
+      ForwardWork w = carve<ForwardWork>(arena.thread(0), g, bias, 0);
+      return decode_whole_tasks(g, p, n_qt, 0, tasks, w);
+    }
+#pragma omp parallel num_threads(threads)
+    {
+      const FlushSubnormals flush;
+      ForwardWork w = carve<ForwardWork>(arena.thread(omp_get_thread_num()), g, bias, 0);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t t = 0; t < tasks; ++t) decode_whole_tasks(g, p, n_qt, t, t + 1, w);
+    }
+    return;
+  }
   // Path bias over several blocks: the blocks run independently, so each starts from its carry, psi summed
   // over the later blocks (per query row): first every block's psi total (an O(Tq Tk P) pre-pass), then
   // exclusive suffix sums.

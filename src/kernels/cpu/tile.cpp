@@ -25,27 +25,31 @@ int team_size(int64_t n_tasks) { return int(std::clamp<int64_t>(n_tasks, 1, usab
 // Validation
 // ---------------------------------------------------------------------------------------------------------
 
-void check(bool ok, const char* fn, const std::string& what) {
-  if (!ok) throw std::invalid_argument(std::string("grape::kernels::cpu::") + fn + ": " + what);
+void fail(const char* fn, const std::string& what) {
+  throw std::invalid_argument(std::string("grape::kernels::cpu::") + fn + ": " + what);
 }
 
+void check(bool ok, const char* fn, const std::string& what) {
+  if (!ok) fail(fn, what);
+}
+
+// The messages are built only on failure: decode calls this per (sequence, head) and layer.
 void validate(const char* fn, const AttentionShape& s, const float* q, const float* k, const float* v,
               const BiasTerms& bias) {
-  check(s.B >= 1 && s.H >= 1 && s.Tq >= 1 && s.Tk >= 1, fn,
-        "B, H, Tq and Tk must be >= 1 (got B=" + std::to_string(s.B) + " H=" + std::to_string(s.H) +
-            " Tq=" + std::to_string(s.Tq) + " Tk=" + std::to_string(s.Tk) + ")");
-  check(s.D >= 1, fn, "head dim D must be >= 1 (got " + std::to_string(s.D) + ")");
-  check(s.q_offset >= s.k_offset, fn,
-        "every query must see a key: need q_offset >= k_offset (got q_offset=" + std::to_string(s.q_offset) +
-            ", k_offset=" + std::to_string(s.k_offset) + ")");
-  check(std::isfinite(s.scale), fn, "scale must be finite");
-  check(q && k && v, fn, "q, k and v must not be null");
-  if (bias.dist)
-    check(bias.W >= 1, fn,
-          "a distance table needs W >= 1 entries per head (got " + std::to_string(bias.W) + ")");
+  if (s.B < 1 || s.H < 1 || s.Tq < 1 || s.Tk < 1)
+    fail(fn, "B, H, Tq and Tk must be >= 1 (got B=" + std::to_string(s.B) + " H=" + std::to_string(s.H) +
+                 " Tq=" + std::to_string(s.Tq) + " Tk=" + std::to_string(s.Tk) + ")");
+  if (s.D < 1) fail(fn, "head dim D must be >= 1 (got " + std::to_string(s.D) + ")");
+  if (s.q_offset < s.k_offset)
+    fail(fn, "every query must see a key: need q_offset >= k_offset (got q_offset=" +
+                 std::to_string(s.q_offset) + ", k_offset=" + std::to_string(s.k_offset) + ")");
+  if (!std::isfinite(s.scale)) fail(fn, "scale must be finite");
+  if (!q || !k || !v) fail(fn, "q, k and v must not be null");
+  if (bias.dist && bias.W < 1)
+    fail(fn, "a distance table needs W >= 1 entries per head (got " + std::to_string(bias.W) + ")");
   if (!bias.path()) return;
-  check(bias.r && bias.m, fn, "a path bias (p given) needs r and m");
-  check(bias.P >= 1, fn, "path-bias probe dim P must be >= 1 (got " + std::to_string(bias.P) + ")");
+  if (!bias.r || !bias.m) fail(fn, "a path bias (p given) needs r and m");
+  if (bias.P < 1) fail(fn, "path-bias probe dim P must be >= 1 (got " + std::to_string(bias.P) + ")");
 }
 
 // ---------------------------------------------------------------------------------------------------------

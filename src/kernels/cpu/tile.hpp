@@ -88,7 +88,8 @@ struct Geometry {
   }
 };
 
-// Throws std::invalid_argument("grape::kernels::cpu::<fn>: <what>") unless ok.
+// Throw std::invalid_argument("grape::kernels::cpu::<fn>: <what>"): fail always, check unless ok.
+[[noreturn]] void fail(const char* fn, const std::string& what);
 void check(bool ok, const char* fn, const std::string& what);
 
 // The invariants of attention.hpp every entry point shares: sizes, offsets, scale, q, k, v and the bias
