@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <chrono>
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -188,6 +189,47 @@ TEST(FastDecode, RaggedBatchEqualsEachSequenceAlone) {
       EXPECT_LE((torch::cat(alone, 1) - got.narrow(0, b, 1)).abs().max().item<double>(), 1e-5) << "row " << b;
     }
   }
+}
+
+// The profile splits the profiled passes' time into products, attention and the rest: each part positive,
+// together within the passes' wall time; profiling changes no logit; the reference path has none.
+TEST(FastDecode, ProfileSplitsThePassesTimeByPhase) {
+  auto m = testing::perturbed_model(config("fox"));
+  torch::NoGradGuard no_grad;
+  Decoder dec(m), plain(m), ref(m, DecodePath::reference);
+  std::vector<DecodeCache> caches, plain_caches;
+  std::vector<DecodeCache*> all, plain_all;
+  for (int64_t b = 0; b < 4; ++b)
+    caches.push_back(dec.new_cache()), plain_caches.push_back(plain.new_cache());
+  for (int64_t b = 0; b < 4; ++b) all.push_back(&caches[b]), plain_all.push_back(&plain_caches[b]);
+  auto prompt = random_tokens(4 * 5, 61, 7).view({4, 5});
+  dec.forward(prompt, all), plain.forward(prompt, plain_all);
+  EXPECT_EQ(dec.profile().passes, 0) << "off by default";
+  dec.set_profiling(true);
+  const auto t0 = std::chrono::steady_clock::now();
+  std::vector<torch::Tensor> got, want;
+  for (int64_t s = 0; s < 3; ++s) {
+    auto next = random_tokens(4, 61, 20 + uint64_t(s)).view({4, 1});
+    got.push_back(dec.forward(next, all));
+    want.push_back(plain.forward(next, plain_all));
+  }
+  const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  dec.set_profiling(false);
+  const auto p = dec.profile();
+  EXPECT_EQ(p.passes, 3);
+  EXPECT_GT(p.products_s, 0.0);
+  EXPECT_GT(p.attention_s, 0.0);
+  EXPECT_GT(p.other_s, 0.0);
+  EXPECT_LE(p.products_s + p.attention_s + p.other_s, wall);  // the plain passes are in `wall` too
+  EXPECT_TRUE(torch::equal(torch::cat(got, 1), torch::cat(want, 1)));
+  dec.forward(random_tokens(4, 61, 30).view({4, 1}), all);
+  EXPECT_EQ(dec.profile().passes, 3) << "set_profiling(false) stops adding and keeps the figures";
+  ref.set_profiling(true);
+  auto ref_cache = ref.new_cache();
+  std::vector<DecodeCache*> one{&ref_cache};
+  ref.forward(random_tokens(3, 61, 8), one);
+  EXPECT_EQ(ref.profile().passes, 0);
+  EXPECT_EQ(ref.profile().products_s, 0.0);
 }
 
 // What the engine cannot do exactly runs on the reference path, which says why, and still decodes.

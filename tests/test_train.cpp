@@ -1020,10 +1020,21 @@ TEST_F(Train, ListOptionsTakeListsAndExtendNeedsAFactor) {
   ASSERT_EQ(r.code, 0) << r.output;
   EXPECT_NE(r.output.find(" rope "), std::string::npos) << r.output;
   EXPECT_NE(r.output.find(" alibi "), std::string::npos) << r.output;
-  r = run_cli("bench decode --preset tiny --tokens 2 --batch 3 --ragged --json " + path("decode.json"));
+  r = run_cli("bench decode --preset tiny --tokens 2 --batch 3 --ragged --profile --json " +
+              path("decode.json"));
   ASSERT_EQ(r.code, 0) << r.output;
   auto rows = nlohmann::json::parse(grape::io::read_file(path("decode.json")));
   EXPECT_EQ(rows[0]["prompt_lengths"], nlohmann::json({16, 21, 26})) << rows.dump();
+  // --profile: the steps' phases in ms, within the step's time (batch / tokens per second).
+  const auto& prof = rows[0]["profile"];
+  ASSERT_TRUE(prof.is_object()) << rows.dump();
+  EXPECT_NEAR(prof["step_ms"].get<double>(), 3e3 / rows[0]["tokens_per_s"].get<double>(), 1e-9);
+  EXPECT_GT(prof["products_ms"].get<double>(), 0.0);
+  EXPECT_GT(prof["products_gflops"].get<double>(), 0.0);
+  EXPECT_LE(
+      prof["products_ms"].get<double>() + prof["attention_ms"].get<double>() + prof["other_ms"].get<double>(),
+      prof["step_ms"].get<double>());
+  EXPECT_NE(r.output.find("per step ("), std::string::npos) << r.output;
   r = run_cli("check --pe rope,alibi");
   ASSERT_EQ(r.code, 0) << r.output;
   train("run");

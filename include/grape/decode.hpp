@@ -73,6 +73,18 @@ class Decoder {
   int64_t panel_bytes() const;
   const Transformer& model() const { return model_; }
 
+  // Where the fast path's passes spend their time (`grape bench decode --profile`): wall seconds in the
+  // matrix products (the tied head included), the attention, and the rest (embedding, norms, encode, gates,
+  // SwiGLU, residuals), summed over the passes since set_profiling(true) zeroed them (until
+  // set_profiling(false)). Timed on the first thread after each phase's barrier; off by default (about 60
+  // clock reads a pass). All zero on the reference path.
+  struct Profile {
+    double products_s = 0, attention_s = 0, other_s = 0;
+    int64_t passes = 0;
+  };
+  void set_profiling(bool on);
+  Profile profile() const;
+
   DecodeCache new_cache() const;
   // As TransformerImpl::forward_cached: row b of tokens [B,T] (int64 or int32, ids < vocab) continues
   // caches[b] (lengths may differ); returns logits [B,T,V] float32. Dense layers run batched, attention per

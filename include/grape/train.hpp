@@ -255,9 +255,10 @@ int32_t sample_token(const torch::Tensor& logits, const SamplingOptions& opts, s
 // Greedy decoding of every prompt together on `decoder`'s path, each row with its own KV cache (prompts may
 // differ in length: equal ones are prefilled in one call, others one row at a time). Returns per row the
 // logits [tokens, V] of the batched one-token steps; *step_seconds (if given) is the time those steps took,
-// prefill excluded.
+// prefill excluded; *step_profile (if given) their Decoder::Profile (profiling is on for those steps only).
 std::vector<torch::Tensor> greedy_decode(Decoder& decoder, const std::vector<std::vector<int64_t>>& prompts,
-                                         int64_t tokens, double* step_seconds = nullptr);
+                                         int64_t tokens, double* step_seconds = nullptr,
+                                         Decoder::Profile* step_profile = nullptr);
 // The prompt lengths of `bench decode`: `prompt_len` for every row, or with ragged, prompt_len +
 // floor(b * prompt_len / batch) for row b (16..31 for 16 rows of 16), so rows sit at different positions.
 std::vector<int64_t> bench_prompt_lengths(int64_t batch, int64_t prompt_len, bool ragged);
@@ -269,10 +270,11 @@ struct DecodeThroughput {
   std::string fallback_reason;         // why fast was asked for but not taken ("" otherwise)
   double mean_cache = 0;               // mean cached tokens per sequence over the timed steps
   std::string bf16_kernel;             // with bf16 weights: the kernel of their products
+  Decoder::Profile profile;            // with `profile`: the timed steps' phases (fast path; else zeros)
 };
 DecodeThroughput measure_decode(Transformer& model, int64_t batch, int64_t prompt_len, int64_t tokens,
                                 DecodePath path = DecodePath::fast, bool ragged = false,
-                                DecodeWeights weights = DecodeWeights::fp32);
+                                DecodeWeights weights = DecodeWeights::fp32, bool profile = false);
 double decode_tokens_per_s(Transformer& model, int64_t batch, int64_t prompt_len, int64_t tokens);
 
 struct CompareOptions {

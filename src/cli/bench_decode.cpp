@@ -24,7 +24,7 @@ struct DecodeArgs {
   std::string decode = "fast";   // fast | reference | both
   std::string weights = "fp32";  // fp32 | bf16 | both (bf16 on the fast path only)
   int64_t batch = 1, tokens = 64, prompt = 16;
-  bool ragged = false;
+  bool ragged = false, profile = false;
   std::string json;
 };
 
@@ -44,18 +44,28 @@ double copy_bandwidth_gbps(double bytes) {
   return 2.0 * double(kFloats) * 4 / best / 1e9;
 }
 
-// Bytes of the weights a decode step reads: the matrices (the blocks' projections and the tied
-// embedding/head) at 2 bytes each with bf16 weights, every other parameter at 4.
+// The matrices a decode step multiplies by: the blocks' projections and the tied embedding/head.
+bool is_matrix(const std::string& n) {
+  return n == "wte.weight" || n.ends_with(".wq.weight") || n.ends_with(".wk.weight") ||
+         n.ends_with(".wv.weight") || n.ends_with(".wo.weight") || n.ends_with(".w1.weight") ||
+         n.ends_with(".w2.weight") || n.ends_with(".w_out.weight");
+}
+
+// Bytes of the weights a decode step reads: the matrices at 2 bytes each with bf16 weights, every other
+// parameter at 4.
 double weight_bytes(const Transformer& model, DecodeWeights weights) {
   double bytes = 0;
-  for (const auto& p : model->named_parameters(/*recurse=*/true)) {
-    const std::string& n = p.key();
-    const bool matrix = n == "wte.weight" || n.ends_with(".wq.weight") || n.ends_with(".wk.weight") ||
-                        n.ends_with(".wv.weight") || n.ends_with(".wo.weight") || n.ends_with(".w1.weight") ||
-                        n.ends_with(".w2.weight") || n.ends_with(".w_out.weight");
-    bytes += double(p.value().numel()) * (matrix && weights == DecodeWeights::bf16 ? 2 : 4);
-  }
+  for (const auto& p : model->named_parameters(/*recurse=*/true))
+    bytes += double(p.value().numel()) * (is_matrix(p.key()) && weights == DecodeWeights::bf16 ? 2 : 4);
   return bytes;
+}
+
+// Multiply-adds of one token through the matrices (each matrix entry once).
+double matrix_entries(const Transformer& model) {
+  double n = 0;
+  for (const auto& p : model->named_parameters(/*recurse=*/true))
+    if (is_matrix(p.key())) n += double(p.value().numel());
+  return n;
 }
 
 void run(const DecodeArgs& a) {
@@ -100,7 +110,7 @@ void run(const DecodeArgs& a) {
       std::map<std::pair<DecodePath, DecodeWeights>, train::DecodeThroughput> best;
       for (auto [path, w] : order) {
         if (w == DecodeWeights::bf16 && !unsupported.empty()) continue;
-        auto r = train::measure_decode(model, a.batch, a.prompt, a.tokens, path, a.ragged, w);
+        auto r = train::measure_decode(model, a.batch, a.prompt, a.tokens, path, a.ragged, w, a.profile);
         auto& b = best[{r.path, w}];
         if (r.tokens_per_s > b.tokens_per_s) b = r;
       }
@@ -119,6 +129,24 @@ void run(const DecodeArgs& a) {
             100.0 * r.tokens_per_s / bound_l3);
         if (!r.fallback_reason.empty()) table += "  (fast path not used: " + r.fallback_reason + ")\n";
         if (!r.bf16_kernel.empty()) table += "  (bf16 products: the " + r.bf16_kernel + " kernel)\n";
+        nlohmann::json profile = nullptr;
+        if (a.profile && r.profile.passes > 0) {  // per step, in ms
+          const double n = double(r.profile.passes), step_ms = 1e3 * double(a.batch) / r.tokens_per_s;
+          const double products = 1e3 * r.profile.products_s / n, attention = 1e3 * r.profile.attention_s / n,
+                       other = 1e3 * r.profile.other_s / n;
+          const double gflops = 2.0 * matrix_entries(model) * double(a.batch) / (products * 1e-3) / 1e9;
+          table += fmt::format(
+              "  per step ({:.3f} ms): products {:.3f} ms ({:.1f} GFLOP/s), attention {:.3f} ms, rest {:.3f} "
+              "ms\n",
+              step_ms, products, gflops, attention, other);
+          profile = {{"step_ms", step_ms},
+                     {"products_ms", products},
+                     {"products_gflops", gflops},
+                     {"attention_ms", attention},
+                     {"other_ms", other}};
+        } else if (a.profile) {
+          table += "  (no profile: only the fast path is profiled)\n";
+        }
         rows.push_back({{"preset", preset},
                         {"pe", m.pe},
                         {"parameters", model->num_parameters()},
@@ -139,7 +167,8 @@ void run(const DecodeArgs& a) {
                         {"bound_tokens_per_s", bound},
                         {"fraction_of_bound", r.tokens_per_s / bound},
                         {"attention", a.attention},
-                        {"threads", torch::get_num_threads()}});
+                        {"threads", torch::get_num_threads()},
+                        {"profile", profile}});
       }
       const std::pair ref{DecodePath::reference, DecodeWeights::fp32},
           fast{DecodePath::fast, DecodeWeights::fp32}, bf16{DecodePath::fast, DecodeWeights::bf16};
@@ -193,6 +222,9 @@ void add_bench_decode(CLI::App* bench) {
       ->capture_default_str();
   cmd->add_flag("--ragged", a->ragged,
                 "prompts of different lengths (prompt + floor(prompt b / batch) tokens for sequence b)");
+  cmd->add_flag("--profile", a->profile,
+                "also time the fast path's steps by phase: matrix products (with their GFLOP/s), attention "
+                "and the rest (docs/performance.md)");
   cmd->add_option("--json", a->json, "also write the results as JSON here");
   cmd->callback([a] { run(*a); });
 }

@@ -98,6 +98,7 @@ struct Decoder::Engine {
   int64_t width = 0;                               // the distance tables cover distances < this
   std::vector<std::vector<float>> panels;          // the matrices in kc::pack_panels' layout (a batch's)
   kc::DecoderWorkspace ws;
+  kc::DecoderPhases phases;                 // ws.phases points here while profiling
   std::vector<std::vector<uint16_t>> bf16;  // the matrices' bf16 copies (DecodeWeights::bf16)
 
   // The panels of W [N, K], kept here.
@@ -240,6 +241,18 @@ int64_t Decoder::panel_bytes() const {
   if (engine_)
     for (const auto& p : engine_->panels) n += int64_t(p.size() * sizeof(float));
   return n;
+}
+
+void Decoder::set_profiling(bool on) {
+  if (!engine_) return;
+  if (on) engine_->phases = {};
+  engine_->ws.phases = on ? &engine_->phases : nullptr;
+}
+
+Decoder::Profile Decoder::profile() const {
+  if (!engine_) return {};
+  const auto& p = engine_->phases;
+  return {p.products, p.attention, p.other, p.passes};
 }
 
 DecodeCache Decoder::new_cache() const {

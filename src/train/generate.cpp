@@ -109,7 +109,8 @@ std::vector<std::vector<int32_t>> generate(Transformer& model,
 }
 
 std::vector<torch::Tensor> greedy_decode(Decoder& decoder, const std::vector<std::vector<int64_t>>& prompts,
-                                         int64_t tokens, double* step_seconds) {
+                                         int64_t tokens, double* step_seconds,
+                                         Decoder::Profile* step_profile) {
   if (prompts.empty()) throw std::invalid_argument("greedy_decode: no prompts");
   for (const auto& p : prompts)
     if (p.empty()) throw std::invalid_argument("greedy_decode: an empty prompt");
@@ -136,6 +137,7 @@ std::vector<torch::Tensor> greedy_decode(Decoder& decoder, const std::vector<std
   }
   auto next = torch::stack(last).argmax(-1, true);  // [B,1]
   std::vector<torch::Tensor> steps;
+  if (step_profile) decoder.set_profiling(true);
   const auto t0 = std::chrono::steady_clock::now();
   for (int64_t t = 0; t < tokens; ++t) {
     auto logits = decoder.forward(next, ptrs).select(1, 0);  // [B,V]
@@ -144,6 +146,10 @@ std::vector<torch::Tensor> greedy_decode(Decoder& decoder, const std::vector<std
   }
   if (step_seconds)
     *step_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (step_profile) {
+    *step_profile = decoder.profile();
+    decoder.set_profiling(false);
+  }
   std::vector<torch::Tensor> out;
   for (int64_t b = 0; b < B; ++b) {
     std::vector<torch::Tensor> rows;
@@ -161,7 +167,7 @@ std::vector<int64_t> bench_prompt_lengths(int64_t batch, int64_t prompt_len, boo
 }
 
 DecodeThroughput measure_decode(Transformer& model, int64_t batch, int64_t prompt_len, int64_t tokens,
-                                DecodePath path, bool ragged, DecodeWeights weights) {
+                                DecodePath path, bool ragged, DecodeWeights weights, bool profile) {
   if (batch < 1 || prompt_len < 1 || tokens < 1)
     throw std::invalid_argument("measure_decode: batch, prompt_len and tokens must be >= 1");
   Decoder decoder(model, path, weights);
@@ -174,9 +180,14 @@ DecodeThroughput measure_decode(Transformer& model, int64_t batch, int64_t promp
     cached += double(len) + double(tokens - 1) / 2;
   }
   double s = 0;
-  greedy_decode(decoder, prompts, tokens, &s);
-  return {double(batch * tokens) / std::max(s, 1e-9), decoder.path(), decoder.fallback_reason(),
-          cached / double(batch), decoder.bf16_kernel()};
+  Decoder::Profile phases;
+  greedy_decode(decoder, prompts, tokens, &s, profile ? &phases : nullptr);
+  return {double(batch * tokens) / std::max(s, 1e-9),
+          decoder.path(),
+          decoder.fallback_reason(),
+          cached / double(batch),
+          decoder.bf16_kernel(),
+          phases};
 }
 
 double decode_tokens_per_s(Transformer& model, int64_t batch, int64_t prompt_len, int64_t tokens) {

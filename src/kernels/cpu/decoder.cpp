@@ -7,6 +7,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <numbers>
 #include <stdexcept>
@@ -375,6 +376,22 @@ void probe_head(const DecoderLayer& l, int64_t pos, const float* p, float* query
   std::copy_n(p, P, query);
 }
 
+// Lap timer of DecoderWorkspace::phases: lap(bucket) adds the time since the last lap to that bucket. Only
+// the team's first thread times, and only when asked (phases non-null).
+struct PhaseClock {
+  DecoderPhases* phases;
+  std::chrono::steady_clock::time_point last;
+  explicit PhaseClock(DecoderPhases* p) : phases(p && omp_get_thread_num() == 0 ? p : nullptr) {
+    if (phases) last = std::chrono::steady_clock::now();
+  }
+  void lap(double DecoderPhases::*bucket) {
+    if (!phases) return;
+    const auto now = std::chrono::steady_clock::now();
+    phases->*bucket += std::chrono::duration<double>(now - last).count();
+    last = now;
+  }
+};
+
 void require(bool ok, const std::string& what) {
   if (!ok) throw std::invalid_argument("grape::kernels::cpu::decoder_forward: " + what);
 }
@@ -454,8 +471,12 @@ void decoder_forward(const DecoderModel& m, const std::vector<DecoderRow>& rows,
   for (size_t b = 0; b < rows.size(); ++b)
     for (int64_t r = start[b]; r < start[b + 1]; ++r) seq_of[size_t(r)] = int64_t(b);
 
+  if (ws.phases) ++ws.phases->passes;
 #pragma omp parallel num_threads(team_size(F))
   {
+    PhaseClock clock(ws.phases);
+    constexpr auto products = &DecoderPhases::products, attention = &DecoderPhases::attention,
+                   other = &DecoderPhases::other;
 #pragma omp for
     for (int64_t r = 0; r < R; ++r) {
       const auto& row = rows[size_t(seq_of[size_t(r)])];
@@ -469,6 +490,7 @@ void decoder_forward(const DecoderModel& m, const std::vector<DecoderRow>& rows,
       const DecoderLayer& l = m.layers[li];
 #pragma omp for
       for (int64_t r = 0; r < R; ++r) rmsnorm_row(x + r * C, l.norm1, C, m.eps, xn + r * C);
+      clock.lap(other);
       product(m, xn, R, C, l.wq, l.wq_bf16, l.panels.wq, HD, q);
       product(m, xn, R, C, l.wk, l.wk_bf16, l.panels.wk, HD, k);
       product(m, xn, R, C, l.wv, l.wv_bf16, l.panels.wv, HD, v);
@@ -479,6 +501,7 @@ void decoder_forward(const DecoderModel& m, const std::vector<DecoderRow>& rows,
         for (int64_t i = 0; i < H * maxT; ++i) bias_c[i] = l.slope[i / maxT];
       }
 #pragma omp barrier
+      clock.lap(products);
       if (l.gate_w) {  // the forget gate's running sum, in order along each sequence: a per query, b per key
 #pragma omp for
         for (int64_t bh = 0; bh < pairs; ++bh) {
@@ -515,6 +538,7 @@ void decoder_forward(const DecoderModel& m, const std::vector<DecoderRow>& rows,
                      row.key_r[li] + (h * row.capacity + pos) * P);
         }
       }
+      clock.lap(other);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t bh = 0; bh < pairs; ++bh) {
         const int64_t b = bh / H, h = bh % H;
@@ -546,26 +570,37 @@ void decoder_forward(const DecoderModel& m, const std::vector<DecoderRow>& rows,
         const int64_t r = rh / H, h = rh % H, b = seq_of[size_t(r)], t = r - start[size_t(b)];
         std::copy_n(yh + (start[size_t(b)] * H + h * rows[size_t(b)].T + t) * D, D, y + r * HD + h * D);
       }
+      clock.lap(attention);
       product(m, y, R, HD, l.wo, l.wo_bf16, l.panels.wo, C, xn);
 #pragma omp barrier
+      clock.lap(products);
 #pragma omp for
       for (int64_t r = 0; r < R; ++r) {
         for (int64_t c = 0; c < C; ++c) x[r * C + c] += xn[r * C + c];  // h = x + attention
         rmsnorm_row(x + r * C, l.norm2, C, m.eps, xn + r * C);
       }
+      clock.lap(other);
       product(m, xn, R, C, l.w1, l.w1_bf16, l.panels.w1, F, a);
       product(m, xn, R, C, l.w2, l.w2_bf16, l.panels.w2, F, g);
 #pragma omp barrier
+      clock.lap(products);
 #pragma omp for
       for (int64_t i = 0; i < R * F; ++i) a[i] = a[i] / (1.0f + std::exp(-a[i])) * g[i];  // SwiGLU
+      clock.lap(other);
       product(m, a, R, F, l.w_out, l.w_out_bf16, l.panels.w_out, C, xn);
 #pragma omp barrier
+      clock.lap(products);
 #pragma omp for
       for (int64_t i = 0; i < R * C; ++i) x[i] += xn[i];
     }
 #pragma omp for
     for (int64_t r = 0; r < R; ++r) rmsnorm_row(x + r * C, m.norm_f, C, m.eps, xn + r * C);
+    clock.lap(other);
     product(m, xn, R, C, m.wte, m.wte_bf16, m.wte_panels, V, logits);  // the tied head
+    if (ws.phases) {                                                   // (every thread takes the same branch)
+#pragma omp barrier
+      clock.lap(products);
+    }
   }
 }
 

@@ -101,10 +101,20 @@ struct DecoderRow {
   std::vector<float*> key_r;
 };
 
+// Wall seconds of passes in the matrix products (the head included), the attention (with the copy of its
+// outputs) and everything else (embedding, norms, encode, gates, SwiGLU, residuals), summed over passes.
+struct DecoderPhases {
+  double products = 0, attention = 0, other = 0;
+  int64_t passes = 0;
+};
+
 // Scratch buffers reused across passes (grown as needed).
 struct DecoderWorkspace {
   std::vector<float> x, xn, q, k, v, qh, yh, y, a, g, bias_c, bias_a, lse;
   std::vector<float> probe, probe_q;  // the probes W_p x̂ [R][H*P]; the queries' per sequence [H][T][P]
+  // Non-null: each pass adds its phases here, timed on the team's first thread after the barrier that ends
+  // each phase (so each is the team's wall time).
+  DecoderPhases* phases = nullptr;
 };
 
 // Runs the new tokens of every row through the model, writes their keys and values into the rows' caches
