@@ -11,6 +11,7 @@
 
 #include "expect_invalid.hpp"
 #include "grape/decode.hpp"
+#include "kernels/cpu/decoder.hpp"
 #include "model_fixture.hpp"
 #include "tensor_checks.hpp"
 
@@ -172,10 +173,10 @@ TEST(FastDecode, RaggedBatchEqualsEachSequenceAlone) {
     }
     auto got = torch::cat(batched, 1), got_ref = torch::cat(ref_batched, 1);  // [B, steps, V]
     EXPECT_LE(relative_gap(got, got_ref), 1e-4);
-    // The batch of 16 made the panel copy: every matrix [N, K] with N padded to the 32-row panels, in fp32.
+    // The batch of 16 made the panel copy: every matrix [N, K] with N padded to whole panels, in fp32.
     const auto& c = m->config();
-    const int64_t C = c.n_embd, F = c.hidden();
-    auto padded = [](int64_t n) { return (n + 31) / 32 * 32; };
+    const int64_t C = c.n_embd, F = c.hidden(), P = kernels::cpu::panel_rows();
+    auto padded = [P](int64_t n) { return (n + P - 1) / P * P; };
     const int64_t floats =
         c.n_layer * (4 * padded(C) * C + 2 * padded(F) * C + padded(C) * F) + padded(c.vocab_size) * C;
     EXPECT_EQ(dec.panel_bytes(), 4 * floats);

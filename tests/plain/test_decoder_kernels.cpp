@@ -45,8 +45,8 @@ TEST(DecoderLinear, SimdAndPortableEqualFloat64Product) {
       }
 }
 
-// The batched products' layout: W packed into panels of kPanel rows; the dispatched and the portable kernel
-// equal a float64 product for every row-block size (8, 4, 2, 1 and their sums) and panel tail.
+// The batched products' layout: W packed into panels of panel_rows() rows; the dispatched and the portable
+// kernel equal a float64 product for every row-block size (8, 4, 2, 1 and their sums) and panel tail.
 TEST(DecoderLinear, PanelsEqualFloat64Product) {
   std::mt19937 rng(6);
   std::normal_distribution<float> nd(0.0f, 1.0f);
@@ -58,7 +58,9 @@ TEST(DecoderLinear, PanelsEqualFloat64Product) {
         for (auto& v : x) v = nd(rng);
         for (auto& v : W) v = nd(rng);
         const std::vector<float> panels = pack_panels(W.data(), N, K);
-        ASSERT_EQ(int64_t(panels.size()), (N + kPanel - 1) / kPanel * kPanel * K);
+        const int64_t P = panel_rows();
+        ASSERT_TRUE(P == 16 || P == 32) << P;
+        ASSERT_EQ(int64_t(panels.size()), (N + P - 1) / P * P * K);
         std::vector<float> fast(size_t(R * N), -1.0f), portable(size_t(R * N), -1.0f);
         linear_rows_panels(x.data(), R, K, panels.data(), N, fast.data());
         linear_rows_panels_portable(x.data(), R, K, panels.data(), N, portable.data());

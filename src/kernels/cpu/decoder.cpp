@@ -28,6 +28,14 @@ namespace {
 constexpr int64_t kRowsW = 4;  // weight rows per micro-kernel call: each is read once for kRowsX rows of x
 constexpr int64_t kRowsX = 4;  // rows of x per micro-kernel call (4 x 4 accumulators)
 
+// Weight rows per panel (panel_rows() in decoder.hpp): one 64-byte line per k with AVX2 as the widest unit,
+// two zmm registers with AVX-512 (and in the portable build).
+#if defined(__AVX2__) && !defined(__AVX512F__)
+constexpr int64_t kPanel = 16;
+#else
+constexpr int64_t kPanel = 32;
+#endif
+
 // The portable micro-kernel: y[i][j] = W_i . x_j over 16 lanes, summed at the end (vectorises without
 // reassociation; GRAPE_SIMD picks the widest unit at load time in a portable build).
 template <int NW, int NX>
@@ -224,43 +232,39 @@ GRAPE_INLINE void panel_block_simd(const float* const* x, int64_t K, const float
   }
 }
 #elif defined(__AVX2__)
-// The same on 8-lane registers, MR <= 6. MR x 32 sums would take 4 MR of the 16 ymm registers (the portable
-// kernel spills them), so a block runs as two passes over the halves of the panel's columns: 2 MR
-// accumulators, 2 weight loads and MR broadcasts per 2 MR FMAs (each pass reads its own one of the two cache
-// lines a panel row spans). Each sum still runs over k in order, as in panel_block_portable. The first pass
-// prefetches the next panel's lines.
+// The same on 8-lane registers over 16-wide panels, MR <= 6: 2 MR accumulators (32 sums of a 32-wide panel
+// would take 4 MR of the 16 ymm registers), 2 weight loads (one cache line) and MR broadcasts per 2 MR FMAs.
+// A 32-wide panel in two half passes read every other line; 16-wide panels keep each pass contiguous
+// (6-8% faster on small's products, docs/performance.md). Each sum runs over k in order, as in
+// panel_block_portable.
 template <int MR>
 GRAPE_INLINE void panel_block_simd(const float* const* x, int64_t K, const float* panel, float* out,
                                    const float* next, int64_t lines) {
-  static_assert(kPanel == 32 && MR <= 6);
+  static_assert(kPanel == 16 && MR <= 6);
   const float* xs[MR];
   for (int j = 0; j < MR; ++j) xs[j] = x[j];
-  for (int half = 0; half < 2; ++half) {
-    const float* pf = half == 0 ? next : nullptr;
-    const float* w = panel + 16 * half;
-    __m256 acc[MR][2];
-    for (int j = 0; j < MR; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K; ++k) {
-      if (pf)
-        for (int64_t l = 0; l < lines; ++l)
-          _mm_prefetch(reinterpret_cast<const char*>(pf + (k * lines + l) * 16), _MM_HINT_T0);
-      const __m256 w0 = _mm256_loadu_ps(w + k * kPanel), w1 = _mm256_loadu_ps(w + k * kPanel + 8);
-      for (int j = 0; j < MR; ++j) {
-        const __m256 xb = _mm256_broadcast_ss(xs[j] + k);
-        acc[j][0] = _mm256_fmadd_ps(xb, w0, acc[j][0]);
-        acc[j][1] = _mm256_fmadd_ps(xb, w1, acc[j][1]);
-      }
-    }
+  __m256 acc[MR][2];
+  for (int j = 0; j < MR; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    if (next)
+      for (int64_t l = 0; l < lines; ++l)
+        _mm_prefetch(reinterpret_cast<const char*>(next + (k * lines + l) * 16), _MM_HINT_T0);
+    const __m256 w0 = _mm256_loadu_ps(panel + k * kPanel), w1 = _mm256_loadu_ps(panel + k * kPanel + 8);
     for (int j = 0; j < MR; ++j) {
-      _mm256_storeu_ps(out + j * kPanel + 16 * half, acc[j][0]);
-      _mm256_storeu_ps(out + j * kPanel + 16 * half + 8, acc[j][1]);
+      const __m256 xb = _mm256_broadcast_ss(xs[j] + k);
+      acc[j][0] = _mm256_fmadd_ps(xb, w0, acc[j][0]);
+      acc[j][1] = _mm256_fmadd_ps(xb, w1, acc[j][1]);
     }
+  }
+  for (int j = 0; j < MR; ++j) {
+    _mm256_storeu_ps(out + j * kPanel, acc[j][0]);
+    _mm256_storeu_ps(out + j * kPanel + 8, acc[j][1]);
   }
 }
 #endif
 
 // Rows of x per panel block: as many as the block's accumulators leave registers for (16 zmm: 8 x 2; 16 ymm:
-// 6 x 2 per half panel).
+// 6 x 2).
 #if defined(__AVX512F__) || !defined(__AVX2__)
 constexpr int kPanelRows = 8;
 #else
@@ -283,10 +287,12 @@ void linear_panels_part(const float* x, int64_t R, int64_t K, const float* panel
         constexpr int MR = decltype(mr_const)::value;
 #if defined(__AVX512F__) || defined(__AVX2__)
         if constexpr (kSimd) {
-          // The next panel (2K lines): the first two blocks fetch half each, or a lone block all of it.
+          // The next panel (kPanel / 16 K lines): each of the first kPanel / 16 blocks fetches K of them,
+          // one per k, or a lone block all of them.
+          constexpr int64_t shares = kPanel / 16;
           const bool lone = mr == R;
-          const float* next = pn + 1 < p1 && block < 2 ? panel + K * kPanel + block * K * 16 : nullptr;
-          panel_block_simd<MR>(xs, K, panel, out, next, lone ? 2 : 1);
+          const float* next = pn + 1 < p1 && block < shares ? panel + K * kPanel + block * K * 16 : nullptr;
+          panel_block_simd<MR>(xs, K, panel, out, next, lone ? shares : 1);
         } else
 #endif
           panel_block_portable<MR>(xs, K, panel, out);
@@ -406,6 +412,8 @@ void linear_rows(const float* x, int64_t R, int64_t K, const float* W, int64_t N
 void linear_rows_portable(const float* x, int64_t R, int64_t K, const float* W, int64_t N, float* y) {
   linear_part<false>(x, R, K, W, N, y, 0, N);
 }
+
+int64_t panel_rows() { return kPanel; }
 
 std::vector<float> pack_panels(const float* W, int64_t N, int64_t K) {
   const int64_t n_panels = (N + kPanel - 1) / kPanel;

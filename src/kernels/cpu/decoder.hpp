@@ -25,11 +25,12 @@ namespace grape::kernels::cpu {
 void linear_rows(const float* x, int64_t R, int64_t K, const float* W, int64_t N, float* y);
 void linear_rows_portable(const float* x, int64_t R, int64_t K, const float* W, int64_t N, float* y);
 
-// W [N, K] copied into panels of kPanel rows, each [K][kPanel] (a panel's rows interleaved per k, rows past N
-// zero): the layout of the batched products. A batch multiplies each loaded vector of weights by every row
-// of x (broadcast), with no horizontal sums; batch 1 keeps the row-major W (there its dot form is 4-6%
-// faster).
-constexpr int64_t kPanel = 32;
+// W [N, K] copied into panels of panel_rows() rows, each [K][panel_rows()] (a panel's rows interleaved per k,
+// rows past N zero): the layout of the batched products. A batch multiplies each loaded vector of weights by
+// every row of x (broadcast), with no horizontal sums; batch 1 keeps the row-major W (there its dot form is
+// 4-6% faster). The width is the kernels' build's: 16 where AVX2 is the widest (a panel row is one cache
+// line, so a block streams its panel contiguously), else 32.
+int64_t panel_rows();
 std::vector<float> pack_panels(const float* W, int64_t N, int64_t K);
 // y = x W^T from pack_panels(W); each output is one sequential sum over k. Parallel over panels.
 void linear_rows_panels(const float* x, int64_t R, int64_t K, const float* panels, int64_t N, float* y);
