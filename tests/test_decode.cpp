@@ -233,6 +233,29 @@ TEST(FastDecode, ProfileSplitsThePassesTimeByPhase) {
   EXPECT_EQ(ref.profile().products_s, 0.0);
 }
 
+// prepare_batch makes the panel copy that the first batched pass of 8+ rows would make (and nothing for fewer
+// rows, bf16 weights or the reference path); that pass then finds it made.
+TEST(FastDecode, PrepareBatchMakesThePanelsAheadOfTheFirstBatchedPass) {
+  auto m = testing::perturbed_model(config("rope"));
+  torch::NoGradGuard no_grad;
+  Decoder dec(m);
+  dec.prepare_batch(4);
+  EXPECT_EQ(dec.panel_bytes(), 0) << "4 rows multiply the row-major weights";
+  dec.prepare_batch(16);
+  const int64_t bytes = dec.panel_bytes();
+  EXPECT_GT(bytes, 0);
+  std::vector<DecodeCache> caches;
+  std::vector<DecodeCache*> all;
+  for (int64_t b = 0; b < 16; ++b) caches.push_back(dec.new_cache());
+  for (auto& c : caches) all.push_back(&c);
+  dec.forward(random_tokens(16, 61, 3).view({16, 1}), all);
+  EXPECT_EQ(dec.panel_bytes(), bytes);
+  Decoder bf16(m, DecodePath::fast, DecodeWeights::bf16), ref(m, DecodePath::reference);
+  bf16.prepare_batch(16), ref.prepare_batch(16);
+  EXPECT_EQ(bf16.panel_bytes(), 0);
+  EXPECT_EQ(ref.panel_bytes(), 0);
+}
+
 // What the engine cannot do exactly runs on the reference path, which says why, and still decodes.
 TEST(FastDecode, FallsBackAndSaysWhy) {
   struct Fallback {

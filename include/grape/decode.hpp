@@ -71,6 +71,10 @@ class Decoder {
   // Bytes of the fp32 weights' panel copy that batched passes multiply: 0 until the first pass of two or more
   // sequences with 8+ rows (one sequence alone never makes it), and always 0 with bf16 weights.
   int64_t panel_bytes() const;
+  // Makes now what the first pass of `sequences` one-token rows would make on its way (the panel copy, for 8+
+  // rows with fp32 weights on the fast path; nothing otherwise), so that a server's or a benchmark's first
+  // batched step does not carry it.
+  void prepare_batch(int64_t sequences);
   const Transformer& model() const { return model_; }
 
   // Where the fast path's passes spend their time (`grape bench decode --profile`): wall seconds in the

@@ -243,6 +243,10 @@ int64_t Decoder::panel_bytes() const {
   return n;
 }
 
+void Decoder::prepare_batch(int64_t sequences) {
+  if (engine_) engine_->pack_for_batches(sequences, sequences);
+}
+
 void Decoder::set_profiling(bool on) {
   if (!engine_) return;
   if (on) engine_->phases = {};

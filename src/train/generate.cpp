@@ -171,6 +171,7 @@ DecodeThroughput measure_decode(Transformer& model, int64_t batch, int64_t promp
   if (batch < 1 || prompt_len < 1 || tokens < 1)
     throw std::invalid_argument("measure_decode: batch, prompt_len and tokens must be >= 1");
   Decoder decoder(model, path, weights);
+  decoder.prepare_batch(batch);  // the panel copy is made once, before the timed steps
   const int64_t V = model->config().vocab_size;
   std::vector<std::vector<int64_t>> prompts;
   double cached = 0;
