@@ -195,15 +195,32 @@ struct PsiSumWork {
   PsiSumWork(Carver& c, int64_t P) : Rt(c.take(P * kBK)), psi(c.take(kBK)) {}
 };
 
-// Decode tasks [t0, t1), each a (b, h, query tile) over all its keys, finished in place: what merging a
-// single block's state gives (its weight exp(0) is exactly 1).
-void decode_whole_tasks(const Geometry& g, const DecodeParams& p, int64_t n_qt, int64_t t0, int64_t t1,
-                        ForwardWork& w) {
-  for (int64_t t = t0; t < t1; ++t) {
+// One task per (b, h, query tile), each over every key it sees and finished in place: the forward when the
+// heads alone cannot keep the threads busy, and decode when the keys are not split (finish_rows is what the
+// merge gives for a single block: its weight exp(0) is exactly 1). One thread (as inside the decoder's team)
+// runs the tasks without opening a team.
+void query_tile_tasks(const Geometry& g, const ForwardParams& p) {
+  const int64_t n_qt = ceil_div(g.Tq, kBQ), tasks = g.B * g.H * n_qt;
+  const int threads = team_size(tasks);
+  const Arena arena(threads, workspace_floats<ForwardWork>(g, p.bias, 0));
+  auto task = [&](int64_t t, ForwardWork& w) {
     const int64_t b = t / (g.H * n_qt), h = t / n_qt % g.H, i0 = t % n_qt * kBQ;
     const int64_t rows = std::min(kBQ, g.Tq - i0);
     flash_rows(g, p, b, h, i0, rows, 0, g.key_end(i0 + rows), w);
     finish_rows(g, p, b, h, i0, rows, w);
+  };
+  if (threads == 1) {
+    const FlushSubnormals flush;
+    ForwardWork w = carve<ForwardWork>(arena.thread(0), g, p.bias, 0);
+    for (int64_t t = 0; t < tasks; ++t) task(t, w);
+    return;
+  }
+#pragma omp parallel num_threads(threads)
+  {
+    const FlushSubnormals flush;
+    ForwardWork w = carve<ForwardWork>(arena.thread(omp_get_thread_num()), g, p.bias, 0);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) task(t, w);
   }
 }
 
@@ -247,21 +264,7 @@ void attention_forward(const ForwardParams& p) {
     }
     return;
   }
-  const int threads = team_size(heads * n_qt);
-  const Arena arena(threads, workspace_floats<ForwardWork>(g, p.bias, 0));
-#pragma omp parallel num_threads(threads)
-  {
-    const FlushSubnormals flush;
-    ForwardWork w = carve<ForwardWork>(arena.thread(omp_get_thread_num()), g, p.bias, 0);
-#pragma omp for collapse(3) schedule(dynamic, 1)
-    for (int64_t b = 0; b < g.B; ++b)
-      for (int64_t h = 0; h < g.H; ++h)
-        for (int64_t qt = 0; qt < n_qt; ++qt) {
-          const int64_t i0 = qt * kBQ, rows = std::min(kBQ, g.Tq - i0);
-          flash_rows(g, p, b, h, i0, rows, 0, g.key_end(i0 + rows), w);
-          finish_rows(g, p, b, h, i0, rows, w);
-        }
-  }
+  query_tile_tasks(g, p);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -280,24 +283,7 @@ void attention_decode(const DecodeParams& p) {
   const int64_t block =
       4 * max_threads * ceil_div(tasks, max_threads) <= 5 * tasks ? round_up(g.Tk, kBK) : kDecodeBlock;
   const int64_t n_blk = ceil_div(g.Tk, block);
-  // One block: no states to merge; one thread (as in the decoder's team) runs without a team of its own.
-  if (n_blk == 1) {
-    const int threads = team_size(tasks);
-    const Arena arena(threads, workspace_floats<ForwardWork>(g, bias, 0));
-    if (threads == 1) {
-      const FlushSubnormals flush;
-      ForwardWork w = carve<ForwardWork>(arena.thread(0), g, bias, 0);
-      return decode_whole_tasks(g, p, n_qt, 0, tasks, w);
-    }
-#pragma omp parallel num_threads(threads)
-    {
-      const FlushSubnormals flush;
-      ForwardWork w = carve<ForwardWork>(arena.thread(omp_get_thread_num()), g, bias, 0);
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t t = 0; t < tasks; ++t) decode_whole_tasks(g, p, n_qt, t, t + 1, w);
-    }
-    return;
-  }
+  if (n_blk == 1) return query_tile_tasks(g, p);  // no states to merge
   // Path bias over several blocks: the blocks run independently, so each starts from its carry, psi summed
   // over the later blocks (per query row): first every block's psi total (an O(Tq Tk P) pre-pass), then
   // exclusive suffix sums.
