@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstdio>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "expect_invalid.hpp"
@@ -310,6 +311,39 @@ TEST(FastDecode, FallsBackAndSaysWhy) {
   auto m64 = testing::perturbed_model(config("rope"));
   m64->to(torch::kFloat64);
   EXPECT_NE(fast_decode_unsupported(m64).find("not float32"), std::string::npos);
+}
+
+// Room made up front (new_cache(positions)) changes no logit: the same bits as a cache that grew by doubling,
+// with the gate's and probes' per-key terms, and the cache still grows past the room it was given.
+TEST(FastDecode, CacheMadeWithRoomEqualsOneThatGrew) {
+  for (const std::string pe : {"rope", "fox", "grape-ap"}) {
+    SCOPED_TRACE(pe);
+    auto m = testing::perturbed_model(config(pe));
+    torch::NoGradGuard no_grad;
+    Decoder dec(m);
+    ASSERT_EQ(dec.path(), DecodePath::fast);
+    auto seq = random_tokens(100, 61, 9);
+    auto decode = [&](DecodeCache& cache) {  // a prefill of 5, then one token at a time
+      std::vector<DecodeCache*> one{&cache};
+      std::vector<torch::Tensor> parts{dec.forward(seq.narrow(1, 0, 5), one)};
+      for (int64_t t = 5; t < 100; ++t) parts.push_back(dec.forward(seq.narrow(1, t, 1), one));
+      return torch::cat(parts, 1);
+    };
+    auto grown = dec.new_cache();
+    EXPECT_EQ(grown.capacity, 0);
+    const auto expected = decode(grown);
+    EXPECT_LE(relative_gap(expected, m->forward(seq)), 1e-4);
+    // Room for 3: grown to 64 by the prefill (the smallest doubling), then 128; 70: doubled once; 100:
+    // enough.
+    for (auto [room, last] : {std::pair<int64_t, int64_t>{3, 128}, {70, 140}, {100, 100}}) {
+      auto cache = dec.new_cache(room);
+      EXPECT_EQ(cache.capacity, room);
+      EXPECT_TRUE(torch::equal(decode(cache), expected)) << "room " << room;
+      EXPECT_EQ(cache.length, 100);
+      EXPECT_EQ(cache.capacity, last);
+    }
+    expect_invalid([&] { dec.new_cache(-1); }, {"positions >= 0", "-1"});
+  }
 }
 
 TEST(FastDecode, BadInputsAreClearErrors) {

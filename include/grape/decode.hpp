@@ -89,7 +89,9 @@ class Decoder {
   void set_profiling(bool on);
   Profile profile() const;
 
-  DecodeCache new_cache() const;
+  // A cache on this Decoder's path; on the fast path with room for `positions` tokens made now (prompt plus
+  // the tokens to generate: no buffer doubles and moves on the way; it still grows past them). >= 0.
+  DecodeCache new_cache(int64_t positions = 0) const;
   // As TransformerImpl::forward_cached: row b of tokens [B,T] (int64 or int32, ids < vocab) continues
   // caches[b] (lengths may differ); returns logits [B,T,V] float32. Dense layers run batched, attention per
   // sequence. Inputs (ids, the number of caches, caches of another Decoder) are checked before any cache

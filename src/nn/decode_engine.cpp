@@ -70,6 +70,37 @@ std::string encoding_unsupported(const Encoding& pe) {
 
 std::atomic<uint64_t> next_decoder_id{1};
 
+// Reallocates a fast-path cache's buffers to hold `cap` positions, moving each head's keys and values (and
+// the gate's and probes' per-key terms) to their place in the wider rows.
+void grow_cache(DecodeCache& cache, const std::vector<kc::DecoderLayer>& layers, int64_t H, int64_t D,
+                int64_t cap) {
+  for (size_t l = 0; l < cache.k.size(); ++l)
+    for (auto* buf : {&cache.k[l], &cache.v[l]}) {
+      std::vector<float> grown(size_t(H * cap * D));
+      for (int64_t h = 0; h < H; ++h)
+        std::copy_n(buf->data() + h * cache.capacity * D, cache.length * D, grown.data() + h * cap * D);
+      buf->swap(grown);
+    }
+  for (size_t l = 0; l < cache.key_b.size(); ++l) {  // the forget gate's per-key terms, [H][capacity]
+    if (cache.gate_sum[l].empty()) continue;         // no gate in this layer
+    auto& terms = cache.key_b[l];
+    std::vector<float> grown(size_t(H * cap));
+    for (int64_t h = 0; h < H && !terms.empty(); ++h)
+      std::copy_n(terms.data() + h * cache.capacity, cache.length, grown.data() + h * cap);
+    terms.swap(grown);
+  }
+  for (size_t l = 0; l < cache.key_r.size(); ++l) {  // the path integral's key probes, [H][capacity][P]
+    if (!layers[l].probe_w) continue;                // no probes in this layer
+    const int64_t P = layers[l].probe_dim;
+    auto& probes = cache.key_r[l];
+    std::vector<float> grown(size_t(H * cap * P));
+    for (int64_t h = 0; h < H && !probes.empty(); ++h)
+      std::copy_n(probes.data() + h * cache.capacity * P, cache.length * P, grown.data() + h * cap * P);
+    probes.swap(grown);
+  }
+  cache.capacity = cap;
+}
+
 }  // namespace
 
 std::string fast_decode_unsupported(const Transformer& model) {
@@ -259,7 +290,9 @@ Decoder::Profile Decoder::profile() const {
   return {p.products, p.attention, p.other, p.passes};
 }
 
-DecodeCache Decoder::new_cache() const {
+DecodeCache Decoder::new_cache(int64_t positions) const {
+  if (positions < 0)
+    throw std::invalid_argument(fmt::format("decoder: new_cache needs positions >= 0, got {}", positions));
   DecodeCache cache;
   cache.owner = id_;
   if (path_ == DecodePath::reference) {
@@ -273,6 +306,7 @@ DecodeCache Decoder::new_cache() const {
     cache.key_r.resize(layers.size());
     for (size_t l = 0; l < layers.size(); ++l)
       if (layers[l].gate_w) cache.gate_sum[l].assign(size_t(engine_->model.H), 0.0);
+    if (positions > 0) grow_cache(cache, layers, engine_->model.H, engine_->model.D, positions);
   }
   return cache;
 }
@@ -318,34 +352,8 @@ torch::Tensor Decoder::forward(const torch::Tensor& tokens, const std::vector<De
     auto& cache = *caches[size_t(b)];
     const int64_t need = cache.length + T;
     longest = std::max(longest, need);
-    if (need > cache.capacity) {  // double the buffers, moving each head's keys and values
-      const int64_t cap = std::max<int64_t>({need, 2 * cache.capacity, 64});
-      for (size_t l = 0; l < cache.k.size(); ++l)
-        for (auto* buf : {&cache.k[l], &cache.v[l]}) {
-          std::vector<float> grown(size_t(H * cap * D));
-          for (int64_t h = 0; h < H; ++h)
-            std::copy_n(buf->data() + h * cache.capacity * D, cache.length * D, grown.data() + h * cap * D);
-          buf->swap(grown);
-        }
-      for (size_t l = 0; l < cache.key_b.size(); ++l) {  // the forget gate's per-key terms, [H][capacity]
-        if (cache.gate_sum[l].empty()) continue;         // no gate in this layer
-        auto& terms = cache.key_b[l];
-        std::vector<float> grown(size_t(H * cap));
-        for (int64_t h = 0; h < H && !terms.empty(); ++h)
-          std::copy_n(terms.data() + h * cache.capacity, cache.length, grown.data() + h * cap);
-        terms.swap(grown);
-      }
-      for (size_t l = 0; l < cache.key_r.size(); ++l) {  // the path integral's key probes, [H][capacity][P]
-        if (!layers[l].probe_w) continue;                // no probes in this layer
-        const int64_t P = layers[l].probe_dim;
-        auto& probes = cache.key_r[l];
-        std::vector<float> grown(size_t(H * cap * P));
-        for (int64_t h = 0; h < H && !probes.empty(); ++h)
-          std::copy_n(probes.data() + h * cache.capacity * P, cache.length * P, grown.data() + h * cap * P);
-        probes.swap(grown);
-      }
-      cache.capacity = cap;
-    }
+    if (need > cache.capacity)  // double the buffers
+      grow_cache(cache, layers, H, D, std::max<int64_t>({need, 2 * cache.capacity, 64}));
     auto& row = rows[size_t(b)];
     row.tokens = id + b * T, row.T = T, row.length = cache.length, row.capacity = cache.capacity;
     for (size_t l = 0; l < cache.k.size(); ++l) {

@@ -45,7 +45,7 @@ double decode_validation_loss(Decoder& decoder, const data::DataSource& data, in
   for (const auto& b : data.val_batches(batch, context, max_batches)) {
     const int64_t B = b.x.size(0), T = b.x.size(1), step = chunk == 0 ? T : chunk;
     std::vector<DecodeCache> caches;
-    for (int64_t i = 0; i < B; ++i) caches.push_back(decoder.new_cache());
+    for (int64_t i = 0; i < B; ++i) caches.push_back(decoder.new_cache(T));
     std::vector<DecodeCache*> ptrs;
     for (auto& c : caches) ptrs.push_back(&c);
     for (int64_t t0 = 0; t0 < T; t0 += step) {

@@ -65,7 +65,10 @@ std::vector<std::vector<int32_t>> generate(Transformer& model,
   std::vector<int64_t> cached(n, 0);                   // tokens in each cache
   // A fresh cache for row i holding `ids`; returns the logits of its last token.
   auto prefill = [&](size_t i, std::vector<int64_t> ids) {
-    caches[i] = decoder.new_cache();
+    // Room made now for the tokens to come: the crop window, else max_tokens up to the training context
+    // (an end-of-text may stop it early; past that the cache grows by doubling).
+    const int64_t ahead = std::min(opts.max_tokens, model->config().context);
+    caches[i] = decoder.new_cache(opts.crop > 0 ? opts.crop : int64_t(ids.size()) + ahead);
     std::vector<DecodeCache*> one = {&caches[i]};
     auto logits = decoder.forward(torch::tensor(ids, torch::kInt64).unsqueeze(0), one);
     cached[i] = int64_t(ids.size());
@@ -117,7 +120,8 @@ std::vector<torch::Tensor> greedy_decode(Decoder& decoder, const std::vector<std
   torch::NoGradGuard no_grad;
   const int64_t B = int64_t(prompts.size());
   std::vector<DecodeCache> caches;
-  for (int64_t b = 0; b < B; ++b) caches.push_back(decoder.new_cache());
+  for (int64_t b = 0; b < B; ++b)  // room for the prompt and every token to come
+    caches.push_back(decoder.new_cache(int64_t(prompts[size_t(b)].size()) + tokens));
   std::vector<DecodeCache*> ptrs;
   for (auto& c : caches) ptrs.push_back(&c);
   auto row_tensor = [](const std::vector<int64_t>& p) {
