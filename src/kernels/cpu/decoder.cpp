@@ -16,6 +16,7 @@
 #include "kernels/cpu/attention.hpp"
 #include "kernels/cpu/rmsnorm.hpp"
 #include "kernels/cpu/simd_math.hpp"
+#include "kernels/cpu/swiglu.hpp"
 #include "kernels/cpu/tile.hpp"
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -592,8 +593,8 @@ void decoder_forward(const DecoderModel& m, const std::vector<DecoderRow>& rows,
       product(m, xn, R, C, l.w2, l.w2_bf16, l.panels.w2, F, g);
 #pragma omp barrier
       clock.lap(products);
-#pragma omp for
-      for (int64_t i = 0; i < R * F; ++i) a[i] = a[i] / (1.0f + std::exp(-a[i])) * g[i];  // SwiGLU
+#pragma omp for  // SwiGLU, a = silu(a) g, with training's kernel (its vectorised exp), per row
+      for (int64_t r = 0; r < R; ++r) swiglu_forward_serial(a + r * F, g + r * F, F, a + r * F);
       clock.lap(other);
       product(m, a, R, F, l.w_out, l.w_out_bf16, l.panels.w_out, C, xn);
 #pragma omp barrier
