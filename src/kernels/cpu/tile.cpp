@@ -304,9 +304,11 @@ struct Chunks8 {
 
 // dots_direct on 8-lane registers: 8 keys' products at a time, summed by one tree (sums8) instead of a
 // horizontal sum per key; the query chunk is reloaded from L1 per chunk (8 accumulators stay in registers).
-GRAPE_INLINE void dots_direct_regs(int64_t rows, int64_t nk, int64_t D, int64_t Dp, const float* Q,
+// kWhole: D is a multiple of 8, every load plain (GCC keeps a per-load branch between plain and masked
+// loads otherwise, in the innermost loop).
+template <bool kWhole>
+GRAPE_INLINE void dots_direct_regs(int64_t rows, int64_t nk, const Chunks8& ch, int64_t Dp, const float* Q,
                                    const float* const* krows, float* S) {
-  const Chunks8 ch(D);
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t j0 = 0; j0 < nk; j0 += 8) {
       const int64_t n = std::min<int64_t>(8, nk - j0);
@@ -317,7 +319,12 @@ GRAPE_INLINE void dots_direct_regs(int64_t rows, int64_t nk, int64_t D, int64_t 
       for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
       for (int64_t c = 0; c < ch.n; ++c) {
         const __m256 q = _mm256_loadu_ps(Q + r * Dp + 8 * c);
-        for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(q, ch.load(k[j], c), acc[j]);
+        for (int j = 0; j < 8; ++j)
+          acc[j] = _mm256_fmadd_ps(q, kWhole ? _mm256_loadu_ps(k[j] + 8 * c) : ch.load(k[j], c), acc[j]);
+      }
+      if (n == 8) {  // (a copy loop of 8 floats became `rep movs`, slow to start)
+        _mm256_storeu_ps(S + r * kBK + j0, sums8(acc));
+        continue;
       }
       alignas(32) float s[8];
       _mm256_store_ps(s, sums8(acc));
@@ -325,8 +332,9 @@ GRAPE_INLINE void dots_direct_regs(int64_t rows, int64_t nk, int64_t D, int64_t 
     }
 }
 
-// pv_direct on 8-lane registers: NC chunks of the output row from chunk c0 on in registers over all nk keys.
-template <int NC>
+// pv_direct on 8-lane registers: NC chunks of the output row from chunk c0 on in registers over all nk keys;
+// kWhole: the NC chunks are whole, every load plain.
+template <int NC, bool kWhole>
 GRAPE_INLINE void pv_direct_regs(int64_t r, int64_t nk, const Chunks8& ch, int64_t c0, int64_t Dp,
                                  const float* S, const float* const* vrows, float* O) {
   float* o = O + r * Dp + 8 * c0;
@@ -334,7 +342,9 @@ GRAPE_INLINE void pv_direct_regs(int64_t r, int64_t nk, const Chunks8& ch, int64
   for (int c = 0; c < NC; ++c) acc[c] = _mm256_loadu_ps(o + 8 * c);
   for (int64_t j = 0; j < nk; ++j) {
     const __m256 p = _mm256_broadcast_ss(S + r * kBK + j);
-    for (int c = 0; c < NC; ++c) acc[c] = _mm256_fmadd_ps(p, ch.load(vrows[j], c0 + c), acc[c]);
+    for (int c = 0; c < NC; ++c)
+      acc[c] = _mm256_fmadd_ps(
+          p, kWhole ? _mm256_loadu_ps(vrows[j] + 8 * (c0 + c)) : ch.load(vrows[j], c0 + c), acc[c]);
   }
   for (int c = 0; c < NC; ++c) _mm256_storeu_ps(o + 8 * c, acc[c]);
 }
@@ -349,7 +359,12 @@ void dots_direct(int64_t rows, int64_t nk, int64_t D, int64_t Dp, const float* Q
   if (with_count(Dp / 16, [&](auto nc) { dots_direct_regs<decltype(nc)::value>(rows, nk, D, Q, krows, S); }))
     return;
 #elif defined(__AVX2__)
-  return dots_direct_regs(rows, nk, D, Dp, Q, krows, S);
+  const Chunks8 ch(D);
+  if (ch.full == ch.n)
+    dots_direct_regs<true>(rows, nk, ch, Dp, Q, krows, S);
+  else
+    dots_direct_regs<false>(rows, nk, ch, Dp, Q, krows, S);
+  return;
 #endif
   for (int64_t j = 0; j < nk; ++j) {
     const float* kj = krows[j];
@@ -373,8 +388,13 @@ void pv_direct(int64_t rows, int64_t nk, int64_t D, int64_t Dp, const float* S, 
   const Chunks8 ch(D);
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c0 = 0; c0 < ch.n; c0 += 8)  // groups of up to 8 chunks (8 registers)
-      with_count(std::min<int64_t>(8, ch.n - c0),
-                 [&](auto nc) { pv_direct_regs<decltype(nc)::value>(r, nk, ch, c0, Dp, S, vrows, O); });
+      with_count(std::min<int64_t>(8, ch.n - c0), [&](auto nc) {
+        constexpr int NC = decltype(nc)::value;
+        if (c0 + NC <= ch.full)
+          pv_direct_regs<NC, true>(r, nk, ch, c0, Dp, S, vrows, O);
+        else
+          pv_direct_regs<NC, false>(r, nk, ch, c0, Dp, S, vrows, O);
+      });
   return;
 #endif
   for (int64_t j = 0; j < nk; ++j) {
