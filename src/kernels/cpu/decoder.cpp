@@ -519,8 +519,13 @@ void decoder_forward(const DecoderModel& m, const std::vector<DecoderRow>& rows,
           double c = row.gate_sum[li][h];
           for (int64_t t = 0; t < row.T; ++t) {
             const float* xr = xn + (start[size_t(b)] + t) * C;
-            double z = l.gate_b[h];
-            for (int64_t i = 0; i < C; ++i) z += double(l.gate_w[h * C + i]) * double(xr[i]);
+            // float64 products summed in vector lanes (a serial sum waited on each add: ~0.3 ms a batch-16
+            // step on small)
+            const float* w = l.gate_w + h * C;
+            double z = 0;
+#pragma omp simd reduction(+ : z)
+            for (int64_t i = 0; i < C; ++i) z += double(w[i]) * double(xr[i]);
+            z += l.gate_b[h];
             c += z >= 0 ? -std::log1p(std::exp(-z)) : z - std::log1p(std::exp(z));  // logsigmoid(z)
             bias_a[start[size_t(b)] * H + h * row.T + t] = float(c);
             row.key_b[li][h * row.capacity + row.length + t] = float(-c);
