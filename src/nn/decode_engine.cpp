@@ -74,29 +74,18 @@ std::atomic<uint64_t> next_decoder_id{1};
 // the gate's and probes' per-key terms) to their place in the wider rows.
 void grow_cache(DecodeCache& cache, const std::vector<kc::DecoderLayer>& layers, int64_t H, int64_t D,
                 int64_t cap) {
-  for (size_t l = 0; l < cache.k.size(); ++l)
-    for (auto* buf : {&cache.k[l], &cache.v[l]}) {
-      std::vector<float> grown(size_t(H * cap * D));
-      for (int64_t h = 0; h < H; ++h)
-        std::copy_n(buf->data() + h * cache.capacity * D, cache.length * D, grown.data() + h * cap * D);
-      buf->swap(grown);
-    }
-  for (size_t l = 0; l < cache.key_b.size(); ++l) {  // the forget gate's per-key terms, [H][capacity]
-    if (cache.gate_sum[l].empty()) continue;         // no gate in this layer
-    auto& terms = cache.key_b[l];
-    std::vector<float> grown(size_t(H * cap));
-    for (int64_t h = 0; h < H && !terms.empty(); ++h)
-      std::copy_n(terms.data() + h * cache.capacity, cache.length, grown.data() + h * cap);
-    terms.swap(grown);
-  }
-  for (size_t l = 0; l < cache.key_r.size(); ++l) {  // the path integral's key probes, [H][capacity][P]
-    if (!layers[l].probe_w) continue;                // no probes in this layer
-    const int64_t P = layers[l].probe_dim;
-    auto& probes = cache.key_r[l];
-    std::vector<float> grown(size_t(H * cap * P));
-    for (int64_t h = 0; h < H && !probes.empty(); ++h)
-      std::copy_n(probes.data() + h * cache.capacity * P, cache.length * P, grown.data() + h * cap * P);
-    probes.swap(grown);
+  // One buffer [H][capacity][width] -> [H][cap][width], each head's first `length` positions kept.
+  auto widen = [&](std::vector<float>& buf, int64_t width) {
+    std::vector<float> grown(size_t(H * cap * width));
+    for (int64_t h = 0; h < H && cache.length > 0; ++h)
+      std::copy_n(buf.data() + h * cache.capacity * width, cache.length * width,
+                  grown.data() + h * cap * width);
+    buf.swap(grown);
+  };
+  for (size_t l = 0; l < cache.k.size(); ++l) {
+    widen(cache.k[l], D), widen(cache.v[l], D);
+    if (!cache.gate_sum[l].empty()) widen(cache.key_b[l], 1);           // the forget gate's per-key terms
+    if (layers[l].probe_w) widen(cache.key_r[l], layers[l].probe_dim);  // the path integral's key probes
   }
   cache.capacity = cap;
 }
