@@ -68,12 +68,13 @@ class Decoder {
   DecodeWeights weights() const { return weights_; }
   // The matrix-product kernel of bf16 weights on this CPU (avx512 or portable); "" for fp32.
   std::string bf16_kernel() const;
-  // Bytes of the fp32 weights' panel copy that batched passes multiply: 0 until the first pass of two or more
-  // sequences with 8+ rows (one sequence alone never makes it), and always 0 with bf16 weights.
+  // Bytes of the fp32 weights' panel copy that the products multiply (as much memory again as the weights):
+  // where AVX2 is the kernels' widest unit, made by the first pass; elsewhere by the first pass of two or
+  // more sequences with 8+ rows (one sequence alone never makes it there). Always 0 with bf16 weights.
   int64_t panel_bytes() const;
-  // Makes now what the first pass of `sequences` one-token rows would make on its way (the panel copy, for 8+
-  // rows with fp32 weights on the fast path; nothing otherwise), so that a server's or a benchmark's first
-  // batched step does not carry it.
+  // Makes now what the first pass of `sequences` one-token rows would make on its way (the panel copy with
+  // fp32 weights on the fast path, as panel_bytes() says; nothing otherwise), so that a server's or a
+  // benchmark's first step does not carry it.
   void prepare_batch(int64_t sequences);
   const Transformer& model() const { return model_; }
 

@@ -127,11 +127,11 @@ struct Decoder::Engine {
     return panels.back().data();
   }
 
-  // A copy of every fp32 matrix as panels, made by the first pass of several sequences with enough rows to
-  // use them (as much memory again as the weights, so one sequence alone never pays it; bf16 copies are not
-  // packed: their batches read the bf16 rows).
-  void pack_for_batches(int64_t sequences, int64_t rows) {
-    if (!panels.empty() || model.wte_bf16 || sequences < 2 || rows < kc::kPanelMinRows) return;
+  // A copy of every fp32 matrix as panels, made by the first pass that would use them (kc::makes_panels: any
+  // pass where AVX2 is the widest unit, else the first batch of 8+ rows; as much memory again as the weights;
+  // bf16 copies are not packed: their passes read the bf16 rows).
+  void pack_panels_for(int64_t sequences, int64_t rows) {
+    if (!panels.empty() || model.wte_bf16 || !kc::makes_panels(sequences, rows)) return;
     const int64_t C = model.C, HD = model.H * model.D, F = model.hidden;
     for (auto& l : model.layers) {
       l.panels.wq = pack(l.wq, HD, C), l.panels.wk = pack(l.wk, HD, C);
@@ -264,7 +264,7 @@ int64_t Decoder::panel_bytes() const {
 }
 
 void Decoder::prepare_batch(int64_t sequences) {
-  if (engine_) engine_->pack_for_batches(sequences, sequences);
+  if (engine_) engine_->pack_panels_for(sequences, sequences);
 }
 
 void Decoder::set_profiling(bool on) {
@@ -355,7 +355,7 @@ torch::Tensor Decoder::forward(const torch::Tensor& tokens, const std::vector<De
     }
   }
   e.cover(longest);
-  e.pack_for_batches(B, B * T);
+  e.pack_panels_for(B, B * T);
   auto logits = torch::empty({B, T, c.vocab_size}, torch::kFloat32);
   kc::decoder_forward(e.model, rows, e.ws, logits.data_ptr<float>());
   for (auto* cache : caches) cache->length += T;

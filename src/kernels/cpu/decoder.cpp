@@ -37,6 +37,11 @@ constexpr int64_t kPanel = 16;
 constexpr int64_t kPanel = 32;
 #endif
 
+// panel_min_rows() (decoder.hpp): 16-wide panels, one contiguous stream of whole lines, beat the rows' dot
+// products at every row count (1.1-1.2x at 1 row, 1.3-1.5x at 4-8, a Zen 3, docs/performance.md); with
+// AVX-512 the dot form is 4-6% faster at batch 1, so the panels wait for a batch there.
+constexpr int64_t kPanelMinRows = kPanel == 16 ? 1 : 8;
+
 // The portable micro-kernel: y[i][j] = W_i . x_j over 16 lanes, summed at the end (vectorises without
 // reassociation; GRAPE_SIMD picks the widest unit at load time in a portable build).
 template <int NW, int NX>
@@ -415,6 +420,12 @@ void linear_rows_portable(const float* x, int64_t R, int64_t K, const float* W, 
 }
 
 int64_t panel_rows() { return kPanel; }
+
+int64_t panel_min_rows() { return kPanelMinRows; }
+
+bool makes_panels(int64_t sequences, int64_t rows) {
+  return rows >= kPanelMinRows && (kPanelMinRows == 1 || sequences >= 2);
+}
 
 std::vector<float> pack_panels(const float* W, int64_t N, int64_t K) {
   const int64_t n_panels = (N + kPanel - 1) / kPanel;

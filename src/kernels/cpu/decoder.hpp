@@ -27,17 +27,22 @@ void linear_rows_portable(const float* x, int64_t R, int64_t K, const float* W, 
 
 // W [N, K] copied into panels of panel_rows() rows, each [K][panel_rows()] (a panel's rows interleaved per k,
 // rows past N zero): the layout of the batched products. A batch multiplies each loaded vector of weights by
-// every row of x (broadcast), with no horizontal sums; batch 1 keeps the row-major W (there its dot form is
-// 4-6% faster). The width is the kernels' build's: 16 where AVX2 is the widest (a panel row is one cache
-// line, so a block streams its panel contiguously), else 32.
+// every row of x (broadcast), with no horizontal sums. The width is the kernels' build's: 16 where AVX2 is
+// the widest (a panel row is one cache line, so a block streams its panel contiguously), else 32.
 int64_t panel_rows();
 std::vector<float> pack_panels(const float* W, int64_t N, int64_t K);
 // y = x W^T from pack_panels(W); each output is one sequential sum over k. Parallel over panels.
 void linear_rows_panels(const float* x, int64_t R, int64_t K, const float* panels, int64_t N, float* y);
 void linear_rows_panels_portable(const float* x, int64_t R, int64_t K, const float* panels, int64_t N,
                                  float* y);
-// Passes with at least this many rows use the panels when the model has them.
-constexpr int64_t kPanelMinRows = 8;
+// Passes of at least panel_min_rows() rows multiply the panels when the model has them: 1 where AVX2 is the
+// widest (the panels' one contiguous stream is faster at every row count, batch 1 included), else 8 (with
+// AVX-512 batch 1's dot form over the row-major W is 4-6% faster).
+int64_t panel_min_rows();
+// Whether a pass of `rows` rows over `sequences` sequences makes the panel copy (as much memory again as the
+// fp32 weights): where the panels serve every pass, any pass; else one of two or more sequences with
+// panel_min_rows() rows or more, so that one sequence alone never pays for a copy it would not use.
+bool makes_panels(int64_t sequences, int64_t rows);
 
 struct DecoderLayer {
   const float *norm1 = nullptr, *wq = nullptr, *wk = nullptr, *wv = nullptr, *wo = nullptr;
@@ -68,7 +73,7 @@ struct DecoderLayer {
   const float *probe_w = nullptr, *probe_m = nullptr;
   int64_t probe_dim = 0;
   float probe_eps = 1e-6f, probe_sign = 1.0f;
-  // The matrices as pack_panels lays them out, for passes of kPanelMinRows rows or more. Null: row-major
+  // The matrices as pack_panels lays them out, for passes of panel_min_rows() rows or more. Null: row-major
   // only.
   struct Panels {
     const float *wq = nullptr, *wk = nullptr, *wv = nullptr, *wo = nullptr, *w1 = nullptr, *w2 = nullptr,
