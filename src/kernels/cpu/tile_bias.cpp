@@ -55,32 +55,37 @@ void pack_probe_keys(const Geometry& g, const BiasTerms& bias, int64_t b, int64_
 }
 
 // psi(t, l) of one query row against a packed key tile: its nv visible keys -> out[0, nv) (out[nv, kBK) = 0),
-// and m_h sigmoid(-x) / P (dpsi / d(p.r)) into dout when non-null.
+// and m_h sigmoid(-x) / P (dpsi / d(p.r)) into dout when non-null. Only the first nv keys rounded up to
+// whole kLanes groups are computed: on a diagonal tile a row sees r + 1 keys, and the masked rest was over a
+// third of the tile's psi (each lane's value is the same either way).
 GRAPE_INLINE void psi_row(const float* pt, const float* Rt, int64_t P, float mh, int64_t nv, float* out,
                           float* dout) {
+  const int32_t nb = int32_t(round_up(nv, kLanes));  // <= kBK; 32-bit j: AVX2 compares 8 lanes at once
   float x[kBK];
 #pragma omp simd
-  for (int64_t j = 0; j < kBK; ++j) x[j] = 0.0f;
+  for (int32_t j = 0; j < nb; ++j) x[j] = 0.0f;
   for (int64_t e = 0; e < P; ++e) {
     const float pe = pt[e];
     const float* re = Rt + e * kBK;
 #pragma omp simd
-    for (int64_t j = 0; j < kBK; ++j) x[j] += pe * re[j];
+    for (int32_t j = 0; j < nb; ++j) x[j] += pe * re[j];
   }
   const float invP = 1.0f / float(P);
-  const int32_t n = int32_t(nv);  // 32-bit j below: AVX2 compares 8 lanes at once, not 4
+  const int32_t n = int32_t(nv);
   if (dout) {
 #pragma omp simd
-    for (int32_t j = 0; j < int32_t(kBK); ++j) {
+    for (int32_t j = 0; j < nb; ++j) {
       float psi, dx;
       psi_grad_inline(x[j] * invP, mh, psi, dx);
       out[j] = j < n ? psi : 0.0f;
       dout[j] = j < n ? dx * invP : 0.0f;
     }
+    std::fill(dout + nb, dout + kBK, 0.0f);
   } else {
 #pragma omp simd
-    for (int32_t j = 0; j < int32_t(kBK); ++j) out[j] = j < n ? psi_inline(x[j] * invP, mh) : 0.0f;
+    for (int32_t j = 0; j < nb; ++j) out[j] = j < n ? psi_inline(x[j] * invP, mh) : 0.0f;
   }
+  std::fill(out + nb, out + kBK, 0.0f);
 }
 
 // The path bias of a tile of query rows [i0, i0 + rows) (padded to Mp) against keys [j0, j0 + nk) of head
