@@ -148,7 +148,7 @@ void pack_cols(const float* const* src_rows, int64_t n, int64_t cols, int64_t D,
 #if defined(__AVX512F__)
   // By 16 x 16 blocks transposed in registers, masked loads giving the zero padding: the element-wise copy
   // below was ~10% of a forward and of a backward at T = 128..256 (it stores with a stride of cols floats).
-  if (cols % 16 == 0) {
+  if (cols % 16 == 0 && Dp % 16 == 0) {
     for (int64_t j0 = 0; j0 < cols; j0 += 16)
       for (int64_t c = 0; c < Dp / 16; ++c) {
         const __mmask16 mask = chunk_mask(D, c);
@@ -162,7 +162,7 @@ void pack_cols(const float* const* src_rows, int64_t n, int64_t cols, int64_t D,
   }
 #elif defined(__AVX2__)
   // The same by 8 x 8 blocks (the element-wise copy was 3% of a tiny training step on a Zen 3).
-  if (cols % 8 == 0) {
+  if (cols % 8 == 0 && Dp % 8 == 0) {
     for (int64_t j0 = 0; j0 < cols; j0 += 8)
       for (int64_t c = 0; c < Dp / 8; ++c) {
         const int64_t valid = std::clamp<int64_t>(D - 8 * c, 0, 8);

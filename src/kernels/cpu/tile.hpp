@@ -170,7 +170,8 @@ Work carve(float* mem, const Args&... args) {
 // n token rows (D floats each) -> dst[rows][Dp] (row-major), zero past n rows and past D columns.
 void pack_rows(const float* const* src_rows, int64_t n, int64_t rows, int64_t D, int64_t Dp, float* dst);
 
-// n token rows transposed -> dst[Dp][cols], zero past n columns and past D rows.
+// n token rows transposed -> dst[Dp][cols], zero past n columns and past D rows (Dp >= D; whole blocks of
+// 16, or 8 with AVX2, go through register transposes).
 void pack_cols(const float* const* src_rows, int64_t n, int64_t cols, int64_t D, int64_t Dp, float* dst);
 
 // Pointers to the n token rows starting at t0 of head (b, h) of a [B,T,H,D] tensor.

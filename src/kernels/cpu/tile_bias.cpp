@@ -43,15 +43,14 @@ void scatter_dist_grad(const Geometry& g, int64_t W, int64_t i0, int64_t j0, dou
 // GRAPE-AP path bias: bias(t, j) = sum_{l=j+1..t} psi(t, l), psi(t, l) = m_h logsigmoid(p_t . r_l / P)
 // ---------------------------------------------------------------------------------------------------------
 
-// The probes r of keys [j0, j0 + nk) of head (b, h), transposed: Rt [P][kBK], zero-padded.
+// The probes r of keys [j0, j0 + nk) of head (b, h), transposed: Rt [P][kBK], zero-padded. By pack_cols'
+// register transposes where P allows (8 with AVX2): the element-wise copy was the largest part of GRAPE-AP's
+// attention in batched decode, where each call packs a tile for a single query row.
 void pack_probe_keys(const Geometry& g, const BiasTerms& bias, int64_t b, int64_t h, int64_t j0, int64_t nk,
                      float* Rt) {
-  const int64_t P = bias.P;
-  std::fill(Rt, Rt + P * kBK, 0.0f);
-  for (int64_t j = 0; j < nk; ++j) {
-    const float* r = bias.r + ((b * g.Tk + j0 + j) * g.H + h) * P;
-    for (int64_t e = 0; e < P; ++e) Rt[e * kBK + j] = r[e];
-  }
+  const float* rows[kBK];
+  row_pointers(bias.r, g.Tk, g.H, bias.P, b, h, j0, nk, rows);
+  pack_cols(rows, nk, kBK, bias.P, bias.P, Rt);
 }
 
 // psi(t, l) of one query row against a packed key tile: its nv visible keys -> out[0, nv) (out[nv, kBK) = 0),
