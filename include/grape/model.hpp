@@ -90,11 +90,6 @@ struct SequenceCache {
   int64_t length = 0;  // tokens consumed
 };
 
-// x * rsqrt(mean(x^2) + eps) * weight over the last dim; fp16/bf16 computed in fp32. The one RMSNorm of
-// the model, of QK-norm and of grape.nn's after_rotation QK-norm. fused: fp32 CPU inputs run the one-pass
-// kernel (forward and backward, block=fused); else LibTorch-composed.
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps, bool fused = false);
-
 class RMSNormImpl : public torch::nn::Module {
  public:
   // fused: fp32 inputs run the one-pass CPU kernel (forward and backward); others, and fused=false, the

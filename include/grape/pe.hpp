@@ -311,6 +311,11 @@ std::string shape_string(const torch::Tensor& t);
 // ALiBi slopes m_h for H heads (also for H not a power of two).
 std::vector<double> alibi_slopes(int64_t heads);
 
+// x * rsqrt(mean(x^2) + eps) * weight over the last dim; fp16/bf16 computed in fp32. The one RMSNorm of
+// the model, of QK-norm, of grape.nn's after_rotation QK-norm and of GRAPE-AP's probes. fused: fp32 CPU
+// inputs run the one-pass kernel (forward and backward, block=fused); else LibTorch-composed.
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps, bool fused = false);
+
 // Rotate the pairs of the first 2*P coordinates of x [..., D] by angles [..., P] (broadcast over the
 // leading dims). pairing "half": (i, i+P); "interleaved": (2i, 2i+1). sign +1 is the standard
 // orientation a' = a cos - b sin, b' = a sin + b cos; sign -1 the GRAPE authors' (clockwise).
