@@ -546,6 +546,35 @@ TEST(ModelStructure, FusedSwiGLUEqualsTheReferenceForwardAndBackward) {
   EXPECT_EQ(swiglu(a.to(torch::kFloat64), b.to(torch::kFloat64), true).scalar_type(), torch::kFloat64);
 }
 
+// The whole block on the fused kernels (block=fused: the norms, SwiGLU and the MLP sublayer as one node whose
+// products carry the residual) against block=reference, same weights: logits and every parameter's
+// gradient. TAPE reads the MLP's output alone, so its blocks keep the per-op kernels.
+TEST(ModelStructure, FusedBlockEqualsTheReferenceLogitsAndGradients) {
+  for (const std::string pe : {"rope", "grape-ap", "tape"}) {
+    SCOPED_TRACE(pe);
+    auto run = [&](const std::string& block) {
+      auto c = test_config(pe);
+      c.block = block, c.n_embd = 48, c.mlp_hidden = 100;  // odd widths: no kernel path is a multiple of 16
+      auto m = make_model(c);
+      auto tokens = random_tokens(3, 20, 257, 5), targets = random_tokens(3, 20, 257, 6);
+      auto logits = m->forward(tokens);
+      auto loss = torch::nn::functional::cross_entropy(logits.reshape({-1, 257}), targets.reshape({-1}));
+      loss.backward();
+      std::vector<std::pair<std::string, torch::Tensor>> out{{"logits", logits.detach()}};
+      for (const auto& item : m->named_parameters()) out.emplace_back(item.key(), item.value().grad());
+      return out;
+    };
+    const auto want = run("reference"), got = run("fused");
+    ASSERT_EQ(got.size(), want.size());
+    for (size_t i = 0; i < got.size(); ++i) {
+      ASSERT_EQ(got[i].first, want[i].first);
+      ASSERT_TRUE(got[i].second.defined()) << got[i].first;
+      EXPECT_LE(max_diff(got[i].second, want[i].second), 1e-5 * want[i].second.abs().max().item<double>())
+          << got[i].first;
+    }
+  }
+}
+
 // ---- config ---------------------------------------------------------------------------------------
 
 TEST(ModelConfig, PresetsHaveTheSpecSizes) {

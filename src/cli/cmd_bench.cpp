@@ -131,7 +131,7 @@ long minor_faults() {
   return u.ru_minflt;
 }
 
-// Seconds this thread spends inside the matrix-product operators (aten::mm, addmm, bmm, baddbmm) while a
+// Seconds this thread spends inside the matrix-product operators (aten::mm, addmm(_), bmm, baddbmm) while a
 // GemmClock lives: the time the GEMMs of a training step take in the step itself, with the caches as the
 // step leaves them (the same products timed alone, hot, run faster). The backward's products are counted
 // too: LibTorch runs a CPU backward on the calling thread. One clock at a time.
@@ -153,7 +153,7 @@ class GemmClock {
     std::chrono::steady_clock::time_point at = std::chrono::steady_clock::now();
   };
   static std::unique_ptr<at::ObserverContext> started(const at::RecordFunction& fn) {
-    for (const char* name : {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"})
+    for (const char* name : {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm"})
       if (std::strcmp(fn.name(), name) == 0) return std::make_unique<Started>();
     return nullptr;
   }

@@ -41,7 +41,7 @@ void rmsnorm_forward(const float* x, const float* w, int64_t rows, int64_t n, fl
 }
 
 void rmsnorm_backward(const float* x, const float* w, const float* rstd, const float* dy, int64_t rows,
-                      int64_t n, float* dx, float* dw) {
+                      int64_t n, float* dx, float* dw, const float* dres) {
   const int64_t blocks = (rows + kRowBlock - 1) / kRowBlock;
   std::vector<float> partial(size_t(blocks * n), 0.0f);  // dw of each block of rows
   const int nt = threads_for(rows * n);
@@ -61,6 +61,11 @@ void rmsnorm_backward(const float* x, const float* w, const float* rstd, const f
       for (int64_t i = 0; i < n; ++i) {
         dxr[i] = inv * dyr[i] * w[i] - c * xr[i];
         pw[i] += dyr[i] * xr[i] * inv;
+      }
+      if (dres) {
+        const float* dr = dres + r * n;
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) dxr[i] += dr[i];
       }
     }
   }

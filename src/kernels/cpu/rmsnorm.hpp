@@ -17,7 +17,9 @@ void rmsnorm_forward(const float* x, const float* w, int64_t rows, int64_t n, fl
 
 // From dy: dx = r (dy w) - x r^3 mean(dy w x) per row, and dw = sum over rows of dy x r. dw is summed over
 // fixed blocks of rows in a fixed order, so it does not depend on the thread count (resumed runs repeat).
+// With dres, dx += dres: the gradient of a residual x + f(norm(x)) that bypasses the norm, added in the same
+// pass (the same sums as adding it afterwards).
 void rmsnorm_backward(const float* x, const float* w, const float* rstd, const float* dy, int64_t rows,
-                      int64_t n, float* dx, float* dw);
+                      int64_t n, float* dx, float* dw, const float* dres = nullptr);
 
 }  // namespace grape::kernels::cpu
