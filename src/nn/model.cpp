@@ -216,14 +216,16 @@ AttentionSublayer::Output AttentionSublayer::forward(const torch::Tensor& xh,
   auto v = wv_(xh).view({B, T, H_, D_});
   std::vector<torch::Tensor> ys, streams;
   for (const auto& g : groups) {
-    auto xg = xh.narrow(0, g.row, g.rows);
-    auto qg = q.narrow(0, g.row, g.rows), kg = k.narrow(0, g.row, g.rows), vg = v.narrow(0, g.row, g.rows);
+    // One group of all rows (training, eval) takes the tensors whole: a narrow's backward scatters into a
+    // zero-filled copy of the full gradient (two passes over each of x̂, q, k, v per layer).
+    auto rows = [&](const torch::Tensor& t) { return g.rows == B ? t : t.narrow(0, g.row, g.rows); };
+    auto xg = rows(xh), qg = rows(q), kg = rows(k), vg = rows(v);
     if (kv_shift_) std::tie(kg, vg) = kv_shift_(kg, vg, xg, *g.shift);  // on the raw projections, first
     if (qk_norm_ == QKNorm::before_rotation) {  // normalise, then encode: the relative law stays exact
       qg = q_norm_(qg);
       kg = k_norm_(kg);
     }
-    auto Eg = props_.reads_stream ? stream->narrow(0, g.row, g.rows) : torch::Tensor();
+    auto Eg = props_.reads_stream ? rows(*stream) : torch::Tensor();
     auto tokens = pe_->encode(qg, kg, TokenContext(xg, Eg), *g.pe);
     if (qk_norm_ == QKNorm::after_rotation) {  // normalise what the dot product sees, before it is cached
       tokens.q = q_norm_(tokens.q);
