@@ -72,9 +72,8 @@ class GrapeAP : public Encoding {
                         PeState& st) override {
     const torch::Tensor& x = ctx.x;
     const int64_t B = x.size(0), T = x.size(1);
-    // One [B*T, C] x [C, H*P] product (matmul folds the batch; einsum took a slower bmm), and the norm by
-    // the RMSNorm kernel (unit gain) where it applies: the five composed ops and their backward were a
-    // tenth of a tiny grape-ap training step's time outside the products.
+    // One [B*T, C] x [C, H*P] product (matmul folds the batch; einsum took a bmm and permutes), and the
+    // norm by the RMSNorm kernel (unit gain) where it applies, in place of five composed ops each way.
     auto p = torch::matmul(x, w_p_.t()).view({B, T, shape_.heads, probe_});
     auto p_hat = rms_norm(p, torch::ones({probe_}, p.options()), eps_, /*fused=*/true);
     auto ang = positions_f64(st.next_pos, T).view({1, T, 1, 1}).expand({1, T, 1, probe_ / 2});
