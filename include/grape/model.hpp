@@ -41,7 +41,8 @@ struct ModelConfig {
   double norm_eps = 1e-5;
   double embed_std = 0.02;          // tied embedding init N(0, embed_std^2)
   std::string attention = "fused";  // "fused": CPU kernels where the encoding allows; "reference": composed
-  std::string block = "fused";      // RMSNorm, SwiGLU: "fused": one-pass CPU kernels; "reference": composed
+  std::string block = "fused";      // "fused": RMSNorm, SwiGLU on the CPU kernels, the MLP sublayer and the
+                                    // q, k, v projections each one autograd node; "reference": composed
 
   int64_t head_dim() const { return n_embd / n_head; }
   int64_t hidden() const { return mlp_hidden > 0 ? mlp_hidden : (8 * n_embd) / 3; }
@@ -146,6 +147,7 @@ class AttentionSublayer {
   EncodingPtr pe_;
   Properties props_;    // what the encoding reads (x, a position stream) and whether it updates the stream
   AttentionImpl impl_;  // fused where the kernels compute the encoding, or always the reference
+  bool fused_projections_;  // block=fused: q, k, v as one autograd node (fp32 CPU)
   torch::nn::Linear wq_{nullptr}, wk_{nullptr}, wv_{nullptr}, wo_{nullptr};
   RMSNorm q_norm_{nullptr}, k_norm_{nullptr};
   KVShift kv_shift_{nullptr};

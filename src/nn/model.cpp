@@ -137,6 +137,48 @@ struct FusedMLP : torch::autograd::Function<FusedMLP> {
   }
 };
 
+// q, k, v = x W_q^T, x W_k^T, x W_v^T as one autograd node (block=fused, fp32 CPU). Its backward forms
+// dx = dq W_q + dk W_k + dv W_v by products accumulating onto one buffer (beta = 1), where autograd took
+// three products, two adds and the ops around each linear.
+struct FusedQKV : torch::autograd::Function<FusedQKV> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                                                const torch::Tensor& wq, const torch::Tensor& wk,
+                                                const torch::Tensor& wv) {
+    const int64_t C = x.size(-1), M = x.numel() / C;
+    auto xm = x.contiguous().view({M, C});
+    auto sizes = x.sizes().vec();
+    torch::autograd::variable_list out;
+    for (const auto* w : {&wq, &wk, &wv}) {
+      sizes.back() = w->size(0);
+      out.push_back(torch::empty(sizes, xm.options()));
+      auto rows = out.back().view({M, w->size(0)});
+      torch::mm_out(rows, xm, w->t());
+    }
+    ctx->save_for_backward({xm, wq, wk, wv});
+    ctx->saved_data["sizes"] = x.sizes().vec();
+    return out;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto v = ctx->get_saved_variables();
+    const auto& xm = v[0];
+    torch::Tensor dx;
+    torch::autograd::variable_list out(4);
+    for (size_t i = 0; i < 3; ++i) {
+      if (!grads[i].defined()) continue;
+      const auto& w = v[1 + i];
+      auto dy = grads[i].contiguous().view({xm.size(0), w.size(0)});
+      out[1 + i] = torch::mm(dy.t(), xm);
+      if (dx.defined())
+        dx.addmm_(dy, w);
+      else
+        dx = torch::mm(dy, w);
+    }
+    if (dx.defined()) out[0] = dx.view(ctx->saved_data["sizes"].toIntVector());
+    return out;
+  }
+};
+
 // Whether the fused kernels take these tensors: fp32, on the CPU, none empty.
 bool fp32_cpu(std::initializer_list<torch::Tensor> ts) {
   return std::all_of(ts.begin(), ts.end(), [](const torch::Tensor& t) {
@@ -204,6 +246,7 @@ AttentionSublayer::AttentionSublayer(torch::nn::Module& owner, const ModelConfig
   owner.register_module("pe", pe_);
   props_ = pe_->properties();
   impl_ = parse_attention_impl(c.attention);
+  fused_projections_ = c.block == "fused";
 }
 
 AttentionSublayer::Output AttentionSublayer::forward(const torch::Tensor& xh,
@@ -211,9 +254,14 @@ AttentionSublayer::Output AttentionSublayer::forward(const torch::Tensor& xh,
                                                      const torch::Tensor* stream,
                                                      std::vector<torch::Tensor>* logits) {
   const int64_t B = xh.size(0), T = xh.size(1);
-  auto q = wq_(xh).view({B, T, H_, D_});
-  auto k = wk_(xh).view({B, T, H_, D_});
-  auto v = wv_(xh).view({B, T, H_, D_});
+  torch::Tensor q, k, v;
+  if (fused_projections_ && fp32_cpu({xh, wq_->weight, wk_->weight, wv_->weight})) {
+    auto qkv = FusedQKV::apply(xh, wq_->weight, wk_->weight, wv_->weight);
+    q = qkv[0], k = qkv[1], v = qkv[2];
+  } else {
+    q = wq_(xh), k = wk_(xh), v = wv_(xh);
+  }
+  q = q.view({B, T, H_, D_}), k = k.view({B, T, H_, D_}), v = v.view({B, T, H_, D_});
   std::vector<torch::Tensor> ys, streams;
   for (const auto& g : groups) {
     // One group of all rows (training, eval) takes the tensors whole: a narrow's backward scatters into a
