@@ -546,9 +546,9 @@ TEST(ModelStructure, FusedSwiGLUEqualsTheReferenceForwardAndBackward) {
   EXPECT_EQ(swiglu(a.to(torch::kFloat64), b.to(torch::kFloat64), true).scalar_type(), torch::kFloat64);
 }
 
-// The whole block on the fused kernels (block=fused: the norms, SwiGLU and the MLP sublayer as one node whose
-// products carry the residual) against block=reference, same weights: logits and every parameter's
-// gradient. TAPE reads the MLP's output alone, so its blocks keep the per-op kernels.
+// The whole block fused (block=fused: the norms and SwiGLU on their kernels, the MLP sublayer as one node
+// whose products carry the residual, q, k, v as one node) against block=reference, same weights: logits and
+// every parameter's gradient. TAPE reads the MLP's output alone, so its MLP keeps the per-op kernels.
 TEST(ModelStructure, FusedBlockEqualsTheReferenceLogitsAndGradients) {
   for (const std::string pe : {"rope", "grape-ap", "tape"}) {
     SCOPED_TRACE(pe);

@@ -102,8 +102,9 @@ struct FusedMLP : torch::autograd::Function<FusedMLP> {
                                const torch::Tensor& g, const torch::Tensor& w1, const torch::Tensor& w2,
                                const torch::Tensor& w_out, double eps) {
     const int64_t C = x.size(-1), M = x.numel() / C;
-    auto out = x.contiguous().clone();  // the residual, which the last product adds onto
-    auto xm = x.contiguous().view({M, C}), gc = g.contiguous();
+    const auto xc = x.contiguous();
+    auto out = xc.clone();  // the residual, which the last product adds onto
+    auto xm = xc.view({M, C}), gc = g.contiguous();
     auto n = torch::empty_like(xm), rstd = torch::empty({M}, xm.options());
     kernels::cpu::rmsnorm_forward(xm.data_ptr<float>(), gc.data_ptr<float>(), M, C, float(eps),
                                   n.data_ptr<float>(), rstd.data_ptr<float>());
