@@ -554,7 +554,7 @@ TEST(ModelStructure, FusedBlockEqualsTheReferenceLogitsAndGradients) {
     SCOPED_TRACE(pe);
     auto run = [&](const std::string& block) {
       auto c = test_config(pe);
-      c.block = block, c.n_embd = 48, c.mlp_hidden = 100;  // odd widths: no kernel path is a multiple of 16
+      c.block = block, c.n_embd = 48, c.mlp_hidden = 100;  // head_dim 12 and hidden 100: ragged vectors
       auto m = make_model(c);
       auto tokens = random_tokens(3, 20, 257, 5), targets = random_tokens(3, 20, 257, 6);
       auto logits = m->forward(tokens);
