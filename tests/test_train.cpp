@@ -119,8 +119,11 @@ TEST(TrainConfigTest, JsonRoundTripAndClearErrors) {
     EXPECT_TRUE(TrainConfig::has_key(f.name));
     EXPECT_FALSE(grape::ModelConfig::has_key(f.name)) << f.name << " is in both tables";
   }
-  EXPECT_EQ(TrainConfig::fields().size(), 21u);
+  EXPECT_EQ(TrainConfig::fields().size(), 22u);
   EXPECT_EQ(TrainConfig().optimizer, "fused");
+  EXPECT_EQ(TrainConfig().shards, 2);
+  EXPECT_EQ(message([] { TrainConfig::from_json(R"({"shards": 0})"); }),
+            "train config: shards must be >= 1, got 0");
   EXPECT_EQ(message([] { TrainConfig().set("optimizer", "sgd"); }),
             "train config: optimizer='sgd' is not one of fused|reference");
 }
@@ -278,6 +281,78 @@ TEST(TrainFused, FiftyStepsWithTheFusedOptimizerRepeatTheReference) {
     for (auto [ma, mb] : {std::pair{sa.exp_avg(), sb.exp_avg()}, std::pair{sa.exp_avg_sq(), sb.exp_avg_sq()}})
       EXPECT_LE((ma - mb).abs().max().item<double>(), 1e-4 * mb.abs().max().item<double>() + 1e-12)
           << "moment of parameter " << i;
+  }
+}
+
+// ---- row shards (TrainConfig::shards) ---------------------------------------------------------------
+
+// Three AdamW steps of a 1-layer model with `pe` on `threads` threads: the losses, the first step's
+// gradients and the weights after the last. x has 5 rows (shards of uneven size); with a mask, the first
+// two rows score nothing.
+struct ShardedRun {
+  std::vector<torch::Tensor> first_grads, weights;
+  std::vector<double> losses;
+};
+ShardedRun sharded_run(const std::string& pe, int64_t shards, int threads, bool masked) {
+  ModelConfig m;
+  m.n_layer = 1, m.n_head = 2, m.n_embd = 32, m.context = 16, m.pe = pe;
+  torch::manual_seed(3);
+  grape::Transformer model(m);
+  TrainConfig cfg;
+  cfg.batch = 5, cfg.steps = 3, cfg.warmup = 1, cfg.shards = shards;
+  grape::train::Trainer trainer(model, cfg);
+  const int before = torch::get_num_threads();
+  torch::set_num_threads(threads);
+  ShardedRun out;
+  for (int64_t s = 0; s < cfg.steps; ++s) {
+    torch::manual_seed(50 + s);
+    auto x = torch::randint(m.vocab_size, {5, 17}, torch::kInt64);
+    grape::data::Batch b{x.narrow(1, 0, 16), x.narrow(1, 1, 16), {}};
+    if (masked) {
+      b.mask = torch::rand({5, 16});
+      b.mask.narrow(0, 0, 2).zero_();
+    }
+    out.losses.push_back(trainer.step({b}, s).loss);
+    if (s == 0)
+      for (const auto& p : model->parameters()) out.first_grads.push_back(p.grad().clone());
+  }
+  torch::set_num_threads(before);
+  for (const auto& p : model->parameters()) out.weights.push_back(p.detach().clone());
+  return out;
+}
+
+TEST(TrainShards, ShardedStepsEqualOnePassAndAreTheSameAtAnyThreadCount) {
+  // Every encoding: their forward and backward run on two threads at once, on shared weights.
+  for (const auto& info : grape::encodings()) {
+    SCOPED_TRACE(info.name);
+    for (const bool masked : {false, true}) {
+      SCOPED_TRACE(masked ? "masked" : "unmasked");
+      const auto whole = sharded_run(info.name, 1, 1, masked);
+      const auto two = sharded_run(info.name, 2, 2, masked);
+      // The same sums, regrouped by rows: float rounding apart, the same loss and gradients (compared at
+      // the first step: AdamW's m / sqrt(v) makes rounding-level differences of small gradients step-sized).
+      EXPECT_NEAR(two.losses[0], whole.losses[0], 1e-6 * std::abs(whole.losses[0]));
+      // (A tensor whose gradient is itself at rounding level, as some of FIRE's at init, 1e-10, is held to
+      // 1e-7 of the largest gradient instead.)
+      ASSERT_EQ(two.first_grads.size(), whole.first_grads.size());
+      double largest = 0;
+      for (const auto& g : whole.first_grads) largest = std::max(largest, g.abs().max().item<double>());
+      for (size_t i = 0; i < whole.first_grads.size(); ++i) {
+        const double scale = whole.first_grads[i].abs().max().item<double>();
+        EXPECT_LE((two.first_grads[i] - whole.first_grads[i]).abs().max().item<double>(),
+                  std::max(1e-5 * scale, 1e-7 * largest))
+            << "gradient " << i;
+      }
+      // The shards' sums do not depend on the threads: bit for bit on 1 thread and on 2 (shards 2 and 3:
+      // one shard each, and one thread taking two).
+      for (const int64_t shards : {2, 3}) {
+        const auto a = sharded_run(info.name, shards, 1, masked);
+        const auto b = shards == 2 ? two : sharded_run(info.name, shards, 2, masked);
+        EXPECT_EQ(a.losses, b.losses) << shards << " shards";
+        for (size_t i = 0; i < a.weights.size(); ++i)
+          EXPECT_TRUE(torch::equal(a.weights[i], b.weights[i])) << shards << " shards, weight " << i;
+      }
+    }
   }
 }
 
@@ -1175,14 +1250,21 @@ TEST_F(Train, TrainingStepsReuseFreedMemoryUnlessTheUserSetsMalloc) {
 
 TEST_F(Train, BenchTrainTimesTheStepsMatrixProductsInTheStep) {
   // The GEMMs' seconds inside a step (docs/performance.md, "ceiling in step"): every product of the step is
-  // counted once — per linear layer (q, k, v, o, w1, w2, w_out) and the tied head: forward, dX and dW.
-  auto r = run_cli("bench train --preset tiny --batch 2 --context 32 --steps 2 --json " + path("gemm.json"));
-  ASSERT_EQ(r.code, 0) << r.output;
-  const auto row = nlohmann::json::parse(grape::io::read_file(path("gemm.json")))[0];
-  EXPECT_EQ(row["gemm_calls_per_step"].get<double>(), (7 * 4 + 1) * 3) << row.dump();
-  const double gemm = row["gemm_seconds_per_step"], step = row["clocked_step_seconds"];
-  EXPECT_GT(gemm, 0.0) << row.dump();
-  EXPECT_LT(gemm, step) << row.dump();
+  // counted once per shard — per linear layer (q, k, v, o, w1, w2, w_out) and the tied head: forward, dX and
+  // dW — on whichever thread runs the shard.
+  for (const int shards : {1, 2}) {
+    auto r =
+        run_cli(fmt::format("bench train --preset tiny --batch 2 --context 32 --steps 2 --shards {} "
+                            "--json {}",
+                            shards, path("gemm.json")));
+    ASSERT_EQ(r.code, 0) << r.output;
+    const auto row = nlohmann::json::parse(grape::io::read_file(path("gemm.json")))[0];
+    EXPECT_EQ(row["shards"], shards) << row.dump();
+    EXPECT_EQ(row["gemm_calls_per_step"].get<double>(), shards * (7 * 4 + 1) * 3) << row.dump();
+    const double gemm = row["gemm_seconds_per_step"], step = row["clocked_step_seconds"];
+    EXPECT_GT(gemm, 0.0) << row.dump();
+    EXPECT_LT(gemm, step) << row.dump();
+  }
 }
 
 TEST_F(Train, IdleOpenMpWorkersSpinBrieflyUnlessTheUserSaysOtherwise) {

@@ -33,8 +33,12 @@ namespace grape::train {
 
 struct TrainConfig {
   int64_t steps = 1000;
-  int64_t batch = 16;         // sequences per micro-batch
-  int64_t accum = 1;          // micro-batches per optimizer step
+  int64_t batch = 16;  // sequences per micro-batch
+  int64_t accum = 1;   // micro-batches per optimizer step
+  // Each micro-batch's sequences split into this many row shards, each its own forward and backward, the
+  // gradients summed in shard order; with several threads the shards run at once, one thread each (or a
+  // share of the threads). The step is the same at any thread count; 1: the micro-batch in one pass.
+  int64_t shards = 2;
   double lr = 1e-3;           // peak learning rate
   double min_lr = 1e-4;       // end of the cosine decay
   int64_t warmup = 100;       // linear warmup steps
@@ -71,15 +75,24 @@ double lr_at(const TrainConfig& cfg, int64_t step);
 // The data of a training batch for `step`, micro-batch `micro`: a pure function of (seed, step, micro).
 std::mt19937_64 batch_rng(uint64_t seed, int64_t step, int64_t micro);
 
+// How many of a micro-batch's row shards run at once on `threads` threads (TrainConfig::shards; a
+// data-parallel rank runs one shard).
+int64_t shard_workers(int64_t shards, int64_t rows, int threads);
+
 // A non-finite loss or gradient (the step was not applied), or non-finite weights after the step.
 struct DivergedError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+class ShardThreads;  // the threads that run a step's shards beside the caller (trainer.cpp)
+
 // AdamW with the decay on matrices only, one forward/backward per micro-batch, clipping, the schedule.
 class Trainer {
  public:
   Trainer(Transformer model, const TrainConfig& cfg);
+  ~Trainer();
+  Trainer(const Trainer&) = delete;
+  Trainer& operator=(const Trainer&) = delete;
   struct StepStats {
     double loss = 0;       // mean over the micro-batches
     double grad_norm = 0;  // before clipping
@@ -102,6 +115,7 @@ class Trainer {
   std::unique_ptr<torch::optim::AdamW> optimizer_;
   std::shared_ptr<dist::Group> group_;
   std::shared_ptr<dist::GradientSync> sync_;
+  std::unique_ptr<ShardThreads> shard_threads_;  // made on the first step whose shards run in parallel
 };
 
 // ---- run directories and checkpoints -------------------------------------------------------------

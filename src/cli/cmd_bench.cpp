@@ -4,6 +4,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -32,6 +33,7 @@ struct BenchArgs {
   std::string attention = "fused";
   std::string block = "fused";
   std::string optimizer;  // bench train: the trainer's optimizer setting (fused or reference)
+  int64_t shards = 0;     // bench train: the trainer's row shards per batch (0 elsewhere)
   std::vector<std::string> pe_sets;
   int64_t steps = 5, batch = 8, tokens = 64, context = 0;
   int nproc = 1;                // bench train: also N data-parallel processes x 1 thread
@@ -92,6 +94,7 @@ void measure_presets(const BenchArgs& a, const std::string& column,
                      const std::function<double(Transformer&, int64_t&)>& measure) {
   std::string table = "attention: " + a.attention + "; block: " + a.block +
                       (a.optimizer.empty() ? "" : "; optimizer: " + a.optimizer) +
+                      (a.shards > 0 ? "; shards: " + std::to_string(a.shards) : "") +
                       "; threads: " + std::to_string(torch::get_num_threads()) +
                       "; BLAS: " + train::blas_description() + "\n" +
                       fmt::format("{:<8} {:<12} {:>12} {:>8} {:>8} {:>12}\n", "preset", "pe", "parameters",
@@ -115,6 +118,7 @@ void measure_presets(const BenchArgs& a, const std::string& column,
                     {"block", a.block},
                     {"threads", torch::get_num_threads()}});
     if (!a.optimizer.empty()) rows.back()["optimizer"] = a.optimizer;
+    if (a.shards > 0) rows.back()["shards"] = a.shards;
     if (a.faults_per_step >= 0) rows.back()["page_faults_per_step"] = a.faults_per_step;
     if (a.clock.gemm_seconds >= 0) {
       rows.back()["gemm_seconds_per_step"] = a.clock.gemm_seconds;
@@ -131,21 +135,22 @@ long minor_faults() {
   return u.ru_minflt;
 }
 
-// Seconds this thread spends inside the matrix-product operators (aten::mm, addmm(_), bmm, baddbmm) while a
-// GemmClock lives: the time the GEMMs of a training step take in the step itself, with the caches as the
-// step leaves them (the same products timed alone, hot, run faster). The backward's products are counted
-// too: LibTorch runs a CPU backward on the calling thread. One clock at a time.
+// Seconds spent inside the matrix-product operators (aten::mm, addmm(_), bmm, baddbmm) while a GemmClock
+// lives, by this thread and the threads that run a training step's shards (they inherit its thread-local
+// callbacks): the time the GEMMs of a step take in the step itself, with the caches as the step leaves them
+// (the same products timed alone, hot, run faster). The backward's products are counted too: LibTorch runs
+// a CPU backward on the calling thread. One clock at a time.
 class GemmClock {
  public:
   GemmClock() {
-    seconds_ = 0, calls_ = 0;
+    nanoseconds_ = 0, calls_ = 0;
     handle_ = at::addThreadLocalCallback(
         at::RecordFunctionCallback(&started, &ended).scopes({at::RecordScope::FUNCTION}));
   }
   ~GemmClock() { at::removeCallback(handle_); }
   GemmClock(const GemmClock&) = delete;
   GemmClock& operator=(const GemmClock&) = delete;
-  double seconds() const { return seconds_; }
+  double seconds() const { return 1e-9 * double(nanoseconds_); }
   int64_t calls() const { return calls_; }
 
  private:
@@ -159,17 +164,15 @@ class GemmClock {
   }
   static void ended(const at::RecordFunction&, at::ObserverContext* ctx) {
     if (ctx == nullptr) return;
-    seconds_ +=
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - static_cast<Started*>(ctx)->at)
-            .count();
+    nanoseconds_ += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() -
+                                                                         static_cast<Started*>(ctx)->at)
+                        .count();
     ++calls_;
   }
-  static thread_local double seconds_;
-  static thread_local int64_t calls_;
+  static std::atomic<int64_t> nanoseconds_, calls_;
   at::CallbackHandle handle_;
 };
-thread_local double GemmClock::seconds_ = 0;
-thread_local int64_t GemmClock::calls_ = 0;
+std::atomic<int64_t> GemmClock::nanoseconds_ = 0, GemmClock::calls_ = 0;
 
 // Training tokens/s of `model`: one warm-up step, then a.steps timed AdamW steps on a fixed random batch.
 // With a group, each rank steps on its own batch of a.batch sequences and the gradients are averaged
@@ -182,6 +185,7 @@ double train_tokens_per_s(const BenchArgs& a, Transformer& model, const std::sha
   train::TrainConfig cfg;
   cfg.batch = a.batch;
   cfg.optimizer = a.optimizer;
+  if (a.shards > 0) cfg.shards = a.shards;
   train::Trainer trainer(model, cfg);
   trainer.set_group(group);
   const int world = group ? group->size() : 1;
@@ -204,7 +208,9 @@ double train_tokens_per_s(const BenchArgs& a, Transformer& model, const std::sha
     const double steps = double(std::max<int64_t>(a.steps, 1));
     clock->step_seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - c0).count() / steps;
-    clock->gemm_seconds = gemms.seconds() / steps;
+    // Shards running at once overlap their products: seconds of the step's wall time, as if evenly spread.
+    const auto workers = train::shard_workers(cfg.shards, a.batch, torch::get_num_threads());
+    clock->gemm_seconds = gemms.seconds() / steps / double(workers);
     clock->gemm_calls = double(gemms.calls()) / steps;
   }
   return double(world * a.steps * a.batch * m.context) / sec;
@@ -374,6 +380,10 @@ void add_bench_command(CLI::App& app) {
   ta->optimizer = "fused";
   tr->add_option("--optimizer", ta->optimizer, "gradient norm, clipping and AdamW: fused or reference")
       ->check(CLI::IsMember({"fused", "reference"}))
+      ->capture_default_str();
+  ta->shards = train::TrainConfig{}.shards;
+  tr->add_option("--shards", ta->shards, "row shards per batch, run in parallel on the threads (1: one pass)")
+      ->check(CLI::Range(int64_t(1), int64_t(1) << 20))
       ->capture_default_str();
   tr->add_option("--nproc", ta->nproc,
                  "also measure N data-parallel processes x 1 thread against 1 process x "

@@ -1,20 +1,26 @@
 // Training: the schedule, one AdamW step, and the loop that logs, validates, checkpoints and resumes (the
 // config is in config.cpp). A run is a pure function of its configs: batches depend only on (seed, step,
 // micro-batch), so a resumed run repeats the uninterrupted one step for step.
+#include <ATen/ThreadLocalState.h>
 #include <fmt/format.h>
+#include <omp.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
 #include <limits>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <numbers>
 #include <span>
 #include <stdexcept>
+#include <thread>
 
 #include "grape/distributed.hpp"
 #include "grape/io.hpp"
@@ -152,9 +158,198 @@ bool fused_adamw_step(torch::optim::AdamW& optimizer, const std::vector<Stepped>
 
 }  // namespace
 
+// ---- a micro-batch in row shards (TrainConfig::shards) ------------------------------------------------
+//
+// On a few cores, threads that split every op of a small model mostly wait for each other (OpenBLAS's and
+// OpenMP's barriers after each of a step's hundreds of ops); threads that each take a share of the
+// sequences through the whole forward and backward wait only once, at the end. The shards are fixed by the
+// config, not by the threads, and their gradients are summed in shard order, so the step is the same at
+// any thread count: on one thread the shards run one after the other.
+
+int64_t shard_workers(int64_t shards, int64_t rows, int threads) {
+  return std::clamp<int64_t>(std::min<int64_t>(shards, rows), 1, std::max(threads, 1));
+}
+
+// Threads that run a step's shards beside the calling thread, asleep between steps. They live as long as
+// the Trainer: a thread's first LibTorch parallel op resizes LibTorch's thread pools (it rebuilds its
+// pthreadpool), which threads made per step would pay every step.
+class ShardThreads {
+ public:
+  explicit ShardThreads(int64_t extra) {
+    for (int64_t w = 1; w <= extra; ++w) threads_.emplace_back([this, w] { serve(w); });
+  }
+  ~ShardThreads() {
+    {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+  ShardThreads(const ShardThreads&) = delete;
+  ShardThreads& operator=(const ShardThreads&) = delete;
+  int64_t workers() const { return int64_t(threads_.size()) + 1; }
+
+  // work(w) for every worker w: 0 on this thread, the others on theirs, each with this thread's
+  // thread-local state (grad mode, profiler callbacks) and an OpenMP team of `team` threads. work must not
+  // throw. Returns when every worker is done.
+  void run(const std::function<void(int64_t)>& work, int team) {
+    const at::ThreadLocalState state;
+    {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      job_ = {&work, &state, team};
+      ++generation_;
+      pending_ = int64_t(threads_.size());
+    }
+    wake_.notify_all();
+    const int before = omp_get_max_threads();
+    omp_set_num_threads(team);
+    work(0);
+    omp_set_num_threads(before);
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [&] { return pending_ == 0; });
+  }
+
+ private:
+  struct Job {
+    const std::function<void(int64_t)>* work = nullptr;
+    const at::ThreadLocalState* state = nullptr;
+    int team = 1;
+  };
+  void serve(int64_t w) {
+    at::get_num_threads();  // LibTorch's set-up of a new thread (it sets the team size): before ours
+    uint64_t seen = 0;
+    for (;;) {
+      Job job;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
+        if (stop_) return;
+        seen = generation_, job = job_;
+      }
+      {
+        const at::ThreadLocalStateGuard guard(*job.state);
+        omp_set_num_threads(job.team);
+        (*job.work)(w);
+      }
+      const std::lock_guard<std::mutex> lock(mutex_);
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+  std::mutex mutex_;
+  std::condition_variable wake_, done_;
+  Job job_;
+  uint64_t generation_ = 0;
+  int64_t pending_ = 0;
+  bool stop_ = false;
+  std::vector<std::thread> threads_;
+};
+
+namespace {
+
+// Rows of a micro-batch, and their share of its scored targets (of its rows, without a mask).
+struct Shard {
+  data::Batch rows;
+  double share = 0;
+};
+
+std::vector<Shard> split_rows(const data::Batch& mb, int64_t shards) {
+  const int64_t B = mb.x.size(0), S = std::min(shards, B);
+  std::vector<Shard> out;
+  double total = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t r0 = s * B / S, n = (s + 1) * B / S - r0;
+    Shard sh{{mb.x.narrow(0, r0, n), mb.y.narrow(0, r0, n), {}}, double(n)};
+    if (mb.mask.defined()) {
+      sh.rows.mask = mb.mask.narrow(0, r0, n);
+      sh.share = sh.rows.mask.to(torch::kFloat64).sum().item<double>();
+    }
+    total += sh.share;
+    out.push_back(std::move(sh));
+  }
+  if (!(total > 0)) throw std::invalid_argument("model: the loss mask selects no targets");
+  for (auto& sh : out) sh.share /= total;
+  return out;
+}
+
+// Forward and backward of a micro-batch's shards, its loss scaled by `scale`: returns the micro-batch's
+// loss (its shards' losses weighted by their shares; not finite if any is not, and then no gradient is
+// complete). The first shard's backward accumulates into the parameters' .grad; the others' gradients come
+// from autograd::grad and are added to .grad here, in shard order, whichever thread computed them. With
+// several threads, `pool` (made or remade to fit) runs the shards: worker w takes shards w, w + W, ...
+double sharded_pass(Transformer& model, const data::Batch& mb, int64_t shards, double scale, int64_t step,
+                    std::unique_ptr<ShardThreads>& pool) {
+  const auto parts = split_rows(mb, shards);
+  const int64_t S = int64_t(parts.size());
+  auto params = model->parameters();
+  struct Result {
+    double value = 0;
+    std::vector<torch::Tensor> grads;
+    std::exception_ptr error;
+  };
+  std::vector<Result> results(static_cast<size_t>(S));
+  int64_t first = 0;
+  while (parts[size_t(first)].share == 0) ++first;  // some shard has a share: split_rows checked
+  auto run = [&](int64_t s) {
+    const Shard& sh = parts[size_t(s)];
+    Result& r = results[size_t(s)];
+    if (sh.share == 0) return;  // no scored target in these rows
+    try {
+      auto loss = model->loss(sh.rows.x, sh.rows.y, sh.rows.mask);
+      if (fault_nan_at_step() == step + 1) loss = loss * std::numeric_limits<double>::quiet_NaN();
+      r.value = loss.item<double>();
+      if (!std::isfinite(r.value)) return;  // the step stops: no backward
+      auto scaled = loss * (scale * sh.share);
+      if (s == first)
+        scaled.backward();
+      else
+        r.grads = torch::autograd::grad({scaled}, params, {}, /*retain_graph=*/false,
+                                        /*create_graph=*/false, /*allow_unused=*/true);
+    } catch (...) {
+      r.error = std::current_exception();
+    }
+  };
+  const int threads = omp_get_max_threads();
+  const int64_t W = shard_workers(shards, mb.x.size(0), threads);
+  if (W == 1) {
+    for (int64_t s = 0; s < S; ++s) run(s);
+  } else {
+    if (!pool || pool->workers() != W) pool = std::make_unique<ShardThreads>(W - 1);
+    pool->run(
+        [&](int64_t w) {
+          for (int64_t s = w; s < S; s += W) run(s);
+        },
+        std::max(1, threads / int(W)));
+  }
+  double value = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    if (results[size_t(s)].error) std::rethrow_exception(results[size_t(s)].error);
+    value += parts[size_t(s)].share * results[size_t(s)].value;
+  }
+  if (!std::isfinite(value)) return value;
+  for (int64_t s = first + 1; s < S; ++s)
+    for (size_t j = 0; j < results[size_t(s)].grads.size(); ++j) {
+      const auto& g = results[size_t(s)].grads[j];
+      if (!g.defined()) continue;
+      auto& grad = params[j].mutable_grad();
+      if (grad.defined())
+        grad.add_(g);
+      else
+        grad = g.contiguous();
+    }
+  return value;
+}
+
+}  // namespace
+
 Trainer::Trainer(Transformer model, const TrainConfig& cfg) : model_(std::move(model)), cfg_(cfg) {
   cfg_.validate();
-  model_->config().require_memory(4, "training (weights, gradients and AdamW's two moments)");
+  // Shards after the first hold their own gradients until they are added (sharded_pass).
+  const int shard_grads = int(std::min(cfg_.shards, cfg_.batch) - 1);
+  model_->config().require_memory(
+      4 + shard_grads, shard_grads > 0
+                           ? "training (weights, gradients, AdamW's two moments, the shards' gradients)"
+                           : "training (weights, gradients and AdamW's two moments)");
   // Decay matrices only (embeddings, projections, PE weight matrices); not gains, frequencies or slopes.
   std::vector<torch::Tensor> decay, no_decay;
   for (auto& p : model_->parameters()) (p.dim() >= 2 ? decay : no_decay).push_back(p);
@@ -169,6 +364,8 @@ Trainer::Trainer(Transformer model, const TrainConfig& cfg) : model_(std::move(m
   groups.emplace_back(no_decay, options(0.0));
   optimizer_ = std::make_unique<torch::optim::AdamW>(std::move(groups), *options(cfg_.weight_decay));
 }
+
+Trainer::~Trainer() = default;
 
 void Trainer::set_group(std::shared_ptr<dist::Group> group) {
   sync_.reset();
@@ -210,9 +407,17 @@ Trainer::StepStats Trainer::step(const std::vector<data::Batch>& micro_batches, 
     // Gradients are complete after the last micro-batch's backward: its hooks start the all-reduces.
     if (sync_ && i + 1 == count) sync_->arm();
     if (weight[i] == 0) continue;  // no target of this micro-batch is scored on this rank
-    auto loss = model_->loss(mb.x, mb.y, mb.mask);
-    if (fault_nan_at_step() == step + 1) loss = loss * std::numeric_limits<double>::quiet_NaN();
-    const double value = loss.item<double>();
+    // In row shards (a data-parallel rank, already one thread, takes its share whole).
+    const bool sharded = !group_ && cfg_.shards > 1 && mb.x.size(0) > 1;
+    torch::Tensor loss;
+    double value = 0;
+    if (sharded) {
+      value = sharded_pass(model_, mb, cfg_.shards, weight[i] / n, step, shard_threads_);
+    } else {
+      loss = model_->loss(mb.x, mb.y, mb.mask);
+      if (fault_nan_at_step() == step + 1) loss = loss * std::numeric_limits<double>::quiet_NaN();
+      value = loss.item<double>();
+    }
     if (!std::isfinite(value)) {
       if (!group_) {
         optimizer_->zero_grad();
@@ -220,10 +425,12 @@ Trainer::StepStats Trainer::step(const std::vector<data::Batch>& micro_batches, 
       }
       finite = false;  // the other ranks wait in the all-reduce: finish the step together, then all stop
     }
-    if (weight[i] == 1.0)
-      (loss / n).backward();
-    else
-      (loss * (weight[i] / n)).backward();
+    if (!sharded) {  // (the shards ran their backward already)
+      if (weight[i] == 1.0)
+        (loss / n).backward();
+      else
+        (loss * (weight[i] / n)).backward();
+    }
     stats.loss += value * weight[i] / n;
   }
   if (group_) {
