@@ -37,7 +37,8 @@ struct TrainConfig {
   int64_t accum = 1;   // micro-batches per optimizer step
   // Each micro-batch's sequences split into this many row shards, each its own forward and backward, the
   // gradients summed in shard order; with several threads the shards run at once, one thread each (or a
-  // share of the threads). The step is the same at any thread count; 1: the micro-batch in one pass.
+  // share of the threads). The sum does not depend on how many shards run at once (bit for bit on one
+  // and two threads); 1: the micro-batch in one pass.
   int64_t shards = 2;
   double lr = 1e-3;           // peak learning rate
   double min_lr = 1e-4;       // end of the cosine decay

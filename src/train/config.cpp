@@ -15,8 +15,8 @@ const config::Table<TrainConfig>& train_fields() {
       {"batch", &C::batch, "sequences per micro-batch (per process)", at_least(1)},
       {"accum", &C::accum, "micro-batches per optimizer step", at_least(1)},
       {"shards", &C::shards,
-       "row shards per micro-batch, run in parallel on the threads (same step at any thread count); 1: one "
-       "pass",
+       "row shards per micro-batch, run in parallel on the threads (the step does not depend on how many run "
+       "at once); 1: one pass",
        at_least(1)},
       {"lr", &C::lr, "peak learning rate", above(0)},
       {"min_lr", &C::min_lr, "learning rate at the end of the cosine decay", at_least(0)},

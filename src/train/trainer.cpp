@@ -163,8 +163,10 @@ bool fused_adamw_step(torch::optim::AdamW& optimizer, const std::vector<Stepped>
 // On a few cores, threads that split every op of a small model mostly wait for each other (OpenBLAS's and
 // OpenMP's barriers after each of a step's hundreds of ops); threads that each take a share of the
 // sequences through the whole forward and backward wait only once, at the end. The shards are fixed by the
-// config, not by the threads, and their gradients are summed in shard order, so the step is the same at
-// any thread count: on one thread the shards run one after the other.
+// config, not by the threads, and their gradients are summed in shard order, so the step does not depend
+// on how many shards run at once: on one thread they run one after the other. (With more threads than
+// shards each shard's ops are split over a team again; OpenBLAS's OpenMP build runs one multi-threaded
+// product at a time, so there the shards overlap only their other ops: set shards to the thread count.)
 
 int64_t shard_workers(int64_t shards, int64_t rows, int threads) {
   return std::clamp<int64_t>(std::min<int64_t>(shards, rows), 1, std::max(threads, 1));
