@@ -7,7 +7,8 @@ QK-RMSNorm (one gain over head_dim) before the encoding, SwiGLU, final RMSNorm, 
 matmul, mask, softmax, matmul; RoPE, FoX and GRAPE-AP from their definitions (docs/encodings.md). It loads
 grape's own initial weights (grape.Transformer, seed 0), and python/tests/test_bench_model.py checks that it
 gives grape's logits and gradients. grape is measured through `grape bench train|decode --json` (the CLI's
-Trainer: forward, backward, clipping, AdamW), with the same preset, batch, context and threads.
+Trainer: forward, backward, clipping, AdamW; its default row shards, which the threads run in parallel), with
+the same preset, batch, context and threads.
 """
 import argparse
 import json
