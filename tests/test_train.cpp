@@ -356,6 +356,30 @@ TEST(TrainShards, ShardedStepsEqualOnePassAndAreTheSameAtAnyThreadCount) {
   }
 }
 
+TEST(TrainShards, AnErrorInALaterShardLeavesNoGradientBehind) {
+  // Token ids out of the vocabulary in the last row only: the second shard throws after the first one's
+  // backward; the step reports the model's error and the gradients are zero, as when one pass throws.
+  ModelConfig m;
+  m.n_layer = 1, m.n_head = 2, m.n_embd = 32, m.context = 16;
+  torch::manual_seed(4);
+  grape::Transformer model(m);
+  TrainConfig cfg;
+  cfg.batch = 4;
+  grape::train::Trainer trainer(model, cfg);
+  auto x = torch::randint(m.vocab_size, {4, 17}, torch::kInt64);
+  trainer.step({{x.narrow(1, 0, 16), x.narrow(1, 1, 16), {}}}, 0);  // gradients defined and non-zero
+  x[3][5] = m.vocab_size + 7;
+  for (const int threads : {1, 2}) {
+    const int before = torch::get_num_threads();
+    torch::set_num_threads(threads);
+    EXPECT_THROW(trainer.step({{x.narrow(1, 0, 16), x.narrow(1, 1, 16), {}}}, 1), std::invalid_argument)
+        << threads << " threads";
+    torch::set_num_threads(before);
+    for (const auto& p : model->parameters())
+      EXPECT_EQ(p.grad().abs().sum().item<double>(), 0.0) << threads << " threads";
+  }
+}
+
 // What stops a step, in both implementations of the optimizer: a NaN gradient under a finite loss (the
 // weights untouched, the gradients zeroed), a weight the step makes NaN (a damaged AdamW state: the
 // parameter named), and amsgrad in a loaded state (the fused step refuses it).

@@ -323,11 +323,14 @@ double sharded_pass(Transformer& model, const data::Batch& mb, int64_t shards, d
         },
         std::max(1, threads / int(W)));
   }
+  for (const auto& r : results)
+    if (r.error) {  // as an unsharded step that throws: no gradient of the first shard left behind
+      for (auto& p : params)
+        if (p.grad().defined()) p.mutable_grad().zero_();
+      std::rethrow_exception(r.error);
+    }
   double value = 0;
-  for (int64_t s = 0; s < S; ++s) {
-    if (results[size_t(s)].error) std::rethrow_exception(results[size_t(s)].error);
-    value += parts[size_t(s)].share * results[size_t(s)].value;
-  }
+  for (int64_t s = 0; s < S; ++s) value += parts[size_t(s)].share * results[size_t(s)].value;
   if (!std::isfinite(value)) return value;
   for (int64_t s = first + 1; s < S; ++s)
     for (size_t j = 0; j < results[size_t(s)].grads.size(); ++j) {
