@@ -62,6 +62,12 @@ int64_t fault_nan_at_step() {
   }();
   return at;
 }
+// The model's loss of a batch at `step`, NaN where the test hook above asks for it.
+torch::Tensor step_loss(Transformer& model, const data::Batch& b, int64_t step) {
+  auto loss = model->loss(b.x, b.y, b.mask);
+  if (fault_nan_at_step() == step + 1) loss = loss * std::numeric_limits<double>::quiet_NaN();
+  return loss;
+}
 // Test hook: GRAPE_FAULT=nan-val-at-step:N makes the validation loss after step N NaN.
 int64_t fault_nan_val_at_step() {
   const char* f = std::getenv("GRAPE_FAULT");
@@ -279,6 +285,7 @@ std::vector<Shard> split_rows(const data::Batch& mb, int64_t shards) {
 // complete). The first shard's backward accumulates into the parameters' .grad; the others' gradients come
 // from autograd::grad and are added to .grad here, in shard order, whichever thread computed them. With
 // several threads, `pool` (made or remade to fit) runs the shards: worker w takes shards w, w + W, ...
+// A shard's error is thrown once all have finished (the first shard's gradient may be in .grad by then).
 double sharded_pass(Transformer& model, const data::Batch& mb, int64_t shards, double scale, int64_t step,
                     std::unique_ptr<ShardThreads>& pool) {
   const auto parts = split_rows(mb, shards);
@@ -297,8 +304,7 @@ double sharded_pass(Transformer& model, const data::Batch& mb, int64_t shards, d
     Result& r = results[size_t(s)];
     if (sh.share == 0) return;  // no scored target in these rows
     try {
-      auto loss = model->loss(sh.rows.x, sh.rows.y, sh.rows.mask);
-      if (fault_nan_at_step() == step + 1) loss = loss * std::numeric_limits<double>::quiet_NaN();
+      auto loss = step_loss(model, sh.rows, step);
       r.value = loss.item<double>();
       if (!std::isfinite(r.value)) return;  // the step stops: no backward
       auto scaled = loss * (scale * sh.share);
@@ -324,11 +330,7 @@ double sharded_pass(Transformer& model, const data::Batch& mb, int64_t shards, d
         std::max(1, threads / int(W)));
   }
   for (const auto& r : results)
-    if (r.error) {  // as an unsharded step that throws: no gradient of the first shard left behind
-      for (auto& p : params)
-        if (p.grad().defined()) p.mutable_grad().zero_();
-      std::rethrow_exception(r.error);
-    }
+    if (r.error) std::rethrow_exception(r.error);
   double value = 0;
   for (int64_t s = 0; s < S; ++s) value += parts[size_t(s)].share * results[size_t(s)].value;
   if (!std::isfinite(value)) return value;
@@ -417,10 +419,14 @@ Trainer::StepStats Trainer::step(const std::vector<data::Batch>& micro_batches, 
     torch::Tensor loss;
     double value = 0;
     if (sharded) {
-      value = sharded_pass(model_, mb, cfg_.shards, weight[i] / n, step, shard_threads_);
+      try {
+        value = sharded_pass(model_, mb, cfg_.shards, weight[i] / n, step, shard_threads_);
+      } catch (...) {
+        optimizer_->zero_grad();  // no shard's gradient left behind
+        throw;
+      }
     } else {
-      loss = model_->loss(mb.x, mb.y, mb.mask);
-      if (fault_nan_at_step() == step + 1) loss = loss * std::numeric_limits<double>::quiet_NaN();
+      loss = step_loss(model_, mb, step);
       value = loss.item<double>();
     }
     if (!std::isfinite(value)) {
